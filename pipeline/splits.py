@@ -1,0 +1,69 @@
+"""Split files: ``train.json``, ``valid.json``, ``test.json`` at a dataset root.
+
+Despite the extension a split file is JSON *lines*: one JSON string per line naming a
+frame relative to the frame folder, ``"VV/FFFFFF.jpg"`` (TrafficGaze, DrFixD-rainy) or
+``"VVVV/FFFF.jpg"`` (BDDA). Blank lines are ignored and the last line may lack a newline,
+as in the released files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline.errors import BadInputError
+
+SPLITS = ("train", "valid", "test")
+
+
+def split_path(root: str | os.PathLike[str], split: str) -> Path:
+    """The split file of ``split`` (one of :data:`SPLITS`) under a dataset root."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return Path(root) / f"{split}.json"
+
+
+def read_split(path: str | os.PathLike[str]) -> list[str]:
+    """The frame names listed in a split file, in file order.
+
+    Raises:
+        BadInputError: the file is missing or unreadable, or a line is not a JSON string
+            (the message names the 1-based line number).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(path, "missing split file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(path, f"cannot read split file ({err})") from None
+    names = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            name = json.loads(line)
+        except json.JSONDecodeError:
+            name = None
+        if not isinstance(name, str):
+            raise BadInputError(path, f"line {number}: expected a JSON string such as "
+                                      f'"01/000006.jpg", got {line.strip()[:60]!r}')
+        names.append(name)
+    return names
+
+
+def write_split(path: str | os.PathLike[str], names: Iterable[str]) -> None:
+    """Write a split file (one JSON string per line) atomically: temporary name, fsync, rename."""
+    path = Path(path)
+    data = "".join(json.dumps(name) + "\n" for name in names).encode("utf-8")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,82 @@
+"""Shared fixtures: small raw datasets in the real download layouts, made in temp folders.
+
+* ``tiny_raw`` (function-scoped factory): a minimal hand-written dataset with chosen
+  fixdata cells and tiny JPEGs, for tests that need exact control (bad-input cases).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.matfile import write_fixdata
+from pipeline.splits import write_split
+
+
+def _tiny_jpeg(seed: int, size: tuple[int, int] = (36, 64), gray: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = size if gray else (*size, 3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_tiny_dataset(
+    root: Path,
+    dataset: str,
+    cells: dict[int, Sequence[np.ndarray]] | None = None,
+    *,
+    frames: dict[int, int] | None = None,
+    splits: dict[str, list[int]] | None = None,
+    mat_format: str = "v5",
+) -> Path:
+    """Write a minimal dataset: every frame of every video listed in the split of its video.
+
+    Args:
+        root: dataset root to create.
+        dataset: "trafficgaze", "drfixd-rainy" or "bdda".
+        cells: TrafficGaze/DrFixD: fixdata cells per video (frames default to one per cell).
+        frames: frames per video (BDDA; or to override the cell count).
+        splits: videos per split; default ``{"train": [first video], "valid": [], "test": []}``.
+        mat_format: "v5" or "v7.3".
+    """
+    cells = cells or {}
+    frames = frames or {video: len(video_cells) for video, video_cells in cells.items()}
+    videos = sorted(frames)
+    splits = splits or {"train": videos[:1], "valid": videos[1:2], "test": videos[2:]}
+    root.mkdir(parents=True)
+    bdda = dataset == "bdda"
+    vfmt, ffmt = ("{:04d}", "{:04d}") if bdda else ("{:02d}", "{:06d}")
+    for video, count in frames.items():
+        for number in range(1, count + 1):
+            name = f"{vfmt.format(video)}/{ffmt.format(number)}.jpg"
+            folders = ("camera_frames", "gazemap_frames") if bdda else ("trafficframe",)
+            for folder in folders:
+                path = root / folder / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(_tiny_jpeg(video * 1000 + number, gray=folder == "gazemap_frames"))
+    if not bdda:
+        (root / "fixdata").mkdir()
+        for video, video_cells in cells.items():
+            write_fixdata(root / "fixdata" / f"fixdata{video}.mat", video_cells, mat_format)
+    for split in ("train", "valid", "test"):
+        names = [f"{vfmt.format(video)}/{ffmt.format(number)}.jpg"
+                 for video in splits.get(split, []) for number in range(1, frames[video] + 1)]
+        write_split(root / f"{split}.json", names)
+    return root
+
+
+@pytest.fixture
+def tiny_raw(tmp_path: Path) -> Callable[..., Path]:
+    """Factory ``tiny_raw(dataset, cells=..., frames=..., splits=..., mat_format=...)`` -> root."""
+    counter = iter(range(1_000_000))
+
+    def make(dataset: str, cells=None, **kwargs) -> Path:
+        return write_tiny_dataset(tmp_path / f"{dataset}-{next(counter)}", dataset, cells, **kwargs)
+
+    return make
