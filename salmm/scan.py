@@ -1,0 +1,182 @@
+"""Selective scan (the S6 recurrence of Mamba) in plain PyTorch.
+
+Two implementations with the argument conventions of ``mamba_ssm.selective_scan_fn``:
+
+* :func:`selective_scan` - vectorised: no Python loop over time steps.  The linear recurrence
+  ``h_t = a_t * h_{t-1} + b_t`` is solved by an in-place odd/even (cyclic) reduction, log2(L)
+  levels of shrinking strided views, inside one autograd Function whose backward is the same
+  reduction run in reverse.  Only products of decays in (0, 1] are ever formed, so it is as
+  stable as the sequential loop (no division by cumulative decays, no exp overflow).
+* :func:`selective_scan_ref` - the plain sequential loop, kept beside it as the reference.
+
+Shapes (b batch, d channels, l length, n state size)::
+
+    u:     [b, d, l]   input sequence
+    delta: [b, d, l]   time step before ``delta_bias`` / softplus
+    A:     [d, n]      (negative) state matrix, diagonal per channel
+    B:     [b, n, l]   input-dependent input matrix
+    C:     [b, n, l]   input-dependent output matrix
+    D:     [d]         skip connection (optional)
+    z:     [b, d, l]   gate, output is multiplied by silu(z) (optional)
+    delta_bias: [d]    added to delta before softplus (optional)
+    returns [b, d, l]  in u's dtype (computed in float32, or float64 for float64 input)
+
+Recurrence, per (b, d, n) with h_{-1} = 0::
+
+    dt_t = softplus(delta_t + delta_bias)        (if delta_softplus)
+    h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t
+    y_t  = sum_n C_t * h_t + D * u_t,   out = y * silu(z)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["selective_scan", "selective_scan_ref"]
+
+
+def _scan_(x: Tensor, c: Tensor) -> None:
+    """In place, along dim 0: ``x[t+1] += c[t] * x[t]`` for t = 0 .. L-2, in sequence.
+
+    x: [L, ...]; c: [L-1, ...] (the decay linking step t to t+1). Views of x are updated in
+    place; each level allocates one pairwise decay product of half the previous length.
+    """
+    length = x.shape[0]
+    if length == 1:
+        return
+    half = length // 2
+    odd, even = x[1::2], x[0::2]
+    odd.addcmul_(c[0::2][:half], even[:half])  # fold each pair (2k, 2k+1) into 2k+1
+    # odd positions now form a sequence of `half` steps linked by c[2k+1] * c[2k+2]
+    _scan_(odd, c[1::2][: half - 1] * c[2::2][: half - 1])
+    rest = even[1:]  # even positions 2k >= 2 receive the finished value at 2k-1
+    rest.addcmul_(c[1::2][: rest.shape[0]], odd[: rest.shape[0]])
+
+
+def _rscan_(x: Tensor, c: Tensor) -> None:
+    """In place, along dim 0: ``x[t] += c[t] * x[t+1]`` for t = L-2 .. 0, in sequence."""
+    length = x.shape[0]
+    if length == 1:
+        return
+    half = length // 2
+    odd, even = x[1::2], x[0::2]
+    even[:half].addcmul_(c[0::2][:half], odd)  # fold each pair (2k, 2k+1) into 2k
+    n_even = even.shape[0]
+    _rscan_(even, c[0::2][: n_even - 1] * c[1::2][: n_even - 1])
+    head = odd[: n_even - 1]  # odd positions 2k+1 < L-1 receive the finished value at 2k+2
+    head.addcmul_(c[1::2][: head.shape[0]], even[1:])
+
+
+class _SelectiveScanCore(torch.autograd.Function):
+    """y[l, b, d] = sum_n C * h with h the recurrence above (no D, no gate, dt already final).
+
+    Works in time-major layout so every slice along time is a block of b*d*n contiguous values.
+    """
+
+    @staticmethod
+    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        # dt, u: [l, b, d]; A: [d, n]; B, C: [l, b, n]
+        length, batch, dim = dt.shape
+        n = A.shape[1]
+        decay = (A * dt.unsqueeze(-1)).exp_()  # [l, b, d, n] = exp(dt * A)
+        dtu = dt * u  # [l, b, d]
+        h = dtu.unsqueeze(-1) * B.unsqueeze(2)  # [l, b, d, n], becomes the state in place
+        _scan_(h, decay[1:])
+        y = torch.bmm(h.view(-1, dim, n), C.view(-1, n, 1)).view(length, batch, dim)
+        ctx.save_for_backward(dt, u, A, B, C, decay, h, dtu)
+        ctx.consumed = False
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        if ctx.consumed:
+            raise RuntimeError("selective_scan: backward through the same graph twice is not supported")
+        ctx.consumed = True  # the saved state buffer is reused as scratch below
+        dt, u, A, B, C, decay, h, dtu = ctx.saved_tensors
+        length, batch, dim = dt.shape
+        n = A.shape[1]
+        gy = gy.contiguous()
+        # gradients of the read-out y = C . h  (batched over l*b: [d] x [d, n] and [d, n] x [n])
+        gC = torch.bmm(gy.view(-1, 1, dim), h.view(-1, dim, n)).view(length, batch, n)
+        g = gy.unsqueeze(-1) * C.unsqueeze(2)  # [l, b, d, n]: dL/dh_t through y_t alone
+        _rscan_(g, decay[1:])  # now dL/dh_t through every later step too
+        gB = torch.bmm(dtu.view(-1, 1, dim), g.view(-1, dim, n)).view(length, batch, n)
+        gdtu = torch.bmm(g.view(-1, dim, n), B.view(-1, n, 1)).view(length, batch, dim)
+        # dL/d(dt_t * A) = g_t * h_{t-1} * decay_t for t >= 1 (h_{-1} = 0); built in h's buffer
+        w = h[:-1].mul_(g[1:]).mul_(decay[1:])  # [l-1, b, d, n]
+        gA = (w * dt[1:].unsqueeze(-1)).sum((0, 1))  # [d, n]
+        gdt = gdtu * u
+        gdt[1:] += w.mul_(A).sum(-1)
+        gu = gdtu * dt
+        return gdt, gu, gA, gB, gC
+
+
+def _prepare(u, delta, delta_bias, delta_softplus):
+    """Compute dtype (float32, or float64 when u is float64) and the final time step."""
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dt = delta.to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    return dtype, dt
+
+
+def _finish(y, u, D, z, dtype_in):
+    """y [b, d, l] -> add D * u, gate by silu(z), cast back to the input dtype."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype_in)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Vectorised selective scan; see the module docstring for shapes. Differentiable in all
+    tensor inputs. Memory: a few [b, d, l, n] buffers in the compute dtype."""
+    dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
+    uc = u.to(dtype)
+    y = _SelectiveScanCore.apply(
+        dt.permute(2, 0, 1).contiguous(),
+        uc.permute(2, 0, 1).contiguous(),
+        A.to(dtype).contiguous(),
+        B.to(dtype).permute(2, 0, 1).contiguous(),
+        C.to(dtype).permute(2, 0, 1).contiguous(),
+    ).permute(1, 2, 0)
+    return _finish(y, uc, D, z, u.dtype)
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Reference: the recurrence as a plain Python loop over time (slow; for tests and bench)."""
+    dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
+    uc, A, B, C = u.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+    decay = torch.exp(dt.unsqueeze(-1) * A[:, None, :])  # [b, d, l, n]
+    drive = (dt * uc).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [b, d, l, n]
+    h = uc.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # [b, d, n]
+    ys = []
+    for decay_t, drive_t, c_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(2)):
+        h = decay_t * h + drive_t
+        ys.append((h * c_t[:, None, :]).sum(-1))  # [b, d]
+    return _finish(torch.stack(ys, dim=2), uc, D, z, u.dtype)
