@@ -92,7 +92,9 @@ class _SelectiveScanCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor):
         if ctx.consumed:
-            raise RuntimeError("selective_scan: backward through the same graph twice is not supported")
+            raise RuntimeError(
+                "selective_scan: backward through the same graph twice is not supported"
+            )
         ctx.consumed = True  # the saved state buffer is reused as scratch below
         dt, u, A, B, C, decay, h, dtu = ctx.saved_tensors
         length, batch, dim = dt.shape

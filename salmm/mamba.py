@@ -1,0 +1,216 @@
+"""Bidirectional Mamba block, as vendored by SalM^2 (the Vim / VideoMamba ``bimamba`` fork).
+
+One ``in_proj`` and one ``out_proj`` are shared by two branches. The forward branch runs on the
+sequence as given (``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``); the backward branch
+runs on the time-flipped sequence with its own parameters (``conv1d_b``, ``x_proj_b``,
+``dt_proj_b``, ``A_b_log``, ``D_b``) and its result is flipped back. Each branch is::
+
+    x -> causal depthwise conv1d -> SiLU -> x_proj -> (dt, B, C)
+    y = selective_scan(x, dt_proj.weight @ dt, -exp(A_log), B, C, D, z,
+                       delta_bias=dt_proj.bias, delta_softplus=True)      # y already * SiLU(z)
+
+and the block returns ``out_proj(y_forward + flip(y_backward))``.
+
+What the published numerics are (read from the vendored ``mamba_simple.py``, the path SalMM
+takes: ``use_fast_path=True``, ``bimamba=True``): two calls of ``mamba_inner_fn_no_out_proj``,
+each gating its own scan output by SiLU of the (flipped, for the backward branch) ``z``; the
+two outputs are **summed, not averaged** (no division by 2, unlike VideoMamba's
+``if_devide_out`` option), then ``F.linear(..., out_proj.weight, out_proj.bias)``. Because each
+branch is gated by the same z, this equals SiLU(z) * (y_f + flip(y_b)) before ``out_proj``.
+(The vendored ``bimamba_inner_fn`` / ``bimamba_inner_ref``, which share conv and projections
+between directions, are not used by SalMM.)
+
+Backends: ``"torch"`` runs :func:`salmm.scan.selective_scan` and a grouped ``conv1d`` (any
+device); ``"cuda"`` runs mamba-ssm's ``selective_scan_fn`` and, when installed,
+``causal_conv1d_fn`` (install the ``gpu`` extra); ``"auto"`` picks ``"cuda"`` for CUDA inputs
+when mamba-ssm imports, else ``"torch"``. Parameters and state_dict are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salmm.scan import selective_scan
+
+__all__ = ["BACKENDS", "Mamba", "cuda_kernels_available"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "cuda")
+_kernels: dict | None = None
+
+
+def _load_kernels() -> dict:
+    """Import mamba-ssm / causal-conv1d once. Any failure (missing package, missing compiled
+    extension, CUDA mismatch) means the kernels are unavailable; the reason is logged."""
+    global _kernels
+    if _kernels is None:
+        _kernels = {}
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            _kernels["selective_scan_fn"] = selective_scan_fn
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            log.info("mamba-ssm CUDA kernels unavailable (%s: %s)", type(exc).__name__, exc)
+        try:
+            from causal_conv1d import causal_conv1d_fn
+
+            _kernels["causal_conv1d_fn"] = causal_conv1d_fn
+        except Exception as exc:  # noqa: BLE001
+            log.info("causal-conv1d kernel unavailable (%s: %s)", type(exc).__name__, exc)
+    return _kernels
+
+
+def cuda_kernels_available() -> bool:
+    """True when CUDA is present and mamba-ssm's selective scan kernel imports."""
+    return torch.cuda.is_available() and "selective_scan_fn" in _load_kernels()
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """The published block keeps A, D and the dt bias in float32 (``.float()``); float64 stays."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class Mamba(nn.Module):
+    """Bidirectional Mamba mixer. Input and output: [batch, length, d_model].
+
+    Initialisation follows the vendored module: ``dt_proj`` weight uniform in
+    +-dt_rank**-0.5 * dt_scale and bias = softplus^-1(dt) with dt log-uniform in
+    [dt_min, dt_max] (floored at dt_init_floor), bias flagged ``_no_reinit``; ``A_log`` and
+    ``A_b_log`` = log(1..d_state) per channel; ``D``, ``D_b`` = 1; these four flagged
+    ``_no_weight_decay``. ``dt_proj_b`` keeps PyTorch's default Linear init, as published.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.backend = backend
+        d_inner, proj_out = self.d_inner, self.dt_rank + 2 * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.conv1d = self._depthwise_conv(conv_bias)
+        self.x_proj = nn.Linear(d_inner, proj_out, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        std = self.dt_rank**-0.5 * dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(
+            torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.dt_proj.bias._no_reinit = True
+        self.A_log = self._a_log()
+        self.D = self._ones()
+
+        self.A_b_log = self._a_log()
+        self.conv1d_b = self._depthwise_conv(conv_bias)
+        self.x_proj_b = nn.Linear(d_inner, proj_out, bias=False)
+        self.dt_proj_b = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.D_b = self._ones()
+
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def _depthwise_conv(self, conv_bias: bool) -> nn.Conv1d:
+        return nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=self.d_conv,
+            groups=self.d_inner,
+            padding=self.d_conv - 1,
+            bias=conv_bias,
+        )
+
+    def _a_log(self) -> nn.Parameter:
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        param = nn.Parameter(torch.log(a))  # [d_inner, d_state], kept in float32
+        param._no_weight_decay = True
+        return param
+
+    def _ones(self) -> nn.Parameter:
+        param = nn.Parameter(torch.ones(self.d_inner))
+        param._no_weight_decay = True
+        return param
+
+    def resolved_backend(self, device: torch.device) -> str:
+        """The backend a forward on `device` uses: "torch" or "cuda"."""
+        if self.backend == "torch":
+            return "torch"
+        if device.type == "cuda" and cuda_kernels_available():
+            return "cuda"
+        if self.backend == "cuda":
+            raise RuntimeError(
+                "Mamba backend 'cuda' needs CUDA tensors and mamba-ssm's compiled kernels "
+                "(pip install 'salmm[gpu]'); use backend='torch' or 'auto' otherwise"
+            )
+        return "torch"
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states: [b, l, d_model] -> [b, l, d_model]."""
+        backend = self.resolved_backend(hidden_states.device)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # [b, 2*d_inner, l]
+        x, z = xz.chunk(2, dim=1)  # each [b, d_inner, l]
+        fwd = self._branch(
+            backend, x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
+        )
+        bwd = self._branch(
+            backend,
+            x.flip(-1),
+            z.flip(-1),
+            self.conv1d_b,
+            self.x_proj_b,
+            self.dt_proj_b,
+            self.A_b_log,
+            self.D_b,
+        )
+        y = fwd + bwd.flip(-1)  # [b, d_inner, l], summed as published (no averaging)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _branch(self, backend, x, z, conv1d, x_proj, dt_proj, A_log, D) -> Tensor:
+        """One direction: x, z [b, d_inner, l] -> SiLU(z) * scan(...) [b, d_inner, l]."""
+        length = x.shape[-1]
+        kernels = _load_kernels() if backend == "cuda" else {}
+        if "causal_conv1d_fn" in kernels:
+            x = kernels["causal_conv1d_fn"](
+                x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu"
+            )
+        else:
+            x = F.silu(conv1d(x)[..., :length])  # causal: keep the first l outputs
+        x_dbl = x_proj(x.transpose(1, 2))  # [b, l, dt_rank + 2*d_state]
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # [b, d_inner, l], bias added in scan
+        A = -torch.exp(_at_least_fp32(A_log))  # [d_inner, d_state]
+        scan = kernels["selective_scan_fn"] if backend == "cuda" else selective_scan
+        return scan(
+            x,
+            dt,
+            A,
+            B.transpose(1, 2).contiguous(),  # [b, d_state, l]
+            C.transpose(1, 2).contiguous(),
+            _at_least_fp32(D),
+            z=z,
+            delta_bias=_at_least_fp32(dt_proj.bias),
+            delta_softplus=True,
+        )
