@@ -1,0 +1,62 @@
+"""One way to get a Dask client for the pipeline's parallel work.
+
+``dask_client()`` starts a quiet ``LocalCluster`` sized to the machine (one single-threaded
+worker process per usable core, no dashboard) and closes it afterwards;
+``dask_client(address="tcp://host:8786")`` connects to a cluster someone else runs and leaves it
+running. Either way the caller gets a ``distributed.Client`` and uses it the same way, so code
+tested against a local cluster runs unchanged on a real one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster
+
+from pipeline.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 20
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def dask_client(address: str | None = None, workers: int | None = None) -> Iterator[Client]:
+    """A Dask client: connected to ``address`` if given, else to a new local cluster.
+
+    The local cluster has ``workers`` processes (default: ``usable_cores()``), one thread each
+    (the per-frame work is CPU-bound Python/C that holds the GIL in places), no dashboard, and
+    its log noise silenced below ERROR. ``workers`` must not be combined with ``address``.
+    An address nobody answers on is a BadInputError naming it.
+    """
+    if address is not None:
+        if workers is not None:
+            raise ValueError("give either a Dask scheduler address or a worker count, not both")
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT_S)
+        except OSError as err:
+            raise BadInputError(address, f"no Dask scheduler answers there ({err})") from None
+        log.info("using the Dask cluster at %s (%d workers)", address,
+                 len(client.scheduler_info()["workers"]))
+        with client:
+            yield client
+        return
+    n = workers or usable_cores()
+    if n < 1:
+        raise ValueError(f"workers must be at least 1, got {n}")
+    with (LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                       dashboard_address=None, silence_logs=logging.ERROR) as cluster,
+          Client(cluster) as client):
+        log.info("started a local Dask cluster: %d worker processes", n)
+        yield client

@@ -1,0 +1,153 @@
+"""Small fsspec helpers: open a folder given as a local path or any fsspec URL, write a file
+atomically, hash a file.
+
+Atomic write: the bytes go to a temporary name next to the target, then one rename makes them
+visible. On the local file system the temporary file is fsync'ed before the rename and the
+folder after it, so after a crash a target either holds its complete new content or does not
+exist (or keeps its old content). Other fsspec file systems get write-to-temporary then ``mv``,
+which is as atomic as that store's move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARK = ".tmp-"
+"""Temporary names are ``<name>.tmp-<random>``; anything carrying the mark is an unfinished write."""
+
+HASH_BLOCK = 1 << 20
+
+
+class Folder:
+    """A folder on any fsspec file system, addressed by a local path or URL.
+
+    ``Folder("out/prepared")``, ``Folder("file:///data/p")`` and ``Folder("memory://p")`` all
+    work; ``url(name)`` gives the address of a file inside it in the same form as ``root``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = str(root).rstrip("/") or "/"
+        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+        self.path = self.path.rstrip("/") or "/"
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Folder({self.root!r})"
+
+    def _full(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def url(self, name: str) -> str:
+        """Address of ``name`` inside the folder, as a local path or URL like ``root``."""
+        return f"{self.root}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._full(name))
+
+    def makedirs(self, name: str = "") -> None:
+        self.fs.makedirs(self._full(name) if name else self.path, exist_ok=True)
+
+    def listdir(self, name: str = "") -> list[str]:
+        """Names (not paths) of the entries directly inside ``name``; [] if it does not exist."""
+        full = self._full(name) if name else self.path
+        if not self.fs.exists(full):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(full, detail=False))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self._full(name))
+
+    def open(self, name: str, mode: str = "rb") -> IO[bytes]:
+        return self.fs.open(self._full(name), mode)
+
+    def remove(self, name: str) -> None:
+        """Delete a file or a whole sub-folder; nothing if it does not exist."""
+        full = self._full(name)
+        if self.fs.exists(full):
+            self.fs.rm(full, recursive=self.fs.isdir(full))
+
+    def sha256(self, name: str) -> str:
+        """sha256 hex of a file's bytes, read in 1 MiB blocks."""
+        with self.open(name) as f:
+            return sha256_stream(f)
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self._full(name)))
+
+    @contextmanager
+    def atomic_writer(self, name: str) -> Iterator[IO[bytes]]:
+        """Open ``name`` for writing such that it appears complete or not at all.
+
+        The body writes to a temporary file; on normal exit it is flushed, fsync'ed (local) and
+        renamed over ``name``; on an exception the temporary file is removed and ``name`` is
+        untouched.
+        """
+        tmp = f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        full_tmp, full = self._full(tmp), self._full(name)
+        parent = full.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            if self.local:
+                with open(full_tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(full_tmp, full)
+                _fsync_dir(parent)
+            else:
+                with self.fs.open(full_tmp, "wb") as f:
+                    yield f
+                self.fs.mv(full_tmp, full)
+        except BaseException:
+            if self.fs.exists(full_tmp):
+                self.fs.rm(full_tmp)
+            raise
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomically replace ``name`` with ``data``."""
+        with self.atomic_writer(name) as f:
+            f.write(data)
+
+    def remove_unfinished(self, name: str = "") -> list[str]:
+        """Delete leftover temporary files (``*.tmp-*``) directly inside ``name``; their names."""
+        stale = [n for n in self.listdir(name) if TMP_MARK in n]
+        for n in stale:
+            self.remove(f"{name}/{n}" if name else n)
+        return stale
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_stream(f: IO[bytes]) -> str:
+    """sha256 hex of everything left in ``f``."""
+    digest = hashlib.sha256()
+    while block := f.read(HASH_BLOCK):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a local file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return size, sha256_stream(f)
+
+
+def relative_to(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """``path`` relative to ``root`` with forward slashes (how the manifest names raw files)."""
+    return Path(path).relative_to(Path(root)).as_posix()

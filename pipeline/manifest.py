@@ -1,0 +1,123 @@
+"""The prepared dataset's manifest: what ``manifest.json`` holds, its version id, shard URLs.
+
+``PREPARED/manifest.json`` (written last, atomically: its presence means the run finished)::
+
+    format          "salmm-prepared", format_version 1
+    pipeline        {"name": "salmm", "version": ..., "encoders": {pillow, libjpeg, zlib, opencv, numpy}}
+    dataset         "trafficgaze" | "drfixd-rainy" | "bdda"
+    options         everything the bytes depend on: size {height, width}, shard_size, profile,
+                    jpeg and png encoder options, label method
+    inputs          split_files {name: {size, sha256}} (absent splits are not listed),
+                    fixdata {relative path: {size, sha256}},
+                    files {"name": "inputs.jsonl", "count", "bytes", "sha256"} — pins the per-file
+                    list of every frame / gaze-map file (see below)
+    splits          {split: {"entries", "samples", "shards": [{name, samples, sha256}, ...],
+                             "skipped": [{name, shard, file, problem}, ...]}}
+    absent_splits   splits whose split file does not exist in the raw root
+    version_id      version_id(manifest): 16 hex of sha256 of the canonical JSON of all the above
+
+``PREPARED/inputs.jsonl``: one canonical JSON line per raw frame / gaze-map file in shard order,
+``{"path": <relative to the raw root>, "sha256", "shard", "size"}``.
+
+Nothing run-dependent is in either file (no time, host, worker count or absolute path); such
+facts go to ``PREPARED/run.json``, which is not part of the version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
+
+MANIFEST = "manifest.json"
+INPUTS = "inputs.jsonl"
+RUN = "run.json"
+FORMAT = "salmm-prepared"
+FORMAT_VERSION = 1
+VERSION_KEY = "version_id"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no whitespace, ASCII: the bytes that are hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def version_id(manifest: dict[str, Any]) -> str:
+    """Dataset version id: first 16 hex digits of sha256 of the manifest's canonical JSON,
+    leaving out the ``version_id`` field itself (so it can be stored inside)."""
+    content = {k: v for k, v in manifest.items() if k != VERSION_KEY}
+    return hashlib.sha256(canonical_json(content)).hexdigest()[:16]
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The file content: the manifest with its version id, sorted keys, one-space indent."""
+    stamped = {**manifest, VERSION_KEY: version_id(manifest)}
+    return (json.dumps(stamped, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
+
+
+def write_manifest(folder: Folder, manifest: dict[str, Any]) -> str:
+    """Atomically write ``manifest.json`` (with its version id) into ``folder``; the id."""
+    folder.write_bytes(MANIFEST, manifest_bytes(manifest))
+    return version_id(manifest)
+
+
+def read_manifest(prepared: str) -> dict[str, Any]:
+    """The manifest of a prepared dataset (a local path or fsspec URL).
+
+    BadInputError (one line naming the file) if it is missing, not JSON, or not a salmm
+    prepared-dataset manifest. The content is not checked against the shards: that is
+    ``pipeline.verify``.
+    """
+    folder = Folder(prepared)
+    where = folder.url(MANIFEST)
+    if not folder.exists(MANIFEST):
+        raise BadInputError(where, "missing: not a prepared dataset, or its normalize run did"
+                            " not finish; run `python -m pipeline normalize`")
+    try:
+        manifest = json.loads(folder.read_bytes(MANIFEST))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(where, f"not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BadInputError(where, f"not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BadInputError(where, f"format version {manifest.get('format_version')} is not the"
+                            f" supported {FORMAT_VERSION}; re-run normalize")
+    return manifest
+
+
+def shard_urls(prepared: str, manifest: dict[str, Any], split: str) -> list[str]:
+    """Addresses of a split's shards in order (local paths, or URLs in the form of ``prepared``).
+
+    KeyError naming the available splits if the dataset has no such split.
+    """
+    splits = manifest["splits"]
+    if split not in splits:
+        raise KeyError(f"{prepared}: no split {split!r} (has {sorted(splits)})")
+    folder = Folder(prepared)
+    return [folder.url(shard["name"]) for shard in splits[split]["shards"]]
+
+
+def differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Human-readable list of where two JSON-like values differ: ``"options.size.height: 256 → 128"``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in old:
+                out.append(f"{path}: added")
+            elif key not in new:
+                out.append(f"{path}: removed")
+            else:
+                out.extend(differences(old[key], new[key], path))
+        return out
+    if old != new:
+        return [f"{where or '(top)'}: {_short(old)} → {_short(new)}"]
+    return []
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."

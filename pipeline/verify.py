@@ -1,0 +1,87 @@
+"""``python -m pipeline verify PREPARED``: re-hash a prepared dataset against its manifest.
+
+Checks, and reports each difference as one line:
+
+* ``manifest.json`` reads, and its content still hashes to the ``version_id`` stored in it
+  (an edited manifest is caught even where the edit keeps it self-consistent otherwise);
+* ``inputs.jsonl`` has the sha256 the manifest pins;
+* every shard listed exists, has the recorded sha256, and (when it does not) whether it is a
+  readable tar and how many samples it holds, so the report says what is wrong;
+* no shard-like file (``<split>-NNNNNN.tar``) lies there that the manifest does not list, and
+  no unfinished temporary file.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.errors import BadInputError
+from pipeline.fsio import TMP_MARK, Folder
+from pipeline.manifest import INPUTS, VERSION_KEY, read_manifest, version_id
+from pipeline.shards import iter_tar
+from pipeline.splits import SPLITS
+
+_SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
+HASH_THREADS = 4
+
+
+def verify(prepared: str, *, progress: bool = False) -> list[str]:
+    """Problems found in the prepared dataset at ``prepared`` (path or URL); [] means intact."""
+    folder = Folder(prepared)
+    try:
+        manifest = read_manifest(prepared)
+    except BadInputError as err:
+        return [str(err)]
+    problems = []
+    recorded, computed = manifest.get(VERSION_KEY), version_id(manifest)
+    if recorded != computed:
+        problems.append(f"{folder.url('manifest.json')}: content hashes to version {computed}, but"
+                        f" it records {recorded}: the manifest was modified")
+    problems.extend(_check_inputs(folder, manifest))
+    shards = [shard for split in manifest.get("splits", {}).values() for shard in split["shards"]]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        checks = pool.map(lambda shard: _check_shard(folder, shard), shards)
+        for found in tqdm(checks, total=len(shards), unit="shard", desc="verify",
+                          disable=not progress):
+            problems.extend(found)
+    listed = {shard["name"] for shard in shards}
+    for name in folder.listdir():
+        if _SHARD_NAME.fullmatch(name) and name not in listed:
+            problems.append(f"{folder.url(name)}: shard not listed in the manifest")
+        elif TMP_MARK in name:
+            problems.append(f"{folder.url(name)}: unfinished temporary file")
+    return problems
+
+
+def _check_inputs(folder: Folder, manifest: dict[str, Any]) -> list[str]:
+    pinned = manifest["inputs"]["files"]
+    if not folder.exists(INPUTS):
+        return [f"{folder.url(INPUTS)}: missing"]
+    sha = folder.sha256(INPUTS)
+    if sha != pinned["sha256"]:
+        return [(f"{folder.url(INPUTS)}: sha256 {sha[:16]}… differs from the manifest's"
+                 f" {pinned['sha256'][:16]}…")]
+    return []
+
+
+def _check_shard(folder: Folder, shard: dict[str, Any]) -> list[str]:
+    name, url = shard["name"], folder.url(shard["name"])
+    if not folder.exists(name):
+        return [f"{url}: missing"]
+    sha = folder.sha256(name)
+    if sha == shard["sha256"]:
+        return []
+    detail = f"{url}: sha256 {sha[:16]}… differs from the manifest's {shard['sha256'][:16]}…"
+    try:
+        with folder.open(name) as f:
+            samples = sum(1 for _ in iter_tar(f))
+    except (tarfile.TarError, OSError) as err:
+        return [f"{detail} (not a readable tar: {err})"]
+    if samples != shard["samples"]:
+        return [f"{detail} ({samples} samples, the manifest says {shard['samples']})"]
+    return [f"{detail} (same {samples} samples, content changed)"]
