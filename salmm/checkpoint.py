@@ -1,0 +1,120 @@
+"""Training checkpoints: what they hold, atomic saving, safe loading.
+
+A checkpoint is one ``torch.save`` file that loads with ``torch.load(..., weights_only=True)``:
+it holds only tensors, numbers, strings, None, lists and dicts. Keys:
+
+=================  ==========================================================================
+epoch              completed epochs (int); the official checkpoints' key
+state_dict         the model's weights, same key names as the authors' released checkpoints
+optim_dict         the optimizer's ``state_dict()`` (official key)
+valid_loss         validation loss of that epoch (float, official key)
+format             ``"salmm-train-checkpoint"``; format_version 1
+step               optimizer steps taken so far (int)
+best               ``{"epoch", "valid_loss"}`` of the best epoch so far (by validation loss)
+history            one dict per completed epoch (the rows of ``metrics.csv``)
+rng                generator states: ``torch`` (uint8 tensor), ``numpy``, ``python``, ``cuda``
+                   (list of uint8 tensors, one per device; empty without CUDA)
+config             the run's full options (:class:`salmm.options.TrainConfig` as a dict)
+dataset_version    version id of the prepared dataset (``pipeline.manifest.version_id``)
+cache_identity     the CLIP cache's recorded header (None when CLIP ran inline)
+git_commit         the project's git commit (None outside a git checkout)
+stopped            None, or why the run stopped early (``{"reason", "epoch", "step"}``)
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
+
+FORMAT = "salmm-train-checkpoint"
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy, python (and CUDA, if initialised) generator states, as tensors, numbers
+    and lists only."""
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generator states saved by :func:`rng_state` (CUDA ones when both the
+    checkpoint and this process have CUDA devices)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    nps = state["numpy"]
+    np.random.set_state({
+        "bit_generator": nps["bit_generator"],
+        "state": {"key": nps["key"].numpy().astype(np.uint32), "pos": nps["pos"]},
+        "has_gauss": nps["has_gauss"],
+        "gauss": nps["gauss"],
+    })
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
+def git_commit(root: str | Path | None = None) -> str | None:
+    """The commit checked out at ``root`` (default: this project's folder), or None when it is
+    not a git checkout or git is unavailable."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint`` to ``path`` (local path or fsspec URL) atomically: a temporary file
+    next to it, fsync'ed, then renamed, so ``path`` always holds a complete checkpoint."""
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    path = str(path)
+    folder, _, name = path.rpartition("/")
+    Folder(folder or ".").write_bytes(name, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; BadInputError (one line naming the file)
+    when it is missing, unreadable or has no ``state_dict``."""
+    path = str(path)
+    folder, _, name = path.rpartition("/")
+    store = Folder(folder or ".")
+    if not store.exists(name):
+        raise BadInputError(path, "no such checkpoint")
+    try:
+        with store.open(name) as f:
+            checkpoint = torch.load(io.BytesIO(f.read()), map_location=map_location,
+                                    weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(path, f"not a readable checkpoint ({first})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise BadInputError(path, "not a checkpoint: it has no state_dict")
+    return checkpoint

@@ -1,0 +1,279 @@
+"""Training and validation data: prepared WebDataset shards (and cached CLIP embeddings) as
+small composable stages.
+
+One epoch of training data, per process (rank) and data worker::
+
+    shuffled_shards        the split's shards in an order drawn from (seed, epoch), same on all ranks
+    wds.split_by_node      shards[rank::world_size]
+    wds.split_by_worker    shards[worker::num_workers]
+    read_shards            tar -> {"__key__", "__url__", "jpg", "saliency.png", ...}
+    wds.shuffle            sample buffer, rng drawn from (seed, epoch, rank, worker)
+    decode                 "frame" uint8 [3, H, W] RGB, "label" float32 [1, H, W] = png / 65535
+    random_hflip           flips frame and label together; decision drawn from (seed, epoch, key)
+    join_embeddings        "emb" float32 [D]: the cached embedding of the frame as fed to the model
+                           (index 1, of the flipped frame, exactly when the frame was flipped)
+    wds.batched            batches of dicts of stacked tensors (see :func:`collate`)
+
+Validation keeps shard order, does not shuffle or flip. Every random decision is a function of
+(seed, epoch, ...) only, so an epoch's batches are the same however often the run restarts.
+Frames stay uint8 until they reach the training device (4x less to copy); the model gets
+``frame.float() / 255``, exactly what ``python -m pipeline embed`` fed CLIP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import multiprocessing
+import random
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline.embed import decode_jpg
+from pipeline.errors import BadInputError
+from pipeline.shards import decode_label_png, iter_tar
+
+FLIP_PROBABILITY = 0.5
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard of a split: its address and its sample count (from the manifest)."""
+
+    url: str
+    samples: int
+
+
+def split_shards(prepared: str, manifest: dict[str, Any], split: str) -> list[ShardRef]:
+    """The shards of ``split`` in manifest order."""
+    from pipeline.manifest import shard_urls
+
+    entries = manifest["splits"][split]["shards"]
+    urls = shard_urls(prepared, manifest, split)
+    return [ShardRef(url, int(entry["samples"])) for url, entry in zip(urls, entries, strict=True)]
+
+
+# ---- seeded decisions --------------------------------------------------------------------------
+
+
+def _uniform(*parts: Any) -> float:
+    """A number in [0, 1) that depends only on ``parts`` (sha256 of their text)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def derived_rng(*parts: Any) -> random.Random:
+    """A ``random.Random`` seeded from ``parts`` (e.g. seed, epoch, rank, worker)."""
+    return random.Random(int(_uniform(*parts) * 2**53))
+
+
+def flip_decision(seed: int, epoch: int, key: str, p: float = FLIP_PROBABILITY) -> bool:
+    """Whether sample ``key`` is flipped in ``epoch``: true with probability ``p``, the same on
+    every rank, worker and restart."""
+    return _uniform("flip", seed, epoch, key) < p
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+
+def shuffled_shards(shards: Sequence[ShardRef], seed: int, epoch: int) -> list[ShardRef]:
+    """``shards`` in an order drawn from (seed, epoch); identical on all ranks, so splitting the
+    list by rank partitions it."""
+    order = list(shards)
+    derived_rng("shards", seed, epoch).shuffle(order)
+    return order
+
+
+def read_shards(shards: Iterable[ShardRef]) -> Iterator[dict[str, Any]]:
+    """Samples of each shard in tar order: ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    BadInputError naming the shard if it is missing or unreadable.
+    """
+    for shard in shards:
+        try:
+            with fsspec.open(shard.url, "rb") as f:
+                for sample in iter_tar(f):
+                    sample["__url__"] = shard.url
+                    yield sample
+        except (tarfile.TarError, EOFError) as err:
+            raise BadInputError(shard.url, f"unreadable shard: {err}") from None
+        except FileNotFoundError:
+            raise BadInputError(shard.url, "shard listed in the manifest is missing") from None
+
+
+def decode(samples: Iterable[dict[str, Any]], size: tuple[int, int]) -> Iterator[dict[str, Any]]:
+    """Raw sample -> ``{"key", "frame": uint8 [3, H, W], "label": float32 [1, H, W] in [0, 1]}``.
+
+    BadInputError (naming the shard and the sample) for a missing or undecodable field or a
+    frame/label whose size is not ``size`` (height, width).
+    """
+    for sample in samples:
+        key, url = sample["__key__"], sample["__url__"]
+        for field in ("jpg", "saliency.png"):
+            if field not in sample:
+                raise BadInputError(url, f"sample {key} has no {field}")
+        rgb = decode_jpg(sample["jpg"], f"{url}#{key}")               # uint8 [H, W, 3]
+        try:
+            label = decode_label_png(sample["saliency.png"])          # float32 [H, W]
+        except (OSError, ValueError) as err:
+            raise BadInputError(url, f"sample {key}: bad saliency.png ({err})") from None
+        for name, shape in (("jpg", rgb.shape[:2]), ("saliency.png", label.shape)):
+            if tuple(shape) != tuple(size):
+                raise BadInputError(url, f"sample {key}: {name} is {shape[0]}x{shape[1]}, the"
+                                    f" run expects {size[0]}x{size[1]}")
+        yield {
+            "key": key,
+            "frame": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
+            "label": torch.from_numpy(label)[None],
+            "flipped": False,
+        }
+
+
+def random_hflip(samples: Iterable[dict[str, Any]], seed: int, epoch: int,
+                 p: float = FLIP_PROBABILITY) -> Iterator[dict[str, Any]]:
+    """Flip frame and label left-right together, with probability ``p`` per sample, decided by
+    :func:`flip_decision`; sets ``"flipped"``."""
+    for sample in samples:
+        if flip_decision(seed, epoch, sample["key"], p):
+            sample = {**sample, "frame": sample["frame"].flip(-1), "label": sample["label"].flip(-1),
+                      "flipped": True}
+        yield sample
+
+
+class EmbeddingTable:
+    """The cached CLIP embeddings of one split, looked up by sample key.
+
+    The Zarr cache is read on first use, so each data worker process loads it once (workers are
+    persistent) and the training process never does when workers do the loading.
+    """
+
+    def __init__(self, cache_path: str, split: str) -> None:
+        self.cache_path = cache_path
+        self.split = split
+        self._rows: dict[str, int] | None = None
+        self._emb: np.ndarray | None = None             # float32 [N, 2, D]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache_path": self.cache_path, "split": self.split, "_rows": None, "_emb": None}
+
+    def _load(self) -> None:
+        from pipeline.clip_cache import open_cache
+
+        keys, self._emb = open_cache(self.cache_path).load_split(self.split)
+        self._rows = {k: i for i, k in enumerate(keys)}
+
+    def lookup(self, key: str, flipped: bool) -> np.ndarray:
+        """float32 [D]: the embedding of the frame (``flipped`` False) or of its mirror image."""
+        if self._rows is None:
+            self._load()
+        row = self._rows.get(key)
+        if row is None:
+            raise BadInputError(self.cache_path, f"no embedding for sample {key} of split"
+                                f" {self.split}; re-run `python -m pipeline embed`")
+        return self._emb[row, int(flipped)]
+
+
+def join_embeddings(samples: Iterable[dict[str, Any]], table: EmbeddingTable
+                    ) -> Iterator[dict[str, Any]]:
+    """Add ``"emb"`` float32 [D]: the cached embedding matching the sample's flip state."""
+    for sample in samples:
+        yield {**sample, "emb": torch.from_numpy(table.lookup(sample["key"], sample["flipped"]))}
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """List of samples -> batch: ``key`` list[str] [B], ``frame`` uint8 [B, 3, H, W], ``label``
+    float32 [B, 1, H, W], ``flipped`` bool [B], and ``emb`` float32 [B, D] when present."""
+    batch: dict[str, Any] = {
+        "key": [s["key"] for s in samples],
+        "frame": torch.stack([s["frame"] for s in samples]),
+        "label": torch.stack([s["label"] for s in samples]),
+        "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
+    }
+    if "emb" in samples[0]:
+        batch["emb"] = torch.stack([s["emb"] for s in samples])
+    return batch
+
+
+# ---- the dataset -------------------------------------------------------------------------------
+
+
+class SaliencyShards(torch.utils.data.IterableDataset):
+    """Batches of one split, for one epoch at a time (set with :meth:`set_epoch`).
+
+    ``train``: shuffle shards and samples and flip at random (seeded); otherwise read in order.
+    ``cache_path``: join cached CLIP embeddings (split ``split`` of that cache); None leaves
+    them out (inline CLIP). The epoch lives in shared memory so persistent DataLoader workers
+    see :meth:`set_epoch` calls made in the training process.
+    """
+
+    def __init__(self, shards: Sequence[ShardRef], *, split: str, train: bool, seed: int,
+                 batch_size: int, size: tuple[int, int], shuffle_buffer: int = 1000,
+                 cache_path: str | None = None) -> None:
+        super().__init__()
+        if not shards:
+            raise ValueError(f"split {split!r} has no shards")
+        self.shards = list(shards)
+        self.split = split
+        self.train = train
+        self.seed = seed
+        self.batch_size = batch_size
+        self.size = tuple(size)
+        self.shuffle_buffer = shuffle_buffer
+        self.table = EmbeddingTable(cache_path, split) if cache_path is not None else None
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration (in this process and in persistent workers) epoch ``epoch``."""
+        self._epoch.value = epoch
+
+    def _shard_order(self, epoch: int) -> list[ShardRef]:
+        return shuffled_shards(self.shards, self.seed, epoch) if self.train else list(self.shards)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        shards = wds.split_by_worker(wds.split_by_node(iter(self._shard_order(epoch))))
+        samples: Iterator[dict[str, Any]] = read_shards(shards)
+        if self.train:
+            rng = derived_rng("samples", self.seed, epoch, rank, worker)
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        samples = decode(samples, self.size)
+        if self.train:
+            samples = random_hflip(samples, self.seed, epoch)
+        if self.table is not None:
+            samples = join_embeddings(samples, self.table)
+        yield from wds.batched(self.batch_size, collation_fn=collate, partial=True)(samples)
+
+    def batches_in_epoch(self, epoch: int, num_workers: int, rank: int = 0,
+                         world_size: int = 1) -> int:
+        """How many batches rank ``rank`` gets in ``epoch`` with ``num_workers`` data workers
+        (each worker batches its own shards, so each may end with a short batch)."""
+        mine = self._shard_order(epoch)[rank::world_size]
+        return sum(math.ceil(sum(s.samples for s in mine[w::max(1, num_workers)]) / self.batch_size)
+                   for w in range(max(1, num_workers)))
+
+    def samples_in_epoch(self, rank: int = 0, world_size: int = 1, epoch: int = 0) -> int:
+        """Samples rank ``rank`` reads in ``epoch``."""
+        return sum(s.samples for s in self._shard_order(epoch)[rank::world_size])
+
+
+def make_loader(dataset: SaliencyShards, workers: int, pin_memory: bool, seed: int = 0
+                ) -> torch.utils.data.DataLoader:
+    """DataLoader over the dataset's batches: ``workers`` persistent processes (0: in the
+    training process), batches kept in worker order so runs are reproducible. It has its own
+    generator, so starting it draws nothing from torch's global one."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=workers > 0, in_order=True,
+        generator=torch.Generator().manual_seed(seed))

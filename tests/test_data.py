@@ -1,0 +1,194 @@
+"""The training data pipeline: decoding, seeded shuffles and flips, the embedding join, the
+split by worker and by rank, and its errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import BadInputError
+from pipeline.manifest import read_manifest
+from salmm.data import (
+    EmbeddingTable,
+    SaliencyShards,
+    flip_decision,
+    make_loader,
+    read_shards,
+    split_shards,
+)
+from tests._prepared import FAKE_DIM, fake_embedding, write_fake_cache, write_prepared
+
+SIZE = (32, 32)
+COUNTS = {"train": [5, 4, 3], "valid": [4]}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = write_prepared(tmp_path_factory.mktemp("data") / "prepared", COUNTS, SIZE)
+    cache = write_fake_cache(root, root.parent / "cache.zarr")
+    return root, cache
+
+
+def dataset(prepared, split="train", *, cache=True, batch_size=4, **kw) -> SaliencyShards:
+    root, cache_path = prepared
+    shards = split_shards(str(root), read_manifest(str(root)), split)
+    return SaliencyShards(shards, split=split, train=split == "train", seed=kw.pop("seed", 42),
+                          batch_size=batch_size, size=SIZE, shuffle_buffer=kw.pop("buffer", 8),
+                          cache_path=str(cache_path) if cache else None, **kw)
+
+
+def epoch_samples(ds: SaliencyShards, epoch: int, workers: int = 0) -> list[dict]:
+    """Every sample of one epoch, in delivery order, unbatched."""
+    ds.set_epoch(epoch)
+    out = []
+    for batch in make_loader(ds, workers, pin_memory=False):
+        for i, key in enumerate(batch["key"]):
+            out.append({name: (value[i] if name != "key" else key) for name, value in batch.items()})
+    return out
+
+
+def raw_samples(prepared, split="train") -> dict[str, dict]:
+    root, _ = prepared
+    return {s["__key__"]: s for s in read_shards(split_shards(str(root),
+                                                              read_manifest(str(root)), split))}
+
+
+def test_decode_gives_uint8_frames_and_png_over_65535_labels(prepared):
+    raw = raw_samples(prepared, "valid")
+    batch = next(iter(dataset(prepared, "valid")))
+    assert batch["frame"].dtype == torch.uint8 and batch["frame"].shape == (4, 3, *SIZE)
+    assert batch["label"].dtype == torch.float32 and batch["label"].shape == (4, 1, *SIZE)
+    assert not batch["flipped"].any()
+    for i, key in enumerate(batch["key"]):
+        rgb = np.asarray(Image.open(io.BytesIO(raw[key]["jpg"])).convert("RGB"))
+        np.testing.assert_array_equal(batch["frame"][i].numpy(), rgb.transpose(2, 0, 1))
+        png = np.asarray(Image.open(io.BytesIO(raw[key]["saliency.png"]))).astype(np.float64)
+        np.testing.assert_allclose(batch["label"][i, 0].numpy(), png / 65535, rtol=0, atol=1e-7)
+        assert batch["label"][i].max() > 0.9
+
+
+def test_validation_keeps_manifest_order_without_flips(prepared):
+    keys = [s["key"] for s in epoch_samples(dataset(prepared, "valid"), 0)]
+    assert keys == list(raw_samples(prepared, "valid"))
+
+
+def test_epoch_is_a_function_of_seed_and_epoch(prepared):
+    ds = dataset(prepared)
+    first = epoch_samples(ds, 3)
+    again = epoch_samples(dataset(prepared), 3)
+    assert [s["key"] for s in first] == [s["key"] for s in again]
+    for a, b in zip(first, again):
+        assert bool(a["flipped"]) == bool(b["flipped"])
+        assert torch.equal(a["frame"], b["frame"]) and torch.equal(a["label"], b["label"])
+    # every sample exactly once, and another epoch is in another order or flipped otherwise
+    assert sorted(s["key"] for s in first) == sorted(raw_samples(prepared))
+    other = epoch_samples(ds, 4)
+    assert ([(s["key"], bool(s["flipped"])) for s in other]
+            != [(s["key"], bool(s["flipped"])) for s in first])
+    assert ([s["key"] for s in epoch_samples(dataset(prepared, seed=7), 3)]
+            != [s["key"] for s in first])
+
+
+def test_flip_moves_frame_and_label_together_and_picks_the_flipped_embedding(prepared):
+    raw = raw_samples(prepared)
+    samples = epoch_samples(dataset(prepared), 0)
+    flipped = [s for s in samples if s["flipped"]]
+    assert 0 < len(flipped) < len(samples)
+    for s in samples:
+        rgb = np.asarray(Image.open(io.BytesIO(raw[s["key"]]["jpg"])).convert("RGB"))
+        want = rgb.transpose(2, 0, 1)
+        want = want[:, :, ::-1] if s["flipped"] else want
+        np.testing.assert_array_equal(s["frame"].numpy(), want)
+        bright = s["label"][0].sum(0).argmax().item()   # the blob is left of centre unflipped
+        assert (bright > SIZE[1] // 2) == bool(s["flipped"])
+        assert bool(s["flipped"]) == flip_decision(42, 0, s["key"])
+        np.testing.assert_array_equal(s["emb"].numpy(), fake_embedding(s["key"],
+                                                                        bool(s["flipped"])))
+
+
+def test_flip_decisions_are_fair_and_vary_with_epoch():
+    keys = [f"v{i:04d}_f000001" for i in range(2000)]
+    share = np.mean([flip_decision(42, 0, k) for k in keys])
+    assert 0.45 < share < 0.55
+    changed = np.mean([flip_decision(42, 0, k) != flip_decision(42, 1, k) for k in keys])
+    assert 0.4 < changed < 0.6
+
+
+def test_inline_mode_batches_have_no_embeddings(prepared):
+    batch = next(iter(dataset(prepared, cache=False)))
+    assert "emb" not in batch
+
+
+def test_workers_split_shards_deterministically_and_count_batches(prepared):
+    ds = dataset(prepared)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        batches = list(make_loader(ds, 2, pin_memory=False))
+        assert len(batches) == ds.batches_in_epoch(epoch, num_workers=2)
+        keys = [k for b in batches for k in b["key"]]
+        assert sorted(keys) == sorted(raw_samples(prepared))
+        again = epoch_samples(dataset(prepared), epoch, workers=2)
+        assert keys == [s["key"] for s in again]
+    assert ds.batches_in_epoch(0, num_workers=0) == 3      # 12 samples, batch 4, one worker
+
+
+def test_persistent_workers_follow_set_epoch(prepared):
+    ds = dataset(prepared)
+    loader = make_loader(ds, 1, pin_memory=False)
+    seen = []
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)
+        seen.append([(k, bool(f)) for b in loader for k, f in zip(b["key"], b["flipped"])])
+    assert seen[0] == seen[2] != seen[1]
+    assert seen[0] == [(s["key"], bool(s["flipped"])) for s in epoch_samples(dataset(prepared), 0)]
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_split(prepared, monkeypatch):
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ds = dataset(prepared)
+        samples = epoch_samples(ds, 2)
+        assert len(samples) == ds.samples_in_epoch(rank, 2, epoch=2)
+        batches = -(-len(samples) // 4)
+        assert batches == ds.batches_in_epoch(2, num_workers=0, rank=rank, world_size=2)
+        per_rank.append({s["key"] for s in samples})
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == set(raw_samples(prepared))
+
+
+def test_embedding_table_loads_lazily_and_pickles_empty(prepared):
+    import pickle
+
+    _, cache = prepared
+    table = EmbeddingTable(str(cache), "valid")
+    key = next(iter(raw_samples(prepared, "valid")))
+    np.testing.assert_array_equal(table.lookup(key, True), fake_embedding(key, True))
+    assert table.lookup(key, False).shape == (FAKE_DIM,)
+    clone = pickle.loads(pickle.dumps(table))
+    assert clone._emb is None and clone.cache_path == str(cache)
+    with pytest.raises(BadInputError, match="no embedding for sample nope"):
+        table.lookup("nope", False)
+
+
+def test_wrong_frame_size_is_refused_with_the_shard_and_key(prepared):
+    root, _ = prepared
+    shards = split_shards(str(root), read_manifest(str(root)), "valid")
+    ds = SaliencyShards(shards, split="valid", train=False, seed=0, batch_size=2, size=(64, 64))
+    with pytest.raises(BadInputError, match=r"valid-000000\.tar: sample v0012_f000001: jpg is"
+                                            r" 32x32, the run expects 64x64"):
+        next(iter(ds))
+
+
+def test_missing_shard_is_named(prepared, tmp_path):
+    root = write_prepared(tmp_path / "p", {"train": [2, 2], "valid": [1]}, SIZE)
+    (root / "train-000001.tar").unlink()
+    ds = SaliencyShards(split_shards(str(root), read_manifest(str(root)), "train"),
+                        split="train", train=False, seed=0, batch_size=8, size=SIZE)
+    with pytest.raises(BadInputError, match=r"train-000001\.tar: shard listed in the manifest"):
+        list(ds)
