@@ -1,0 +1,283 @@
+"""CLIP embedding cache: a Zarr v3 store holding, per prepared sample, the frozen CLIP image
+embedding of the frame and of its horizontal flip, so training never runs the semantic branch.
+
+Layout (``CACHE.zarr``)::
+
+    zarr.json                    root group; attributes = the cache header (below) + "complete"
+    <split>/keys                 str [N]           sample ``__key__`` in shard order, chunks (C,)
+    <split>/embeddings           float32 [N, 2, D] index 0: frame, 1: horizontally flipped frame,
+                                                   chunks (C, 2, D), Blosc(zstd, level 5, bitshuffle)
+    <split>/done                 uint8 [ceil(N/C)] 1 once chunk i of keys+embeddings is written,
+                                                   one file per element
+
+The header records everything the numbers depend on: encoder identity (model, weights,
+profile, open_clip version, embed_dim), storage dtype, compute (device type, autocast dtype),
+the prepared dataset (version id, manifest sha256), torch/open_clip versions, split sizes and
+the chunk size C. A run resumes only into a store whose header equals its own; readers refuse a
+store whose ``complete`` attribute is not true, and a store made from another dataset version.
+
+Writes are chunk-aligned. Zarr's local store writes every object to a temporary name and
+renames it, and a chunk's ``done`` flag is written only after its keys and embeddings, so a
+killed run leaves whole chunks (flagged or not) and never a flagged half-chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.errors import BadInputError
+from pipeline.manifest import read_manifest, version_id
+
+log = logging.getLogger(__name__)
+
+FORMAT = "salmm-clip-cache"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 256
+DTYPES = ("float32", "float16")
+
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from Zarr attributes (tuples become lists, and so on)."""
+    return json.loads(json.dumps(value))
+
+
+def _diff(recorded: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two header dicts."""
+    out = []
+    for name in sorted(set(recorded) | set(wanted)):
+        a, b = recorded.get(name), wanted.get(name)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _diff(a, b, f"{prefix}{name}.")
+        elif a != b:
+            out.append(f"{prefix}{name} {a!r} != {b!r}")
+    return out
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local_path(path: str) -> Path:
+    return Path(path.removeprefix("file://"))
+
+
+class CacheWriter:
+    """Chunk-granular, resumable writer of one cache store.
+
+    Use :meth:`open` (creates a new store or resumes a matching one), :meth:`missing_chunks`,
+    :meth:`write_chunk` for each missing chunk, then :meth:`finish`.
+    """
+
+    def __init__(self, path: str, group: zarr.Group, header: dict[str, Any]) -> None:
+        self.path = path
+        self.group = group
+        self.header = header
+        self.chunk_size: int = header["chunk_size"]
+        self.dim: int = header["encoder"]["embed_dim"]
+
+    @classmethod
+    def open(cls, path: str | Path, header: Mapping[str, Any]) -> CacheWriter:
+        """Create the store at ``path`` or resume the unfinished (or finished) one there.
+
+        ``header`` must hold "encoder" (with "embed_dim"), "dtype", "compute", "prepared",
+        "software", "splits" ({split: N}) and "chunk_size". An existing store is reused only if
+        its header is equal; otherwise BadInputError names the differing fields.
+        """
+        path = str(path)
+        header = _jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, **header})
+        if header["dtype"] not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {header['dtype']!r}")
+        try:
+            group = zarr.open_group(path, mode="r+")
+        except FileNotFoundError:
+            group = None
+        if group is None:
+            return cls._create(path, header)
+        recorded = dict(group.attrs)
+        if recorded.get("format") != FORMAT:
+            raise BadInputError(path, "exists and is not a salmm CLIP cache; remove it or choose"
+                                " another --out")
+        recorded.pop("complete", None)
+        differences = _diff(recorded, header)
+        if differences:
+            raise BadInputError(path, "cannot resume: the store was made with other settings ("
+                                + "; ".join(differences) + "); remove it or choose another --out")
+        _remove_partial_files(path)
+        writer = cls(path, group, header)
+        done = sum(int(writer._done(s).sum()) for s in header["splits"])
+        total = sum(writer.n_chunks(s) for s in header["splits"])
+        log.info("resuming %s: %d of %d chunks already written", path, done, total)
+        return writer
+
+    @classmethod
+    def _create(cls, path: str, header: dict[str, Any]) -> CacheWriter:
+        group = zarr.open_group(path, mode="w-")
+        chunk = header["chunk_size"]
+        dim = header["encoder"]["embed_dim"]
+        for split, n in header["splits"].items():
+            sub = group.create_group(split)
+            sub.create_array("keys", shape=(n,), chunks=(chunk,), dtype=str)
+            sub.create_array("embeddings", shape=(n, 2, dim), chunks=(chunk, 2, dim),
+                             dtype=header["dtype"], compressors=_COMPRESSOR, fill_value=0.0)
+            sub.create_array("done", shape=(math.ceil(n / chunk),), chunks=(1,), dtype="uint8",
+                             fill_value=0)
+        # attributes last: a store without them is not resumable and is reported as foreign
+        group.attrs.update({**header, "complete": False})
+        log.info("created %s", path)
+        return cls(path, group, header)
+
+    def n_chunks(self, split: str) -> int:
+        """Number of chunks of ``split`` (the last one may be short)."""
+        return math.ceil(self.header["splits"][split] / self.chunk_size)
+
+    def chunk_range(self, split: str, index: int) -> tuple[int, int]:
+        """Sample range [start, stop) of chunk ``index`` of ``split``."""
+        start = index * self.chunk_size
+        return start, min(start + self.chunk_size, self.header["splits"][split])
+
+    def _done(self, split: str) -> np.ndarray:
+        return self.group[split]["done"][:]
+
+    def missing_chunks(self, split: str) -> list[int]:
+        """Indices of the chunks of ``split`` not yet written, ascending."""
+        return [int(i) for i in np.flatnonzero(self._done(split) == 0)]
+
+    def write_chunk(self, split: str, index: int, keys: Sequence[str], emb: np.ndarray) -> None:
+        """Write chunk ``index`` of ``split``: ``keys`` [n] and ``emb`` [n, 2, D] (any float
+        dtype; stored as the header's dtype), then flag it done."""
+        start, stop = self.chunk_range(split, index)
+        emb = np.asarray(emb)
+        if len(keys) != stop - start or emb.shape != (stop - start, 2, self.dim):
+            raise ValueError(f"chunk {split}/{index} needs {stop - start} keys and embeddings "
+                             f"[{stop - start}, 2, {self.dim}], got {len(keys)} and {emb.shape}")
+        if not np.isfinite(emb).all():
+            raise ValueError(f"chunk {split}/{index}: the encoder returned non-finite values")
+        sub = self.group[split]
+        sub["keys"][start:stop] = np.asarray(keys, dtype=np.dtypes.StringDType())
+        sub["embeddings"][start:stop] = emb.astype(self.header["dtype"])
+        sub["done"][index] = 1
+
+    def finish(self) -> None:
+        """Mark the store complete; ValueError if any chunk is missing."""
+        missing = {s: len(self.missing_chunks(s)) for s in self.header["splits"]}
+        if any(missing.values()):
+            raise ValueError(f"{self.path}: chunks still missing {missing}")
+        self.group.attrs["complete"] = True
+
+
+def _remove_partial_files(path: str) -> None:
+    """Delete temporary files a killed writer left behind in a local store."""
+    if _is_local(path):
+        for leftover in _local_path(path).rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
+
+
+class ClipCache:
+    """Read access to a complete cache store (see :func:`open_cache`).
+
+    ``identity`` is the recorded header: "encoder" {model, weights, profile, open_clip,
+    embed_dim}, "dtype", "compute", "prepared" {version_id, manifest_sha256}, "software",
+    "splits" {split: N}, "chunk_size".
+    """
+
+    def __init__(self, path: str, group: zarr.Group) -> None:
+        self.path = path
+        self._group = group
+        self.identity: dict[str, Any] = {k: v for k, v in group.attrs.items() if k != "complete"}
+        self._index: dict[str, tuple[str, int]] | None = None
+        self._chunk = functools.lru_cache(maxsize=8)(self._read_chunk)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.identity["splits"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.identity["encoder"]["embed_dim"])
+
+    def keys(self, split: str) -> list[str]:
+        """Sample keys of ``split`` in shard order."""
+        return self._split(split)["keys"][:].tolist()
+
+    def load_split(self, split: str) -> tuple[list[str], np.ndarray]:
+        """Whole split in memory: (keys [N], embeddings float32 [N, 2, D]); [:, 0] is the frame,
+        [:, 1] its horizontal flip."""
+        sub = self._split(split)
+        return sub["keys"][:].tolist(), sub["embeddings"][:].astype(np.float32, copy=False)
+
+    def get(self, key: str) -> np.ndarray:
+        """Embeddings of one sample: float32 [2, D] (frame, flipped frame). KeyError if absent."""
+        if self._index is None:
+            self._index = {k: (s, i) for s in self.splits for i, k in enumerate(self.keys(s))}
+        split, i = self._index[key]
+        chunk = self.identity["chunk_size"]
+        return self._chunk(split, i // chunk)[i % chunk].copy()
+
+    def _read_chunk(self, split: str, index: int) -> np.ndarray:
+        chunk = self.identity["chunk_size"]
+        emb = self._split(split)["embeddings"][index * chunk:(index + 1) * chunk]
+        return emb.astype(np.float32, copy=False)
+
+    def _split(self, split: str) -> zarr.Group:
+        if split not in self.identity["splits"]:
+            raise KeyError(f"{self.path}: no split {split!r} (has {self.splits})")
+        return self._group[split]
+
+
+def open_cache(path: str | Path, prepared: str | Path | Mapping[str, Any] | None = None
+               ) -> ClipCache:
+    """Open a finished cache for reading.
+
+    ``prepared``: the prepared dataset (its path, or its manifest dict); when given, a cache
+    made from another version of it is refused. BadInputError (one line naming the store) for
+    a missing, foreign, unfinished or mismatching store.
+    """
+    path = str(path)
+    try:
+        group = zarr.open_group(path, mode="r")
+    except FileNotFoundError:
+        raise BadInputError(path, "no CLIP cache here; run `python -m pipeline embed`") from None
+    attrs = dict(group.attrs)
+    if attrs.get("format") != FORMAT:
+        raise BadInputError(path, "is not a salmm CLIP cache")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise BadInputError(path, f"cache format version {attrs.get('format_version')} is not"
+                            f" the supported {FORMAT_VERSION}; rebuild it")
+    if attrs.get("complete") is not True:
+        raise BadInputError(path, "the cache is incomplete (its embed run did not finish);"
+                            " re-run `python -m pipeline embed` to finish it")
+    cache = ClipCache(path, group)
+    if prepared is not None:
+        if not isinstance(prepared, Mapping):
+            prepared = read_manifest(str(prepared))
+        check_cache(cache, prepared)
+    return cache
+
+
+def check_cache(cache: ClipCache, manifest: Mapping[str, Any], *, model: str | None = None,
+                profile: str | None = None, weights: str | None = None) -> None:
+    """Raise BadInputError (one line) unless ``cache`` was made from this prepared dataset
+    version (and, when given, with this CLIP model name, preprocessing profile and weights)."""
+    recorded = cache.identity["prepared"]["version_id"]
+    wanted = version_id(dict(manifest))
+    if recorded != wanted:
+        raise BadInputError(cache.path, f"made from prepared dataset version {recorded}, but the"
+                            f" prepared dataset is version {wanted}; re-run"
+                            " `python -m pipeline embed`")
+    encoder = cache.identity["encoder"]
+    for name, value in (("model", model), ("profile", profile), ("weights", weights)):
+        if value is not None and encoder[name] != value:
+            raise BadInputError(cache.path, f"made with CLIP {name} {encoder[name]!r}, but"
+                                f" {value!r} is required")

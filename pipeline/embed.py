@@ -1,0 +1,453 @@
+"""The ``embed`` command: prepared WebDataset shards -> CLIP embedding cache (Zarr).
+
+Stages, each small:
+
+1. ``_read_samples``: stream the needed shards in order and yield ``(index, key, jpg bytes)``
+   for the samples of the chunks still missing from the cache.
+2. ``_decoded_batches``: decode each ``jpg`` to uint8 RGB [H, W, 3] and group samples into
+   batches that never straddle a cache chunk.
+3. ``_prefetch``: run 1-2 in a background thread behind a bounded queue, so reading and
+   decoding overlap the encoder.
+4. ``embed_jobs``: per batch, frames -> float [0, 1] (``uint8 / 255``, exactly what the trainer
+   feeds the model), concatenated with their horizontal flips, through the frozen encoder
+   under ``torch.inference_mode`` (and autocast on CUDA) -> float32 [n, 2, D] per chunk.
+5. ``embed_prepared``: plans the chunks, writes them with :class:`pipeline.clip_cache.CacheWriter`
+   (resumable), locally or on Dask workers (one cached encoder per worker process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import io
+import logging
+import queue
+import re
+import tarfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.clip_cache import DEFAULT_CHUNK_SIZE, DTYPES, CacheWriter
+from pipeline.dask_cluster import dask_client
+from pipeline.errors import BadInputError
+from pipeline.manifest import canonical_json, read_manifest, shard_urls, version_id
+from pipeline.shards import iter_tar
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to build the encoder; hashable, so each process (or Dask worker) builds it once."""
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = "openai"     # open_clip tag, local file, "hf-hub:...", None = random
+    profile: str = "salmm"                # "salmm" | "openclip"
+    device: str = "cpu"
+    precision: str = "fp32"               # autocast dtype on CUDA: "fp32" | "bf16" | "fp16"
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One cache chunk to compute: samples [start, stop) of ``split``."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a split: its URL, global index of its first sample, and sample count."""
+
+    url: str
+    first: int
+    samples: int
+
+
+def build_encoder(spec: EncoderSpec) -> torch.nn.Module:
+    """The frozen CLIP encoder of ``spec``; BadInputError (one line) when weights can't be had."""
+    from salmm.clip_encoder import build_clip_encoder
+
+    weights = spec.pretrained
+    try:
+        encoder = build_clip_encoder(spec.model, pretrained=weights, profile=spec.profile,
+                                     device=spec.device)
+    except (OSError, RuntimeError) as err:
+        if weights is None or Path(weights).exists():
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(weights, f"could not get the {spec.model} weights ({first_line});"
+                            " without a network pass --clip-pretrained /path/to/weights.pt (a"
+                            " local open_clip/OpenAI checkpoint) or --clip-pretrained none"
+                            " (random weights)") from None
+    log.info("CLIP encoder %s, weights %s, profile %s, device %s", spec.model,
+             encoder.identity["weights"], spec.profile, spec.device)
+    if str(encoder.identity["weights"]).startswith("random"):
+        log.warning("using RANDOM CLIP weights (%s): embeddings are for tests and smoke runs only",
+                    encoder.identity["weights"])
+    return encoder
+
+
+@functools.lru_cache(maxsize=2)
+def cached_encoder(spec: EncoderSpec) -> torch.nn.Module:
+    """:func:`build_encoder`, once per process and spec (Dask workers reuse it across tasks)."""
+    return build_encoder(spec)
+
+
+def _iter_shard(url: str) -> Iterator[tuple[str, bytes]]:
+    """(key, jpg bytes) of each sample of one WebDataset shard, in tar order."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            for sample in iter_tar(f):
+                yield sample["__key__"], _need_jpg(url, sample["__key__"], sample.get("jpg"))
+    except (tarfile.TarError, EOFError) as err:
+        raise BadInputError(url, f"unreadable shard: {err}") from None
+    except FileNotFoundError:
+        raise BadInputError(url, "shard listed in the manifest is missing") from None
+
+
+def _need_jpg(url: str, key: str, jpg: bytes | None) -> bytes:
+    if jpg is None:
+        raise BadInputError(url, f"sample {key} has no jpg")
+    return jpg
+
+
+def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob]
+                  ) -> Iterator[tuple[int, str, bytes]]:
+    """(global index, key, jpg bytes) for every sample inside ``jobs`` (one split, ascending),
+    reading only the shards that hold them; each shard fully read is checked against its
+    manifest sample count."""
+    wanted = [(j.start, j.stop) for j in jobs]
+    last = wanted[-1][1] if wanted else 0
+    for shard in shards:
+        end = shard.first + shard.samples
+        if not any(a < end and shard.first < b for a, b in wanted):
+            continue
+        index = shard.first
+        for key, jpg in _iter_shard(shard.url):
+            if index >= end:
+                break
+            if any(a <= index < b for a, b in wanted):
+                yield index, key, jpg
+            index += 1
+            if index >= last:
+                return
+        if index != end:
+            raise BadInputError(shard.url, f"has {index - shard.first} samples, the manifest"
+                                f" says {shard.samples}")
+
+
+def decode_jpg(data: bytes, where: str) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of a shard's ``jpg`` (PIL, as the trainer decodes it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise BadInputError(where, f"corrupt jpg: {err}") from None
+
+
+@dataclass
+class _Batch:
+    job: ChunkJob
+    keys: list[str]
+    frames: torch.Tensor        # uint8 [b, H, W, 3]
+    last: bool                  # last batch of ``job``
+
+
+def _decoded_batches(shards: Sequence[Shard], jobs: Sequence[ChunkJob], batch_size: int,
+                     pin: bool = False) -> Iterator[_Batch]:
+    """Decoded batches of at most ``batch_size`` samples, each within one job, in job order."""
+    jobs = sorted(jobs, key=lambda j: j.start)
+    job_iter = iter(jobs)
+    job = next(job_iter, None)
+    keys: list[str] = []
+    frames: list[np.ndarray] = []
+
+    def batch(last: bool) -> _Batch:
+        tensor = torch.from_numpy(np.stack(frames))
+        return _Batch(job, list(keys), tensor.pin_memory() if pin else tensor, last)
+
+    for index, key, jpg in _read_samples(shards, jobs):
+        while job is not None and index >= job.stop:
+            job = next(job_iter, None)
+        frame = decode_jpg(jpg, f"{_shard_of(shards, index)}#{key}")
+        if frames and frame.shape != frames[0].shape:
+            raise BadInputError(_shard_of(shards, index), f"sample {key}: jpg is {frame.shape},"
+                                f" other frames are {frames[0].shape}")
+        keys.append(key)
+        frames.append(frame)
+        if index == job.stop - 1 or len(frames) == batch_size:
+            yield batch(last=index == job.stop - 1)
+            keys, frames = [], []
+
+
+def _shard_of(shards: Sequence[Shard], index: int) -> str:
+    return next(s.url for s in shards if s.first <= index < s.first + s.samples)
+
+
+_DONE = object()
+
+
+def _prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, at most ``depth`` items ahead; exceptions in the
+    thread re-raise here, and leaving the loop early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except Exception as err:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+            put(err)
+
+    thread = threading.Thread(target=work, name="embed-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def encode_batch(encoder: torch.nn.Module, frames: torch.Tensor, spec: EncoderSpec
+                 ) -> np.ndarray:
+    """uint8 frames [b, H, W, 3] -> float32 [b, 2, D]: embeddings of each frame (as float in
+    [0, 1]) and of its horizontal flip."""
+    device = torch.device(spec.device)
+    x = frames.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = torch.cat([x, x.flip(-1)])                               # [2b, 3, H, W]
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = PRECISIONS[spec.precision]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast or torch.float32,
+                                                enabled=autocast is not None):
+        emb = encoder.encode(x)                                  # [2b, D]
+    b = frames.shape[0]
+    return emb.float().cpu().numpy().reshape(2, b, -1).transpose(1, 0, 2)  # [b, 2, D]
+
+
+def embed_jobs(encoder: torch.nn.Module, spec: EncoderSpec, shards: Sequence[Shard],
+               jobs: Sequence[ChunkJob], batch_size: int, prefetch: int = 4,
+               progress: tqdm | None = None) -> Iterator[tuple[ChunkJob, list[str], np.ndarray]]:
+    """(job, keys [n], embeddings float32 [n, 2, D]) for each job, in ascending order; decoding
+    runs ``prefetch`` batches ahead in a background thread."""
+    pin = torch.device(spec.device).type == "cuda"
+    keys: list[str] = []
+    parts: list[np.ndarray] = []
+    for batch in _prefetch(_decoded_batches(shards, jobs, batch_size, pin), prefetch):
+        keys += batch.keys
+        parts.append(encode_batch(encoder, batch.frames, spec))
+        if progress is not None:
+            progress.update(2 * len(batch.keys))
+        if batch.last:
+            yield batch.job, keys, np.concatenate(parts)
+            keys, parts = [], []
+
+
+def embed_chunk_task(spec: EncoderSpec, shards: Sequence[Shard], job: ChunkJob,
+                     batch_size: int) -> tuple[list[str], np.ndarray]:
+    """Dask task: one chunk's (keys, embeddings [n, 2, D]) with this worker's cached encoder."""
+    encoder = cached_encoder(spec)
+    ((_, keys, emb),) = embed_jobs(encoder, spec, shards, [job], batch_size, prefetch=2)
+    return keys, emb
+
+
+def encoder_identity_task(spec: EncoderSpec) -> dict[str, Any]:
+    """Dask task: the identity of this worker's cached encoder (also warms the cache)."""
+    return dict(cached_encoder(spec).identity)
+
+
+def default_cache_path(prepared: str, identity: dict[str, Any], dtype: str = "float32") -> str:
+    """PREPARED/clip/<model>-<profile>-<weights>[-float16].zarr, e.g.
+    ``clip/ViT-B-32-salmm-openai.zarr``, ``clip/ViT-B-32-salmm-sha256-0123456789ab.zarr``,
+    ``clip/ViT-B-32-salmm-random-seed0.zarr``."""
+    weights = str(identity["weights"])
+    if weights.startswith("sha256:"):
+        weights = "sha256-" + weights.removeprefix("sha256:")[:12]
+    weights = re.sub(r"[^A-Za-z0-9._]+", "-", weights).strip("-")
+    name = f"{identity['model']}-{identity['profile']}-{weights}"
+    if dtype != "float32":
+        name += f"-{dtype}"
+    return f"{str(prepared).rstrip('/')}/clip/{name}.zarr"
+
+
+def _split_shards(prepared: str, manifest: dict[str, Any], split: str) -> list[Shard]:
+    entries = manifest["splits"][split]["shards"]
+    urls = shard_urls(prepared, manifest, split)
+    shards, first = [], 0
+    for url, entry in zip(urls, entries, strict=True):
+        shards.append(Shard(url, first, int(entry["samples"])))
+        first += int(entry["samples"])
+    return shards
+
+
+def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
+                   spec: EncoderSpec = EncoderSpec(), batch_size: int = 32,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, dtype: str = "float32",
+                   splits: Sequence[str] | None = None, prefetch: int = 4,
+                   dask_address: str | None = None) -> str:
+    """Embed every sample of the prepared dataset at ``prepared`` into a CLIP cache and return
+    the cache path (``out``, or :func:`default_cache_path`). Resumes an unfinished cache;
+    returns at once if it is already complete.
+
+    ``batch_size`` samples (``2 * batch_size`` images with their flips) go through the encoder
+    at a time. With ``dask_address`` each missing chunk is one task on that cluster (the
+    workers must reach the prepared shards, and ``spec.device`` is the workers' device).
+    """
+    prepared = str(prepared)
+    manifest = read_manifest(prepared)
+    splits = list(splits) if splits else list(manifest["splits"])
+    unknown = [s for s in splits if s not in manifest["splits"]]
+    if unknown:
+        raise BadInputError(prepared, f"the prepared dataset has no split(s) {unknown}"
+                            f" (has {sorted(manifest['splits'])})")
+    shards = {s: _split_shards(prepared, manifest, s) for s in splits}
+    with contextlib.ExitStack() as stack:
+        if dask_address:
+            client = stack.enter_context(dask_client(address=dask_address))
+            encoder = None
+            identity = client.submit(encoder_identity_task, spec, pure=False).result()
+        else:
+            client = None
+            encoder = cached_encoder(spec)
+            identity = dict(encoder.identity)
+        header = _header(spec, identity, dtype, manifest, shards, chunk_size)
+        out = str(out) if out is not None else default_cache_path(prepared, identity, dtype)
+        writer = CacheWriter.open(out, header)
+        jobs = {s: [ChunkJob(s, i, *writer.chunk_range(s, i)) for i in writer.missing_chunks(s)]
+                for s in splits}
+        todo = sum(j.stop - j.start for js in jobs.values() for j in js)
+        log.info("embedding %d samples (%d images with flips) into %s", todo, 2 * todo, out)
+        with tqdm(total=2 * todo, unit="img", desc="embed", smoothing=0.1) as progress:
+            if client is None:
+                for split in splits:
+                    for job, keys, emb in embed_jobs(encoder, spec, shards[split], jobs[split],
+                                                     batch_size, prefetch, progress):
+                        writer.write_chunk(split, job.index, keys, emb)
+            else:
+                _embed_on_dask(client, writer, spec, shards, jobs, batch_size, progress)
+    writer.finish()
+    log.info("CLIP cache complete: %s", out)
+    return out
+
+
+def _header(spec: EncoderSpec, identity: dict[str, Any], dtype: str, manifest: dict[str, Any],
+            shards: dict[str, list[Shard]], chunk_size: int) -> dict[str, Any]:
+    """The cache header: everything the stored numbers depend on (see pipeline.clip_cache)."""
+    import open_clip
+
+    device = torch.device(spec.device).type
+    return {
+        "encoder": identity,
+        "dtype": dtype,
+        "compute": {"device": device, "autocast": spec.precision if device == "cuda" else "fp32"},
+        "prepared": {"version_id": version_id(manifest),
+                     "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest()},
+        "software": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        "splits": {s: sum(sh.samples for sh in shards[s]) for s in shards},
+        "chunk_size": chunk_size,
+    }
+
+
+def _embed_on_dask(client: Any, writer: CacheWriter, spec: EncoderSpec,
+                   shards: dict[str, list[Shard]], jobs: dict[str, list[ChunkJob]],
+                   batch_size: int, progress: tqdm) -> None:
+    """Run one task per chunk on the cluster (at most 2 per worker in flight) and write each
+    chunk as it arrives."""
+    from distributed import as_completed
+
+    pending = [j for js in jobs.values() for j in js]
+    limit = 2 * max(1, len(client.scheduler_info().get("workers", {})))
+
+    job_of: dict[str, ChunkJob] = {}
+
+    def submit(job: ChunkJob) -> Any:
+        needed = [s for s in shards[job.split]
+                  if s.first < job.stop and job.start < s.first + s.samples]
+        future = client.submit(embed_chunk_task, spec, needed, job, batch_size, pure=False)
+        job_of[future.key] = job
+        return future
+
+    running = as_completed([submit(pending.pop(0)) for _ in range(min(limit, len(pending)))])
+    for future in running:
+        keys, emb = future.result()
+        job = job_of.pop(future.key)
+        writer.write_chunk(job.split, job.index, keys, emb)
+        progress.update(2 * len(keys))
+        if pending:
+            running.add(submit(pending.pop(0)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m pipeline embed``."""
+    parser.add_argument("--prepared", required=True,
+                        help="prepared dataset folder or fsspec URL (holds manifest.json)")
+    parser.add_argument("--out", default=None,
+                        help="cache path (default PREPARED/clip/<model>-<profile>-<weights>.zarr)")
+    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name")
+    parser.add_argument("--clip-pretrained", default="openai",
+                        help="open_clip tag (downloaded), a local weight file, hf-hub:org/repo,"
+                        " or 'none' for random weights (tests, offline smoke runs)")
+    parser.add_argument("--profile", choices=("salmm", "openclip"), default="salmm",
+                        help="preprocessing: 'salmm' = published (resize to 224, no mean/std),"
+                        " 'openclip' = the model's own transform")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                        help="autocast dtype on CUDA (default fp16, as the published model runs"
+                        " CLIP); CPU always computes in fp32")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="frames per encoder call (each also flipped: 2x images)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="samples per Zarr chunk, the unit of resume")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored dtype")
+    parser.add_argument("--split", action="append", dest="splits", default=None,
+                        help="embed only this split (repeatable; default all)")
+    parser.add_argument("--dask-address", default=None,
+                        help="run one task per chunk on this Dask scheduler (workers need the"
+                        " prepared shards and the weights)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m pipeline embed``: build or finish the cache, log where it is; exit code."""
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise SystemExit("embed: --batch-size and --chunk-size must be at least 1")
+    cuda = torch.device(args.device).type == "cuda"
+    pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
+    spec = EncoderSpec(model=args.clip_model, pretrained=pretrained, profile=args.profile,
+                       device=args.device,
+                       precision=(args.precision or "fp16") if cuda else "fp32")
+    out = embed_prepared(args.prepared, args.out, spec=spec, batch_size=args.batch_size,
+                         chunk_size=args.chunk_size, dtype=args.dtype, splits=args.splits,
+                         dask_address=args.dask_address)
+    log.info("wrote %s", out)
+    return 0
