@@ -394,12 +394,16 @@ def kl_divergence(saliency_map: np.ndarray, label: np.ndarray) -> float:
 
     ``saliency_map`` [h, w] is resized bicubically to ``label`` [H, W]; each non-zero map is
     divided by its sum; ``sum(q * log(eps + q / (p + eps)))`` with MATLAB's ``eps``.
+    NaN if a map is all NaN. A prediction that is negative somewhere (possible only after
+    bicubic enlargement overshoots; the official loop compares equal sizes) also gives NaN
+    here, where MATLAB's ``log`` would return a complex number.
     """
     map2 = _as_map("label", label)
     map1 = _resize_to(_as_map("saliency_map", saliency_map), map2.shape)
     map1 = _distribution(map1, rescale=False)
     map2 = _distribution(map2, rescale=False)
-    return float(np.sum(map2 * np.log(EPS + map2 / (map1 + EPS))))
+    with np.errstate(invalid="ignore"):
+        return float(np.sum(map2 * np.log(EPS + map2 / (map1 + EPS))))
 
 
 # --------------------------------------------------------------------------- evaluation
