@@ -98,7 +98,9 @@ def map_paths(name: str) -> tuple[str, str]:
     return f"{PRED_DIR}/{stem}.mat", f"{LABEL_DIR}/{stem}.mat"
 
 
-def write_frame(root: str | os.PathLike[str], name: str, pred: np.ndarray, label: np.ndarray):
+def write_frame(
+    root: str | os.PathLike[str], name: str, pred: np.ndarray, label: np.ndarray
+) -> None:
     """Write one frame's prediction and label [H, W] under ``root`` (see the module doc)."""
     pred_path, label_path = map_paths(name)
     pred_bytes = _mat_bytes({PRED_VAR: _as_stored_map("prediction", name, pred)})
