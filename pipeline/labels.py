@@ -141,7 +141,8 @@ def gaze_map_label(gray_uint8: np.ndarray, size: tuple[int, int] = LABEL_SIZE) -
         image (saturating), divided by 255. Not renormalised, as in the published loader.
     """
     if gray_uint8.dtype != np.uint8 or gray_uint8.ndim != 2:
-        raise ValueError(f"expected a uint8 [H, W] gaze map, got {gray_uint8.dtype} {gray_uint8.shape}")
+        raise ValueError(
+            f"expected a uint8 [H, W] gaze map, got {gray_uint8.dtype} {gray_uint8.shape}")
     resized = cv2.resize(gray_uint8, size[::-1], interpolation=cv2.INTER_CUBIC)
     return resized.astype(np.float32) / 255.0
 

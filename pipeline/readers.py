@@ -201,7 +201,8 @@ def fixation_points(
     row_col = cell[:, [3, 2]].astype(np.float64)
     finite = np.isfinite(row_col).all(axis=1)
     if not finite.all():
-        raise ValueError(f"{int((~finite).sum())} of {len(cell)} fixations have NaN/inf coordinates")
+        raise ValueError(
+            f"{int((~finite).sum())} of {len(cell)} fixations have NaN/inf coordinates")
     row_col = np.trunc(row_col)
     height, width = source_size
     keep = ((row_col[:, 0] >= 0) & (row_col[:, 0] < height)
@@ -235,7 +236,8 @@ class _FixdataFrames:
     def _video(self, video: int) -> _VideoFixations:
         if video not in self._videos:
             try:
-                self._videos[video] = _VideoFixations.load(self.root / "fixdata" / f"fixdata{video}.mat")
+                path = self.root / "fixdata" / f"fixdata{video}.mat"
+                self._videos[video] = _VideoFixations.load(path)
             except BadInputError as err:
                 self._videos[video] = err
         found = self._videos[video]

@@ -1,5 +1,12 @@
 """Shared fixtures: small raw datasets in the real download layouts, made in temp folders.
 
+* ``synth_dataset`` (session-scoped factory): ``synth_dataset("bdda", videos=3, frames=8,
+  seed=0, mat_format="v5")`` -> root of a synthetic dataset made by :mod:`pipeline.synth`,
+  made once per argument set. Shared: treat it as read-only.
+* ``trafficgaze_root``, ``drfixd_root``, ``bdda_root`` (session): the default 3-video x
+  8-frame synthetic datasets (one video per split, frames 6..8 / 4..8 listed).
+* ``copy_dataset`` (function-scoped): ``copy_dataset(root)`` -> a private writable copy,
+  for tests that damage files.
 * ``tiny_raw`` (function-scoped factory): a minimal hand-written dataset with chosen
   fixdata cells and tiny JPEGs, for tests that need exact control (bad-input cases).
 """
@@ -7,6 +14,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +24,7 @@ from PIL import Image
 
 from pipeline.matfile import write_fixdata
 from pipeline.splits import write_split
+from pipeline.synth import write_dataset
 
 
 def _tiny_jpeg(seed: int, size: tuple[int, int] = (36, 64), gray: bool = False) -> bytes:
@@ -80,3 +89,46 @@ def tiny_raw(tmp_path: Path) -> Callable[..., Path]:
         return write_tiny_dataset(tmp_path / f"{dataset}-{next(counter)}", dataset, cells, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory ``synth_dataset(dataset, *, videos, frames, seed, mat_format)`` -> root."""
+    made: dict[tuple, Path] = {}
+
+    def make(dataset: str, *, videos: int = 3, frames: int = 8, seed: int = 0,
+             mat_format: str = "v5") -> Path:
+        key = (dataset, videos, frames, seed, mat_format)
+        if key not in made:
+            name = f"{dataset}-{videos}x{frames}-{seed}-{mat_format}"
+            out = tmp_path_factory.mktemp("synth") / name
+            made[key] = write_dataset(dataset, out, videos=videos, frames=frames, seed=seed,
+                                      mat_format=mat_format)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trafficgaze_root(synth_dataset: Callable[..., Path]) -> Path:
+    return synth_dataset("trafficgaze")
+
+
+@pytest.fixture(scope="session")
+def drfixd_root(synth_dataset: Callable[..., Path]) -> Path:
+    return synth_dataset("drfixd-rainy")
+
+
+@pytest.fixture(scope="session")
+def bdda_root(synth_dataset: Callable[..., Path]) -> Path:
+    return synth_dataset("bdda")
+
+
+@pytest.fixture
+def copy_dataset(tmp_path: Path) -> Callable[[Path], Path]:
+    """``copy_dataset(root)`` -> a writable copy of a (shared) dataset root in ``tmp_path``."""
+
+    def copy(root: Path) -> Path:
+        return Path(shutil.copytree(root, tmp_path / f"copy-of-{root.name}"))
+
+    return copy

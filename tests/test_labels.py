@@ -1,4 +1,4 @@
-"""Saliency labels: the fast path agrees with the reference, and the reference is the published one."""
+"""Saliency labels: the fast path agrees with the reference; the reference is the published one."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def test_fixdata_round_trip_both_formats(tmp_path, mat_format):
     write_fixdata(path, cells, mat_format)
     loaded = load_fixdata(path)
     assert len(loaded) == len(cells)
-    for got, want in zip(loaded, cells):
+    for got, want in zip(loaded, cells, strict=True):
         if want.size == 0:
             assert got.size == 0
         else:
@@ -293,13 +293,13 @@ def test_root_that_is_not_the_named_dataset(tiny_raw, tmp_path):
 def test_split_file_problems(tiny_raw):
     root = tiny_raw("trafficgaze", {1: [_cell((1, 1))] * 2})
     (root / "valid.json").unlink()
-    with pytest.raises(BadInputError, match="valid.json: missing split file"):
+    with pytest.raises(BadInputError, match=r"valid\.json: missing split file"):
         list(read_frames("trafficgaze", root, "valid"))
     (root / "test.json").write_text('"01/000001.jpg"\n01/000002.jpg\n')
-    with pytest.raises(BadInputError, match="test.json: line 2: expected a JSON string"):
+    with pytest.raises(BadInputError, match=r"test\.json: line 2: expected a JSON string"):
         list(read_frames("trafficgaze", root, "test"))
     write_split(root / "test.json", ["0001/0001.jpg"])
-    with pytest.raises(BadInputError, match="not of the form 'VV/FFFFFF.jpg'"):
+    with pytest.raises(BadInputError, match=r"not of the form 'VV/FFFFFF\.jpg'"):
         list(read_frames("trafficgaze", root, "test", on_bad=lambda err: None))
     with pytest.raises(ValueError):
         list(read_frames("trafficgaze", root, "val"))
