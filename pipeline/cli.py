@@ -27,6 +27,8 @@ log = logging.getLogger("pipeline")
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipeline.synth",
               "write a small SYNTHETIC raw dataset in a real download layout (tests, demos)"),
+    "embed": ("pipeline.embed",
+              "compute the CLIP embedding cache (Zarr) of a prepared dataset, frames and flips"),
 }
 """Command name -> (module providing add_arguments/run, one-line help)."""
 
