@@ -1,0 +1,318 @@
+"""SalM^2 (AAAI 2025): a 76k-parameter saliency Mamba guided by a frozen CLIP embedding.
+
+A faithful re-implementation of the published ``SalMM`` module (attribute names, shapes,
+initialisation and numerics kept, so the authors' checkpoints load key for key):
+
+    frame [B, 3, H, W] --encoder1..3 (conv, GroupNorm, max-pool, GELU)----------> t1, t2, t3
+                       --encoder4..5 (SCPMamba layers, GroupNorm, max-pool, GELU)-> t4, t5
+    t1..t5 --scab (spatial then channel attention bridge)--> skip features
+    t5 --encoder6 (SCPMamba, GELU)--> deepest feature --CrossModelAtt(CLIP embedding)-->
+    --decoder1..3 (SCPMamba) / decoder4..5 (conv), each upsampled 2x and fused with a skip
+    by conv5..conv1 --final 1x1 conv, 2x upsample, sigmoid--> saliency [B, 1, H, W] in (0, 1)
+
+H and W must be multiples of 32. The CLIP image embedding (512-d, ViT-B/32) is either given
+(cached; see :mod:`salmm.clip_encoder` for the preprocessing) or computed inline by an
+attached frozen encoder, the published behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salmm.mamba import Mamba
+
+__all__ = ["CLIP_PREFIX", "CrossModelAtt", "SCPMambaLayer", "SalMM", "build_model"]
+
+CLIP_PREFIX = "CrossModelAtt.model."  # where the published module keeps its frozen CLIP
+
+
+class CrossModelAtt(nn.Module):
+    """Cross-modal attention: query and key from CLIP, value from the deepest image feature.
+
+    With the embedding e [B, 512] viewed as q [B, C, 512/C] (C = 32 channels: [B, 32, 16]),
+    P = q q^T [B, C, C] and out = gamma * ((max_j P_ij - P_ij) @ v) + feature, v = the
+    feature as [B, C, h*w]. ``gamma`` starts at 0, so the block starts as the identity.
+
+    The published code views e as [B, C, h/2, w/2] before flattening, which only fits when
+    h*w/4 = 512/C (a 256x256 input); viewing it as [B, C, 512/C] is the same tensor there and
+    works at any input size. ``model`` is the optional frozen CLIP encoder (published name).
+    """
+
+    def __init__(self, clip: nn.Module | None = None):
+        super().__init__()
+        self.model = clip
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, emb: Tensor, feature: Tensor) -> Tensor:
+        b, c, h, w = feature.shape
+        q = emb.float().reshape(b, c, -1)  # [B, C, 512/C]
+        perception = torch.bmm(q, q.transpose(1, 2))  # [B, C, C]
+        perception = perception.amax(-1, keepdim=True) - perception
+        info = torch.bmm(perception, feature.float().reshape(b, c, h * w))  # [B, C, h*w]
+        return self.gamma * info.reshape(b, c, h, w) + feature
+
+
+class BasicConv2d(nn.Module):
+    """Conv2d followed by ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, **kwargs)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.conv(x))
+
+
+class Inception(nn.Module):
+    """Four parallel branches: 1x1; 1x1 -> 3x3; 1x1 -> 5x5; 3x3 max-pool -> 1x1."""
+
+    def __init__(self, in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj):
+        super().__init__()
+        self.branch1 = BasicConv2d(in_channels, ch1x1, kernel_size=1)
+        self.branch2 = nn.Sequential(
+            BasicConv2d(in_channels, ch3x3red, kernel_size=1),
+            BasicConv2d(ch3x3red, ch3x3, kernel_size=3, padding=1),
+        )
+        self.branch3 = nn.Sequential(
+            BasicConv2d(in_channels, ch5x5red, kernel_size=1),
+            BasicConv2d(ch5x5red, ch5x5, kernel_size=5, padding=2),
+        )
+        self.branch4 = nn.Sequential(
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
+            BasicConv2d(in_channels, pool_proj, kernel_size=1),
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)
+
+
+class SCPMambaLayer(nn.Module):
+    """Inception split into four channel groups, each a bidirectional Mamba over the pixels in
+    raster order (with a LayerNorm before and a learnable skip after), concatenated and
+    LayerNormed. dim_ = (ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj); the four group
+    widths dim_[0], dim_[2], dim_[4], dim_[5] sum to output_dim.
+    """
+
+    def __init__(self, input_dim, output_dim, dim_, d_state=16, d_conv=4, expand=2, backend="auto"):
+        super().__init__()
+        self.input_dim, self.output_dim, self.dim_ = input_dim, output_dim, list(dim_)
+        widths = [dim_[0], dim_[2], dim_[4], dim_[5]]
+        assert sum(widths) == output_dim, f"group widths {widths} must sum to {output_dim}"
+        self.norm = nn.LayerNorm(output_dim)
+        self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(w) for w in widths)
+        self.mamba1, self.mamba2, self.mamba3, self.mamba4 = (
+            Mamba(w, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend) for w in widths
+        )
+        self.skip_scale = nn.Parameter(torch.ones(1))
+        self.Inception = Inception(input_dim, *dim_)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float16:
+            x = x.float()
+        B, C, H, W = x.shape
+        assert C == self.input_dim, f"expected {self.input_dim} channels, got {C}"
+        groups = []
+        branches = self.Inception(x)  # 4 x [B, width_i, H, W]
+        norms = (self.norm1, self.norm2, self.norm3, self.norm4)
+        mambas = (self.mamba1, self.mamba2, self.mamba3, self.mamba4)
+        for branch, norm, mamba in zip(branches, norms, mambas):
+            seq = norm(branch.flatten(2).transpose(1, 2))  # [B, H*W, width_i], raster order
+            groups.append(mamba(seq) + self.skip_scale * seq)
+        out = self.norm(torch.cat(groups, dim=2))  # [B, H*W, output_dim]
+        return out.transpose(1, 2).reshape(B, self.output_dim, H, W)
+
+
+class ChannelAttBridge(nn.Module):
+    """Channel attention shared by the five skip features (published ``split_att='fc'``)."""
+
+    def __init__(self, c_list):
+        super().__init__()
+        c_sum = sum(c_list) - c_list[-1]  # 8 + 12 + 16 + 16 + 24 = 76 pooled channels
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.get_all_att = nn.Conv1d(1, 1, kernel_size=3, padding=1, bias=False)
+        self.att1, self.att2, self.att3, self.att4, self.att5 = (
+            nn.Linear(c_sum, c) for c in c_list[:5]
+        )
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, *ts: Tensor) -> list[Tensor]:
+        att = torch.cat([self.avgpool(t) for t in ts], dim=1)  # [B, 76, 1, 1]
+        att = self.get_all_att(att.squeeze(-1).transpose(-1, -2))  # [B, 1, 76]
+        heads = (self.att1, self.att2, self.att3, self.att4, self.att5)
+        # each head: [B, 1, c_i] -> [B, c_i, 1, 1] broadcast over the map
+        return [
+            self.sigmoid(head(att)).transpose(-1, -2).unsqueeze(-1).expand_as(t)
+            for head, t in zip(heads, ts)
+        ]
+
+
+class SpatialAttBridge(nn.Module):
+    """Spatial attention: one dilated 7x7 conv on [channel mean, channel max] of each map."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared_conv2d = nn.Sequential(
+            nn.Conv2d(2, 1, 7, stride=1, padding=9, dilation=3), nn.Sigmoid()
+        )
+
+    def forward(self, *ts: Tensor) -> list[Tensor]:
+        pooled = [torch.cat([t.mean(1, keepdim=True), t.amax(1, keepdim=True)], 1) for t in ts]
+        return [self.shared_conv2d(p) for p in pooled]  # each [B, 1, h_i, w_i]
+
+
+class SCAttBridge(nn.Module):
+    """Spatial attention (residual), then channel attention, plus the spatial-attended map."""
+
+    def __init__(self, c_list):
+        super().__init__()
+        self.catt = ChannelAttBridge(c_list)
+        self.satt = SpatialAttBridge()
+
+    def forward(self, *ts: Tensor) -> list[Tensor]:
+        s_att = [a * t for a, t in zip(self.satt(*ts), ts)]
+        mixed = [s + t for s, t in zip(s_att, ts)]
+        c_att = self.catt(*mixed)
+        return [a * m + s for a, m, s in zip(c_att, mixed, s_att)]
+
+
+def _drop_clip_weights(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + CLIP_PREFIX)]:
+        del state_dict[key]
+
+
+def _clip_weights_not_required(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if CLIP_PREFIX not in k]
+
+
+class SalMM(nn.Module):
+    """The SalM^2 network. forward(frames [B, 3, H, W] in [0, 1], emb [B, 512] or None)
+    -> saliency [B, 1, H, W] in (0, 1). H, W multiples of 32 (published: 256 x 256).
+
+    clip: optional frozen encoder (``salmm.clip_encoder.ClipEncoder``) used when ``emb`` is
+    None; it is stored at ``CrossModelAtt.model`` as published and is not trainable. The
+    state_dict leaves it out (as the authors' released "incomplete" checkpoints do) and
+    load_state_dict does not ask for it: the encoder is named by its ``identity`` instead.
+    backend: Mamba backend for every block ("auto", "torch" or "cuda").
+    """
+
+    def __init__(
+        self,
+        num_classes=1,
+        input_channels=3,
+        c_list=(8, 12, 16, 16, 24, 32),
+        clip: nn.Module | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        c = list(c_list)
+
+        def scpm(cin, cout, dims):
+            return nn.Sequential(SCPMambaLayer(cin, cout, dims, backend=backend))
+
+        def conv3(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=1, padding=1))
+
+        self.encoder1 = conv3(input_channels, c[0])
+        self.encoder2 = conv3(c[0], c[1])
+        self.encoder3 = conv3(c[1], c[2])
+        self.encoder4 = scpm(c[2], c[3], [6, 2, 4, 4, 2, 4])
+        self.encoder5 = scpm(c[3], c[4], [9, 3, 6, 6, 3, 6])
+        self.encoder6 = scpm(c[4], c[5], [12, 4, 8, 8, 4, 8])
+        self.scab = SCAttBridge(c)
+        self.decoder1 = scpm(c[5], c[4], [9, 3, 6, 6, 3, 6])
+        self.decoder2 = scpm(c[4], c[3], [6, 2, 4, 4, 2, 4])
+        self.decoder3 = scpm(c[3], c[2], [6, 2, 4, 4, 2, 4])
+        self.decoder4 = conv3(c[2], c[1])
+        self.decoder5 = conv3(c[1], c[0])
+        self.ebn1, self.ebn2, self.ebn3, self.ebn4, self.ebn5 = (nn.GroupNorm(4, k) for k in c[:5])
+        self.dbn1, self.dbn2, self.dbn3, self.dbn4, self.dbn5 = (
+            nn.GroupNorm(4, k) for k in (c[4], c[3], c[2], c[1], c[0])
+        )
+        self.final = nn.Conv2d(c[0], num_classes, kernel_size=1)
+        self.apply(self._init_weights)  # as published: before CrossModelAtt and conv1..5,
+        self.CrossModelAtt = CrossModelAtt(clip)  # which keep PyTorch's default init
+        self.conv5 = nn.Conv2d(48, 24, kernel_size=3, padding=1)
+        self.conv4 = nn.Conv2d(32, 16, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(32, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(24, 12, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(16, 8, kernel_size=3, padding=1)
+        self.register_state_dict_post_hook(_drop_clip_weights)
+        self.register_load_state_dict_post_hook(_clip_weights_not_required)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Published init. Note it re-initialises every Linear, including Mamba's dt_proj:
+        its bias (the dt bias) ends at 0 - the ``_no_reinit`` flag is not consulted."""
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv1d):  # Mamba's depthwise convs and get_all_att; bias kept
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.out_channels)))
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        if emb is None:
+            if self.CrossModelAtt.model is None:
+                raise ValueError("SalMM.forward needs `emb` [B, 512] or a model built with clip=")
+            emb = self.CrossModelAtt.model.encode(x)  # [B, 512], frozen, no grad
+
+        def down(conv, norm, inp):  # conv, GroupNorm, 2x2 max-pool, GELU
+            return F.gelu(F.max_pool2d(norm(conv(inp)), 2, 2))
+
+        def up(block, norm, inp):  # block, GroupNorm, 2x bilinear upsample, GELU
+            out = F.interpolate(
+                norm(block(inp)), scale_factor=2, mode="bilinear", align_corners=True
+            )
+            return F.gelu(out)
+
+        t1 = down(self.encoder1, self.ebn1, x)  # [B, 8, H/2, W/2]
+        t2 = down(self.encoder2, self.ebn2, t1)  # [B, 12, H/4, W/4]
+        t3 = down(self.encoder3, self.ebn3, t2)  # [B, 16, H/8, W/8]
+        t4 = down(self.encoder4, self.ebn4, t3)  # [B, 16, H/16, W/16]  (Mamba on H/8 x W/8)
+        t5 = down(self.encoder5, self.ebn5, t4)  # [B, 24, H/32, W/32]
+        out = F.gelu(self.encoder6(t5))  # [B, 32, H/32, W/32]
+        t1, t2, t3, t4, t5 = self.scab(t1, t2, t3, t4, t5)  # same shapes, attention-weighted
+
+        out = self.CrossModelAtt(emb, out)  # [B, 32, H/32, W/32]
+
+        out5 = F.gelu(self.dbn1(self.decoder1(out)))  # [B, 24, H/32, W/32]
+        out5 = self.conv5(torch.cat([out5, t5], dim=1))  # [B, 48 -> 24, H/32, W/32]
+        out4 = up(self.decoder2, self.dbn2, out5)  # [B, 16, H/16, W/16]
+        out4 = self.conv4(torch.cat([out4, t4], dim=1))  # [B, 32 -> 16, H/16, W/16]
+        out3 = up(self.decoder3, self.dbn3, out4)  # [B, 16, H/8, W/8]
+        out3 = self.conv3(torch.cat([out3, t3], dim=1))  # [B, 32 -> 16, H/8, W/8]
+        out2 = up(self.decoder4, self.dbn4, out3)  # [B, 12, H/4, W/4]
+        out2 = self.conv2(torch.cat([out2, t2], dim=1))  # [B, 24 -> 12, H/4, W/4]
+        out1 = up(self.decoder5, self.dbn5, out2)  # [B, 8, H/2, W/2]
+        out1 = self.conv1(torch.cat([out1, t1], dim=1))  # [B, 16 -> 8, H/2, W/2]
+        out0 = F.interpolate(self.final(out1), scale_factor=2, mode="bilinear", align_corners=True)
+        return torch.sigmoid(out0)  # [B, 1, H, W]
+
+
+def build_model(
+    cached_clip: bool = True,
+    clip_model: str = "ViT-B-32",
+    clip_pretrained: str | None = "openai",
+    profile: str = "salmm",
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+) -> SalMM:
+    """SalMM on ``device``: fed cached embeddings, or (cached_clip=False) with its own frozen
+    CLIP encoder from :func:`salmm.clip_encoder.build_clip_encoder`."""
+    clip = None
+    if not cached_clip:
+        from salmm.clip_encoder import build_clip_encoder
+
+        clip = build_clip_encoder(clip_model, clip_pretrained, profile=profile, device=device)
+    return SalMM(clip=clip, backend=backend).to(device)
