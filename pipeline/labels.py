@@ -85,7 +85,10 @@ def fixation_label(
     flat = np.unique(points[:, 0].astype(np.int64) * source_size[1] + points[:, 1])
     rows, cols = np.divmod(flat, source_size[1])
     m_rows, m_cols = label_operators(tuple(source_size), tuple(size))
-    label = m_rows[:, rows] @ m_cols[:, cols].T
+    # OpenCV's gemm, not numpy's BLAS: for these small products a multi-threaded BLAS loses
+    # far more to thread hand-offs than it gains, and stalls badly on a loaded machine.
+    label = cv2.gemm(np.ascontiguousarray(m_rows[:, rows]), np.ascontiguousarray(m_cols[:, cols]),
+                     1.0, None, 0.0, flags=cv2.GEMM_2_T)
     low = label.min()
     label -= low
     label *= 1.0 / (label.max())
@@ -107,7 +110,7 @@ def label_operators(
     m_rows = _resize_operator(src_h, out_h) @ _blur_operator(src_h)
     m_cols = _resize_operator(src_w, out_w) @ _blur_operator(src_w)
     # float32 halves the product's cost at ~1e-6 error after normalisation; Fortran order
-    # makes the column gathering in fixation_label contiguous.
+    # makes gathering the points' columns in fixation_label a copy of contiguous blocks.
     m_rows = np.asfortranarray(m_rows, dtype=np.float32)
     m_cols = np.asfortranarray(m_cols, dtype=np.float32)
     m_rows.flags.writeable = m_cols.flags.writeable = False
