@@ -1,0 +1,133 @@
+"""The prepare flow: configuration, plain-function (ephemeral) mode, and the real served deployments.
+
+The served test starts a real Prefect server on loopback and ``python -m flows.serve``, runs
+``prefect deployment run prepare/bdda --watch`` exactly as a user would, and stops everything it
+started by process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from flows.config import deployment_parameters
+from flows.local import local_services
+from pipeline.clip_cache import open_cache
+from pipeline.errors import BadInputError
+from pipeline.manifest import read_manifest, version_id
+from pipeline.splits import read_split
+from pipeline.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clean_env(tmp_path: Path):
+    """No PREFECT_*/SALMM_* settings from the developer's shell leak into a test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SALMM_"))}
+    with mock.patch.dict(os.environ, env, clear=True):
+        yield
+
+
+def test_deployment_defaults_come_from_config_file_and_environment(tmp_path: Path, clean_env) -> None:
+    config = tmp_path / "flows.toml"
+    config.write_text('data_root = "/data/gaze"\nclip_pretrained = "/models/vit.pt"\n'
+                      '[bdda]\nroot = "/mnt/bdda"\n')
+    os.environ["SALMM_CONFIG"] = str(config)
+    os.environ["SALMM_PREPARED_ROOT"] = "/fast/prepared"
+    bdda = deployment_parameters("bdda")
+    assert bdda["root"] == "/mnt/bdda"
+    assert bdda["out"] == "/fast/prepared/bdda"
+    assert bdda["clip_pretrained"] == "/models/vit.pt"
+    traffic = deployment_parameters("trafficgaze")
+    assert traffic["root"] == "/data/gaze/TrafficGaze"
+    assert traffic["dataset"] == "trafficgaze"
+
+
+def test_unknown_config_key_is_refused_naming_the_file(tmp_path: Path, clean_env) -> None:
+    config = tmp_path / "flows.toml"
+    config.write_text('data_rot = "/typo"\n')
+    os.environ["SALMM_CONFIG"] = str(config)
+    with pytest.raises(BadInputError, match=r"flows\.toml: unknown setting\(s\) data_rot"):
+        deployment_parameters("bdda")
+
+
+def _corrupt_first_test_frame(root: Path) -> str:
+    name = read_split(root / "test.json")[0]
+    frame = root / "camera_frames" / name
+    frame.write_bytes(frame.read_bytes()[:200])
+    return name
+
+
+def _run_deployment(env: dict[str, str], *params: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "prefect", "deployment", "run", "prepare/bdda", "--watch"]
+    for param in params:
+        cmd += ["--param", param]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
+
+
+def _flow_run_id(output: str) -> str:
+    found = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+    assert found, output
+    return found.group(1)
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_and_fails_cleanly(tmp_path: Path, synth_dataset, clean_env) -> None:
+    raw = Path(shutil.copytree(synth_dataset("bdda", videos=3, frames=4), tmp_path / "BDDA"))
+    config = tmp_path / "flows.toml"
+    config.write_text(f'data_root = "{tmp_path}"\nprepared_root = "{tmp_path / "prepared"}"\n'
+                      'clip_pretrained = "none"\nsize = "64x64"\nworkers = 1\n')
+    os.environ["SALMM_CONFIG"] = str(config)
+    out = tmp_path / "prepared" / "bdda"
+
+    with local_services(home=tmp_path / "prefect", port=4311) as services:
+        run = _run_deployment(services.env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "Completed" in run.stdout
+
+        assert verify(str(out)) == []
+        manifest = read_manifest(str(out))
+        published = json.loads((out / "published.json").read_text())
+        assert published["version_id"] == version_id(manifest)
+        cache = open_cache(published["cache"]["path"], str(out))
+        assert cache.identity["prepared"]["version_id"] == version_id(manifest)
+        artifact = subprocess.run([sys.executable, "-m", "prefect", "artifact", "inspect", "prepare-bdda"],
+                                  env=services.env, capture_output=True, text=True)
+        assert published["version_id"] in artifact.stdout
+
+        bad_root = Path(shutil.copytree(raw, tmp_path / "BDDA-bad"))
+        bad_name = _corrupt_first_test_frame(bad_root)
+        failed = _run_deployment(services.env, f"root={bad_root}", f"out={tmp_path / 'prepared-bad'}")
+        assert failed.returncode != 0
+        assert "Failed" in failed.stdout + failed.stderr
+        logs = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "logs",
+                               _flow_run_id(failed.stdout)],
+                              env=services.env, capture_output=True, text=True)
+        reason = [line for line in logs.stdout.splitlines() if bad_name in line]
+        assert reason, logs.stdout
+        assert not (tmp_path / "prepared-bad" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_flow_as_plain_function_is_idempotent(tmp_path: Path, synth_dataset, clean_env) -> None:
+    from flows.prepare import prepare
+
+    os.environ["PREFECT_HOME"] = str(tmp_path / "prefect")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    raw = synth_dataset("bdda", videos=3, frames=4)
+    out = tmp_path / "bdda"
+    first = prepare("bdda", str(raw), str(out), size="64x64", clip_pretrained="none", workers=1)
+    shards = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    again = prepare("bdda", str(raw), str(out), size="64x64", clip_pretrained="none", workers=1)
+    assert again["version_id"] == first["version_id"] == version_id(read_manifest(str(out)))
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == shards
+    assert sum(first["samples"].values()) > 0
