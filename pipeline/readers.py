@@ -134,6 +134,9 @@ def read_frames(
 ) -> Iterator[Frame]:
     """Frames of one split, in split-file order.
 
+    The layout, the split file and its entries are checked when this is called; each frame's
+    files are checked as it is yielded.
+
     Args:
         dataset: one of :data:`DATASETS`.
         root: the dataset root (holds ``train.json`` etc.).
@@ -154,16 +157,25 @@ def read_frames(
         log.warning("%s: SYNTHETIC %s dataset (generated, not real recordings; see %s)",
                     root, DISPLAY_NAMES[dataset], SYNTHETIC_MARKER)
     list_file = split_path(root, split)
-    names = read_split(list_file)
     pattern, form = _NAME_FORM[dataset]
-    make = _BddaFrames(root, split) if dataset == "bdda" else _FixdataFrames(dataset, root, split)
-    for name in names:
+    entries = []
+    for name in read_split(list_file):
         match = pattern.fullmatch(name)
         if match is None:
             raise BadInputError(list_file, f"entry {name!r} is not of the form {form!r}")
-        video, number = int(match[1]), int(match[2])
-        if number == 0:
+        if int(match[2]) == 0:
             raise BadInputError(list_file, f"entry {name!r}: frames are numbered from 1")
+        entries.append((name, int(match[1]), int(match[2])))
+    make = _BddaFrames(root, split) if dataset == "bdda" else _FixdataFrames(dataset, root, split)
+    return _frames(entries, make, on_bad)
+
+
+def _frames(
+    entries: list[tuple[str, int, int]],
+    make: Callable[[str, int, int], Frame],
+    on_bad: Callable[[BadInputError], None] | None,
+) -> Iterator[Frame]:
+    for name, video, number in entries:
         try:
             frame = make(name, video, number)
         except BadInputError as err:

@@ -28,8 +28,9 @@ What is imitated, and how:
   6 (TrafficGaze, DrFixD-rainy) or 4 (BDDA) as in the released lists. TrafficGaze
   videos are 01, 02, ...; BDDA videos are sparse 4-digit numbers.
 
-The output depends only on the arguments: the same seed gives the same bytes. The root
-is built under a temporary name and renamed into place when complete.
+The output depends only on the arguments: the same seed gives the same bytes (given the
+same NumPy, OpenCV, Pillow, SciPy and h5py versions). The root is built under a temporary
+name and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ class _Scene:
 
     def __init__(self, rng: np.random.Generator, *, rainy: bool, city: bool) -> None:
         height, width = FRAME_SIZE
-        self.rng, self.rainy = rng, rainy
+        self.rainy = rainy
         self.horizon = float(rng.uniform(0.40, 0.46) * height)
         self.sway = (rng.uniform(15, 45), rng.uniform(80, 200), rng.uniform(0, 2 * math.pi))
         self.pad = 64  # background is wider than the frame so it can pan with the sway
@@ -450,6 +451,7 @@ class _Scene:
         dark = cv2.add(dark, cv2.merge([streaks, streaks, streaks]))
         blurred = cv2.blur(dark, (25, 25))
         return cv2.blendLinear(dark, blurred, 1 - self.drops, self.drops)
+
 
 def _draw_vehicle(image: np.ndarray, vehicle: _Vehicle, x: float, y: float, scale: float) -> None:
     """A car seen from behind, bottom centre at (x, y), ``scale`` pixels per metre."""

@@ -294,7 +294,7 @@ def test_split_file_problems(tiny_raw):
     root = tiny_raw("trafficgaze", {1: [_cell((1, 1))] * 2})
     (root / "valid.json").unlink()
     with pytest.raises(BadInputError, match=r"valid\.json: missing split file"):
-        list(read_frames("trafficgaze", root, "valid"))
+        read_frames("trafficgaze", root, "valid")  # raised on the call, before iterating
     (root / "test.json").write_text('"01/000001.jpg"\n01/000002.jpg\n')
     with pytest.raises(BadInputError, match=r"test\.json: line 2: expected a JSON string"):
         list(read_frames("trafficgaze", root, "test"))
