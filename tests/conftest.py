@@ -51,7 +51,8 @@ def write_tiny_dataset(
         dataset: "trafficgaze", "drfixd-rainy" or "bdda".
         cells: TrafficGaze/DrFixD: fixdata cells per video (frames default to one per cell).
         frames: frames per video (BDDA; or to override the cell count).
-        splits: videos per split; default ``{"train": [first video], "valid": [], "test": []}``.
+        splits: videos per split; default: the first video in train, the second in valid,
+            the rest in test.
         mat_format: "v5" or "v7.3".
     """
     cells = cells or {}
