@@ -27,6 +27,10 @@ log = logging.getLogger("pipeline")
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipeline.synth",
               "write a small SYNTHETIC raw dataset in a real download layout (tests, demos)"),
+    "normalize": ("pipeline.normalize",
+                  "turn a raw dataset into deterministic WebDataset shards + a versioned manifest"),
+    "verify": ("pipeline.verify",
+               "re-hash a prepared dataset against its manifest; say OK or what differs"),
     "embed": ("pipeline.embed",
               "compute the CLIP embedding cache (Zarr) of a prepared dataset, frames and flips"),
 }

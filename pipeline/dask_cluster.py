@@ -55,8 +55,11 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
     n = workers or usable_cores()
     if n < 1:
         raise ValueError(f"workers must be at least 1, got {n}")
+    # No dashboard; the scheduler's small HTTP server (health checks) takes any free port
+    # instead of 8787, which another cluster on the machine may hold.
     with (LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                       dashboard_address=None, silence_logs=logging.ERROR) as cluster,
+                       dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                       silence_logs=logging.ERROR) as cluster,
           Client(cluster) as client):
         log.info("started a local Dask cluster: %d worker processes", n)
         yield client

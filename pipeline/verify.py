@@ -13,6 +13,8 @@ Checks, and reports each difference as one line:
 
 from __future__ import annotations
 
+import argparse
+import logging
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,8 @@ from pipeline.splits import SPLITS
 
 _SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
 HASH_THREADS = 4
+
+log = logging.getLogger(__name__)
 
 
 def verify(prepared: str, *, progress: bool = False) -> list[str]:
@@ -85,3 +89,24 @@ def _check_shard(folder: Folder, shard: dict[str, Any]) -> list[str]:
     if samples != shard["samples"]:
         return [f"{detail} ({samples} samples, the manifest says {shard['samples']})"]
     return [f"{detail} (same {samples} samples, content changed)"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m pipeline verify``."""
+    parser.add_argument("prepared", help="prepared folder (local path or fsspec URL)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m pipeline verify``: 0 and "OK" if intact, else each difference logged and 2."""
+    problems = verify(args.prepared, progress=True)
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        log.error("%s: %d difference(s) from its manifest", args.prepared, len(problems))
+        return 2
+    manifest = read_manifest(args.prepared)
+    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+    samples = sum(s["samples"] for s in manifest["splits"].values())
+    log.info("%s: OK, version %s, %d shards, %d samples", args.prepared, manifest["version_id"],
+             shards, samples)
+    return 0

@@ -24,6 +24,7 @@ def test_local_cluster_has_single_threaded_worker_processes():
 
 def test_existing_cluster_is_used_and_left_running():
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": ":0"},
                       silence_logs=logging.ERROR) as cluster:
         with dask_client(address=cluster.scheduler_address) as client:
             assert client.submit(sum, [1, 2, 3]).result() == 6

@@ -1,0 +1,204 @@
+"""Per-core speed of normalize's per-frame work against the published loader's per-sample work.
+
+Run: ``python bench/prepare.py [--frames 40] [--repeats 3] [--fixdata-cells 4680] [--cluster]``
+
+Both sides run in this one process, single-threaded (``cv2.setNumThreads(1)``), on the same
+synthetic 1280x720 frames written by ``pipeline.synth``, and the figure is frames per second on
+one core:
+
+* **published loader** — what the SalM² training loader does for every sample, every epoch:
+  ``imageio.imread`` + ``cv2.resize(INTER_CUBIC)`` of the frame, and the label: TrafficGaze:
+  load the video's whole ``fixdata`` .mat, paint the fixations, 720x1280
+  ``gaussian_filter(sigma=40)``, cubic resize, min-max (``labels.fixation_label_reference``);
+  BDDA: ``cv2.imread(gray)`` + cubic resize + /255.
+* **baseline** (the ratios' denominator) — the straightforward per-frame normalize: the
+  published loader's work, then the same JPEG / 16-bit PNG encoders as normalize.
+* **normalize** — ``pipeline.normalize.prepare_frame``: sha256 of the raw files, decode, cubic
+  resize, fast label, JPEG + 16-bit PNG + npy + json encoding of the sample. (Reading the
+  fixdata file is done once per video when planning, not per frame.)
+* **every later epoch** — decoding one prepared sample (256x256 JPEG + 16-bit PNG label), which
+  is what training does per sample once the data is prepared.
+* **normalize --profile fast** — the same with the JPEG decoder downscaling (DCT scaling), with
+  its mean / max absolute pixel error against the faithful path on the prepared 256x256 frame
+  (and label, for BDDA), in grey levels.
+
+``--fixdata-cells``: real TrafficGaze fixdata files hold one cell per frame of the video
+(74,870 frames over 16 videos: ~4,680 cells each); the synthetic ones are padded to that many
+cells so the baseline's per-sample ``loadmat`` costs what it costs on the real files.
+``--cluster`` also times the whole ``normalize`` command on a local Dask cluster (all cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one core per side, as Dask's single-threaded workers do
+
+import argparse
+import io
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import imageio.v2 as imageio
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import labels, synth
+from pipeline.matfile import load_fixdata, write_fixdata
+from pipeline.normalize import Options, normalize, prepare_frame
+from pipeline.readers import fixation_points, read_frames
+from pipeline.shards import decode_label_png, encode_jpeg, encode_label_png
+
+log = logging.getLogger("bench.prepare")
+SIZE = (256, 256)
+
+
+def loader_trafficgaze(frame) -> tuple[np.ndarray, np.ndarray]:
+    """The published loader's per-sample work for a TrafficGaze frame: uint8 [256, 256, 3]
+    resized frame, float32 [256, 256] label."""
+    image = imageio.imread(frame.image_path)
+    image = cv2.resize(image, SIZE[::-1], interpolation=cv2.INTER_CUBIC)
+    cells = load_fixdata(frame.image_path.parents[2] / "fixdata" / f"fixdata{frame.video}.mat")
+    points, _ = fixation_points(cells[frame.frame - 1])
+    return image, labels.fixation_label_reference(points, SIZE)
+
+
+def loader_bdda(frame) -> tuple[np.ndarray, np.ndarray]:
+    """The published loader's per-sample work for a BDDA frame (same outputs)."""
+    image = imageio.imread(frame.image_path)
+    image = cv2.resize(image, SIZE[::-1], interpolation=cv2.INTER_CUBIC)
+    gray = cv2.imread(str(frame.gaze_map_path), cv2.IMREAD_GRAYSCALE)
+    gray = cv2.resize(gray, SIZE[::-1], interpolation=cv2.INTER_CUBIC)
+    return image, gray.astype(np.float32) / 255
+
+
+def straightforward(loader):
+    """The straightforward per-frame normalize: the loader's work, then the same encoders."""
+    def work(frame) -> tuple[bytes, bytes]:
+        image, label = loader(frame)
+        return encode_jpeg(image), encode_label_png(label)
+    return work
+
+
+def frames_per_s(works: dict, items: dict, repeats: int) -> dict[str, float]:
+    """{name: median frames/s} of ``works[name](item)`` over ``items[name]``, one warm-up each.
+
+    The variants take turns within every repeat, so a change in machine load hits them alike.
+    """
+    for name, work in works.items():
+        work(items[name][0])
+    rates: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            start = time.perf_counter()
+            for item in items[name]:
+                work(item)
+            rates[name].append(len(items[name]) / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def read_prepared(sample) -> tuple[np.ndarray, np.ndarray]:
+    """What training does per sample once the data is prepared: decode the 256x256 frame and
+    the 16-bit label."""
+    with Image.open(io.BytesIO(sample["jpg"])) as image:
+        rgb = np.asarray(image).astype(np.float32) / 255
+    return rgb, decode_label_png(sample["saliency.png"])
+
+
+def pixel_error(frames, root: Path) -> dict[str, tuple[float, float]]:
+    """Mean / max |fast - faithful| in grey levels of the prepared jpg (and saliency) fields."""
+    errors: dict[str, list[np.ndarray]] = {"jpg": [], "saliency.png": []}
+    for frame in frames:
+        faithful = prepare_frame(frame, root, Options(SIZE)).sample
+        fast = prepare_frame(frame, root, Options(SIZE, profile="fast")).sample
+        errors["jpg"].append(np.abs(_jpg(faithful) - _jpg(fast)))
+        errors["saliency.png"].append(
+            np.abs(decode_label_png(faithful["saliency.png"])
+                   - decode_label_png(fast["saliency.png"])) * 255)
+    return {k: (float(np.mean(v)), float(np.max(v))) for k, v in errors.items()}
+
+
+def _jpg(sample) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR).astype(np.float64)
+
+
+def pad_fixdata(root: Path, cells: int) -> None:
+    """Pad every fixdata file of a synthetic root with empty cells up to ``cells`` cells."""
+    for path in sorted((root / "fixdata").glob("fixdata*.mat")):
+        existing = load_fixdata(path)
+        write_fixdata(path, list(existing) + [np.zeros((0, 4))] * max(0, cells - len(existing)))
+
+
+def bench_dataset(dataset: str, root: Path, args: argparse.Namespace) -> None:
+    frames = [f for split in ("train", "valid", "test") if (root / f"{split}.json").exists()
+              for f in read_frames(dataset, root, split)][: args.frames]
+    loader = loader_bdda if dataset == "bdda" else loader_trafficgaze
+    error = pixel_error(frames[: min(10, len(frames))], root)
+    prepared = [prepare_frame(f, root, Options(SIZE)).sample for f in frames]
+    rate = frames_per_s({
+        "loader": loader,
+        "baseline": straightforward(loader),
+        "faithful": lambda f: prepare_frame(f, root, Options(SIZE)),
+        "fast": lambda f: prepare_frame(f, root, Options(SIZE, profile="fast")),
+        "read": read_prepared,
+    }, {"loader": frames, "baseline": frames, "faithful": frames, "fast": frames,
+        "read": prepared}, args.repeats)
+    log.info("%s, %d frames of 1280x720, one core:", dataset, len(frames))
+    log.info("  published loader, per sample per epoch   %7.1f frames/s", rate["loader"])
+    log.info("  baseline: loader work + encoding         %7.1f frames/s    1.0x", rate["baseline"])
+    log.info("  normalize (faithful)                     %7.1f frames/s   %5.1fx", rate["faithful"],
+             rate["faithful"] / rate["baseline"])
+    log.info("  normalize --profile fast                 %7.1f frames/s   %5.1fx   vs faithful:"
+             " jpg mean %.2f max %.0f grey levels; label mean %.3f max %.2f (x255)",
+             rate["fast"], rate["fast"] / rate["baseline"], *error["jpg"],
+             *error["saliency.png"])
+    log.info("  later epochs: decode a prepared sample   %7.1f frames/s   (%.1fx the loader)",
+             rate["read"], rate["read"] / rate["loader"])
+
+
+def bench_cluster(dataset: str, root: Path, work: Path) -> None:
+    start = time.perf_counter()
+    result = normalize(dataset, root, str(work / f"{dataset}-prepared"), shard_size=64,
+                       progress=False)
+    elapsed = time.perf_counter() - start
+    total = sum(result["samples"].values())
+    log.info("  whole normalize command, local Dask cluster: %d frames in %.1f s = %.1f frames/s"
+             " (cluster start-up included)", total, elapsed, total / elapsed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=40, help="frames per dataset")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fixdata-cells", type=int, default=4680,
+                        help="pad fixdata files to this many cells (real: ~4680 per video)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also time the whole normalize command on a local Dask cluster")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("pipeline", "distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for dataset in ("trafficgaze", "bdda"):
+            per_video = max(8, -(-args.frames // 2))
+            root = synth.write_dataset(dataset, work / dataset, videos=2, frames=per_video + 5)
+            if dataset != "bdda":
+                pad_fixdata(root, args.fixdata_cells)
+            bench_dataset(dataset, root, args)
+            if args.cluster:
+                bench_cluster(dataset, root, work)
+        log.info("goal: >= 10x on TrafficGaze-format input, >= 1.5x on BDDA-format input")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""normalize: raw dataset → deterministic shards + manifest, on Dask; resume; bad frames."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tiny_dataset
+from distributed import LocalCluster
+from PIL import Image
+
+from pipeline.errors import BadInputError
+from pipeline.images import decode_gray, decode_rgb
+from pipeline.labels import fixation_label_reference, gaze_map_label
+from pipeline.manifest import INPUTS, MANIFEST, RUN, read_manifest, shard_urls, version_id
+from pipeline.normalize import normalize
+from pipeline.readers import read_frames
+from pipeline.shards import decode_label_png, decode_npy, iter_tar
+from pipeline.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cells(seed: int, frames: int = 6) -> list[np.ndarray]:
+    """fixdata cells: a few fixations per frame (x in column 3, y in column 4), one out of frame."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for _ in range(frames):
+        n = int(rng.integers(1, 6))
+        cell = np.zeros((n + 1, 4))
+        cell[:n, 2] = rng.uniform(1, 1280, n)
+        cell[:n, 3] = rng.uniform(1, 720, n)
+        cell[n] = [0, 0, 5000, 5000]
+        cells.append(cell)
+    return cells
+
+
+def make_trafficgaze(root: Path, frames: int = 6) -> Path:
+    """2 videos x ``frames`` frames: video 1 is train, video 2 valid, test empty."""
+    return write_tiny_dataset(root, "trafficgaze", {1: _cells(1, frames), 2: _cells(2, frames)},
+                              splits={"train": [1], "valid": [2], "test": []})
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """Every versioned file of a prepared folder (run.json is run facts, not versioned)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != RUN}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """An already-running in-process Dask cluster, used through its address."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                      silence_logs=logging.ERROR) as local:
+        yield local.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def tg_root(tmp_path_factory) -> Path:
+    return make_trafficgaze(tmp_path_factory.mktemp("raw") / "tg")
+
+
+def run(root, out, address, **kwargs):
+    return normalize("trafficgaze", root, str(out), shard_size=4, dask_address=address,
+                     progress=False, **kwargs)
+
+
+def test_one_and_two_worker_processes_give_identical_bytes(tg_root, tmp_path):
+    one = normalize("trafficgaze", tg_root, str(tmp_path / "one"), shard_size=4, workers=1,
+                    progress=False)
+    two = normalize("trafficgaze", tg_root, str(tmp_path / "two"), shard_size=4, workers=2,
+                    progress=False)
+    assert one["version_id"] == two["version_id"]
+    first, second = outputs(tmp_path / "one"), outputs(tmp_path / "two")
+    assert list(first) == [INPUTS, MANIFEST, "train-000000.tar", "train-000001.tar",
+                           "valid-000000.tar", "valid-000001.tar"]  # test split: empty
+    assert first == second
+    assert not (tmp_path / "one" / ".progress").exists()
+
+
+def test_samples_hold_the_published_frame_label_and_fixations(tg_root, tmp_path, cluster):
+    result = run(tg_root, tmp_path, cluster)
+    manifest = read_manifest(str(tmp_path))
+    assert result["version_id"] == manifest["version_id"] == version_id(manifest)
+    assert result["samples"] == {"train": 6, "valid": 6, "test": 0}
+    train = manifest["splits"]["train"]
+    assert [s["samples"] for s in train["shards"]] == [4, 2] and train["entries"] == 6
+    frames = list(read_frames("trafficgaze", tg_root, "train"))
+    samples = []
+    for url in shard_urls(str(tmp_path), manifest, "train"):
+        with open(url, "rb") as f:
+            samples.extend(iter_tar(f))
+    assert [s["__key__"] for s in samples] == [f"v0001_f{i:06d}" for i in range(1, 7)]
+    for frame, sample in zip(frames, samples):
+        assert set(sample) == {"__key__", "jpg", "saliency.png", "fixations.npy", "json"}
+        with Image.open(io.BytesIO(sample["jpg"])) as im:
+            assert im.size == (256, 256) and im.mode == "RGB"
+            jpg = np.asarray(im).astype(int)
+        import cv2
+        want = cv2.resize(decode_rgb(frame.image_path), (256, 256), interpolation=cv2.INTER_CUBIC)
+        assert np.abs(jpg - want).mean() < 3  # q95 JPEG of the loader's resized frame
+        label = decode_label_png(sample["saliency.png"])
+        reference = fixation_label_reference(frame.fixations)
+        assert np.abs(label - reference).max() < 1e-4
+        points = decode_npy(sample["fixations.npy"])
+        assert points.dtype == np.int32 and np.array_equal(points, frame.fixations)
+        meta = json.loads(sample["json"])
+        assert meta == {"dataset": "trafficgaze", "split": "train", "video": 1,
+                        "frame": frame.frame, "name": frame.name, "source_size": [720, 1280],
+                        "image_size": [36, 64],
+                        "files": {"image": f"trafficframe/{frame.name}",
+                                  "fixdata": "fixdata/fixdata1.mat"}}
+    inputs = [json.loads(line) for line in (tmp_path / INPUTS).read_text().splitlines()]
+    assert inputs[0]["path"] == "trafficframe/01/000001.jpg"
+    assert inputs[0]["size"] == (tg_root / "trafficframe/01/000001.jpg").stat().st_size
+    assert set(manifest["inputs"]["fixdata"]) == {"fixdata/fixdata1.mat", "fixdata/fixdata2.mat"}
+    text = (tmp_path / MANIFEST).read_text()
+    assert str(tg_root) not in text and os.uname().nodename not in text
+    assert json.loads((tmp_path / RUN).read_text())["root"] == str(tg_root)
+
+
+def test_one_changed_frame_or_option_changes_the_version(tmp_path, cluster):
+    root = make_trafficgaze(tmp_path / "tg")
+    base = run(root, tmp_path / "a", cluster)["version_id"]
+    assert run(root, tmp_path / "b", cluster, size="128x128")["version_id"] != base
+    assert run(root, tmp_path / "c", cluster, profile="fast")["version_id"] != base
+    frame = root / "trafficframe/02/000003.jpg"
+    pixels = np.asarray(Image.open(frame)).copy()
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(frame, quality=90)
+    assert run(root, tmp_path / "d", cluster)["version_id"] != base
+
+
+def test_bdda_samples_use_the_gaze_map(tmp_path, cluster):
+    root = write_tiny_dataset(tmp_path / "bdda", "bdda", frames={3: 5, 7: 2},
+                              splits={"valid": [3], "test": [7]})
+    (root / "train.json").unlink()  # some BDDA copies lack train.json: split absent
+    result = normalize("bdda", root, str(tmp_path / "out"), shard_size=4, dask_address=cluster,
+                       progress=False)
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest["absent_splits"] == ["train"] and set(manifest["splits"]) == {"valid", "test"}
+    assert result["samples"] == {"valid": 5, "test": 2}
+    with open(tmp_path / "out" / "valid-000001.tar", "rb") as f:
+        (sample,) = list(iter_tar(f))
+    assert sample["__key__"] == "v0003_f000005"
+    gray = decode_gray(root / "gazemap_frames/0003/0005.jpg")
+    assert np.abs(decode_label_png(sample["saliency.png"]) - gaze_map_label(gray)).max() < 1e-4
+    assert decode_npy(sample["fixations.npy"]).shape == (0, 2)
+    assert json.loads(sample["json"])["files"]["gaze_map"] == "gazemap_frames/0003/0005.jpg"
+
+
+def test_bad_frame_fails_with_one_line_and_no_manifest(tmp_path, cluster):
+    root = make_trafficgaze(tmp_path / "tg")
+    bad = root / "trafficframe/01/000005.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(BadInputError) as info:
+        run(root, tmp_path / "out", cluster)
+    assert str(info.value).startswith(str(bad)) and "\n" not in str(info.value)
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_skip_bad_lists_skipped_frames_and_respects_the_limit(tmp_path, cluster):
+    root = make_trafficgaze(tmp_path / "tg")
+    corrupt = root / "trafficframe/01/000005.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    (root / "trafficframe/02/000002.jpg").unlink()  # the reader reports this one
+    with pytest.raises(BadInputError, match="2 of 12 frames are bad"):
+        run(root, tmp_path / "strict", cluster, skip_bad=True, max_bad_fraction=0.1)
+    assert not (tmp_path / "strict" / MANIFEST).exists()
+    result = run(root, tmp_path / "out", cluster, skip_bad=True, max_bad_fraction=0.2)
+    assert result["skipped"] == 2 and result["samples"] == {"train": 5, "valid": 5, "test": 0}
+    manifest = read_manifest(str(tmp_path / "out"))
+    (train_bad,) = manifest["splits"]["train"]["skipped"]
+    assert train_bad["name"] == "01/000005.jpg" and train_bad["shard"] == "train-000001.tar"
+    assert train_bad["file"] == "trafficframe/01/000005.jpg" and "truncated" in train_bad["problem"]
+    (valid_bad,) = manifest["splits"]["valid"]["skipped"]
+    assert valid_bad["name"] == "02/000002.jpg" and "missing" in valid_bad["problem"]
+    assert [s["samples"] for s in manifest["splits"]["valid"]["shards"]] == [3, 2]
+
+
+def test_existing_output_of_other_options_is_refused_unless_overwrite(tmp_path, cluster):
+    root = make_trafficgaze(tmp_path / "tg")
+    out = tmp_path / "out"
+    first = run(root, out, cluster)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = run(root, out, cluster)  # same inputs and options: nothing to redo
+    assert again["version_id"] == first["version_id"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    with pytest.raises(BadInputError, match=r"options\.size\.height: 256 → 128.*--overwrite"):
+        run(root, out, cluster, size="128x128")
+    assert read_manifest(str(out))["version_id"] == first["version_id"]
+    third = run(root, out, cluster, size="128x128", overwrite=True)
+    assert third["version_id"] != first["version_id"]
+    assert verify(str(out)) == []
+
+
+def test_rerun_refuses_raw_files_changed_since_a_shard_was_made(tmp_path, cluster):
+    root = make_trafficgaze(tmp_path / "tg")
+    out = tmp_path / "out"
+    first = run(root, out, cluster)
+    frame = root / "trafficframe/01/000002.jpg"
+    frame.write_bytes(frame.read_bytes() + b"\0")
+    with pytest.raises(BadInputError, match="000002.jpg: changed since .*--overwrite"):
+        run(root, out, cluster)
+    assert read_manifest(str(out))["version_id"] == first["version_id"]
+    assert run(root, out, cluster, overwrite=True)["version_id"] != first["version_id"]
+
+
+def test_output_to_an_fsspec_url(tg_root, tmp_path, cluster):
+    local = run(tg_root, tmp_path, cluster)
+    url = "memory://normalize-test/prepared"
+    remote = run(tg_root, url, cluster)
+    assert remote["version_id"] == local["version_id"]
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("train-000001.tar", MANIFEST, INPUTS):
+        assert fs.cat_file(f"/normalize-test/prepared/{name}") == (tmp_path / name).read_bytes()
+    assert verify(url) == []
+    fs.rm("/normalize-test", recursive=True)
+
+
+def _big_frames(root: Path) -> None:
+    """Replace every camera frame by a 1280x720 JPEG so the run lasts long enough to kill."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    for i, path in enumerate(sorted(root.glob("trafficframe/*/*.jpg"))):
+        image = Image.fromarray(np.roll(base, i, axis=1)).resize((1280, 720), Image.BICUBIC)
+        image.save(path, quality=90)
+
+
+def _normalize_cmd(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "normalize", "--dataset", "trafficgaze",
+            "--root", str(root), "--out", str(out), "--shard-size", "2", "--workers", "1"]
+
+
+def test_killed_run_resumes_to_identical_bytes(tmp_path, cluster):
+    root = make_trafficgaze(tmp_path / "tg", frames=16)
+    _big_frames(root)
+    normalize("trafficgaze", root, str(tmp_path / "whole"), shard_size=2, dask_address=cluster,
+              progress=False)  # uninterrupted, on another cluster
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_normalize_cmd(root, out), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train-000000.tar").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its Dask worker processes
+        proc.wait()
+    assert not (out / MANIFEST).exists()
+    made = len(list(out.glob("*.tar")))
+    assert 1 <= made < 16
+    resumed = subprocess.run(_normalize_cmd(root, out), env=env, capture_output=True,
+                             text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert outputs(out) == outputs(tmp_path / "whole")
+    assert verify(str(out)) == []
