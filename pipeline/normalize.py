@@ -519,7 +519,10 @@ def normalize(
         records = _prepare_output(folder, header, overwrite)
         run = _Run(client, folder, root, options, records,
                    _BadFrames(root, total, skip_bad, max_bad_fraction), progress, total)
-        splits = {split: run.split(plan) for split, plan in plans.items()}
+        try:
+            splits = {split: run.split(plan) for split, plan in plans.items()}
+        finally:
+            run.bar.close()
     manifest = {**header, "splits": splits, "absent_splits": absent}
     inputs_bytes = b"".join(canonical_json(dict(zip(("path", "size", "sha256", "shard"), item)))
                             + b"\n" for item in run.inputs)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import LocalCluster
 from conftest import write_tiny_dataset
+from distributed import LocalCluster
 
 from pipeline.manifest import INPUTS, MANIFEST
 from pipeline.normalize import normalize
