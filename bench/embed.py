@@ -1,0 +1,115 @@
+"""Embedding-cache throughput against the bare encoder, measured side by side in one run.
+
+    python bench/embed.py [--samples 48] [--batch-size 16] [--device cpu|cuda] [--precision fp16]
+
+Builds a synthetic prepared dataset (256x256 JPEG frames in WebDataset shards), then times
+
+* bare: ``encoder.encode`` on ready-made float frames already on the device, batches of
+  ``2 * batch_size`` images (a frame and its flip), as many images as the cache run embeds;
+* cache: ``embed_prepared`` end to end (read shards, decode, queue, encode, write Zarr chunks)
+  with the same encoder object and batch size.
+
+It prints both rates in images/s and cache/bare; 1.0 means reading, decoding and writing are
+fully hidden behind the encoder. Random weights (``pretrained=None``) cost the same compute as
+real ones. Bare and cache runs alternate for ``--rounds`` rounds (each cache run into a fresh
+store) and the medians are compared, so load from other processes hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.embed import PRECISIONS, EncoderSpec, cached_encoder, embed_prepared, encode_batch
+from pipeline.fsio import Folder
+from pipeline.manifest import write_manifest
+from pipeline.shards import encode_jpeg, encode_json, write_shard
+
+log = logging.getLogger("bench.embed")
+
+
+def synthetic_prepared(root: Path, samples: int, shard_size: int = 32, size: int = 256) -> Path:
+    """A prepared dataset of ``samples`` smooth random ``size`` x ``size`` frames (one split)."""
+    rng = np.random.default_rng(0)
+    folder = Folder(root)
+    folder.makedirs()
+    entries = []
+    for first in range(0, samples, shard_size):
+        batch = []
+        for i in range(first, min(first + shard_size, samples)):
+            coarse = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8).astype(np.float32)
+            frame = torch.nn.functional.interpolate(
+                torch.from_numpy(coarse).permute(2, 0, 1)[None], size=(size, size),
+                mode="bilinear")[0].permute(1, 2, 0).numpy()
+            noisy = frame + rng.normal(0, 6, frame.shape)
+            batch.append({"__key__": f"v{i:05d}_f000001",
+                          "jpg": encode_jpeg(np.clip(noisy, 0, 255).astype(np.uint8)),
+                          "json": encode_json({"i": i})})
+        name = f"train-{first // shard_size:06d}.tar"
+        entries.append(write_shard(folder, name, batch).manifest_entry())
+    write_manifest(folder, {"format": "salmm-prepared", "format_version": 1,
+                            "options": {"size": {"height": size, "width": size}},
+                            "splits": {"train": {"samples": samples, "shards": entries}}})
+    return root
+
+
+def bare_rate(spec: EncoderSpec, batch_size: int, images: int) -> float:
+    """Images/s of the encoder alone on uint8 frames already in memory (same path as the
+    cache: to float, flip, encode)."""
+    encoder = cached_encoder(spec)
+    frames = torch.randint(0, 256, (batch_size, 256, 256, 3), dtype=torch.uint8)
+    if torch.device(spec.device).type == "cuda":
+        frames = frames.to(spec.device)
+        torch.cuda.synchronize()
+    done, start = 0, time.perf_counter()
+    while done < images:
+        encode_batch(encoder, frames, spec)        # 2 * batch_size images, result on the host
+        done += 2 * batch_size
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=48, help="frames (x2 images with flips)")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per encoder call")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16",
+                        help="autocast dtype on CUDA (ignored on CPU)")
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating bare/cache rounds")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    cuda = torch.device(args.device).type == "cuda"
+    spec = EncoderSpec(model=args.model, pretrained=None, device=args.device,
+                       precision=args.precision if cuda else "fp32")
+    images = 2 * args.samples
+    bares, caches = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = synthetic_prepared(Path(tmp) / "prepared", args.samples)
+        bare_rate(spec, args.batch_size, 2 * args.batch_size)            # warm-up
+        for r in range(args.rounds):
+            bares.append(bare_rate(spec, args.batch_size, images))
+            start = time.perf_counter()
+            embed_prepared(prepared, Path(tmp) / f"cache-{r}.zarr", spec=spec,
+                           batch_size=args.batch_size, chunk_size=64)
+            caches.append(images / (time.perf_counter() - start))
+    bare, cache = statistics.median(bares), statistics.median(caches)
+    print(f"device {args.device} ({torch.get_num_threads()} threads), {args.model},"
+          f" precision {spec.precision}, batch {args.batch_size} frames ="
+          f" {2 * args.batch_size} images, {images} images per run, {args.rounds} rounds")
+    print(f"bare encoder : {bare:8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in bares)})")
+    print(f"cache (e2e)  : {cache:8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in caches)})")
+    ratios = [c / b for c, b in zip(caches, bares, strict=True)]
+    print(f"cache / bare : {statistics.median(ratios):8.3f}  (median of per-round ratios:"
+          f" {', '.join(f'{x:.3f}' for x in ratios)}; ratio of medians {cache / bare:.3f})")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The ``embed`` command end to end on a tiny prepared dataset, with random ViT-B-32 weights:
+values against a one-frame-at-a-time reference, flips, resume after SIGKILL, Dask, refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zarr
+from _prepared import write_prepared
+from conftest import write_tiny_dataset
+
+from pipeline.clip_cache import open_cache
+from pipeline.embed import (ChunkJob, EncoderSpec, Shard, _decoded_batches, _prefetch,
+                            build_encoder, cached_encoder, default_cache_path, embed_prepared)
+from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
+from pipeline.manifest import read_manifest, shard_urls, write_manifest
+from pipeline.normalize import normalize
+from pipeline.shards import write_shard
+
+SPEC = EncoderSpec(pretrained=None)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """An in-process Dask cluster for normalize and the Dask embed test."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, cluster) -> Path:
+    """A real prepared BDDA dataset (256x256 frames): train shards of 2 + 1 samples, valid 1,
+    test 0 (its split file is empty)."""
+    tmp = tmp_path_factory.mktemp("embed")
+    raw = write_tiny_dataset(tmp / "raw", "bdda", frames={1: 2, 2: 1, 3: 1},
+                             splits={"train": [1, 2], "valid": [3]})
+    normalize("bdda", raw, str(tmp / "prepared"), shard_size=2,
+              dask_address=cluster.scheduler_address, progress=False)
+    return tmp / "prepared"
+
+
+@pytest.fixture(scope="module")
+def cache_path(prepared) -> str:
+    """The uninterrupted reference run: chunks of 2 samples, batches of 1 sample."""
+    return embed_prepared(prepared, prepared.parent / "full.zarr", spec=SPEC, batch_size=1,
+                          chunk_size=2)
+
+
+def reference_embeddings(prepared: Path, split: str) -> tuple[list[str], np.ndarray]:
+    """Read with webdataset's own decoder, embed one image at a time: keys, [N, 2, D]."""
+    encoder = cached_encoder(SPEC)
+    urls = shard_urls(str(prepared), read_manifest(str(prepared)), split)
+    keys, out = [], []
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode("rgb"):
+        frame = torch.from_numpy(sample["jpg"]).permute(2, 0, 1)[None]   # [1, 3, H, W] in [0, 1]
+        with torch.inference_mode():
+            pair = [encoder.encode(frame), encoder.encode(frame.flip(-1))]
+        keys.append(sample["__key__"])
+        out.append(torch.cat(pair).numpy())
+    return keys, np.stack(out)
+
+
+def test_cache_matches_per_frame_reference(prepared, cache_path):
+    cache = open_cache(cache_path, prepared=prepared)
+    for split in ("train", "valid"):
+        keys, emb = cache.load_split(split)
+        want_keys, want = reference_embeddings(prepared, split)
+        assert keys == want_keys
+        assert emb.shape == (len(keys), 2, 512) and emb.dtype == np.float32
+        np.testing.assert_allclose(emb, want, rtol=1e-4, atol=2e-5)
+        # the flipped frame's embedding is its own, not a copy of the original's
+        assert np.abs(emb[:, 0] - emb[:, 1]).max() > 1e-3
+    np.testing.assert_array_equal(cache.get(keys[0]), emb[0])
+    keys, emb = cache.load_split("test")                       # empty split file
+    assert keys == [] and emb.shape == (0, 2, 512)
+
+
+def test_header_records_what_the_numbers_depend_on(prepared, cache_path):
+    identity = open_cache(cache_path).identity
+    manifest = read_manifest(str(prepared))
+    assert identity["encoder"]["weights"].startswith("random")
+    assert identity["encoder"]["model"] == "ViT-B-32"
+    assert identity["encoder"]["profile"] == "salmm"
+    assert identity["prepared"]["version_id"] == manifest["version_id"]
+    assert identity["splits"] == {"train": 3, "valid": 1, "test": 0}
+    assert identity["dtype"] == "float32"
+    assert identity["software"]["torch"] == torch.__version__
+    assert default_cache_path(str(prepared), identity["encoder"]).endswith(
+        "/clip/ViT-B-32-salmm-random-seed0.zarr")
+
+
+def test_batches_never_straddle_chunks_and_prefetch_keeps_order(prepared, cache_path):
+    keys = open_cache(cache_path).keys("train")
+    manifest = read_manifest(str(prepared))
+    urls = shard_urls(str(prepared), manifest, "train")
+    shards = [Shard(urls[0], 0, 2), Shard(urls[1], 2, 1)]
+    jobs = [ChunkJob("train", 0, 0, 1), ChunkJob("train", 2, 2, 3)]   # chunk 1 already done
+    batches = list(_prefetch(_decoded_batches(shards, jobs, batch_size=3), depth=1))
+    assert [(b.job.index, b.keys, b.last) for b in batches] == [
+        (0, keys[0:1], True), (2, keys[2:3], True)]
+    assert batches[0].frames.shape == (1, 256, 256, 3) and batches[0].frames.dtype == torch.uint8
+
+
+def test_prefetch_reraises_errors_from_the_reader():
+    def items():
+        yield 1
+        raise BadInputError("shard.tar", "broken")
+
+    got = []
+    with pytest.raises(BadInputError, match="broken"):
+        for item in _prefetch(items(), depth=2):
+            got.append(item)
+    assert got == [1]
+
+
+def _embed_command(prepared: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "embed", "--prepared", str(prepared),
+            "--out", str(out), "--clip-pretrained", "none", "--batch-size", "1",
+            "--chunk-size", "2"]
+
+
+def _tree(path: Path) -> dict[str, object]:
+    """Every array (values) and group/array attributes of a store, by name."""
+    root = zarr.open_group(str(path), mode="r")
+    out: dict[str, object] = {"/attrs": dict(root.attrs)}
+    for name, node in root.members(max_depth=None):
+        out[f"{name}/attrs"] = dict(node.attrs)
+        if isinstance(node, zarr.Array):
+            out[name] = node[:]
+    return out
+
+
+def test_killed_run_resumes_to_the_identical_store(prepared, cache_path, tmp_path):
+    out = tmp_path / "killed.zarr"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(_embed_command(prepared, out), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_chunk_done = out / "train" / "done" / "c" / "0"
+    deadline = time.monotonic() + 120
+    while not first_chunk_done.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    done = zarr.open_group(str(out), mode="r")["train/done"][:]
+    assert done[0] == 1 and not done.all(), "the kill came too late to test a resume"
+    with pytest.raises(BadInputError, match="incomplete"):
+        open_cache(out)
+
+    subprocess.run(_embed_command(prepared, out), cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    resumed, full = _tree(out), _tree(Path(cache_path))
+    assert resumed.keys() == full.keys()
+    for name, value in full.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+        else:
+            assert resumed[name] == value, name
+    assert not list(out.rglob("*.partial"))
+
+
+def test_resume_with_another_profile_is_refused(prepared, tmp_path):
+    out = tmp_path / "c.zarr"
+    embed_prepared(prepared, out, spec=SPEC, batch_size=2, chunk_size=2, splits=["valid"])
+    with pytest.raises(BadInputError, match="cannot resume.*profile"):
+        embed_prepared(prepared, out, spec=EncoderSpec(pretrained=None, profile="openclip"),
+                       batch_size=2, chunk_size=2, splits=["valid"])
+
+
+def test_dask_workers_write_the_same_cache(prepared, cache_path, cluster, tmp_path):
+    out = embed_prepared(prepared, tmp_path / "dask.zarr", spec=SPEC, batch_size=1,
+                         chunk_size=2, dask_address=cluster.scheduler_address)
+    for split in ("train", "valid"):
+        keys, emb = open_cache(out).load_split(split)
+        want_keys, want = open_cache(cache_path).load_split(split)
+        assert keys == want_keys
+        np.testing.assert_array_equal(emb, want)
+
+
+def test_shard_with_fewer_samples_than_the_manifest_is_refused(tmp_path):
+    prepared = write_prepared(tmp_path / "p", {"train": [2]})
+    manifest = read_manifest(str(prepared))
+    manifest["splits"]["train"]["shards"][0]["samples"] = 3
+    manifest["splits"]["train"]["samples"] = 3
+    write_manifest(Folder(prepared), {k: v for k, v in manifest.items() if k != "version_id"})
+    with pytest.raises(BadInputError, match="train-000000.tar: has 2 samples, the manifest says 3"):
+        embed_prepared(prepared, spec=SPEC, batch_size=2, chunk_size=2)
+
+
+def test_corrupt_jpg_is_reported_with_its_shard_and_key(tmp_path):
+    prepared = write_prepared(tmp_path / "p", {"train": [2]})
+    folder = Folder(prepared)
+    write_shard(folder, "train-000000.tar", [
+        {"__key__": "v0001_f000001", "jpg": b"not a jpeg"}, {"__key__": "v0002_f000001",
+                                                              "jpg": b"nor this"}])
+    with pytest.raises(BadInputError, match=r"train-000000.tar#v0001_f000001: corrupt jpg"):
+        embed_prepared(prepared, spec=SPEC, batch_size=2, chunk_size=2)
+
+
+def test_unavailable_weights_fail_with_one_line_saying_what_to_do(monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai': no network\nmore")
+
+    monkeypatch.setattr("salmm.clip_encoder.build_clip_encoder", offline)
+    with pytest.raises(BadInputError) as err:
+        build_encoder(EncoderSpec(pretrained="openai"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "--clip-pretrained none" in message and "local" in message
