@@ -70,8 +70,8 @@ def tg_root(tmp_path_factory) -> Path:
 
 
 def run(root, out, address, **kwargs):
-    return normalize("trafficgaze", root, str(out), shard_size=4, dask_address=address,
-                     progress=False, **kwargs)
+    return normalize("trafficgaze", root, str(out), dask_address=address, progress=False,
+                     **{"shard_size": 4, **kwargs})
 
 
 def test_one_and_two_worker_processes_give_identical_bytes(tg_root, tmp_path):
@@ -269,3 +269,24 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, cluster):
     assert "resuming" in resumed.stderr
     assert outputs(out) == outputs(tmp_path / "whole")
     assert verify(str(out)) == []
+
+
+def test_unfinished_run_is_resumed_only_with_the_same_options(tmp_path, cluster):
+    root = make_trafficgaze(tmp_path / "tg")
+    frame = root / "trafficframe/02/000005.jpg"
+    good = frame.read_bytes()
+    frame.write_bytes(good[:100])
+    out = tmp_path / "out"
+    with pytest.raises(BadInputError, match="000005.jpg"):
+        run(root, out, cluster)  # stops at valid-000001.tar; train shards are journaled
+    assert (out / ".progress" / "train-000000.tar.json").exists()
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(BadInputError, match=r"unfinished run .*shard_size: 4 → 3.*--overwrite"):
+        run(root, out, cluster, shard_size=3)
+    frame.write_bytes(good)
+    before = (out / "train-000000.tar").stat().st_mtime_ns
+    resumed = run(root, out, cluster)
+    assert (out / "train-000000.tar").stat().st_mtime_ns == before  # kept, not rebuilt
+    fresh = run(root, tmp_path / "fresh", cluster)
+    assert resumed["version_id"] == fresh["version_id"]
+    assert outputs(out) == outputs(tmp_path / "fresh")
