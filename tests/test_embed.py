@@ -19,8 +19,17 @@ from _prepared import write_prepared
 from conftest import write_tiny_dataset
 
 from pipeline.clip_cache import open_cache
-from pipeline.embed import (ChunkJob, EncoderSpec, Shard, _decoded_batches, _prefetch,
-                            build_encoder, cached_encoder, default_cache_path, embed_prepared)
+from pipeline.embed import (
+    ChunkJob,
+    EncoderSpec,
+    Shard,
+    _decoded_batches,
+    _prefetch,
+    build_encoder,
+    cached_encoder,
+    default_cache_path,
+    embed_prepared,
+)
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import read_manifest, shard_urls, write_manifest
@@ -120,11 +129,10 @@ def test_prefetch_reraises_errors_from_the_reader():
         yield 1
         raise BadInputError("shard.tar", "broken")
 
-    got = []
+    got = _prefetch(items(), depth=2)
+    assert next(got) == 1
     with pytest.raises(BadInputError, match="broken"):
-        for item in _prefetch(items(), depth=2):
-            got.append(item)
-    assert got == [1]
+        next(got)
 
 
 def _embed_command(prepared: Path, out: Path) -> list[str]:
