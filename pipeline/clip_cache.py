@@ -102,9 +102,9 @@ class CacheWriter:
         try:
             group = zarr.open_group(path, mode="r+")
         except FileNotFoundError:
-            group = None
-        if group is None:
-            return cls._create(path, header)
+            # the header goes into the root's one metadata write: a store never lacks it
+            group = zarr.create_group(path, attributes={**header, "complete": False})
+            log.info("created %s", path)
         recorded = dict(group.attrs)
         if recorded.get("format") != FORMAT:
             raise BadInputError(path, "exists and is not a salmm CLIP cache; remove it or choose"
@@ -115,28 +115,13 @@ class CacheWriter:
             raise BadInputError(path, "cannot resume: the store was made with other settings ("
                                 + "; ".join(differences) + "); remove it or choose another --out")
         _remove_partial_files(path)
+        _create_missing_arrays(group, header)
         writer = cls(path, group, header)
         done = sum(int(writer._done(s).sum()) for s in header["splits"])
         total = sum(writer.n_chunks(s) for s in header["splits"])
-        log.info("resuming %s: %d of %d chunks already written", path, done, total)
+        if done:
+            log.info("resuming %s: %d of %d chunks already written", path, done, total)
         return writer
-
-    @classmethod
-    def _create(cls, path: str, header: dict[str, Any]) -> CacheWriter:
-        group = zarr.open_group(path, mode="w-")
-        chunk = header["chunk_size"]
-        dim = header["encoder"]["embed_dim"]
-        for split, n in header["splits"].items():
-            sub = group.create_group(split)
-            sub.create_array("keys", shape=(n,), chunks=(chunk,), dtype=str)
-            sub.create_array("embeddings", shape=(n, 2, dim), chunks=(chunk, 2, dim),
-                             dtype=header["dtype"], compressors=_COMPRESSOR, fill_value=0.0)
-            sub.create_array("done", shape=(math.ceil(n / chunk),), chunks=(1,), dtype="uint8",
-                             fill_value=0)
-        # attributes last: a store without them is not resumable and is reported as foreign
-        group.attrs.update({**header, "complete": False})
-        log.info("created %s", path)
-        return cls(path, group, header)
 
     def n_chunks(self, split: str) -> int:
         """Number of chunks of ``split`` (the last one may be short)."""
@@ -175,6 +160,23 @@ class CacheWriter:
         if any(missing.values()):
             raise ValueError(f"{self.path}: chunks still missing {missing}")
         self.group.attrs["complete"] = True
+
+
+def _create_missing_arrays(group: zarr.Group, header: dict[str, Any]) -> None:
+    """Create the split groups and arrays the store lacks (all of them for a new store; a run
+    killed while creating them left some)."""
+    chunk = header["chunk_size"]
+    dim = header["encoder"]["embed_dim"]
+    for split, n in header["splits"].items():
+        sub = group.require_group(split)
+        if "keys" not in sub:
+            sub.create_array("keys", shape=(n,), chunks=(chunk,), dtype=str)
+        if "embeddings" not in sub:
+            sub.create_array("embeddings", shape=(n, 2, dim), chunks=(chunk, 2, dim),
+                             dtype=header["dtype"], compressors=_COMPRESSOR, fill_value=0.0)
+        if "done" not in sub:
+            sub.create_array("done", shape=(math.ceil(n / chunk),), chunks=(1,), dtype="uint8",
+                             fill_value=0)
 
 
 def _remove_partial_files(path: str) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.clip_cache import CacheWriter, check_cache, open_cache
+from pipeline.clip_cache import FORMAT, FORMAT_VERSION, CacheWriter, check_cache, open_cache
 from pipeline.errors import BadInputError
 from pipeline.manifest import version_id
 
@@ -101,6 +101,19 @@ def test_incomplete_store_is_refused_and_resumes_only_missing_chunks(tmp_path):
     write_all(resumed)
     resumed.finish()
     np.testing.assert_array_equal(open_cache(path).load_split("train")[1], expected("train", 5))
+
+
+def test_store_killed_while_being_created_is_completed_on_resume(tmp_path):
+    path = tmp_path / "c.zarr"
+    root = zarr.create_group(str(path), attributes={"format": FORMAT,
+                                                    "format_version": FORMAT_VERSION,
+                                                    **header(), "complete": False})
+    root.create_group("train").create_array("keys", shape=(5,), chunks=(2,), dtype=str)
+    writer = CacheWriter.open(path, header())
+    assert writer.missing_chunks("train") == [0, 1, 2]
+    write_all(writer)
+    writer.finish()
+    np.testing.assert_array_equal(open_cache(path).load_split("valid")[1], expected("valid", 3))
 
 
 @pytest.mark.parametrize("change, field", [
