@@ -262,6 +262,10 @@ class SalMM(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        if x.ndim != 4 or x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(
+                f"SalMM expects frames [B, 3, H, W], H and W multiples of 32, got {tuple(x.shape)}"
+            )
         if emb is None:
             if self.CrossModelAtt.model is None:
                 raise ValueError("SalMM.forward needs `emb` [B, 512] or a model built with clip=")

@@ -3,10 +3,11 @@
 Two implementations with the argument conventions of ``mamba_ssm.selective_scan_fn``:
 
 * :func:`selective_scan` - vectorised: no Python loop over time steps.  The linear recurrence
-  ``h_t = a_t * h_{t-1} + b_t`` is solved by an in-place odd/even (cyclic) reduction, log2(L)
-  levels of shrinking strided views, inside one autograd Function whose backward is the same
-  reduction run in reverse.  Only products of decays in (0, 1] are ever formed, so it is as
-  stable as the sequential loop (no division by cumulative decays, no exp overflow).
+  ``h_t = a_t * h_{t-1} + b_t`` is solved by an in-place odd/even (cyclic) reduction, log2(T)
+  levels of shrinking strided views over cache-sized chunks of T steps (a loop over chunks),
+  inside one autograd Function whose backward is the same reduction run in reverse.  Only
+  products of decays in (0, 1] are ever formed, so it is as stable as the sequential loop
+  (no division by cumulative decays, no exp overflow).
 * :func:`selective_scan_ref` - the plain sequential loop, kept beside it as the reference.
 
 Shapes (b batch, d channels, l length, n state size)::
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["selective_scan", "selective_scan_ref"]
+__all__ = ["default_chunk_len", "selective_scan", "selective_scan_ref"]
 
 
 def _scan_(x: Tensor, c: Tensor) -> None:
@@ -69,50 +70,77 @@ def _rscan_(x: Tensor, c: Tensor) -> None:
     head.addcmul_(c[1::2][: head.shape[0]], even[1:])
 
 
+def default_chunk_len(width: int) -> int:
+    """Time steps per chunk so one [chunk, width] float32 block is about 2 MiB (cache-sized)."""
+    return max(32, 1 << max(0, (CHUNK_ELEMENTS // max(width, 1)).bit_length() - 1))
+
+
+CHUNK_ELEMENTS = 1 << 19
+
+
 class _SelectiveScanCore(torch.autograd.Function):
     """y[l, b, d] = sum_n C * h with h the recurrence above (no D, no gate, dt already final).
 
-    Works in time-major layout so every slice along time is a block of b*d*n contiguous values.
+    Time-major layout, so every time step is one contiguous block of b*d*n values. Time is
+    processed in chunks of ``chunk_len`` steps (a Python loop over chunks, not over steps):
+    each chunk's state enters the next through its first step before the in-chunk reduction,
+    so the working set stays cache-sized while the full decay and state tensors are written
+    once and saved for the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_len: int):
         # dt, u: [l, b, d]; A: [d, n]; B, C: [l, b, n]
         length, batch, dim = dt.shape
         n = A.shape[1]
-        decay = (A * dt.unsqueeze(-1)).exp_()  # [l, b, d, n] = exp(dt * A)
+        decay = dt.new_empty(length, batch, dim, n)  # exp(dt * A)
+        h = dt.new_empty(length, batch, dim, n)  # the state h_t
+        y = dt.new_empty(length, batch, dim)
         dtu = dt * u  # [l, b, d]
-        h = dtu.unsqueeze(-1) * B.unsqueeze(2)  # [l, b, d, n], becomes the state in place
-        _scan_(h, decay[1:])
-        y = torch.bmm(h.view(-1, dim, n), C.view(-1, n, 1)).view(length, batch, dim)
+        for s in range(0, length, chunk_len):
+            e = min(s + chunk_len, length)
+            dc = torch.mul(A, dt[s:e].unsqueeze(-1), out=decay[s:e]).exp_()
+            hc = torch.mul(dtu[s:e].unsqueeze(-1), B[s:e].unsqueeze(2), out=h[s:e])
+            if s:
+                hc[0].addcmul_(dc[0], h[s - 1])  # carry the previous chunk's last state in
+            _scan_(hc, dc[1:])
+            torch.bmm(hc.view(-1, dim, n), C[s:e].view(-1, n, 1), out=y[s:e].view(-1, dim, 1))
         ctx.save_for_backward(dt, u, A, B, C, decay, h, dtu)
-        ctx.consumed = False
+        ctx.chunk_len = chunk_len
         return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        if ctx.consumed:
-            raise RuntimeError(
-                "selective_scan: backward through the same graph twice is not supported"
-            )
-        ctx.consumed = True  # the saved state buffer is reused as scratch below
         dt, u, A, B, C, decay, h, dtu = ctx.saved_tensors
         length, batch, dim = dt.shape
-        n = A.shape[1]
+        n, chunk_len = A.shape[1], ctx.chunk_len
         gy = gy.contiguous()
-        # gradients of the read-out y = C . h  (batched over l*b: [d] x [d, n] and [d, n] x [n])
-        gC = torch.bmm(gy.view(-1, 1, dim), h.view(-1, dim, n)).view(length, batch, n)
-        g = gy.unsqueeze(-1) * C.unsqueeze(2)  # [l, b, d, n]: dL/dh_t through y_t alone
-        _rscan_(g, decay[1:])  # now dL/dh_t through every later step too
-        gB = torch.bmm(dtu.view(-1, 1, dim), g.view(-1, dim, n)).view(length, batch, n)
-        gdtu = torch.bmm(g.view(-1, dim, n), B.view(-1, n, 1)).view(length, batch, dim)
-        # dL/d(dt_t * A) = g_t * h_{t-1} * decay_t for t >= 1 (h_{-1} = 0); built in h's buffer
-        w = h[:-1].mul_(g[1:]).mul_(decay[1:])  # [l-1, b, d, n]
-        gA = (w * dt[1:].unsqueeze(-1)).sum((0, 1))  # [d, n]
-        gdt = gdtu * u
-        gdt[1:] += w.mul_(A).sum(-1)
+        gC, gB = dt.new_empty(length, batch, n), dt.new_empty(length, batch, n)
+        gdtu, gdt = dt.new_empty(length, batch, dim), dt.new_zeros(length, batch, dim)
+        gA = A.new_zeros(A.shape)
+        g_buf = dt.new_empty(min(chunk_len, length), batch, dim, n)
+        tmp_buf = torch.empty_like(g_buf)
+        g_after = None  # dL/dh at the first step of the chunk after this one
+        for s in reversed(range(0, length, chunk_len)):
+            e = min(s + chunk_len, length)
+            # g = dL/dh_t: through y_t, then through every later step (reverse recurrence)
+            g = torch.mul(gy[s:e].unsqueeze(-1), C[s:e].unsqueeze(2), out=g_buf[: e - s])
+            if g_after is not None:
+                g[-1].addcmul_(decay[e], g_after)
+            _rscan_(g, decay[s + 1 : e])
+            g_after = g[0].clone()
+            # read-out and input gradients, batched over (t, b): [d] x [d, n] and [d, n] x [n]
+            torch.bmm(gy[s:e].view(-1, 1, dim), h[s:e].view(-1, dim, n), out=gC[s:e].view(-1, 1, n))
+            torch.bmm(dtu[s:e].view(-1, 1, dim), g.view(-1, dim, n), out=gB[s:e].view(-1, 1, n))
+            torch.bmm(g.view(-1, dim, n), B[s:e].view(-1, n, 1), out=gdtu[s:e].view(-1, dim, 1))
+            # dL/d(dt_t A) = g_t h_{t-1} decay_t for t >= 1 (h_{-1} = 0), built in g's buffer
+            t0 = max(s, 1)
+            w = g[t0 - s :].mul_(h[t0 - 1 : e - 1]).mul_(decay[t0:e])
+            gA += torch.mul(w, dt[t0:e].unsqueeze(-1), out=tmp_buf[: e - t0]).sum((0, 1))
+            torch.sum(w.mul_(A), -1, out=gdt[t0:e])
+        gdt.addcmul_(gdtu, u)
         gu = gdtu * dt
-        return gdt, gu, gA, gB, gC
+        return gdt, gu, gA, gB, gC, None
 
 
 def _prepare(u, delta, delta_bias, delta_softplus):
@@ -145,17 +173,22 @@ def selective_scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    chunk_len: int | None = None,
 ) -> Tensor:
     """Vectorised selective scan; see the module docstring for shapes. Differentiable in all
-    tensor inputs. Memory: a few [b, d, l, n] buffers in the compute dtype."""
+    tensor inputs. Memory: two saved [b, d, l, n] buffers (decay, state) in the compute dtype.
+    chunk_len: time steps per chunk (default: :func:`default_chunk_len` of b*d*n)."""
     dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
     uc = u.to(dtype)
+    batch, dim, _ = u.shape
+    chunk_len = chunk_len or default_chunk_len(batch * dim * A.shape[1])
     y = _SelectiveScanCore.apply(
         dt.permute(2, 0, 1).contiguous(),
         uc.permute(2, 0, 1).contiguous(),
         A.to(dtype).contiguous(),
         B.to(dtype).permute(2, 0, 1).contiguous(),
         C.to(dtype).permute(2, 0, 1).contiguous(),
+        chunk_len,
     ).permute(1, 2, 0)
     return _finish(y, uc, D, z, u.dtype)
 

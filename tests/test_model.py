@@ -139,9 +139,11 @@ def test_embedding_reaches_output_through_gamma():
     assert not torch.allclose(model(frames, emb), model(frames, torch.randn(2, 512)))
 
 
-def test_missing_embedding_without_clip_is_refused():
+def test_missing_embedding_or_bad_size_is_refused():
     with pytest.raises(ValueError, match="emb"):
         SalMM()(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        SalMM()(torch.rand(1, 3, 48, 32), torch.randn(1, 512))
 
 
 def test_inline_clip_equals_cached_embedding(clip):

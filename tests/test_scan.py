@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salmm.scan import selective_scan, selective_scan_ref
+from salmm.scan import default_chunk_len, selective_scan, selective_scan_ref
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
@@ -102,9 +102,27 @@ def test_float16_input_is_computed_in_float32_and_cast_back():
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
 
 
-def test_second_backward_through_same_graph_is_refused():
-    inputs = make_inputs(1, 2, 8, 4, torch.float32, seed=4)
+@pytest.mark.parametrize("chunk_len", [1, 2, 3, 8])
+def test_chunk_boundaries_carry_state_and_gradient(chunk_len):
+    inputs = make_inputs(2, 3, 21, 4, torch.float64, seed=7)
+    grad_out = torch.randn(2, 3, 21, dtype=torch.float64)
+    want, want_grads = run(loop_oracle, inputs, grad_out)
+    out = selective_scan(**inputs, delta_softplus=True, chunk_len=chunk_len)
+    got_grads = torch.autograd.grad(out, [inputs[k] for k in NAMES], grad_out)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for name, got in zip(NAMES, got_grads):
+        torch.testing.assert_close(got, want_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_default_chunk_is_cache_sized():
+    assert default_chunk_len(8 * 12 * 16) == 256  # the model's largest call
+    assert default_chunk_len(1 << 30) == 32
+
+
+def test_backward_twice_with_retained_graph_gives_same_grads():
+    inputs = make_inputs(1, 2, 8, 4, torch.float64, seed=4)
     out = selective_scan(**inputs, delta_softplus=True).sum()
-    out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):
-        out.backward()
+    first = torch.autograd.grad(out, list(inputs.values()), retain_graph=True)
+    second = torch.autograd.grad(out, list(inputs.values()))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
