@@ -1,0 +1,166 @@
+"""Pictures of saliency maps: heat-map colouring, overlays on the frame, side-by-side panels,
+and animations (GIF, or MP4 when imageio has an ffmpeg backend).
+
+All images are uint8 RGB ``[H, W, 3]``; saliency maps are float ``[h, w]`` of any range (each
+is min-max normalised to [0, 1] first; a constant map shows as all zero). Every file is written
+atomically (temporary name, then rename), so a half-written picture never carries the final
+name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import cv2
+import imageio.v3 as iio
+import numpy as np
+
+from pipeline.fsio import Folder
+
+log = logging.getLogger(__name__)
+
+COLORMAPS = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO,
+             "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS}
+DEFAULT_COLORMAP = "jet"
+DEFAULT_ALPHA = 0.6
+ANIMATION_FORMATS = ("auto", "gif", "mp4", "none")
+
+
+def normalize(saliency: np.ndarray) -> np.ndarray:
+    """float32 [h, w] in [0, 1]: ``(m - min) / (max - min)``; a constant map gives zeros."""
+    m = np.asarray(saliency, dtype=np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"expected a [h, w] saliency map, got shape {m.shape}")
+    low, high = float(m.min()), float(m.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError("saliency map contains NaN or inf")
+    if high <= low:
+        return np.zeros_like(m)
+    return (m - low) / (high - low)
+
+
+def _fit(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Normalised map resized (bicubic, clipped to [0, 1]) to ``size`` (height, width)."""
+    m = normalize(saliency)
+    if m.shape != tuple(size):
+        m = np.clip(cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+    return m
+
+
+def colorize(saliency: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """Heat map of ``saliency`` [h, w]: uint8 RGB [h, w, 3] (OpenCV colour map ``colormap``)."""
+    if colormap not in COLORMAPS:
+        raise ValueError(f"colour map must be one of {sorted(COLORMAPS)}, got {colormap!r}")
+    levels = np.round(normalize(saliency) * 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(levels, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
+
+
+def overlay(frame: np.ndarray, saliency: np.ndarray, *, colormap: str = DEFAULT_COLORMAP,
+            alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """The heat map of ``saliency`` blended on ``frame`` (uint8 RGB [H, W, 3]) -> same shape.
+
+    The map is normalised and resized to the frame (bicubic); each pixel mixes in the colour
+    with weight ``alpha * s`` (s in [0, 1] its saliency), so non-salient areas show the frame
+    unchanged and the most salient ones ``alpha`` parts colour.
+    """
+    frame = _as_rgb(frame)
+    s = _fit(saliency, frame.shape[:2])
+    heat = colorize(s, colormap).astype(np.float32)
+    weight = (alpha * s)[..., None]
+    mixed = frame.astype(np.float32) * (1 - weight) + heat * weight
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+
+
+def side_by_side(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Panels (uint8 RGB, equal heights) left to right with ``gap`` white columns between."""
+    panels = [_as_rgb(p) for p in panels]
+    height = panels[0].shape[0]
+    if any(p.shape[0] != height for p in panels):
+        raise ValueError(f"panels differ in height: {[p.shape[0] for p in panels]}")
+    spacer = np.full((height, gap, 3), 255, np.uint8)
+    parts: list[np.ndarray] = []
+    for i, p in enumerate(panels):
+        parts.extend([spacer, p] if i else [p])
+    return np.concatenate(parts, axis=1)
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
+    return image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 RGB [H, W, 3] -> PNG bytes."""
+    ok, data = cv2.imencode(".png", cv2.cvtColor(_as_rgb(image), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return data.tobytes()
+
+
+def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Write ``image`` (uint8 RGB) as a PNG at ``path``, atomically."""
+    path = Path(path)
+    Folder(path.parent).write_bytes(path.name, encode_png(image))
+
+
+def mp4_available() -> bool:
+    """Whether imageio can write MP4 here (its ffmpeg plugin needs imageio-ffmpeg)."""
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
+def animation_format(requested: str) -> str | None:
+    """The format an animation is written in: ``"mp4"``, ``"gif"`` or None (``"none"``).
+
+    ``"auto"`` and ``"mp4"`` give MP4 when :func:`mp4_available`, else GIF (logged).
+    """
+    if requested not in ANIMATION_FORMATS:
+        raise ValueError(f"animation format must be one of {ANIMATION_FORMATS}, got {requested!r}")
+    if requested == "none":
+        return None
+    if requested == "gif":
+        return "gif"
+    if mp4_available():
+        return "mp4"
+    level = logging.WARNING if requested == "mp4" else logging.INFO
+    log.log(level, "no ffmpeg backend for imageio (install imageio-ffmpeg for MP4): writing a GIF")
+    return "gif"
+
+
+def _even(image: np.ndarray) -> np.ndarray:
+    """Crop to even height and width (H.264 needs them)."""
+    return image[: image.shape[0] // 2 * 2, : image.shape[1] // 2 * 2]
+
+
+def write_animation(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: float
+                    ) -> int:
+    """Write uint8 RGB frames (equal sizes) as an animation; the format follows the suffix
+    (``.gif``: looping, ``1000 / fps`` ms a frame; ``.mp4``: H.264 via imageio's ffmpeg
+    plugin). Atomic. Returns the number of frames written; ValueError if there are none."""
+    path = Path(path)
+    images = [_as_rgb(f) for f in frames]
+    if not images:
+        raise ValueError(f"{path}: no frames to animate")
+    shape = images[0].shape
+    if any(f.shape != shape for f in images):
+        raise ValueError(f"{path}: animation frames differ in size")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if path.suffix not in (".gif", ".mp4"):
+        raise ValueError(f"{path}: animation must be .gif or .mp4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        if path.suffix == ".gif":
+            iio.imwrite(tmp, np.stack(images), plugin="pillow", duration=1000.0 / fps, loop=0)
+        else:
+            iio.imwrite(tmp, np.stack([_even(f) for f in images]), plugin="FFMPEG", fps=fps)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(images)

@@ -1,0 +1,353 @@
+"""``python -m salmm.predict``: saliency heat maps for a frame, a folder of frames, a video or a
+prepared split.
+
+``--input`` is one of
+
+* a prepared dataset (a folder with ``manifest.json``): the frames of ``--split`` at the
+  prepared size, each shown as ``frame | prediction overlay | ground-truth overlay``; CLIP
+  embeddings from the cache with ``--cached-clip``, else the model's inline CLIP;
+* a folder of frames (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, in name order), one image, or a
+  video (anything OpenCV's ffmpeg backend reads): each frame is decoded in full and resized to
+  the model's size with ``cv2.resize(INTER_CUBIC)`` as ``python -m pipeline normalize`` does,
+  then the prediction is drawn over the original frame at its own resolution. Raw inputs have
+  no cached embeddings, so CLIP runs inline (``--clip-pretrained none``: random weights, for
+  smoke runs only, and logged as such).
+
+Outputs in ``--out``: one PNG per frame (``<sample key>.png``, ``<image stem>.png`` or
+``frame_NNNNNN.png`` for videos) and, for more than one frame, an animation of them
+(``animation.mp4`` when imageio has an ffmpeg backend, else ``animation.gif``; at most
+:data:`ANIMATION_WIDTH` pixels wide). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
+from salmm import overlay
+from salmm.evaluate import (
+    FROM_CHECKPOINT,
+    LoadedModel,
+    add_model_options,
+    batched,
+    given_clip_options,
+    iter_samples,
+    load_model,
+    open_eval_cache,
+    predict_batch,
+    prepared_size,
+    read_split,
+)
+from salmm.options import parse_size
+
+log = logging.getLogger("salmm.predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+ANIMATION_WIDTH = 768
+DEFAULT_FPS = 10.0
+
+
+@dataclass
+class Item:
+    """One frame to predict: output ``name`` (file stem), ``frame`` uint8 RGB [H, W, 3] as shown,
+    ``model_input`` uint8 RGB [h, w, 3] at the model's size, the ground truth ``label`` float
+    [h, w] (prepared inputs) and the sample ``key`` (for cached embeddings)."""
+
+    name: str
+    frame: np.ndarray
+    model_input: np.ndarray
+    label: np.ndarray | None = None
+    key: str | None = None
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def resize_for_model(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> [height, width, 3] as the pipeline resizes frames (INTER_CUBIC)."""
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+
+
+def input_kind(path: str) -> str:
+    """"prepared", "folder", "image" or "video"; BadInputError if ``path`` does not exist."""
+    p = Path(path)
+    if p.is_dir():
+        return "prepared" if (p / "manifest.json").exists() else "folder"
+    if not p.exists():
+        raise BadInputError(path, "no such file or folder")
+    return "image" if p.suffix.lower() in IMAGE_SUFFIXES else "video"
+
+
+def folder_images(path: str) -> list[Path]:
+    """The image files directly in folder ``path``, by name; BadInputError if there are none."""
+    files = sorted(f for f in Path(path).iterdir()
+                   if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BadInputError(path, f"no frames here (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def image_items(files: Sequence[Path], size: tuple[int, int]) -> Iterator[Item]:
+    """Frames decoded in full (:func:`pipeline.images.decode_rgb`) and resized for the model."""
+    from pipeline.images import decode_rgb
+
+    for f in files:
+        rgb = decode_rgb(f)
+        yield Item(f.stem, rgb, resize_for_model(rgb, size))
+
+
+def open_video(path: str) -> tuple[cv2.VideoCapture, float | None, int | None]:
+    """(capture, frames per second or None, frame count or None); BadInputError when OpenCV
+    cannot open ``path`` as a video."""
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise BadInputError(path, "cannot be read as a video (or an image: use .jpg, .jpeg,"
+                            " .png or .bmp)")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    return capture, (fps if fps > 0 else None), (count if count > 0 else None)
+
+
+def video_items(path: str, capture: cv2.VideoCapture, size: tuple[int, int]) -> Iterator[Item]:
+    """The video's frames in order (RGB), resized for the model; BadInputError if it has none."""
+    number = 0
+    try:
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            number += 1
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            yield Item(f"frame_{number:06d}", rgb, resize_for_model(rgb, size))
+    finally:
+        capture.release()
+    if number == 0:
+        raise BadInputError(path, "the video has no readable frames")
+
+
+def prepared_items(prepared: str, manifest: dict[str, Any], split: str) -> Iterator[Item]:
+    """A prepared split's samples: frame and label at the prepared size."""
+    for sample in iter_samples(prepared, manifest, split):
+        rgb = np.ascontiguousarray(sample["frame"].numpy().transpose(1, 2, 0))
+        yield Item(sample["key"], rgb, rgb, sample["label"][0].numpy(), sample["key"])
+
+
+def limited(items: Iterator[Item], limit: int | None) -> Iterator[Item]:
+    for i, item in enumerate(items):
+        if limit is not None and i >= limit:
+            return
+        yield item
+
+
+# ---- pictures ----------------------------------------------------------------------------------
+
+
+def picture(item: Item, pred: np.ndarray, colormap: str, alpha: float) -> np.ndarray:
+    """What is saved for one frame: the prediction over the frame, next to the frame and the
+    ground-truth overlay when there is a label."""
+    shown = overlay.overlay(item.frame, pred, colormap=colormap, alpha=alpha)
+    if item.label is None:
+        return shown
+    truth = overlay.overlay(item.frame, item.label, colormap=colormap, alpha=alpha)
+    return overlay.side_by_side([item.frame, shown, truth])
+
+
+def animation_frame(image: np.ndarray) -> np.ndarray:
+    """``image`` shrunk (INTER_AREA) to at most :data:`ANIMATION_WIDTH` pixels wide."""
+    height, width = image.shape[:2]
+    if width <= ANIMATION_WIDTH:
+        return image
+    new = (ANIMATION_WIDTH, max(1, round(height * ANIMATION_WIDTH / width)))
+    return cv2.resize(image, new, interpolation=cv2.INTER_AREA)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What ``python -m salmm.predict`` was asked to do."""
+
+    checkpoint: str
+    input: str
+    out: str
+    split: str = "test"
+    limit: int | None = None
+    fps: float | None = None
+    size: tuple[int, int] | None = None
+    cached_clip: bool = False
+    cache: str | None = None
+    batch_size: int = 8
+    colormap: str = overlay.DEFAULT_COLORMAP
+    alpha: float = overlay.DEFAULT_ALPHA
+    animation: str = "auto"
+    device: str | None = None
+    amp: str = "off"
+    clip: tuple[tuple[str, Any], ...] = ()
+
+
+def predict(opts: PredictOptions) -> list[Path]:
+    """Run ``opts``; returns the files written (PNGs, then the animation if any)."""
+    import torch
+
+    kind = input_kind(opts.input)
+    if opts.cached_clip and kind != "prepared":
+        raise BadInputError(opts.input, "--cached-clip needs a prepared dataset as --input; raw"
+                            " frames and videos have no cached embeddings")
+    fps = opts.fps
+    total: int | None = None
+    manifest = None
+    if kind == "prepared":
+        manifest, total = read_split(opts.input, opts.split)
+    elif kind == "folder":
+        files = folder_images(opts.input)
+        total = len(files)
+    elif kind == "video":
+        capture, video_fps, total = open_video(opts.input)
+        fps = fps or video_fps
+    loaded: LoadedModel = load_model(opts.checkpoint, inline_clip=not opts.cached_clip,
+                                     given_clip=dict(opts.clip), device=opts.device,
+                                     amp=opts.amp)
+    if manifest is not None:
+        size = prepared_size(manifest)
+        items = prepared_items(opts.input, manifest, opts.split)
+    else:
+        size = opts.size or loaded.size
+        if kind == "folder":
+            items = image_items(files, size)
+        elif kind == "image":
+            items, total = image_items([Path(opts.input)], size), 1
+        else:
+            items = video_items(opts.input, capture, size)
+    if size[0] % 32 or size[1] % 32:
+        raise BadInputError(opts.input, f"frames would be fed at {size[1]}x{size[0]}; SalMM needs"
+                            " width and height that are multiples of 32 (see --size)")
+    table = None
+    if opts.cached_clip:
+        from salmm.data import EmbeddingTable
+
+        cache_path, _ = open_eval_cache(opts.cache, opts.input, manifest, opts.split, loaded.clip)
+        table = EmbeddingTable(cache_path, opts.split)
+    if opts.limit is not None and total is not None:
+        total = min(total, opts.limit)
+
+    out = Folder(opts.out)
+    out.makedirs()
+    written: list[Path] = []
+    frames: list[np.ndarray] = []
+    with tqdm(total=total, unit="frame", desc="predict", dynamic_ncols=True) as bar:
+        for batch in batched(limited(items, opts.limit), opts.batch_size):
+            x = torch.from_numpy(np.stack([it.model_input.transpose(2, 0, 1) for it in batch]))
+            emb = (torch.stack([torch.from_numpy(table.lookup(it.key, False)) for it in batch])
+                   if table is not None else None)
+            for item, pred in zip(batch, predict_batch(loaded, x, emb)):
+                image = picture(item, pred, opts.colormap, opts.alpha)
+                path = Path(opts.out) / f"{item.name}.png"
+                overlay.write_png(path, image)
+                written.append(path)
+                if opts.animation != "none":
+                    frames.append(animation_frame(image))
+                bar.update(1)
+    log.info("wrote %d picture(s) to %s", len(written), opts.out)
+    if len(frames) > 1:
+        path = Path(opts.out) / f"animation.{overlay.animation_format(opts.animation)}"
+        overlay.write_animation(path, frames, fps or DEFAULT_FPS)
+        written.append(path)
+        log.info("animation of %d frames at %.3g fps: %s", len(frames), fps or DEFAULT_FPS, path)
+    return written
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m salmm.predict`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m salmm.predict",
+        description="Saliency heat maps over a frame, a folder of frames, a video or a prepared"
+                    " split (with the ground truth beside), plus an animation of a sequence.")
+    parser.add_argument("--input", required=True,
+                        help="a frame, a folder of frames, a video, or a prepared dataset")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
+    add_model_options(parser, prepared=False)
+    group = parser.add_argument_group("frames and pictures")
+    group.add_argument("--split", default="test", help="split of a prepared --input (default"
+                       " test)")
+    group.add_argument("--limit", type=_positive, help="at most this many frames")
+    group.add_argument("--fps", type=_positive_float,
+                       help=f"animation speed (default: the video's, else {DEFAULT_FPS:g})")
+    group.add_argument("--size", type=parse_size, metavar="WxH",
+                       help="model input size for raw frames (default: the checkpoint's"
+                            " training size; 256x256 for official checkpoints)")
+    group.add_argument("--batch-size", type=_positive, default=PredictOptions.batch_size)
+    group.add_argument("--colormap", choices=sorted(overlay.COLORMAPS),
+                       default=overlay.DEFAULT_COLORMAP)
+    group.add_argument("--alpha", type=_unit, default=overlay.DEFAULT_ALPHA,
+                       help="heat-map opacity at the most salient pixel")
+    group.add_argument("--animation", choices=overlay.ANIMATION_FORMATS, default="auto",
+                       help="auto: MP4 when imageio has ffmpeg, else GIF")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> PredictOptions:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cache is not None and not args.cached_clip:
+        parser.error("--cache is only used with --cached-clip")
+    return PredictOptions(
+        checkpoint=args.checkpoint, input=args.input, out=args.out, split=args.split,
+        limit=args.limit, fps=args.fps, size=args.size, cached_clip=args.cached_clip,
+        cache=args.cache, batch_size=args.batch_size, colormap=args.colormap, alpha=args.alpha,
+        animation=args.animation, device=args.device, amp=args.amp,
+        clip=tuple((k, v) for k, v in given_clip_options(args).items()
+                   if v is not FROM_CHECKPOINT))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2: bad input)."""
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        predict(opts)
+    except BadInputError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""``python -m salmm.evaluate`` on a synthetic TrafficGaze dataset prepared with the real commands.
+
+The test split has 4 frames: by construction of the synthetic data one has no fixation (every
+metric NaN: the label is constant), one has a single fixation (AUC-Borji NaN, as the official
+code) and two are ordinary.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import BadInputError
+from salmm import matlab_export
+from salmm.evaluate import (
+    FROM_CHECKPOINT,
+    EvalOptions,
+    evaluate,
+    main,
+    resolve_clip,
+)
+from salmm.metrics import METRIC_ORDER
+from tests._inference_data import InferenceData, fixation_count, inference_data
+from tests._prepared import run_module, write_fake_cache, write_prepared
+
+CLIP_NONE = (("clip_pretrained", None),)   # the official checkpoint's CLIP, random weights
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> InferenceData:
+    return inference_data(tmp_path_factory)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cli_run(data: InferenceData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The command, as a user runs it: trainer checkpoint, cached CLIP, 2 metric workers,
+    .mat export."""
+    work = tmp_path_factory.mktemp("evaluate-cli")
+    result = run_module("salmm.evaluate", "--checkpoint", str(data.trainer), "--prepared",
+                        str(data.prepared), "--split", "test", "--out", str(work / "out"),
+                        "--export-mat", str(work / "mat"), "--cached-clip", "--workers", "2",
+                        "--batch-size", "3", "--seed", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (work / "stderr.txt").write_text(result.stderr)
+    return work
+
+
+def test_csv_has_one_row_per_frame_with_the_expected_scores(cli_run: Path, data: InferenceData):
+    rows = read_csv(cli_run / "out" / "per_frame.csv")
+    samples = data.test_samples()
+    assert list(rows[0]) == ["index", "key", "name", "video", "frame", *METRIC_ORDER]
+    assert [r["key"] for r in rows] == [s["key"] for s in samples]
+    assert [r["name"] for r in rows] == [s["name"] for s in samples]
+    assert [r["index"] for r in rows] == [str(i) for i in range(len(samples))]
+    counts = [fixation_count(s["fixations"]) for s in samples]
+    assert sorted(min(c, 2) for c in counts) == [0, 1, 2, 2]    # the cases the data promises
+    for row, count in zip(rows, counts):
+        scores = {m: float(row[m]) for m in METRIC_ORDER}
+        if count == 0:       # constant label and no fixations: every metric NaN, as MATLAB
+            assert all(math.isnan(v) for v in scores.values()), row
+            continue
+        nan = {m for m, v in scores.items() if math.isnan(v)}
+        assert nan == ({"AUC_B"} if count == 1 else set()), row
+        assert 0 <= scores["AUC_J"] <= 1 and -1 <= scores["CC"] <= 1
+        assert 0 <= scores["SIM"] <= 1 and scores["KLD"] >= 0
+        if count > 1:
+            assert 0 <= scores["AUC_B"] <= 1
+
+
+def test_summary_matches_the_csv(cli_run: Path, data: InferenceData):
+    out = cli_run / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_csv(out / "per_frame.csv")
+    assert summary["n_frames"] == len(rows) == 4
+    assert summary["metrics"] == list(METRIC_ORDER)
+    for m in METRIC_ORDER:
+        column = np.array([float(r[m]) for r in rows])
+        assert summary["nan_frames"][m] == int(np.isnan(column).sum())
+        official = summary["means"][m]
+        if np.isnan(column).any():
+            assert official is None                       # NaN mean, as MATLAB's mean()
+        else:
+            assert official == column.mean()
+        assert summary["means_without_nan"][m] == pytest.approx(np.nanmean(column), abs=0,
+                                                                rel=1e-15)
+    assert summary["outputs"]["csv"]["sha256"] == hashlib.sha256(
+        (out / "per_frame.csv").read_bytes()).hexdigest()
+    assert summary["dataset"]["version_id"] == data.version
+    assert summary["dataset"]["split"] == "test"
+    assert summary["checkpoint"]["sha256"] == hashlib.sha256(data.trainer.read_bytes()).hexdigest()
+    assert summary["checkpoint"]["kind"] == "salmm-train"
+    assert summary["clip"]["mode"] == "cached"
+    assert summary["clip"]["cache_identity"]["prepared"]["version_id"] == data.version
+    assert summary["clip"]["cache_identity"]["encoder"]["weights"] == "random-seed0"
+    assert summary["seed"] == 3 and summary["jitter"] is True
+
+
+def test_table_follows_the_paper_and_is_logged(cli_run: Path):
+    table = (cli_run / "out" / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| |"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == \
+        ["AUC_B", "AUC_J", "NSS", "CC", "SIM", "KLD"]
+    assert "| trafficgaze test |" in table
+    assert header in (cli_run / "stderr.txt").read_text()
+
+
+def test_export_round_trips_through_loadmat(cli_run: Path, data: InferenceData):
+    mat = cli_run / "mat"
+    samples = data.test_samples()
+    names = matlab_export.read_name_list(mat / "test.mat")
+    assert names == [s["name"] for s in samples] == [f"03/00000{i}.jpg" for i in range(6, 10)]
+    for sample in samples:
+        pred, label = matlab_export.read_frame(mat, sample["name"])
+        assert pred.shape == label.shape == (64, 64)
+        assert pred.dtype == label.dtype == np.float32
+        assert np.all((pred > 0) & (pred < 1))
+        np.testing.assert_array_equal(label, sample["label"])
+
+
+def test_scores_do_not_depend_on_workers_or_checkpoint_format(cli_run: Path, data: InferenceData,
+                                                              tmp_path: Path):
+    """Same weights as the official release format, scored in this process (no pool): the
+    same numbers as the trainer checkpoint scored by two worker processes."""
+    summary = evaluate(EvalOptions(checkpoint=str(data.official), prepared=str(data.prepared),
+                                   out=str(tmp_path / "out"), cached_clip=True, workers=0,
+                                   batch_size=3, seed=3, clip=CLIP_NONE))
+    assert summary["checkpoint"]["kind"] == "official"
+    assert summary["checkpoint"]["epoch"] == 5
+    ours = (tmp_path / "out" / "per_frame.csv").read_bytes()
+    assert ours == (cli_run / "out" / "per_frame.csv").read_bytes()
+
+
+def test_seed_and_jitter_change_only_the_random_metrics(cli_run: Path, data: InferenceData,
+                                                        tmp_path: Path):
+    evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(data.prepared),
+                         out=str(tmp_path), cached_clip=True, batch_size=3, seed=4,
+                         jitter=False))
+    before = read_csv(cli_run / "out" / "per_frame.csv")
+    after = read_csv(tmp_path / "per_frame.csv")
+    for a, b in zip(before, after):
+        for m in ("NSS", "CC", "SIM", "KLD"):
+            assert a[m] == b[m]
+    finite = [(a["AUC_B"], b["AUC_B"]) for a, b in zip(before, after) if a["AUC_B"] != "nan"]
+    assert finite and all(x != y for x, y in finite)
+
+
+def test_inline_clip_gives_the_cached_scores(cli_run: Path, data: InferenceData, tmp_path: Path):
+    """Without --cached-clip the model runs the CLIP the checkpoint names (random, seed 0):
+    the same embeddings as the cache, so the same scores up to float rounding."""
+    summary = evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(data.prepared),
+                                   out=str(tmp_path), batch_size=3, seed=3))
+    assert summary["clip"]["mode"] == "inline"
+    assert summary["clip"]["options"]["pretrained"] is None
+    cached = read_csv(cli_run / "out" / "per_frame.csv")
+    inline = read_csv(tmp_path / "per_frame.csv")
+    for a, b in zip(cached, inline):
+        for m in METRIC_ORDER:
+            assert float(b[m]) == pytest.approx(float(a[m]), rel=1e-4, abs=1e-6, nan_ok=True)
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+
+def options(data: InferenceData, tmp_path: Path, **changes) -> EvalOptions:
+    base = {"checkpoint": str(data.trainer), "prepared": str(data.prepared),
+            "out": str(tmp_path / "out"), "cached_clip": True}
+    return EvalOptions(**{**base, **changes})
+
+
+def refusal(opts: EvalOptions) -> str:
+    with pytest.raises(BadInputError) as info:
+        evaluate(opts)
+    message = str(info.value)
+    assert "\n" not in message
+    assert not Path(opts.out).exists()      # nothing written, let alone presented as complete
+    return message
+
+
+def test_missing_checkpoint(data: InferenceData, tmp_path: Path):
+    missing = tmp_path / "nope.tar"
+    assert refusal(options(data, tmp_path, checkpoint=str(missing))) == \
+        f"{missing}: no such checkpoint"
+
+
+def test_checkpoint_with_wrong_keys(data: InferenceData, tmp_path: Path):
+    bad = tmp_path / "model_best_other.tar"
+    torch.save({"epoch": 1, "state_dict": {"encoder1.0.weight": torch.zeros(8, 3, 3, 3),
+                                           "head.weight": torch.zeros(2)}}, bad)
+    message = refusal(options(data, tmp_path, checkpoint=str(bad)))
+    assert message.startswith(f"{bad}: state_dict does not match SalMM")
+    assert "head.weight" in message and "missing" in message
+
+
+def test_prepared_without_manifest(data: InferenceData, tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = refusal(options(data, tmp_path, prepared=str(empty)))
+    assert message.startswith(f"{empty}/manifest.json: missing")
+
+
+def test_unknown_split(data: InferenceData, tmp_path: Path):
+    message = refusal(options(data, tmp_path, split="tset"))
+    assert message == (f"{data.prepared}/manifest.json: no split 'tset' (has test, train,"
+                       " valid)")
+
+
+def test_cache_of_another_dataset_version(data: InferenceData, tmp_path: Path):
+    other = write_prepared(tmp_path / "other", {"test": [4]}, size=(64, 64))
+    cache = write_fake_cache(other, tmp_path / "other.zarr")
+    message = refusal(options(data, tmp_path, cache=str(cache)))
+    assert message.startswith(f"{cache}: made from prepared dataset version")
+    assert f"the prepared dataset is version {data.version}" in message
+
+
+def test_cache_without_the_split(data: InferenceData, tmp_path: Path):
+    message = refusal(options(data, tmp_path, split="valid"))
+    assert message == (f"{data.cache}: has no embeddings of split 'valid' (has test); run"
+                       " `python -m pipeline embed --split valid`")
+
+
+def test_clip_options_must_match_the_checkpoint():
+    trained = {"clip_model": "ViT-B-32", "clip_pretrained": None, "profile": "salmm"}
+    unset = dict.fromkeys(trained, FROM_CHECKPOINT)
+    assert resolve_clip("ck.pt", trained, unset).pretrained is None
+    with pytest.raises(BadInputError, match=r"^ck.pt: trained with CLIP weights none \(random\)"):
+        resolve_clip("ck.pt", trained, {**unset, "clip_pretrained": "openai"})
+    with pytest.raises(BadInputError, match="^ck.pt: trained with --profile salmm, not openclip"):
+        resolve_clip("ck.pt", trained, {**unset, "profile": "openclip"})
+    # an official checkpoint: the published CLIP unless told otherwise
+    published = resolve_clip("model_best.tar", None, unset)
+    assert (published.model, published.pretrained, published.profile) == \
+        ("ViT-B-32", "openai", "salmm")
+
+
+def test_command_reports_one_line_and_exit_code_2(data: InferenceData, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with caplog.at_level(logging.ERROR, logger="salmm.evaluate"):
+        code = main(["--checkpoint", str(data.trainer), "--prepared", str(empty),
+                     "--out", str(tmp_path / "out"), "--cached-clip"])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"{empty}/manifest.json: missing")

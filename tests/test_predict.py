@@ -1,0 +1,178 @@
+"""``python -m salmm.predict`` and the pictures it draws (:mod:`salmm.overlay`)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import cv2
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from pipeline.errors import BadInputError
+from salmm import overlay
+from salmm.predict import ANIMATION_WIDTH, PredictOptions, main, predict
+from tests._inference_data import InferenceData, inference_data
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> InferenceData:
+    return inference_data(tmp_path_factory)
+
+
+def png_shape(path: Path) -> tuple[int, ...]:
+    return cv2.imread(str(path)).shape
+
+
+def gif_frames(path: Path) -> int:
+    return iio.imread(path, index=None).shape[0]
+
+
+# ---- overlay -----------------------------------------------------------------------------------
+
+
+def test_overlay_blends_by_saliency():
+    frame = np.full((20, 30, 3), 100, np.uint8)
+    saliency = np.zeros((10, 15))
+    saliency[5, 7] = 1.0
+    out = overlay.overlay(frame, saliency, alpha=0.5)
+    assert out.shape == frame.shape and out.dtype == np.uint8
+    assert np.array_equal(out[0, 0], frame[0, 0])            # zero saliency: frame unchanged
+    peak = np.unravel_index(np.abs(out.astype(int) - 100).sum(-1).argmax(), out.shape[:2])
+    assert abs(peak[0] - 10) <= 2 and abs(peak[1] - 14) <= 2
+    # a constant map has nothing salient: the frame shows through
+    assert np.array_equal(overlay.overlay(frame, np.ones((4, 4))), frame)
+
+
+def test_colorize_and_side_by_side():
+    heat = overlay.colorize(np.linspace(0, 1, 64).reshape(8, 8), "jet")
+    assert heat.shape == (8, 8, 3)
+    assert heat[0, 0, 2] > heat[0, 0, 0] and heat[-1, -1, 0] > heat[-1, -1, 2]   # blue -> red
+    panels = [np.zeros((8, 5, 3), np.uint8)] * 3
+    assert overlay.side_by_side(panels, gap=2).shape == (8, 19, 3)
+    with pytest.raises(ValueError, match="differ in height"):
+        overlay.side_by_side([np.zeros((8, 5, 3), np.uint8), np.zeros((9, 5, 3), np.uint8)])
+
+
+def test_gif_has_one_frame_per_picture_and_mp4_falls_back(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture):
+    frames = [np.full((12, 16, 3), 40 * i, np.uint8) for i in range(5)]
+    assert overlay.write_animation(tmp_path / "a.gif", frames, fps=4) == 5
+    assert gif_frames(tmp_path / "a.gif") == 5
+    assert iio.immeta(tmp_path / "a.gif")["duration"] == 250
+    monkeypatch.setattr(overlay, "mp4_available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="salmm.overlay"):
+        assert overlay.animation_format("auto") == "gif"
+        assert overlay.animation_format("mp4") == "gif"
+    assert "no ffmpeg backend" in caplog.text
+    assert overlay.animation_format("none") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["a.gif"]     # no temporary files left
+
+
+# ---- predict -----------------------------------------------------------------------------------
+
+
+def test_prepared_split_side_by_side_with_ground_truth(data: InferenceData, tmp_path: Path):
+    out = tmp_path / "out"
+    written = predict(PredictOptions(checkpoint=str(data.trainer), input=str(data.prepared),
+                                     out=str(out), cached_clip=True, limit=3))
+    keys = [s["key"] for s in data.test_samples()][:3]
+    assert [p.name for p in written] == [f"{k}.png" for k in keys] + ["animation.gif"]
+    for key in keys:
+        assert png_shape(out / f"{key}.png") == (64, 3 * 64 + 2 * 4, 3)
+    assert gif_frames(out / "animation.gif") == 3
+
+
+def test_raw_frames_overlaid_at_their_resolution(data: InferenceData, tmp_path: Path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for number in (6, 7, 8):
+        shutil.copy(data.raw / "trafficframe" / "03" / f"{number:06d}.jpg", frames)
+    out = tmp_path / "out"
+    written = predict(PredictOptions(checkpoint=str(data.trainer), input=str(frames),
+                                     out=str(out), fps=5))
+    assert [p.name for p in written] == ["000006.png", "000007.png", "000008.png",
+                                         "animation.gif"]
+    source = cv2.imread(str(frames / "000006.jpg")).shape
+    assert source == (720, 1280, 3)
+    for p in written[:3]:
+        assert png_shape(p) == source
+    animation = iio.imread(out / "animation.gif", index=None)
+    assert animation.shape == (3, 720 * ANIMATION_WIDTH // 1280, ANIMATION_WIDTH, 3)
+
+
+def test_video_and_single_frame(data: InferenceData, tmp_path: Path):
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (96, 64))
+    for number in range(6, 10):
+        image = cv2.imread(str(data.raw / "trafficframe" / "03" / f"{number:06d}.jpg"))
+        writer.write(cv2.resize(image, (96, 64), interpolation=cv2.INTER_AREA))
+    writer.release()
+    written = predict(PredictOptions(checkpoint=str(data.trainer), input=str(video),
+                                     out=str(tmp_path / "video"), limit=3))
+    assert [p.name for p in written] == ["frame_000001.png", "frame_000002.png",
+                                         "frame_000003.png", "animation.gif"]
+    assert png_shape(written[0]) == (64, 96, 3)
+    assert gif_frames(written[-1]) == 3
+    assert iio.immeta(written[-1])["duration"] == 200          # the video's 5 fps
+    single = predict(PredictOptions(checkpoint=str(data.trainer), input=str(written[0]),
+                                    out=str(tmp_path / "single")))
+    assert [p.name for p in single] == ["frame_000001.png"]      # one frame: no animation
+
+
+def test_official_checkpoint_from_the_command_line(data: InferenceData, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        code = main(["--checkpoint", str(data.official), "--input", str(data.prepared),
+                     "--out", str(out), "--cached-clip", "--clip-pretrained", "none",
+                     "--limit", "2", "--colormap", "inferno"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{s['key']}.png" for s in data.test_samples()[:2]] + ["animation.gif"])
+    assert "RANDOM weights" in caplog.text
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+
+def refused(data: InferenceData, tmp_path: Path, **changes) -> str:
+    opts = PredictOptions(**{"checkpoint": str(data.trainer), "input": str(data.prepared),
+                             "out": str(tmp_path / "out"), **changes})
+    with pytest.raises(BadInputError) as info:
+        predict(opts)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    return str(info.value)
+
+
+def test_bad_inputs_are_refused_in_one_line(data: InferenceData, tmp_path: Path):
+    missing = tmp_path / "missing.mp4"
+    assert refused(data, tmp_path, input=str(missing)) == f"{missing}: no such file or folder"
+    garbage = tmp_path / "broken.mp4"
+    garbage.write_bytes(b"not a video" * 100)
+    assert refused(data, tmp_path, input=str(garbage)).startswith(
+        f"{garbage}: cannot be read as a video")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert refused(data, tmp_path, input=str(empty)).startswith(f"{empty}: no frames here")
+    assert refused(data, tmp_path, input=str(garbage.parent / "empty"), cached_clip=True,
+                   ).startswith(f"{empty}: --cached-clip needs a prepared dataset")
+    nockpt = tmp_path / "none.pt"
+    assert refused(data, tmp_path, checkpoint=str(nockpt)) == f"{nockpt}: no such checkpoint"
+    assert refused(data, tmp_path, split="bogus").startswith(
+        f"{data.prepared}/manifest.json: no split 'bogus'")
+
+
+def test_command_exit_code_and_one_line(data: InferenceData, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture):
+    missing = tmp_path / "missing"
+    with caplog.at_level(logging.ERROR, logger="salmm.predict"):
+        code = main(["--checkpoint", str(data.trainer), "--input", str(missing), "--out",
+                     str(tmp_path / "out")])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"{missing}: no such file or folder"]
