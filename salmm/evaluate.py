@@ -327,6 +327,19 @@ def open_eval_cache(path: str | None, prepared: str, manifest: dict[str, Any], s
 # ---- scoring -----------------------------------------------------------------------------------
 
 
+def matlab_fixations(fixations: np.ndarray) -> np.ndarray:
+    """A shard's fixation points -> the 0-based (row, col) points the official MATLAB loop marks.
+
+    The shard stores the published Python loader's points: the raw ``fixdata`` values
+    truncated and used as 0-based indices (kept in rows 0..719, columns 0..1279). The MATLAB
+    loop reads the same values as 1-based indices, so its points are one up and left:
+    ``(row - 1, col - 1)``; a point on row or column 0, which MATLAB skips, becomes -1 and
+    :func:`salmm.metrics.fixation_map` drops it. (A raw point on row 720 or column 1280,
+    which MATLAB keeps, never reaches the shard: the loader drops it.) int64 [N, 2].
+    """
+    return np.asarray(fixations, dtype=np.int64).reshape(-1, 2) - 1
+
+
 def frame_seed(seed: int, key: str) -> list[int]:
     """Entropy of one frame's generator: the run's seed and 64 bits of sha256 of its key."""
     return [seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")]
@@ -486,7 +499,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
                     frames_meta.append({"index": len(names) - 1, "key": key,
                                         "name": meta["name"], "video": meta.get("video"),
                                         "frame": meta.get("frame")})
-                    fix = sample["fixations"] if fixation_metrics else None
+                    fix = matlab_fixations(sample["fixations"]) if fixation_metrics else None
                     collect(pool.submit(pred, label, fix, opts.seed, key, opts.jitter))
             collect(pool.drain())
     finally:

@@ -102,7 +102,56 @@ def inference_data(factory: pytest.TempPathFactory) -> InferenceData:
 
 
 def fixation_count(fixations: np.ndarray) -> int:
-    """Distinct fixated pixels inside the 720x1280 frame (what the fixation metrics see)."""
-    pts = np.asarray(fixations).reshape(-1, 2)
+    """Distinct fixated pixels of the official MATLAB loop's 720x1280 map: the shard's points
+    are the Python loader's 0-based ones, MATLAB reads them 1-based (so row/column 0 drop)."""
+    pts = np.asarray(fixations).reshape(-1, 2) - 1
     inside = (pts[:, 0] >= 0) & (pts[:, 0] < 720) & (pts[:, 1] >= 0) & (pts[:, 1] < 1280)
     return len({tuple(p) for p in pts[inside]})
+
+
+def write_bdda_prepared(root: Path, frames: int = 3) -> tuple[Path, Path]:
+    """A small BDDA-style prepared dataset (test split only, no fixation points, names
+    "VVVV/FFFF.jpg") written directly, and a complete CLIP cache for it of random 512-d
+    embeddings recorded as the random-seed0 encoder. Returns (prepared, cache)."""
+    import hashlib
+
+    from pipeline.clip_cache import CacheWriter
+    from pipeline.fsio import Folder
+    from pipeline.manifest import canonical_json, write_manifest
+    from pipeline.shards import encode_jpeg, encode_json, encode_label_png, encode_npy, write_shard
+
+    rng = np.random.default_rng(11)
+    folder = Folder(root)
+    folder.makedirs()
+    yy, xx = np.mgrid[0:SIZE[0], 0:SIZE[1]]
+    samples, keys = [], []
+    for number in range(1, frames + 1):
+        key = f"v0017_f{number:06d}"
+        label = np.exp(-((yy - 30) ** 2 + (xx - 20 - 5 * number) ** 2) / 80.0)
+        samples.append({"__key__": key,
+                        "jpg": encode_jpeg(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)),
+                        "saliency.png": encode_label_png(label),
+                        "fixations.npy": encode_npy(np.zeros((0, 2), np.int32)),
+                        "json": encode_json({"dataset": "bdda", "split": "test", "video": 17,
+                                             "frame": number, "name": f"0017/{number:04d}.jpg"})})
+        keys.append(key)
+    shard = write_shard(folder, "test-000000.tar", samples).manifest_entry()
+    manifest = {"format": "salmm-prepared", "format_version": 1, "dataset": "bdda",
+                "options": {"size": {"height": SIZE[0], "width": SIZE[1]}},
+                "splits": {"test": {"samples": frames, "shards": [shard]}}}
+    write_manifest(folder, manifest)
+    cache = root / "clip.zarr"
+    writer = CacheWriter.open(str(cache), {
+        "encoder": {"model": "ViT-B-32", "weights": "random-seed0", "profile": "salmm",
+                    "open_clip": "test", "embed_dim": 512},
+        "dtype": "float32",
+        "compute": {"device": "cpu", "autocast": "fp32"},
+        "prepared": {"version_id": version_id(manifest),
+                     "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest()},
+        "software": {"torch": "test", "open_clip": "test"},
+        "splits": {"test": frames},
+        "chunk_size": 256,
+    })
+    writer.write_chunk("test", 0, keys, rng.normal(size=(frames, 2, 512)).astype(np.float32))
+    writer.finish()
+    return root, cache

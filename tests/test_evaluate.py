@@ -19,16 +19,23 @@ import pytest
 import torch
 
 from pipeline.errors import BadInputError
+from pipeline.readers import fixation_points
 from salmm import matlab_export
 from salmm.evaluate import (
     FROM_CHECKPOINT,
     EvalOptions,
     evaluate,
     main,
+    matlab_fixations,
     resolve_clip,
 )
-from salmm.metrics import METRIC_ORDER
-from tests._inference_data import InferenceData, fixation_count, inference_data
+from salmm.metrics import METRIC_ORDER, fixation_map
+from tests._inference_data import (
+    InferenceData,
+    fixation_count,
+    inference_data,
+    write_bdda_prepared,
+)
 from tests._prepared import run_module, write_fake_cache, write_prepared
 
 CLIP_NONE = (("clip_pretrained", None),)   # the official checkpoint's CLIP, random weights
@@ -255,3 +262,36 @@ def test_command_reports_one_line_and_exit_code_2(data: InferenceData, tmp_path:
     assert code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith(f"{empty}/manifest.json: missing")
+
+
+# ---- conventions -------------------------------------------------------------------------------
+
+
+def test_fixation_points_follow_the_official_matlab_loop():
+    """Raw fixdata values (1-based, as recorded) -> reader -> shard -> the map MATLAB builds
+    with ``fix_map(x, y) = 1`` for ``0 < x < 721``, ``0 < y < 1281``."""
+    raw_rows = np.array([1, 2, 360, 719, 5, 0])
+    raw_cols = np.array([1, 640, 1279, 3, 0, 9])
+    cell = np.stack([np.zeros(6), np.zeros(6), raw_cols, raw_rows], axis=1).astype(float)
+    points, _ = fixation_points(cell)
+    ours = fixation_map(matlab_fixations(points))
+    matlab = np.zeros((720, 1280))
+    for x, y in zip(raw_rows, raw_cols):                    # the loop, 1-based
+        if 0 < x < 721 and 0 < y < 1281:
+            matlab[x - 1, y - 1] = 1
+    np.testing.assert_array_equal(ours, matlab)
+    assert ours.sum() == 4
+
+
+def test_bdda_reports_cc_sim_kld_only(data: InferenceData, tmp_path: Path):
+    prepared, cache = write_bdda_prepared(tmp_path / "bdda")
+    summary = evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(prepared),
+                                   out=str(tmp_path / "out"), export_mat=str(tmp_path / "mat"),
+                                   cached_clip=True, cache=str(cache)))
+    assert summary["metrics"] == ["CC", "SIM", "KLD"]
+    assert all(np.isfinite(v) for v in summary["means"].values())
+    rows = read_csv(tmp_path / "out" / "per_frame.csv")
+    assert list(rows[0]) == ["index", "key", "name", "video", "frame", "CC", "SIM", "KLD"]
+    assert "| bdda test | - | - | - |" in (tmp_path / "out" / "results.md").read_text()
+    assert matlab_export.read_name_list(tmp_path / "mat" / "test.mat") == \
+        ["0017/0001.jpg", "0017/0002.jpg", "0017/0003.jpg"]
