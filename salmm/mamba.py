@@ -170,28 +170,44 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         """hidden_states: [b, l, d_model] -> [b, l, d_model]."""
         backend = self.resolved_backend(hidden_states.device)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # [b, 2*d_inner, l]
+        kernels = _load_kernels() if backend == "cuda" else {}
+        xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()  # [b, 2*d_inner, l]
         x, z = xz.chunk(2, dim=1)  # each [b, d_inner, l]
-        fwd = self._branch(
-            backend, x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
+        z_b = z.flip(-1)
+        # scan arguments (x, dt, A, B, C, D, delta_bias) of each direction
+        fwd = self._scan_args(
+            kernels, x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
         )
-        bwd = self._branch(
-            backend,
+        bwd = self._scan_args(
+            kernels,
             x.flip(-1),
-            z.flip(-1),
             self.conv1d_b,
             self.x_proj_b,
             self.dt_proj_b,
             self.A_b_log,
             self.D_b,
         )
-        y = fwd + bwd.flip(-1)  # [b, d_inner, l], summed as published (no averaging)
+        if backend == "cuda":
+            scan = kernels["selective_scan_fn"]
+            y_f, y_b = (
+                scan(*args[:6], z=gate, delta_bias=args[6], delta_softplus=True)
+                for args, gate in ((fwd, z), (bwd, z_b))
+            )
+        else:  # both directions as one grouped scan (leading dim 2, see salmm.scan)
+            u, dt, A, B, C, D, dt_bias = (
+                torch.stack(pair, dim=1 if pair[0].ndim == 3 else 0) for pair in zip(fwd, bwd)
+            )  # u, dt: [b, 2, d_inner, l]; B, C: [b, 2, n, l]; A: [2, d_inner, n]; D: [2, d_inner]
+            z2 = torch.stack((z, z_b), dim=1)
+            y = selective_scan(u, dt, A, B, C, D, z=z2, delta_bias=dt_bias, delta_softplus=True)
+            y_f, y_b = y.unbind(1)
+        y = y_f + y_b.flip(-1)  # [b, d_inner, l], summed as published (no averaging)
         return self.out_proj(y.transpose(1, 2))
 
-    def _branch(self, backend, x, z, conv1d, x_proj, dt_proj, A_log, D) -> Tensor:
-        """One direction: x, z [b, d_inner, l] -> SiLU(z) * scan(...) [b, d_inner, l]."""
+    def _scan_args(self, kernels, x, conv1d, x_proj, dt_proj, A_log, D) -> tuple[Tensor, ...]:
+        """One direction's selective-scan inputs from x [b, d_inner, l]: the conv+SiLU output
+        [b, d_inner, l], dt [b, d_inner, l] (bias not yet added), A [d_inner, n], B and C
+        [b, n, l], D [d_inner] and the dt bias [d_inner]."""
         length = x.shape[-1]
-        kernels = _load_kernels() if backend == "cuda" else {}
         if "causal_conv1d_fn" in kernels:
             x = kernels["causal_conv1d_fn"](
                 x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu"
@@ -202,15 +218,6 @@ class Mamba(nn.Module):
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # [b, d_inner, l], bias added in scan
         A = -torch.exp(_at_least_fp32(A_log))  # [d_inner, d_state]
-        scan = kernels["selective_scan_fn"] if backend == "cuda" else selective_scan
-        return scan(
-            x,
-            dt,
-            A,
-            B.transpose(1, 2).contiguous(),  # [b, d_state, l]
-            C.transpose(1, 2).contiguous(),
-            _at_least_fp32(D),
-            z=z,
-            delta_bias=_at_least_fp32(dt_proj.bias),
-            delta_softplus=True,
-        )
+        B = B.transpose(1, 2).contiguous()  # [b, d_state, l]
+        C = C.transpose(1, 2).contiguous()
+        return x, dt, A, B, C, _at_least_fp32(D), _at_least_fp32(dt_proj.bias)

@@ -22,6 +22,10 @@ Shapes (b batch, d channels, l length, n state size)::
     delta_bias: [d]    added to delta before softplus (optional)
     returns [b, d, l]  in u's dtype (computed in float32, or float64 for float64 input)
 
+:func:`selective_scan` also takes extra leading dims, so independent scans with their own
+parameters run as one call: u, delta, z [b, g, d, l]; B, C [b, g, n, l]; A [g, d, n];
+D, delta_bias [g, d] (the bidirectional Mamba block stacks its two directions as g = 2).
+
 Recurrence, per (b, d, n) with h_{-1} = 0::
 
     dt_t = softplus(delta_t + delta_bias)        (if delta_softplus)
@@ -90,17 +94,16 @@ class _SelectiveScanCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_len: int):
-        # dt, u: [l, b, d]; A: [d, n]; B, C: [l, b, n]
-        length, batch, dim = dt.shape
-        n = A.shape[1]
-        decay = dt.new_empty(length, batch, dim, n)  # exp(dt * A)
-        h = dt.new_empty(length, batch, dim, n)  # the state h_t
-        y = dt.new_empty(length, batch, dim)
-        dtu = dt * u  # [l, b, d]
+        # dt, u: [l, *batch, d]; A: [..., d, n] broadcast over batch; B, C: [l, *batch, n]
+        length, dim, n = dt.shape[0], dt.shape[-1], A.shape[-1]
+        decay = dt.new_empty(*dt.shape, n)  # [l, *batch, d, n] = exp(dt * A)
+        h = dt.new_empty(*dt.shape, n)  # the state h_t
+        y = torch.empty_like(dt)
+        dtu = dt * u  # [l, *batch, d]
         for s in range(0, length, chunk_len):
             e = min(s + chunk_len, length)
             dc = torch.mul(A, dt[s:e].unsqueeze(-1), out=decay[s:e]).exp_()
-            hc = torch.mul(dtu[s:e].unsqueeze(-1), B[s:e].unsqueeze(2), out=h[s:e])
+            hc = torch.mul(dtu[s:e].unsqueeze(-1), B[s:e].unsqueeze(-2), out=h[s:e])
             if s:
                 hc[0].addcmul_(dc[0], h[s - 1])  # carry the previous chunk's last state in
             _scan_(hc, dc[1:])
@@ -112,19 +115,18 @@ class _SelectiveScanCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor):
         dt, u, A, B, C, decay, h, dtu = ctx.saved_tensors
-        length, batch, dim = dt.shape
-        n, chunk_len = A.shape[1], ctx.chunk_len
+        length, dim, n, chunk_len = dt.shape[0], dt.shape[-1], A.shape[-1], ctx.chunk_len
         gy = gy.contiguous()
-        gC, gB = dt.new_empty(length, batch, n), dt.new_empty(length, batch, n)
-        gdtu, gdt = dt.new_empty(length, batch, dim), dt.new_zeros(length, batch, dim)
-        gA = A.new_zeros(A.shape)
-        g_buf = dt.new_empty(min(chunk_len, length), batch, dim, n)
+        gC, gB = torch.empty_like(C), torch.empty_like(B)
+        gdtu, gdt = torch.empty_like(dt), torch.zeros_like(dt)
+        gA = torch.zeros_like(A)
+        g_buf = dt.new_empty(min(chunk_len, length), *dt.shape[1:], n)
         tmp_buf = torch.empty_like(g_buf)
         g_after = None  # dL/dh at the first step of the chunk after this one
         for s in reversed(range(0, length, chunk_len)):
             e = min(s + chunk_len, length)
             # g = dL/dh_t: through y_t, then through every later step (reverse recurrence)
-            g = torch.mul(gy[s:e].unsqueeze(-1), C[s:e].unsqueeze(2), out=g_buf[: e - s])
+            g = torch.mul(gy[s:e].unsqueeze(-1), C[s:e].unsqueeze(-2), out=g_buf[: e - s])
             if g_after is not None:
                 g[-1].addcmul_(decay[e], g_after)
             _rscan_(g, decay[s + 1 : e])
@@ -136,7 +138,7 @@ class _SelectiveScanCore(torch.autograd.Function):
             # dL/d(dt_t A) = g_t h_{t-1} decay_t for t >= 1 (h_{-1} = 0), built in g's buffer
             t0 = max(s, 1)
             w = g[t0 - s :].mul_(h[t0 - 1 : e - 1]).mul_(decay[t0:e])
-            gA += torch.mul(w, dt[t0:e].unsqueeze(-1), out=tmp_buf[: e - t0]).sum((0, 1))
+            gA += torch.mul(w, dt[t0:e].unsqueeze(-1), out=tmp_buf[: e - t0]).sum_to_size(A.shape)
             torch.sum(w.mul_(A), -1, out=gdt[t0:e])
         gdt.addcmul_(gdtu, u)
         gu = gdtu * dt
@@ -148,16 +150,16 @@ def _prepare(u, delta, delta_bias, delta_softplus):
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     dt = delta.to(dtype)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(dtype)[:, None]
+        dt = dt + delta_bias.to(dtype).unsqueeze(-1)
     if delta_softplus:
         dt = F.softplus(dt)
     return dtype, dt
 
 
 def _finish(y, u, D, z, dtype_in):
-    """y [b, d, l] -> add D * u, gate by silu(z), cast back to the input dtype."""
+    """y [..., d, l] -> add D * u, gate by silu(z), cast back to the input dtype."""
     if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]
+        y = y + u * D.to(y.dtype).unsqueeze(-1)
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y.to(dtype_in)
@@ -175,21 +177,25 @@ def selective_scan(
     delta_softplus: bool = False,
     chunk_len: int | None = None,
 ) -> Tensor:
-    """Vectorised selective scan; see the module docstring for shapes. Differentiable in all
-    tensor inputs. Memory: two saved [b, d, l, n] buffers (decay, state) in the compute dtype.
-    chunk_len: time steps per chunk (default: :func:`default_chunk_len` of b*d*n)."""
+    """Vectorised selective scan; see the module docstring for shapes (leading dims allowed).
+    Differentiable in all tensor inputs. Memory: two saved [..., d, l, n] buffers (decay,
+    state) in the compute dtype. chunk_len: time steps per chunk (default:
+    :func:`default_chunk_len` of the values per step)."""
     dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
     uc = u.to(dtype)
-    batch, dim, _ = u.shape
-    chunk_len = chunk_len or default_chunk_len(batch * dim * A.shape[1])
+    chunk_len = chunk_len or default_chunk_len(u[..., 0].numel() * A.shape[-1])
+
+    def time_major(t):  # [..., l] -> [l, ...]
+        return t.to(dtype).movedim(-1, 0).contiguous()
+
     y = _SelectiveScanCore.apply(
-        dt.permute(2, 0, 1).contiguous(),
-        uc.permute(2, 0, 1).contiguous(),
+        time_major(dt),
+        time_major(uc),
         A.to(dtype).contiguous(),
-        B.to(dtype).permute(2, 0, 1).contiguous(),
-        C.to(dtype).permute(2, 0, 1).contiguous(),
+        time_major(B),
+        time_major(C),
         chunk_len,
-    ).permute(1, 2, 0)
+    ).movedim(0, -1)
     return _finish(y, uc, D, z, u.dtype)
 
 
