@@ -27,6 +27,7 @@ import queue
 import re
 import tarfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,6 +349,7 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                 for s in splits}
         todo = sum(j.stop - j.start for js in jobs.values() for j in js)
         log.info("embedding %d samples (%d images with flips) into %s", todo, 2 * todo, out)
+        started = time.perf_counter()
         with tqdm(total=2 * todo, unit="img", desc="embed", smoothing=0.1) as progress:
             if client is None:
                 for split in splits:
@@ -357,7 +359,10 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
             else:
                 _embed_on_dask(client, writer, spec, shards, jobs, batch_size, progress)
     writer.finish()
-    log.info("CLIP cache complete: %s", out)
+    elapsed = time.perf_counter() - started
+    log.info("CLIP cache complete: %s (%s samples; %d images embedded now in %.1f s, %.1f images/s;"
+             " weights %s)", out, header["splits"], 2 * todo, elapsed,
+             2 * todo / elapsed if elapsed > 0 else 0.0, identity["weights"])
     return out
 
 
@@ -438,7 +443,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``python -m pipeline embed``: build or finish the cache, log where it is; exit code."""
+    """``python -m pipeline embed``: build or finish the cache (its path is logged); exit code."""
     if args.batch_size < 1 or args.chunk_size < 1:
         raise SystemExit("embed: --batch-size and --chunk-size must be at least 1")
     cuda = torch.device(args.device).type == "cuda"
@@ -446,8 +451,7 @@ def run(args: argparse.Namespace) -> int:
     spec = EncoderSpec(model=args.clip_model, pretrained=pretrained, profile=args.profile,
                        device=args.device,
                        precision=(args.precision or "fp16") if cuda else "fp32")
-    out = embed_prepared(args.prepared, args.out, spec=spec, batch_size=args.batch_size,
-                         chunk_size=args.chunk_size, dtype=args.dtype, splits=args.splits,
-                         dask_address=args.dask_address)
-    log.info("wrote %s", out)
+    embed_prepared(args.prepared, args.out, spec=spec, batch_size=args.batch_size,
+                   chunk_size=args.chunk_size, dtype=args.dtype, splits=args.splits,
+                   dask_address=args.dask_address)
     return 0
