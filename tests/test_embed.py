@@ -210,14 +210,26 @@ def test_shard_with_fewer_samples_than_the_manifest_is_refused(tmp_path):
         embed_prepared(prepared, spec=SPEC, batch_size=2, chunk_size=2)
 
 
-def test_corrupt_jpg_is_reported_with_its_shard_and_key(tmp_path):
+@pytest.mark.parametrize("damage, message", [
+    ([{"__key__": "v0001_f000001", "jpg": b"not a jpeg"}, {"__key__": "v0002_f000001",
+                                                            "jpg": b"nor this"}],
+     r"train-000000.tar#v0001_f000001: corrupt jpg"),
+    ([{"__key__": "v0001_f000001", "json": b"{}"}, {"__key__": "v0002_f000001", "json": b"{}"}],
+     r"train-000000.tar: sample v0001_f000001 has no jpg"),
+    (None, r"train-000000.tar: shard listed in the manifest is missing"),
+])
+def test_damaged_shards_are_reported_in_one_line(tmp_path, damage, message):
     prepared = write_prepared(tmp_path / "p", {"train": [2]})
     folder = Folder(prepared)
-    write_shard(folder, "train-000000.tar", [
-        {"__key__": "v0001_f000001", "jpg": b"not a jpeg"}, {"__key__": "v0002_f000001",
-                                                              "jpg": b"nor this"}])
-    with pytest.raises(BadInputError, match=r"train-000000.tar#v0001_f000001: corrupt jpg"):
-        embed_prepared(prepared, spec=SPEC, batch_size=2, chunk_size=2)
+    if damage is None:
+        folder.remove("train-000000.tar")
+    else:
+        write_shard(folder, "train-000000.tar", damage)
+    with pytest.raises(BadInputError, match=message) as err:
+        embed_prepared(prepared, tmp_path / "c.zarr", spec=SPEC, batch_size=2, chunk_size=2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(BadInputError, match="incomplete"):
+        open_cache(tmp_path / "c.zarr")
 
 
 def test_unavailable_weights_fail_with_one_line_saying_what_to_do(monkeypatch):
