@@ -462,8 +462,11 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         cache_path, cache_identity = open_eval_cache(opts.cache, opts.prepared, manifest,
                                                      opts.split, loaded.clip)
         table = EmbeddingTable(cache_path, opts.split)
+    # Results of an earlier run in the same folders would read as this run's if it fails:
+    # the summary (written last) marks the outputs complete, the name list the export.
+    Folder(opts.out).remove(SUMMARY_NAME)
     if opts.export_mat:
-        Folder(opts.export_mat).remove(matlab_export.NAMES_FILE)   # a stale list is not ours
+        Folder(opts.export_mat).remove(matlab_export.NAMES_FILE)
     log.info("evaluating %s split %r of %s (version %s, %d frames), CLIP %s, %d metric"
              " worker(s)", dataset, opts.split, opts.prepared, version, n_frames,
              "cached" if table is not None else "inline", opts.workers)

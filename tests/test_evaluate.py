@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +296,19 @@ def test_bdda_reports_cc_sim_kld_only(data: InferenceData, tmp_path: Path):
     assert "| bdda test | - | - | - |" in (tmp_path / "out" / "results.md").read_text()
     assert matlab_export.read_name_list(tmp_path / "mat" / "test.mat") == \
         ["0017/0001.jpg", "0017/0002.jpg", "0017/0003.jpg"]
+
+
+def test_a_failed_run_leaves_nothing_that_reads_as_complete(data: InferenceData, tmp_path: Path):
+    """A shard that breaks after some frames were scored: no CSV, no name list, and the
+    summary of an earlier run in the same folder is gone (it would read as this run's)."""
+    prepared = tmp_path / "prepared"
+    shutil.copytree(data.prepared, prepared)
+    (prepared / "test-000001.tar").write_bytes(b"\0" * 100)    # the second of two test shards
+    out, mat = tmp_path / "out", tmp_path / "mat"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(BadInputError, match="test-000001.tar"):
+        evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(prepared), out=str(out),
+                             export_mat=str(mat), cached_clip=True, batch_size=2))
+    assert list(out.iterdir()) == []
+    assert (mat / "pre").is_dir() and not (mat / "test.mat").exists()
