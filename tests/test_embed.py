@@ -64,8 +64,8 @@ def prepared(tmp_path_factory, cluster) -> Path:
 
 @pytest.fixture(scope="module")
 def cache_path(prepared) -> str:
-    """The uninterrupted reference run: chunks of 2 samples, batches of 1 sample."""
-    return embed_prepared(prepared, prepared.parent / "full.zarr", spec=SPEC, batch_size=1,
+    """The uninterrupted reference run: chunks of 2 samples, batches of 2 samples."""
+    return embed_prepared(prepared, prepared.parent / "full.zarr", spec=SPEC, batch_size=2,
                           chunk_size=2)
 
 
@@ -137,7 +137,7 @@ def test_prefetch_reraises_errors_from_the_reader():
 
 def _embed_command(prepared: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "embed", "--prepared", str(prepared),
-            "--out", str(out), "--clip-pretrained", "none", "--batch-size", "1",
+            "--out", str(out), "--clip-pretrained", "none", "--batch-size", "2",
             "--chunk-size", "2"]
 
 
@@ -191,7 +191,7 @@ def test_resume_with_another_profile_is_refused(prepared, tmp_path):
 
 
 def test_dask_workers_write_the_same_cache(prepared, cache_path, cluster, tmp_path):
-    out = embed_prepared(prepared, tmp_path / "dask.zarr", spec=SPEC, batch_size=1,
+    out = embed_prepared(prepared, tmp_path / "dask.zarr", spec=SPEC, batch_size=2,
                          chunk_size=2, dask_address=cluster.scheduler_address)
     for split in ("train", "valid"):
         keys, emb = open_cache(out).load_split(split)
