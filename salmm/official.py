@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(v.numel() for v in official.state_dict.values())
     log.info("%s", args.checkpoint)
     log.info("  epoch       %s", official.epoch)
-    log.info("  valid_loss  %s", official.valid_loss)
+    loss = official.valid_loss
+    log.info("  valid_loss  %s", "n/a" if loss is None else f"{loss:.6g}")
     log.info(
         "  all %d SalMM keys present with the right shapes (%d values); %d CLIP keys ignored",
         len(official.state_dict),

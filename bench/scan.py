@@ -1,0 +1,120 @@
+"""Speed of the vectorised selective scan against the sequential reference loop, side by side.
+
+Run: ``python bench/scan.py [--repeats 7] [--threads N]``
+
+Shapes are the model's largest Mamba call (SalMM at 256x256: encoder4 runs on the 32x32 map,
+sequence 1024, d_inner 12, d_state 16) at batch 8. Each timing is forward + backward of the
+full ``selective_scan`` call (softplus, delta_bias, D skip and SiLU gate included); the two
+run in turn so they share the machine's load; min and median of the repeats are printed.
+Also times one SalMM forward + backward at batch 8, 256x256, on the PyTorch scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from salmm.model import SalMM
+from salmm.scan import selective_scan, selective_scan_ref
+
+log = logging.getLogger("bench.scan")
+
+
+def scan_inputs(batch=8, d_inner=12, length=1024, d_state=16, seed=0):
+    """Random inputs with the value ranges a trained Mamba sees (A < 0, small delta)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+    A = (-torch.exp(torch.randn(d_inner, d_state, generator=gen))).requires_grad_()
+    return {
+        "u": rand(batch, d_inner, length),
+        "delta": rand(batch, d_inner, length, scale=0.5),
+        "A": A,
+        "B": rand(batch, d_state, length),
+        "C": rand(batch, d_state, length),
+        "D": rand(d_inner),
+        "z": rand(batch, d_inner, length),
+        "delta_bias": rand(d_inner, scale=0.5),
+    }
+
+
+def time_side_by_side(steps, repeats):
+    """{name: (min, median) seconds} of each `step()` (forward + backward), the steps run in
+    turn `repeats` times after one warm-up each, so they share the machine's load; the minimum
+    is the least disturbed run."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+
+
+def scan_step(fn, inputs):
+    def step():
+        out = fn(**inputs, delta_softplus=True)
+        out.sum().backward()
+
+    return step
+
+
+def model_step(model, frames, emb):
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(frames, emb).mean().backward()
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log.info("torch %s, %d threads", torch.__version__, torch.get_num_threads())
+
+    inputs = scan_inputs()
+    steps = {
+        "sequential loop (selective_scan_ref)": scan_step(selective_scan_ref, inputs),
+        "vectorised (selective_scan)": scan_step(selective_scan, inputs),
+    }
+    timed = time_side_by_side(steps, args.repeats)
+    log.info("selective scan fwd+bwd, batch 8, L 1024, d_inner 12, d_state 16 (min / median):")
+    for name, (best, median) in timed.items():
+        log.info("  %-38s %8.2f / %8.2f ms", name, best * 1e3, median * 1e3)
+    (ref_min, ref_med), (vec_min, vec_med) = timed.values()
+    log.info("  speed-up: %.1fx (min), %.1fx (median)", ref_min / vec_min, ref_med / vec_med)
+
+    torch.manual_seed(0)
+    model = SalMM(backend="torch")
+    frames = torch.rand(8, 3, 256, 256)
+    emb = torch.randn(8, 512)
+    timed = time_side_by_side({"model": model_step(model, frames, emb)}, max(3, args.repeats // 2))
+    best, median = timed["model"]
+    log.info(
+        "SalMM fwd+bwd, batch 8, 256x256, cached embedding: %.0f / %.0f ms (min / median)",
+        best * 1e3,
+        median * 1e3,
+    )
+
+
+if __name__ == "__main__":
+    main()
