@@ -95,7 +95,7 @@ class LoadedModel:
 
     ``size``: (height, width) it was trained at; ``info``: its identity for summaries (path,
     sha256, kind "salmm-train" | "official", epoch, valid_loss, dataset_version, git_commit);
-    ``clip``: the CLIP options in use; ``inline``: whether the model runs CLIP itself.
+    ``clip``: the CLIP options in use (run inline when the model carries the encoder).
     """
 
     model: torch.nn.Module
@@ -104,7 +104,6 @@ class LoadedModel:
     size: tuple[int, int]
     info: dict[str, Any]
     clip: ClipChoice
-    inline: bool
 
 
 def _sha256(path: str) -> str:
@@ -207,7 +206,7 @@ def load_model(path: str, *, inline_clip: bool, given_clip: dict[str, Any],
     size = tuple(config["size"]) if config is not None else (256, 256)
     log.info("checkpoint %s (%s, epoch %s, sha256 %s...)", path, info["kind"], info["epoch"],
              info["sha256"][:12])
-    return LoadedModel(model, dev, autocast_dtype(amp, dev), size, info, clip, inline_clip)
+    return LoadedModel(model, dev, autocast_dtype(amp, dev), size, info, clip)
 
 
 def predict_batch(loaded: LoadedModel, frames: torch.Tensor, emb: torch.Tensor | None
@@ -421,8 +420,8 @@ class EvalOptions:
 
     checkpoint: str
     prepared: str
+    out: str
     split: str = "test"
-    out: str = "eval"
     export_mat: str | None = None
     cached_clip: bool = False
     cache: str | None = None
