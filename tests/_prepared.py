@@ -111,3 +111,20 @@ def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess
     if result.returncode != 0:
         raise RuntimeError(f"{result.args} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def prepare_with_commands(work: Path, *, frames: int = 12, size: str = "64x64",
+                          shard_size: int = 4) -> Path:
+    """A synthetic BDDA dataset run through the real commands: ``synth`` (3 videos, one per
+    split), ``normalize --size SIZE --shard-size N``, ``embed --clip-pretrained none`` for the
+    train and valid splits into the default cache path. Returns the prepared folder."""
+    raw, prepared = work / "raw", work / "prepared"
+    _checked(run_module("pipeline", "-q", "synth", "--dataset", "bdda", "--out", str(raw),
+                        "--videos", "3", "--frames", str(frames)))
+    _checked(run_module("pipeline", "-q", "normalize", "--dataset", "bdda", "--root", str(raw),
+                        "--out", str(prepared), "--size", size, "--shard-size", str(shard_size),
+                        "--workers", "1"))
+    _checked(run_module("pipeline", "-q", "embed", "--prepared", str(prepared),
+                        "--clip-pretrained", "none", "--split", "train", "--split", "valid",
+                        "--batch-size", "16"))
+    return prepared

@@ -1,0 +1,186 @@
+"""Training options: THE one place that parses them.
+
+:func:`build_parser` assembles the ``python -m salmm.train`` parser from small groups
+(:func:`add_data_options`, :func:`add_clip_options`, :func:`add_runtime_options`,
+:func:`add_recipe_options`) that the evaluate/predict commands can reuse; :func:`parse_args`
+turns the command line into a :class:`TrainConfig`. Defaults follow the published recipe:
+Adam, lr 1e-3, weight decay 1e-4, batch 32, 256x256 frames, seed 42, 100 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+PROFILES = ("salmm", "openclip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (stored in every checkpoint as a dict)."""
+
+    prepared: str                        # prepared dataset folder or URL (manifest.json + shards)
+    cached_clip: bool = False            # True: CLIP embeddings from the cache; False: inline CLIP
+    cache: str | None = None             # CLIP cache; None: the embed command's default path
+    out: str | None = None               # run folder; None: runs/<date>-<time> (or the resumed one)
+    resume: str | None = None            # checkpoint to continue from
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 42
+    size: tuple[int, int] = (256, 256)   # (height, width) of the frames; must match the prepared data
+    shuffle_buffer: int = 1000           # samples in the shuffle buffer (per data worker)
+    workers: int = 2                     # data-loading processes per training process (0: inline)
+    device: str | None = None            # None: "cuda" when available, else "cpu"
+    amp: str = "auto"                    # autocast on CUDA: auto (bf16, else fp16), bf16, fp16, off
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = "openai"   # open_clip tag, local file, hf-hub:..., None: random
+    profile: str = "salmm"               # CLIP preprocessing profile: salmm | openclip
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists) for checkpoints and logs."""
+        out = dataclasses.asdict(self)
+        out["size"] = list(self.size)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`as_dict` (unknown keys are an error)."""
+        values = dict(values)
+        values["size"] = tuple(values["size"])
+        return cls(**values)
+
+
+#: Options that decide the numbers a run produces: a resumed run must use the same ones.
+RECIPE_FIELDS = ("cached_clip", "batch_size", "lr", "weight_decay", "seed", "size",
+                 "shuffle_buffer", "clip_model", "clip_pretrained", "profile")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WIDTHxHEIGHT"`` (as ``python -m pipeline normalize --size``) or ``"256"`` -> (height,
+    width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not match or int(match.group(1)) < 1 or int(match.group(2) or 1) < 1:
+        raise argparse.ArgumentTypeError(f"size must look like 256x256 (width x height) or 256,"
+                                         f" got {text!r}")
+    width = int(match.group(1))
+    height = int(match.group(2) or width)
+    return height, width
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _pretrained(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """--prepared, --cache, --size, --workers, --shuffle-buffer."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--prepared", required=True, metavar="PREPARED",
+                       help="prepared dataset (folder or fsspec URL with manifest.json)")
+    group.add_argument("--cache", metavar="CACHE",
+                       help="CLIP embedding cache (default: the one `python -m pipeline embed`"
+                            " writes for --clip-model/--clip-pretrained/--profile)")
+    group.add_argument("--size", type=parse_size, default=TrainConfig.size, metavar="WxH",
+                       help="frame size, width x height; must equal the prepared size"
+                            " (default 256x256)")
+    group.add_argument("--workers", type=_non_negative_int, default=TrainConfig.workers,
+                       help="data-loading processes (0: load in the training process)")
+    group.add_argument("--shuffle-buffer", type=_positive_int, default=TrainConfig.shuffle_buffer,
+                       help="samples held in the shuffle buffer of each data worker")
+
+
+def add_clip_options(parser: argparse.ArgumentParser) -> None:
+    """--clip-model, --clip-pretrained, --profile."""
+    group = parser.add_argument_group("CLIP")
+    group.add_argument("--clip-model", default=TrainConfig.clip_model,
+                       help="open_clip model name (default ViT-B-32, as published)")
+    group.add_argument("--clip-pretrained", type=_pretrained, default=TrainConfig.clip_pretrained,
+                       help="weights: open_clip tag, local file, hf-hub:org/repo, or none"
+                            " (random; tests only)")
+    group.add_argument("--profile", choices=PROFILES, default=TrainConfig.profile,
+                       help="CLIP preprocessing: salmm (published) or openclip")
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --amp."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    group.add_argument("--amp", choices=AMP_CHOICES, default=TrainConfig.amp,
+                       help="autocast on CUDA: auto = bf16 where supported, else fp16")
+
+
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """--epochs, --batch-size, --lr, --weight-decay, --seed."""
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
+    group.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
+    group.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
+    group.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    group.add_argument("--seed", type=int, default=TrainConfig.seed,
+                       help="seeds the weights, the shuffles and the flips")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m salmm.train`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m salmm.train",
+        description="Train SalM2 on a prepared dataset. With --cached-clip the CLIP embeddings"
+                    " come from the cache written by `python -m pipeline embed`; without it the"
+                    " model runs its frozen CLIP inline, as published.")
+    parser.add_argument("--cached-clip", action="store_true",
+                        help="use the CLIP embedding cache instead of running CLIP")
+    parser.add_argument("--out", metavar="RUNS/NAME",
+                        help="run folder (default: runs/<date>-<time>, or the folder of"
+                             " --resume)")
+    parser.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
+    add_data_options(parser)
+    add_recipe_options(parser)
+    add_clip_options(parser)
+    add_runtime_options(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command line -> :class:`TrainConfig` (argparse exits with a usage line on bad options)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cache is not None and not args.cached_clip:
+        parser.error("--cache is only used with --cached-clip")
+    return TrainConfig(**vars(args))
+
+
+def add_inference_options(parser: argparse.ArgumentParser, *, prepared: bool = True) -> None:
+    """--checkpoint, --cached-clip, --cache (and --prepared when ``prepared``): the model and
+    data options of ``python -m salmm.evaluate`` and ``python -m salmm.predict``."""
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--checkpoint", required=True, metavar="CKPT",
+                       help="a salmm.train checkpoint or an official model_best_*.tar")
+    if prepared:
+        group.add_argument("--prepared", required=True, metavar="PREPARED",
+                           help="prepared dataset (folder or fsspec URL with manifest.json)")
+    group.add_argument("--cached-clip", action="store_true",
+                       help="take CLIP embeddings from the cache `python -m pipeline embed` wrote"
+                            " (prepared inputs only) instead of running CLIP")
+    group.add_argument("--cache", metavar="CACHE",
+                       help="CLIP embedding cache (default: the embed command's default path"
+                            " for the CLIP options)")

@@ -1,0 +1,567 @@
+"""``python -m salmm.train``: train SalM2 on a prepared dataset.
+
+With ``--cached-clip`` the CLIP embedding of every frame (and of its mirror image) comes from
+the cache ``python -m pipeline embed`` wrote, so a step runs only the 76k-parameter model;
+without it the model runs its frozen CLIP inline, as the published code does.
+
+The run, top to bottom:
+
+1. Options (:mod:`salmm.options`), processes (one, or one per GPU under ``torchrun``: DDP,
+   shards split by rank), device and autocast.
+2. Inputs checked before any step: the prepared dataset's manifest and frame size, the CLIP
+   cache's dataset version, model, profile and weights; a resumed checkpoint's dataset, cache
+   and recipe. A mismatch stops the run with one line.
+3. Per epoch: train (BCE on the saliency map, Adam), validate (loss, CC, SIM, KLD from
+   :mod:`salmm.metrics`), write ``last.pt`` (and ``best.pt`` on a new best validation loss)
+   atomically, ``metrics.csv``, TensorBoard events under ``tb/`` and ``curves.png``.
+4. A non-finite training loss stops the run before the bad step, saving ``last-good.pt``.
+
+Run folder: ``last.pt``, ``best.pt``, ``metrics.csv``, ``curves.png``, ``tb/``, ``train.log``,
+``config.json``. ``--resume RUN/last.pt`` continues exactly: every random decision of an epoch
+derives from (seed, epoch) and the generator states are restored, so an interrupted and resumed
+run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
+from salmm import metrics
+from salmm.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    git_commit,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from salmm.data import SaliencyShards, make_loader, split_shards
+from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args
+from salmm.plots import plot_history
+
+log = logging.getLogger("salmm.train")
+
+VALID_METRICS = ("CC", "SIM", "KLD")
+CSV_COLUMNS = ("epoch", "step", "train_loss", "valid_loss", *VALID_METRICS, "lr",
+               "train_samples", "train_seconds", "train_samples_per_s", "valid_samples",
+               "valid_seconds")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite in ``epoch`` (0-based) after ``step`` good
+    optimizer steps; the bad step was not taken."""
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+# ---- processes, device, precision --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process trains: its rank among ``world_size`` processes, its device and the
+    autocast dtype (None: full float32)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: torch.dtype | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Join the ``torchrun`` process group when there is one (NCCL on CUDA, gloo on CPU) and pick
+    this process's device and autocast dtype."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank = 0
+    if world_size > 1:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = dist.get_rank()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(rank, world_size, device, autocast_dtype(cfg.amp, device))
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device``: ``auto`` is bf16 on CUDA devices that
+    support it, fp16 on older ones, off on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+# ---- loss --------------------------------------------------------------------------------------
+
+
+def bce_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel binary cross-entropy of a predicted map ``pred`` in (0, 1) against ``target`` in
+    [0, 1] (equal shapes, float32), as ``torch.nn.BCELoss(reduction="none")``: log terms
+    clamped at -100; but a NaN prediction gives NaN instead of an error, so it can be reported."""
+    log_p = torch.log(pred).clamp_min(-100)
+    log_q = torch.log(1 - pred).clamp_min(-100)
+    return -(target * log_p + (1 - target) * log_q)
+
+
+def bce_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean of :func:`bce_map` (``torch.nn.BCELoss()``)."""
+    return bce_map(pred, target).mean()
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def check_prepared(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """BadInputError unless the prepared data has train and valid samples at the run's size."""
+    size = manifest.get("options", {}).get("size", {})
+    prepared = (size.get("height"), size.get("width"))
+    if prepared != tuple(cfg.size):
+        raise BadInputError(cfg.prepared, f"prepared at {prepared[1]}x{prepared[0]} (width x"
+                            f" height) but the run asks --size {cfg.size[1]}x{cfg.size[0]}; pass"
+                            f" --size {prepared[1]}x{prepared[0]} or prepare that size with"
+                            " `python -m pipeline normalize --size`")
+    for split in ("train", "valid"):
+        if not manifest["splits"].get(split, {}).get("samples"):
+            raise BadInputError(cfg.prepared, f"has no {split} samples; training needs train"
+                                " and valid splits")
+
+
+def default_cache(cfg: TrainConfig) -> str:
+    """The cache ``python -m pipeline embed`` writes by default for the run's CLIP options."""
+    from pipeline.embed import default_cache_path
+    from salmm.clip_encoder import weights_identity
+
+    return default_cache_path(cfg.prepared, {"model": cfg.clip_model, "profile": cfg.profile,
+                                             "weights": weights_identity(cfg.clip_pretrained)})
+
+
+def open_checked_cache(cfg: TrainConfig, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(path, identity) of the run's CLIP cache after checking it was made from this prepared
+    dataset version with the run's CLIP model, profile and weights, and holds both splits."""
+    from pipeline.clip_cache import check_cache, open_cache
+    from salmm.clip_encoder import weights_identity
+
+    path = cfg.cache or default_cache(cfg)
+    cache = open_cache(path)
+    check_cache(cache, manifest, model=cfg.clip_model, profile=cfg.profile,
+                weights=weights_identity(cfg.clip_pretrained))
+    for split in ("train", "valid"):
+        if cache.identity["splits"].get(split) != manifest["splits"][split]["samples"]:
+            raise BadInputError(path, f"holds {cache.identity['splits'].get(split)} {split}"
+                                f" embeddings, the prepared data has"
+                                f" {manifest['splits'][split]['samples']}; re-run"
+                                " `python -m pipeline embed`")
+    return path, cache.identity
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """SalMM on ``device``: without CLIP (embeddings passed in) for ``--cached-clip``, else with
+    its frozen CLIP encoder built from the run's CLIP options."""
+    from salmm.model import SalMM
+
+    clip = None
+    if not cfg.cached_clip:
+        from salmm.clip_encoder import build_clip_encoder
+
+        clip = build_clip_encoder(cfg.clip_model, pretrained=cfg.clip_pretrained,
+                                  profile=cfg.profile, device=device)
+    return SalMM(clip=clip).to(device)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the official key names: DDP wrapper removed; SalMM's
+    state_dict already leaves its frozen CLIP encoder out."""
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return module.state_dict()
+
+
+def check_resume(checkpoint: dict[str, Any], path: str, cfg: TrainConfig, version: str,
+                 cache_identity: dict[str, Any] | None) -> None:
+    """BadInputError (one line) unless ``checkpoint`` was made by this trainer on the same
+    dataset version, CLIP cache and recipe as this run."""
+    if checkpoint.get("format") != FORMAT:
+        raise BadInputError(path, "not a salmm training checkpoint (an official release?);"
+                            " it can be evaluated but not resumed")
+    if checkpoint["dataset_version"] != version:
+        raise BadInputError(path, f"trained on prepared dataset version"
+                            f" {checkpoint['dataset_version']}, this run's data is version"
+                            f" {version}")
+    if checkpoint["cache_identity"] != cache_identity:
+        raise BadInputError(path, "trained with another CLIP cache (or CLIP mode) than this run")
+    old = checkpoint["config"]
+    new = cfg.as_dict()
+    changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in RECIPE_FIELDS
+               if old[k] != new[k]]
+    if changed:
+        raise BadInputError(path, f"trained with other options ({'; '.join(changed)}); resume"
+                            " with the same options")
+
+
+# ---- one epoch ---------------------------------------------------------------------------------
+
+
+def _to_device(batch: dict[str, Any], rt: Runtime) -> tuple[torch.Tensor, ...]:
+    """frame uint8 -> float [B, 3, H, W] in [0, 1], label [B, 1, H, W], emb [B, D] or None."""
+    frames = batch["frame"].to(rt.device, non_blocking=True).float().div_(255)
+    labels = batch["label"].to(rt.device, non_blocking=True)
+    emb = batch["emb"].to(rt.device, non_blocking=True) if "emb" in batch else None
+    return frames, labels, emb
+
+
+def _autocast(rt: Runtime):
+    if rt.autocast is None:
+        return nullcontext()
+    return torch.autocast(rt.device.type, dtype=rt.autocast)
+
+
+def _all_reduce(values: list[float], rt: Runtime) -> list[float]:
+    """Sum ``values`` over all processes (float64)."""
+    if not rt.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass
+class EpochResult:
+    loss: float          # mean BCE over the epoch's samples (all processes)
+    samples: int         # samples trained on (all processes)
+    seconds: float
+    step: int            # optimizer steps taken so far
+
+
+def train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, steps: int | None,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rt: Runtime,
+                step: int, epoch: int, epochs: int, total: int,
+                tb: Any | None) -> EpochResult:
+    """One pass over the loader (at most ``steps`` batches when given). Raises NonFiniteLoss
+    before the optimizer step of a batch whose loss (on any process) is not finite."""
+    model.train()
+    loss_sum, count = 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="sample", desc=f"epoch {epoch + 1}/{epochs}",
+               disable=not rt.main, dynamic_ncols=True, leave=False)
+    with bar:
+        for i, batch in enumerate(loader):
+            if steps is not None and i >= steps:
+                break
+            frames, labels, emb = _to_device(batch, rt)
+            with _autocast(rt):
+                pred = model(frames, emb)                      # [B, 1, H, W] in (0, 1)
+            loss = bce_loss(pred.float(), labels)
+            n = labels.shape[0]
+            batch_sum, batch_n = _all_reduce([loss.item() * n, float(n)], rt)
+            if not math.isfinite(batch_sum):
+                raise NonFiniteLoss(f"non-finite training loss ({batch_sum / batch_n}) at epoch"
+                                    f" {epoch + 1}, step {step + 1}", epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_sum += batch_sum
+            count += int(batch_n)
+            bar.update(n)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+            if tb is not None:
+                tb.add_scalar("train/loss_step", batch_sum / batch_n, step)
+    seconds = time.perf_counter() - start
+    return EpochResult(loss_sum / max(count, 1), count, seconds, step)
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime
+             ) -> dict[str, float]:
+    """Validation loss and the mean CC, SIM, KLD per frame (:func:`salmm.metrics.evaluate_frame`,
+    the official evaluation's per-frame scores) over all processes' samples, and their count
+    (``valid_loss``, ``CC``, ``SIM``, ``KLD``, ``valid_samples``)."""
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    module.eval()
+    rng = np.random.default_rng(0)          # evaluate_frame draws only for the fixation metrics
+    sums = dict.fromkeys(("loss", *VALID_METRICS), 0.0)
+    count = 0
+    for batch in tqdm(loader, desc="validate", unit="batch", disable=not rt.main, leave=False):
+        frames, labels, emb = _to_device(batch, rt)
+        with _autocast(rt):
+            pred = module(frames, emb)
+        pred = pred.float()
+        sums["loss"] += bce_map(pred, labels).flatten(1).mean(1).sum().item()
+        for p, t in zip(pred[:, 0].double().cpu().numpy(), labels[:, 0].double().cpu().numpy()):
+            scores = metrics.evaluate_frame(p, t, None, rng=rng)
+            for name in VALID_METRICS:
+                sums[name] += scores[name]
+        count += labels.shape[0]
+    *totals, n = _all_reduce([*sums.values(), float(count)], rt)
+    out = {"valid_loss" if k == "loss" else k: v / n for k, v in zip(sums, totals)}
+    return {**out, "valid_samples": int(n)}
+
+
+# ---- records -----------------------------------------------------------------------------------
+
+
+def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, *, epoch: int, step: int, valid_loss: float,
+                    best: dict[str, Any], history: list[dict[str, float]], cfg: TrainConfig,
+                    version: str, cache_identity: dict[str, Any] | None, commit: str | None,
+                    stopped: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint dict (see :mod:`salmm.checkpoint` for the keys)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "state_dict": model_state(model),
+        "optim_dict": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "valid_loss": valid_loss,
+        "step": step,
+        "best": dict(best),
+        "history": [dict(row) for row in history],
+        "rng": rng_state(),
+        "config": cfg.as_dict(),
+        "dataset_version": version,
+        "cache_identity": cache_identity,
+        "git_commit": commit,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "stopped": stopped,
+    }
+
+
+def write_csv(path: Path, history: Sequence[dict[str, float]]) -> None:
+    """``metrics.csv``: one row per epoch (rewritten whole, atomically)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k) for k in CSV_COLUMNS})
+    Folder(path.parent).write_bytes(path.name, buf.getvalue().encode())
+
+
+def _open_tensorboard(run: Path, step: int) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step drops events a killed run wrote after its last checkpoint
+    return SummaryWriter(str(run / "tb"), purge_step=step if step > 0 else None)
+
+
+def _log_to_file(run: Path) -> logging.Handler:
+    """Copy this module's INFO messages to ``run/train.log`` (whatever the root logger's level)."""
+    handler = logging.FileHandler(run / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+def _run_folder(cfg: TrainConfig, rt: Runtime) -> Path:
+    """--out, else the resumed checkpoint's folder, else runs/<date>-<time> (chosen by rank 0)."""
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.resume:
+        return Path(cfg.resume).parent
+    name = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if rt.distributed:
+        dist.broadcast_object_list(name, src=0)
+    return Path("runs") / name[0]
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the training ``cfg`` describes; returns the run folder. Raises BadInputError for bad
+    inputs and NonFiniteLoss (after saving ``last-good.pt``) when the loss diverges."""
+    rt = setup_runtime(cfg)
+    try:
+        return _train(cfg, rt)
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rt: Runtime) -> Path:
+    from pipeline.manifest import read_manifest, version_id
+
+    manifest = read_manifest(cfg.prepared)
+    version = version_id(manifest)
+    check_prepared(cfg, manifest)
+    cache_path, cache_identity = (open_checked_cache(cfg, manifest) if cfg.cached_clip
+                                  else (None, None))
+    checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
+    if checkpoint is not None:
+        check_resume(checkpoint, cfg.resume, cfg, version, cache_identity)
+        if (checkpoint["config"]["workers"], checkpoint["world_size"]) != (cfg.workers,
+                                                                          rt.world_size):
+            log.warning("resuming with %d data workers x %d processes, the checkpoint had %d x %d:"
+                        " the sample order changes, so the run will not repeat an uninterrupted"
+                        " one exactly", cfg.workers, rt.world_size,
+                        checkpoint["config"]["workers"], checkpoint["world_size"])
+    run = _run_folder(cfg, rt)
+    if checkpoint is None and (run / "last.pt").exists():
+        raise BadInputError(run, "already holds a run (last.pt); pass --resume"
+                            f" {run / 'last.pt'} or another --out")
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg, rt.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast == torch.float16)
+    start_epoch, step = 0, 0
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": None, "valid_loss": math.inf}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optim_dict"])
+        if checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        history, best = list(checkpoint["history"]), dict(checkpoint["best"])
+        set_rng_state(checkpoint["rng"])
+    if rt.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+
+    shards = {s: split_shards(cfg.prepared, manifest, s) for s in ("train", "valid")}
+    datasets = {s: SaliencyShards(shards[s], split=s, train=s == "train", seed=cfg.seed,
+                                  batch_size=cfg.batch_size, size=cfg.size,
+                                  shuffle_buffer=cfg.shuffle_buffer, cache_path=cache_path)
+                for s in shards}
+    pin = rt.device.type == "cuda"
+    loaders = {s: make_loader(d, cfg.workers, pin, cfg.seed) for s, d in datasets.items()}
+
+    tb, log_file = None, None
+    commit = git_commit()
+    if rt.main:
+        run.mkdir(parents=True, exist_ok=True)
+        log_file = _log_to_file(run)
+        Folder(run).write_bytes("config.json", json.dumps(
+            {"config": cfg.as_dict(), "dataset_version": version, "cache": cache_path,
+             "cache_identity": cache_identity, "git_commit": commit, "world_size": rt.world_size},
+            indent=1).encode())
+        tb = _open_tensorboard(run, step)
+    log.info("run %s: %s CLIP, %d process(es) on %s, autocast %s, epochs %d..%d", run,
+             "cached" if cfg.cached_clip else "inline", rt.world_size, rt.device, rt.autocast,
+             start_epoch + 1, cfg.epochs)
+
+    def save(name: str, **extra: Any) -> None:
+        if rt.main:
+            save_checkpoint(run / name, make_checkpoint(
+                model, optimizer, scaler, best=best, history=history, cfg=cfg, version=version,
+                cache_identity=cache_identity, commit=commit, **extra))
+
+    train_set = datasets["train"]
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_set.set_epoch(epoch)
+            steps = None
+            if rt.distributed:   # DDP needs the same number of steps on every process
+                steps = min(train_set.batches_in_epoch(epoch, cfg.workers, r, rt.world_size)
+                            for r in range(rt.world_size))
+            total = train_set.samples_in_epoch(rt.rank, rt.world_size, epoch)
+            try:
+                result = train_epoch(model, loaders["train"], steps, optimizer, scaler, rt,
+                                     step, epoch, cfg.epochs, total, tb)
+            except NonFiniteLoss as err:
+                valid_loss = history[-1]["valid_loss"] if history else math.nan
+                save("last-good.pt", epoch=epoch, step=err.step, valid_loss=valid_loss,
+                     stopped={"reason": str(err), "epoch": epoch + 1, "step": err.step + 1})
+                raise NonFiniteLoss(f"{err}; stopped, the last good state is in"
+                                    f" {run / 'last-good.pt'}", epoch, err.step) from None
+            step = result.step
+            v_start = time.perf_counter()
+            scores = validate(model, loaders["valid"], rt)
+            row = {"epoch": epoch + 1, "step": step, "train_loss": result.loss, **scores,
+                   "lr": optimizer.param_groups[0]["lr"], "train_samples": result.samples,
+                   "train_seconds": result.seconds,
+                   "train_samples_per_s": result.samples / max(result.seconds, 1e-9),
+                   "valid_seconds": time.perf_counter() - v_start}
+            history.append(row)
+            if scores["valid_loss"] < best["valid_loss"]:
+                best = {"epoch": epoch + 1, "valid_loss": scores["valid_loss"]}
+                save("best.pt", epoch=epoch + 1, step=step, valid_loss=scores["valid_loss"])
+            save("last.pt", epoch=epoch + 1, step=step, valid_loss=scores["valid_loss"])
+            if rt.main:
+                write_csv(run / "metrics.csv", history)
+                plot_history(history, run / "curves.png")
+                for key in ("train_loss", "valid_loss", *VALID_METRICS, "train_samples_per_s"):
+                    tb.add_scalar(f"epoch/{key}", row[key], step)
+                tb.flush()
+            log.info("epoch %d/%d: train loss %.5f, valid loss %.5f, CC %.4f, SIM %.4f, KLD %.4f,"
+                     " %.0f samples/s", epoch + 1, cfg.epochs, row["train_loss"],
+                     row["valid_loss"], row["CC"], row["SIM"], row["KLD"],
+                     row["train_samples_per_s"])
+            if rt.distributed:
+                dist.barrier()
+        log.info("done: best validation loss %.5f at epoch %s; checkpoints in %s",
+                 best["valid_loss"], best["epoch"], run)
+    finally:
+        if tb is not None:
+            tb.close()
+        if log_file is not None:
+            log.removeHandler(log_file)
+            log_file.close()
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2: bad input, 3: loss diverged)."""
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        train(cfg)
+    except BadInputError as err:
+        log.error("%s", err)
+        return 2
+    except NonFiniteLoss as err:
+        log.error("%s", err)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
