@@ -329,9 +329,6 @@ class SplitPlan:
     split: str
     names: list[str]
 
-    def shard_count(self, shard_size: int) -> int:
-        return math.ceil(len(self.names) / shard_size)
-
     def entries(self) -> Iterator[tuple[str, Frame | BadInputError]]:
         """(split entry, Frame or the reader's error) for every entry, in order."""
         pending: list[BadInputError] = []
