@@ -232,9 +232,14 @@ def given_clip_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in PUBLISHED_CLIP}
 
 
+MODEL_OPTIONS_NOTE = ("The CLIP options default to the ones the checkpoint was trained with"
+                      " (ViT-B-32, openai, salmm for an official checkpoint); --amp defaults to"
+                      " off (float32).")
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, prepared: bool) -> None:
     """The options evaluate and predict share: checkpoint, data, CLIP (defaulting to the
-    checkpoint's), device and autocast."""
+    checkpoint's), device and autocast (default off). See :data:`MODEL_OPTIONS_NOTE`."""
     add_inference_options(parser, prepared=prepared)
     add_clip_options(parser)
     add_runtime_options(parser)
@@ -576,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m salmm.evaluate",
         description="Score a SalM2 checkpoint on a prepared split with the official metrics"
                     " (AUC_B, AUC_J, NSS, CC, SIM, KLD): per-frame CSV, summary JSON, markdown"
-                    " table, optionally .mat files for the official MATLAB scripts.")
+                    " table, optionally .mat files for the official MATLAB scripts. "
+                    + MODEL_OPTIONS_NOTE)
     add_model_options(parser, prepared=True)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--split", default="test", help="split to score (default test)")

@@ -38,6 +38,7 @@ from pipeline.fsio import Folder
 from salmm import overlay
 from salmm.evaluate import (
     FROM_CHECKPOINT,
+    MODEL_OPTIONS_NOTE,
     LoadedModel,
     add_model_options,
     batched,
@@ -299,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m salmm.predict",
         description="Saliency heat maps over a frame, a folder of frames, a video or a prepared"
-                    " split (with the ground truth beside), plus an animation of a sequence.")
+                    " split (with the ground truth beside), plus an animation of a sequence. "
+                    + MODEL_OPTIONS_NOTE)
     parser.add_argument("--input", required=True,
                         help="a frame, a folder of frames, a video, or a prepared dataset")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
