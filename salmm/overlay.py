@@ -132,16 +132,20 @@ def animation_format(requested: str) -> str | None:
     return "gif"
 
 
-def _even(image: np.ndarray) -> np.ndarray:
-    """Crop to even height and width (H.264 needs them)."""
-    return image[: image.shape[0] // 2 * 2, : image.shape[1] // 2 * 2]
+def _pad_to_blocks(image: np.ndarray, block: int = 16) -> np.ndarray:
+    """Pad right and bottom with white to multiples of ``block`` pixels (video codecs work on
+    16x16 macro blocks; imageio would otherwise resample the frame)."""
+    height, width = image.shape[:2]
+    pad = ((0, -height % block), (0, -width % block), (0, 0))
+    return np.pad(image, pad, constant_values=255)
 
 
 def write_animation(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: float
                     ) -> int:
     """Write uint8 RGB frames (equal sizes) as an animation; the format follows the suffix
-    (``.gif``: looping, ``1000 / fps`` ms a frame; ``.mp4``: H.264 via imageio's ffmpeg
-    plugin). Atomic. Returns the number of frames written; ValueError if there are none."""
+    (``.gif``: looping, ``1000 / fps`` ms a frame - Pillow merges identical consecutive frames
+    into one longer frame; ``.mp4``: H.264 via imageio's ffmpeg plugin, frames padded to
+    multiples of 16 pixels). Atomic. Returns the number of frames written; ValueError if there are none."""
     path = Path(path)
     images = [_as_rgb(f) for f in frames]
     if not images:
@@ -159,7 +163,7 @@ def write_animation(path: str | os.PathLike[str], frames: Iterable[np.ndarray], 
         if path.suffix == ".gif":
             iio.imwrite(tmp, np.stack(images), plugin="pillow", duration=1000.0 / fps, loop=0)
         else:
-            iio.imwrite(tmp, np.stack([_even(f) for f in images]), plugin="FFMPEG", fps=fps)
+            iio.imwrite(tmp, np.stack([_pad_to_blocks(f) for f in images]), plugin="FFMPEG", fps=fps)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -72,6 +72,17 @@ def test_gif_has_one_frame_per_picture_and_mp4_falls_back(tmp_path: Path,
     assert [p.name for p in tmp_path.iterdir()] == ["a.gif"]     # no temporary files left
 
 
+def test_mp4_frames_are_padded_to_macro_blocks(tmp_path: Path):
+    image = np.random.default_rng(0).integers(0, 256, (49, 81, 3), dtype=np.uint8)
+    padded = overlay._pad_to_blocks(image)
+    assert padded.shape == (64, 96, 3)
+    assert np.array_equal(padded[:49, :81], image) and np.all(padded[49:] == 255)
+    pytest.importorskip("imageio_ffmpeg")            # MP4 itself needs the optional backend
+    assert overlay.write_animation(tmp_path / "a.mp4", [image, 255 - image], fps=2) == 2
+    capture = cv2.VideoCapture(str(tmp_path / "a.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
+
+
 # ---- predict -----------------------------------------------------------------------------------
 
 
