@@ -7,6 +7,7 @@ import torch
 
 from salmm.clip_encoder import build_clip_encoder
 from salmm.model import CLIP_PREFIX, CrossModelAtt, SalMM
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 
 def small_batch(seed=0, batch=2, h=64, w=64):

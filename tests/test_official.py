@@ -9,6 +9,7 @@ import torch
 from pipeline.errors import BadInputError
 from salmm.model import SalMM
 from salmm.official import load_official, main, read_official, save_official
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from salmm.scan import default_chunk_len, selective_scan, selective_scan_ref
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
