@@ -131,9 +131,10 @@ class _SelectiveScanCore(torch.autograd.Function):
                 g[-1].addcmul_(decay[e], g_after)
             _rscan_(g, decay[s + 1 : e])
             g_after = g[0].clone()
-            # read-out and input gradients, batched over (t, b): [d] x [d, n] and [d, n] x [n]
-            torch.bmm(gy[s:e].view(-1, 1, dim), h[s:e].view(-1, dim, n), out=gC[s:e].view(-1, 1, n))
-            torch.bmm(dtu[s:e].view(-1, 1, dim), g.view(-1, dim, n), out=gB[s:e].view(-1, 1, n))
+            # read-out and input gradients: sums over d of [.., d, n] products, and g . B over n
+            tmp = torch.mul(h[s:e], gy[s:e].unsqueeze(-1), out=tmp_buf[: e - s])
+            torch.sum(tmp, -2, out=gC[s:e])
+            torch.sum(torch.mul(g, dtu[s:e].unsqueeze(-1), out=tmp), -2, out=gB[s:e])
             torch.bmm(g.view(-1, dim, n), B[s:e].view(-1, n, 1), out=gdtu[s:e].view(-1, dim, 1))
             # dL/d(dt_t A) = g_t h_{t-1} decay_t for t >= 1 (h_{-1} = 0), built in g's buffer
             t0 = max(s, 1)
