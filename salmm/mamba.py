@@ -18,10 +18,12 @@ two outputs are **summed, not averaged** (no division by 2, unlike VideoMamba's
 ``if_devide_out`` option), then ``F.linear(..., out_proj.weight, out_proj.bias)``. Because each
 branch is gated by the same z, this equals SiLU(z) * (y_f + flip(y_b)) before ``out_proj``.
 (The vendored ``bimamba_inner_fn`` / ``bimamba_inner_ref``, which share conv and projections
-between directions, are not used by SalMM.)
+between directions, are not used by SalMM; the vendored slow path, taken only without the
+fused kernels, would silently drop the backward branch - SalMM never takes it.)
 
-Backends: ``"torch"`` runs :func:`salmm.scan.selective_scan` and a grouped ``conv1d`` (any
-device); ``"cuda"`` runs mamba-ssm's ``selective_scan_fn`` and, when installed,
+Backends: ``"torch"`` runs a depthwise ``conv1d`` and both directions as one grouped
+:func:`salmm.scan.selective_scan` call (any device); ``"cuda"`` runs mamba-ssm's
+``selective_scan_fn`` once per direction and, when installed,
 ``causal_conv1d_fn`` (install the ``gpu`` extra); ``"auto"`` picks ``"cuda"`` for CUDA inputs
 when mamba-ssm imports, else ``"torch"``. Parameters and state_dict are identical.
 """

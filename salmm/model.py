@@ -40,6 +40,8 @@ class CrossModelAtt(nn.Module):
     The published code views e as [B, C, h/2, w/2] before flattening, which only fits when
     h*w/4 = 512/C (a 256x256 input); viewing it as [B, C, 512/C] is the same tensor there and
     works at any input size. ``model`` is the optional frozen CLIP encoder (published name).
+    On CUDA the published ``clip.load`` ran CLIP in float16, so there q q^T was a float16
+    product; here the embedding is float32 throughout.
     """
 
     def __init__(self, clip: nn.Module | None = None):

@@ -74,12 +74,13 @@ def _rscan_(x: Tensor, c: Tensor) -> None:
     head.addcmul_(c[1::2][: head.shape[0]], even[1:])
 
 
+CHUNK_ELEMENTS = 1 << 19  # values in one [chunk, b*d*n] block: 2 MiB of float32
+
+
 def default_chunk_len(width: int) -> int:
-    """Time steps per chunk so one [chunk, width] float32 block is about 2 MiB (cache-sized)."""
+    """Time steps per chunk for `width` values per step: the largest power of two that keeps
+    a chunk within CHUNK_ELEMENTS (cache-sized), at least 32."""
     return max(32, 1 << max(0, (CHUNK_ELEMENTS // max(width, 1)).bit_length() - 1))
-
-
-CHUNK_ELEMENTS = 1 << 19
 
 
 class _SelectiveScanCore(torch.autograd.Function):
