@@ -18,8 +18,9 @@ two outputs are **summed, not averaged** (no division by 2, unlike VideoMamba's
 ``if_devide_out`` option), then ``F.linear(..., out_proj.weight, out_proj.bias)``. Because each
 branch is gated by the same z, this equals SiLU(z) * (y_f + flip(y_b)) before ``out_proj``.
 (The vendored ``bimamba_inner_fn`` / ``bimamba_inner_ref``, which share conv and projections
-between directions, are not used by SalMM; the vendored slow path, taken only without the
-fused kernels, would silently drop the backward branch - SalMM never takes it.)
+between directions, are not used by SalMM; the vendored non-fast path, taken only with
+``use_fast_path=False`` or a decoding cache, silently drops the backward branch - SalMM never
+takes it.)
 
 Backends: ``"torch"`` runs a depthwise ``conv1d`` and both directions as one grouped
 :func:`salmm.scan.selective_scan` call (any device); ``"cuda"`` runs mamba-ssm's
