@@ -18,6 +18,7 @@ Stages, each small:
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import functools
 import hashlib
@@ -129,22 +130,29 @@ def _need_jpg(url: str, key: str, jpg: bytes | None) -> bytes:
 
 
 def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob]
-                  ) -> Iterator[tuple[int, str, bytes]]:
-    """(global index, key, jpg bytes) for every sample inside ``jobs`` (one split, ascending),
-    reading only the shards that hold them; each shard fully read is checked against its
-    manifest sample count."""
-    wanted = [(j.start, j.stop) for j in jobs]
-    last = wanted[-1][1] if wanted else 0
+                  ) -> Iterator[tuple[int, str, str, bytes]]:
+    """(global index, shard URL, key, jpg bytes) for every sample inside ``jobs`` (one split,
+    ascending, disjoint), reading only the shards that hold them; each shard read to its end is
+    checked against its manifest sample count."""
+    starts = [j.start for j in jobs]
+    stops = [j.stop for j in jobs]
+
+    def wanted(index: int) -> bool:
+        i = bisect.bisect_right(starts, index) - 1
+        return i >= 0 and index < stops[i]
+
+    last = stops[-1] if jobs else 0
     for shard in shards:
         end = shard.first + shard.samples
-        if not any(a < end and shard.first < b for a, b in wanted):
+        i = bisect.bisect_right(starts, end - 1) - 1      # last job starting inside the shard
+        if i < 0 or stops[i] <= shard.first:                # no job overlaps the shard
             continue
         index = shard.first
         for key, jpg in _iter_shard(shard.url):
             if index >= end:
                 break
-            if any(a <= index < b for a, b in wanted):
-                yield index, key, jpg
+            if wanted(index):
+                yield index, shard.url, key, jpg
             index += 1
             if index >= last:
                 return
@@ -183,22 +191,18 @@ def _decoded_batches(shards: Sequence[Shard], jobs: Sequence[ChunkJob], batch_si
         tensor = torch.from_numpy(np.stack(frames))
         return _Batch(job, list(keys), tensor.pin_memory() if pin else tensor, last)
 
-    for index, key, jpg in _read_samples(shards, jobs):
+    for index, url, key, jpg in _read_samples(shards, jobs):
         while job is not None and index >= job.stop:
             job = next(job_iter, None)
-        frame = decode_jpg(jpg, f"{_shard_of(shards, index)}#{key}")
+        frame = decode_jpg(jpg, f"{url}#{key}")
         if frames and frame.shape != frames[0].shape:
-            raise BadInputError(_shard_of(shards, index), f"sample {key}: jpg is {frame.shape},"
-                                f" other frames are {frames[0].shape}")
+            raise BadInputError(url, f"sample {key}: jpg is {frame.shape}, other frames are"
+                                f" {frames[0].shape}")
         keys.append(key)
         frames.append(frame)
         if index == job.stop - 1 or len(frames) == batch_size:
             yield batch(last=index == job.stop - 1)
             keys, frames = [], []
-
-
-def _shard_of(shards: Sequence[Shard], index: int) -> str:
-    return next(s.url for s in shards if s.first <= index < s.first + s.samples)
 
 
 _DONE = object()

@@ -24,7 +24,9 @@ from pipeline.embed import (
     EncoderSpec,
     Shard,
     _decoded_batches,
+    _iter_shard,
     _prefetch,
+    _read_samples,
     build_encoder,
     cached_encoder,
     default_cache_path,
@@ -122,6 +124,24 @@ def test_batches_never_straddle_chunks_and_prefetch_keeps_order(prepared, cache_
     assert [(b.job.index, b.keys, b.last) for b in batches] == [
         (0, keys[0:1], True), (2, keys[2:3], True)]
     assert batches[0].frames.shape == (1, 256, 256, 3) and batches[0].frames.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 4])
+def test_reader_yields_exactly_the_samples_of_the_missing_chunks(tmp_path, chunk):
+    prepared = write_prepared(tmp_path / "p", {"train": [3, 1, 4, 2]})
+    urls = shard_urls(str(prepared), read_manifest(str(prepared)), "train")
+    shards = [Shard(url, first, n) for url, first, n in zip(urls, (0, 3, 4, 8), (3, 1, 4, 2))]
+    all_keys = [key for url in urls for key, _ in _iter_shard(url)]
+    chunks = [ChunkJob("train", i, i * chunk, min(i * chunk + chunk, 10))
+              for i in range(-(-10 // chunk))]
+    for mask in range(1 << len(chunks)):
+        jobs = [job for job in chunks if mask >> job.index & 1]
+        want = [i for job in jobs for i in range(job.start, job.stop)]
+        got = list(_read_samples(shards, jobs))
+        assert [g[0] for g in got] == want
+        assert [g[2] for g in got] == [all_keys[i] for i in want]
+        assert all(g[1] == urls[next(k for k, s in enumerate(shards)
+                                     if s.first <= g[0] < s.first + s.samples)] for g in got)
 
 
 def test_prefetch_reraises_errors_from_the_reader():
