@@ -175,9 +175,10 @@ def default_cache(cfg: TrainConfig) -> str:
                                              "weights": weights_identity(cfg.clip_pretrained)})
 
 
-def open_checked_cache(cfg: TrainConfig, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def open_checked_cache(cfg: TrainConfig, manifest: dict[str, Any],
+                       splits: Sequence[str] = ("train", "valid")) -> tuple[str, dict[str, Any]]:
     """(path, identity) of the run's CLIP cache after checking it was made from this prepared
-    dataset version with the run's CLIP model, profile and weights, and holds both splits."""
+    dataset version with the run's CLIP model, profile and weights, and holds ``splits``."""
     from pipeline.clip_cache import check_cache, open_cache
     from salmm.clip_encoder import weights_identity
 
@@ -185,7 +186,7 @@ def open_checked_cache(cfg: TrainConfig, manifest: dict[str, Any]) -> tuple[str,
     cache = open_cache(path)
     check_cache(cache, manifest, model=cfg.clip_model, profile=cfg.profile,
                 weights=weights_identity(cfg.clip_pretrained))
-    for split in ("train", "valid"):
+    for split in splits:
         if cache.identity["splits"].get(split) != manifest["splits"][split]["samples"]:
             raise BadInputError(path, f"holds {cache.identity['splits'].get(split)} {split}"
                                 f" embeddings, the prepared data has"
@@ -196,15 +197,16 @@ def open_checked_cache(cfg: TrainConfig, manifest: dict[str, Any]) -> tuple[str,
 
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """SalMM on ``device``: without CLIP (embeddings passed in) for ``--cached-clip``, else with
-    its frozen CLIP encoder built from the run's CLIP options."""
+    its frozen CLIP encoder built from the run's CLIP options (BadInputError, one line, when
+    the weights cannot be had)."""
     from salmm.model import SalMM
 
     clip = None
     if not cfg.cached_clip:
-        from salmm.clip_encoder import build_clip_encoder
+        from pipeline.embed import EncoderSpec, build_encoder
 
-        clip = build_clip_encoder(cfg.clip_model, pretrained=cfg.clip_pretrained,
-                                  profile=cfg.profile, device=device)
+        clip = build_encoder(EncoderSpec(model=cfg.clip_model, pretrained=cfg.clip_pretrained,
+                                         profile=cfg.profile, device=str(device)))
     return SalMM(clip=clip).to(device)
 
 

@@ -99,10 +99,16 @@ def write_fake_cache(prepared: Path, path: Path, chunk: int = 4) -> Path:
     return path
 
 
+def subprocess_env() -> dict[str, str]:
+    """Environment for child Pythons: this repository importable, one intra-op torch thread
+    (tiny tensors gain nothing from more, and a busy 2-core machine makes them wait)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """``python -m <args>`` in the repository with this interpreter; output captured."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, check=False)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,14 @@ from salmm.checkpoint import load_checkpoint
 from salmm.data import SaliencyShards, split_shards
 from salmm.official import load_official
 from salmm.options import TrainConfig, parse_args
-from tests._prepared import REPO, prepare_with_commands, write_fake_cache, write_prepared
+from tests._prepared import (
+    REPO,
+    prepare_with_commands,
+    subprocess_env,
+    write_fake_cache,
+    write_prepared,
+)
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 EPOCHS = 5
 STEPS = 5          # per epoch: 9 training samples in batches of 2
@@ -44,7 +50,8 @@ def args(prepared: Path, out: Path, *extra: str, epochs: int = EPOCHS) -> list[s
 
 @pytest.fixture(scope="module")
 def reference_run(prepared, tmp_path_factory) -> Path:
-    """An uninterrupted cached-CLIP run, in this process, data loaded inline."""
+    """An uninterrupted cached-CLIP run, in this process (one torch thread, like the
+    subprocesses), data loaded inline."""
     out = tmp_path_factory.mktemp("runs") / "reference"
     assert train.main(args(prepared, out, "--workers", "0")) == 0
     return out
@@ -57,11 +64,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 # ---- learning and what a run leaves behind ---------------------------------------------------
@@ -107,7 +109,7 @@ def test_tiny_run_learns_and_leaves_loadable_checkpoints_and_logs(prepared, refe
 def test_killed_run_resumes_to_the_same_weights(prepared, reference_run, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "salmm.train", *args(prepared, out, "--workers", "1")]
-    proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -118,8 +120,8 @@ def test_killed_run_resumes_to_the_same_weights(prepared, reference_run, tmp_pat
     killed_at = load_checkpoint(out / "last.pt")["epoch"]
     assert 1 <= killed_at < EPOCHS, "the kill came too late to test a resume"
 
-    resumed = subprocess.run([*command, "--resume", str(out / "last.pt")], cwd=REPO, env=env(),
-                             capture_output=True, text=True, check=False)
+    resumed = subprocess.run([*command, "--resume", str(out / "last.pt")], cwd=REPO,
+                             env=subprocess_env(), capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = load_checkpoint(out / "last.pt")
     want = load_checkpoint(reference_run / "last.pt")
@@ -170,7 +172,7 @@ def test_a_cache_made_with_another_profile_is_refused_in_one_line(prepared, tmp_
     result = subprocess.run(
         [sys.executable, "-m", "salmm.train",
          *args(prepared, tmp_path / "run", "--cache", str(cache), "--profile", "openclip")],
-        cwd=REPO, env=env(), capture_output=True, text=True, check=False)
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -254,7 +256,7 @@ def test_torchrun_two_processes_on_cpu_split_shards_by_rank(prepared, tmp_path):
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "salmm.train",
          *args(prepared, out, "--workers", "0", "--device", "cpu", epochs=1)],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300, check=False)
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = read_csv(out / "metrics.csv")
     # shards of 4, 4 and 1 samples: one rank reads two shards, the other one; both take as many
