@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["default_chunk_len", "selective_scan", "selective_scan_ref"]
+__all__ = ["CHUNK_LEN", "selective_scan", "selective_scan_ref"]
 
 
 def _scan_(x: Tensor, c: Tensor) -> None:
@@ -74,13 +74,7 @@ def _rscan_(x: Tensor, c: Tensor) -> None:
     head.addcmul_(c[1::2][: head.shape[0]], even[1:])
 
 
-CHUNK_ELEMENTS = 1 << 19  # values in one [chunk, b*d*n] block: 2 MiB of float32
-
-
-def default_chunk_len(width: int) -> int:
-    """Time steps per chunk for `width` values per step: the largest power of two that keeps
-    a chunk within CHUNK_ELEMENTS (cache-sized), at least 32."""
-    return max(32, 1 << max(0, (CHUNK_ELEMENTS // max(width, 1)).bit_length() - 1))
+CHUNK_LEN = 256  # time steps per chunk: [256, b*d*n] blocks stay cache-sized at the model's shapes
 
 
 class _SelectiveScanCore(torch.autograd.Function):
@@ -181,11 +175,11 @@ def selective_scan(
 ) -> Tensor:
     """Vectorised selective scan; see the module docstring for shapes (leading dims allowed).
     Differentiable in all tensor inputs. Memory: two saved [..., d, l, n] buffers (decay,
-    state) in the compute dtype. chunk_len: time steps per chunk (default:
-    :func:`default_chunk_len` of the values per step)."""
+    state) in the compute dtype. chunk_len: time steps per chunk (default ``CHUNK_LEN``; a
+    constant, so a sequence's output never depends on the batch it is computed in)."""
     dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
     uc = u.to(dtype)
-    chunk_len = chunk_len or default_chunk_len(u[..., 0].numel() * A.shape[-1])
+    chunk_len = chunk_len or CHUNK_LEN
 
     def time_major(t):  # [..., l] -> [l, ...]
         return t.to(dtype).movedim(-1, 0).contiguous()

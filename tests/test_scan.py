@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salmm.scan import default_chunk_len, selective_scan, selective_scan_ref
+from salmm.scan import selective_scan, selective_scan_ref
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
@@ -113,11 +113,6 @@ def test_chunk_boundaries_carry_state_and_gradient(chunk_len):
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     for name, got in zip(NAMES, got_grads):
         torch.testing.assert_close(got, want_grads[name], rtol=1e-10, atol=1e-10, msg=name)
-
-
-def test_default_chunk_is_cache_sized():
-    assert default_chunk_len(8 * 12 * 16) == 256  # the model's largest call
-    assert default_chunk_len(1 << 30) == 32
 
 
 def test_backward_twice_with_retained_graph_gives_same_grads():
