@@ -287,7 +287,7 @@ class SalMM(nn.Module):
         t3 = down(self.encoder3, self.ebn3, t2)  # [B, 16, H/8, W/8]
         t4 = down(self.encoder4, self.ebn4, t3)  # [B, 16, H/16, W/16]  (Mamba on H/8 x W/8)
         t5 = down(self.encoder5, self.ebn5, t4)  # [B, 24, H/32, W/32]
-        out = F.gelu(self.encoder6(t5))  # [B, 32, H/32, W/32]
+        out = F.gelu(self.encoder6(t5))  # [B, 32, H/32, W/32], from t5 before the bridge
         t1, t2, t3, t4, t5 = self.scab(t1, t2, t3, t4, t5)  # same shapes, attention-weighted
 
         out = self.CrossModelAtt(emb, out)  # [B, 32, H/32, W/32]
