@@ -5,6 +5,7 @@ SIGKILL, cached vs inline CLIP, refusals, a diverging loss, DDP on CPU."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import signal
@@ -104,6 +105,21 @@ def test_tiny_run_learns_and_leaves_loadable_checkpoints_and_logs(prepared, refe
     scores = metrics.evaluate_frame(pred[0, 0].numpy(), batch["label"][0, 0].numpy(), None,
                                     rng=np.random.default_rng(0))
     assert all(math.isfinite(scores[m]) for m in ("CC", "SIM", "KLD"))
+
+
+def test_evaluation_of_the_best_checkpoint_repeats_its_validation_scores(prepared,
+                                                                        reference_run, tmp_path):
+    from salmm import evaluate
+
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(reference_run / "best.pt"), "--prepared",
+                          str(prepared), "--split", "valid", "--out", str(out), "--cached-clip",
+                          "--workers", "0"]) == 0
+    means = json.loads((out / "summary.json").read_text())["means"]
+    best = load_checkpoint(reference_run / "best.pt")
+    row = best["history"][best["epoch"] - 1]
+    for name in ("CC", "SIM", "KLD"):
+        assert means[name] == pytest.approx(row[name], rel=1e-5), name   # float32 batching
 
 
 def test_killed_run_resumes_to_the_same_weights(prepared, reference_run, tmp_path):
