@@ -34,6 +34,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -416,6 +417,8 @@ def train(cfg: TrainConfig) -> Path:
     """Run the training ``cfg`` describes; returns the run folder. Raises BadInputError for bad
     inputs and NonFiniteLoss (after saving ``last-good.pt``) when the loss diverges."""
     rt = setup_runtime(cfg)
+    if not rt.main:
+        log.setLevel(logging.WARNING)       # one process reports progress
     try:
         return _train(cfg, rt)
     finally:
@@ -464,6 +467,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
         history, best = list(checkpoint["history"]), dict(checkpoint["best"])
         set_rng_state(checkpoint["rng"])
     if rt.distributed:
+        # DDP warns once that a [1, 1, 3] conv weight's grad strides differ from its bucket's;
+        # they differ only along size-1 dimensions, which changes no memory layout
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
@@ -505,6 +511,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
                 steps = min(train_set.batches_in_epoch(epoch, cfg.workers, r, rt.world_size)
                             for r in range(rt.world_size))
             total = train_set.samples_in_epoch(rt.rank, rt.world_size, epoch)
+            if steps is not None:
+                total = min(total, steps * cfg.batch_size)
             try:
                 result = train_epoch(model, loaders["train"], steps, optimizer, scaler, rt,
                                      step, epoch, cfg.epochs, total, tb)
