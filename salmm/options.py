@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+DEFAULT_MAX_WORKERS = 8
 PROFILES = ("salmm", "openclip")
 
 
@@ -74,6 +76,13 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def default_workers() -> int:
+    """Data workers per training process: the CPUs divided among the training processes on
+    this machine (``LOCAL_WORLD_SIZE`` under torchrun), at least 1, at most 8."""
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(DEFAULT_MAX_WORKERS, share))
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -103,8 +112,10 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--size", type=parse_size, default=TrainConfig.size, metavar="WxH",
                        help="frame size, width x height; must equal the prepared size"
                             " (default 256x256)")
-    group.add_argument("--workers", type=_non_negative_int, default=TrainConfig.workers,
-                       help="data-loading processes (0: load in the training process)")
+    group.add_argument("--workers", type=_non_negative_int, default=default_workers(),
+                       help="data-loading processes per training process (0: load in the"
+                            " training process; default: the CPUs shared among this machine's"
+                            f" training processes, at most {DEFAULT_MAX_WORKERS})")
     group.add_argument("--shuffle-buffer", type=_positive_int, default=TrainConfig.shuffle_buffer,
                        help="samples held in the shuffle buffer of each data worker")
 
