@@ -269,6 +269,8 @@ def _all_reduce(values: list[float], rt: Runtime) -> list[float]:
 
 @dataclass
 class EpochResult:
+    """What :func:`train_epoch` did."""
+
     loss: float          # mean BCE over the epoch's samples (all processes)
     samples: int         # samples trained on (all processes)
     seconds: float
