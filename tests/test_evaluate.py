@@ -52,6 +52,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def assert_same_scores(a: list[dict[str, str]], b: list[dict[str, str]], metrics: tuple[str, ...]):
+    """Same frames, and the same scores up to float rounding: the model's convolutions round
+    differently with another torch thread count, so the last digits may differ."""
+    assert [row["key"] for row in a] == [row["key"] for row in b]
+    for row_a, row_b in zip(a, b):
+        for m in metrics:
+            np.testing.assert_allclose(float(row_a[m]), float(row_b[m]), rtol=1e-5, atol=1e-7,
+                                       equal_nan=True, err_msg=f"{row_a['key']} {m}")
+
+
 @pytest.fixture(scope="module")
 def cli_run(data: InferenceData, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The command, as a user runs it: trainer checkpoint, cached CLIP, 2 metric workers,
@@ -147,8 +157,9 @@ def test_scores_do_not_depend_on_workers_or_checkpoint_format(cli_run: Path, dat
                                    batch_size=3, seed=3, clip=CLIP_NONE))
     assert summary["checkpoint"]["kind"] == "official"
     assert summary["checkpoint"]["epoch"] == 5
-    ours = (tmp_path / "out" / "per_frame.csv").read_bytes()
-    assert ours == (cli_run / "out" / "per_frame.csv").read_bytes()
+    assert_same_scores(read_csv(tmp_path / "out" / "per_frame.csv"),
+                       read_csv(cli_run / "out" / "per_frame.csv"),
+                       ("AUC_B", "AUC_J", "NSS", "CC", "SIM", "KLD"))
 
 
 def test_seed_and_jitter_change_only_the_random_metrics(cli_run: Path, data: InferenceData,
@@ -158,11 +169,10 @@ def test_seed_and_jitter_change_only_the_random_metrics(cli_run: Path, data: Inf
                          jitter=False))
     before = read_csv(cli_run / "out" / "per_frame.csv")
     after = read_csv(tmp_path / "per_frame.csv")
-    for a, b in zip(before, after):
-        for m in ("NSS", "CC", "SIM", "KLD"):
-            assert a[m] == b[m]
-    finite = [(a["AUC_B"], b["AUC_B"]) for a, b in zip(before, after) if a["AUC_B"] != "nan"]
-    assert finite and all(x != y for x, y in finite)
+    assert_same_scores(before, after, ("NSS", "CC", "SIM", "KLD"))
+    finite = [(float(a["AUC_B"]), float(b["AUC_B"])) for a, b in zip(before, after)
+              if a["AUC_B"] != "nan"]
+    assert finite and all(abs(x - y) > 1e-4 for x, y in finite)
 
 
 def test_inline_clip_gives_the_cached_scores(cli_run: Path, data: InferenceData, tmp_path: Path):
