@@ -3,6 +3,7 @@
 Sources, later ones winning:
 
 1. built-in defaults (raw data under ``data/raw/<Dataset>``, prepared data under ``data/prepared/<dataset>``,
+   relative to the folder the deployments are served from,
    CLIP ViT-B-32 with the ``openai`` weights and the ``salmm`` profile, CPU, a local Dask cluster);
 2. a TOML file: ``$SALMM_CONFIG`` if set, else ``.salmm/flows.toml`` if it exists. Top-level keys set
    every deployment, a ``[<dataset>]`` table (e.g. ``[bdda]``) sets one::
@@ -91,10 +92,17 @@ def deployment_parameters(dataset: str) -> dict[str, Any]:
             settings[name] = os.environ[env_key]
     params = {
         "dataset": dataset,
-        "root": str(settings.pop("root", None) or Path(settings["data_root"]) / RAW_DIRNAMES[dataset]),
-        "out": str(settings.pop("out", None) or Path(settings["prepared_root"]) / dataset),
+        "root": _absolute(settings.pop("root", None) or Path(settings["data_root"]) / RAW_DIRNAMES[dataset]),
+        "out": _absolute(settings.pop("out", None) or Path(settings["prepared_root"]) / dataset),
     }
     settings.pop("data_root")
     settings.pop("prepared_root")
     params.update(settings)
     return params
+
+
+def _absolute(location: str | Path) -> str:
+    """Local paths made absolute (relative ones are relative to where the deployments are served);
+    fsspec URLs (``s3://...``) unchanged."""
+    location = str(location)
+    return location if "://" in location else str(Path(location).expanduser().resolve())

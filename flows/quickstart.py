@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-pretrained", default="openai",
                         type=lambda text: None if text.lower() == "none" else text,
                         help="openai (default), a local weight file, hf-hub:..., or none (random weights)")
-    parser.add_argument("--size", default="128x128", help="frame size WIDTHxHEIGHT (default %(default)s)")
+    parser.add_argument("--size", default="256x256", help="frame size WIDTHxHEIGHT (default %(default)s, the model's input)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--videos", type=int, default=6, help="synthetic videos (default %(default)s)")
