@@ -84,7 +84,9 @@ def deployment_parameters(dataset: str) -> dict[str, Any]:
         known = set(DEFAULTS) | {"root", "out"}
         unknown = sorted((set(table) | set(per_dataset)) - known)
         if unknown:
-            raise BadInputError(path, f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise BadInputError(
+                path, f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         settings.update(table)
         settings.update(per_dataset)
     for env_key, name in ENV_KEYS.items():
@@ -92,7 +94,9 @@ def deployment_parameters(dataset: str) -> dict[str, Any]:
             settings[name] = os.environ[env_key]
     params = {
         "dataset": dataset,
-        "root": _absolute(settings.pop("root", None) or Path(settings["data_root"]) / RAW_DIRNAMES[dataset]),
+        "root": _absolute(
+            settings.pop("root", None) or Path(settings["data_root"]) / RAW_DIRNAMES[dataset]
+        ),
         "out": _absolute(settings.pop("out", None) or Path(settings["prepared_root"]) / dataset),
     }
     settings.pop("data_root")

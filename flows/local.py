@@ -75,7 +75,9 @@ def free_port(preferred: int) -> int:
             return probe.getsockname()[1]
 
 
-def wait_healthy(api_url: str, timeout_s: float = 120.0, process: subprocess.Popen | None = None) -> None:
+def wait_healthy(
+    api_url: str, timeout_s: float = 120.0, process: subprocess.Popen | None = None
+) -> None:
     """Block until ``GET {api_url}/health`` answers 200.
 
     Raises:
@@ -84,7 +86,9 @@ def wait_healthy(api_url: str, timeout_s: float = 120.0, process: subprocess.Pop
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with code {process.returncode} before it was healthy")
+            raise RuntimeError(
+                f"the Prefect server exited with code {process.returncode} before it was healthy"
+            )
         try:
             with urllib.request.urlopen(f"{api_url}/health", timeout=2) as reply:
                 if reply.status == 200:
@@ -100,7 +104,12 @@ def _start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         return subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
 
@@ -118,8 +127,12 @@ def stop(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
         process.wait()
 
 
-def wait_deployments(env: dict[str, str], names: list[str], timeout_s: float = 120.0,
-                     process: subprocess.Popen | None = None) -> None:
+def wait_deployments(
+    env: dict[str, str],
+    names: list[str],
+    timeout_s: float = 120.0,
+    process: subprocess.Popen | None = None,
+) -> None:
     """Block until the server knows every deployment in ``names`` (``flow/deployment``)."""
     deadline = time.monotonic() + timeout_s
     missing = list(names)
@@ -127,7 +140,11 @@ def wait_deployments(env: dict[str, str], names: list[str], timeout_s: float = 1
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the deployment server exited with code {process.returncode}")
         listing = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "ls"], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "prefect", "deployment", "ls"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         missing = [n for n in names if n not in listing.stdout]
         if listing.returncode == 0 and not missing:
@@ -137,7 +154,9 @@ def wait_deployments(env: dict[str, str], names: list[str], timeout_s: float = 1
 
 
 @contextlib.contextmanager
-def local_services(home: Path = DEFAULT_HOME, port: int = DEFAULT_PORT, serve: bool = True) -> Iterator[Services]:
+def local_services(
+    home: Path = DEFAULT_HOME, port: int = DEFAULT_PORT, serve: bool = True
+) -> Iterator[Services]:
     """Start a local Prefect server (unless ``PREFECT_API_URL`` is set) and the deployment server.
 
     Everything started here is stopped on exit, by process group.
@@ -163,8 +182,19 @@ def local_services(home: Path = DEFAULT_HOME, port: int = DEFAULT_PORT, serve: b
             api_url = f"http://127.0.0.1:{port}/api"
             env = prefect_env(home, api_url)
             server = _start(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env, logs / "server.log",
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env,
+                logs / "server.log",
             )
             started.append(server)
             wait_healthy(api_url, process=server)
@@ -172,10 +202,14 @@ def local_services(home: Path = DEFAULT_HOME, port: int = DEFAULT_PORT, serve: b
             log.info("Prefect server ready: UI %s (log %s)", services.ui_url, logs / "server.log")
         services.processes = started
         if serve:
-            server_proc = _start([sys.executable, "-m", "flows.serve"], services.env, logs / "serve.log")
+            server_proc = _start(
+                [sys.executable, "-m", "flows.serve"], services.env, logs / "serve.log"
+            )
             started.append(server_proc)
             wait_deployments(services.env, DEPLOYMENT_NAMES, process=server_proc)
-            log.info("serving deployments %s (log %s)", ", ".join(DEPLOYMENT_NAMES), logs / "serve.log")
+            log.info(
+                "serving deployments %s (log %s)", ", ".join(DEPLOYMENT_NAMES), logs / "serve.log"
+            )
         yield services
     finally:
         for process in reversed(started):
@@ -183,14 +217,23 @@ def local_services(home: Path = DEFAULT_HOME, port: int = DEFAULT_PORT, serve: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="Prefect home folder (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="preferred server port (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.local", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--home", type=Path, default=DEFAULT_HOME, help="Prefect home folder (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="preferred server port (default %(default)s)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with local_services(args.home, args.port) as services:
-        log.info("ready: PREFECT_API_URL=%s — run e.g. `prefect deployment run prepare/bdda --watch` "
-                 "with that variable set; Ctrl-C stops everything", services.api_url)
+        log.info(
+            "ready: PREFECT_API_URL=%s — run e.g. `prefect deployment run prepare/bdda --watch` "
+            "with that variable set; Ctrl-C stops everything",
+            services.api_url,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             while all(p.poll() is None for p in services.processes):
                 time.sleep(1.0)

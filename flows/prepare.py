@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -49,20 +48,49 @@ def check_layout_task(dataset: str, root: str) -> None:
 
 
 @task(name="normalize", **RETRY)
-def normalize_task(dataset: str, root: str, out: str, size: str, workers: int | None,
-                   dask_address: str | None, skip_bad: bool, max_bad_fraction: float) -> dict[str, Any]:
+def normalize_task(
+    dataset: str,
+    root: str,
+    out: str,
+    size: str,
+    workers: int | None,
+    dask_address: str | None,
+    skip_bad: bool,
+    max_bad_fraction: float,
+) -> dict[str, Any]:
     from pipeline.normalize import normalize
 
-    result = normalize(dataset, root, out, size=size, workers=workers, dask_address=dask_address,
-                       skip_bad=skip_bad, max_bad_fraction=max_bad_fraction, progress=False)
-    get_run_logger().info("normalised %s into %s: %s samples, %d skipped, version %s",
-                          dataset, out, result["samples"], result["skipped"], result["version_id"])
+    result = normalize(
+        dataset,
+        root,
+        out,
+        size=size,
+        workers=workers,
+        dask_address=dask_address,
+        skip_bad=skip_bad,
+        max_bad_fraction=max_bad_fraction,
+        progress=False,
+    )
+    get_run_logger().info(
+        "normalised %s into %s: %s samples, %d skipped, version %s",
+        dataset,
+        out,
+        result["samples"],
+        result["skipped"],
+        result["version_id"],
+    )
     return result
 
 
 @task(name="embed", **RETRY)
-def embed_task(prepared: str, clip_model: str, clip_pretrained: str | None, profile: str,
-               device: str, dask_address: str | None) -> dict[str, Any]:
+def embed_task(
+    prepared: str,
+    clip_model: str,
+    clip_pretrained: str | None,
+    profile: str,
+    device: str,
+    dask_address: str | None,
+) -> dict[str, Any]:
     from pipeline.clip_cache import open_cache
     from pipeline.embed import EncoderSpec, embed_prepared
 
@@ -70,8 +98,13 @@ def embed_task(prepared: str, clip_model: str, clip_pretrained: str | None, prof
     spec = EncoderSpec(model=clip_model, pretrained=pretrained, profile=profile, device=device)
     path = embed_prepared(prepared, spec=spec, dask_address=dask_address)
     identity = open_cache(path, prepared).identity
-    get_run_logger().info("CLIP cache %s: %s weights %s, profile %s", path, identity["encoder"]["model"],
-                          identity["encoder"]["weights"], identity["encoder"]["profile"])
+    get_run_logger().info(
+        "CLIP cache %s: %s weights %s, profile %s",
+        path,
+        identity["encoder"]["model"],
+        identity["encoder"]["weights"],
+        identity["encoder"]["profile"],
+    )
     return {"path": path, "encoder": identity["encoder"]}
 
 
@@ -82,12 +115,15 @@ def verify_task(prepared: str) -> None:
     problems = verify(prepared)
     if problems:
         raise BadInputError(prepared, f"verification failed: {'; '.join(problems)}")
-    get_run_logger().info("%s verifies: every shard and input fingerprint matches the manifest", prepared)
+    get_run_logger().info(
+        "%s verifies: every shard and input fingerprint matches the manifest", prepared
+    )
 
 
 @task(name="publish", **RETRY)
-def publish_task(out: str, dataset: str, normalized: dict[str, Any], cache: dict[str, Any],
-                 wall_s: float) -> dict[str, Any]:
+def publish_task(
+    out: str, dataset: str, normalized: dict[str, Any], cache: dict[str, Any], wall_s: float
+) -> dict[str, Any]:
     """Record the finished, verified dataset in ``published.json`` and the run's markdown artifact."""
     from pipeline.fsio import Folder
     from pipeline.manifest import read_manifest
@@ -102,9 +138,14 @@ def publish_task(out: str, dataset: str, normalized: dict[str, Any], cache: dict
         "cache": cache,
         "wall_s": round(wall_s, 1),
     }
-    Folder(out).write_bytes(PUBLISHED, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-    create_markdown_artifact(markdown=report_markdown(record), key=f"prepare-{dataset}",
-                             description=f"{dataset} prepared data, version {record['version_id']}")
+    Folder(out).write_bytes(
+        PUBLISHED, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+    )
+    create_markdown_artifact(
+        markdown=report_markdown(record),
+        key=f"prepare-{dataset}",
+        description=f"{dataset} prepared data, version {record['version_id']}",
+    )
     get_run_logger().info("published %s version %s", dataset, record["version_id"])
     return record
 
@@ -114,26 +155,52 @@ PUBLISHED = "published.json"
 
 def report_markdown(record: dict[str, Any]) -> str:
     """The run's artifact: counts per split, skipped frames and reasons, version, cache, wall time."""
-    lines = [f"# prepare/{record['dataset']}", "",
-             f"- version id: `{record['version_id']}`",
-             f"- CLIP cache: `{record['cache']['path']}` ({record['cache']['encoder']['model']}, weights "
-             f"`{record['cache']['encoder']['weights']}`, profile `{record['cache']['encoder']['profile']}`)",
-             f"- wall time: {record['wall_s']:.1f} s", "",
-             "| split | samples | skipped |", "| --- | ---: | ---: |"]
+    lines = [
+        f"# prepare/{record['dataset']}",
+        "",
+        f"- version id: `{record['version_id']}`",
+        (
+            f"- CLIP cache: `{record['cache']['path']}` ({record['cache']['encoder']['model']}, weights "
+            f"`{record['cache']['encoder']['weights']}`, profile `{record['cache']['encoder']['profile']}`)"
+        ),
+        f"- wall time: {record['wall_s']:.1f} s",
+        "",
+        "| split | samples | skipped |",
+        "| --- | ---: | ---: |",
+    ]
     for split, samples in record["samples"].items():
         lines.append(f"| {split} | {samples} | {len(record['skipped'][split])} |")
     skipped = [(split, item) for split, items in record["skipped"].items() for item in items]
     if skipped:
-        lines += ["", "## Skipped frames", "", "| split | frame | file | problem |", "| --- | --- | --- | --- |"]
-        lines += [f"| {split} | {item['name']} | {item['file']} | {item['problem']} |" for split, item in skipped]
+        lines += [
+            "",
+            "## Skipped frames",
+            "",
+            "| split | frame | file | problem |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {split} | {item['name']} | {item['file']} | {item['problem']} |"
+            for split, item in skipped
+        ]
     return "\n".join(lines) + "\n"
 
 
 @flow(name="prepare", log_prints=False)
-def prepare(dataset: str, root: str, out: str, size: str = "256x256", clip_model: str = "ViT-B-32",
-            clip_pretrained: str | None = "openai", profile: str = "salmm", device: str = "cpu",
-            dask_address: str | None = None, workers: int | None = None, skip_bad: bool = False,
-            max_bad_fraction: float = 0.01) -> dict[str, Any]:
+def prepare(
+    dataset: str,
+    root: str,
+    out: str,
+    size: str = "256x256",
+    clip_model: str = "ViT-B-32",
+    clip_pretrained: str | None = "openai",
+    profile: str = "salmm",
+    device: str = "cpu",
+    dask_address: str | None = None,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    max_bad_fraction: float = 0.01,
+) -> dict[str, Any]:
     """Prepare one dataset: check layout → normalise → embed → verify → publish.
 
     Args:
@@ -149,7 +216,9 @@ def prepare(dataset: str, root: str, out: str, size: str = "256x256", clip_model
     """
     started = time.perf_counter()
     check_layout_task(dataset, root)
-    normalized = normalize_task(dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction)
+    normalized = normalize_task(
+        dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction
+    )
     cache = embed_task(out, clip_model, clip_pretrained, profile, device, dask_address)
     verify_task(out)
     return publish_task(out, dataset, normalized, cache, time.perf_counter() - started)

@@ -59,7 +59,9 @@ def check_clip_weights(model: str, pretrained: str | None) -> None:
     from pipeline.embed import EncoderSpec, build_encoder
 
     if pretrained is None:
-        log.warning("CLIP: RANDOM weights (--clip-pretrained none): a smoke run, the model learns nothing real")
+        log.warning(
+            "CLIP: RANDOM weights (--clip-pretrained none): a smoke run, the model learns nothing real"
+        )
         return
     try:
         build_encoder(EncoderSpec(model=model, pretrained=pretrained))
@@ -92,16 +94,21 @@ def run_step(title: str, cmd: list[str], env: dict[str, str] | None, log_path: P
     log.info("── %s\n   $ %s", title, " ".join(cmd))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
-    with open(log_path, "w") as keep, subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as process:
+    with (
+        open(log_path, "w") as keep,
+        subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as process,
+    ):
         assert process.stdout is not None
         for line in process.stdout:
             keep.write(line)
             lines.append(line)
             sys.stderr.write("   " + line)
     if process.returncode != 0:
-        raise SystemExit(f"quickstart: step '{title}' failed (exit {process.returncode}); its output is in {log_path}")
+        raise SystemExit(
+            f"quickstart: step '{title}' failed (exit {process.returncode}); its output is in {log_path}"
+        )
     return "".join(lines)
 
 
@@ -119,35 +126,111 @@ def quickstart(args: argparse.Namespace) -> Outcome:
     pretrained = args.clip_pretrained or "none"
     with local_services(home=work / "prefect") as services:
         outcome.ui_url = services.ui_url
-        log.info("Prefect UI: %s (open it to watch the flow run)", services.ui_url or services.api_url)
-        run_step(f"prefect deployment run prepare/{dataset}",
-                 [py, "-m", "prefect", "deployment", "run", f"prepare/{dataset}", "--watch",
-                  "--param", f"root={raw}", "--param", f"out={outcome.prepared}",
-                  "--param", f"size={args.size}", "--param", f"clip_model={args.clip_model}",
-                  "--param", f"clip_pretrained={pretrained}"],
-                 services.env, logs / "prepare.log")
+        log.info(
+            "Prefect UI: %s (open it to watch the flow run)", services.ui_url or services.api_url
+        )
+        run_step(
+            f"prefect deployment run prepare/{dataset}",
+            [
+                py,
+                "-m",
+                "prefect",
+                "deployment",
+                "run",
+                f"prepare/{dataset}",
+                "--watch",
+                "--param",
+                f"root={raw}",
+                "--param",
+                f"out={outcome.prepared}",
+                "--param",
+                f"size={args.size}",
+                "--param",
+                f"clip_model={args.clip_model}",
+                "--param",
+                f"clip_pretrained={pretrained}",
+            ],
+            services.env,
+            logs / "prepare.log",
+        )
         published = json.loads((outcome.prepared / "published.json").read_text())
         outcome.version_id, outcome.cache = published["version_id"], published["cache"]["path"]
 
-        outcome.run = work / "runs" / f"{dataset}-{outcome.version_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+        outcome.run = (
+            work / "runs" / f"{dataset}-{outcome.version_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         clip = ["--clip-model", args.clip_model, "--clip-pretrained", pretrained]
-        run_step("python -m salmm.train --cached-clip",
-                 [py, "-m", "salmm.train", "--cached-clip", "--prepared", str(outcome.prepared),
-                  "--out", str(outcome.run), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                  "--size", args.size, "--workers", "0", *clip],
-                 None, logs / "train.log")
+        run_step(
+            "python -m salmm.train --cached-clip",
+            [
+                py,
+                "-m",
+                "salmm.train",
+                "--cached-clip",
+                "--prepared",
+                str(outcome.prepared),
+                "--out",
+                str(outcome.run),
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                str(args.batch_size),
+                "--size",
+                args.size,
+                "--workers",
+                "0",
+                *clip,
+            ],
+            None,
+            logs / "train.log",
+        )
         checkpoint = outcome.run / "best.pt"
         evaluation = outcome.run / "evaluation"
-        run_step("python -m salmm.evaluate",
-                 [py, "-m", "salmm.evaluate", "--checkpoint", str(checkpoint), "--prepared", str(outcome.prepared),
-                  "--split", "test", "--out", str(evaluation), "--cached-clip", "--cache", outcome.cache],
-                 None, logs / "evaluate.log")
+        run_step(
+            "python -m salmm.evaluate",
+            [
+                py,
+                "-m",
+                "salmm.evaluate",
+                "--checkpoint",
+                str(checkpoint),
+                "--prepared",
+                str(outcome.prepared),
+                "--split",
+                "test",
+                "--out",
+                str(evaluation),
+                "--cached-clip",
+                "--cache",
+                outcome.cache,
+            ],
+            None,
+            logs / "evaluate.log",
+        )
         predictions = outcome.run / "predictions"
-        run_step("python -m salmm.predict",
-                 [py, "-m", "salmm.predict", "--checkpoint", str(checkpoint), "--input", str(outcome.prepared),
-                  "--split", "test", "--limit", str(args.predict_frames), "--out", str(predictions),
-                  "--cached-clip", "--cache", outcome.cache],
-                 None, logs / "predict.log")
+        run_step(
+            "python -m salmm.predict",
+            [
+                py,
+                "-m",
+                "salmm.predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(outcome.prepared),
+                "--split",
+                "test",
+                "--limit",
+                str(args.predict_frames),
+                "--out",
+                str(predictions),
+                "--cached-clip",
+                "--cache",
+                outcome.cache,
+            ],
+            None,
+            logs / "predict.log",
+        )
     from salmm.evaluate import TABLE_NAME
 
     outcome.table = (evaluation / TABLE_NAME).read_text()
@@ -158,7 +241,11 @@ def quickstart(args: argparse.Namespace) -> Outcome:
 
 def summary(outcome: Outcome) -> str:
     """The closing text: where everything is."""
-    tag = " (SYNTHETIC data: generated frames and gaze, not real recordings)" if outcome.synthetic else ""
+    tag = (
+        " (SYNTHETIC data: generated frames and gaze, not real recordings)"
+        if outcome.synthetic
+        else ""
+    )
     lines = [
         "",
         f"salmm quickstart finished{tag}",
@@ -178,20 +265,41 @@ def summary(outcome: Outcome) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flows.quickstart", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(RAW_DIRNAMES), default="bdda",
-                        help="dataset layout (default bdda; synthetic unless --root is given)")
-    parser.add_argument("--root", type=Path, help="a real raw download of --dataset instead of synthetic data")
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="working folder (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.quickstart", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(RAW_DIRNAMES),
+        default="bdda",
+        help="dataset layout (default bdda; synthetic unless --root is given)",
+    )
+    parser.add_argument(
+        "--root", type=Path, help="a real raw download of --dataset instead of synthetic data"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=DEFAULT_WORK, help="working folder (default %(default)s)"
+    )
     parser.add_argument("--clip-model", default="ViT-B-32")
-    parser.add_argument("--clip-pretrained", default="openai",
-                        type=lambda text: None if text.lower() == "none" else text,
-                        help="openai (default), a local weight file, hf-hub:..., or none (random weights)")
-    parser.add_argument("--size", default="256x256", help="frame size WIDTHxHEIGHT (default %(default)s, the model's input)")
+    parser.add_argument(
+        "--clip-pretrained",
+        default="openai",
+        type=lambda text: None if text.lower() == "none" else text,
+        help="openai (default), a local weight file, hf-hub:..., or none (random weights)",
+    )
+    parser.add_argument(
+        "--size",
+        default="256x256",
+        help="frame size WIDTHxHEIGHT (default %(default)s, the model's input)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--videos", type=int, default=6, help="synthetic videos (default %(default)s)")
-    parser.add_argument("--frames", type=int, default=16, help="synthetic frames per video (default %(default)s)")
+    parser.add_argument(
+        "--videos", type=int, default=6, help="synthetic videos (default %(default)s)"
+    )
+    parser.add_argument(
+        "--frames", type=int, default=16, help="synthetic frames per video (default %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument("--predict-frames", type=int, default=8, help="frames to draw overlays for")
     return parser

@@ -102,7 +102,7 @@ class Folder:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(full_tmp, full)
-                _fsync_dir(parent)
+                fsync_dir(parent)
             else:
                 with self.fs.open(full_tmp, "wb") as f:
                     yield f
@@ -125,7 +125,15 @@ class Folder:
         return stale
 
 
-def _fsync_dir(path: str) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically replace the file ``path`` (local path or fsspec URL) with ``data``,
+    creating its folder if needed."""
+    parent, _, name = str(path).rstrip("/").rpartition("/")
+    Folder(parent or ".").write_bytes(name, data)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or a new file inside the local folder ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -32,6 +32,7 @@ import scipy.io
 from scipy.io.matlab import MatReadError
 
 from pipeline.errors import BadInputError
+from pipeline.fsio import write_atomic
 
 MatFormat = Literal["v5", "v7.3"]
 MAT_FORMATS: tuple[MatFormat, ...] = ("v5", "v7.3")
@@ -156,7 +157,7 @@ def write_fixdata(
         raise ValueError(f"mat_format must be one of {MAT_FORMATS}, got {mat_format!r}")
     path = Path(path)
     if mat_format == "v5":
-        _write_atomic(path, _v5_bytes(cells))
+        write_atomic(path, _v5_bytes(cells))
         return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -180,19 +181,7 @@ def write_char_rows(path: str | os.PathLike[str], variable: str, rows: Sequence[
     scipy.io.savemat(buf, {variable: chars}, do_compression=True)
     data = bytearray(buf.getvalue())
     data[:116] = _header_text("5.0")
-    _write_atomic(path, bytes(data))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, bytes(data))
 
 
 def _header_text(version: str) -> bytes:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.errors import BadInputError
+from pipeline.fsio import write_atomic
 
 SPLITS = ("train", "valid", "test")
 
@@ -57,13 +58,4 @@ def read_split(path: str | os.PathLike[str]) -> list[str]:
 def write_split(path: str | os.PathLike[str], names: Iterable[str]) -> None:
     """Write a split file (one JSON string per line) atomically: temporary name, fsync, rename."""
     path = Path(path)
-    data = "".join(json.dumps(name) + "\n" for name in names).encode("utf-8")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, "".join(json.dumps(name) + "\n" for name in names).encode("utf-8"))

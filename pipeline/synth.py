@@ -50,6 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import BadInputError
+from pipeline.fsio import fsync_dir
 from pipeline.matfile import MAT_FORMATS, MatFormat, write_char_rows, write_fixdata
 from pipeline.readers import BDDA_GAZE_SIZE, DATASETS, DISPLAY_NAMES, SYNTHETIC_MARKER
 from pipeline.splits import SPLITS, write_split
@@ -141,7 +142,7 @@ def write_dataset(
         if out.exists():
             out.rmdir()
         staging.rename(out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.warning("%s: wrote a SYNTHETIC %s dataset (%d videos x %d frames, seed %d): generated "
@@ -247,14 +248,6 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- gaze

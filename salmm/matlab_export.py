@@ -33,6 +33,7 @@ import scipy.io
 from tqdm import tqdm
 
 from pipeline.errors import BadInputError
+from pipeline.fsio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +68,6 @@ def _mat_bytes(variables: dict[str, np.ndarray]) -> bytes:
     return bytes(data)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _as_stored_map(what: str, name: str, m: np.ndarray) -> np.ndarray:
     arr = np.asarray(m)
     if arr.ndim != 2 or arr.size == 0:
@@ -105,8 +92,8 @@ def write_frame(
     pred_path, label_path = map_paths(name)
     pred_bytes = _mat_bytes({PRED_VAR: _as_stored_map("prediction", name, pred)})
     label_bytes = _mat_bytes({LABEL_VAR: _as_stored_map("label", name, label)})
-    _write_atomic(Path(root) / pred_path, pred_bytes)
-    _write_atomic(Path(root) / label_path, label_bytes)
+    write_atomic(Path(root) / pred_path, pred_bytes)
+    write_atomic(Path(root) / label_path, label_bytes)
 
 
 def write_name_list(path: str | os.PathLike[str], names: Iterable[str]) -> None:
@@ -114,7 +101,7 @@ def write_name_list(path: str | os.PathLike[str], names: Iterable[str]) -> None:
     rows = [check_frame_name(n) for n in names]
     if not rows:
         raise ValueError(f"{path}: refusing to write an empty name list")
-    _write_atomic(Path(path), _mat_bytes({NAMES_VAR: np.array(rows)}))
+    write_atomic(Path(path), _mat_bytes({NAMES_VAR: np.array(rows)}))
 
 
 def export_for_matlab(

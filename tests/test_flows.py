@@ -37,10 +37,13 @@ def clean_env(tmp_path: Path):
         yield
 
 
-def test_deployment_defaults_come_from_config_file_and_environment(tmp_path: Path, clean_env) -> None:
+def test_deployment_defaults_come_from_config_file_and_environment(
+    tmp_path: Path, clean_env
+) -> None:
     config = tmp_path / "flows.toml"
-    config.write_text('data_root = "/data/gaze"\nclip_pretrained = "/models/vit.pt"\n'
-                      '[bdda]\nroot = "/mnt/bdda"\n')
+    config.write_text(
+        'data_root = "/data/gaze"\nclip_pretrained = "/models/vit.pt"\n[bdda]\nroot = "/mnt/bdda"\n'
+    )
     os.environ["SALMM_CONFIG"] = str(config)
     os.environ["SALMM_PREPARED_ROOT"] = "/fast/prepared"
     bdda = deployment_parameters("bdda")
@@ -71,7 +74,9 @@ def _run_deployment(env: dict[str, str], *params: str) -> subprocess.CompletedPr
     cmd = [sys.executable, "-m", "prefect", "deployment", "run", "prepare/bdda", "--watch"]
     for param in params:
         cmd += ["--param", param]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
+    return subprocess.run(
+        cmd, env=env, capture_output=True, text=True, check=False, timeout=420, cwd=REPO
+    )
 
 
 def _flow_run_id(output: str) -> str:
@@ -84,8 +89,10 @@ def _flow_run_id(output: str) -> str:
 def test_served_deployment_runs_and_fails_cleanly(tmp_path: Path, synth_dataset, clean_env) -> None:
     raw = Path(shutil.copytree(synth_dataset("bdda", videos=3, frames=4), tmp_path / "BDDA"))
     config = tmp_path / "flows.toml"
-    config.write_text(f'data_root = "{tmp_path}"\nprepared_root = "{tmp_path / "prepared"}"\n'
-                      'clip_pretrained = "none"\nsize = "64x64"\nworkers = 1\n')
+    config.write_text(
+        f'data_root = "{tmp_path}"\nprepared_root = "{tmp_path / "prepared"}"\n'
+        'clip_pretrained = "none"\nsize = "64x64"\nworkers = 1\n'
+    )
     os.environ["SALMM_CONFIG"] = str(config)
     out = tmp_path / "prepared" / "bdda"
 
@@ -100,18 +107,29 @@ def test_served_deployment_runs_and_fails_cleanly(tmp_path: Path, synth_dataset,
         assert published["version_id"] == version_id(manifest)
         cache = open_cache(published["cache"]["path"], str(out))
         assert cache.identity["prepared"]["version_id"] == version_id(manifest)
-        artifact = subprocess.run([sys.executable, "-m", "prefect", "artifact", "inspect", "prepare-bdda"],
-                                  env=services.env, capture_output=True, text=True)
+        artifact = subprocess.run(
+            [sys.executable, "-m", "prefect", "artifact", "inspect", "prepare-bdda"],
+            env=services.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert published["version_id"] in artifact.stdout
 
         bad_root = Path(shutil.copytree(raw, tmp_path / "BDDA-bad"))
         bad_name = _corrupt_first_test_frame(bad_root)
-        failed = _run_deployment(services.env, f"root={bad_root}", f"out={tmp_path / 'prepared-bad'}")
+        failed = _run_deployment(
+            services.env, f"root={bad_root}", f"out={tmp_path / 'prepared-bad'}"
+        )
         assert failed.returncode != 0
         assert "Failed" in failed.stdout + failed.stderr
-        logs = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "logs",
-                               _flow_run_id(failed.stdout)],
-                              env=services.env, capture_output=True, text=True)
+        logs = subprocess.run(
+            [sys.executable, "-m", "prefect", "flow-run", "logs", _flow_run_id(failed.stdout)],
+            env=services.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         reason = [line for line in logs.stdout.splitlines() if bad_name in line]
         assert reason, logs.stdout
         assert not (tmp_path / "prepared-bad" / "manifest.json").exists()
