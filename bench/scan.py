@@ -6,7 +6,9 @@ Shapes are the model's largest Mamba call (SalMM at 256x256: encoder4 runs on th
 sequence 1024, d_inner 12, d_state 16) at batch 8. Each timing is forward + backward of the
 full ``selective_scan`` call (softplus, delta_bias, D skip and SiLU gate included); the two
 run in turn so they share the machine's load; min and median of the repeats are printed.
-Also times one SalMM forward + backward at batch 8, 256x256, on the PyTorch scan.
+A second line times the call the model really makes: both Mamba directions as one grouped
+scan (leading group dim 2, see salmm/mamba.py) against the reference loop run once per
+direction. Also times one SalMM forward + backward at batch 8, 256x256, on the PyTorch scan.
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ def scan_inputs(batch=8, d_inner=12, length=1024, d_state=16, seed=0):
     }
 
 
+def grouped(inputs_per_group):
+    """Stack per-direction inputs along a group dim (dim 0 for A, D, delta_bias; else 1)."""
+    return {
+        k: torch.stack(
+            [g[k].detach() for g in inputs_per_group],
+            dim=0 if k in ("A", "D", "delta_bias") else 1,
+        ).requires_grad_()
+        for k in inputs_per_group[0]
+    }
+
+
 def time_side_by_side(steps, repeats):
     """{name: (min, median) seconds} of each `step()` (forward + backward), the steps run in
     turn `repeats` times after one warm-up each, so they share the machine's load; the minimum
@@ -69,6 +82,27 @@ def scan_step(fn, inputs):
         out.sum().backward()
 
     return step
+
+
+def ref_per_group_step(inputs):
+    """The reference loop once per group (it has no group dim), summed as one loss."""
+
+    def step():
+        loss = 0.0
+        for i in range(inputs["A"].shape[0]):
+            one = {k: v[i] if k in ("A", "D", "delta_bias") else v[:, i] for k, v in inputs.items()}
+            loss = loss + selective_scan_ref(**one, delta_softplus=True).sum()
+        loss.backward()
+
+    return step
+
+
+def report_scan(title, timed):
+    log.info("%s (min / median):", title)
+    for name, (best, median) in timed.items():
+        log.info("  %-38s %8.2f / %8.2f ms", name, best * 1e3, median * 1e3)
+    (ref_min, ref_med), (vec_min, vec_med) = timed.values()
+    log.info("  speed-up: %.1fx (min), %.1fx (median)", ref_min / vec_min, ref_med / vec_med)
 
 
 def model_step(model, frames, emb):
@@ -96,12 +130,16 @@ def main(argv=None):
         "sequential loop (selective_scan_ref)": scan_step(selective_scan_ref, inputs),
         "vectorised (selective_scan)": scan_step(selective_scan, inputs),
     }
-    timed = time_side_by_side(steps, args.repeats)
-    log.info("selective scan fwd+bwd, batch 8, L 1024, d_inner 12, d_state 16 (min / median):")
-    for name, (best, median) in timed.items():
-        log.info("  %-38s %8.2f / %8.2f ms", name, best * 1e3, median * 1e3)
-    (ref_min, ref_med), (vec_min, vec_med) = timed.values()
-    log.info("  speed-up: %.1fx (min), %.1fx (median)", ref_min / vec_min, ref_med / vec_med)
+    title = "selective scan fwd+bwd, batch 8, L 1024, d_inner 12, d_state 16"
+    report_scan(title, time_side_by_side(steps, args.repeats))
+
+    both = grouped([scan_inputs(seed=0), scan_inputs(seed=1)])
+    steps = {
+        "sequential loop, once per direction": ref_per_group_step(both),
+        "vectorised, one grouped call": scan_step(selective_scan, both),
+    }
+    title = "both directions (group dim 2), batch 8, L 1024, d_inner 12, d_state 16"
+    report_scan(title, time_side_by_side(steps, args.repeats))
 
     torch.manual_seed(0)
     model = SalMM(backend="torch")

@@ -2,12 +2,15 @@
 
 Two implementations with the argument conventions of ``mamba_ssm.selective_scan_fn``:
 
-* :func:`selective_scan` - vectorised: no Python loop over time steps.  The linear recurrence
-  ``h_t = a_t * h_{t-1} + b_t`` is solved by an in-place odd/even (cyclic) reduction, log2(T)
-  levels of shrinking strided views over cache-sized chunks of T steps (a loop over chunks),
-  inside one autograd Function whose backward is the same reduction run in reverse.  Only
-  products of decays in (0, 1] are ever formed, so it is as stable as the sequential loop
-  (no division by cumulative decays, no exp overflow).
+* :func:`selective_scan` - vectorised: no Python loop over single time steps.  Time is cut
+  into chunks of T = ``CHUNK_LEN`` steps and laid out chunk-interleaved ([T, K, ...]: slab t
+  holds step t of all K chunks, one contiguous block), so the linear recurrence
+  ``h_t = a_t * h_{t-1} + b_t`` runs as 2T + K in-place ops on whole slabs (see
+  :func:`_chunk_scan_`), inside one autograd Function whose backward runs the adjoint
+  recurrence the same way.  Only products of decays in (0, 1] are ever formed, so it is as
+  stable as the sequential loop (no division by cumulative decays, no exp overflow); the
+  decays are computed as exp2(dt * A * log2(e)), torch's exp2 being several times faster
+  than its exp on CPU.
 * :func:`selective_scan_ref` - the plain sequential loop, kept beside it as the reference.
 
 Shapes (b batch, d channels, l length, n state size)::
@@ -42,103 +45,113 @@ from torch import Tensor
 __all__ = ["CHUNK_LEN", "selective_scan", "selective_scan_ref"]
 
 
-def _scan_(x: Tensor, c: Tensor) -> None:
-    """In place, along dim 0: ``x[t+1] += c[t] * x[t]`` for t = 0 .. L-2, in sequence.
+CHUNK_LEN = 32  # time steps per chunk (a constant: see selective_scan)
+_SLAB = 8  # time slabs per temporary buffer in the backward pass
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); torch's exp2 is several times faster
 
-    x: [L, ...]; c: [L-1, ...] (the decay linking step t to t+1). Views of x are updated in
-    place; each level allocates one pairwise decay product of half the previous length.
+
+def _chunk_scan_(x: Tensor, c: Tensor, link: Tensor) -> None:
+    """In place: ``x[l] += c[l] * x[l-1]`` for l = 1 .. L-1 in sequence.
+
+    Chunk-interleaved layout: x, c: [T, K, W] with x[t, k] the step l = k*T + t (K chunks
+    of T steps, W values per step); link: [K, W], link[k] = prod_t c[t, k], the decay across
+    chunk k. Runs the T steps of all chunks at once from a zero start (keeping only each
+    chunk's end state), carries the end states from chunk to chunk (a loop over K on [W]
+    rows), then reruns the T steps in place from the carried states: 2T + K ops on
+    contiguous rows, only products of decays, as in the sequential loop.
     """
-    length = x.shape[0]
-    if length == 1:
-        return
-    half = length // 2
-    odd, even = x[1::2], x[0::2]
-    odd.addcmul_(c[0::2][:half], even[:half])  # fold each pair (2k, 2k+1) into 2k+1
-    # odd positions now form a sequence of `half` steps linked by c[2k+1] * c[2k+2]
-    _scan_(odd, c[1::2][: half - 1] * c[2::2][: half - 1])
-    rest = even[1:]  # even positions 2k >= 2 receive the finished value at 2k-1
-    rest.addcmul_(c[1::2][: rest.shape[0]], odd[: rest.shape[0]])
+    steps, chunks = x.shape[:2]
+    end = x[0].clone()
+    for t in range(1, steps):
+        torch.addcmul(x[t], c[t], end, out=end)
+    for k in range(1, chunks):
+        end[k].addcmul_(link[k], end[k - 1])
+    x[0, 1:].addcmul_(c[0, 1:], end[:-1])
+    for t in range(1, steps):
+        x[t].addcmul_(c[t], x[t - 1])
 
 
-def _rscan_(x: Tensor, c: Tensor) -> None:
-    """In place, along dim 0: ``x[t] += c[t] * x[t+1]`` for t = L-2 .. 0, in sequence."""
-    length = x.shape[0]
-    if length == 1:
-        return
-    half = length // 2
-    odd, even = x[1::2], x[0::2]
-    even[:half].addcmul_(c[0::2][:half], odd)  # fold each pair (2k, 2k+1) into 2k
-    n_even = even.shape[0]
-    _rscan_(even, c[0::2][: n_even - 1] * c[1::2][: n_even - 1])
-    head = odd[: n_even - 1]  # odd positions 2k+1 < L-1 receive the finished value at 2k+2
-    head.addcmul_(c[1::2][: head.shape[0]], even[1:])
-
-
-CHUNK_LEN = 256  # time steps per chunk: [256, b*d*n] blocks stay cache-sized at the model's shapes
+def _chunk_rscan_(x: Tensor, c: Tensor, link: Tensor) -> None:
+    """In place: ``x[l] += c[l+1] * x[l+1]`` for l = L-2 .. 0 in sequence (the adjoint of
+    :func:`_chunk_scan_`, same layout). link: [K-1, W], link[k] = the product of c over
+    steps k*T+1 .. k*T+T (from chunk k's first step to chunk k+1's first step)."""
+    steps, chunks = x.shape[:2]
+    start = x[-1].clone()
+    for t in range(steps - 2, -1, -1):
+        torch.addcmul(x[t], c[t + 1], start, out=start)
+    for k in range(chunks - 2, -1, -1):
+        start[k].addcmul_(link[k], start[k + 1])
+    x[-1, :-1].addcmul_(c[0, 1:], start[1:])
+    for t in range(steps - 2, -1, -1):
+        x[t].addcmul_(c[t + 1], x[t + 1])
 
 
 class _SelectiveScanCore(torch.autograd.Function):
-    """y[l, b, d] = sum_n C * h with h the recurrence above (no D, no gate, dt already final).
+    """y[t, k, b, d] = sum_n C * h with h the recurrence above (no D, no gate, dt final).
 
-    Time-major layout, so every time step is one contiguous block of b*d*n values. Time is
-    processed in chunks of ``chunk_len`` steps (a Python loop over chunks, not over steps):
-    each chunk's state enters the next through its first step before the in-chunk reduction,
-    so the working set stays cache-sized while the full decay and state tensors are written
-    once and saved for the backward pass.
+    Chunk-interleaved time layout (see :func:`_chunk_scan_`): dt, u: [T, K, *batch, d];
+    B, C: [T, K, *batch, n]; A: [..., d, n] broadcast over batch. The decay and state
+    tensors [T, K, *batch, d, n] are written once and saved for the backward pass, which
+    runs the adjoint recurrence with the same decays.
     """
 
     @staticmethod
-    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_len: int):
-        # dt, u: [l, *batch, d]; A: [..., d, n] broadcast over batch; B, C: [l, *batch, n]
-        length, dim, n = dt.shape[0], dt.shape[-1], A.shape[-1]
-        decay = dt.new_empty(*dt.shape, n)  # [l, *batch, d, n] = exp(dt * A)
-        h = dt.new_empty(*dt.shape, n)  # the state h_t
-        y = torch.empty_like(dt)
-        dtu = dt * u  # [l, *batch, d]
-        for s in range(0, length, chunk_len):
-            e = min(s + chunk_len, length)
-            dc = torch.mul(A, dt[s:e].unsqueeze(-1), out=decay[s:e]).exp_()
-            hc = torch.mul(dtu[s:e].unsqueeze(-1), B[s:e].unsqueeze(-2), out=h[s:e])
-            if s:
-                hc[0].addcmul_(dc[0], h[s - 1])  # carry the previous chunk's last state in
-            _scan_(hc, dc[1:])
-            torch.bmm(hc.view(-1, dim, n), C[s:e].view(-1, n, 1), out=y[s:e].view(-1, dim, 1))
+    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor):
+        steps, chunks, dim, n = dt.shape[0], dt.shape[1], dt.shape[-1], A.shape[-1]
+        a2 = A * LOG2_E
+        dtu = dt * u
+        decay = torch.mul(a2, dt.unsqueeze(-1)).exp2_()  # [T, K, *batch, d, n] = exp(dt * A)
+        h = torch.mul(dtu.unsqueeze(-1), B.unsqueeze(-2))  # the drive dt*u*B, scanned into h
+        link = torch.mul(a2, dt.sum(0).unsqueeze(-1)).exp2_()  # decay across each chunk
+        width = decay[0, 0].numel()  # b*d*n values per time step
+        _chunk_scan_(
+            h.view(steps, chunks, width),
+            decay.view(steps, chunks, width),
+            link.view(chunks, width),
+        )
+        y = torch.bmm(h.view(-1, dim, n), C.view(-1, n, 1)).view(dt.shape)
         ctx.save_for_backward(dt, u, A, B, C, decay, h, dtu)
-        ctx.chunk_len = chunk_len
         return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         dt, u, A, B, C, decay, h, dtu = ctx.saved_tensors
-        length, dim, n, chunk_len = dt.shape[0], dt.shape[-1], A.shape[-1], ctx.chunk_len
-        gy = gy.contiguous()
-        gC, gB = torch.empty_like(C), torch.empty_like(B)
-        gdtu, gdt = torch.empty_like(dt), torch.zeros_like(dt)
+        steps, chunks, dim, n = dt.shape[0], dt.shape[1], dt.shape[-1], A.shape[-1]
+        width = decay[0, 0].numel()
+        gy = gy.contiguous()  # [T, K, *batch, d]
+        g = torch.mul(h, gy.unsqueeze(-1))  # first the read-out gradient's products ...
+        gC = g.sum(-2)  # dL/dC = sum over d of h * gy
+        # ... then g = dL/dh_t: through y_t, then through every later step (adjoint recurrence)
+        torch.mul(gy.unsqueeze(-1), C.unsqueeze(-2), out=g)
+        link_dt = dt[1:].sum(0)[:-1] + dt[0, 1:]  # steps k*T+1 .. k*T+T
+        link = torch.mul(A * LOG2_E, link_dt.unsqueeze(-1)).exp2_()
+        _chunk_rscan_(
+            g.view(steps, chunks, width),
+            decay.view(steps, chunks, width),
+            link.view(chunks - 1, width),
+        )
+        gdtu = torch.bmm(g.view(-1, dim, n), B.view(-1, n, 1)).view(dt.shape)  # g . B over n
+        # sums over d of g * dtu, a few slabs at a time (no second full-size temporary)
+        gB = torch.empty_like(B)
+        buf = g.new_empty(min(_SLAB, steps), *g.shape[1:])
+        for s in range(0, steps, _SLAB):
+            tmp = torch.mul(
+                g[s : s + _SLAB], dtu[s : s + _SLAB].unsqueeze(-1), out=buf[: steps - s]
+            )
+            torch.sum(tmp, -2, out=gB[s : s + _SLAB])
+        # dL/d(dt_l A) = g_l h_{l-1} decay_l (h_{-1} = 0), built in g's buffer; the step
+        # before (t, k) is (t-1, k), or (T-1, k-1) for t = 0
+        g[1:].mul_(h[:-1])
+        g[0, 1:].mul_(h[-1, :-1])
+        g[0, 0].zero_()
+        w = g.mul_(decay)
         gA = torch.zeros_like(A)
-        g_buf = dt.new_empty(min(chunk_len, length), *dt.shape[1:], n)
-        tmp_buf = torch.empty_like(g_buf)
-        g_after = None  # dL/dh at the first step of the chunk after this one
-        for s in reversed(range(0, length, chunk_len)):
-            e = min(s + chunk_len, length)
-            # g = dL/dh_t: through y_t, then through every later step (reverse recurrence)
-            g = torch.mul(gy[s:e].unsqueeze(-1), C[s:e].unsqueeze(-2), out=g_buf[: e - s])
-            if g_after is not None:
-                g[-1].addcmul_(decay[e], g_after)
-            _rscan_(g, decay[s + 1 : e])
-            g_after = g[0].clone()
-            # read-out and input gradients: sums over d of [.., d, n] products, and g . B over n
-            tmp = torch.mul(h[s:e], gy[s:e].unsqueeze(-1), out=tmp_buf[: e - s])
-            torch.sum(tmp, -2, out=gC[s:e])
-            torch.sum(torch.mul(g, dtu[s:e].unsqueeze(-1), out=tmp), -2, out=gB[s:e])
-            torch.bmm(g.view(-1, dim, n), B[s:e].view(-1, n, 1), out=gdtu[s:e].view(-1, dim, 1))
-            # dL/d(dt_t A) = g_t h_{t-1} decay_t for t >= 1 (h_{-1} = 0), built in g's buffer
-            t0 = max(s, 1)
-            w = g[t0 - s :].mul_(h[t0 - 1 : e - 1]).mul_(decay[t0:e])
-            gA += torch.mul(w, dt[t0:e].unsqueeze(-1), out=tmp_buf[: e - t0]).sum_to_size(A.shape)
-            torch.sum(w.mul_(A), -1, out=gdt[t0:e])
-        gdt.addcmul_(gdtu, u)
+        for s in range(0, steps, _SLAB):
+            tmp = torch.mul(w[s : s + _SLAB], dt[s : s + _SLAB].unsqueeze(-1), out=buf[: steps - s])
+            gA += tmp.sum_to_size(A.shape)
+        gdt = torch.sum(w.mul_(A), -1).addcmul_(gdtu, u)
         gu = gdtu * dt
-        return gdt, gu, gA, gB, gC, None
+        return gdt, gu, gA, gB, gC
 
 
 def _prepare(u, delta, delta_bias, delta_softplus):
@@ -175,23 +188,32 @@ def selective_scan(
 ) -> Tensor:
     """Vectorised selective scan; see the module docstring for shapes (leading dims allowed).
     Differentiable in all tensor inputs. Memory: two saved [..., d, l, n] buffers (decay,
-    state) in the compute dtype. chunk_len: time steps per chunk (default ``CHUNK_LEN``; a
-    constant, so a sequence's output never depends on the batch it is computed in)."""
+    state) in the compute dtype, l rounded up to a multiple of the chunk length (the padded
+    steps have decay 1 and no drive, so they change no state). chunk_len: time steps per
+    chunk (default ``CHUNK_LEN``; a constant, so a sequence's output never depends on the
+    batch it is computed in)."""
     dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
     uc = u.to(dtype)
     chunk_len = chunk_len or CHUNK_LEN
+    length = u.shape[-1]
+    chunks = -(-length // chunk_len)
+    padded = chunks * chunk_len  # zero steps at the end (decay 1, no drive) change no state
 
-    def time_major(t):  # [..., l] -> [l, ...]
-        return t.to(dtype).movedim(-1, 0).contiguous()
+    def interleaved(t):  # [..., l] -> [T, K, ...], element [t, k] = step k*T + t
+        t = t.to(dtype)
+        if padded > length:
+            t = F.pad(t, (0, padded - length))
+        t = t.unflatten(-1, (chunks, chunk_len))
+        return t.movedim((-1, -2), (0, 1)).contiguous()
 
     y = _SelectiveScanCore.apply(
-        time_major(dt),
-        time_major(uc),
+        interleaved(dt),
+        interleaved(uc),
         A.to(dtype).contiguous(),
-        time_major(B),
-        time_major(C),
-        chunk_len,
-    ).movedim(0, -1)
+        interleaved(B),
+        interleaved(C),
+    )
+    y = y.movedim((0, 1), (-1, -2)).flatten(-2)[..., :length]
     return _finish(y, uc, D, z, u.dtype)
 
 

@@ -140,3 +140,49 @@ def test_leading_group_dim_equals_separate_scans():
         want_grads = torch.autograd.grad(want.square().sum(), [g[k] for k in NAMES])
         for got, exp in zip(grads[i * len(NAMES) : (i + 1) * len(NAMES)], want_grads):
             torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+def adversarial_inputs(case, dtype):
+    """Inputs that stress the decays: 70 steps (three chunks of 32, the last one padded)."""
+    inputs = make_inputs(2, 3, 70, 16, dtype, seed=3)
+    mamba_init_a = -torch.arange(1, 17, dtype=dtype).repeat(3, 1)  # -exp(A_log) at init
+    with torch.no_grad():
+        if case == "huge_steps":  # dt = softplus(30 + bias) ~ 30: every decay underflows to 0
+            inputs["delta"].fill_(30.0)
+            inputs["A"].copy_(mamba_init_a)
+        elif case == "mixed_steps":  # dt from ~1e-9 to ~40 within one sequence
+            inputs["delta"].mul_(20.0)
+        elif case == "mamba_init":
+            inputs["delta"].mul_(4.0)
+            inputs["A"].copy_(mamba_init_a)
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"]
+)
+@pytest.mark.parametrize("case", ["huge_steps", "mixed_steps", "mamba_init"])
+def test_adversarial_decays_match_loop(dtype, tol, case):
+    inputs = adversarial_inputs(case, dtype)
+    grad_out = torch.randn(2, 3, 70, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    want, want_grads = run(loop_oracle, inputs, grad_out)
+    got, got_grads = run(selective_scan, inputs, grad_out)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for name in NAMES:
+        assert torch.isfinite(got_grads[name]).all(), name
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)], ids=["float32", "float64"]
+)
+def test_sequence_result_does_not_depend_on_its_batch(dtype, tol):
+    """Same chunking whatever the batch: one sequence alone equals it inside a batch of
+    three (up to rounding in the vectorised kernels)."""
+    inputs = make_inputs(3, 5, 100, 16, dtype, seed=9)
+    batched = selective_scan(**inputs, delta_softplus=True)
+    alone = {k: v[1:2] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+    torch.testing.assert_close(
+        selective_scan(**alone, delta_softplus=True), batched[1:2], rtol=tol, atol=tol
+    )
