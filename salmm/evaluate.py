@@ -51,7 +51,13 @@ from tqdm import tqdm
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from salmm import metrics
-from salmm.options import TrainConfig, add_clip_options, add_inference_options, add_runtime_options
+from salmm.options import (
+    TrainConfig,
+    add_clip_options,
+    add_inference_options,
+    add_runtime_options,
+    run_command,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -227,9 +233,11 @@ def predict_batch(loaded: LoadedModel, frames: torch.Tensor, emb: torch.Tensor |
         return out.float()[:, 0].cpu().numpy()
 
 
-def given_clip_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The CLIP options of a parsed command line (:data:`FROM_CHECKPOINT` where not given)."""
-    return {k: getattr(args, k) for k in PUBLISHED_CLIP}
+def given_clip_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
+    """The CLIP options the user gave on a parsed command line, as (name, value) pairs; the
+    others are taken from the checkpoint."""
+    return tuple((k, getattr(args, k)) for k in PUBLISHED_CLIP
+                 if getattr(args, k) is not FROM_CHECKPOINT)
 
 
 MODEL_OPTIONS_NOTE = ("The CLIP options default to the ones the checkpoint was trained with"
@@ -612,20 +620,13 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
         export_mat=args.export_mat, cached_clip=args.cached_clip, cache=args.cache,
         batch_size=args.batch_size, workers=args.workers, seed=args.seed, jitter=args.jitter,
         device=args.device, amp=args.amp,
-        clip=tuple((k, v) for k, v in given_clip_options(args).items()
-                   if v is not FROM_CHECKPOINT))
+        clip=given_clip_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2: bad input)."""
     opts = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        evaluate(opts)
-    except BadInputError as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_command(lambda: evaluate(opts))
 
 
 if __name__ == "__main__":

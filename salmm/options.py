@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 DEFAULT_MAX_WORKERS = 8
@@ -195,3 +200,20 @@ def add_inference_options(parser: argparse.ArgumentParser, *, prepared: bool = T
     group.add_argument("--cache", metavar="CACHE",
                        help="CLIP embedding cache (default: the embed command's default path"
                             " for the CLIP options)")
+
+
+def run_command(action: Callable[[], Any],
+                failures: Mapping[type[Exception], int] | None = None) -> int:
+    """Run a command's ``action`` with logging set up; return its exit status.
+
+    Bad input (:class:`~pipeline.errors.BadInputError`) exits 2 and each other expected failure
+    in ``failures`` its own code, after one logged line saying what is wrong.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    codes = {BadInputError: 2, **(failures or {})}
+    try:
+        action()
+    except tuple(codes) as err:
+        log.error("%s", err)
+        return next(code for kind, code in codes.items() if isinstance(err, kind))
+    return 0

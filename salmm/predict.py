@@ -37,7 +37,6 @@ from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from salmm import overlay
 from salmm.evaluate import (
-    FROM_CHECKPOINT,
     MODEL_OPTIONS_NOTE,
     LoadedModel,
     add_model_options,
@@ -50,7 +49,7 @@ from salmm.evaluate import (
     prepared_size,
     read_split,
 )
-from salmm.options import parse_size
+from salmm.options import parse_size, run_command
 
 log = logging.getLogger("salmm.predict")
 
@@ -335,20 +334,13 @@ def parse_args(argv: Sequence[str] | None = None) -> PredictOptions:
         limit=args.limit, fps=args.fps, size=args.size, cached_clip=args.cached_clip,
         cache=args.cache, batch_size=args.batch_size, colormap=args.colormap, alpha=args.alpha,
         animation=args.animation, device=args.device, amp=args.amp,
-        clip=tuple((k, v) for k, v in given_clip_options(args).items()
-                   if v is not FROM_CHECKPOINT))
+        clip=given_clip_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2: bad input)."""
     opts = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        predict(opts)
-    except BadInputError as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_command(lambda: predict(opts))
 
 
 if __name__ == "__main__":

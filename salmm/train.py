@@ -60,7 +60,7 @@ from salmm.checkpoint import (
     set_rng_state,
 )
 from salmm.data import SaliencyShards, make_loader, split_shards
-from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args
+from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args, run_command
 from salmm.plots import plot_history
 
 log = logging.getLogger("salmm.train")
@@ -563,16 +563,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2: bad input, 3: loss diverged)."""
     cfg = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        train(cfg)
-    except BadInputError as err:
-        log.error("%s", err)
-        return 2
-    except NonFiniteLoss as err:
-        log.error("%s", err)
-        return 3
-    return 0
+    return run_command(lambda: train(cfg), {NonFiniteLoss: 3})
 
 
 if __name__ == "__main__":
