@@ -92,7 +92,9 @@ class _SelectiveScanCore(torch.autograd.Function):
     Chunk-interleaved time layout (see :func:`_chunk_scan_`): dt, u: [T, K, *batch, d];
     B, C: [T, K, *batch, n]; A: [..., d, n] broadcast over batch. The decay and state
     tensors [T, K, *batch, d, n] are written once and saved for the backward pass, which
-    runs the adjoint recurrence with the same decays.
+    runs the adjoint recurrence with the same decays. The decay across a whole chunk (the
+    link between chunks) is exp(A * sum of the chunk's dt), equal to the product of its
+    step decays up to rounding; every exponent is <= 0 for A <= 0, so nothing overflows.
     """
 
     @staticmethod
