@@ -121,10 +121,8 @@ class _SelectiveScanCore(torch.autograd.Function):
         steps, chunks, dim, n = dt.shape[0], dt.shape[1], dt.shape[-1], A.shape[-1]
         width = decay[0, 0].numel()
         gy = gy.contiguous()  # [T, K, *batch, d]
-        g = torch.mul(h, gy.unsqueeze(-1))  # first the read-out gradient's products ...
-        gC = g.sum(-2)  # dL/dC = sum over d of h * gy
-        # ... then g = dL/dh_t: through y_t, then through every later step (adjoint recurrence)
-        torch.mul(gy.unsqueeze(-1), C.unsqueeze(-2), out=g)
+        # g = dL/dh_t: through y_t, then through every later step (adjoint recurrence)
+        g = torch.mul(gy.unsqueeze(-1), C.unsqueeze(-2))
         link_dt = dt[1:].sum(0)[:-1] + dt[0, 1:]  # steps k*T+1 .. k*T+T
         link = torch.mul(A * LOG2_E, link_dt.unsqueeze(-1)).exp2_()
         _chunk_rscan_(
@@ -132,26 +130,29 @@ class _SelectiveScanCore(torch.autograd.Function):
             decay.view(steps, chunks, width),
             link.view(chunks - 1, width),
         )
-        gdtu = torch.bmm(g.view(-1, dim, n), B.view(-1, n, 1)).view(dt.shape)  # g . B over n
-        # sums over d of g * dtu, a few slabs at a time (no second full-size temporary)
-        gB = torch.empty_like(B)
-        buf = g.new_empty(min(_SLAB, steps), *g.shape[1:])
-        for s in range(0, steps, _SLAB):
-            tmp = torch.mul(
-                g[s : s + _SLAB], dtu[s : s + _SLAB].unsqueeze(-1), out=buf[: steps - s]
-            )
-            torch.sum(tmp, -2, out=gB[s : s + _SLAB])
-        # dL/d(dt_l A) = g_l h_{l-1} decay_l (h_{-1} = 0), built in g's buffer; the step
-        # before (t, k) is (t-1, k), or (T-1, k-1) for t = 0
-        g[1:].mul_(h[:-1])
-        g[0, 1:].mul_(h[-1, :-1])
-        g[0, 0].zero_()
-        w = g.mul_(decay)
+        gC, gB = torch.empty_like(C), torch.empty_like(B)
+        gdtu, gdt = torch.empty_like(dt), torch.empty_like(dt)
         gA = torch.zeros_like(A)
+        # h_{l-1} for every step l: [t-1, k], or [T-1, k-1] for t = 0 (h_{-1} = 0)
+        h_first_prev = torch.cat([torch.zeros_like(h[-1, :1]), h[-1, :-1]])
+        buf = g.new_empty(min(_SLAB, steps), *g.shape[1:])
+        # the gradients a few slabs at a time, while they are in cache
         for s in range(0, steps, _SLAB):
-            tmp = torch.mul(w[s : s + _SLAB], dt[s : s + _SLAB].unsqueeze(-1), out=buf[: steps - s])
-            gA += tmp.sum_to_size(A.shape)
-        gdt = torch.sum(w.mul_(A), -1).addcmul_(gdtu, u)
+            e = min(s + _SLAB, steps)
+            gs, tmp = g[s:e], buf[: e - s]
+            torch.sum(torch.mul(h[s:e], gy[s:e].unsqueeze(-1), out=tmp), -2, out=gC[s:e])
+            torch.sum(torch.mul(gs, dtu[s:e].unsqueeze(-1), out=tmp), -2, out=gB[s:e])
+            torch.bmm(gs.view(-1, dim, n), B[s:e].view(-1, n, 1), out=gdtu[s:e].view(-1, dim, 1))
+            # dL/d(dt_l A) = g_l h_{l-1} decay_l, built in g's buffer
+            if s:
+                gs.mul_(h[s - 1 : e - 1])
+            else:
+                gs[1:].mul_(h[: e - 1])
+                gs[0].mul_(h_first_prev)
+            w = gs.mul_(decay[s:e])
+            gA += torch.mul(w, dt[s:e].unsqueeze(-1), out=tmp).sum_to_size(A.shape)
+            torch.sum(w.mul_(A), -1, out=gdt[s:e])
+        gdt.addcmul_(gdtu, u)
         gu = gdtu * dt
         return gdt, gu, gA, gB, gC
 
