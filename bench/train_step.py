@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def stepper(model, with_emb):
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                         lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                         lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
             def step():
                 loss = train.bce_loss(model(frames, emb if with_emb else None), labels)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         # ---- throughput: data pipeline alone vs the full cached loop ----
         loader = make_loader(data, opts.workers, pin_memory=False, seed=cfg.seed)
         rt = train.Runtime(rank=0, world_size=1, device=cpu, autocast=None)
-        optimizer = torch.optim.Adam(cached.parameters(), lr=cfg.lr)
+        optimizer = torch.optim.Adam(cached.parameters(), lr=cfg.lr, fused=True)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         data_rates, loop_rates = [], []
         for epoch in range(1, 1 + max(2, opts.repeats // 2)):
