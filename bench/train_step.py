@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                  i_min / c_min, i_med / c_med)
         log.info("  CLIP is %.0f%% of the inline step; the rest, all of the cached step, is SalMM's"
                  " own forward + backward", 100 * e_min / i_min)
+        log.info("  10x needs a cached step <= CLIP encode / 9 = %.3f s (now %.3f s, min)",
+                 e_min / 9, c_min)
 
         # ---- throughput: data pipeline alone vs the full cached loop ----
         loader = make_loader(data, opts.workers, pin_memory=False, seed=cfg.seed)
