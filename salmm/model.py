@@ -128,7 +128,9 @@ class SCPMambaLayer(nn.Module):
         B, C, H, W = x.shape
         assert C == self.input_dim, f"expected {self.input_dim} channels, got {C}"
         groups = []
-        branches = self.Inception(x)  # 4 x [B, width_i, H, W]
+        # channels-first: on these small maps oneDNN's channels-last convolutions round
+        # differently with the thread count, which the width-2 LayerNorms amplify
+        branches = self.Inception(x.contiguous())  # 4 x [B, width_i, H, W]
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
         mambas = (self.mamba1, self.mamba2, self.mamba3, self.mamba4)
         for branch, norm, mamba in zip(branches, norms, mambas):
