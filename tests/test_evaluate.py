@@ -58,7 +58,7 @@ def assert_same_scores(a: list[dict[str, str]], b: list[dict[str, str]], metrics
     assert [row["key"] for row in a] == [row["key"] for row in b]
     for row_a, row_b in zip(a, b):
         for m in metrics:
-            np.testing.assert_allclose(float(row_a[m]), float(row_b[m]), rtol=1e-5, atol=1e-7,
+            np.testing.assert_allclose(float(row_a[m]), float(row_b[m]), rtol=1e-5, atol=1e-5,
                                        equal_nan=True, err_msg=f"{row_a['key']} {m}")
 
 
