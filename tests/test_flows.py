@@ -137,15 +137,32 @@ def test_served_deployment_runs_and_fails_cleanly(tmp_path: Path, synth_dataset,
 
 @pytest.mark.slow
 def test_flow_as_plain_function_is_idempotent(tmp_path: Path, synth_dataset, clean_env) -> None:
-    from flows.prepare import prepare
-
-    os.environ["PREFECT_HOME"] = str(tmp_path / "prefect")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    """Called as a plain function (Prefect's ephemeral mode, as in a notebook), twice: the second
+    call resumes the finished output and gives the same version and bytes. Runs in its own
+    interpreter, as a notebook would, so Prefect's temporary server starts and stops there."""
     raw = synth_dataset("bdda", videos=3, frames=4)
     out = tmp_path / "bdda"
-    first = prepare("bdda", str(raw), str(out), size="64x64", clip_pretrained="none", workers=1)
-    shards = {p.name: p.read_bytes() for p in out.glob("*.tar")}
-    again = prepare("bdda", str(raw), str(out), size="64x64", clip_pretrained="none", workers=1)
-    assert again["version_id"] == first["version_id"] == version_id(read_manifest(str(out)))
-    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == shards
-    assert sum(first["samples"].values()) > 0
+    script = (
+        "import json, sys\n"
+        "from flows.prepare import prepare\n"
+        "runs = [prepare('bdda', sys.argv[1], sys.argv[2], size='64x64', clip_pretrained='none',"
+        " workers=1) for _ in range(2)]\n"
+        "print(json.dumps([r['version_id'] for r in runs] + [sum(runs[0]['samples'].values())]))\n"
+    )
+    env = dict(
+        os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(raw), str(out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, again, samples = json.loads(run.stdout.strip().splitlines()[-1])
+    assert again == first == version_id(read_manifest(str(out)))
+    assert samples > 0
+    assert verify(str(out)) == []
