@@ -211,25 +211,14 @@ def raw_files(frame: Frame) -> list[Path]:
     return [frame.image_path] + ([frame.gaze_map_path] if frame.gaze_map_path else [])
 
 
-def _decode_rgb_draft(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Fast profile: uint8 [h, w, 3] RGB decoded at the smallest JPEG DCT scale (1/1..1/8) whose
-    result is still at least ``size`` (height, width)."""
+def _decode_draft(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
+    """Fast profile: uint8 [h, w, 3] ("RGB") or [h, w] ("L") decoded at the smallest JPEG DCT
+    scale (1/1..1/8) whose result is still at least ``size`` (height, width)."""
     data = images.read_image_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (size[1], size[0]))
-            return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadInputError(path, f"corrupt image ({err})") from None
-
-
-def _decode_gray_draft(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Fast profile: uint8 [h, w] grey decoded at reduced DCT scale, as ``_decode_rgb_draft``."""
-    data = images.read_image_bytes(path)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("L", (size[1], size[0]))
-            return np.asarray(image.convert("L"))
+            image.draft(mode, (size[1], size[0]))
+            return np.asarray(image.convert(mode))
     except (OSError, SyntaxError, ValueError) as err:
         raise BadInputError(path, f"corrupt image ({err})") from None
 
@@ -238,8 +227,8 @@ def decode_frame(frame: Frame, options: Options) -> tuple[np.ndarray, np.ndarray
     """The camera frame (uint8 [H, W, 3] RGB) and, for BDDA, the gaze map (uint8 [h, w]), decoded
     per the profile."""
     if options.profile == "fast":
-        rgb = _decode_rgb_draft(frame.image_path, options.size)
-        gray = (_decode_gray_draft(frame.gaze_map_path, options.size)
+        rgb = _decode_draft(frame.image_path, options.size, "RGB")
+        gray = (_decode_draft(frame.gaze_map_path, options.size, "L")
                 if frame.gaze_map_path else None)
     else:
         rgb = images.decode_rgb(frame.image_path)
