@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import time_side_by_side
 from salmm.model import SalMM
 from salmm.scan import selective_scan, selective_scan_ref
 
@@ -59,21 +58,6 @@ def grouped(inputs_per_group):
         ).requires_grad_()
         for k in inputs_per_group[0]
     }
-
-
-def time_side_by_side(steps, repeats):
-    """{name: (min, median) seconds} of each `step()` (forward + backward), the steps run in
-    turn `repeats` times after one warm-up each, so they share the machine's load; the minimum
-    is the least disturbed run."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def scan_step(fn, inputs):

@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.timing import time_side_by_side
 from pipeline.manifest import read_manifest
 from salmm import train
 from salmm.data import SaliencyShards, make_loader, split_shards
@@ -65,20 +66,6 @@ def prepare(work: Path, size: int, frames: int) -> Path:
     run_module("pipeline", "-q", "embed", "--prepared", str(prepared), "--clip-pretrained",
                "none", "--split", "train", "--batch-size", "16")
     return prepared
-
-
-def time_side_by_side(steps: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """{name: (min, median) seconds} of each ``step()``, run in turn ``repeats`` times after one
-    warm-up each."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
