@@ -56,6 +56,8 @@ from salmm.options import (
     add_clip_options,
     add_inference_options,
     add_runtime_options,
+    non_negative_int,
+    positive_int,
     run_command,
 )
 
@@ -569,20 +571,6 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m salmm.evaluate`` parser."""
     parser = argparse.ArgumentParser(
@@ -598,11 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"folder for {CSV_NAME}, {TABLE_NAME}, {SUMMARY_NAME}")
     group.add_argument("--export-mat", metavar="DIR",
                        help="also write pre/ and tar/ .mat files and test.mat for MATLAB")
-    group.add_argument("--batch-size", type=_positive, default=EvalOptions.batch_size)
-    group.add_argument("--workers", type=_non_negative, default=os.cpu_count() or 1,
+    group.add_argument("--batch-size", type=positive_int, default=EvalOptions.batch_size)
+    group.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
                        help="processes scoring frames (0: score in this process; default: one"
                             " per CPU)")
-    group.add_argument("--seed", type=_non_negative, default=EvalOptions.seed,
+    group.add_argument("--seed", type=non_negative_int, default=EvalOptions.seed,
                        help="seeds the metrics' random draws (AUC-Borji samples, AUC-Judd"
                             " jitter), per frame")
     group.add_argument("--no-jitter", dest="jitter", action="store_false",

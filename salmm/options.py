@@ -88,14 +88,16 @@ def default_workers() -> int:
     return max(1, min(DEFAULT_MAX_WORKERS, share))
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
@@ -117,11 +119,11 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--size", type=parse_size, default=TrainConfig.size, metavar="WxH",
                        help="frame size, width x height; must equal the prepared size"
                             " (default 256x256)")
-    group.add_argument("--workers", type=_non_negative_int, default=default_workers(),
+    group.add_argument("--workers", type=non_negative_int, default=default_workers(),
                        help="data-loading processes per training process (0: load in the"
                             " training process; default: the CPUs shared among this machine's"
                             f" training processes, at most {DEFAULT_MAX_WORKERS})")
-    group.add_argument("--shuffle-buffer", type=_positive_int, default=TrainConfig.shuffle_buffer,
+    group.add_argument("--shuffle-buffer", type=positive_int, default=TrainConfig.shuffle_buffer,
                        help="samples held in the shuffle buffer of each data worker")
 
 
@@ -148,8 +150,8 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     """--epochs, --batch-size, --lr, --weight-decay, --seed."""
     group = parser.add_argument_group("recipe")
-    group.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
-    group.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
+    group.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs)
+    group.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
     group.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
     group.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     group.add_argument("--seed", type=int, default=TrainConfig.seed,

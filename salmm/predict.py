@@ -49,7 +49,7 @@ from salmm.evaluate import (
     prepared_size,
     read_split,
 )
-from salmm.options import parse_size, run_command
+from salmm.options import parse_size, positive_int, run_command
 
 log = logging.getLogger("salmm.predict")
 
@@ -273,13 +273,6 @@ def predict(opts: PredictOptions) -> list[Path]:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -308,13 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("frames and pictures")
     group.add_argument("--split", default="test", help="split of a prepared --input (default"
                        " test)")
-    group.add_argument("--limit", type=_positive, help="at most this many frames")
+    group.add_argument("--limit", type=positive_int, help="at most this many frames")
     group.add_argument("--fps", type=_positive_float,
                        help=f"animation speed (default: the video's, else {DEFAULT_FPS:g})")
     group.add_argument("--size", type=parse_size, metavar="WxH",
                        help="model input size for raw frames (default: the checkpoint's"
                             " training size; 256x256 for official checkpoints)")
-    group.add_argument("--batch-size", type=_positive, default=PredictOptions.batch_size)
+    group.add_argument("--batch-size", type=positive_int, default=PredictOptions.batch_size)
     group.add_argument("--colormap", choices=sorted(overlay.COLORMAPS),
                        default=overlay.DEFAULT_COLORMAP)
     group.add_argument("--alpha", type=_unit, default=overlay.DEFAULT_ALPHA,
