@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from typing import Any
 import cv2
 import numpy as np
 import PIL
-from PIL import Image, features
+from PIL import features
 from tqdm import tqdm
 
 from pipeline import images, labels
@@ -211,24 +210,12 @@ def raw_files(frame: Frame) -> list[Path]:
     return [frame.image_path] + ([frame.gaze_map_path] if frame.gaze_map_path else [])
 
 
-def _decode_draft(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
-    """Fast profile: uint8 [h, w, 3] ("RGB") or [h, w] ("L") decoded at the smallest JPEG DCT
-    scale (1/1..1/8) whose result is still at least ``size`` (height, width)."""
-    data = images.read_image_bytes(path)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft(mode, (size[1], size[0]))
-            return np.asarray(image.convert(mode))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadInputError(path, f"corrupt image ({err})") from None
-
-
 def decode_frame(frame: Frame, options: Options) -> tuple[np.ndarray, np.ndarray | None]:
     """The camera frame (uint8 [H, W, 3] RGB) and, for BDDA, the gaze map (uint8 [h, w]), decoded
     per the profile."""
     if options.profile == "fast":
-        rgb = _decode_draft(frame.image_path, options.size, "RGB")
-        gray = (_decode_draft(frame.gaze_map_path, options.size, "L")
+        rgb = images.decode_reduced(frame.image_path, options.size, "RGB")
+        gray = (images.decode_reduced(frame.gaze_map_path, options.size, "L")
                 if frame.gaze_map_path else None)
     else:
         rgb = images.decode_rgb(frame.image_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import cv2
@@ -9,10 +10,11 @@ import h5py
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline import readers
 from pipeline.errors import BadInputError
-from pipeline.images import decode_gray, decode_rgb
+from pipeline.images import decode_gray, decode_reduced, decode_rgb, jpeg_header
 from pipeline.matfile import load_fixdata, write_fixdata
 from pipeline.readers import Frame, check_layout, fixation_points, read_frames
 from pipeline.splits import read_split, write_split
@@ -327,6 +329,75 @@ def test_decoders_match_the_published_loaders(tiny_raw):
     assert gray.dtype == np.uint8 and gray.shape == (36, 64)
     assert np.array_equal(gray, cv2.imread(str(gaze), cv2.IMREAD_GRAYSCALE))
     assert np.array_equal(decode_gray(camera), cv2.imread(str(camera), cv2.IMREAD_GRAYSCALE))
+
+
+def _scene(height: int = 181, width: int = 323) -> np.ndarray:
+    """A smooth-plus-noise uint8 [h, w, 3] picture with odd dimensions (partial MCUs)."""
+    rng = np.random.default_rng(7)
+    noise = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 2)
+    ramp = np.linspace(0, 90, width, dtype=np.float32)[None, :, None]
+    return np.clip(noise.astype(np.float32) * 1.5 - 60 + ramp, 0, 255).astype(np.uint8)
+
+
+def _jpeg(pixels: np.ndarray, mode: str = "RGB", exif_orientation: int | None = None,
+          **options) -> bytes:
+    image = Image.fromarray(pixels).convert(mode)
+    if exif_orientation is not None:
+        exif = image.getexif()
+        exif[0x0112] = exif_orientation
+        options["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,options", [
+    ("RGB", {"quality": 95, "subsampling": 0}),  # 4:4:4
+    ("RGB", {"quality": 90, "subsampling": 1}),  # 4:2:2
+    ("RGB", {"quality": 75, "subsampling": 2}),  # 4:2:0, as video frame dumps are
+    ("RGB", {"quality": 85, "subsampling": 2, "progressive": True}),
+    ("RGB", {"quality": 85, "exif_orientation": 6}),  # imageio ignores EXIF rotation
+    ("L", {"quality": 90}),
+    ("CMYK", {"quality": 90}),  # not OpenCV's: decoded (and converted) by Pillow
+])
+def test_decode_rgb_is_imageio_on_every_jpeg_flavour(tmp_path, mode, options):
+    path = tmp_path / "frame.jpg"
+    path.write_bytes(_jpeg(_scene(), mode, **options))
+    want = np.asarray(Image.open(path).convert("RGB")) if mode == "CMYK" else imageio.imread(path)
+    if want.ndim == 2:
+        want = np.repeat(want[:, :, None], 3, axis=2)
+    got = decode_rgb(path)
+    assert got.dtype == np.uint8 and got.shape == (181, 323, 3)
+    assert np.array_equal(got, want)
+
+
+def test_decode_rgb_of_a_png_frame(tmp_path):
+    path = tmp_path / "frame.png"
+    Image.fromarray(_scene()).save(path)
+    assert np.array_equal(decode_rgb(path), _scene())
+
+
+@pytest.mark.parametrize("size,scale", [((256, 256), 1), ((64, 64), 2), ((40, 40), 4),
+                                        ((20, 20), 8), ((200, 100), 1)])
+def test_decode_reduced_is_the_dct_scaled_decode(tmp_path, size, scale):
+    path = tmp_path / "frame.jpg"
+    path.write_bytes(_jpeg(_scene(), quality=90, subsampling=2))
+    for mode in ("RGB", "L"):
+        with Image.open(path) as image:
+            image.draft(mode, (size[1], size[0]))
+            want = np.asarray(image.convert(mode))
+        got = decode_reduced(path, size, mode)
+        assert got.shape[:2] == (-(-181 // scale), -(-323 // scale))
+        assert np.array_equal(got, want)
+
+
+def test_jpeg_header():
+    data = _jpeg(_scene(), quality=80)
+    assert jpeg_header(data) == (3, 181, 323)
+    assert jpeg_header(_jpeg(_scene(), "L")) == (1, 181, 323)
+    assert jpeg_header(b"\x89PNG\r\n") is None
+    assert jpeg_header(data[:20]) is None  # cut before the frame header
+    assert jpeg_header(b"\xff\xd8\xff\xda\x00\x02") is None  # scan before any frame header
 
 
 @pytest.mark.parametrize("decode", [decode_rgb, decode_gray])
