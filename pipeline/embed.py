@@ -22,7 +22,6 @@ import bisect
 import contextlib
 import functools
 import hashlib
-import io
 import logging
 import queue
 import re
@@ -37,12 +36,12 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.clip_cache import DEFAULT_CHUNK_SIZE, DTYPES, CacheWriter
 from pipeline.dask_cluster import dask_client
 from pipeline.errors import BadInputError
+from pipeline.images import decode_rgb_bytes
 from pipeline.manifest import canonical_json, read_manifest, shard_urls, version_id
 from pipeline.shards import iter_tar
 
@@ -162,12 +161,9 @@ def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob]
 
 
 def decode_jpg(data: bytes, where: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of a shard's ``jpg`` (PIL, as the trainer decodes it)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise BadInputError(where, f"corrupt jpg: {err}") from None
+    """uint8 RGB [H, W, 3] of a shard's ``jpg``, decoded as the trainer decodes it
+    (:func:`pipeline.images.decode_rgb_bytes`); BadInputError naming ``where`` if corrupt."""
+    return decode_rgb_bytes(data, where)
 
 
 @dataclass

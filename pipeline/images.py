@@ -58,9 +58,14 @@ def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
         raise BadInputError(path, f"cannot read image file ({err.strerror})") from None
     if not data:
         raise BadInputError(path, "empty image file")
-    if data.startswith(_JPEG_START) and not data.rstrip(b"\x00").endswith(_JPEG_END):
-        raise BadInputError(path, "truncated JPEG (no end-of-image marker)")
+    check_complete(data, path)
     return data
+
+
+def check_complete(data: bytes, where: str | os.PathLike[str]) -> None:
+    """Raise BadInputError(where, ...) for JPEG data without its end-of-image marker."""
+    if data.startswith(_JPEG_START) and not data.rstrip(b"\x00").endswith(_JPEG_END):
+        raise BadInputError(where, "truncated JPEG (no end-of-image marker)")
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
@@ -109,17 +114,23 @@ def decode_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         BadInputError: missing, empty, corrupt or truncated file.
     """
-    data = read_image_bytes(path)
+    return decode_rgb_bytes(read_image_bytes(path), path)
+
+
+def decode_rgb_bytes(data: bytes, where: str | os.PathLike[str]) -> np.ndarray:
+    """:func:`decode_rgb` of an image already in memory (a shard's ``jpg``); ``where`` names it
+    in the BadInputError raised for corrupt or truncated data."""
+    check_complete(data, where)
     header = jpeg_header(data)
     if header is not None and header[0] in (1, 3):
-        return _cv_decode(path, data, _CV_RGB)
+        return _cv_decode(where, data, _CV_RGB)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(rgb)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadInputError(path, f"corrupt image ({err})") from None
+        raise BadInputError(where, f"corrupt image ({err})") from None
 
 
 def decode_gray(path: str | os.PathLike[str]) -> np.ndarray:

@@ -233,7 +233,7 @@ def test_shard_with_fewer_samples_than_the_manifest_is_refused(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ([{"__key__": "v0001_f000001", "jpg": b"not a jpeg"}, {"__key__": "v0002_f000001",
                                                             "jpg": b"nor this"}],
-     r"train-000000.tar#v0001_f000001: corrupt jpg"),
+     r"train-000000.tar#v0001_f000001: corrupt image"),
     ([{"__key__": "v0001_f000001", "json": b"{}"}, {"__key__": "v0002_f000001", "json": b"{}"}],
      r"train-000000.tar: sample v0001_f000001 has no jpg"),
     (None, r"train-000000.tar: shard listed in the manifest is missing"),
