@@ -11,7 +11,7 @@ Both refuse missing, corrupt or truncated files with a one-line
 :class:`~pipeline.errors.BadInputError`. OpenCV silently returns a grey-padded image for
 a truncated JPEG, so JPEG data is also required to end with the end-of-image marker.
 
-:func:`decode_reduced` is the ``--profile fast`` decoder: JPEG files decoded at a reduced DCT
+:func:`decode_reduced_bytes` is the ``--profile fast`` decoder: JPEG files decoded at a reduced DCT
 scale (1/2, 1/4 or 1/8), still at least the requested size.
 """
 
@@ -43,7 +43,8 @@ _CV_REDUCED = {  # DCT scale denominator -> flags, per output mode
 
 
 def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of an image file, checked to be a complete image.
+    """The bytes of an image file, checked to be a complete image. The ``*_bytes`` decoders
+    take them, so a caller that also hashes the file reads it once.
 
     Raises:
         BadInputError: the file is missing, unreadable or empty, or is JPEG data without its
@@ -142,25 +143,31 @@ def decode_gray(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         BadInputError: missing, empty, corrupt or truncated file.
     """
-    return _cv_decode(path, read_image_bytes(path), _CV_GRAY)
+    return decode_gray_bytes(read_image_bytes(path), path)
 
 
-def decode_reduced(path: str | os.PathLike[str], size: tuple[int, int], mode: str) -> np.ndarray:
+def decode_gray_bytes(data: bytes, where: str | os.PathLike[str]) -> np.ndarray:
+    """:func:`decode_gray` of an image already in memory; ``where`` names it in errors."""
+    check_complete(data, where)
+    return _cv_decode(where, data, _CV_GRAY)
+
+
+def decode_reduced_bytes(data: bytes, where: str | os.PathLike[str], size: tuple[int, int],
+                         mode: str) -> np.ndarray:
     """The fast profile's decoder: uint8 ``[h, w, 3]`` RGB (mode "RGB") or ``[h, w]`` grey
     (mode "L"), a JPEG decoded at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) whose result is
-    still at least ``size`` (height, width). Other files are decoded in full, as
-    :func:`decode_rgb` / :func:`decode_gray` do.
+    still at least ``size`` (height, width). Other images are decoded in full, as
+    :func:`decode_rgb_bytes` / :func:`decode_gray_bytes` do.
 
     Raises:
-        BadInputError: missing, empty, corrupt or truncated file.
+        BadInputError: empty, corrupt or truncated data (naming ``where``).
     """
-    full = decode_rgb if mode == "RGB" else decode_gray
-    data = read_image_bytes(path)
     header = jpeg_header(data)
     if header is None or header[0] not in (1, 3):
-        return full(path)
+        return decode_rgb_bytes(data, where) if mode == "RGB" else decode_gray_bytes(data, where)
+    check_complete(data, where)
     _, height, width = header
     scale = max((s for s in (8, 4, 2, 1)
                  if -(-height // s) >= size[0] and -(-width // s) >= size[1]), default=1)
-    return _cv_decode(path, data, _CV_REDUCED[mode][scale])
+    return _cv_decode(where, data, _CV_REDUCED[mode][scale])
 

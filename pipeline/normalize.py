@@ -210,27 +210,29 @@ def raw_files(frame: Frame) -> list[Path]:
     return [frame.image_path] + ([frame.gaze_map_path] if frame.gaze_map_path else [])
 
 
-def decode_frame(frame: Frame, options: Options) -> tuple[np.ndarray, np.ndarray | None]:
+def decode_frame(frame: Frame, options: Options, raw: dict[Path, bytes],
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The camera frame (uint8 [H, W, 3] RGB) and, for BDDA, the gaze map (uint8 [h, w]), decoded
-    per the profile."""
+    per the profile from ``raw`` (path -> bytes of :func:`raw_files`)."""
+    image, gaze = frame.image_path, frame.gaze_map_path
     if options.profile == "fast":
-        rgb = images.decode_reduced(frame.image_path, options.size, "RGB")
-        gray = (images.decode_reduced(frame.gaze_map_path, options.size, "L")
-                if frame.gaze_map_path else None)
+        rgb = images.decode_reduced_bytes(raw[image], image, options.size, "RGB")
+        gray = images.decode_reduced_bytes(raw[gaze], gaze, options.size, "L") if gaze else None
     else:
-        rgb = images.decode_rgb(frame.image_path)
-        gray = images.decode_gray(frame.gaze_map_path) if frame.gaze_map_path else None
+        rgb = images.decode_rgb_bytes(raw[image], image)
+        gray = images.decode_gray_bytes(raw[gaze], gaze) if gaze else None
     return rgb, gray
 
 
 def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
-    """All per-frame work for one frame: fingerprint, decode, resize, label, encode.
+    """All per-frame work for one frame: read (once), fingerprint, decode, resize, label, encode.
 
     Returns the sample ``{"__key__", "jpg", "saliency.png", "fixations.npy", "json"}``;
     raises BadInputError for a missing or corrupt file.
     """
     height, width = options.size
-    rgb, gray = decode_frame(frame, options)
+    raw = {path: images.read_image_bytes(path) for path in raw_files(frame)}
+    rgb, gray = decode_frame(frame, options, raw)
     small = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_CUBIC)
     if gray is None:
         label = labels.fixation_label(frame.fixations, size=options.size,
@@ -241,7 +243,8 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
         label = labels.gaze_map_label(gray, size=options.size)
         files = {"image": relative_to(frame.image_path, root),
                  "gaze_map": relative_to(frame.gaze_map_path, root)}
-    inputs = [_fingerprint(path, root) for path in raw_files(frame)]
+    inputs = [(relative_to(path, root), len(data), hashlib.sha256(data).hexdigest())
+              for path, data in raw.items()]
     meta = {
         "dataset": frame.dataset, "split": frame.split, "video": frame.video,
         "frame": frame.frame, "name": frame.name,

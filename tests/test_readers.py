@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import readers
 from pipeline.errors import BadInputError
-from pipeline.images import decode_gray, decode_reduced, decode_rgb, jpeg_header
+from pipeline.images import decode_gray, decode_reduced_bytes, decode_rgb, jpeg_header
 from pipeline.matfile import load_fixdata, write_fixdata
 from pipeline.readers import Frame, check_layout, fixation_points, read_frames
 from pipeline.splits import read_split, write_split
@@ -386,7 +386,7 @@ def test_decode_reduced_is_the_dct_scaled_decode(tmp_path, size, scale):
         with Image.open(path) as image:
             image.draft(mode, (size[1], size[0]))
             want = np.asarray(image.convert(mode))
-        got = decode_reduced(path, size, mode)
+        got = decode_reduced_bytes(path.read_bytes(), path, size, mode)
         assert got.shape[:2] == (-(-181 // scale), -(-323 // scale))
         assert np.array_equal(got, want)
 
