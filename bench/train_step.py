@@ -9,7 +9,9 @@ Run: ``python bench/train_step.py [--batch-size 8] [--size 256] [--repeats 5] [-
 2. Step time: one training step (forward, BCE, backward, Adam) of the same SalMM weights on the
    same batch, with the cached embedding (``--cached-clip``) and with the frozen CLIP run inline
    (random ViT-B-32 weights cost the same as the OpenAI ones). The two run in turn, so they share
-   the machine's load; min and median of the repeats, and their ratio (goal >= 10x).
+   the machine's load; min and median of the repeats, and their ratio (goal >= 10x). Also the
+   cached step's convolution time (torch profiler), the floor under it on this CPU, and the
+   ratio that floor allows.
 3. Throughput: the data pipeline alone (shards -> decoded, flipped batches with embeddings,
    ``--workers`` processes) against the full cached training loop on the same loader, in
    samples/s; their ratio says which one bounds training.
@@ -66,6 +68,19 @@ def prepare(work: Path, size: int, frames: int) -> Path:
     run_module("pipeline", "-q", "embed", "--prepared", str(prepared), "--clip-pretrained",
                "none", "--split", "train", "--batch-size", "16")
     return prepared
+
+
+def convolution_seconds(step, repeats: int = 3) -> float:
+    """Least CPU time per ``step`` spent in convolution kernels (forward and backward), from
+    the torch profiler's self times: a floor under the step that no other optimisation moves."""
+    step()
+    seconds = []
+    for _ in range(repeats):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        seconds.append(sum(e.self_cpu_time_total for e in prof.key_averages()
+                           if "convolution" in e.key) / 1e6)
+    return min(seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
                  " own forward + backward", 100 * e_min / i_min)
         log.info("  10x needs a cached step <= CLIP encode / 9 = %.3f s (now %.3f s, min)",
                  e_min / 9, c_min)
+        conv = convolution_seconds(stepper(cached, True))
+        log.info("  the cached step's convolutions alone (forward + backward, torch profiler):"
+                 " %.3f s -> with every other op free, inline / cached <= %.1fx", conv,
+                 (conv + e_min) / conv)
 
         # ---- throughput: data pipeline alone vs the full cached loop ----
         loader = make_loader(data, opts.workers, pin_memory=False, seed=cfg.seed)
