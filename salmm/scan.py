@@ -1,10 +1,14 @@
-"""Selective scan (the S6 recurrence of Mamba) in plain PyTorch.
+"""Selective scan (the S6 recurrence of Mamba): the entry point the model calls, a PyTorch
+implementation for any device, and the sequential reference.
 
-Two implementations with the argument conventions of ``mamba_ssm.selective_scan_fn``:
+All with the argument conventions of ``mamba_ssm.selective_scan_fn``:
 
-* :func:`selective_scan` - vectorised: no Python loop over single time steps.  Time is cut
-  into chunks of T = ``CHUNK_LEN`` steps and laid out chunk-interleaved ([T, K, ...]: slab t
-  holds step t of all K chunks, one contiguous block), so the linear recurrence
+* :func:`selective_scan` - what the model calls. ``impl="auto"`` (the default) runs the
+  fused numba kernels of :mod:`salmm.scan_cpu` for CPU tensors when numba imports, and the
+  vectorised PyTorch scan otherwise (CUDA without mamba-ssm, or no numba); ``impl="numba"``
+  / ``"torch"`` pick one. The PyTorch scan has no Python loop over single time steps: time
+  is cut into chunks of T = ``CHUNK_LEN`` steps and laid out chunk-interleaved ([T, K, ...]:
+  slab t holds step t of all K chunks, one contiguous block), so the linear recurrence
   ``h_t = a_t * h_{t-1} + b_t`` runs as 2T + K in-place ops on whole slabs (see
   :func:`_chunk_scan_`), inside one autograd Function whose backward runs the adjoint
   recurrence the same way.  Only products of decays in (0, 1] are ever formed, so it is as
@@ -38,11 +42,18 @@ Recurrence, per (b, d, n) with h_{-1} = 0::
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CHUNK_LEN", "selective_scan", "selective_scan_ref"]
+__all__ = ["CHUNK_LEN", "IMPLS", "resolve_impl", "selective_scan", "selective_scan_ref"]
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "numba", "torch")
 
 
 CHUNK_LEN = 32  # time steps per chunk (a constant: see selective_scan)
@@ -157,6 +168,30 @@ class _SelectiveScanCore(torch.autograd.Function):
         return gdt, gu, gA, gB, gC
 
 
+@functools.cache
+def _scan_cpu():
+    """:mod:`salmm.scan_cpu`, or None when numba does not import (the reason is logged)."""
+    try:
+        from salmm import scan_cpu
+    except ImportError as exc:
+        log.info("numba CPU scan unavailable (%s: %s)", type(exc).__name__, exc)
+        return None
+    return scan_cpu
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation :func:`selective_scan` runs for ``impl`` on ``device``:
+    "numba" or "torch" (see there); raises if "numba" is asked for where it cannot run."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    numba_ok = device.type == "cpu" and _scan_cpu() is not None
+    if impl == "auto":
+        return "numba" if numba_ok else "torch"
+    if impl == "numba" and not numba_ok:
+        raise RuntimeError("impl='numba' needs CPU tensors and numba (see salmm.scan_cpu)")
+    return impl
+
+
 def _prepare(u, delta, delta_bias, delta_softplus):
     """Compute dtype (float32, or float64 when u is float64) and the final time step."""
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -188,13 +223,23 @@ def selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     chunk_len: int | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Vectorised selective scan; see the module docstring for shapes (leading dims allowed).
     Differentiable in all tensor inputs. Memory: two saved [..., d, l, n] buffers (decay,
-    state) in the compute dtype, l rounded up to a multiple of the chunk length (the padded
-    steps have decay 1 and no drive, so they change no state). chunk_len: time steps per
-    chunk (default ``CHUNK_LEN``; a constant, so a sequence's output never depends on the
-    batch it is computed in)."""
+    state) in the compute dtype.
+
+    impl: ``"numba"`` - the fused CPU kernels of :mod:`salmm.scan_cpu` (CPU tensors only);
+    ``"torch"`` - the chunked PyTorch scan below (any device); ``"auto"`` - numba for CPU
+    tensors when numba imports, else torch (see :func:`resolve_impl`). chunk_len (torch
+    only): time steps per chunk (default ``CHUNK_LEN``; a constant, so a sequence's output
+    never depends on the batch it is computed in); the torch scan's saved buffers have l
+    rounded up to a multiple of it (the padded steps have decay 1 and no drive, so they
+    change no state)."""
+    if resolve_impl(impl, u.device) == "numba":
+        if chunk_len is not None:
+            raise ValueError("chunk_len applies to impl='torch' only")
+        return _scan_cpu().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
     uc = u.to(dtype)
     chunk_len = chunk_len or CHUNK_LEN

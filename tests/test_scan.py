@@ -1,4 +1,5 @@
-"""The vectorised selective scan against a plain sequential loop written here."""
+"""Both selective scan implementations (numba on CPU, chunked PyTorch) against a plain
+sequential loop written here."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from salmm.scan import selective_scan, selective_scan_ref
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+IMPLS = ["numba", "torch"]
 
 
 def loop_oracle(u, delta, A, B, C, D, z, delta_bias):
@@ -43,21 +45,22 @@ def make_inputs(batch, dim, length, n, dtype, seed):
     }
 
 
-def run(fn, inputs, grad_out):
-    out = fn(**inputs) if fn is loop_oracle else fn(**inputs, delta_softplus=True)
+def run(fn, inputs, grad_out, **kwargs):
+    out = fn(**inputs) if fn is loop_oracle else fn(**inputs, delta_softplus=True, **kwargs)
     grads = torch.autograd.grad(out, [inputs[k] for k in NAMES], grad_out)
     return out, dict(zip(NAMES, grads))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"]
 )
 @pytest.mark.parametrize("length", [1, 2, 7, 16, 61, 128])
-def test_vectorised_scan_matches_loop(dtype, tol, length):
+def test_vectorised_scan_matches_loop(dtype, tol, length, impl):
     inputs = make_inputs(2, 3, length, 4, dtype, seed=length)
     grad_out = torch.randn(2, 3, length, dtype=dtype, generator=torch.Generator().manual_seed(1))
     want, want_grads = run(loop_oracle, inputs, grad_out)
-    got, got_grads = run(selective_scan, inputs, grad_out)
+    got, got_grads = run(selective_scan, inputs, grad_out, impl=impl)
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     for name in NAMES:
@@ -74,14 +77,16 @@ def test_reference_loop_matches_oracle():
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-12, atol=1e-12)
 
 
-def test_optional_arguments_and_no_softplus():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_optional_arguments_and_no_softplus(impl):
     inputs = make_inputs(2, 3, 9, 4, torch.float64, seed=3)
     kwargs = {k: inputs[k] for k in ["u", "delta", "A", "B", "C"]}
     want = selective_scan_ref(**kwargs)
-    torch.testing.assert_close(selective_scan(**kwargs), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(selective_scan(**kwargs, impl=impl), want, rtol=1e-12, atol=1e-12)
 
 
-def test_long_memory_is_kept():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_long_memory_is_kept(impl):
     """With tiny steps the state decays slowly; a pulse at t=0 must reach the last step."""
     length = 257
     u = torch.zeros(1, 1, length, dtype=torch.float64)
@@ -89,15 +94,16 @@ def test_long_memory_is_kept():
     delta = torch.full((1, 1, length), 1e-3, dtype=torch.float64)
     A = -torch.ones(1, 1, dtype=torch.float64)
     B = torch.ones(1, 1, length, dtype=torch.float64)
-    y = selective_scan(u, delta, A, B, B.clone())
+    y = selective_scan(u, delta, A, B, B.clone(), impl=impl)
     expected = 1e-3 * torch.exp(torch.tensor(-1e-3 * (length - 1), dtype=torch.float64))
     torch.testing.assert_close(y[0, 0, -1], expected, rtol=1e-12, atol=0.0)
 
 
-def test_float16_input_is_computed_in_float32_and_cast_back():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float16_input_is_computed_in_float32_and_cast_back(impl):
     inputs = make_inputs(1, 2, 10, 4, torch.float32, seed=2)
     half = {k: v.detach().half() for k, v in inputs.items()}
-    out = selective_scan(**half, delta_softplus=True)
+    out = selective_scan(**half, delta_softplus=True, impl=impl)
     assert out.dtype == torch.float16
     want = selective_scan_ref(**{k: v.float() for k, v in half.items()}, delta_softplus=True)
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
@@ -108,30 +114,32 @@ def test_chunk_boundaries_carry_state_and_gradient(chunk_len):
     inputs = make_inputs(2, 3, 21, 4, torch.float64, seed=7)
     grad_out = torch.randn(2, 3, 21, dtype=torch.float64)
     want, want_grads = run(loop_oracle, inputs, grad_out)
-    out = selective_scan(**inputs, delta_softplus=True, chunk_len=chunk_len)
+    out = selective_scan(**inputs, delta_softplus=True, chunk_len=chunk_len, impl="torch")
     got_grads = torch.autograd.grad(out, [inputs[k] for k in NAMES], grad_out)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     for name, got in zip(NAMES, got_grads):
         torch.testing.assert_close(got, want_grads[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_backward_twice_with_retained_graph_gives_same_grads():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_twice_with_retained_graph_gives_same_grads(impl):
     inputs = make_inputs(1, 2, 8, 4, torch.float64, seed=4)
-    out = selective_scan(**inputs, delta_softplus=True).sum()
+    out = selective_scan(**inputs, delta_softplus=True, impl=impl).sum()
     first = torch.autograd.grad(out, list(inputs.values()), retain_graph=True)
     second = torch.autograd.grad(out, list(inputs.values()))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_leading_group_dim_equals_separate_scans():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_leading_group_dim_equals_separate_scans(impl):
     """[b, g, d, l] inputs with per-group A, D, delta_bias: one call == g separate calls."""
     groups = [make_inputs(2, 3, 13, 4, torch.float64, seed=s) for s in (11, 12)]
     stacked = {
         k: torch.stack([g[k] for g in groups], dim=0 if k in ("A", "D", "delta_bias") else 1)
         for k in NAMES
     }
-    out = selective_scan(**stacked, delta_softplus=True)
+    out = selective_scan(**stacked, delta_softplus=True, impl=impl)
     assert out.shape == (2, 2, 3, 13)
     grads = torch.autograd.grad(out.square().sum(), [g[k] for g in groups for k in NAMES])
     for i, g in enumerate(groups):
@@ -158,15 +166,16 @@ def adversarial_inputs(case, dtype):
     return inputs
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"]
 )
 @pytest.mark.parametrize("case", ["huge_steps", "mixed_steps", "mamba_init"])
-def test_adversarial_decays_match_loop(dtype, tol, case):
+def test_adversarial_decays_match_loop(dtype, tol, case, impl):
     inputs = adversarial_inputs(case, dtype)
     grad_out = torch.randn(2, 3, 70, dtype=dtype, generator=torch.Generator().manual_seed(2))
     want, want_grads = run(loop_oracle, inputs, grad_out)
-    got, got_grads = run(selective_scan, inputs, grad_out)
+    got, got_grads = run(selective_scan, inputs, grad_out, impl=impl)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     for name in NAMES:
@@ -174,15 +183,16 @@ def test_adversarial_decays_match_loop(dtype, tol, case):
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=tol, atol=tol, msg=name)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)], ids=["float32", "float64"]
 )
-def test_sequence_result_does_not_depend_on_its_batch(dtype, tol):
+def test_sequence_result_does_not_depend_on_its_batch(dtype, tol, impl):
     """Same chunking whatever the batch: one sequence alone equals it inside a batch of
     three (up to rounding in the vectorised kernels)."""
     inputs = make_inputs(3, 5, 100, 16, dtype, seed=9)
-    batched = selective_scan(**inputs, delta_softplus=True)
+    batched = selective_scan(**inputs, delta_softplus=True, impl=impl)
     alone = {k: v[1:2] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
     torch.testing.assert_close(
-        selective_scan(**alone, delta_softplus=True), batched[1:2], rtol=tol, atol=tol
+        selective_scan(**alone, delta_softplus=True, impl=impl), batched[1:2], rtol=tol, atol=tol
     )
