@@ -98,10 +98,11 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _cv_decode(path: str | os.PathLike[str], data: bytes, flags: int) -> np.ndarray:
+def _cv_decode(where: str | os.PathLike[str], data: bytes, flags: int) -> np.ndarray:
+    """OpenCV's decode of ``data`` with ``flags``; BadInputError naming ``where`` if it fails."""
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None:
-        raise BadInputError(path, "corrupt image (OpenCV cannot decode it)")
+        raise BadInputError(where, "corrupt image (OpenCV cannot decode it)")
     return image
 
 
