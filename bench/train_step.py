@@ -157,13 +157,14 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = torch.optim.Adam(cached.parameters(), lr=cfg.lr, fused=True)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         data_rates, loop_rates = [], []
-        for epoch in range(1, 1 + max(2, opts.repeats // 2)):
+        epochs = max(2, opts.repeats // 2)
+        for epoch in range(1, 1 + epochs):
             data.set_epoch(epoch)
             start = time.perf_counter()
             n = sum(len(b["key"]) for b in loader)
             data_rates.append(n / (time.perf_counter() - start))
-            result = train.train_epoch(cached, loader, None, optimizer, scaler, rt, 0, epoch,
-                                       epoch, n, None)
+            result = train.train_epoch(cached, loader, None, optimizer, scaler, rt, 0, epoch - 1,
+                                       epochs, n, None)
             loop_rates.append(result.samples / result.seconds)
         data_rate, loop_rate = statistics.median(data_rates), statistics.median(loop_rates)
         log.info("throughput, %d data workers (median of %d epochs):", opts.workers,
