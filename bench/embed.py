@@ -1,15 +1,18 @@
 """Embedding-cache throughput against the bare encoder, measured side by side in one run.
 
-    python bench/embed.py [--samples 48] [--batch-size 16] [--device cpu|cuda] [--precision fp16]
+    python -m bench.embed [--samples 48] [--batch-size 16] [--device cpu|cuda] [--precision fp16]
 
 Builds a synthetic prepared dataset (256x256 JPEG frames in WebDataset shards), then times
 
-* bare: ``encoder.encode`` on ready-made float frames already on the device, batches of
-  ``2 * batch_size`` images (a frame and its flip), as many images as the cache run embeds;
-* cache: ``embed_prepared`` end to end (read shards, decode, queue, encode, write Zarr chunks)
-  with the same encoder object and batch size.
+* bare: :func:`pipeline.clip.embed_pairs` (the cache's own encoder call: fixed micro-batches
+  of frames and their flips, one intra-op thread on CPU) on uint8 frames already in memory,
+  as many images as the cache run embeds;
+* cache: ``embed_prepared`` end to end in this process (read shards, decode, queue, encode,
+  write Zarr chunks) with the same encoder object;
+* cache on all cores: ``embed_prepared`` with its default local cluster (one single-threaded
+  encoder process per usable core), once, for the speed-up over one process.
 
-It prints both rates in images/s and cache/bare; 1.0 means reading, decoding and writing are
+It prints the rates in images/s and cache/bare; 1.0 means reading, decoding and writing are
 fully hidden behind the encoder. Random weights (``pretrained=None``) cost the same compute as
 real ones. Bare and cache runs alternate for ``--rounds`` rounds in ABBA order (each cache run
 into a fresh store); the headline is the median of the per-round ratios, so load from other
@@ -29,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.embed import PRECISIONS, EncoderSpec, cached_encoder, embed_prepared, encode_batch
+from pipeline.clip import PRECISIONS, ClipSpec, cached_encoder, embed_pairs
+from pipeline.cpu import usable_cores
+from pipeline.embed import Compute, embed_prepared
 from pipeline.fsio import Folder
 from pipeline.manifest import write_manifest
 from pipeline.shards import encode_jpeg, encode_json, write_shard
@@ -62,25 +67,27 @@ def synthetic_prepared(root: Path, samples: int, shard_size: int = 32, size: int
     return root
 
 
-def bare_rate(spec: EncoderSpec, batch_size: int, images: int) -> float:
-    """Images/s of the encoder alone on uint8 frames already in memory (same path as the
-    cache: to float, flip, encode)."""
-    encoder = cached_encoder(spec)
+def bare_rate(spec: ClipSpec, compute: Compute, batch_size: int, images: int) -> float:
+    """Images/s of the encoder alone on uint8 frames already in memory (the cache's own call:
+    to float, flip, encode in fixed micro-batches)."""
+    encoder = cached_encoder(spec, compute.device)
     frames = torch.randint(0, 256, (batch_size, 256, 256, 3), dtype=torch.uint8)
-    if torch.device(spec.device).type == "cuda":
-        frames = frames.to(spec.device)
+    if compute.device_type == "cuda":
+        frames = frames.to(compute.device)
         torch.cuda.synchronize()
     done, start = 0, time.perf_counter()
     while done < images:
-        encode_batch(encoder, frames, spec)        # 2 * batch_size images, result on the host
+        embed_pairs(encoder, frames, compute.precision)   # 2 * batch_size images, on the host
         done += 2 * batch_size
     return done / (time.perf_counter() - start)
 
 
-def cache_rate(spec: EncoderSpec, prepared: Path, out: Path, args: argparse.Namespace) -> float:
+def cache_rate(spec: ClipSpec, compute: Compute, prepared: Path, out: Path,
+               args: argparse.Namespace, workers: int | None = 1) -> float:
     """Images/s of ``embed_prepared`` end to end into a new store ``out``."""
     start = time.perf_counter()
-    embed_prepared(prepared, out, spec=spec, batch_size=args.batch_size, chunk_size=64)
+    embed_prepared(prepared, out, spec=spec, compute=compute, batch_size=args.batch_size,
+                   chunk_size=16, workers=workers)
     return 2 * args.samples / (time.perf_counter() - start)
 
 
@@ -98,26 +105,30 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")          # keep the output to the figures
 
     cuda = torch.device(args.device).type == "cuda"
-    spec = EncoderSpec(model=args.model, pretrained=None, device=args.device,
-                       precision=args.precision if cuda else "fp32")
+    spec = ClipSpec(model=args.model, pretrained=None)
+    compute = Compute(args.device, args.precision if cuda else "fp32")
     images = 2 * args.samples
     bares, caches = [], []
     with tempfile.TemporaryDirectory() as tmp:
         prepared = synthetic_prepared(Path(tmp) / "prepared", args.samples)
-        bare_rate(spec, args.batch_size, 2 * args.batch_size)            # warm-up
+        bare_rate(spec, compute, args.batch_size, 2 * args.batch_size)   # warm-up
         for r in range(args.rounds):
+            store = Path(tmp) / f"c{r}.zarr"
             if r % 2:                                   # ABBA order: drifting load hits both
-                caches.append(cache_rate(spec, prepared, Path(tmp) / f"c{r}.zarr", args))
-                bares.append(bare_rate(spec, args.batch_size, images))
+                caches.append(cache_rate(spec, compute, prepared, store, args))
+                bares.append(bare_rate(spec, compute, args.batch_size, images))
             else:
-                bares.append(bare_rate(spec, args.batch_size, images))
-                caches.append(cache_rate(spec, prepared, Path(tmp) / f"c{r}.zarr", args))
+                bares.append(bare_rate(spec, compute, args.batch_size, images))
+                caches.append(cache_rate(spec, compute, prepared, store, args))
+        everywhere = cache_rate(spec, compute, prepared, Path(tmp) / "all.zarr", args, None)
     bare, cache = statistics.median(bares), statistics.median(caches)
-    print(f"device {args.device} ({torch.get_num_threads()} threads), {args.model},"
-          f" precision {spec.precision}, batch {args.batch_size} frames ="
-          f" {2 * args.batch_size} images, {images} images per run, {args.rounds} rounds")
+    print(f"device {args.device}, {args.model}, precision {compute.precision}, batch"
+          f" {args.batch_size} frames = {2 * args.batch_size} images,"
+          f" {images} images per run, {args.rounds} rounds")
     print(f"bare encoder : {bare:8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in bares)})")
     print(f"cache (e2e)  : {cache:8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in caches)})")
+    print(f"cache, default workers ({usable_cores()} cores): {everywhere:8.1f} images/s"
+          f" ({everywhere / cache:.2f}x one process, worker start-up included)")
     ratios = [c / b for c, b in zip(caches, bares, strict=True)]
     print(f"cache / bare : {statistics.median(ratios):8.3f}  (median of per-round ratios:"
           f" {', '.join(f'{x:.3f}' for x in ratios)}; ratio of medians {cache / bare:.3f})")

@@ -1,6 +1,6 @@
 """Would a float16 CLIP cache do? SalMM's output with float32 vs float16-rounded embeddings.
 
-    python bench/embed_fp16.py [--frames 8] [--gammas 0.01,0.1,1]
+    python -m bench.embed_fp16 [--frames 8] [--gammas 0.01,0.1,1]
 
 Embeds ``--frames`` smooth synthetic 256x256 frames with a random-weight ViT-B-32 (profile
 salmm), rounds the embeddings to float16 and back, and runs the same SalMM (random init, torch
@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from pipeline.embed import EncoderSpec, cached_encoder
+from pipeline.clip import ClipSpec, cached_encoder
 from salmm.model import SalMM
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     coarse = torch.rand(args.frames, 3, 8, 8)
     frames = torch.nn.functional.interpolate(coarse, size=(256, 256), mode="bilinear")
     with torch.inference_mode():
-        emb = cached_encoder(EncoderSpec(pretrained=None)).encode(frames)     # [B, 512]
+        emb = cached_encoder(ClipSpec(pretrained=None)).encode(frames)     # [B, 512]
     model = SalMM(backend="torch").eval()
     worst = 0.0
     for name, e in (("random-weight CLIP embeddings", emb),

@@ -90,13 +90,17 @@ def embed_task(
     profile: str,
     device: str,
     dask_address: str | None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
+    from pipeline.clip import ClipSpec, parse_weights
     from pipeline.clip_cache import open_cache
-    from pipeline.embed import EncoderSpec, embed_prepared
+    from pipeline.embed import Compute, embed_prepared
 
-    pretrained = None if clip_pretrained in (None, "", "none") else clip_pretrained
-    spec = EncoderSpec(model=clip_model, pretrained=pretrained, profile=profile, device=device)
-    path = embed_prepared(prepared, spec=spec, dask_address=dask_address)
+    spec = ClipSpec(clip_model, parse_weights(clip_pretrained), profile)
+    cuda = device.startswith("cuda")
+    compute = Compute(device, "fp16" if cuda else "fp32")
+    path = embed_prepared(prepared, spec=spec, compute=compute, dask_address=dask_address,
+                          workers=None if dask_address else workers)
     identity = open_cache(path, prepared).identity
     get_run_logger().info(
         "CLIP cache %s: %s weights %s, profile %s",
@@ -219,6 +223,6 @@ def prepare(
     normalized = normalize_task(
         dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction
     )
-    cache = embed_task(out, clip_model, clip_pretrained, profile, device, dask_address)
+    cache = embed_task(out, clip_model, clip_pretrained, profile, device, dask_address, workers)
     verify_task(out)
     return publish_task(out, dataset, normalized, cache, time.perf_counter() - started)

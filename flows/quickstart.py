@@ -9,8 +9,11 @@ Steps (each one the real entry point a user would run by hand):
 5. ``python -m salmm.evaluate`` on the test split and ``python -m salmm.predict`` for heatmap overlays;
 6. stop the services and print where everything is.
 
-CLIP weights default to the real ``openai`` ones. Where they cannot be had (offline), the command stops
-before doing anything and says how to point at a local weight file or opt into random weights
+CLIP weights default to the real ``openai`` ones. Where they cannot be had (no network, not in the
+local cache; found out in a few seconds), the run on the synthetic demo data goes on with random
+CLIP weights and says so in its first lines, in the closing summary and in every output that
+carries numbers ("random CLIP weights: a smoke run"); with ``--root`` (real data) it stops before
+doing anything and says how to point at a local weight file or opt into random weights
 (``--clip-pretrained none``, a smoke run whose model is meaningless).
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from flows.config import RAW_DIRNAMES
 from flows.local import local_services
+from pipeline.clip import DEFAULT_MODEL, DEFAULT_WEIGHTS, RANDOM_NOTE, ClipSpec, parse_weights
 from pipeline.errors import BadInputError
 
 log = logging.getLogger("quickstart")
@@ -41,6 +45,7 @@ class Outcome:
 
     synthetic: bool
     raw: Path
+    clip_note: str | None = None
     ui_url: str | None = None
     version_id: str | None = None
     prepared: Path | None = None
@@ -50,27 +55,40 @@ class Outcome:
     pictures: list[Path] = field(default_factory=list)
 
 
-def check_clip_weights(model: str, pretrained: str | None) -> None:
-    """Build the CLIP encoder once so missing weights stop the run before anything starts.
+def choose_clip_weights(model: str, pretrained: str | None, synthetic: bool) -> tuple[str | None, str | None]:
+    """The CLIP weights the run uses and, when they are random, the note that says so.
+
+    Builds the encoder once, so missing weights are known before anything starts: on the
+    synthetic demo data the run then goes on with random weights (a smoke run); on real data
+    (``--root``) it stops.
 
     Raises:
-        SystemExit: the weights cannot be had; the message says how to get past it.
+        SystemExit: real data and the weights cannot be had; the message says how to go on.
     """
-    from pipeline.embed import EncoderSpec, build_encoder
+    from pipeline.clip import cached_encoder
 
     if pretrained is None:
-        log.warning(
-            "CLIP: RANDOM weights (--clip-pretrained none): a smoke run, the model learns nothing real"
-        )
-        return
+        note = f"{RANDOM_NOTE} (--clip-pretrained none); the model learns nothing real"
+        log.warning("CLIP: %s", note)
+        return None, note
     try:
-        build_encoder(EncoderSpec(model=model, pretrained=pretrained))
+        cached_encoder(ClipSpec(model, pretrained))
     except BadInputError as err:
-        raise SystemExit(
-            f"quickstart: cannot get the CLIP {model} weights '{pretrained}' ({err.problem}).\n"
-            "  Point at a local weight file:  python -m flows.quickstart --clip-pretrained /path/to/ViT-B-32.pt\n"
-            "  or opt into random weights for a smoke run:  python -m flows.quickstart --clip-pretrained none"
-        ) from None
+        if not synthetic:
+            raise SystemExit(
+                f"quickstart: cannot get the CLIP {model} weights '{pretrained}' ({err.problem}).\n"
+                "  Point at a local weight file:  python -m flows.quickstart --clip-pretrained /path/to/ViT-B-32.pt\n"
+                "  or opt into random weights for a smoke run:  python -m flows.quickstart --clip-pretrained none"
+            ) from None
+        reason = err.problem.split(";")[0]
+        note = (
+            f"{RANDOM_NOTE}: the {model} '{pretrained}' weights cannot be had here ({reason}),"
+            " so this demo on synthetic data uses random CLIP weights and learns nothing real;"
+            " pass --clip-pretrained /path/to/ViT-B-32.pt for the real ones"
+        )
+        log.warning("CLIP: %s", note)
+        return None, note
+    return pretrained, None
 
 
 def synthesize(dataset: str, raw: Path, videos: int, frames: int, seed: int) -> Path:
@@ -115,15 +133,15 @@ def run_step(title: str, cmd: list[str], env: dict[str, str] | None, log_path: P
 def quickstart(args: argparse.Namespace) -> Outcome:
     work: Path = args.work.resolve()
     dataset = args.dataset
-    check_clip_weights(args.clip_model, args.clip_pretrained)
     synthetic = args.root is None
+    weights, note = choose_clip_weights(args.clip_model, args.clip_pretrained, synthetic)
     raw = args.root.resolve() if args.root else work / "raw" / RAW_DIRNAMES[dataset]
     if synthetic:
         synthesize(dataset, raw, args.videos, args.frames, args.seed)
-    outcome = Outcome(synthetic=synthetic, raw=raw, prepared=work / "prepared" / dataset)
+    outcome = Outcome(synthetic=synthetic, raw=raw, prepared=work / "prepared" / dataset, clip_note=note)
     logs = work / "logs"
     py = sys.executable
-    pretrained = args.clip_pretrained or "none"
+    pretrained = weights or "none"
     with local_services(home=work / "prefect") as services:
         outcome.ui_url = services.ui_url
         log.info(
@@ -255,6 +273,7 @@ def summary(outcome: Outcome) -> str:
         f"  prepared data   {outcome.prepared}",
         f"  CLIP cache      {outcome.cache}",
         f"  run folder      {outcome.run}",
+        *([f"  CLIP weights    {outcome.clip_note}"] if outcome.clip_note else []),
         "",
         "Test-split metrics" + tag + ":",
         outcome.table or "  (no metrics table was written)",
@@ -280,12 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--work", type=Path, default=DEFAULT_WORK, help="working folder (default %(default)s)"
     )
-    parser.add_argument("--clip-model", default="ViT-B-32")
+    parser.add_argument("--clip-model", default=DEFAULT_MODEL)
     parser.add_argument(
         "--clip-pretrained",
-        default="openai",
-        type=lambda text: None if text.lower() == "none" else text,
-        help="openai (default), a local weight file, hf-hub:..., or none (random weights)",
+        default=DEFAULT_WEIGHTS,
+        type=parse_weights,
+        help="openai (default), a local weight file, hf-hub:..., or none (random weights); on the"
+        " synthetic demo data, weights that cannot be had fall back to random ones",
     )
     parser.add_argument(
         "--size",

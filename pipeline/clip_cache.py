@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,46 @@ def open_cache(path: str | Path, prepared: str | Path | Mapping[str, Any] | None
             prepared = read_manifest(str(prepared))
         check_cache(cache, prepared)
     return cache
+
+
+def default_cache_path(prepared: str | Path, identity: Mapping[str, Any],
+                       dtype: str = "float32") -> str:
+    """Where ``python -m pipeline embed`` writes the cache of an encoder identity (its "model",
+    "profile" and "weights"): PREPARED/clip/<model>-<profile>-<weights>[-float16].zarr, e.g.
+    ``clip/ViT-B-32-salmm-openai.zarr``, ``clip/ViT-B-32-salmm-sha256-0123456789ab.zarr``,
+    ``clip/ViT-B-32-salmm-random-seed0.zarr``."""
+    weights = str(identity["weights"])
+    if weights.startswith("sha256:"):
+        weights = "sha256-" + weights.removeprefix("sha256:")[:12]
+    weights = re.sub(r"[^A-Za-z0-9._]+", "-", weights).strip("-")
+    name = f"{identity['model']}-{identity['profile']}-{weights}"
+    if dtype != "float32":
+        name += f"-{dtype}"
+    return f"{str(prepared).rstrip('/')}/clip/{name}.zarr"
+
+
+def open_checked_cache(path: str | None, prepared: str, manifest: Mapping[str, Any],
+                       identity: Mapping[str, Any], splits: Sequence[str]
+                       ) -> tuple[str, dict[str, Any]]:
+    """(path, recorded header) of the CLIP cache a run uses - ``path``, or the default one for
+    the encoder ``identity`` ({"model", "weights", "profile"}) - after checking that it is
+    complete, was made from this prepared dataset version with that encoder, and holds every
+    sample of ``splits``. BadInputError (one line naming the store) otherwise."""
+    path = path or default_cache_path(prepared, identity)
+    cache = open_cache(path)
+    check_cache(cache, manifest, model=identity["model"], profile=identity["profile"],
+                weights=identity["weights"])
+    recorded = cache.identity["splits"]
+    for split in splits:
+        have, want = recorded.get(split), manifest["splits"][split]["samples"]
+        if have is None:
+            raise BadInputError(path, f"has no embeddings of split {split!r} (has"
+                                f" {', '.join(sorted(recorded))}); run `python -m pipeline"
+                                f" embed --split {split}`")
+        if have != want:
+            raise BadInputError(path, f"holds {have} {split} embeddings, the prepared data has"
+                                f" {want}; re-run `python -m pipeline embed`")
+    return path, cache.identity
 
 
 def check_cache(cache: ClipCache, manifest: Mapping[str, Any], *, model: str | None = None,

@@ -10,25 +10,17 @@ tested against a local cluster runs unchanged on a real one.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from distributed import Client, LocalCluster
 
+from pipeline.cpu import usable_cores
 from pipeline.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 20
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 @contextmanager

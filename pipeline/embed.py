@@ -8,11 +8,17 @@ Stages, each small:
    batches that never straddle a cache chunk.
 3. ``_prefetch``: run 1-2 in a background thread behind a bounded queue, so reading and
    decoding overlap the encoder.
-4. ``embed_jobs``: per batch, frames -> float [0, 1] (``uint8 / 255``, exactly what the trainer
-   feeds the model), concatenated with their horizontal flips, through the frozen encoder
-   under ``torch.inference_mode`` (and autocast on CUDA) -> float32 [n, 2, D] per chunk.
+4. ``embed_jobs``: per batch, :func:`pipeline.clip.embed_pairs` (each frame and its mirror
+   image through the frozen encoder, in fixed micro-batches aligned to the chunk's start, one
+   intra-op thread on CPU) -> float32 [n, 2, D] per chunk.
 5. ``embed_prepared``: plans the chunks, writes them with :class:`pipeline.clip_cache.CacheWriter`
-   (resumable), locally or on Dask workers (one cached encoder per worker process).
+   (resumable), in this process or one task per chunk on Dask workers - a local cluster of one
+   single-threaded encoder process per core by default, or an existing cluster.
+
+Same numbers whatever the run: a chunk's embeddings depend only on its frames, the weights,
+the device type and the software versions - not on ``--batch-size``, the thread count, the
+number of workers, or where a killed run was resumed (the header records what they do depend
+on, and a resume into a store with another header is refused).
 """
 
 from __future__ import annotations
@@ -20,11 +26,10 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import functools
 import hashlib
 import logging
+import math
 import queue
-import re
 import tarfile
 import threading
 import time
@@ -38,7 +43,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.clip_cache import DEFAULT_CHUNK_SIZE, DTYPES, CacheWriter
+from pipeline.clip import (
+    CACHE_THREADS,
+    DEFAULT_MODEL,
+    DEFAULT_PROFILE,
+    DEFAULT_WEIGHTS,
+    MICRO_BATCH,
+    PRECISIONS,
+    PROFILES,
+    PUBLISHED,
+    ClipSpec,
+    cached_encoder,
+    embed_pairs,
+    parse_weights,
+)
+from pipeline.clip_cache import DEFAULT_CHUNK_SIZE, DTYPES, CacheWriter, default_cache_path
+from pipeline.cpu import usable_cores
 from pipeline.dask_cluster import dask_client
 from pipeline.errors import BadInputError
 from pipeline.images import decode_rgb_bytes
@@ -47,18 +67,25 @@ from pipeline.shards import iter_tar
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
-class EncoderSpec:
-    """How to build the encoder; hashable, so each process (or Dask worker) builds it once."""
+class Compute:
+    """Where the encoder runs: device ("cpu", "cuda", "cuda:1") and, on CUDA, the autocast
+    dtype ("fp32" | "bf16" | "fp16"; CPU always computes in float32). Hashable."""
 
-    model: str = "ViT-B-32"
-    pretrained: str | None = "openai"     # open_clip tag, local file, "hf-hub:...", None = random
-    profile: str = "salmm"                # "salmm" | "openclip"
     device: str = "cpu"
-    precision: str = "fp32"               # autocast dtype on CUDA: "fp32" | "bf16" | "fp16"
+    precision: str = "fp32"
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+    def header(self) -> dict[str, Any]:
+        """What the cache header records of it: everything its numbers depend on."""
+        cuda = self.device_type == "cuda"
+        return {"device": self.device_type, "autocast": self.precision if cuda else "fp32",
+                "micro_batch": MICRO_BATCH.get(self.device_type, MICRO_BATCH["cuda"]),
+                "intra_op_threads": None if cuda else CACHE_THREADS}
 
 
 @dataclass(frozen=True)
@@ -78,36 +105,6 @@ class Shard:
     url: str
     first: int
     samples: int
-
-
-def build_encoder(spec: EncoderSpec) -> torch.nn.Module:
-    """The frozen CLIP encoder of ``spec``; BadInputError (one line) when weights can't be had."""
-    from salmm.clip_encoder import build_clip_encoder
-
-    weights = spec.pretrained
-    try:
-        encoder = build_clip_encoder(spec.model, pretrained=weights, profile=spec.profile,
-                                     device=spec.device)
-    except (OSError, RuntimeError) as err:
-        if weights is None or Path(weights).exists():
-            raise
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadInputError(weights, f"could not get the {spec.model} weights ({first_line});"
-                            " without a network pass --clip-pretrained /path/to/weights.pt (a"
-                            " local open_clip/OpenAI checkpoint) or --clip-pretrained none"
-                            " (random weights)") from None
-    log.info("CLIP encoder %s, weights %s, profile %s, device %s", spec.model,
-             encoder.identity["weights"], spec.profile, spec.device)
-    if str(encoder.identity["weights"]).startswith("random"):
-        log.warning("using RANDOM CLIP weights (%s): embeddings are for tests and smoke runs only",
-                    encoder.identity["weights"])
-    return encoder
-
-
-@functools.lru_cache(maxsize=2)
-def cached_encoder(spec: EncoderSpec) -> torch.nn.Module:
-    """:func:`build_encoder`, once per process and spec (Dask workers reuse it across tasks)."""
-    return build_encoder(spec)
 
 
 def _iter_shard(url: str) -> Iterator[tuple[str, bytes]]:
@@ -160,12 +157,6 @@ def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob]
                                 f" says {shard.samples}")
 
 
-def decode_jpg(data: bytes, where: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of a shard's ``jpg``, decoded as the trainer decodes it
-    (:func:`pipeline.images.decode_rgb_bytes`); BadInputError naming ``where`` if corrupt."""
-    return decode_rgb_bytes(data, where)
-
-
 @dataclass
 class _Batch:
     job: ChunkJob
@@ -190,7 +181,7 @@ def _decoded_batches(shards: Sequence[Shard], jobs: Sequence[ChunkJob], batch_si
     for index, url, key, jpg in _read_samples(shards, jobs):
         while job is not None and index >= job.stop:
             job = next(job_iter, None)
-        frame = decode_jpg(jpg, f"{url}#{key}")
+        frame = decode_rgb_bytes(jpg, f"{url}#{key}")
         if frames and frame.shape != frames[0].shape:
             raise BadInputError(url, f"sample {key}: jpg is {frame.shape}, other frames are"
                                 f" {frames[0].shape}")
@@ -240,34 +231,26 @@ def _prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
         thread.join()
 
 
-def encode_batch(encoder: torch.nn.Module, frames: torch.Tensor, spec: EncoderSpec
-                 ) -> np.ndarray:
-    """uint8 frames [b, H, W, 3] -> float32 [b, 2, D]: embeddings of each frame (as float in
-    [0, 1]) and of its horizontal flip."""
-    device = torch.device(spec.device)
-    x = frames.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    x = torch.cat([x, x.flip(-1)])                               # [2b, 3, H, W]
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = PRECISIONS[spec.precision]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast or torch.float32,
-                                                enabled=autocast is not None):
-        emb = encoder.encode(x)                                  # [2b, D]
-    b = frames.shape[0]
-    return emb.float().cpu().numpy().reshape(2, b, -1).transpose(1, 0, 2)  # [b, 2, D]
+def aligned_batch_size(batch_size: int, compute: Compute) -> int:
+    """``batch_size`` rounded up to a whole number of the encoder's micro-batches, so every
+    batch but a chunk's last starts on a micro-batch boundary counted from the chunk's start."""
+    micro = compute.header()["micro_batch"]
+    return max(1, math.ceil(batch_size / micro)) * micro
 
 
-def embed_jobs(encoder: torch.nn.Module, spec: EncoderSpec, shards: Sequence[Shard],
+def embed_jobs(encoder: torch.nn.Module, compute: Compute, shards: Sequence[Shard],
                jobs: Sequence[ChunkJob], batch_size: int, prefetch: int = 4,
                progress: tqdm | None = None) -> Iterator[tuple[ChunkJob, list[str], np.ndarray]]:
     """(job, keys [n], embeddings float32 [n, 2, D]) for each job, in ascending order; decoding
-    runs ``prefetch`` batches ahead in a background thread."""
-    pin = torch.device(spec.device).type == "cuda"
+    runs ``prefetch`` batches ahead in a background thread. ``batch_size`` is rounded up by
+    :func:`aligned_batch_size`."""
+    pin = compute.device_type == "cuda"
+    batch_size = aligned_batch_size(batch_size, compute)
     keys: list[str] = []
     parts: list[np.ndarray] = []
     for batch in _prefetch(_decoded_batches(shards, jobs, batch_size, pin), prefetch):
         keys += batch.keys
-        parts.append(encode_batch(encoder, batch.frames, spec))
+        parts.append(embed_pairs(encoder, batch.frames, compute.precision))
         if progress is not None:
             progress.update(2 * len(batch.keys))
         if batch.last:
@@ -275,31 +258,17 @@ def embed_jobs(encoder: torch.nn.Module, spec: EncoderSpec, shards: Sequence[Sha
             keys, parts = [], []
 
 
-def embed_chunk_task(spec: EncoderSpec, shards: Sequence[Shard], job: ChunkJob,
+def embed_chunk_task(spec: ClipSpec, compute: Compute, shards: Sequence[Shard], job: ChunkJob,
                      batch_size: int) -> tuple[list[str], np.ndarray]:
     """Dask task: one chunk's (keys, embeddings [n, 2, D]) with this worker's cached encoder."""
-    encoder = cached_encoder(spec)
-    ((_, keys, emb),) = embed_jobs(encoder, spec, shards, [job], batch_size, prefetch=2)
+    encoder = cached_encoder(spec, compute.device)
+    ((_, keys, emb),) = embed_jobs(encoder, compute, shards, [job], batch_size, prefetch=2)
     return keys, emb
 
 
-def encoder_identity_task(spec: EncoderSpec) -> dict[str, Any]:
+def encoder_identity_task(spec: ClipSpec, compute: Compute) -> dict[str, Any]:
     """Dask task: the identity of this worker's cached encoder (also warms the cache)."""
-    return dict(cached_encoder(spec).identity)
-
-
-def default_cache_path(prepared: str, identity: dict[str, Any], dtype: str = "float32") -> str:
-    """PREPARED/clip/<model>-<profile>-<weights>[-float16].zarr, e.g.
-    ``clip/ViT-B-32-salmm-openai.zarr``, ``clip/ViT-B-32-salmm-sha256-0123456789ab.zarr``,
-    ``clip/ViT-B-32-salmm-random-seed0.zarr``."""
-    weights = str(identity["weights"])
-    if weights.startswith("sha256:"):
-        weights = "sha256-" + weights.removeprefix("sha256:")[:12]
-    weights = re.sub(r"[^A-Za-z0-9._]+", "-", weights).strip("-")
-    name = f"{identity['model']}-{identity['profile']}-{weights}"
-    if dtype != "float32":
-        name += f"-{dtype}"
-    return f"{str(prepared).rstrip('/')}/clip/{name}.zarr"
+    return dict(cached_encoder(spec, compute.device).identity)
 
 
 def _split_shards(prepared: str, manifest: dict[str, Any], split: str) -> list[Shard]:
@@ -312,18 +281,27 @@ def _split_shards(prepared: str, manifest: dict[str, Any], split: str) -> list[S
     return shards
 
 
+def default_workers(compute: Compute) -> int:
+    """Encoder processes by default: one single-threaded encoder per usable core on CPU, one
+    process for a GPU."""
+    return usable_cores() if compute.device_type == "cpu" else 1
+
+
 def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
-                   spec: EncoderSpec = EncoderSpec(), batch_size: int = 32,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, dtype: str = "float32",
-                   splits: Sequence[str] | None = None, prefetch: int = 4,
+                   spec: ClipSpec = PUBLISHED, compute: Compute = Compute(),
+                   batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   dtype: str = "float32", splits: Sequence[str] | None = None,
+                   prefetch: int = 4, workers: int | None = None,
                    dask_address: str | None = None) -> str:
     """Embed every sample of the prepared dataset at ``prepared`` into a CLIP cache and return
-    the cache path (``out``, or :func:`default_cache_path`). Resumes an unfinished cache;
-    returns at once if it is already complete.
+    the cache path (``out``, or :func:`pipeline.clip_cache.default_cache_path`). Resumes an
+    unfinished cache; returns at once if it is already complete.
 
-    ``batch_size`` samples (``2 * batch_size`` images with their flips) go through the encoder
-    at a time. With ``dask_address`` each missing chunk is one task on that cluster (the
-    workers must reach the prepared shards, and ``spec.device`` is the workers' device).
+    ``batch_size`` samples are decoded and embedded at a time (rounded up to the encoder's
+    micro-batch, see :func:`aligned_batch_size`; it changes no number). ``workers`` encoder
+    processes (default :func:`default_workers`; 1 runs in this process) on a local Dask
+    cluster, or with ``dask_address`` one task per missing chunk on that cluster (its workers
+    must reach the prepared shards; ``compute.device`` is the workers' device).
     """
     prepared = str(prepared)
     manifest = read_manifest(prepared)
@@ -332,32 +310,42 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
     if unknown:
         raise BadInputError(prepared, f"the prepared dataset has no split(s) {unknown}"
                             f" (has {sorted(manifest['splits'])})")
+    if workers is not None and dask_address:
+        raise ValueError("give either a Dask scheduler address or a worker count, not both")
     shards = {s: _split_shards(prepared, manifest, s) for s in splits}
+    samples = sum(sh.samples for s in splits for sh in shards[s])
+    local = workers or default_workers(compute)
+    local = max(1, min(local, math.ceil(samples / chunk_size)))
     with contextlib.ExitStack() as stack:
-        if dask_address:
-            client = stack.enter_context(dask_client(address=dask_address))
+        client = None
+        if dask_address or local > 1:
+            client = stack.enter_context(dask_client(address=dask_address,
+                                                     workers=None if dask_address else local))
             encoder = None
-            identity = client.submit(encoder_identity_task, spec, pure=False).result()
+            identity = client.submit(encoder_identity_task, spec, compute, pure=False).result()
         else:
-            client = None
-            encoder = cached_encoder(spec)
+            encoder = cached_encoder(spec, compute.device)
             identity = dict(encoder.identity)
-        header = _header(spec, identity, dtype, manifest, shards, chunk_size)
+        header = _header(compute, identity, dtype, manifest, shards, chunk_size)
         out = str(out) if out is not None else default_cache_path(prepared, identity, dtype)
         writer = CacheWriter.open(out, header)
         jobs = {s: [ChunkJob(s, i, *writer.chunk_range(s, i)) for i in writer.missing_chunks(s)]
                 for s in splits}
         todo = sum(j.stop - j.start for js in jobs.values() for j in js)
-        log.info("embedding %d samples (%d images with flips) into %s", todo, 2 * todo, out)
+        log.info("embedding %d samples (%d images with flips) into %s on %s", todo, 2 * todo,
+                 out, f"{len(client.scheduler_info()['workers'])} Dask worker(s)" if client
+                 else "this process")
         started = time.perf_counter()
         with tqdm(total=2 * todo, unit="img", desc="embed", smoothing=0.1) as progress:
             if client is None:
                 for split in splits:
-                    for job, keys, emb in embed_jobs(encoder, spec, shards[split], jobs[split],
-                                                     batch_size, prefetch, progress):
+                    for job, keys, emb in embed_jobs(encoder, compute, shards[split],
+                                                     jobs[split], batch_size, prefetch,
+                                                     progress):
                         writer.write_chunk(split, job.index, keys, emb)
             else:
-                _embed_on_dask(client, writer, spec, shards, jobs, batch_size, progress)
+                _embed_on_dask(client, writer, spec, compute, shards, jobs, batch_size,
+                               progress)
     writer.finish()
     elapsed = time.perf_counter() - started
     log.info("CLIP cache complete: %s (%s samples; %d images embedded now in %.1f s, %.1f images/s;"
@@ -366,16 +354,15 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
     return out
 
 
-def _header(spec: EncoderSpec, identity: dict[str, Any], dtype: str, manifest: dict[str, Any],
+def _header(compute: Compute, identity: dict[str, Any], dtype: str, manifest: dict[str, Any],
             shards: dict[str, list[Shard]], chunk_size: int) -> dict[str, Any]:
     """The cache header: everything the stored numbers depend on (see pipeline.clip_cache)."""
     import open_clip
 
-    device = torch.device(spec.device).type
     return {
         "encoder": identity,
         "dtype": dtype,
-        "compute": {"device": device, "autocast": spec.precision if device == "cuda" else "fp32"},
+        "compute": compute.header(),
         "prepared": {"version_id": version_id(manifest),
                      "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest()},
         "software": {"torch": torch.__version__, "open_clip": open_clip.__version__},
@@ -384,7 +371,7 @@ def _header(spec: EncoderSpec, identity: dict[str, Any], dtype: str, manifest: d
     }
 
 
-def _embed_on_dask(client: Any, writer: CacheWriter, spec: EncoderSpec,
+def _embed_on_dask(client: Any, writer: CacheWriter, spec: ClipSpec, compute: Compute,
                    shards: dict[str, list[Shard]], jobs: dict[str, list[ChunkJob]],
                    batch_size: int, progress: tqdm) -> None:
     """Run one task per chunk on the cluster (at most 2 per worker in flight) and write each
@@ -399,7 +386,8 @@ def _embed_on_dask(client: Any, writer: CacheWriter, spec: EncoderSpec,
     def submit(job: ChunkJob) -> Any:
         needed = [s for s in shards[job.split]
                   if s.first < job.stop and job.start < s.first + s.samples]
-        future = client.submit(embed_chunk_task, spec, needed, job, batch_size, pure=False)
+        future = client.submit(embed_chunk_task, spec, compute, needed, job, batch_size,
+                               pure=False)
         job_of[future.key] = job
         return future
 
@@ -419,11 +407,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepared dataset folder or fsspec URL (holds manifest.json)")
     parser.add_argument("--out", default=None,
                         help="cache path (default PREPARED/clip/<model>-<profile>-<weights>.zarr)")
-    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name")
-    parser.add_argument("--clip-pretrained", default="openai",
+    parser.add_argument("--clip-model", default=DEFAULT_MODEL, help="open_clip model name")
+    parser.add_argument("--clip-pretrained", default=DEFAULT_WEIGHTS, type=parse_weights,
                         help="open_clip tag (downloaded), a local weight file, hf-hub:org/repo,"
                         " or 'none' for random weights (tests, offline smoke runs)")
-    parser.add_argument("--profile", choices=("salmm", "openclip"), default="salmm",
+    parser.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
                         help="preprocessing: 'salmm' = published (resize to 224, no mean/std),"
                         " 'openclip' = the model's own transform")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -431,27 +419,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype on CUDA (default fp16, as the published model runs"
                         " CLIP); CPU always computes in fp32")
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="frames per encoder call (each also flipped: 2x images)")
+                        help="frames decoded and embedded at a time (each also flipped: 2x"
+                        " images), rounded up to the encoder's micro-batch; changes no number")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="samples per Zarr chunk, the unit of resume")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored dtype")
     parser.add_argument("--split", action="append", dest="splits", default=None,
                         help="embed only this split (repeatable; default all)")
-    parser.add_argument("--dask-address", default=None,
-                        help="run one task per chunk on this Dask scheduler (workers need the"
-                        " prepared shards and the weights)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None,
+                       help="encoder processes on a local Dask cluster (default: one per usable"
+                       " core on CPU, 1 on a GPU; 1 = in this process)")
+    where.add_argument("--dask-address", default=None,
+                       help="run one task per chunk on this Dask scheduler (workers need the"
+                       " prepared shards and the weights)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``python -m pipeline embed``: build or finish the cache (its path is logged); exit code."""
-    if args.batch_size < 1 or args.chunk_size < 1:
-        raise SystemExit("embed: --batch-size and --chunk-size must be at least 1")
+    if args.batch_size < 1 or args.chunk_size < 1 or (args.workers is not None
+                                                        and args.workers < 1):
+        raise SystemExit("embed: --batch-size, --chunk-size and --workers must be at least 1")
     cuda = torch.device(args.device).type == "cuda"
-    pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
-    spec = EncoderSpec(model=args.clip_model, pretrained=pretrained, profile=args.profile,
-                       device=args.device,
-                       precision=(args.precision or "fp16") if cuda else "fp32")
-    embed_prepared(args.prepared, args.out, spec=spec, batch_size=args.batch_size,
-                   chunk_size=args.chunk_size, dtype=args.dtype, splits=args.splits,
-                   dask_address=args.dask_address)
+    compute = Compute(args.device, (args.precision or "fp16") if cuda else "fp32")
+    spec = ClipSpec(args.clip_model, args.clip_pretrained, args.profile)
+    embed_prepared(args.prepared, args.out, spec=spec, compute=compute,
+                   batch_size=args.batch_size, chunk_size=args.chunk_size, dtype=args.dtype,
+                   splits=args.splits, workers=args.workers, dask_address=args.dask_address)
     return 0

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.embed import decode_jpg
 from pipeline.errors import BadInputError
+from pipeline.images import decode_rgb_bytes
 from pipeline.shards import decode_label_png, iter_tar
 
 FLIP_PROBABILITY = 0.5
@@ -119,7 +119,7 @@ def decode(samples: Iterable[dict[str, Any]], size: tuple[int, int]) -> Iterator
         for field in ("jpg", "saliency.png"):
             if field not in sample:
                 raise BadInputError(url, f"sample {key} has no {field}")
-        rgb = decode_jpg(sample["jpg"], f"{url}#{key}")               # uint8 [H, W, 3]
+        rgb = decode_rgb_bytes(sample["jpg"], f"{url}#{key}")         # uint8 [H, W, 3]
         try:
             label = decode_label_png(sample["saliency.png"])          # float32 [H, W]
         except (OSError, ValueError) as err:

@@ -48,11 +48,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.clip import PUBLISHED, RANDOM_NOTE, ClipSpec, cached_encoder
+from pipeline.clip_cache import open_checked_cache
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from salmm import metrics
 from salmm.options import (
-    TrainConfig,
     add_clip_options,
     add_inference_options,
     add_runtime_options,
@@ -72,29 +73,12 @@ SUMMARY_NAME = "summary.json"
 ID_COLUMNS = ("index", "key", "name", "video", "frame")
 FROM_CHECKPOINT = object()
 """Default of the CLIP options: take the value the checkpoint was trained with."""
-PUBLISHED_CLIP = {"clip_model": TrainConfig.clip_model, "clip_pretrained": TrainConfig.clip_pretrained,
-                  "profile": TrainConfig.profile}
+PUBLISHED_CLIP = {"clip_model": PUBLISHED.model, "clip_pretrained": PUBLISHED.pretrained,
+                  "profile": PUBLISHED.profile}
 """CLIP options of the official checkpoints: ViT-B-32, OpenAI weights, the published profile."""
 
 
 # ---- the checkpoint and its CLIP ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClipChoice:
-    """The CLIP encoder a run uses: open_clip model name, weights (tag, file, hf-hub name, or
-    None for random) and preprocessing profile."""
-
-    model: str
-    pretrained: str | None
-    profile: str
-
-    def identity(self) -> dict[str, str]:
-        """{"model", "weights", "profile"} as the cache header records them."""
-        from salmm.clip_encoder import weights_identity
-
-        return {"model": self.model, "weights": weights_identity(self.pretrained),
-                "profile": self.profile}
 
 
 @dataclass
@@ -111,7 +95,7 @@ class LoadedModel:
     autocast: torch.dtype | None
     size: tuple[int, int]
     info: dict[str, Any]
-    clip: ClipChoice
+    clip: ClipSpec
 
 
 def _sha256(path: str) -> str:
@@ -128,7 +112,7 @@ def checkpoint_config(raw: dict[str, Any]) -> dict[str, Any] | None:
     return raw["config"]
 
 
-def resolve_clip(path: str, config: dict[str, Any] | None, given: dict[str, Any]) -> ClipChoice:
+def resolve_clip(path: str, config: dict[str, Any] | None, given: dict[str, Any]) -> ClipSpec:
     """The CLIP options to use: each one the user ``given`` (:data:`FROM_CHECKPOINT` when not),
     else what the checkpoint was trained with (``config``; the published ones for an official
     checkpoint).
@@ -160,7 +144,7 @@ def resolve_clip(path: str, config: dict[str, Any] | None, given: dict[str, Any]
             log.warning("%s was trained with CLIP weights %s; using %s - scores are only"
                         " comparable if these are the same weights", path,
                         trained["clip_pretrained"], chosen["clip_pretrained"])
-    choice = ClipChoice(chosen["clip_model"], chosen["clip_pretrained"], chosen["profile"])
+    choice = ClipSpec(chosen["clip_model"], chosen["clip_pretrained"], chosen["profile"])
     if choice.pretrained is None:
         log.warning("CLIP with RANDOM weights (--clip-pretrained none): for tests and smoke runs"
                     " only, the predictions mean nothing")
@@ -182,7 +166,6 @@ def load_model(path: str, *, inline_clip: bool, given_clip: dict[str, Any],
     so the model embeds frames itself; otherwise embeddings are passed in. BadInputError (one
     line naming the file) for a missing, unreadable or mismatching checkpoint.
     """
-    from pipeline.embed import EncoderSpec, cached_encoder
     from salmm.checkpoint import load_checkpoint
     from salmm.model import SalMM
     from salmm.official import read_official
@@ -196,8 +179,7 @@ def load_model(path: str, *, inline_clip: bool, given_clip: dict[str, Any],
     dev = pick_device(device)
     encoder = None
     if inline_clip:
-        encoder = cached_encoder(EncoderSpec(model=clip.model, pretrained=clip.pretrained,
-                                             profile=clip.profile, device=str(dev)))
+        encoder = cached_encoder(clip, str(dev))
     model = SalMM(clip=encoder)
     model.load_state_dict(weights.state_dict, strict=True)
     model.to(dev).eval()
@@ -316,26 +298,10 @@ def batched(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 
 def open_eval_cache(path: str | None, prepared: str, manifest: dict[str, Any], split: str,
-                    clip: ClipChoice) -> tuple[str, dict[str, Any]]:
+                    clip: ClipSpec) -> tuple[str, dict[str, Any]]:
     """(path, identity) of the CLIP cache after checking it was made from this dataset version
     with ``clip``'s model, weights and profile and holds every sample of ``split``."""
-    from pipeline.clip_cache import check_cache, open_cache
-    from pipeline.embed import default_cache_path
-
-    identity = clip.identity()
-    path = path or default_cache_path(prepared, identity)
-    cache = open_cache(path)
-    check_cache(cache, manifest, model=identity["model"], profile=identity["profile"],
-                weights=identity["weights"])
-    have, want = cache.identity["splits"].get(split), manifest["splits"][split]["samples"]
-    if have is None:
-        raise BadInputError(path, f"has no embeddings of split {split!r} (has"
-                            f" {', '.join(sorted(cache.identity['splits']))}); run `python -m"
-                            f" pipeline embed --split {split}`")
-    if have != want:
-        raise BadInputError(path, f"holds {have} {split} embeddings, the prepared data has"
-                            f" {want}; re-run `python -m pipeline embed`")
-    return path, cache.identity
+    return open_checked_cache(path, prepared, manifest, clip.identity(), [split])
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -410,9 +376,12 @@ def csv_bytes(rows: Sequence[dict[str, Any]], metric_names: Sequence[str]) -> by
     return buf.getvalue().encode()
 
 
-def table_text(title: str, row_name: str, means: dict[str, float]) -> str:
-    """Markdown: a title line and :func:`salmm.metrics.format_table` of one row."""
-    return f"{title}\n\n{metrics.format_table({row_name: means})}\n"
+def table_text(title: str, row_name: str, means: dict[str, float], note: str | None = None
+               ) -> str:
+    """Markdown: a title line, the ``note`` (when given) as a bold line, and
+    :func:`salmm.metrics.format_table` of one row."""
+    head = f"{title}\n\n**{note}**" if note else title
+    return f"{head}\n\n{metrics.format_table({row_name: means})}\n"
 
 
 def finite_means(rows: Sequence[dict[str, Any]], metric_names: Sequence[str]) -> dict[str, float]:
@@ -536,7 +505,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     out.write_bytes(CSV_NAME, data)
     title = (f"SalM2 on {dataset} {opts.split} ({len(rows)} frames; data version {version};"
              f" checkpoint {Path(opts.checkpoint).name}, sha256 {loaded.info['sha256'][:12]})")
-    text = table_text(title, f"{dataset} {opts.split}", scores.means)
+    note = RANDOM_NOTE if loaded.clip.random else None
+    text = table_text(title, f"{dataset} {opts.split}", scores.means, note)
     out.write_bytes(TABLE_NAME, text.encode())
     summary = {
         "dataset": {"prepared": opts.prepared, "dataset": dataset, "version_id": version,
@@ -546,6 +516,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
                  "options": {"model": loaded.clip.model, "pretrained": loaded.clip.pretrained,
                              "profile": loaded.clip.profile},
                  "cache": cache_path, "cache_identity": cache_identity},
+        "note": note,
         "seed": opts.seed,
         "jitter": opts.jitter,
         "device": str(loaded.device),

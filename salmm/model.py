@@ -10,8 +10,10 @@ initialisation and numerics kept, so the authors' checkpoints load key for key):
     --decoder1..3 (SCPMamba) / decoder4..5 (conv), each upsampled 2x and fused with a skip
     by conv5..conv1 --final 1x1 conv, 2x upsample, sigmoid--> saliency [B, 1, H, W] in (0, 1)
 
-H and W must be multiples of 32. The CLIP image embedding (512-d, ViT-B/32) is either given
-(cached; see :mod:`salmm.clip_encoder` for the preprocessing) or computed inline by an
+H and W must be multiples of 32. On CPU every forward first lets :func:`pipeline.cpu.adapt_threads`
+set torch's intra-op thread count to the cores other processes leave free (a busy core makes
+every one of the model's small operators wait for a thread that has no core). The CLIP image embedding (512-d, ViT-B/32) is either given
+(cached; see :mod:`pipeline.clip` for the preprocessing) or computed inline by an
 attached frozen encoder, the published behaviour.
 """
 
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.clip import PUBLISHED, ClipSpec, cached_encoder
+from pipeline.cpu import adapt_threads
 from salmm.mamba import Mamba
 
 __all__ = ["CLIP_PREFIX", "CrossModelAtt", "SCPMambaLayer", "SalMM", "build_model"]
@@ -208,7 +212,7 @@ class SalMM(nn.Module):
     """The SalM^2 network. forward(frames [B, 3, H, W] in [0, 1], emb [B, 512] or None)
     -> saliency [B, 1, H, W] in (0, 1). H, W multiples of 32 (published: 256 x 256).
 
-    clip: optional frozen encoder (``salmm.clip_encoder.ClipEncoder``) used when ``emb`` is
+    clip: optional frozen encoder (``pipeline.clip.ClipEncoder``) used when ``emb`` is
     None; it is stored at ``CrossModelAtt.model`` as published and is not trainable. The
     state_dict leaves it out (as the authors' released "incomplete" checkpoints do) and
     load_state_dict does not ask for it: the encoder is named by its ``identity`` instead.
@@ -280,6 +284,8 @@ class SalMM(nn.Module):
             raise ValueError(
                 f"SalMM expects frames [B, 3, H, W], H and W multiples of 32, got {tuple(x.shape)}"
             )
+        if x.device.type == "cpu":
+            adapt_threads()  # intra-op threads = cores other processes leave free (pipeline.cpu)
         if emb is None:
             if self.CrossModelAtt.model is None:
                 raise ValueError("SalMM.forward needs `emb` [B, 512] or a model built with clip=")
@@ -318,23 +324,18 @@ class SalMM(nn.Module):
         out2 = self.conv2(torch.cat([out2, t2], dim=1))  # [B, 24 -> 12, H/4, W/4]
         out1 = up(self.decoder5, self.dbn5, out2)  # [B, 8, H/2, W/2]
         out1 = self.conv1(torch.cat([out1, t1], dim=1))  # [B, 16 -> 8, H/2, W/2]
-        out0 = F.interpolate(self.final(out1), scale_factor=2, mode="bilinear", align_corners=True)
+        out0 = F.interpolate(self.final(out1.contiguous()), scale_factor=2, mode="bilinear", align_corners=True)
         return torch.sigmoid(out0)  # [B, 1, H, W]
 
 
 def build_model(
     cached_clip: bool = True,
-    clip_model: str = "ViT-B-32",
-    clip_pretrained: str | None = "openai",
-    profile: str = "salmm",
+    clip: ClipSpec = PUBLISHED,
     backend: str = "auto",
     device: str | torch.device = "cpu",
 ) -> SalMM:
-    """SalMM on ``device``: fed cached embeddings, or (cached_clip=False) with its own frozen
-    CLIP encoder from :func:`salmm.clip_encoder.build_clip_encoder`."""
-    clip = None
-    if not cached_clip:
-        from salmm.clip_encoder import build_clip_encoder
-
-        clip = build_clip_encoder(clip_model, clip_pretrained, profile=profile, device=device)
-    return SalMM(clip=clip, backend=backend).to(device)
+    """The one model factory: SalMM on ``device``, fed cached embeddings, or (cached_clip=False)
+    with its own frozen CLIP encoder ``clip`` (:func:`pipeline.clip.cached_encoder`; one
+    BadInputError line when its weights cannot be had)."""
+    encoder = None if cached_clip else cached_encoder(clip, str(device))
+    return SalMM(clip=encoder, backend=backend).to(device)

@@ -18,13 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
+from pipeline.clip import parse_weights as _pretrained
 from pipeline.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 DEFAULT_MAX_WORKERS = 8
-PROFILES = ("salmm", "openclip")
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,15 @@ class TrainConfig:
     workers: int = 2                     # data-loading processes per training process (0: inline)
     device: str | None = None            # None: "cuda" when available, else "cpu"
     amp: str = "auto"                    # autocast on CUDA: auto (bf16, else fp16), bf16, fp16, off
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = "openai"   # open_clip tag, local file, hf-hub:..., None: random
-    profile: str = "salmm"               # CLIP preprocessing profile: salmm | openclip
+    threads: int | None = None           # CPU intra-op threads for the run; None: chosen at start
+    clip_model: str = DEFAULT_MODEL
+    clip_pretrained: str | None = DEFAULT_WEIGHTS  # open_clip tag, file, hf-hub:..., None: random
+    profile: str = DEFAULT_PROFILE       # CLIP preprocessing profile: salmm | openclip
+
+    @property
+    def clip(self) -> ClipSpec:
+        """The run's CLIP encoder."""
+        return ClipSpec(self.clip_model, self.clip_pretrained, self.profile)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for checkpoints and logs."""
@@ -102,10 +109,6 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
-
-
-def _pretrained(text: str) -> str | None:
-    return None if text.lower() == "none" else text
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder (default: runs/<date>-<time>, or the folder of"
                              " --resume)")
     parser.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU intra-op threads for the whole run (default: the cores other"
+                             " processes leave free when it starts; a resumed run reuses its"
+                             " checkpoint's, so it repeats an uninterrupted one exactly)")
     add_data_options(parser)
     add_recipe_options(parser)
     add_clip_options(parser)

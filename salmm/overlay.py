@@ -1,5 +1,5 @@
-"""Pictures of saliency maps: heat-map colouring, overlays on the frame, side-by-side panels,
-and animations (GIF, or MP4 when imageio has an ffmpeg backend).
+"""Pictures of saliency maps: heat-map colouring, overlays on the frame, captioned side-by-side
+panels, and animations (MP4 through imageio's ffmpeg backend, or GIF).
 
 All images are uint8 RGB ``[H, W, 3]``; saliency maps are float ``[h, w]`` of any range (each
 is min-max normalised to [0, 1] first; a constant map shows as all zero). Every file is written
@@ -75,12 +75,43 @@ def overlay(frame: np.ndarray, saliency: np.ndarray, *, colormap: str = DEFAULT_
     return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
 
 
-def side_by_side(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
-    """Panels (uint8 RGB, equal heights) left to right with ``gap`` white columns between."""
+CAPTION_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def caption_scale(text: str, width: int) -> float:
+    """Font scale at which ``text`` fits ``width`` pixels with a small margin, 0.35 to 1.0."""
+    (text_w, _), _ = cv2.getTextSize(text, CAPTION_FONT, 1.0, 1)
+    return float(np.clip((width - 6) / max(text_w, 1), 0.35, 1.0))
+
+
+def caption(panel: np.ndarray, text: str, scale: float | None = None) -> np.ndarray:
+    """``panel`` (uint8 RGB [H, W, 3]) under a white strip holding ``text`` in black, centred,
+    at font ``scale`` (default :func:`caption_scale`): [H + strip, W, 3]."""
+    panel = _as_rgb(panel)
+    width = panel.shape[1]
+    scale = caption_scale(text, width) if scale is None else scale
+    (text_w, _), _ = cv2.getTextSize(text, CAPTION_FONT, scale, 1)
+    (_, text_h), base = cv2.getTextSize("Hg", CAPTION_FONT, scale, 1)  # same strip for any text
+    strip = np.full((text_h + base + 8, width, 3), 255, np.uint8)
+    cv2.putText(strip, text, (max(2, (width - text_w) // 2), text_h + 4), CAPTION_FONT, scale,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, panel], axis=0)
+
+
+def side_by_side(panels: Sequence[np.ndarray], gap: int = 4,
+                 titles: Sequence[str] | None = None) -> np.ndarray:
+    """Panels (uint8 RGB, equal heights) left to right with ``gap`` white columns between, each
+    under its caption (:func:`caption`, one font size for all) when ``titles`` are given."""
     panels = [_as_rgb(p) for p in panels]
     height = panels[0].shape[0]
     if any(p.shape[0] != height for p in panels):
         raise ValueError(f"panels differ in height: {[p.shape[0] for p in panels]}")
+    if titles is not None:
+        if len(titles) != len(panels):
+            raise ValueError(f"{len(titles)} titles for {len(panels)} panels")
+        scale = min(caption_scale(t, p.shape[1]) for p, t in zip(panels, titles, strict=True))
+        panels = [caption(p, t, scale) for p, t in zip(panels, titles, strict=True)]
+        height = panels[0].shape[0]
     spacer = np.full((height, gap, 3), 255, np.uint8)
     parts: list[np.ndarray] = []
     for i, p in enumerate(panels):
@@ -110,14 +141,16 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
 
 
 def mp4_available() -> bool:
-    """Whether imageio can write MP4 here (its ffmpeg plugin needs imageio-ffmpeg)."""
+    """Whether imageio can write MP4 here (its ffmpeg plugin needs imageio-ffmpeg, a
+    dependency of salmm that bundles the ffmpeg binary)."""
     return importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
 def animation_format(requested: str) -> str | None:
     """The format an animation is written in: ``"mp4"``, ``"gif"`` or None (``"none"``).
 
-    ``"auto"`` and ``"mp4"`` give MP4 when :func:`mp4_available`, else GIF (logged).
+    ``"auto"`` (the default) and ``"mp4"`` give MP4 when :func:`mp4_available` (it is, where
+    salmm's dependencies are installed), else GIF (logged).
     """
     if requested not in ANIMATION_FORMATS:
         raise ValueError(f"animation format must be one of {ANIMATION_FORMATS}, got {requested!r}")

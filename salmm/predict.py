@@ -4,7 +4,8 @@ prepared split.
 ``--input`` is one of
 
 * a prepared dataset (a folder with ``manifest.json``): the frames of ``--split`` at the
-  prepared size, each shown as ``frame | prediction overlay | ground-truth overlay``; CLIP
+  prepared size, each shown as ``frame | prediction overlay | ground-truth overlay`` under
+  captions "frame", "prediction", "ground truth"; CLIP
   embeddings from the cache with ``--cached-clip``, else the model's inline CLIP;
 * a folder of frames (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, in name order), one image, or a
   video (anything OpenCV's ffmpeg backend reads): each frame is decoded in full and resized to
@@ -15,7 +16,7 @@ prepared split.
 
 Outputs in ``--out``: one PNG per frame (``<sample key>.png``, ``<image stem>.png`` or
 ``frame_NNNNNN.png`` for videos) and, for more than one frame, an animation of them
-(``animation.mp4`` when imageio has an ffmpeg backend, else ``animation.gif``; at most
+(``animation.mp4``, H.264 through imageio-ffmpeg; ``--animation gif`` for a GIF; at most
 :data:`ANIMATION_WIDTH` pixels wide). Every file is written atomically.
 """
 
@@ -54,6 +55,7 @@ from salmm.options import parse_size, positive_int, run_command
 log = logging.getLogger("salmm.predict")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+PANEL_TITLES = ("frame", "prediction", "ground truth")
 ANIMATION_WIDTH = 768
 DEFAULT_FPS = 10.0
 
@@ -162,7 +164,7 @@ def picture(item: Item, pred: np.ndarray, colormap: str, alpha: float) -> np.nda
     if item.label is None:
         return shown
     truth = overlay.overlay(item.frame, item.label, colormap=colormap, alpha=alpha)
-    return overlay.side_by_side([item.frame, shown, truth])
+    return overlay.side_by_side([item.frame, shown, truth], titles=PANEL_TITLES)
 
 
 def animation_frame(image: np.ndarray) -> np.ndarray:
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--alpha", type=_unit, default=overlay.DEFAULT_ALPHA,
                        help="heat-map opacity at the most salient pixel")
     group.add_argument("--animation", choices=overlay.ANIMATION_FORMATS, default="auto",
-                       help="auto: MP4 when imageio has ffmpeg, else GIF")
+                       help="auto (default): MP4 (H.264); gif; none")
     return parser
 
 

@@ -47,6 +47,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import clip_cache, cpu
+from pipeline.clip import RANDOM_NOTE
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from salmm import metrics
@@ -60,6 +62,7 @@ from salmm.checkpoint import (
     set_rng_state,
 )
 from salmm.data import SaliencyShards, make_loader, split_shards
+from salmm.model import build_model as model_factory
 from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args, run_command
 from salmm.plots import plot_history
 
@@ -167,48 +170,42 @@ def check_prepared(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
                                 " and valid splits")
 
 
-def default_cache(cfg: TrainConfig) -> str:
-    """The cache ``python -m pipeline embed`` writes by default for the run's CLIP options."""
-    from pipeline.embed import default_cache_path
-    from salmm.clip_encoder import weights_identity
-
-    return default_cache_path(cfg.prepared, {"model": cfg.clip_model, "profile": cfg.profile,
-                                             "weights": weights_identity(cfg.clip_pretrained)})
-
-
 def open_checked_cache(cfg: TrainConfig, manifest: dict[str, Any],
                        splits: Sequence[str] = ("train", "valid")) -> tuple[str, dict[str, Any]]:
     """(path, identity) of the run's CLIP cache after checking it was made from this prepared
     dataset version with the run's CLIP model, profile and weights, and holds ``splits``."""
-    from pipeline.clip_cache import check_cache, open_cache
-    from salmm.clip_encoder import weights_identity
-
-    path = cfg.cache or default_cache(cfg)
-    cache = open_cache(path)
-    check_cache(cache, manifest, model=cfg.clip_model, profile=cfg.profile,
-                weights=weights_identity(cfg.clip_pretrained))
-    for split in splits:
-        if cache.identity["splits"].get(split) != manifest["splits"][split]["samples"]:
-            raise BadInputError(path, f"holds {cache.identity['splits'].get(split)} {split}"
-                                f" embeddings, the prepared data has"
-                                f" {manifest['splits'][split]['samples']}; re-run"
-                                " `python -m pipeline embed`")
-    return path, cache.identity
+    return clip_cache.open_checked_cache(cfg.cache, cfg.prepared, manifest,
+                                         cfg.clip.identity(), splits)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """SalMM on ``device``: without CLIP (embeddings passed in) for ``--cached-clip``, else with
     its frozen CLIP encoder built from the run's CLIP options (BadInputError, one line, when
     the weights cannot be had)."""
-    from salmm.model import SalMM
+    return model_factory(cached_clip=cfg.cached_clip, clip=cfg.clip, device=device)
 
-    clip = None
-    if not cfg.cached_clip:
-        from pipeline.embed import EncoderSpec, build_encoder
 
-        clip = build_encoder(EncoderSpec(model=cfg.clip_model, pretrained=cfg.clip_pretrained,
-                                         profile=cfg.profile, device=str(device)))
-    return SalMM(clip=clip).to(device)
+def pin_threads(cfg: TrainConfig, rt: Runtime, checkpoint: dict[str, Any] | None) -> int | None:
+    """Fix torch's intra-op thread count for the whole run (CPU training; None on CUDA).
+
+    Torch's reductions round differently with the thread count, so one run keeps one count:
+    ``--threads``, else the resumed checkpoint's (an interrupted and resumed run then repeats an
+    uninterrupted one exactly), else the cores other processes leave free when the run starts
+    (:func:`pipeline.cpu.choose_threads`; beside a busy process two threads would wait for
+    each other at every operator). Setting it also stops the model's own thread adaptation.
+    """
+    if rt.device.type != "cpu":
+        return None
+    recorded = checkpoint.get("threads") if checkpoint is not None else None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = cfg.threads or recorded or cpu.choose_threads(
+        max(1, min(torch.get_num_threads(), cpu.usable_cores() // local)))
+    if recorded is not None and threads != recorded:
+        log.warning("resuming with %d intra-op threads, the checkpoint had %d: float rounding"
+                    " changes, so the run will not repeat an uninterrupted one exactly",
+                    threads, recorded)
+    cpu.set_threads(threads)
+    return threads
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -343,6 +340,20 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime
     return {**out, "valid_samples": int(n)}
 
 
+def warn_if_crowded(load: cpu.ThreadGovernor, threads: int | None) -> bool:
+    """Warn when other processes took cores the run's threads need since the last look (every
+    operator then waits for a thread that has no core, several times slower); whether it did."""
+    free = load.free_cores()
+    if threads is None or free is None or cpu.threads_for(free, threads) >= threads:
+        return False
+    log.warning("other processes now use about %.1f of the %d cores this run trains on with %d"
+                " threads: steps wait for threads that have no core; the run keeps %d threads"
+                " so that it stays exact; to use fewer, stop it and resume with --threads %d",
+                max(0.0, cpu.usable_cores() - free), cpu.usable_cores(), threads, threads,
+                cpu.threads_for(free, threads))
+    return True
+
+
 # ---- records -----------------------------------------------------------------------------------
 
 
@@ -350,6 +361,7 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, *, epoch: int, step: int, valid_loss: float,
                     best: dict[str, Any], history: list[dict[str, float]], cfg: TrainConfig,
                     version: str, cache_identity: dict[str, Any] | None, commit: str | None,
+                    threads: int | None = None,
                     stopped: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint dict (see :mod:`salmm.checkpoint` for the keys)."""
     return {
@@ -369,6 +381,7 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
         "cache_identity": cache_identity,
         "git_commit": commit,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "threads": threads,
         "stopped": stopped,
     }
 
@@ -449,6 +462,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
     if checkpoint is None and (run / "last.pt").exists():
         raise BadInputError(run, "already holds a run (last.pt); pass --resume"
                             f" {run / 'last.pt'} or another --out")
+    threads = pin_threads(cfg, rt, checkpoint)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -492,18 +506,23 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
         log_file = _log_to_file(run)
         Folder(run).write_bytes("config.json", json.dumps(
             {"config": cfg.as_dict(), "dataset_version": version, "cache": cache_path,
-             "cache_identity": cache_identity, "git_commit": commit, "world_size": rt.world_size},
+             "cache_identity": cache_identity, "git_commit": commit, "world_size": rt.world_size,
+             "note": RANDOM_NOTE if cfg.clip.random else None},
             indent=1).encode())
         tb = _open_tensorboard(run, step)
-    log.info("run %s: %s CLIP, %d process(es) on %s, autocast %s, epochs %d..%d", run,
-             "cached" if cfg.cached_clip else "inline", rt.world_size, rt.device, rt.autocast,
+    log.info("run %s: %s CLIP, %d process(es) on %s%s, autocast %s, epochs %d..%d", run,
+             "cached" if cfg.cached_clip else "inline", rt.world_size, rt.device,
+             f" ({threads} intra-op thread(s))" if threads else "", rt.autocast,
              start_epoch + 1, cfg.epochs)
+    if cfg.clip.random:
+        log.warning("CLIP weights are random (--clip-pretrained none): %s", RANDOM_NOTE)
+    load, warned = cpu.ThreadGovernor(interval_s=1.0), False
 
     def save(name: str, **extra: Any) -> None:
         if rt.main:
             save_checkpoint(run / name, make_checkpoint(
                 model, optimizer, scaler, best=best, history=history, cfg=cfg, version=version,
-                cache_identity=cache_identity, commit=commit, **extra))
+                cache_identity=cache_identity, commit=commit, threads=threads, **extra))
 
     train_set = datasets["train"]
     try:
@@ -548,6 +567,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
                      " %.0f samples/s", epoch + 1, cfg.epochs, row["train_loss"],
                      row["valid_loss"], row["CC"], row["SIM"], row["KLD"],
                      row["train_samples_per_s"])
+            warned = warned or warn_if_crowded(load, threads)
             if rt.distributed:
                 dist.barrier()
         log.info("done: best validation loss %.5f at epoch %s; checkpoints in %s",

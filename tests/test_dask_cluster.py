@@ -8,7 +8,8 @@ import pytest
 from distributed import LocalCluster
 
 from pipeline import dask_cluster
-from pipeline.dask_cluster import dask_client, usable_cores
+from pipeline.cpu import usable_cores
+from pipeline.dask_cluster import dask_client
 from pipeline.errors import BadInputError
 
 

@@ -1,5 +1,6 @@
 """The ``embed`` command end to end on a tiny prepared dataset, with random ViT-B-32 weights:
-values against a one-frame-at-a-time reference, flips, resume after SIGKILL, Dask, refusals."""
+values against a one-frame-at-a-time reference, flips, the same bytes whatever the thread
+count, batch size, worker count or resume point, Dask, refusals."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +18,15 @@ import zarr
 from _prepared import write_prepared
 from conftest import write_tiny_dataset
 
-from pipeline.clip_cache import open_cache
+from pipeline.clip import ClipSpec, build_clip_encoder, cached_encoder
+from pipeline.clip_cache import default_cache_path, open_cache
 from pipeline.embed import (
     ChunkJob,
-    EncoderSpec,
     Shard,
     _decoded_batches,
     _iter_shard,
     _prefetch,
     _read_samples,
-    build_encoder,
-    cached_encoder,
-    default_cache_path,
     embed_prepared,
 )
 from pipeline.errors import BadInputError
@@ -38,7 +35,7 @@ from pipeline.manifest import read_manifest, shard_urls, write_manifest
 from pipeline.normalize import normalize
 from pipeline.shards import write_shard
 
-SPEC = EncoderSpec(pretrained=None)
+SPEC = ClipSpec(pretrained=None)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,7 +65,7 @@ def prepared(tmp_path_factory, cluster) -> Path:
 def cache_path(prepared) -> str:
     """The uninterrupted reference run: chunks of 2 samples, batches of 2 samples."""
     return embed_prepared(prepared, prepared.parent / "full.zarr", spec=SPEC, batch_size=2,
-                          chunk_size=2)
+                          chunk_size=2, workers=1)
 
 
 def reference_embeddings(prepared: Path, split: str) -> tuple[list[str], np.ndarray]:
@@ -109,6 +106,8 @@ def test_header_records_what_the_numbers_depend_on(prepared, cache_path):
     assert identity["prepared"]["version_id"] == manifest["version_id"]
     assert identity["splits"] == {"train": 3, "valid": 1, "test": 0}
     assert identity["dtype"] == "float32"
+    assert identity["compute"] == {"device": "cpu", "autocast": "fp32", "micro_batch": 8,
+                                   "intra_op_threads": 1}
     assert identity["software"]["torch"] == torch.__version__
     assert default_cache_path(str(prepared), identity["encoder"]).endswith(
         "/clip/ViT-B-32-salmm-random-seed0.zarr")
@@ -155,10 +154,28 @@ def test_prefetch_reraises_errors_from_the_reader():
         next(got)
 
 
-def _embed_command(prepared: Path, out: Path) -> list[str]:
+def _embed_command(prepared: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "embed", "--prepared", str(prepared),
             "--out", str(out), "--clip-pretrained", "none", "--batch-size", "2",
-            "--chunk-size", "2"]
+            "--chunk-size", "2", *extra]
+
+
+KILL_AFTER_FIRST_CHUNK = """
+import os, signal, sys
+from pipeline import clip_cache
+from pipeline.cli import main
+write = clip_cache.CacheWriter.write_chunk
+def write_then_die(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+clip_cache.CacheWriter.write_chunk = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(REPO), os.environ.get("PYTHONPATH")])), **extra}
 
 
 def _tree(path: Path) -> dict[str, object]:
@@ -172,52 +189,69 @@ def _tree(path: Path) -> dict[str, object]:
     return out
 
 
+def assert_same_store(got: Path, want: Path) -> None:
+    """Two stores hold the same arrays bit for bit and the same attributes."""
+    got_tree, want_tree = _tree(got), _tree(want)
+    assert got_tree.keys() == want_tree.keys()
+    for name, value in want_tree.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(got_tree[name], value, err_msg=name)
+        else:
+            assert got_tree[name] == value, name
+
+
 def test_killed_run_resumes_to_the_identical_store(prepared, cache_path, tmp_path):
     out = tmp_path / "killed.zarr"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(_embed_command(prepared, out), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_chunk_done = out / "train" / "done" / "c" / "0"
-    deadline = time.monotonic() + 120
-    while not first_chunk_done.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    command = _embed_command(prepared, out, "--workers", "1")
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK, *command[3:]],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = zarr.open_group(str(out), mode="r")["train/done"][:]
-    assert done[0] == 1 and not done.all(), "the kill came too late to test a resume"
+    assert done.tolist() == [1, 0]                     # killed after its first chunk
     with pytest.raises(BadInputError, match="incomplete"):
         open_cache(out)
 
-    subprocess.run(_embed_command(prepared, out), cwd=REPO, env=env, check=True,
-                   capture_output=True)
-    resumed, full = _tree(out), _tree(Path(cache_path))
-    assert resumed.keys() == full.keys()
-    for name, value in full.items():
-        if isinstance(value, np.ndarray):
-            np.testing.assert_array_equal(resumed[name], value, err_msg=name)
-        else:
-            assert resumed[name] == value, name
+    subprocess.run(command, cwd=REPO, env=_env(), check=True, capture_output=True)
+    assert_same_store(out, Path(cache_path))
     assert not list(out.rglob("*.partial"))
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_thread_count_changes_no_number(prepared, cache_path, tmp_path, threads):
+    out = tmp_path / f"threads{threads}.zarr"
+    subprocess.run(_embed_command(prepared, out, "--workers", "1"), cwd=REPO,
+                   env=_env(OMP_NUM_THREADS=threads), check=True, capture_output=True)
+    assert_same_store(out, Path(cache_path))
+
+
+@pytest.mark.parametrize("batch_size", [4, 8])
+def test_the_batch_size_changes_no_number(prepared, tmp_path, batch_size):
+    reference = embed_prepared(prepared, tmp_path / "b1.zarr", spec=SPEC, batch_size=1,
+                               chunk_size=4, workers=1)
+    out = embed_prepared(prepared, tmp_path / f"b{batch_size}.zarr", spec=SPEC,
+                         batch_size=batch_size, chunk_size=4, workers=1)
+    assert_same_store(Path(out), Path(reference))
 
 
 def test_resume_with_another_profile_is_refused(prepared, tmp_path):
     out = tmp_path / "c.zarr"
-    embed_prepared(prepared, out, spec=SPEC, batch_size=2, chunk_size=2, splits=["valid"])
+    embed_prepared(prepared, out, spec=SPEC, batch_size=2, chunk_size=2, splits=["valid"],
+                   workers=1)
     with pytest.raises(BadInputError, match="cannot resume.*profile"):
-        embed_prepared(prepared, out, spec=EncoderSpec(pretrained=None, profile="openclip"),
-                       batch_size=2, chunk_size=2, splits=["valid"])
+        embed_prepared(prepared, out, spec=ClipSpec(pretrained=None, profile="openclip"),
+                       batch_size=2, chunk_size=2, splits=["valid"], workers=1)
 
 
 def test_dask_workers_write_the_same_cache(prepared, cache_path, cluster, tmp_path):
     out = embed_prepared(prepared, tmp_path / "dask.zarr", spec=SPEC, batch_size=2,
                          chunk_size=2, dask_address=cluster.scheduler_address)
-    for split in ("train", "valid"):
-        keys, emb = open_cache(out).load_split(split)
-        want_keys, want = open_cache(cache_path).load_split(split)
-        assert keys == want_keys
-        np.testing.assert_array_equal(emb, want)
+    assert_same_store(Path(out), Path(cache_path))
+
+
+def test_two_local_encoder_processes_write_the_same_cache(prepared, cache_path, tmp_path):
+    out = embed_prepared(prepared, tmp_path / "two.zarr", spec=SPEC, batch_size=2,
+                         chunk_size=2, workers=2)
+    assert_same_store(Path(out), Path(cache_path))
 
 
 def test_shard_with_fewer_samples_than_the_manifest_is_refused(tmp_path):
@@ -227,7 +261,7 @@ def test_shard_with_fewer_samples_than_the_manifest_is_refused(tmp_path):
     manifest["splits"]["train"]["samples"] = 3
     write_manifest(Folder(prepared), {k: v for k, v in manifest.items() if k != "version_id"})
     with pytest.raises(BadInputError, match="train-000000.tar: has 2 samples, the manifest says 3"):
-        embed_prepared(prepared, spec=SPEC, batch_size=2, chunk_size=2)
+        embed_prepared(prepared, spec=SPEC, batch_size=2, chunk_size=2, workers=1)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -246,7 +280,8 @@ def test_damaged_shards_are_reported_in_one_line(tmp_path, damage, message):
     else:
         write_shard(folder, "train-000000.tar", damage)
     with pytest.raises(BadInputError, match=message) as err:
-        embed_prepared(prepared, tmp_path / "c.zarr", spec=SPEC, batch_size=2, chunk_size=2)
+        embed_prepared(prepared, tmp_path / "c.zarr", spec=SPEC, batch_size=2, chunk_size=2,
+                       workers=1)
     assert "\n" not in str(err.value)
     with pytest.raises(BadInputError, match="incomplete"):
         open_cache(tmp_path / "c.zarr")
@@ -256,9 +291,21 @@ def test_unavailable_weights_fail_with_one_line_saying_what_to_do(monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("Failed to download weights for tag 'openai': no network\nmore")
 
-    monkeypatch.setattr("salmm.clip_encoder.build_clip_encoder", offline)
+    monkeypatch.setattr("pipeline.clip._cached_weights", lambda cfg: False)
+    monkeypatch.setattr("pipeline.clip._reachable", lambda host, port: None)
+    monkeypatch.setattr("open_clip.create_model_and_transforms", offline)
     with pytest.raises(BadInputError) as err:
-        build_encoder(EncoderSpec(pretrained="openai"))
+        build_clip_encoder(pretrained="openai")
     message = str(err.value)
-    assert "\n" not in message
+    assert "\n" not in message and "no network" in message
     assert "--clip-pretrained none" in message and "local" in message
+
+
+def test_an_unreachable_weights_host_is_known_at_once_without_retries(monkeypatch):
+    monkeypatch.setattr("pipeline.clip._cached_weights", lambda cfg: False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")     # nothing listens there
+    monkeypatch.setattr("open_clip.create_model_and_transforms",
+                        lambda *a, **k: pytest.fail("no download may be attempted"))
+    with pytest.raises(BadInputError, match=r"127\.0\.0\.1:9 cannot be reached") as err:
+        build_clip_encoder(pretrained="openai")
+    assert "\n" not in str(err.value) and "--clip-pretrained none" in str(err.value)

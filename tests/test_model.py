@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from salmm.clip_encoder import build_clip_encoder
+from pipeline.clip import build_clip_encoder
 from salmm.model import CLIP_PREFIX, CrossModelAtt, SalMM
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 

@@ -30,6 +30,17 @@ def gif_frames(path: Path) -> int:
     return iio.imread(path, index=None).shape[0]
 
 
+def mp4_frames(path: Path) -> tuple[int, float, tuple[int, int]]:
+    """(frame count, frames per second, (height, width)) of an MP4 as OpenCV reads it."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        return (int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), capture.get(cv2.CAP_PROP_FPS),
+                (int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                 int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))))
+    finally:
+        capture.release()
+
+
 # ---- overlay -----------------------------------------------------------------------------------
 
 
@@ -77,7 +88,7 @@ def test_mp4_frames_are_padded_to_macro_blocks(tmp_path: Path):
     padded = overlay._pad_to_blocks(image)
     assert padded.shape == (64, 96, 3)
     assert np.array_equal(padded[:49, :81], image) and np.all(padded[49:] == 255)
-    pytest.importorskip("imageio_ffmpeg")            # MP4 itself needs the optional backend
+    assert overlay.mp4_available()                   # imageio-ffmpeg is a dependency
     assert overlay.write_animation(tmp_path / "a.mp4", [image, 255 - image], fps=2) == 2
     capture = cv2.VideoCapture(str(tmp_path / "a.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
@@ -86,15 +97,29 @@ def test_mp4_frames_are_padded_to_macro_blocks(tmp_path: Path):
 # ---- predict -----------------------------------------------------------------------------------
 
 
+def test_panels_carry_their_captions():
+    panel = np.full((64, 64, 3), 90, np.uint8)
+    picture = overlay.side_by_side([panel, panel, panel], titles=("frame", "prediction",
+                                                                   "ground truth"))
+    strip = picture.shape[0] - 64
+    assert strip > 0 and picture.shape == (64 + strip, 3 * 64 + 2 * 4, 3)
+    assert np.array_equal(picture[strip:, :64], panel)           # the panel itself, untouched
+    for left in (0, 68, 136):                                    # some dark text in each strip
+        assert (picture[:strip, left:left + 64] < 128).any()
+    with pytest.raises(ValueError, match="2 titles for 3 panels"):
+        overlay.side_by_side([panel] * 3, titles=("a", "b"))
+
+
 def test_prepared_split_side_by_side_with_ground_truth(data: InferenceData, tmp_path: Path):
     out = tmp_path / "out"
     written = predict(PredictOptions(checkpoint=str(data.trainer), input=str(data.prepared),
                                      out=str(out), cached_clip=True, limit=3))
     keys = [s["key"] for s in data.test_samples()][:3]
-    assert [p.name for p in written] == [f"{k}.png" for k in keys] + ["animation.gif"]
+    assert [p.name for p in written] == [f"{k}.png" for k in keys] + ["animation.mp4"]
     for key in keys:
-        assert png_shape(out / f"{key}.png") == (64, 3 * 64 + 2 * 4, 3)
-    assert gif_frames(out / "animation.gif") == 3
+        height, width, _ = png_shape(out / f"{key}.png")
+        assert height > 64 and width == 3 * 64 + 2 * 4               # captions above the panels
+    assert mp4_frames(out / "animation.mp4")[0] == 3
 
 
 def test_raw_frames_overlaid_at_their_resolution(data: InferenceData, tmp_path: Path):
@@ -104,7 +129,7 @@ def test_raw_frames_overlaid_at_their_resolution(data: InferenceData, tmp_path: 
         shutil.copy(data.raw / "trafficframe" / "03" / f"{number:06d}.jpg", frames)
     out = tmp_path / "out"
     written = predict(PredictOptions(checkpoint=str(data.trainer), input=str(frames),
-                                     out=str(out), fps=5))
+                                     out=str(out), fps=5, animation="gif"))
     assert [p.name for p in written] == ["000006.png", "000007.png", "000008.png",
                                          "animation.gif"]
     source = cv2.imread(str(frames / "000006.jpg")).shape
@@ -125,10 +150,10 @@ def test_video_and_single_frame(data: InferenceData, tmp_path: Path):
     written = predict(PredictOptions(checkpoint=str(data.trainer), input=str(video),
                                      out=str(tmp_path / "video"), limit=3))
     assert [p.name for p in written] == ["frame_000001.png", "frame_000002.png",
-                                         "frame_000003.png", "animation.gif"]
+                                         "frame_000003.png", "animation.mp4"]
     assert png_shape(written[0]) == (64, 96, 3)
-    assert gif_frames(written[-1]) == 3
-    assert iio.immeta(written[-1])["duration"] == 200          # the video's 5 fps
+    count, fps, size = mp4_frames(written[-1])
+    assert count == 3 and fps == pytest.approx(5) and size == (64, 96)   # the video's 5 fps
     single = predict(PredictOptions(checkpoint=str(data.trainer), input=str(written[0]),
                                     out=str(tmp_path / "single")))
     assert [p.name for p in single] == ["frame_000001.png"]      # one frame: no animation
@@ -143,7 +168,7 @@ def test_official_checkpoint_from_the_command_line(data: InferenceData, tmp_path
                      "--limit", "2", "--colormap", "inferno"])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{s['key']}.png" for s in data.test_samples()[:2]] + ["animation.gif"])
+        [f"{s['key']}.png" for s in data.test_samples()[:2]] + ["animation.mp4"])
     assert "RANDOM weights" in caplog.text
 
 

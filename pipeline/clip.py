@@ -1,0 +1,370 @@
+"""The frozen CLIP image encoder of SalM²: the one home of everything CLIP.
+
+* :class:`ClipSpec` - which encoder (open_clip model name, weights, preprocessing profile), and
+  :meth:`ClipSpec.identity`, how caches and checkpoints record it; :func:`parse_weights` is the
+  one parser of the weights option (``none`` = random weights).
+* :func:`build_clip_encoder` - the one builder (a frozen :class:`ClipEncoder`); it finds out in
+  a few seconds when weights it would have to download cannot be reached, and then raises one
+  :class:`~pipeline.errors.BadInputError` line saying what to do, instead of letting the hub
+  client retry for a minute. :func:`cached_encoder` builds each spec once per process.
+* :func:`embed_pairs` - the cache's numbers: each frame and its mirror image, computed in fixed
+  micro-batches with a fixed intra-op thread count, so a sample's embedding does not depend on
+  the batch it falls in, the thread count, the number of worker processes or a resume.
+
+Profiles (input: float RGB frames [B, 3, H, W] in [0, 1]):
+
+* ``"salmm"`` - the published SalM² preprocessing: ``torchvision`` resize to 224 x 224
+  (bilinear, antialias on), **no** CLIP mean/std normalisation (the authors fed the [0, 1]
+  frame straight into ``encode_image``).
+* ``"openclip"`` - the model's own normalisation: resize to its image size with its
+  interpolation (antialias on; the frame is squashed to a square, not centre-cropped), then
+  its mean/std.
+
+The published backbone is ViT-B/32 (the authors' README corrects the paper's "RN50x16"),
+open_clip name ``"ViT-B-32"`` with ``pretrained="openai"``. Output: [B, 512] float32, the raw
+(un-normalised) image embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from pipeline.cpu import intra_op_threads
+from pipeline.errors import BadInputError
+from pipeline.fsio import file_fingerprint
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PROFILE", "DEFAULT_WEIGHTS", "PRECISIONS", "PROFILES",
+           "PUBLISHED",
+           "ClipEncoder", "ClipSpec", "build_clip_encoder", "cached_encoder", "embed_pairs",
+           "parse_weights", "random_weights", "weights_identity"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_WEIGHTS = "openai"
+DEFAULT_PROFILE = "salmm"
+PROFILES = ("salmm", "openclip")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Autocast dtype of the encoder on CUDA (CPU always computes in float32)."""
+SALMM_SIZE = (224, 224)
+MICRO_BATCH = {"cpu": 8, "cuda": 64}
+"""Samples (each with its mirror image: twice as many images) per encoder call of
+:func:`embed_pairs`, per device type; the last call of a run of samples is padded."""
+CACHE_THREADS = 1
+"""Intra-op threads of the encoder in :func:`embed_pairs` on CPU (parallelism comes from worker
+processes): one thread makes torch's matrix products independent of the machine's core count."""
+PROBE_TIMEOUT_S = 3.0
+"""How long the one reachability check of a weights host may take."""
+RANDOM_NOTE = "random CLIP weights: a smoke run"
+"""What every output made with random CLIP weights says about itself."""
+
+
+def parse_weights(text: str | None) -> str | None:
+    """The weights option as given on a command line, in a config file or a flow parameter:
+    ``none`` (any case) or empty means random weights (None); anything else is kept (an
+    open_clip tag, a local file, ``hf-hub:org/repo``)."""
+    if text is None or not str(text).strip() or str(text).strip().lower() == "none":
+        return None
+    return str(text)
+
+
+def random_weights(pretrained: str | None) -> bool:
+    """Whether ``pretrained`` (as parsed) or a recorded weights identity means random weights."""
+    return pretrained is None or str(pretrained).startswith("random")
+
+
+def weights_identity(pretrained: str | None, seed: int = 0) -> str:
+    """How an encoder built with ``pretrained`` records its weights: the open_clip tag or
+    ``hf-hub:`` name as given, ``"sha256:<hex>"`` of a local file, ``"random-seed<seed>"``."""
+    if pretrained is None:
+        return f"random-seed{seed}"
+    if Path(pretrained).is_file():
+        return "sha256:" + file_fingerprint(pretrained)[1]
+    return pretrained
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which CLIP encoder: open_clip model name, weights (tag, local file, ``hf-hub:`` name, or
+    None for random weights) and preprocessing profile. Hashable."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_WEIGHTS
+    profile: str = DEFAULT_PROFILE
+
+    def identity(self) -> dict[str, str]:
+        """{"model", "weights", "profile"} as caches and checkpoints record them."""
+        return {"model": self.model, "weights": weights_identity(self.pretrained),
+                "profile": self.profile}
+
+    @property
+    def random(self) -> bool:
+        return self.pretrained is None
+
+
+PUBLISHED = ClipSpec()
+"""The published encoder: ViT-B-32 with the OpenAI weights and the salmm profile (what the
+authors' released checkpoints were trained with)."""
+
+
+class ClipEncoder(nn.Module):
+    """Frozen, always-eval CLIP image tower plus one preprocessing profile.
+
+    visual: open_clip's image tower; size: (h, w) it is fed; interpolation: resize mode;
+    mean, std: per-channel normalisation or None; identity: what produced the embeddings.
+    """
+
+    def __init__(self, visual, size, interpolation, mean, std, identity: dict):
+        super().__init__()
+        self.visual = visual
+        self.size = tuple(size)
+        self.interpolation = interpolation
+        self.identity = dict(identity)
+        if mean is None:
+            self.mean = self.std = None
+        else:
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> ClipEncoder:
+        """Stays in eval mode whatever the parent does (frozen encoder)."""
+        return super().train(False)
+
+    def preprocess(self, frames: Tensor) -> Tensor:
+        """frames [B, 3, H, W] float in [0, 1] -> the encoder's input [B, 3, h, w]."""
+        if frames.ndim != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
+            raise ValueError(
+                f"CLIP encoder expects float frames [B, 3, H, W], got {tuple(frames.shape)} "
+                f"{frames.dtype}"
+            )
+        if frames.numel() and (frames.min() < 0 or frames.max() > 1):
+            raise ValueError("CLIP encoder expects frames scaled to [0, 1]")
+        x = TF.resize(frames.float(), list(self.size), self.interpolation, antialias=True)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+    @torch.no_grad()
+    def encode(self, frames: Tensor) -> Tensor:
+        """frames [B, 3, H, W] in [0, 1] -> image embedding [B, 512] float32."""
+        return self.visual(self.preprocess(frames)).float()
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+
+def _hub_filenames() -> tuple[str, ...]:
+    pretrained = open_clip.pretrained
+    return (getattr(pretrained, "HF_SAFE_WEIGHTS_NAME", "open_clip_model.safetensors"),
+            getattr(pretrained, "HF_WEIGHTS_NAME", "open_clip_pytorch_model.bin"))
+
+
+def _cached_weights(cfg: dict) -> bool:
+    """Whether open_clip would find the weights of ``cfg`` (its pretrained config) on disk."""
+    hub = cfg.get("hf_hub", "")
+    if hub and open_clip.pretrained.has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = (filename,) if filename else _hub_filenames()
+        return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+    url = cfg.get("url", "")
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
+
+
+def _weights_host(cfg: dict) -> tuple[str, int]:
+    """(host, port) open_clip would download ``cfg``'s weights from: the Hugging Face endpoint
+    for hub weights, else the URL's host; a configured HTTPS proxy instead of either."""
+    proxy = urllib.request.getproxies().get("https")
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    else:
+        url = cfg.get("url", "")
+    parsed = urllib.parse.urlsplit(proxy or url)
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _reachable(host: str, port: int) -> str | None:
+    """None when a TCP connection to ``host:port`` opens within :data:`PROBE_TIMEOUT_S`,
+    else why not (one attempt, no retries)."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return f"{host}:{port} cannot be reached: {err.strerror or err}"
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make the Hugging Face client use its local cache only (no HEAD requests, no retries)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _weights_unavailable(spec: ClipSpec, reason: str) -> BadInputError:
+    return BadInputError(spec.pretrained, f"could not get the {spec.model} weights ({reason});"
+                         " without a network pass --clip-pretrained /path/to/weights.pt (a local"
+                         " open_clip/OpenAI checkpoint) or --clip-pretrained none (random"
+                         " weights)")
+
+
+def _create(spec: ClipSpec, seed: int) -> nn.Module:
+    """open_clip's model for ``spec``; weights that would be downloaded are looked for on disk
+    first and their host probed once when they are not there."""
+    hub = spec.pretrained is not None and spec.pretrained.startswith("hf-hub:")
+    name, tag = (spec.pretrained, None) if hub else (spec.model, spec.pretrained)
+    if spec.pretrained is None:
+        log.warning("CLIP %s: no pretrained weights, random initialisation (seed %d)", name,
+                    seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None)
+        return model
+    offline = contextlib.nullcontext()
+    if not Path(spec.pretrained).exists():
+        cfg = ({"hf_hub": spec.pretrained.removeprefix("hf-hub:") + "/"} if hub
+               else open_clip.get_pretrained_cfg(spec.model, tag))
+        if cfg and "file" not in cfg:
+            if _cached_weights(cfg):
+                offline = _hub_offline()
+            elif (why := _reachable(*_weights_host(cfg))) is not None:
+                raise _weights_unavailable(spec, why)
+    log.info("CLIP %s: loading weights %s", name, spec.pretrained)
+    try:
+        with offline:
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag)
+    except (OSError, RuntimeError) as err:
+        if Path(spec.pretrained).exists():
+            raise BadInputError(spec.pretrained, f"not a {spec.model} weight file"
+                                f" ({_first_line(err)})") from None
+        raise _weights_unavailable(spec, _first_line(err)) from None
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def build_clip_encoder(
+    model_name: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_WEIGHTS,
+    profile: str = DEFAULT_PROFILE,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> ClipEncoder:
+    """The frozen encoder of ``ClipSpec(model_name, pretrained, profile)`` on ``device``.
+
+    pretrained: an open_clip tag (``"openai"``), a local weight file, ``"hf-hub:org/repo"``
+    (replaces model_name), or None for random weights drawn from ``seed`` (tests and smoke
+    runs; logged as a warning). ``identity`` of the result: {"model", "weights" (see
+    :func:`weights_identity`), "profile", "open_clip" (version), "embed_dim"}.
+
+    Raises:
+        ValueError: unknown profile, or a model the salmm profile cannot feed.
+        BadInputError: the weights cannot be had (one line saying what to do), found out in
+            at most a few seconds when they would have to be downloaded.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    spec = ClipSpec(model_name, pretrained, profile)
+    model = _create(spec, seed)
+    name = pretrained if pretrained is not None and pretrained.startswith("hf-hub:") \
+        else model_name
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    model_size = (
+        tuple(cfg["size"]) if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
+    )
+    if profile == "salmm":
+        if model_size != SALMM_SIZE:
+            raise ValueError(f"profile 'salmm' feeds 224x224 frames; {name} expects {model_size}")
+        size, interpolation, mean, std = SALMM_SIZE, InterpolationMode.BILINEAR, None, None
+    else:
+        size, mean, std = model_size, cfg["mean"], cfg["std"]
+        interpolation = InterpolationMode(cfg.get("interpolation", "bicubic"))
+    identity = {
+        "model": name,
+        "weights": weights_identity(pretrained, seed),
+        "profile": profile,
+        "open_clip": open_clip.__version__,
+        "embed_dim": int(model.visual.output_dim),
+    }
+    encoder = ClipEncoder(model.visual, size, interpolation, mean, std, identity).to(device)
+    log.info("CLIP encoder %s, weights %s, profile %s, device %s", name, identity["weights"],
+             profile, device)
+    if random_weights(identity["weights"]):
+        log.warning("using RANDOM CLIP weights (%s): %s, the embeddings mean nothing",
+                    identity["weights"], RANDOM_NOTE)
+    return encoder
+
+
+@functools.lru_cache(maxsize=2)
+def cached_encoder(spec: ClipSpec, device: str = "cpu") -> ClipEncoder:
+    """:func:`build_clip_encoder` of ``spec`` on ``device``, once per process (Dask workers
+    and repeated evaluations reuse it)."""
+    return build_clip_encoder(spec.model, spec.pretrained, spec.profile, device)
+
+
+# ---- the cache's numbers ------------------------------------------------------------------------
+
+
+def embed_pairs(encoder: ClipEncoder, frames: Tensor, precision: str = "fp32") -> np.ndarray:
+    """uint8 frames [b, H, W, 3] -> float32 [b, 2, D]: the embedding of each frame (as float in
+    [0, 1], exactly what the trainer feeds the model) and of its horizontal flip.
+
+    The encoder runs on the device it lives on, in micro-batches of exactly
+    ``MICRO_BATCH[device type]`` frames and their flips (the last one padded with black
+    frames), under ``torch.inference_mode`` and, on CUDA, autocast ``precision``; on CPU with
+    :data:`CACHE_THREADS` intra-op thread. Every call then has the same shapes and the same
+    thread count, so a frame's numbers depend only on the frame, the weights and the software
+    (callers keep micro-batches aligned, e.g. to cache chunks).
+    """
+    device = next(encoder.parameters()).device
+    micro = MICRO_BATCH.get(device.type, MICRO_BATCH["cuda"])
+    autocast = PRECISIONS[precision] if device.type == "cuda" else None
+    b = frames.shape[0]
+    out = np.empty((b, 2, encoder.identity["embed_dim"]), dtype=np.float32)
+    threads = intra_op_threads(CACHE_THREADS) if device.type == "cpu" else \
+        contextlib.nullcontext()
+    with threads, torch.inference_mode(), torch.autocast(
+            device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        for start in range(0, b, micro):
+            part = frames[start:start + micro].to(device, non_blocking=True)
+            n = part.shape[0]
+            if n < micro:
+                part = torch.cat([part, part.new_zeros(micro - n, *part.shape[1:])])
+            x = part.permute(0, 3, 1, 2).float().div_(255)
+            x = torch.cat([x, x.flip(-1)])                           # [2m, 3, H, W]
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            emb = encoder.encode(x).float().cpu().numpy()            # [2m, D]
+            out[start:start + n, 0] = emb[:n]
+            out[start:start + n, 1] = emb[micro:micro + n]
+    return out
