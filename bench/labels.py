@@ -1,6 +1,6 @@
 """Fixation-label speed and agreement: the published recipe against the fast path, side by side.
 
-    python bench/labels.py [--root RAW --dataset trafficgaze] [--frames 40] [--size 256 256]
+    python -m bench.labels [--root RAW --dataset trafficgaze] [--frames 40] [--size 256 256]
                            [--repeat 50]
 
 For a sample of frames (by default from a SYNTHETIC TrafficGaze dataset made in a temporary

@@ -1,6 +1,6 @@
 """Speed of the vectorised metrics against their plain loop references, side by side.
 
-Run: ``python bench/metrics.py [--repeats 9] [--fixations 50]``
+Run: ``python -m bench.metrics [--repeats 9] [--fixations 50]``
 
 Workloads are the evaluation's: a 720x1280 fixation map with ``--fixations`` fixated pixels,
 and a saliency map at that size (the model's 256x256 output enlarged, as AUC-Judd and
@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from salmm import metrics as M
 from salmm.imresize import imresize, imresize_reference

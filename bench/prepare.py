@@ -1,6 +1,6 @@
 """Per-core speed of normalize's per-frame work against the published loader's per-sample work.
 
-Run: ``python bench/prepare.py [--frames 40] [--repeats 3] [--fixdata-cells 4680] [--cluster]``
+Run: ``python -m bench.prepare [--frames 40] [--repeats 3] [--fixdata-cells 4680] [--cluster]``
 
 Both sides run in this one process, single-threaded (``cv2.setNumThreads(1)``), on the same
 synthetic 1280x720 frames written by ``pipeline.synth``, and the figure is frames per second on
@@ -40,7 +40,6 @@ import importlib
 import io
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,8 +48,6 @@ import cv2
 import imageio.v2 as imageio
 import numpy as np
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import labels, synth
 from pipeline.dask_cluster import dask_client

@@ -1,6 +1,6 @@
 """Speed of the selective scan implementations against the sequential reference loop, side by side.
 
-Run: ``python bench/scan.py [--repeats 7] [--threads N]``
+Run: ``python -m bench.scan [--repeats 7] [--threads N]``
 
 Shapes are the model's largest Mamba call (SalMM at 256x256: encoder4 runs on the 32x32 map,
 sequence 1024, d_inner 12, d_state 16) at batch 8. Each timing is forward + backward of the
@@ -19,13 +19,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import sys
-from pathlib import Path
 from unittest import mock
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import salmm.mamba
 from bench.timing import time_side_by_side

@@ -1,6 +1,6 @@
 """Training speed with cached CLIP embeddings against inline CLIP, and what bounds training.
 
-Run: ``python bench/train_step.py [--batch-size 8] [--size 256] [--repeats 5] [--workers 2]
+Run: ``python -m bench.train_step [--batch-size 8] [--size 256] [--repeats 5] [--workers 2]
 [--threads N] [--work DIR]``
 
 1. Makes a small synthetic prepared dataset with the real commands (``python -m pipeline
@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from bench.timing import time_side_by_side
 from pipeline.manifest import read_manifest

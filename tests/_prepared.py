@@ -132,5 +132,5 @@ def prepare_with_commands(work: Path, *, frames: int = 12, size: str = "64x64",
                         "--workers", "1"))
     _checked(run_module("pipeline", "-q", "embed", "--prepared", str(prepared),
                         "--clip-pretrained", "none", "--split", "train", "--split", "valid",
-                        "--batch-size", "16"))
+                        "--batch-size", "16", "--workers", "1"))
     return prepared

@@ -9,6 +9,11 @@
   for tests that damage files.
 * ``tiny_raw`` (function-scoped factory): a minimal hand-written dataset with chosen
   fixdata cells and tiny JPEGs, for tests that need exact control (bad-input cases).
+
+The model's thread governor (:mod:`pipeline.cpu`) is off in the test process: it follows the
+machine's load, and results must not (torch rounds differently with the thread count). Its
+decisions are tested on a simulated machine in ``test_cpu.py``; child processes get
+``OMP_NUM_THREADS=1`` where they compute with torch.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import cpu
 from pipeline.matfile import write_fixdata
 from pipeline.splits import write_split
 from pipeline.synth import write_dataset
@@ -79,6 +85,14 @@ def write_tiny_dataset(
                  for video in splits.get(split, []) for number in range(1, frames[video] + 1)]
         write_split(root / f"{split}.json", names)
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fixed_threads():
+    """Torch's thread count stays where it is for the whole session (no governor)."""
+    import torch
+
+    cpu.set_threads(torch.get_num_threads())
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -229,44 +228,40 @@ def test_output_to_an_fsspec_url(tg_root, tmp_path, cluster):
     fs.rm("/normalize-test", recursive=True)
 
 
-def _big_frames(root: Path) -> None:
-    """Replace every camera frame by a 1280x720 JPEG so the run lasts long enough to kill."""
-    rng = np.random.default_rng(5)
-    base = rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
-    for i, path in enumerate(sorted(root.glob("trafficframe/*/*.jpg"))):
-        image = Image.fromarray(np.roll(base, i, axis=1)).resize((1280, 720), Image.BICUBIC)
-        image.save(path, quality=90)
-
-
 def _normalize_cmd(root: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "normalize", "--dataset", "trafficgaze",
             "--root", str(root), "--out", str(out), "--shard-size", "2", "--workers", "1"]
 
 
+KILL_AFTER_FIRST_SHARD = """
+import os, signal, sys
+from pipeline import normalize
+from pipeline.cli import main
+write = normalize._Run._write
+def write_then_die(self, *args, **kwargs):
+    record = write(self, *args, **kwargs)        # the shard and its journal record
+    os.killpg(os.getpgid(0), signal.SIGKILL)     # this run and its Dask worker processes
+normalize._Run._write = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_to_identical_bytes(tmp_path, cluster):
     root = make_trafficgaze(tmp_path / "tg", frames=16)
-    _big_frames(root)
     normalize("trafficgaze", root, str(tmp_path / "whole"), shard_size=2, dask_address=cluster,
               progress=False)  # uninterrupted, on another cluster
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_normalize_cmd(root, out), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "train-000000.tar").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and its Dask worker processes
-        proc.wait()
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_SHARD,
+                             *_normalize_cmd(root, out)[3:]], env=env, start_new_session=True,
+                            capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / MANIFEST).exists()
-    made = len(list(out.glob("*.tar")))
-    assert 1 <= made < 16
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"]
     resumed = subprocess.run(_normalize_cmd(root, out), env=env, capture_output=True,
                              text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr
+    assert "resuming: 1 finished shards" in resumed.stderr
     assert outputs(out) == outputs(tmp_path / "whole")
     assert verify(str(out)) == []
 

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -122,19 +121,28 @@ def test_evaluation_of_the_best_checkpoint_repeats_its_validation_scores(prepare
         assert means[name] == pytest.approx(row[name], rel=1e-5), name   # float32 batching
 
 
+KILL_AFTER_FIRST_EPOCH = """
+import os, signal, sys
+from salmm import train
+save = train.save_checkpoint
+def save_then_die(path, checkpoint):
+    save(path, checkpoint)
+    if str(path).endswith("last.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = save_then_die
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_to_the_same_weights(prepared, reference_run, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "salmm.train", *args(prepared, out, "--workers", "1")]
-    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH, *command[3:]],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                            check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     killed_at = load_checkpoint(out / "last.pt")["epoch"]
-    assert 1 <= killed_at < EPOCHS, "the kill came too late to test a resume"
+    assert killed_at == 1, "killed right after the first epoch's last.pt"
 
     resumed = subprocess.run([*command, "--resume", str(out / "last.pt")], cwd=REPO,
                              env=subprocess_env(), capture_output=True, text=True, check=False)
