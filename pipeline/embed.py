@@ -30,7 +30,6 @@ import hashlib
 import logging
 import math
 import queue
-import tarfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -62,8 +60,8 @@ from pipeline.cpu import usable_cores
 from pipeline.dask_cluster import dask_client
 from pipeline.errors import BadInputError
 from pipeline.images import decode_rgb_bytes
-from pipeline.manifest import canonical_json, read_manifest, shard_urls, version_id
-from pipeline.shards import iter_tar
+from pipeline.manifest import canonical_json, prepared_size, read_manifest, version_id
+from pipeline.shards import Shard, read_shard, split_shards
 
 log = logging.getLogger(__name__)
 
@@ -98,38 +96,20 @@ class ChunkJob:
     stop: int
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One shard of a split: its URL, global index of its first sample, and sample count."""
+class _Verified:
+    """How far the reader has checked the split: every shard ending at or before ``end``
+    (a sample index) was read whole and matched its manifest sha256."""
 
-    url: str
-    first: int
-    samples: int
-
-
-def _iter_shard(url: str) -> Iterator[tuple[str, bytes]]:
-    """(key, jpg bytes) of each sample of one WebDataset shard, in tar order."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            for sample in iter_tar(f):
-                yield sample["__key__"], _need_jpg(url, sample["__key__"], sample.get("jpg"))
-    except (tarfile.TarError, EOFError) as err:
-        raise BadInputError(url, f"unreadable shard: {err}") from None
-    except FileNotFoundError:
-        raise BadInputError(url, "shard listed in the manifest is missing") from None
+    def __init__(self) -> None:
+        self.end = 0
 
 
-def _need_jpg(url: str, key: str, jpg: bytes | None) -> bytes:
-    if jpg is None:
-        raise BadInputError(url, f"sample {key} has no jpg")
-    return jpg
-
-
-def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob]
-                  ) -> Iterator[tuple[int, str, str, bytes]]:
-    """(global index, shard URL, key, jpg bytes) for every sample inside ``jobs`` (one split,
-    ascending, disjoint), reading only the shards that hold them; each shard read to its end is
-    checked against its manifest sample count."""
+def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob],
+                  verified: _Verified | None = None) -> Iterator[tuple[int, str, str, bytes]]:
+    """(index in the split, shard URL, key, jpg bytes) for every sample inside ``jobs`` (one
+    split, ascending, disjoint), reading only the shards that hold them - each one whole, its
+    sha256 and sample count checked against the manifest (:func:`pipeline.shards.read_shard`);
+    ``verified.end`` advances as each shard passes."""
     starts = [j.start for j in jobs]
     stops = [j.stop for j in jobs]
 
@@ -137,24 +117,18 @@ def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob]
         i = bisect.bisect_right(starts, index) - 1
         return i >= 0 and index < stops[i]
 
-    last = stops[-1] if jobs else 0
     for shard in shards:
-        end = shard.first + shard.samples
-        i = bisect.bisect_right(starts, end - 1) - 1      # last job starting inside the shard
-        if i < 0 or stops[i] <= shard.first:                # no job overlaps the shard
+        i = bisect.bisect_right(starts, shard.end - 1) - 1   # last job starting inside the shard
+        if i < 0 or stops[i] <= shard.first:                   # no job overlaps the shard
             continue
-        index = shard.first
-        for key, jpg in _iter_shard(shard.url):
-            if index >= end:
-                break
+        for index, sample in enumerate(read_shard(shard), start=shard.first):
             if wanted(index):
-                yield index, shard.url, key, jpg
-            index += 1
-            if index >= last:
-                return
-        if index != end:
-            raise BadInputError(shard.url, f"has {index - shard.first} samples, the manifest"
-                                f" says {shard.samples}")
+                jpg = sample.get("jpg")
+                if jpg is None:
+                    raise BadInputError(shard.url, f"sample {sample['__key__']} has no jpg")
+                yield index, shard.url, sample["__key__"], jpg
+        if verified is not None:
+            verified.end = shard.end
 
 
 @dataclass
@@ -166,8 +140,10 @@ class _Batch:
 
 
 def _decoded_batches(shards: Sequence[Shard], jobs: Sequence[ChunkJob], batch_size: int,
-                     pin: bool = False) -> Iterator[_Batch]:
-    """Decoded batches of at most ``batch_size`` samples, each within one job, in job order."""
+                     pin: bool = False, size: tuple[int, int] | None = None,
+                     verified: _Verified | None = None) -> Iterator[_Batch]:
+    """Decoded batches of at most ``batch_size`` samples, each within one job, in job order;
+    ``size`` (height, width): every frame must be that (checked from its header)."""
     jobs = sorted(jobs, key=lambda j: j.start)
     job_iter = iter(jobs)
     job = next(job_iter, None)
@@ -178,10 +154,10 @@ def _decoded_batches(shards: Sequence[Shard], jobs: Sequence[ChunkJob], batch_si
         tensor = torch.from_numpy(np.stack(frames))
         return _Batch(job, list(keys), tensor.pin_memory() if pin else tensor, last)
 
-    for index, url, key, jpg in _read_samples(shards, jobs):
+    for index, url, key, jpg in _read_samples(shards, jobs, verified):
         while job is not None and index >= job.stop:
             job = next(job_iter, None)
-        frame = decode_rgb_bytes(jpg, f"{url}#{key}")
+        frame = decode_rgb_bytes(jpg, f"{url}#{key}", expect=size)
         if frames and frame.shape != frames[0].shape:
             raise BadInputError(url, f"sample {key}: jpg is {frame.shape}, other frames are"
                                 f" {frames[0].shape}")
@@ -240,45 +216,45 @@ def aligned_batch_size(batch_size: int, compute: Compute) -> int:
 
 def embed_jobs(encoder: torch.nn.Module, compute: Compute, shards: Sequence[Shard],
                jobs: Sequence[ChunkJob], batch_size: int, prefetch: int = 4,
-               progress: tqdm | None = None) -> Iterator[tuple[ChunkJob, list[str], np.ndarray]]:
+               progress: tqdm | None = None, size: tuple[int, int] | None = None
+               ) -> Iterator[tuple[ChunkJob, list[str], np.ndarray]]:
     """(job, keys [n], embeddings float32 [n, 2, D]) for each job, in ascending order; decoding
     runs ``prefetch`` batches ahead in a background thread. ``batch_size`` is rounded up by
-    :func:`aligned_batch_size`."""
+    :func:`aligned_batch_size`. A job is handed out only once every shard it reads from was
+    read whole and matched its manifest sha256, so no chunk is ever made from a changed shard."""
     pin = compute.device_type == "cuda"
     batch_size = aligned_batch_size(batch_size, compute)
+    verified = _Verified()
     keys: list[str] = []
     parts: list[np.ndarray] = []
-    for batch in _prefetch(_decoded_batches(shards, jobs, batch_size, pin), prefetch):
+    done: list[tuple[ChunkJob, list[str], np.ndarray]] = []
+    batches = _decoded_batches(shards, jobs, batch_size, pin, size, verified)
+    for batch in _prefetch(batches, prefetch):
         keys += batch.keys
         parts.append(embed_pairs(encoder, batch.frames, compute.precision))
         if progress is not None:
             progress.update(2 * len(batch.keys))
         if batch.last:
-            yield batch.job, keys, np.concatenate(parts)
+            done.append((batch.job, keys, np.concatenate(parts)))
             keys, parts = [], []
+        while done and done[0][0].stop <= verified.end:
+            yield done.pop(0)
+    yield from done                       # the reader finished: every shard passed
 
 
 def embed_chunk_task(spec: ClipSpec, compute: Compute, shards: Sequence[Shard], job: ChunkJob,
-                     batch_size: int) -> tuple[list[str], np.ndarray]:
+                     batch_size: int, size: tuple[int, int] | None = None
+                     ) -> tuple[list[str], np.ndarray]:
     """Dask task: one chunk's (keys, embeddings [n, 2, D]) with this worker's cached encoder."""
     encoder = cached_encoder(spec, compute.device)
-    ((_, keys, emb),) = embed_jobs(encoder, compute, shards, [job], batch_size, prefetch=2)
+    ((_, keys, emb),) = embed_jobs(encoder, compute, shards, [job], batch_size, prefetch=2,
+                                   size=size)
     return keys, emb
 
 
 def encoder_identity_task(spec: ClipSpec, compute: Compute) -> dict[str, Any]:
     """Dask task: the identity of this worker's cached encoder (also warms the cache)."""
     return dict(cached_encoder(spec, compute.device).identity)
-
-
-def _split_shards(prepared: str, manifest: dict[str, Any], split: str) -> list[Shard]:
-    entries = manifest["splits"][split]["shards"]
-    urls = shard_urls(prepared, manifest, split)
-    shards, first = [], 0
-    for url, entry in zip(urls, entries, strict=True):
-        shards.append(Shard(url, first, int(entry["samples"])))
-        first += int(entry["samples"])
-    return shards
 
 
 def default_workers(compute: Compute) -> int:
@@ -312,7 +288,8 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                             f" (has {sorted(manifest['splits'])})")
     if workers is not None and dask_address:
         raise ValueError("give either a Dask scheduler address or a worker count, not both")
-    shards = {s: _split_shards(prepared, manifest, s) for s in splits}
+    shards = {s: split_shards(prepared, manifest, s) for s in splits}
+    size = prepared_size(manifest)
     samples = sum(sh.samples for s in splits for sh in shards[s])
     local = workers or default_workers(compute)
     local = max(1, min(local, math.ceil(samples / chunk_size)))
@@ -341,11 +318,11 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                 for split in splits:
                     for job, keys, emb in embed_jobs(encoder, compute, shards[split],
                                                      jobs[split], batch_size, prefetch,
-                                                     progress):
+                                                     progress, size):
                         writer.write_chunk(split, job.index, keys, emb)
             else:
                 _embed_on_dask(client, writer, spec, compute, shards, jobs, batch_size,
-                               progress)
+                               progress, size)
     writer.finish()
     elapsed = time.perf_counter() - started
     log.info("CLIP cache complete: %s (%s samples; %d images embedded now in %.1f s, %.1f images/s;"
@@ -373,7 +350,7 @@ def _header(compute: Compute, identity: dict[str, Any], dtype: str, manifest: di
 
 def _embed_on_dask(client: Any, writer: CacheWriter, spec: ClipSpec, compute: Compute,
                    shards: dict[str, list[Shard]], jobs: dict[str, list[ChunkJob]],
-                   batch_size: int, progress: tqdm) -> None:
+                   batch_size: int, progress: tqdm, size: tuple[int, int]) -> None:
     """Run one task per chunk on the cluster (at most 2 per worker in flight) and write each
     chunk as it arrives."""
     from distributed import as_completed
@@ -384,9 +361,8 @@ def _embed_on_dask(client: Any, writer: CacheWriter, spec: ClipSpec, compute: Co
     job_of: dict[str, ChunkJob] = {}
 
     def submit(job: ChunkJob) -> Any:
-        needed = [s for s in shards[job.split]
-                  if s.first < job.stop and job.start < s.first + s.samples]
-        future = client.submit(embed_chunk_task, spec, compute, needed, job, batch_size,
+        needed = [s for s in shards[job.split] if s.first < job.stop and job.start < s.end]
+        future = client.submit(embed_chunk_task, spec, compute, needed, job, batch_size, size,
                                pure=False)
         job_of[future.key] = job
         return future

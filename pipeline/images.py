@@ -1,45 +1,51 @@
-"""Decode camera frames and gaze maps exactly as the published loaders do.
+"""Decode camera frames and gaze maps exactly as the published loaders do - and refuse
+anything else.
 
 * Camera frames: the SalM² loaders read them with ``imageio.imread`` (Pillow underneath).
   :func:`decode_rgb` gives the same pixels: greyscale and YCbCr JPEG files go through
-  OpenCV's libjpeg-turbo decoder (the same library and integer IDCT as Pillow's, bit-exact
-  with it and about 3x faster here), everything else (PNG, CMYK JPEG, ...) through Pillow.
-* BDDA gaze maps: read with ``cv2.imread(path, 0)``; :func:`decode_gray` runs the same
-  OpenCV decoder on the file's bytes.
+  libjpeg-turbo (``simplejpeg``: the same library and integer IDCT as Pillow's, bit-exact with
+  it and a little faster), everything else (PNG, CMYK JPEG, ...) through Pillow.
+* BDDA gaze maps: read with ``cv2.imread(path, 0)``; :func:`decode_gray` runs libjpeg-turbo's
+  greyscale decode on a JPEG's bytes (bit-exact with OpenCV's), OpenCV's on anything else.
 
-Both refuse missing, corrupt or truncated files with a one-line
-:class:`~pipeline.errors.BadInputError`. OpenCV silently returns a grey-padded image for
-a truncated JPEG, so JPEG data is also required to end with the end-of-image marker.
+Every decoder refuses, with a one-line :class:`~pipeline.errors.BadInputError` naming the file,
+a missing, empty, truncated or corrupt file - **a decoder warning is an error**: libjpeg
+"recovers" from damaged entropy-coded data by inventing pixels, and the published loader's
+Pillow refuses such files ("broken data stream"), so JPEG data is decoded strictly and is also
+required to end with its end-of-image marker. Before any pixel is decoded the header's size is
+checked: against the size the caller expects (``expect``: a dataset's frames, a prepared
+dataset's samples), against an upper bound (``bound``), and always against :data:`MAX_PIXELS`,
+so a header that claims 30000x30000 costs nothing and allocates nothing.
 
-:func:`decode_reduced_bytes` is the ``--profile fast`` decoder: JPEG files decoded at a reduced DCT
-scale (1/2, 1/4 or 1/8), still at least the requested size.
+:func:`decode_reduced_bytes` is the ``--profile fast`` decoder: JPEG files decoded at a reduced
+DCT scale (1/2, 1/4 or 1/8), still at least the requested size.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import BadInputError
 
 _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+MAX_PIXELS = 64 * 1024 * 1024
+"""Largest image any decoder here will allocate (height x width; 8192 x 8192, more than an 8K
+video frame)."""
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS     # Pillow refuses bigger images (DecompressionBombError)
 # start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic)
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
                        0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_CV_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # imageio does not rotate by EXIF
-_CV_GRAY = cv2.IMREAD_GRAYSCALE
-_CV_REDUCED = {  # DCT scale denominator -> flags, per output mode
-    "RGB": {1: _CV_RGB, 2: _CV_RGB | cv2.IMREAD_REDUCED_GRAYSCALE_2,  # the reduction bits,
-            4: _CV_RGB | cv2.IMREAD_REDUCED_GRAYSCALE_4,  # with RGB instead of grey output
-            8: _CV_RGB | cv2.IMREAD_REDUCED_GRAYSCALE_8},
-    "L": {1: _CV_GRAY, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-          8: cv2.IMREAD_REDUCED_GRAYSCALE_8},
-}
+_PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+               Image.DecompressionBombWarning)
 
 
 def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
@@ -98,12 +104,68 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _cv_decode(where: str | os.PathLike[str], data: bytes, flags: int) -> np.ndarray:
-    """OpenCV's decode of ``data`` with ``flags``; BadInputError naming ``where`` if it fails."""
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
-    if image is None:
-        raise BadInputError(where, "corrupt image (OpenCV cannot decode it)")
-    return image
+def image_size(data: bytes, where: str | os.PathLike[str]) -> tuple[int, int]:
+    """(height, width) an image's header declares, read without decoding any pixel.
+
+    Raises:
+        BadInputError: not an image Pillow or libjpeg can read the header of.
+    """
+    header = jpeg_header(data)
+    if header is not None:
+        return header[1], header[2]
+    if data.startswith(_PNG_START) and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.height, image.width
+    except _PIL_ERRORS as err:
+        raise BadInputError(where, f"corrupt image ({_pil_problem(err)})") from None
+
+
+def check_size(data: bytes, where: str | os.PathLike[str], *,
+               expect: tuple[int, int] | None = None,
+               bound: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The header's (height, width), checked before decoding: equal to ``expect`` when given, at
+    most ``bound`` (height, width) when given, and never more than :data:`MAX_PIXELS`.
+
+    Raises:
+        BadInputError: an unreadable header or a size out of line (naming both sizes).
+    """
+    height, width = image_size(data, where)
+    if expect is not None and (height, width) != tuple(expect):
+        raise BadInputError(where, f"is {width}x{height}, expected {expect[1]}x{expect[0]}"
+                            " (width x height)")
+    if bound is not None and (height > bound[0] or width > bound[1]):
+        raise BadInputError(where, f"is {width}x{height}, larger than the {bound[1]}x{bound[0]}"
+                            " allowed here (width x height)")
+    if height * width > MAX_PIXELS or min(height, width) < 1:
+        raise BadInputError(where, f"is {width}x{height}: not a size salmm decodes (at most"
+                            f" {MAX_PIXELS} pixels)")
+    return height, width
+
+
+def _pil_problem(err: BaseException) -> str:
+    """Pillow's complaint without what varies from run to run (object reprs, addresses)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "Pillow cannot identify the format"
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"more than {MAX_PIXELS} pixels"
+    return f"{type(err).__name__}: {err}"
+
+
+def _jpeg_decode(where: str | os.PathLike[str], data: bytes, colorspace: str,
+                 size: tuple[int, int] | None = None) -> np.ndarray:
+    """libjpeg-turbo's strict decode (a warning raises) to "RGB" [H, W, 3] or "GRAY" [H, W];
+    ``size``: decode at the smallest DCT scale whose result is at least that (height, width)."""
+    low_h, low_w = size or (0, 0)
+    try:
+        image = simplejpeg.decode_jpeg(data, colorspace, min_height=low_h, min_width=low_w,
+                                       strict=True)
+    except ValueError as err:
+        raise BadInputError(where, f"corrupt JPEG ({err})") from None
+    return image[..., 0] if colorspace == "GRAY" else image
 
 
 def decode_rgb(path: str | os.PathLike[str]) -> np.ndarray:
@@ -119,20 +181,24 @@ def decode_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return decode_rgb_bytes(read_image_bytes(path), path)
 
 
-def decode_rgb_bytes(data: bytes, where: str | os.PathLike[str]) -> np.ndarray:
+def decode_rgb_bytes(data: bytes, where: str | os.PathLike[str], *,
+                     expect: tuple[int, int] | None = None,
+                     bound: tuple[int, int] | None = None) -> np.ndarray:
     """:func:`decode_rgb` of an image already in memory (a shard's ``jpg``); ``where`` names it
-    in the BadInputError raised for corrupt or truncated data."""
+    in the BadInputError raised for corrupt, truncated or wrongly sized data (``expect`` /
+    ``bound``: see :func:`check_size`)."""
     check_complete(data, where)
+    check_size(data, where, expect=expect, bound=bound)
     header = jpeg_header(data)
     if header is not None and header[0] in (1, 3):
-        return _cv_decode(where, data, _CV_RGB)
+        return _jpeg_decode(where, data, "RGB")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(rgb)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadInputError(where, f"corrupt image ({err})") from None
+    except _PIL_ERRORS as err:
+        raise BadInputError(where, f"corrupt image ({_pil_problem(err)})") from None
 
 
 def decode_gray(path: str | os.PathLike[str]) -> np.ndarray:
@@ -147,28 +213,41 @@ def decode_gray(path: str | os.PathLike[str]) -> np.ndarray:
     return decode_gray_bytes(read_image_bytes(path), path)
 
 
-def decode_gray_bytes(data: bytes, where: str | os.PathLike[str]) -> np.ndarray:
-    """:func:`decode_gray` of an image already in memory; ``where`` names it in errors."""
+def decode_gray_bytes(data: bytes, where: str | os.PathLike[str], *,
+                      expect: tuple[int, int] | None = None,
+                      bound: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`decode_gray` of an image already in memory; ``where`` names it in errors
+    (``expect`` / ``bound``: see :func:`check_size`)."""
     check_complete(data, where)
-    return _cv_decode(where, data, _CV_GRAY)
+    check_size(data, where, expect=expect, bound=bound)
+    header = jpeg_header(data)
+    if header is not None and header[0] in (1, 3):
+        return _jpeg_decode(where, data, "GRAY")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if image is None:                   # OpenCV, as the published cv2.imread(path, 0)
+        raise BadInputError(where, "corrupt image (OpenCV cannot decode it)")
+    return image
 
 
 def decode_reduced_bytes(data: bytes, where: str | os.PathLike[str], size: tuple[int, int],
-                         mode: str) -> np.ndarray:
+                         mode: str, *, expect: tuple[int, int] | None = None,
+                         bound: tuple[int, int] | None = None) -> np.ndarray:
     """The fast profile's decoder: uint8 ``[h, w, 3]`` RGB (mode "RGB") or ``[h, w]`` grey
-    (mode "L"), a JPEG decoded at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) whose result is
-    still at least ``size`` (height, width). Other images are decoded in full, as
-    :func:`decode_rgb_bytes` / :func:`decode_gray_bytes` do.
+    (mode "L"), a JPEG decoded at the smallest power-of-two DCT scale (1/1, 1/2, 1/4, 1/8)
+    whose result is still at least ``size`` (height, width). Other images are decoded in full,
+    as :func:`decode_rgb_bytes` / :func:`decode_gray_bytes` do.
 
     Raises:
-        BadInputError: empty, corrupt or truncated data (naming ``where``).
+        BadInputError: empty, corrupt, truncated or wrongly sized data (naming ``where``).
     """
     header = jpeg_header(data)
     if header is None or header[0] not in (1, 3):
-        return decode_rgb_bytes(data, where) if mode == "RGB" else decode_gray_bytes(data, where)
+        decode = decode_rgb_bytes if mode == "RGB" else decode_gray_bytes
+        return decode(data, where, expect=expect, bound=bound)
     check_complete(data, where)
-    _, height, width = header
+    height, width = check_size(data, where, expect=expect, bound=bound)
     scale = max((s for s in (8, 4, 2, 1)
                  if -(-height // s) >= size[0] and -(-width // s) >= size[1]), default=1)
-    return _cv_decode(where, data, _CV_REDUCED[mode][scale])
-
+    # libjpeg-turbo scales by M/8; asking for at least 1/scale of the size gets exactly 1/scale
+    return _jpeg_decode(where, data, "RGB" if mode == "RGB" else "GRAY",
+                        (-(-height // scale), -(-width // scale)))

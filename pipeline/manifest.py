@@ -88,6 +88,12 @@ def read_manifest(prepared: str) -> dict[str, Any]:
     return manifest
 
 
+def prepared_size(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of the prepared frames and labels."""
+    size = manifest["options"]["size"]
+    return int(size["height"]), int(size["width"])
+
+
 def shard_urls(prepared: str, manifest: dict[str, Any], split: str) -> list[str]:
     """Addresses of a split's shards in order (local paths, or URLs in the form of ``prepared``).
 

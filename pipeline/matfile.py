@@ -109,8 +109,13 @@ def _load_v73(path: Path) -> list[np.ndarray]:
             # Stored transposed, so C order over the HDF5 shape is MATLAB's column-major order.
             refs = var[()].ravel()
             return [_read_v73_cell(path, f, i, ref) for i, ref in enumerate(refs)]
-    except OSError as err:
-        raise BadInputError(path, f"corrupt or truncated MATLAB v7.3 (HDF5) file ({err})") from None
+    except BadInputError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError,
+            AttributeError) as err:     # h5py's errors for damaged structures vary by the damage
+        detail = str(err).replace(str(path), "the file") or type(err).__name__
+        raise BadInputError(path, f"corrupt or truncated MATLAB v7.3 (HDF5) file ({detail})"
+                            ) from None
 
 
 def _read_v73_cell(path: Path, f: h5py.File, index: int, ref: h5py.Reference) -> np.ndarray:

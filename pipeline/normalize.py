@@ -63,7 +63,7 @@ from pipeline.manifest import (
     version_id,
     write_manifest,
 )
-from pipeline.readers import DATASETS, Frame, check_layout, read_frames
+from pipeline.readers import DATASETS, FRAME_SIZE, Frame, check_layout, read_frames
 from pipeline.shards import (
     JPEG_OPTIONS,
     PNG_OPTIONS,
@@ -213,14 +213,19 @@ def raw_files(frame: Frame) -> list[Path]:
 def decode_frame(frame: Frame, options: Options, raw: dict[Path, bytes],
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """The camera frame (uint8 [H, W, 3] RGB) and, for BDDA, the gaze map (uint8 [h, w]), decoded
-    per the profile from ``raw`` (path -> bytes of :func:`raw_files`)."""
+    per the profile from ``raw`` (path -> bytes of :func:`raw_files`). A frame must be
+    :data:`~pipeline.readers.FRAME_SIZE`, a gaze map at most that; both are checked from the
+    header before anything is decoded."""
     image, gaze = frame.image_path, frame.gaze_map_path
+    frame_size = {"expect": FRAME_SIZE}     # checked from the header, before decoding
+    map_size = {"bound": FRAME_SIZE}
     if options.profile == "fast":
-        rgb = images.decode_reduced_bytes(raw[image], image, options.size, "RGB")
-        gray = images.decode_reduced_bytes(raw[gaze], gaze, options.size, "L") if gaze else None
+        rgb = images.decode_reduced_bytes(raw[image], image, options.size, "RGB", **frame_size)
+        gray = (images.decode_reduced_bytes(raw[gaze], gaze, options.size, "L", **map_size)
+                if gaze else None)
     else:
-        rgb = images.decode_rgb_bytes(raw[image], image)
-        gray = images.decode_gray_bytes(raw[gaze], gaze) if gaze else None
+        rgb = images.decode_rgb_bytes(raw[image], image, **frame_size)
+        gray = images.decode_gray_bytes(raw[gaze], gaze, **map_size) if gaze else None
     return rgb, gray
 
 

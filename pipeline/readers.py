@@ -51,6 +51,10 @@ DISPLAY_NAMES = {"trafficgaze": "TrafficGaze", "drfixd-rainy": "DrFixD-rainy", "
 
 SOURCE_SIZE = (720, 1280)
 """(height, width) of TrafficGaze / DrFixD-rainy frames, the fixations' coordinate frame."""
+FRAME_SIZE = (720, 1280)
+"""(height, width) of every camera frame of the three datasets; a frame of another size is bad
+input (checked from its header before it is decoded). BDDA gaze maps may be smaller (576x1024),
+never larger."""
 BDDA_GAZE_SIZE = (576, 1024)
 """(height, width) of BDD-A gaze maps. Nominal: labels use the decoded map's real size."""
 SYNTHETIC_MARKER = "SYNTHETIC.txt"

@@ -1,5 +1,7 @@
 """WebDataset shards, as small composable stages: encode fields → group into samples → write a
-deterministic tar → commit it atomically under its final name.
+deterministic tar → commit it atomically under its final name; and the one way to read a
+shard back: :func:`read_shard`, which hashes every byte as it reads and hands out a shard's last
+sample only once the whole file matched the sha256 its manifest records.
 
 A sample is a dict ``{"__key__": str, "<ext>": bytes, ...}``. Stable bytes come from fixed
 encoder options (below; the encoders' versions go into the manifest) and a tar writer whose
@@ -14,14 +16,17 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
+import fsspec
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.manifest import shard_urls
 
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -156,6 +161,92 @@ def iter_tar(f: IO[bytes]) -> Iterator[dict[str, Any]]:
             sample[ext] = tar.extractfile(member).read()
     if sample:
         yield sample
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a split, as its manifest lists it: ``url`` (local path or fsspec URL),
+    ``samples`` (count), ``sha256`` (hex; None: not checked) and ``first``, the index of its
+    first sample within the split (shards are in manifest order)."""
+
+    url: str
+    samples: int
+    sha256: str | None = None
+    first: int = 0
+
+    @property
+    def end(self) -> int:
+        """Index one past its last sample within the split."""
+        return self.first + self.samples
+
+
+def split_shards(prepared: str, manifest: Mapping[str, Any], split: str) -> list[Shard]:
+    """The shards of ``split`` of the prepared dataset at ``prepared``, in manifest order."""
+    entries = manifest["splits"][split]["shards"]
+    shards, first = [], 0
+    for url, entry in zip(shard_urls(prepared, manifest, split), entries, strict=True):
+        shards.append(Shard(url, int(entry["samples"]), entry.get("sha256"), first))
+        first += int(entry["samples"])
+    return shards
+
+
+class _HashingReader:
+    """File-like wrapper that sha256-hashes every byte read through it."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._digest.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Read (and hash) what is left; the hex digest of the whole file."""
+        while self.read(1 << 20):
+            pass
+        return self._digest.hexdigest()
+
+
+def read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
+    """The samples of one shard in tar order, ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    Every byte is hashed as it is read; the last sample is yielded only after the whole file
+    was read and matched ``shard.sha256`` and the sample count matched ``shard.samples``, so a
+    consumer that commits work only at a shard's end never commits work made from a changed
+    shard.
+
+    Raises:
+        BadInputError (naming the shard): missing, not a readable tar, another sha256 than the
+            manifest's, or another number of samples.
+    """
+    url = shard.url
+    count, held = 0, None
+    try:
+        with fsspec.open(url, "rb") as f:
+            reader = _HashingReader(f)
+            for sample in iter_tar(reader):
+                sample["__url__"] = url
+                if held is not None:
+                    yield held
+                held, count = sample, count + 1
+            digest = reader.drain()
+    except (tarfile.TarError, EOFError) as err:
+        raise BadInputError(url, f"unreadable shard: {err}") from None
+    except FileNotFoundError:
+        raise BadInputError(url, "shard listed in the manifest is missing") from None
+    if shard.sha256 is not None and digest != shard.sha256:
+        raise BadInputError(url, f"sha256 {digest[:16]}… differs from the manifest's"
+                            f" {shard.sha256[:16]}…: the shard changed after normalize wrote it"
+                            " (`python -m pipeline verify` lists every difference)")
+    if count != shard.samples:
+        raise BadInputError(url, f"has {count} samples, the manifest says {shard.samples}")
+    if held is not None:
+        yield held
 
 
 # ---- shard commit --------------------------------------------------------------------------

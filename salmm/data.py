@@ -26,38 +26,18 @@ import hashlib
 import math
 import multiprocessing
 import random
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import webdataset as wds
 
 from pipeline.errors import BadInputError
-from pipeline.images import decode_rgb_bytes
-from pipeline.shards import decode_label_png, iter_tar
+from pipeline.images import decode_rgb_bytes, image_size
+from pipeline.shards import Shard, decode_label_png, read_shard
 
 FLIP_PROBABILITY = 0.5
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One shard of a split: its address and its sample count (from the manifest)."""
-
-    url: str
-    samples: int
-
-
-def split_shards(prepared: str, manifest: dict[str, Any], split: str) -> list[ShardRef]:
-    """The shards of ``split`` in manifest order."""
-    from pipeline.manifest import shard_urls
-
-    entries = manifest["splits"][split]["shards"]
-    urls = shard_urls(prepared, manifest, split)
-    return [ShardRef(url, int(entry["samples"])) for url, entry in zip(urls, entries, strict=True)]
 
 
 # ---- seeded decisions --------------------------------------------------------------------------
@@ -83,7 +63,7 @@ def flip_decision(seed: int, epoch: int, key: str, p: float = FLIP_PROBABILITY) 
 # ---- stages ------------------------------------------------------------------------------------
 
 
-def shuffled_shards(shards: Sequence[ShardRef], seed: int, epoch: int) -> list[ShardRef]:
+def shuffled_shards(shards: Sequence[Shard], seed: int, epoch: int) -> list[Shard]:
     """``shards`` in an order drawn from (seed, epoch); identical on all ranks, so splitting the
     list by rank partitions it."""
     order = list(shards)
@@ -91,21 +71,12 @@ def shuffled_shards(shards: Sequence[ShardRef], seed: int, epoch: int) -> list[S
     return order
 
 
-def read_shards(shards: Iterable[ShardRef]) -> Iterator[dict[str, Any]]:
-    """Samples of each shard in tar order: ``{"__key__", "__url__", ext: bytes, ...}``.
-
-    BadInputError naming the shard if it is missing or unreadable.
-    """
+def read_shards(shards: Iterable[Shard]) -> Iterator[dict[str, Any]]:
+    """Samples of each shard in tar order: ``{"__key__", "__url__", ext: bytes, ...}``, each
+    shard checked against its manifest sha256 and sample count as it is read
+    (:func:`pipeline.shards.read_shard`; BadInputError naming the shard)."""
     for shard in shards:
-        try:
-            with fsspec.open(shard.url, "rb") as f:
-                for sample in iter_tar(f):
-                    sample["__url__"] = shard.url
-                    yield sample
-        except (tarfile.TarError, EOFError) as err:
-            raise BadInputError(shard.url, f"unreadable shard: {err}") from None
-        except FileNotFoundError:
-            raise BadInputError(shard.url, "shard listed in the manifest is missing") from None
+        yield from read_shard(shard)
 
 
 def decode(samples: Iterable[dict[str, Any]], size: tuple[int, int]) -> Iterator[dict[str, Any]]:
@@ -119,15 +90,16 @@ def decode(samples: Iterable[dict[str, Any]], size: tuple[int, int]) -> Iterator
         for field in ("jpg", "saliency.png"):
             if field not in sample:
                 raise BadInputError(url, f"sample {key} has no {field}")
-        rgb = decode_rgb_bytes(sample["jpg"], f"{url}#{key}")         # uint8 [H, W, 3]
+        for name, data in (("jpg", sample["jpg"]), ("saliency.png", sample["saliency.png"])):
+            height, width = image_size(data, f"{url}#{key}")
+            if (height, width) != tuple(size):
+                raise BadInputError(url, f"sample {key}: {name} is {height}x{width}, the"
+                                    f" run expects {size[0]}x{size[1]}")
+        rgb = decode_rgb_bytes(sample["jpg"], f"{url}#{key}", expect=size)   # uint8 [H, W, 3]
         try:
             label = decode_label_png(sample["saliency.png"])          # float32 [H, W]
         except (OSError, ValueError) as err:
             raise BadInputError(url, f"sample {key}: bad saliency.png ({err})") from None
-        for name, shape in (("jpg", rgb.shape[:2]), ("saliency.png", label.shape)):
-            if tuple(shape) != tuple(size):
-                raise BadInputError(url, f"sample {key}: {name} is {shape[0]}x{shape[1]}, the"
-                                    f" run expects {size[0]}x{size[1]}")
         yield {
             "key": key,
             "frame": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
@@ -213,7 +185,7 @@ class SaliencyShards(torch.utils.data.IterableDataset):
     see :meth:`set_epoch` calls made in the training process.
     """
 
-    def __init__(self, shards: Sequence[ShardRef], *, split: str, train: bool, seed: int,
+    def __init__(self, shards: Sequence[Shard], *, split: str, train: bool, seed: int,
                  batch_size: int, size: tuple[int, int], shuffle_buffer: int = 1000,
                  cache_path: str | None = None) -> None:
         super().__init__()
@@ -237,7 +209,7 @@ class SaliencyShards(torch.utils.data.IterableDataset):
         """Make the next iteration (in this process and in persistent workers) epoch ``epoch``."""
         self._epoch.value = epoch
 
-    def _shard_order(self, epoch: int) -> list[ShardRef]:
+    def _shard_order(self, epoch: int) -> list[Shard]:
         return shuffled_shards(self.shards, self.seed, epoch) if self.train else list(self.shards)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

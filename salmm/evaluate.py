@@ -52,6 +52,8 @@ from pipeline.clip import PUBLISHED, RANDOM_NOTE, ClipSpec, cached_encoder
 from pipeline.clip_cache import open_checked_cache
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.manifest import prepared_size
+from pipeline.shards import split_shards
 from salmm import metrics
 from salmm.options import (
     add_clip_options,
@@ -257,18 +259,12 @@ def read_split(prepared: str, split: str) -> tuple[dict[str, Any], int]:
     return manifest, samples
 
 
-def prepared_size(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(height, width) of the prepared frames."""
-    size = manifest["options"]["size"]
-    return int(size["height"]), int(size["width"])
-
-
 def iter_samples(prepared: str, manifest: dict[str, Any], split: str) -> Iterator[dict[str, Any]]:
     """The split's samples in shard order: ``key``, ``frame`` uint8 [3, H, W], ``label`` float32
     [1, H, W], ``fixations`` int [N, 2] (row, col at source resolution), ``meta`` (the sample's
     json: dataset, video, frame, name, ...)."""
     from pipeline.shards import decode_npy
-    from salmm.data import decode, read_shards, split_shards
+    from salmm.data import decode, read_shards
 
     size = prepared_size(manifest)
     for raw in read_shards(split_shards(prepared, manifest, split)):

@@ -51,6 +51,7 @@ from pipeline import clip_cache, cpu
 from pipeline.clip import RANDOM_NOTE
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.shards import split_shards
 from salmm import metrics
 from salmm.checkpoint import (
     FORMAT,
@@ -61,7 +62,7 @@ from salmm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from salmm.data import SaliencyShards, make_loader, split_shards
+from salmm.data import SaliencyShards, make_loader
 from salmm.model import build_model as model_factory
 from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args, run_command
 from salmm.plots import plot_history

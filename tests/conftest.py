@@ -33,11 +33,15 @@ from pipeline.splits import write_split
 from pipeline.synth import write_dataset
 
 
-def _tiny_jpeg(seed: int, size: tuple[int, int] = (36, 64), gray: bool = False) -> bytes:
+def _tiny_jpeg(seed: int, size: tuple[int, int] | None = None, gray: bool = False) -> bytes:
+    """A small-file JPEG of a real frame's size (1280x720; a BDDA gaze map's 1024x576 when
+    ``gray``): a seeded 16x9 random pattern blown up, so each frame differs and stays cheap."""
+    size = size or ((576, 1024) if gray else (720, 1280))
     rng = np.random.default_rng(seed)
-    shape = size if gray else (*size, 3)
+    coarse = rng.integers(0, 256, (9, 16) if gray else (9, 16, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((size[1], size[0]), Image.BILINEAR)
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    image.save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 

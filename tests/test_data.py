@@ -12,13 +12,13 @@ from PIL import Image
 
 from pipeline.errors import BadInputError
 from pipeline.manifest import read_manifest
+from pipeline.shards import split_shards
 from salmm.data import (
     EmbeddingTable,
     SaliencyShards,
     flip_decision,
     make_loader,
     read_shards,
-    split_shards,
 )
 from tests._prepared import FAKE_DIM, fake_embedding, write_fake_cache, write_prepared
 

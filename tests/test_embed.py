@@ -20,20 +20,12 @@ from conftest import write_tiny_dataset
 
 from pipeline.clip import ClipSpec, build_clip_encoder, cached_encoder
 from pipeline.clip_cache import default_cache_path, open_cache
-from pipeline.embed import (
-    ChunkJob,
-    Shard,
-    _decoded_batches,
-    _iter_shard,
-    _prefetch,
-    _read_samples,
-    embed_prepared,
-)
+from pipeline.embed import ChunkJob, _decoded_batches, _prefetch, _read_samples, embed_prepared
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import read_manifest, shard_urls, write_manifest
 from pipeline.normalize import normalize
-from pipeline.shards import write_shard
+from pipeline.shards import read_shard, split_shards, write_shard
 
 SPEC = ClipSpec(pretrained=None)
 REPO = Path(__file__).resolve().parents[1]
@@ -116,8 +108,8 @@ def test_header_records_what_the_numbers_depend_on(prepared, cache_path):
 def test_batches_never_straddle_chunks_and_prefetch_keeps_order(prepared, cache_path):
     keys = open_cache(cache_path).keys("train")
     manifest = read_manifest(str(prepared))
-    urls = shard_urls(str(prepared), manifest, "train")
-    shards = [Shard(urls[0], 0, 2), Shard(urls[1], 2, 1)]
+    shards = split_shards(str(prepared), manifest, "train")
+    assert [(s.first, s.samples) for s in shards] == [(0, 2), (2, 1)]
     jobs = [ChunkJob("train", 0, 0, 1), ChunkJob("train", 2, 2, 3)]   # chunk 1 already done
     batches = list(_prefetch(_decoded_batches(shards, jobs, batch_size=3), depth=1))
     assert [(b.job.index, b.keys, b.last) for b in batches] == [
@@ -129,8 +121,9 @@ def test_batches_never_straddle_chunks_and_prefetch_keeps_order(prepared, cache_
 def test_reader_yields_exactly_the_samples_of_the_missing_chunks(tmp_path, chunk):
     prepared = write_prepared(tmp_path / "p", {"train": [3, 1, 4, 2]})
     urls = shard_urls(str(prepared), read_manifest(str(prepared)), "train")
-    shards = [Shard(url, first, n) for url, first, n in zip(urls, (0, 3, 4, 8), (3, 1, 4, 2))]
-    all_keys = [key for url in urls for key, _ in _iter_shard(url)]
+    shards = split_shards(str(prepared), read_manifest(str(prepared)), "train")
+    assert [(s.first, s.samples) for s in shards] == [(0, 3), (3, 1), (4, 4), (8, 2)]
+    all_keys = [sample["__key__"] for shard in shards for sample in read_shard(shard)]
     chunks = [ChunkJob("train", i, i * chunk, min(i * chunk + chunk, 10))
               for i in range(-(-10 // chunk))]
     for mask in range(1 << len(chunks)):

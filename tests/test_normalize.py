@@ -115,7 +115,7 @@ def test_samples_hold_the_published_frame_label_and_fixations(tg_root, tmp_path,
         meta = json.loads(sample["json"])
         assert meta == {"dataset": "trafficgaze", "split": "train", "video": 1,
                         "frame": frame.frame, "name": frame.name, "source_size": [720, 1280],
-                        "image_size": [36, 64],
+                        "image_size": [720, 1280],
                         "files": {"image": f"trafficframe/{frame.name}",
                                   "fixdata": "fixdata/fixdata1.mat"}}
     inputs = [json.loads(line) for line in (tmp_path / INPUTS).read_text().splitlines()]

@@ -323,10 +323,10 @@ def test_decoders_match_the_published_loaders(tiny_raw):
     camera = root / "camera_frames" / "0001" / "0001.jpg"
     gaze = root / "gazemap_frames" / "0001" / "0001.jpg"
     rgb = decode_rgb(camera)
-    assert rgb.dtype == np.uint8 and rgb.shape == (36, 64, 3)
+    assert rgb.dtype == np.uint8 and rgb.shape == (720, 1280, 3)
     assert np.array_equal(rgb, imageio.imread(camera))
     gray = decode_gray(gaze)
-    assert gray.dtype == np.uint8 and gray.shape == (36, 64)
+    assert gray.dtype == np.uint8 and gray.shape == (576, 1024)
     assert np.array_equal(gray, cv2.imread(str(gaze), cv2.IMREAD_GRAYSCALE))
     assert np.array_equal(decode_gray(camera), cv2.imread(str(camera), cv2.IMREAD_GRAYSCALE))
 

@@ -19,9 +19,10 @@ import torch
 
 from pipeline.errors import BadInputError
 from pipeline.manifest import read_manifest
+from pipeline.shards import split_shards
 from salmm import metrics, train
 from salmm.checkpoint import load_checkpoint
-from salmm.data import SaliencyShards, split_shards
+from salmm.data import SaliencyShards
 from salmm.official import load_official
 from salmm.options import TrainConfig, parse_args
 from tests._prepared import (
