@@ -8,8 +8,9 @@ Each command lives in its own module, which provides
 Adding a command is one entry in :data:`COMMANDS`. Only the chosen command's module is
 imported, so ``python -m pipeline synth`` does not pay for importing torch.
 
-Exit codes: 0 success, 1 unexpected failure, 2 bad input or usage (one line on stderr
-naming the file and the problem), 130 interrupted.
+Exit codes: 0 success, 1 unexpected failure or an output that cannot be written (one line
+naming it: a full disk, no permission, a folder another run holds), 2 bad input or usage (one
+line on stderr naming the file and the problem), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import sys
 from collections.abc import Iterable, Sequence
 
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, OutputError
 
 log = logging.getLogger("pipeline")
 
@@ -86,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInputError as err:
         log.error("%s", err)
         return 2
+    except OutputError as err:
+        log.error("%s", err)
+        return 1
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

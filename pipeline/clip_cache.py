@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, OutputError
 from pipeline.manifest import read_manifest, version_id
 
 log = logging.getLogger(__name__)
@@ -151,16 +151,24 @@ class CacheWriter:
         if not np.isfinite(emb).all():
             raise ValueError(f"chunk {split}/{index}: the encoder returned non-finite values")
         sub = self.group[split]
-        sub["keys"][start:stop] = np.asarray(keys, dtype=np.dtypes.StringDType())
-        sub["embeddings"][start:stop] = emb.astype(self.header["dtype"])
-        sub["done"][index] = 1
+        try:
+            sub["keys"][start:stop] = np.asarray(keys, dtype=np.dtypes.StringDType())
+            sub["embeddings"][start:stop] = emb.astype(self.header["dtype"])
+            sub["done"][index] = 1
+        except OSError as err:
+            raise OutputError(self.path, f"chunk {split}/{index} cannot be written"
+                              f" ({err.strerror or type(err).__name__})") from None
 
     def finish(self) -> None:
         """Mark the store complete; ValueError if any chunk is missing."""
         missing = {s: len(self.missing_chunks(s)) for s in self.header["splits"]}
         if any(missing.values()):
             raise ValueError(f"{self.path}: chunks still missing {missing}")
-        self.group.attrs["complete"] = True
+        try:
+            self.group.attrs["complete"] = True
+        except OSError as err:
+            raise OutputError(self.path, "cannot be marked complete"
+                              f" ({err.strerror or type(err).__name__})") from None
 
 
 def _create_missing_arrays(group: zarr.Group, header: dict[str, Any]) -> None:

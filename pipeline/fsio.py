@@ -2,7 +2,8 @@
 atomically, hash a file.
 
 Atomic write: the bytes go to a temporary name next to the target, then one rename makes them
-visible. On the local file system the temporary file is fsync'ed before the rename and the
+visible; any failure to write (a full disk, no permission) is one
+:class:`~pipeline.errors.OutputError` line naming the file, and leaves no temporary file. On the local file system the temporary file is fsync'ed before the rename and the
 folder after it, so after a crash a target either holds its complete new content or does not
 exist (or keeps its old content). Other fsspec file systems get write-to-temporary then ``mv``,
 which is as atomic as that store's move.
@@ -10,6 +11,7 @@ which is as atomic as that store's move.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -20,6 +22,8 @@ from typing import IO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import OutputError
 
 TMP_MARK = ".tmp-"
 """Temporary names are ``<name>.tmp-<random>``; anything carrying the mark is an unfinished write."""
@@ -94,8 +98,8 @@ class Folder:
         tmp = f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
         full_tmp, full = self._full(tmp), self._full(name)
         parent = full.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
         try:
+            self.fs.makedirs(parent, exist_ok=True)
             if self.local:
                 with open(full_tmp, "wb") as f:
                     yield f
@@ -107,9 +111,13 @@ class Folder:
                 with self.fs.open(full_tmp, "wb") as f:
                     yield f
                 self.fs.mv(full_tmp, full)
-        except BaseException:
-            if self.fs.exists(full_tmp):
-                self.fs.rm(full_tmp)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                if self.fs.exists(full_tmp):
+                    self.fs.rm(full_tmp)
+            if isinstance(err, OSError):
+                raise OutputError(self.url(name), f"cannot be written"
+                                  f" ({err.strerror or type(err).__name__})") from None
             raise
 
     def write_bytes(self, name: str, data: bytes) -> None:

@@ -85,7 +85,46 @@ def read_manifest(prepared: str) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BadInputError(where, f"format version {manifest.get('format_version')} is not the"
                             f" supported {FORMAT_VERSION}; re-run normalize")
+    problem = malformed(manifest)
+    if problem:
+        raise BadInputError(where, f"malformed manifest: {problem}")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def malformed(manifest: dict[str, Any], *, inputs: bool = False) -> str | None:
+    """What is missing or of the wrong type in ``manifest`` for the readers (options.size,
+    splits with their shards' name, samples and sha256; with ``inputs``, also what verify
+    reads: inputs.files name and sha256); None when nothing is."""
+    size = manifest.get("options", {}).get("size") if isinstance(manifest.get("options"),
+                                                                  dict) else None
+    if not isinstance(size, dict) or not all(_is_count(size.get(k)) for k in ("height", "width")):
+        return "options.size needs whole-number height and width"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return "no splits"
+    for split, entry in splits.items():
+        if not isinstance(entry, dict) or not _is_count(entry.get("samples")) \
+                or not isinstance(entry.get("shards"), list):
+            return f"splits.{split} needs samples and a list of shards"
+        for i, shard in enumerate(entry["shards"]):
+            if not isinstance(shard, dict) or not isinstance(shard.get("name"), str) \
+                    or not _is_count(shard.get("samples")) \
+                    or not isinstance(shard.get("sha256"), str):
+                return f"splits.{split}.shards[{i}] needs name, samples and sha256"
+        if sum(shard["samples"] for shard in entry["shards"]) != entry["samples"]:
+            return f"splits.{split}: its shards hold {sum(s['samples'] for s in entry['shards'])}" \
+                   f" samples, it says {entry['samples']}"
+    if inputs:
+        files = manifest.get("inputs", {}).get("files") if isinstance(manifest.get("inputs"),
+                                                                      dict) else None
+        if not isinstance(files, dict) or not isinstance(files.get("name"), str) \
+                or not isinstance(files.get("sha256"), str):
+            return "inputs.files needs name and sha256"
+    return None
 
 
 def prepared_size(manifest: dict[str, Any]) -> tuple[int, int]:

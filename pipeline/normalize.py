@@ -25,6 +25,7 @@ raw inputs and the options, and the client writes in a fixed order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ from tqdm import tqdm
 
 from pipeline import images, labels
 from pipeline.dask_cluster import dask_client
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, OutputError
 from pipeline.fsio import Folder, file_fingerprint, relative_to
 from pipeline.manifest import (
     FORMAT,
@@ -74,7 +75,7 @@ from pipeline.shards import (
     shard_name,
     write_shard,
 )
-from pipeline.splits import SPLITS, read_split, split_path
+from pipeline.splits import SPLITS, check_disjoint, split_entries, split_path
 
 log = logging.getLogger(__name__)
 
@@ -345,17 +346,21 @@ class SplitPlan:
 
 
 def plan_splits(dataset: str, root: Path) -> tuple[dict[str, SplitPlan], list[str]]:
-    """Plans of the splits whose split file exists, and the names of the absent ones (logged)."""
-    plans, absent = {}, []
+    """Plans of the splits whose split file exists, and the names of the absent ones (logged).
+    BadInputError (split file and line) for a repeated entry or a frame in two splits."""
+    entries, absent = {}, []
     for split in SPLITS:
         path = split_path(root, split)
         if not path.exists():
             log.warning("%s: no %s split file; split %s is absent", path, split, split)
             absent.append(split)
             continue
-        plans[split] = SplitPlan(dataset, root, split, read_split(path))
-    if not plans:
+        entries[split] = split_entries(path)
+    if not entries:
         raise BadInputError(root, "no split file (train.json, valid.json, test.json) found")
+    check_disjoint(entries, root)
+    plans = {split: SplitPlan(dataset, root, split, [name for _, name in lines])
+             for split, lines in entries.items()}
     return plans, absent
 
 
@@ -510,8 +515,7 @@ def normalize(
     manifest["inputs"] = {**header["inputs"], "files": {
         "name": INPUTS, "count": len(run.inputs), "bytes": sum(i[1] for i in run.inputs),
         "sha256": hashlib.sha256(inputs_bytes).hexdigest()}}
-    folder.write_bytes(INPUTS, inputs_bytes)
-    vid = write_manifest(folder, manifest)
+    vid = version_id(manifest)
     elapsed = time.perf_counter() - started
     result = {
         "version_id": vid, "manifest": folder.url(MANIFEST),
@@ -520,12 +524,19 @@ def normalize(
         "skipped": sum(len(v["skipped"]) for v in splits.values()),
         "frames_per_s": round(run.worked / elapsed, 1) if elapsed > 0 else None,
     }
+    folder.write_bytes(INPUTS, inputs_bytes)
     folder.write_bytes(RUN, encode_json({
         **result, "root": str(root), "out": folder.root, "workers": workers,
         "dask_address": dask_address, "skip_bad": skip_bad, "max_bad_fraction": max_bad_fraction,
         "elapsed_s": round(elapsed, 3), "host": platform.node(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }) + b"\n")
+    try:
+        write_manifest(folder, manifest)    # last: its presence means the run finished
+    except OutputError:
+        with contextlib.suppress(OSError, OutputError):
+            folder.remove(MANIFEST)         # renamed in place, but the run did not finish
+        raise
     folder.remove(PROGRESS)
     log.info("prepared %s into %s: %s samples in %d shards, %d frames skipped; version %s",
              dataset, folder.root, result["samples"], result["shards"], result["skipped"], vid)

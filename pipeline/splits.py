@@ -27,11 +27,16 @@ def split_path(root: str | os.PathLike[str], split: str) -> Path:
 
 
 def read_split(path: str | os.PathLike[str]) -> list[str]:
-    """The frame names listed in a split file, in file order.
+    """The frame names listed in a split file, in file order (see :func:`split_entries`)."""
+    return [name for _, name in split_entries(path)]
+
+
+def split_entries(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(1-based line number, frame name) of every entry of a split file, in file order.
 
     Raises:
-        BadInputError: the file is missing or unreadable, or a line is not a JSON string
-            (the message names the 1-based line number).
+        BadInputError: the file is missing or unreadable, a line is not a JSON string, or an
+            entry repeats an earlier one (the message names both line numbers).
     """
     path = Path(path)
     try:
@@ -40,7 +45,8 @@ def read_split(path: str | os.PathLike[str]) -> list[str]:
         raise BadInputError(path, "missing split file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise BadInputError(path, f"cannot read split file ({err})") from None
-    names = []
+    entries: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -51,8 +57,27 @@ def read_split(path: str | os.PathLike[str]) -> list[str]:
         if not isinstance(name, str):
             raise BadInputError(path, f"line {number}: expected a JSON string such as "
                                       f'"01/000006.jpg", got {line.strip()[:60]!r}')
-        names.append(name)
-    return names
+        if name in seen:
+            raise BadInputError(path, f"line {number}: {name!r} repeats line {seen[name]}; a"
+                                " frame is listed once")
+        seen[name] = number
+        entries.append((number, name))
+    return entries
+
+
+def check_disjoint(entries: dict[str, list[tuple[int, str]]], root: str | os.PathLike[str]
+                   ) -> None:
+    """BadInputError (naming the later split file and both lines) when a frame is listed in
+    two splits: ``entries`` maps each split to its :func:`split_entries`."""
+    owner: dict[str, tuple[str, int]] = {}
+    for split, lines in entries.items():
+        for number, name in lines:
+            if name in owner:
+                first, line = owner[name]
+                raise BadInputError(split_path(root, split), f"line {number}: {name!r} is also"
+                                    f" in {first}.json (line {line}); a frame belongs to one"
+                                    " split")
+            owner[name] = (split, number)
 
 
 def write_split(path: str | os.PathLike[str], names: Iterable[str]) -> None:

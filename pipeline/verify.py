@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import TMP_MARK, Folder
-from pipeline.manifest import INPUTS, VERSION_KEY, read_manifest, version_id
+from pipeline.manifest import INPUTS, VERSION_KEY, malformed, read_manifest, version_id
 from pipeline.shards import iter_tar
 from pipeline.splits import SPLITS
 
@@ -41,6 +41,9 @@ def verify(prepared: str, *, progress: bool = False) -> list[str]:
         manifest = read_manifest(prepared)
     except BadInputError as err:
         return [str(err)]
+    problem = malformed(manifest, inputs=True)
+    if problem:
+        return [f"{folder.url('manifest.json')}: malformed manifest: {problem}"]
     problems = []
     recorded, computed = manifest.get(VERSION_KEY), version_id(manifest)
     if recorded != computed:

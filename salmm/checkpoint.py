@@ -39,6 +39,7 @@ from pipeline.fsio import Folder
 
 FORMAT = "salmm-train-checkpoint"
 FORMAT_VERSION = 1
+LISTED = 10  # offenders named per kind in an error message
 
 
 def rng_state() -> dict[str, Any]:
@@ -118,3 +119,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise BadInputError(path, "not a checkpoint: it has no state_dict")
     return checkpoint
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:LISTED])
+    return shown + (f", ... and {len(keys) - LISTED} more" if len(keys) > LISTED else "")
+
+
+def _offenders(weights: dict[str, Any], expected: dict[str, torch.Tensor]) -> list[str]:
+    """One phrase per kind of mismatch between a checkpoint's weights and the model's."""
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    not_tensor = [k for k in weights if k in expected and not isinstance(weights[k], torch.Tensor)]
+    shape = [
+        f"{k} {list(weights[k].shape)} vs model {list(expected[k].shape)}"
+        for k in weights
+        if k in expected and k not in not_tensor and weights[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_names(missing)})")
+    if extra:
+        hint = ""
+        if any(k.startswith("module.") for k in extra):
+            hint = " [a 'module.' prefix: the authors save a plain module, strip the prefix]"
+        problems.append(f"{len(extra)} unexpected ({_names(extra)}){hint}")
+    if not_tensor:
+        problems.append(f"{len(not_tensor)} not tensors ({_names(not_tensor)})")
+    if shape:
+        problems.append(f"{len(shape)} wrong shape ({_names(shape)})")
+    return problems
+
+
+def check_state_dict(path: str | Path, weights: dict[str, Any],
+                     expected: dict[str, torch.Tensor]) -> None:
+    """BadInputError (one line naming ``path`` and every offender) unless ``weights`` has
+    exactly the keys of ``expected``, each a tensor of its shape."""
+    problems = _offenders(weights, expected)
+    if problems:
+        raise BadInputError(path, "state_dict does not match SalMM: " + "; ".join(problems))

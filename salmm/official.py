@@ -22,13 +22,12 @@ from typing import Any, NamedTuple
 import torch
 
 from pipeline.errors import BadInputError
-from salmm.checkpoint import load_checkpoint, save_checkpoint
+from salmm.checkpoint import check_state_dict, load_checkpoint, save_checkpoint
 from salmm.model import CLIP_PREFIX, SalMM
 
 __all__ = ["OfficialCheckpoint", "load_official", "read_official", "save_official"]
 
 log = logging.getLogger(__name__)
-LISTED = 10  # offenders named per kind in an error message
 
 
 class OfficialCheckpoint(NamedTuple):
@@ -45,36 +44,6 @@ def _number(value: Any, kind):
     if value is None:
         return None
     return kind(value.item() if isinstance(value, torch.Tensor) else value)
-
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:LISTED])
-    return shown + (f", ... and {len(keys) - LISTED} more" if len(keys) > LISTED else "")
-
-
-def _offenders(weights: dict[str, Any], expected: dict[str, torch.Tensor]) -> list[str]:
-    """One phrase per kind of mismatch between a checkpoint's weights and the model's."""
-    missing = [k for k in expected if k not in weights]
-    extra = [k for k in weights if k not in expected]
-    not_tensor = [k for k in weights if k in expected and not isinstance(weights[k], torch.Tensor)]
-    shape = [
-        f"{k} {list(weights[k].shape)} vs model {list(expected[k].shape)}"
-        for k in weights
-        if k in expected and k not in not_tensor and weights[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing ({_names(missing)})")
-    if extra:
-        hint = ""
-        if any(k.startswith("module.") for k in extra):
-            hint = " [a 'module.' prefix: the authors save a plain module, strip the prefix]"
-        problems.append(f"{len(extra)} unexpected ({_names(extra)}){hint}")
-    if not_tensor:
-        problems.append(f"{len(not_tensor)} not tensors ({_names(not_tensor)})")
-    if shape:
-        problems.append(f"{len(shape)} wrong shape ({_names(shape)})")
-    return problems
 
 
 def read_official(path: str | Path, map_location: str | torch.device = "cpu") -> OfficialCheckpoint:
@@ -96,10 +65,7 @@ def read_official(path: str | Path, map_location: str | torch.device = "cpu") ->
     if not isinstance(state, dict):
         raise BadInputError(path, f"state_dict is a {type(state).__name__}, not a dict")
     weights = {k: v for k, v in state.items() if not k.startswith(CLIP_PREFIX)}
-    expected = SalMM(backend="torch").state_dict()
-    problems = _offenders(weights, expected)
-    if problems:
-        raise BadInputError(path, "state_dict does not match SalMM: " + "; ".join(problems))
+    check_state_dict(path, weights, SalMM(backend="torch").state_dict())
     return OfficialCheckpoint(
         epoch=_number(checkpoint.get("epoch"), int),
         valid_loss=_number(checkpoint.get("valid_loss"), float),

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
 from pipeline.clip import parse_weights as _pretrained
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +215,12 @@ def run_command(action: Callable[[], Any],
                 failures: Mapping[type[Exception], int] | None = None) -> int:
     """Run a command's ``action`` with logging set up; return its exit status.
 
-    Bad input (:class:`~pipeline.errors.BadInputError`) exits 2 and each other expected failure
-    in ``failures`` its own code, after one logged line saying what is wrong.
+    Bad input (:class:`~pipeline.errors.BadInputError`) exits 2, an output that cannot be
+    written (:class:`~pipeline.errors.OutputError`) 1, and each other expected failure in
+    ``failures`` its own code, after one logged line saying what is wrong.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    codes = {BadInputError: 2, **(failures or {})}
+    codes = {BadInputError: 2, OutputError: 1, **(failures or {})}
     try:
         action()
     except tuple(codes) as err:

@@ -123,8 +123,15 @@ def open_video(path: str) -> tuple[cv2.VideoCapture, float | None, int | None]:
     return capture, (fps if fps > 0 else None), (count if count > 0 else None)
 
 
-def video_items(path: str, capture: cv2.VideoCapture, size: tuple[int, int]) -> Iterator[Item]:
-    """The video's frames in order (RGB), resized for the model; BadInputError if it has none."""
+def video_items(path: str, capture: cv2.VideoCapture, size: tuple[int, int],
+                expected: int | None = None, allow_short: bool = False) -> Iterator[Item]:
+    """The video's frames in order (RGB), resized for the model.
+
+    Raises:
+        BadInputError: the video has no readable frames, or it ends before the ``expected``
+            frames its container announces (damaged or truncated) unless ``allow_short``, which
+            logs how many were read instead.
+    """
     number = 0
     try:
         while True:
@@ -138,6 +145,13 @@ def video_items(path: str, capture: cv2.VideoCapture, size: tuple[int, int]) -> 
         capture.release()
     if number == 0:
         raise BadInputError(path, "the video has no readable frames")
+    if expected is not None and number < expected:
+        if not allow_short:
+            raise BadInputError(path, f"ended after {number} of the {expected} frames it"
+                                " announces (damaged or truncated); --allow-short-video draws"
+                                " the frames that could be read")
+        log.warning("%s: read %d of the %d frames it announces: the file ended early", path,
+                    number, expected)
 
 
 def prepared_items(prepared: str, manifest: dict[str, Any], split: str) -> Iterator[Item]:
@@ -196,6 +210,7 @@ class PredictOptions:
     colormap: str = overlay.DEFAULT_COLORMAP
     alpha: float = overlay.DEFAULT_ALPHA
     animation: str = "auto"
+    allow_short_video: bool = False
     device: str | None = None
     amp: str = "off"
     clip: tuple[tuple[str, Any], ...] = ()
@@ -233,7 +248,7 @@ def predict(opts: PredictOptions) -> list[Path]:
         elif kind == "image":
             items, total = image_items([Path(opts.input)], size), 1
         else:
-            items = video_items(opts.input, capture, size)
+            items = video_items(opts.input, capture, size, total, opts.allow_short_video)
     if size[0] % 32 or size[1] % 32:
         raise BadInputError(opts.input, f"frames would be fed at {size[1]}x{size[0]}; SalMM needs"
                             " width and height that are multiples of 32 (see --size)")
@@ -314,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=overlay.DEFAULT_COLORMAP)
     group.add_argument("--alpha", type=_unit, default=overlay.DEFAULT_ALPHA,
                        help="heat-map opacity at the most salient pixel")
+    group.add_argument("--allow-short-video", action="store_true",
+                       help="draw the frames of a video that ends before the frames it"
+                            " announces (damaged or truncated) instead of refusing it")
     group.add_argument("--animation", choices=overlay.ANIMATION_FORMATS, default="auto",
                        help="auto (default): MP4 (H.264); gif; none")
     return parser
@@ -328,7 +346,8 @@ def parse_args(argv: Sequence[str] | None = None) -> PredictOptions:
         checkpoint=args.checkpoint, input=args.input, out=args.out, split=args.split,
         limit=args.limit, fps=args.fps, size=args.size, cached_clip=args.cached_clip,
         cache=args.cache, batch_size=args.batch_size, colormap=args.colormap, alpha=args.alpha,
-        animation=args.animation, device=args.device, amp=args.amp,
+        animation=args.animation, allow_short_video=args.allow_short_video,
+        device=args.device, amp=args.amp,
         clip=given_clip_options(args))
 
 

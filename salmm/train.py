@@ -56,6 +56,7 @@ from salmm import metrics
 from salmm.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
+    check_state_dict,
     git_commit,
     load_checkpoint,
     rng_state,
@@ -223,6 +224,12 @@ def check_resume(checkpoint: dict[str, Any], path: str, cfg: TrainConfig, versio
     if checkpoint.get("format") != FORMAT:
         raise BadInputError(path, "not a salmm training checkpoint (an official release?);"
                             " it can be evaluated but not resumed")
+    missing = [k for k in ("config", "dataset_version", "cache_identity", "optim_dict", "epoch",
+                           "step", "history", "best", "rng") if k not in checkpoint]
+    if missing or not isinstance(checkpoint["config"], dict) \
+            or any(k not in checkpoint["config"] for k in RECIPE_FIELDS + ("workers",)):
+        raise BadInputError(path, "not a complete salmm training checkpoint (missing"
+                            f" {', '.join(missing) or 'config fields'}); it cannot be resumed")
     if checkpoint["dataset_version"] != version:
         raise BadInputError(path, f"trained on prepared dataset version"
                             f" {checkpoint['dataset_version']}, this run's data is version"
@@ -477,8 +484,13 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"epoch": None, "valid_loss": math.inf}
     if checkpoint is not None:
+        check_state_dict(cfg.resume, checkpoint["state_dict"], model_state(model))
         model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optim_dict"])
+        try:
+            optimizer.load_state_dict(checkpoint["optim_dict"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise BadInputError(cfg.resume, f"optimizer state does not fit the model ({err})"
+                                ) from None
         if checkpoint["scaler"]:
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]

@@ -232,3 +232,169 @@ def test_training_data_refuses_a_shard_that_changed_after_normalize(tmp_path):
     samples = read_shards(shards)
     assert [next(samples)["__key__"] for _ in range(2)]      # streamed as it is read ...
     refused(lambda: next(samples), "train-000000.tar: sha256")   # ... the last one only if intact
+
+
+# ---- 6. split files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard_size", [1, 1000])
+def test_a_repeated_split_entry_is_refused_with_its_lines(tmp_path, cluster, shard_size):
+    root = trafficgaze(tmp_path / "raw")
+    train = root / "train.json"
+    train.write_text(train.read_text() + '"01/000002.jpg"\n')
+    refused(lambda: run(root, tmp_path / "out", cluster, shard_size=shard_size),
+            f"{train}: line 5: '01/000002.jpg' repeats line 2")
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_a_frame_in_two_splits_is_refused(tmp_path, cluster):
+    root = trafficgaze(tmp_path / "raw")
+    valid = root / "valid.json"
+    valid.write_text('"01/000003.jpg"\n' + valid.read_text())
+    refused(lambda: run(root, tmp_path / "out", cluster),
+            f"{valid}: line 1: '01/000003.jpg' is also in train.json (line 3)")
+
+
+# ---- 7. a full disk ---------------------------------------------------------------------------
+
+
+def test_a_full_disk_at_any_write_is_one_line_and_leaves_no_manifest(tmp_path, cluster,
+                                                                    monkeypatch):
+    import errno
+    import os
+
+    from pipeline.errors import OutputError
+
+    root = trafficgaze(tmp_path / "raw", frames=2)
+    real_fsync = os.fsync
+    calls = {"n": 0, "fail_at": None}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    clean = run(root, tmp_path / "clean", cluster)
+    writes = calls["n"]
+    assert writes >= 8
+    for fail_at in range(1, writes + 1):
+        out = tmp_path / f"full-{fail_at}"
+        calls.update(n=0, fail_at=fail_at)
+        with pytest.raises(OutputError) as info:
+            run(root, out, cluster)
+        assert "\n" not in str(info.value) and str(out) in str(info.value)
+        assert "No space left on device" in str(info.value)
+        assert not (out / MANIFEST).exists(), f"a manifest beside a failed run (write {fail_at})"
+        calls.update(n=0, fail_at=None)                  # space again: the re-run finishes
+        assert run(root, out, cluster)["version_id"] == clean["version_id"]
+
+
+# ---- 8. a malformed manifest ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda m: m.pop("inputs"), "malformed manifest: inputs.files needs name and sha256"),
+    (lambda m: m["splits"]["train"]["shards"][0].pop("sha256"),
+     "malformed manifest: splits.train.shards[0] needs name, samples and sha256"),
+    (lambda m: m["options"].pop("size"), "malformed manifest: options.size needs"),
+    (lambda m: m["splits"]["train"].update(samples=99), "its shards hold 4 samples, it says 99"),
+])
+def test_verify_reports_a_malformed_manifest_in_one_line(tmp_path, cluster, damage, problem):
+    import json
+    import subprocess
+    import sys
+
+    from tests._prepared import REPO, subprocess_env
+
+    root = trafficgaze(tmp_path / "raw")
+    run(root, tmp_path / "p", cluster)
+    path = tmp_path / "p" / MANIFEST
+    manifest = json.loads(path.read_text())
+    damage(manifest)
+    path.write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(tmp_path / "p")],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert problem in errors[0] and str(path) in errors[0]
+
+
+# ---- 9. resuming from a checkpoint that does not fit -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A prepared dataset and a one-epoch run on it (subprocesses, as a user runs them)."""
+    from tests._prepared import prepare_with_commands, run_module
+
+    work = tmp_path_factory.mktemp("trained")
+    prepared = prepare_with_commands(work)
+    run = work / "run"
+    result = run_module("salmm.train", "--cached-clip", "--prepared", str(prepared),
+                        "--clip-pretrained", "none", "--size", "64x64", "--batch-size", "4",
+                        "--epochs", "1", "--workers", "0", "--out", str(run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return prepared, run
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: c["state_dict"].update({"final.weight": c["state_dict"]["final.weight"][:, :4]}),
+     "state_dict does not match SalMM: 1 wrong shape (final.weight [1, 4, 1, 1] vs model"),
+    (lambda c: c["state_dict"].pop("encoder1.0.weight"), "1 missing (encoder1.0.weight)"),
+    (lambda c: c.pop("config"), "not a complete salmm training checkpoint (missing config)"),
+])
+def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(trained, tmp_path, damage,
+                                                                problem):
+    import torch
+
+    from tests._prepared import run_module
+
+    prepared, run = trained
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    damage(checkpoint)
+    bad = tmp_path / "last.pt"
+    torch.save(checkpoint, bad)
+    result = run_module("salmm.train", "--cached-clip", "--prepared", str(prepared),
+                        "--clip-pretrained", "none", "--size", "64x64", "--batch-size", "4",
+                        "--epochs", "2", "--workers", "0", "--resume", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and str(bad) in errors[0] and problem in errors[0], errors
+
+
+# ---- 10. a truncated video ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inference(tmp_path_factory):
+    from tests._inference_data import inference_data
+
+    return inference_data(tmp_path_factory)
+
+
+def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_path, caplog):
+    import cv2
+
+    from salmm.predict import PredictOptions, predict
+
+    data = inference
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (96, 64))
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        writer.write(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    writer.release()
+    video.write_bytes(video.read_bytes()[: video.stat().st_size * 6 // 10])
+    options = PredictOptions(checkpoint=str(data.trainer), input=str(video),
+                             out=str(tmp_path / "out"))
+    refused(lambda: predict(options), str(video), "of the 8 frames it announces")
+    with caplog.at_level(logging.WARNING, logger="salmm.predict"):
+        written = predict(PredictOptions(**{**options.__dict__, "allow_short_video": True,
+                                            "out": str(tmp_path / "short")}))
+    read = len([p for p in written if p.suffix == ".png"])
+    assert 0 < read < 8 and f"read {read} of the 8 frames it announces" in caplog.text
