@@ -89,12 +89,14 @@ class CacheWriter:
         self.dim: int = header["encoder"]["embed_dim"]
 
     @classmethod
-    def open(cls, path: str | Path, header: Mapping[str, Any]) -> CacheWriter:
+    def open(cls, path: str | Path, header: Mapping[str, Any], *,
+             replace: bool = False) -> CacheWriter:
         """Create the store at ``path`` or resume the unfinished (or finished) one there.
 
         ``header`` must hold "encoder" (with "embed_dim"), "dtype", "compute", "prepared",
         "software", "splits" ({split: N}) and "chunk_size". An existing store is reused only if
-        its header is equal; otherwise BadInputError names the differing fields.
+        its header is equal; otherwise it is replaced when ``replace`` (the caller knows it is
+        stale), else BadInputError names the differing fields.
         """
         path = str(path)
         header = _jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, **header})
@@ -103,18 +105,27 @@ class CacheWriter:
         try:
             group = zarr.open_group(path, mode="r+")
         except FileNotFoundError:
+            group = None
+        if group is not None:
+            recorded = dict(group.attrs)
+            if recorded.get("format") != FORMAT:
+                raise BadInputError(path, "exists and is not a salmm CLIP cache; remove it or"
+                                    " choose another --out")
+            recorded.pop("complete", None)
+            differences = _diff(recorded, header)
+            if differences and not replace:
+                raise BadInputError(path, "cannot resume: the store was made with other settings"
+                                    f" ({'; '.join(differences)}); pass --overwrite to replace it,"
+                                    " or choose another --out")
+            if differences:
+                log.warning("%s: replacing the store made with other settings (%s)", path,
+                            "; ".join(differences))
+                group = zarr.create_group(path, attributes={**header, "complete": False},
+                                          overwrite=True)
+        if group is None:
             # the header goes into the root's one metadata write: a store never lacks it
             group = zarr.create_group(path, attributes={**header, "complete": False})
             log.info("created %s", path)
-        recorded = dict(group.attrs)
-        if recorded.get("format") != FORMAT:
-            raise BadInputError(path, "exists and is not a salmm CLIP cache; remove it or choose"
-                                " another --out")
-        recorded.pop("complete", None)
-        differences = _diff(recorded, header)
-        if differences:
-            raise BadInputError(path, "cannot resume: the store was made with other settings ("
-                                + "; ".join(differences) + "); remove it or choose another --out")
         _remove_partial_files(path)
         _create_missing_arrays(group, header)
         writer = cls(path, group, header)
@@ -245,6 +256,17 @@ class ClipCache:
         if split not in self.identity["splits"]:
             raise KeyError(f"{self.path}: no split {split!r} (has {self.splits})")
         return self._group[split]
+
+
+def recorded_version(path: str | Path) -> str | None:
+    """The prepared dataset version a store at ``path`` was made from; None when there is no
+    salmm cache there."""
+    try:
+        attrs = zarr.open_group(str(path), mode="r").attrs
+    except (FileNotFoundError, ValueError):
+        return None
+    prepared = attrs.get("prepared") if attrs.get("format") == FORMAT else None
+    return prepared.get("version_id") if isinstance(prepared, dict) else None
 
 
 def open_cache(path: str | Path, prepared: str | Path | Mapping[str, Any] | None = None

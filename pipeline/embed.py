@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.clip import (
     CACHE_THREADS,
@@ -55,12 +54,21 @@ from pipeline.clip import (
     embed_pairs,
     parse_weights,
 )
-from pipeline.clip_cache import DEFAULT_CHUNK_SIZE, DTYPES, CacheWriter, default_cache_path
+from pipeline.clip_cache import (
+    DEFAULT_CHUNK_SIZE,
+    DTYPES,
+    CacheWriter,
+    default_cache_path,
+    recorded_version,
+)
 from pipeline.cpu import usable_cores
 from pipeline.dask_cluster import dask_client
 from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
 from pipeline.images import decode_rgb_bytes
 from pipeline.manifest import canonical_json, prepared_size, read_manifest, version_id
+from pipeline.progress import Progress
+from pipeline.progress import progress as progress_bar
 from pipeline.shards import Shard, read_shard, split_shards
 
 log = logging.getLogger(__name__)
@@ -216,7 +224,7 @@ def aligned_batch_size(batch_size: int, compute: Compute) -> int:
 
 def embed_jobs(encoder: torch.nn.Module, compute: Compute, shards: Sequence[Shard],
                jobs: Sequence[ChunkJob], batch_size: int, prefetch: int = 4,
-               progress: tqdm | None = None, size: tuple[int, int] | None = None
+               progress: Progress | None = None, size: tuple[int, int] | None = None
                ) -> Iterator[tuple[ChunkJob, list[str], np.ndarray]]:
     """(job, keys [n], embeddings float32 [n, 2, D]) for each job, in ascending order; decoding
     runs ``prefetch`` batches ahead in a background thread. ``batch_size`` is rounded up by
@@ -268,7 +276,7 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                    batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    dtype: str = "float32", splits: Sequence[str] | None = None,
                    prefetch: int = 4, workers: int | None = None,
-                   dask_address: str | None = None) -> str:
+                   dask_address: str | None = None, overwrite: bool = False) -> str:
     """Embed every sample of the prepared dataset at ``prepared`` into a CLIP cache and return
     the cache path (``out``, or :func:`pipeline.clip_cache.default_cache_path`). Resumes an
     unfinished cache; returns at once if it is already complete.
@@ -277,7 +285,10 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
     micro-batch, see :func:`aligned_batch_size`; it changes no number). ``workers`` encoder
     processes (default :func:`default_workers`; 1 runs in this process) on a local Dask
     cluster, or with ``dask_address`` one task per missing chunk on that cluster (its workers
-    must reach the prepared shards; ``compute.device`` is the workers' device).
+    must reach the prepared shards; ``compute.device`` is the workers' device). A store made
+    with other settings is refused unless ``overwrite``; at the default path, one made from
+    another version of this prepared dataset is stale and replaced (logged). The store is
+    locked while it is written (a second writer is refused in one line).
     """
     prepared = str(prepared)
     manifest = read_manifest(prepared)
@@ -304,8 +315,14 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
             encoder = cached_encoder(spec, compute.device)
             identity = dict(encoder.identity)
         header = _header(compute, identity, dtype, manifest, shards, chunk_size)
-        out = str(out) if out is not None else default_cache_path(prepared, identity, dtype)
-        writer = CacheWriter.open(out, header)
+        default = default_cache_path(prepared, identity, dtype)
+        out = str(out) if out is not None else default
+        parent, _, name = out.rstrip("/").rpartition("/")
+        stack.enter_context(Folder(parent or ".").lock(f"{name}.lock", subject=out))
+        # the default store belongs to this prepared folder: one made from another version of
+        # it is stale, so it is replaced; another store only with --overwrite
+        stale = recorded_version(out) not in (None, header["prepared"]["version_id"])
+        writer = CacheWriter.open(out, header, replace=overwrite or (out == default and stale))
         jobs = {s: [ChunkJob(s, i, *writer.chunk_range(s, i)) for i in writer.missing_chunks(s)]
                 for s in splits}
         todo = sum(j.stop - j.start for js in jobs.values() for j in js)
@@ -313,7 +330,7 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                  out, f"{len(client.scheduler_info()['workers'])} Dask worker(s)" if client
                  else "this process")
         started = time.perf_counter()
-        with tqdm(total=2 * todo, unit="img", desc="embed", smoothing=0.1) as progress:
+        with progress_bar(total=2 * todo, unit="img", desc="embed", smoothing=0.1) as progress:
             if client is None:
                 for split in splits:
                     for job, keys, emb in embed_jobs(encoder, compute, shards[split],
@@ -350,7 +367,7 @@ def _header(compute: Compute, identity: dict[str, Any], dtype: str, manifest: di
 
 def _embed_on_dask(client: Any, writer: CacheWriter, spec: ClipSpec, compute: Compute,
                    shards: dict[str, list[Shard]], jobs: dict[str, list[ChunkJob]],
-                   batch_size: int, progress: tqdm, size: tuple[int, int]) -> None:
+                   batch_size: int, progress: Progress, size: tuple[int, int]) -> None:
     """Run one task per chunk on the cluster (at most 2 per worker in flight) and write each
     chunk as it arrives."""
     from distributed import as_completed
@@ -409,6 +426,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--dask-address", default=None,
                        help="run one task per chunk on this Dask scheduler (workers need the"
                        " prepared shards and the weights)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a store at --out made with other settings (one at the"
+                        " default path made from another version of the data is replaced anyway)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -421,5 +441,6 @@ def run(args: argparse.Namespace) -> int:
     spec = ClipSpec(args.clip_model, args.clip_pretrained, args.profile)
     embed_prepared(args.prepared, args.out, spec=spec, compute=compute,
                    batch_size=args.batch_size, chunk_size=args.chunk_size, dtype=args.dtype,
-                   splits=args.splits, workers=args.workers, dask_address=args.dask_address)
+                   splits=args.splits, workers=args.workers, dask_address=args.dask_address,
+                   overwrite=args.overwrite)
     return 0

@@ -12,8 +12,12 @@ which is as atomic as that store's move.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import platform
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +33,8 @@ TMP_MARK = ".tmp-"
 """Temporary names are ``<name>.tmp-<random>``; anything carrying the mark is an unfinished write."""
 
 HASH_BLOCK = 1 << 20
+LOCK = ".lock"
+"""The lock file a writer holds inside its output folder (see :meth:`Folder.lock`)."""
 
 
 class Folder:
@@ -124,6 +130,59 @@ class Folder:
         """Atomically replace ``name`` with ``data``."""
         with self.atomic_writer(name) as f:
             f.write(data)
+
+    @contextmanager
+    def lock(self, name: str = LOCK, subject: str | None = None) -> Iterator[None]:
+        """Hold an exclusive lock on the folder (the file ``name`` inside it) for the block.
+
+        A second holder - another process, on any machine sharing a local or network file
+        system with working ``flock`` - is refused at once with an OutputError naming
+        ``subject`` (default: the folder) and the holder (pid, host, start time, command).
+        fsspec stores other than the local file system have no locks: there the block runs
+        unlocked.
+        """
+        if not self.local:
+            yield
+            return
+        self.makedirs()
+        path = Path(self.path) / name
+        fd = self._acquire(path, subject or self.root)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (f"pid {os.getpid()} on {platform.node()} since"
+                           f" {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}"
+                           ).encode(), 0)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()           # while still held: the folder is left as it was
+            os.close(fd)                # closing releases the lock
+
+    @staticmethod
+    def _acquire(path: Path, subject: str) -> int:
+        """An open, exclusively flock'ed descriptor of the lock file ``path`` (created if need
+        be); OutputError naming ``subject`` when another process holds it. A lock file its
+        holder removed while we waited on it is not the lock any more: take the new one."""
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise OutputError(subject, f"cannot be locked ({err.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(subject, f"another run is writing here ({holder}); wait"
+                                  " for it to finish or choose another output") from None
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                return fd
+            os.close(fd)                # the previous holder removed it on release: retry
+        raise OutputError(subject, "cannot be locked (its lock file keeps changing)")
 
     def remove_unfinished(self, name: str = "") -> list[str]:
         """Delete leftover temporary files (``*.tmp-*``) directly inside ``name``; their names."""

@@ -46,7 +46,6 @@ import cv2
 import numpy as np
 import PIL
 from PIL import features
-from tqdm import tqdm
 
 from pipeline import images, labels
 from pipeline.dask_cluster import dask_client
@@ -64,6 +63,7 @@ from pipeline.manifest import (
     version_id,
     write_manifest,
 )
+from pipeline.progress import progress as progress_bar
 from pipeline.readers import DATASETS, FRAME_SIZE, Frame, check_layout, read_frames
 from pipeline.shards import (
     JPEG_OPTIONS,
@@ -497,6 +497,17 @@ def normalize(
     root = Path(root).resolve()
     check_layout(dataset, root)
     folder = Folder(out)
+    with folder.lock():
+        return _normalize_into(folder, dataset, root, options, workers=workers,
+                               dask_address=dask_address, skip_bad=skip_bad,
+                               max_bad_fraction=max_bad_fraction, overwrite=overwrite,
+                               progress=progress)
+
+
+def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, *,
+                    workers: int | None, dask_address: str | None, skip_bad: bool,
+                    max_bad_fraction: float, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """:func:`normalize` once it holds the output folder's lock."""
     started = time.perf_counter()
     plans, absent = plan_splits(dataset, root)
     total = sum(len(plan.names) for plan in plans.values())
@@ -507,6 +518,10 @@ def normalize(
                    _BadFrames(root, total, skip_bad, max_bad_fraction), progress, total)
         try:
             splits = {split: run.split(plan) for split, plan in plans.items()}
+        except BaseException:
+            if not run.manifest_removed:    # nothing was rewritten: the finished output stands
+                folder.remove(PROGRESS)
+            raise
         finally:
             run.bar.close()
     manifest = {**header, "splits": splits, "absent_splits": absent}
@@ -633,8 +648,8 @@ class _Run:
         workers = max(1, sum(client.nthreads().values()))
         self.chunk = max(1, min(CHUNK, math.ceil(options.shard_size / (2 * workers))))
         self.ahead = max(self.AHEAD, math.ceil(4 * workers * self.chunk / options.shard_size))
-        self.bar = tqdm(total=total, unit="frame", desc="normalize", disable=not progress,
-                        dynamic_ncols=True, smoothing=0.1)
+        self.bar = progress_bar(total=total, unit="frame", desc="normalize",
+                                disable=not progress, smoothing=0.1)
 
     def split(self, plan: SplitPlan) -> dict[str, Any]:
         """Process one split; its manifest entry."""

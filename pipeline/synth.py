@@ -47,11 +47,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import fsync_dir
 from pipeline.matfile import MAT_FORMATS, MatFormat, write_char_rows, write_fixdata
+from pipeline.progress import progress
 from pipeline.readers import BDDA_GAZE_SIZE, DATASETS, DISPLAY_NAMES, SYNTHETIC_MARKER
 from pipeline.splits import SPLITS, write_split
 
@@ -178,8 +178,8 @@ def _write_all(dataset: str, root: Path, videos: int, frames: int, seed: int,
     listed = {split: [] for split in SPLITS}
     if not bdda:
         (root / "fixdata").mkdir()
-    progress = tqdm(total=videos * frames, desc=f"synth {dataset}", unit="frame", disable=None)
-    with progress:
+    bar = progress(total=videos * frames, desc=f"synth {dataset}", unit="frame")
+    with bar:
         for index, video in enumerate(ids):
             video_rng = np.random.default_rng([seed, DATASETS.index(dataset), video])
             scene = _Scene(video_rng, rainy=dataset == "drfixd-rainy", city=bdda)
@@ -204,7 +204,7 @@ def _write_all(dataset: str, root: Path, videos: int, frames: int, seed: int,
                     if index == 0 and number == edge_frame:
                         cell[-1, 3] = FRAME_SIZE[0] + 0.4
                     cells.append(cell)
-                progress.update()
+                bar.update()
             if not bdda:
                 write_fixdata(root / "fixdata" / f"fixdata{video}.mat", cells, mat_format)
             split = SPLIT_CYCLE[index % len(SPLIT_CYCLE)]

@@ -20,11 +20,10 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.errors import BadInputError
 from pipeline.fsio import TMP_MARK, Folder
 from pipeline.manifest import INPUTS, VERSION_KEY, malformed, read_manifest, version_id
+from pipeline.progress import track
 from pipeline.shards import iter_tar
 from pipeline.splits import SPLITS
 
@@ -53,8 +52,8 @@ def verify(prepared: str, *, progress: bool = False) -> list[str]:
     shards = [shard for split in manifest.get("splits", {}).values() for shard in split["shards"]]
     with ThreadPoolExecutor(HASH_THREADS) as pool:
         checks = pool.map(lambda shard: _check_shard(folder, shard), shards)
-        for found in tqdm(checks, total=len(shards), unit="shard", desc="verify",
-                          disable=not progress):
+        for found in track(checks, total=len(shards), unit="shard", desc="verify",
+                           disable=not progress):
             problems.extend(found)
     listed = {shard["name"] for shard in shards}
     for name in folder.listdir():

@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.clip import PUBLISHED, RANDOM_NOTE, ClipSpec, cached_encoder
 from pipeline.clip_cache import open_checked_cache
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import prepared_size
+from pipeline.progress import progress
 from pipeline.shards import split_shards
 from salmm import metrics
 from salmm.options import (
@@ -372,12 +372,24 @@ def csv_bytes(rows: Sequence[dict[str, Any]], metric_names: Sequence[str]) -> by
     return buf.getvalue().encode()
 
 
-def table_text(title: str, row_name: str, means: dict[str, float], note: str | None = None
-               ) -> str:
+def table_text(title: str, row_name: str, means: dict[str, float], note: str | None = None,
+               undefined: dict[str, int] | None = None,
+               defined_means: dict[str, float] | None = None) -> str:
     """Markdown: a title line, the ``note`` (when given) as a bold line, and
-    :func:`salmm.metrics.format_table` of one row."""
+    :func:`salmm.metrics.format_table` of one row - two when some metric is undefined (NaN) on
+    some frames (``undefined``: metric -> frames): the official means, NaN as in MATLAB, then
+    ``defined_means`` over the frames where each metric is defined, and a line saying how many
+    were left out."""
     head = f"{title}\n\n**{note}**" if note else title
-    return f"{head}\n\n{metrics.format_table({row_name: means})}\n"
+    rows = {row_name: means}
+    skipped = {m: k for m, k in (undefined or {}).items() if k}
+    if skipped and defined_means is not None:
+        rows[f"{row_name}, defined frames only"] = defined_means
+        head += ("\n\nUndefined on some frames (NaN: e.g. an all-zero label): "
+                 + ", ".join(f"{m} on {k}" for m, k in skipped.items())
+                 + ". The first row is the official mean (NaN, as MATLAB's); the second leaves"
+                 " those frames out.")
+    return f"{head}\n\n{metrics.format_table(rows)}\n"
 
 
 def finite_means(rows: Sequence[dict[str, Any]], metric_names: Sequence[str]) -> dict[str, float]:
@@ -461,8 +473,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             bar.update(1)
 
     try:
-        with tqdm(total=n_frames, unit="frame", desc=f"evaluate {opts.split}",
-                  dynamic_ncols=True) as bar:
+        with progress(total=n_frames, unit="frame", desc=f"evaluate {opts.split}") as bar:
             samples = iter_samples(opts.prepared, manifest, opts.split)
             for batch in batched(samples, opts.batch_size):
                 frames = torch.stack([s["frame"] for s in batch])
@@ -502,7 +513,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     title = (f"SalM2 on {dataset} {opts.split} ({len(rows)} frames; data version {version};"
              f" checkpoint {Path(opts.checkpoint).name}, sha256 {loaded.info['sha256'][:12]})")
     note = RANDOM_NOTE if loaded.clip.random else None
-    text = table_text(title, f"{dataset} {opts.split}", scores.means, note)
+    defined = finite_means(rows, names_order)
+    text = table_text(title, f"{dataset} {opts.split}", scores.means, note, scores.nan_frames,
+                      defined)
     out.write_bytes(TABLE_NAME, text.encode())
     summary = {
         "dataset": {"prepared": opts.prepared, "dataset": dataset, "version_id": version,
@@ -519,7 +532,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         "autocast": str(loaded.autocast) if loaded.autocast is not None else None,
         "metrics": names_order,
         "means": {m: _jsonable(v) for m, v in scores.means.items()},
-        "means_without_nan": {m: _jsonable(v) for m, v in finite_means(rows, names_order).items()},
+        "means_without_nan": {m: _jsonable(v) for m, v in defined.items()},
         "nan_frames": scores.nan_frames,
         "n_frames": scores.n_frames,
         "outputs": {"csv": {"name": CSV_NAME, "sha256": hashlib.sha256(data).hexdigest()},

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from tqdm import tqdm
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import write_atomic
+from pipeline.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def export_for_matlab(
     """
     names: list[str] = []
     seen: set[str] = set()
-    for name, pred, label in tqdm(frames, desc="export .mat", unit="frame", leave=False):
+    for name, pred, label in track(frames, desc="export .mat", unit="frame", leave=False):
         if name in seen:
             raise ValueError(f"frame name {name!r} appears twice")
         write_frame(root, name, pred, label)

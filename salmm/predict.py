@@ -32,10 +32,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.progress import progress
 from salmm import overlay
 from salmm.evaluate import (
     MODEL_OPTIONS_NOTE,
@@ -265,7 +265,7 @@ def predict(opts: PredictOptions) -> list[Path]:
     out.makedirs()
     written: list[Path] = []
     frames: list[np.ndarray] = []
-    with tqdm(total=total, unit="frame", desc="predict", dynamic_ncols=True) as bar:
+    with progress(total=total, unit="frame", desc="predict") as bar:
         for batch in batched(limited(items, opts.limit), opts.batch_size):
             x = torch.from_numpy(np.stack([it.model_input.transpose(2, 0, 1) for it in batch]))
             emb = (torch.stack([torch.from_numpy(table.lookup(it.key, False)) for it in batch])

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from pipeline import clip_cache, cpu
 from pipeline.clip import RANDOM_NOTE
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.progress import progress, track
 from pipeline.shards import split_shards
 from salmm import metrics
 from salmm.checkpoint import (
@@ -73,7 +73,7 @@ log = logging.getLogger("salmm.train")
 VALID_METRICS = ("CC", "SIM", "KLD")
 CSV_COLUMNS = ("epoch", "step", "train_loss", "valid_loss", *VALID_METRICS, "lr",
                "train_samples", "train_seconds", "train_samples_per_s", "valid_samples",
-               "valid_seconds")
+               "valid_seconds", "valid_undefined")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -291,8 +291,8 @@ def train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, steps: in
     model.train()
     loss_sum, count = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(total=total, unit="sample", desc=f"epoch {epoch + 1}/{epochs}",
-               disable=not rt.main, dynamic_ncols=True, leave=False)
+    bar = progress(total=total, unit="sample", desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not rt.main, leave=False)
     with bar:
         for i, batch in enumerate(loader):
             if steps is not None and i >= steps:
@@ -326,13 +326,16 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime
              ) -> dict[str, float]:
     """Validation loss and the mean CC, SIM, KLD per frame (:func:`salmm.metrics.evaluate_frame`,
     the official evaluation's per-frame scores) over all processes' samples, and their count
-    (``valid_loss``, ``CC``, ``SIM``, ``KLD``, ``valid_samples``)."""
+    (``valid_loss``, ``CC``, ``SIM``, ``KLD``, ``valid_samples``). A metric undefined on a frame
+    (NaN: an all-zero label has no distribution to compare with) is left out of its mean;
+    ``valid_undefined`` counts the frames on which any of them was."""
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     module.eval()
     rng = np.random.default_rng(0)          # evaluate_frame draws only for the fixation metrics
     sums = dict.fromkeys(("loss", *VALID_METRICS), 0.0)
-    count = 0
-    for batch in tqdm(loader, desc="validate", unit="batch", disable=not rt.main, leave=False):
+    defined = dict.fromkeys(VALID_METRICS, 0)
+    count = undefined = 0
+    for batch in track(loader, desc="validate", unit="batch", disable=not rt.main, leave=False):
         frames, labels, emb = _to_device(batch, rt)
         with _autocast(rt):
             pred = module(frames, emb)
@@ -340,12 +343,21 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime
         sums["loss"] += bce_map(pred, labels).flatten(1).mean(1).sum().item()
         for p, t in zip(pred[:, 0].double().cpu().numpy(), labels[:, 0].double().cpu().numpy()):
             scores = metrics.evaluate_frame(p, t, None, rng=rng)
+            undefined += any(math.isnan(scores[name]) for name in VALID_METRICS)
             for name in VALID_METRICS:
-                sums[name] += scores[name]
+                if not math.isnan(scores[name]):
+                    sums[name] += scores[name]
+                    defined[name] += 1
         count += labels.shape[0]
-    *totals, n = _all_reduce([*sums.values(), float(count)], rt)
-    out = {"valid_loss" if k == "loss" else k: v / n for k, v in zip(sums, totals)}
-    return {**out, "valid_samples": int(n)}
+    reduced = _all_reduce(
+        [*sums.values(), float(count), float(undefined), *map(float, defined.values())], rt)
+    loss, *metric_sums = reduced[:len(sums)]
+    n, bad = reduced[len(sums):len(sums) + 2]
+    counts = reduced[len(sums) + 2:]
+    out = {"valid_loss": loss / n}
+    out.update({name: total / k if k else math.nan
+                for name, total, k in zip(VALID_METRICS, metric_sums, counts)})
+    return {**out, "valid_samples": int(n), "valid_undefined": int(bad)}
 
 
 def warn_if_crowded(load: cpu.ThreadGovernor, threads: int | None) -> bool:
@@ -576,9 +588,11 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
                 for key in ("train_loss", "valid_loss", *VALID_METRICS, "train_samples_per_s"):
                     tb.add_scalar(f"epoch/{key}", row[key], step)
                 tb.flush()
-            log.info("epoch %d/%d: train loss %.5f, valid loss %.5f, CC %.4f, SIM %.4f, KLD %.4f,"
-                     " %.0f samples/s", epoch + 1, cfg.epochs, row["train_loss"],
-                     row["valid_loss"], row["CC"], row["SIM"], row["KLD"],
+            undefined = (f" ({row['valid_undefined']} of {row['valid_samples']} validation"
+                         " frames skipped: all-zero label)" if row["valid_undefined"] else "")
+            log.info("epoch %d/%d: train loss %.5f, valid loss %.5f, CC %.4f, SIM %.4f, KLD %.4f%s,"
+                     " %.3g samples/s", epoch + 1, cfg.epochs, row["train_loss"],
+                     row["valid_loss"], row["CC"], row["SIM"], row["KLD"], undefined,
                      row["train_samples_per_s"])
             warned = warned or warn_if_crowded(load, threads)
             if rt.distributed:

@@ -398,3 +398,124 @@ def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_pat
                                             "out": str(tmp_path / "short")}))
     read = len([p for p in written if p.suffix == ".png"])
     assert 0 < read < 8 and f"read {read} of the 8 frames it announces" in caplog.text
+
+
+# ---- 11. one writer per output -----------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, cluster):
+    from pipeline.clip import ClipSpec
+    from pipeline.embed import embed_prepared
+    from pipeline.errors import OutputError
+    from pipeline.fsio import Folder
+
+    root = trafficgaze(tmp_path / "raw")
+    out = tmp_path / "out"
+    with Folder(out).lock():                     # another run holds the folder
+        for overwrite in (False, True):
+            with pytest.raises(OutputError) as info:
+                run(root, out, cluster, overwrite=overwrite)
+            assert f"{out}: another run is writing here (pid" in str(info.value)
+    assert not (out / MANIFEST).exists()
+    run(root, out, cluster)                      # free again
+    with (Folder(out / "clip").lock("c.zarr.lock"),
+          pytest.raises(OutputError, match="c.zarr: another run is writing here")):
+        embed_prepared(out, out / "clip" / "c.zarr", spec=ClipSpec(pretrained=None), workers=1)
+
+
+# ---- 13. small things ---------------------------------------------------------------------------
+
+
+def test_the_stale_cache_message_leads_to_a_run_that_works(tmp_path, cluster):
+    from pipeline.clip import ClipSpec
+    from pipeline.clip_cache import open_cache, open_checked_cache
+    from pipeline.embed import embed_prepared
+
+    root = trafficgaze(tmp_path / "raw")
+    out = tmp_path / "p"
+    spec = ClipSpec(pretrained=None)
+    run(root, out, cluster)
+    cache = embed_prepared(out, spec=spec, workers=1)
+    run(root, out, cluster, shard_size=3, overwrite=True)      # another version of the data
+    manifest = read_manifest(str(out))
+    refused(lambda: open_checked_cache(None, str(out), manifest, spec.identity(), ["train"]),
+            "made from prepared dataset version", "re-run `python -m pipeline embed`")
+    assert embed_prepared(out, spec=spec, workers=1) == cache  # does what the message says
+    open_cache(cache, prepared=out)
+
+
+def test_a_refused_normalize_leaves_the_complete_output_as_it_was(tmp_path, cluster):
+    root = trafficgaze(tmp_path / "raw")
+    out = tmp_path / "p"
+    run(root, out, cluster)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    refused(lambda: run(root, out, cluster, shard_size=3), "use --overwrite")
+    frame = root / "trafficframe" / "01" / "000001.jpg"
+    frame.write_bytes(_tiny_jpeg(99))                           # changed since the shard
+    refused(lambda: run(root, out, cluster), str(frame), "changed since")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (out / ".progress").exists()
+
+
+# ---- 12. undefined validation metrics ----------------------------------------------------------
+
+
+def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
+    import torch
+
+    from pipeline.clip import ClipSpec, cached_encoder
+    from pipeline.fsio import Folder
+    from pipeline.manifest import write_manifest
+    from pipeline.shards import encode_label_png, split_shards, write_shard
+    from salmm import train
+    from salmm.data import SaliencyShards, make_loader
+    from salmm.model import SalMM
+    from tests._prepared import make_sample, write_prepared
+
+    prepared = write_prepared(tmp_path / "p", {"valid": [3]})
+    samples = [make_sample(i, (32, 32)) for i in range(3)]
+    samples[1]["saliency.png"] = encode_label_png(np.zeros((32, 32)))     # nobody looked
+    manifest = read_manifest(str(prepared))
+    entry = write_shard(Folder(prepared), "valid-000000.tar", samples).manifest_entry()
+    manifest["splits"]["valid"]["shards"] = [entry]
+    write_manifest(Folder(prepared), {k: v for k, v in manifest.items() if k != "version_id"})
+    data = SaliencyShards(split_shards(str(prepared), read_manifest(str(prepared)), "valid"),
+                          split="valid", train=False, seed=0, batch_size=2, size=(32, 32))
+    torch.manual_seed(0)
+    model = SalMM(clip=cached_encoder(ClipSpec(pretrained=None)))
+    rt = train.Runtime(rank=0, world_size=1, device=torch.device("cpu"), autocast=None)
+    scores = train.validate(model, make_loader(data, 0, False), rt)
+    assert scores["valid_samples"] == 3 and scores["valid_undefined"] == 1
+    assert all(np.isfinite(scores[m]) for m in ("CC", "SIM", "KLD"))
+
+
+def test_progress_off_a_terminal_is_log_lines_not_carriage_returns(monkeypatch, caplog):
+    from pipeline import progress as progress_module
+
+    monkeypatch.setattr(progress_module.sys.stderr, "isatty", lambda: False)
+    with (caplog.at_level(logging.INFO, logger="progress"),
+          progress_module.progress(total=3, desc="normalize", unit="frame") as bar):
+        assert isinstance(bar, progress_module.LogProgress)
+        bar.every_s = 0.0
+        for _ in range(3):
+            bar.update(1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[-1].startswith("normalize: 3/3 frame (") and all("\r" not in x for x in lines)
+
+
+def test_evaluate_says_how_many_frames_a_metric_skips(inference, tmp_path):
+    import json
+
+    from salmm.evaluate import EvalOptions, evaluate
+
+    data = inference
+    summary = evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(data.prepared),
+                                   out=str(tmp_path), cached_clip=True, workers=0))
+    skipped = {m: k for m, k in summary["nan_frames"].items() if k}
+    assert skipped, "the synthetic test split has frames with a single fixation (AUC_B NaN)"
+    table = (tmp_path / "results.md").read_text()
+    for metric, count in skipped.items():
+        assert f"{metric} on {count}" in table
+    assert "defined frames only" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["nan_frames"] == \
+        summary["nan_frames"]

@@ -11,8 +11,14 @@ from pipeline.errors import BadInputError
 from pipeline.manifest import version_id
 
 DIM = 8
+def _split(name: str, samples: int) -> dict:
+    return {"samples": samples, "shards": [{"name": f"{name}-000000.tar", "samples": samples,
+                                            "sha256": "0" * 64}]}
+
+
 MANIFEST = {"format": "salmm-prepared", "format_version": 1, "dataset": "bdda",
-            "splits": {"train": {"samples": 5}, "valid": {"samples": 3}}}
+            "options": {"size": {"height": 256, "width": 256}},
+            "splits": {"train": _split("train", 5), "valid": _split("valid", 3)}}
 OTHER_MANIFEST = {**MANIFEST, "dataset": "trafficgaze"}
 
 
