@@ -80,7 +80,7 @@ def choose_clip_weights(model: str, pretrained: str | None, synthetic: bool) -> 
                 "  Point at a local weight file:  python -m flows.quickstart --clip-pretrained /path/to/ViT-B-32.pt\n"
                 "  or opt into random weights for a smoke run:  python -m flows.quickstart --clip-pretrained none"
             ) from None
-        reason = err.problem.split(";")[0]
+        reason = err.problem.split(";")[0].removeprefix(f"could not get the {model} weights").strip(" ()")
         note = (
             f"{RANDOM_NOTE}: the {model} '{pretrained}' weights cannot be had here ({reason}),"
             " so this demo on synthetic data uses random CLIP weights and learns nothing real;"

@@ -4,7 +4,8 @@ A ``tqdm`` bar redraws its line with carriage returns. Where stderr is not a ter
 file, a CI job, a Prefect run, ``subprocess`` capture - those redraws pile up on one line and
 the next log message is glued onto it, so there :func:`progress` gives a :class:`LogProgress`
 instead: the same calls (``update``, ``set_postfix``, ``close``, a context manager), and one
-plain log line every :data:`LOG_EVERY_S` seconds and at the end.
+plain log line every :data:`LOG_EVERY_S` seconds and at the end of anything that took at least
+:data:`QUIET_UNDER_S` seconds.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from tqdm import tqdm
 
 T = TypeVar("T")
 LOG_EVERY_S = 30.0
+QUIET_UNDER_S = 5.0
 log = logging.getLogger("progress")
 
 
 class LogProgress:
     """tqdm's interface, reporting through :mod:`logging`: ``"<desc>: n/total unit (rate/s)"``
-    every ``every_s`` seconds and once when closed (if anything happened)."""
+    every ``every_s`` seconds, and once when closed if it ran :data:`QUIET_UNDER_S` or more."""
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it",
                  every_s: float = LOG_EVERY_S) -> None:
@@ -53,8 +55,9 @@ class LogProgress:
                  self.unit, extra)
 
     def close(self) -> None:
-        if not self._closed and self.n:
-            self._report(time.monotonic())
+        now = time.monotonic()
+        if not self._closed and self.n and now - self._start >= QUIET_UNDER_S:
+            self._report(now)
         self._closed = True
 
     def __enter__(self) -> Self:

@@ -493,6 +493,7 @@ def test_progress_off_a_terminal_is_log_lines_not_carriage_returns(monkeypatch, 
     from pipeline import progress as progress_module
 
     monkeypatch.setattr(progress_module.sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(progress_module, "QUIET_UNDER_S", 0.0)
     with (caplog.at_level(logging.INFO, logger="progress"),
           progress_module.progress(total=3, desc="normalize", unit="frame") as bar):
         assert isinstance(bar, progress_module.LogProgress)
