@@ -187,11 +187,24 @@ def decode_rgb_bytes(data: bytes, where: str | os.PathLike[str], *,
     """:func:`decode_rgb` of an image already in memory (a shard's ``jpg``); ``where`` names it
     in the BadInputError raised for corrupt, truncated or wrongly sized data (``expect`` /
     ``bound``: see :func:`check_size`)."""
+    return _decode(data, where, "RGB", expect, bound)
+
+
+def _decode(data: bytes, where: str | os.PathLike[str], mode: str,
+            expect: tuple[int, int] | None, bound: tuple[int, int] | None) -> np.ndarray:
+    """Checks, then the decode of mode "RGB" ([H, W, 3]) or "L" ([H, W]): libjpeg-turbo for
+    greyscale and YCbCr JPEG data; otherwise Pillow (RGB, as imageio) or OpenCV (grey, as the
+    published ``cv2.imread(path, 0)``)."""
     check_complete(data, where)
     check_size(data, where, expect=expect, bound=bound)
     header = jpeg_header(data)
     if header is not None and header[0] in (1, 3):
-        return _jpeg_decode(where, data, "RGB")
+        return _jpeg_decode(where, data, "RGB" if mode == "RGB" else "GRAY")
+    if mode == "L":
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise BadInputError(where, "corrupt image (OpenCV cannot decode it)")
+        return image
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -218,15 +231,7 @@ def decode_gray_bytes(data: bytes, where: str | os.PathLike[str], *,
                       bound: tuple[int, int] | None = None) -> np.ndarray:
     """:func:`decode_gray` of an image already in memory; ``where`` names it in errors
     (``expect`` / ``bound``: see :func:`check_size`)."""
-    check_complete(data, where)
-    check_size(data, where, expect=expect, bound=bound)
-    header = jpeg_header(data)
-    if header is not None and header[0] in (1, 3):
-        return _jpeg_decode(where, data, "GRAY")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-    if image is None:                   # OpenCV, as the published cv2.imread(path, 0)
-        raise BadInputError(where, "corrupt image (OpenCV cannot decode it)")
-    return image
+    return _decode(data, where, "L", expect, bound)
 
 
 def decode_reduced_bytes(data: bytes, where: str | os.PathLike[str], size: tuple[int, int],

@@ -7,6 +7,7 @@
   8-frame synthetic datasets (one video per split, frames 6..8 / 4..8 listed).
 * ``copy_dataset`` (function-scoped): ``copy_dataset(root)`` -> a private writable copy,
   for tests that damage files.
+* ``dask_cluster`` (module): an in-process Dask cluster to pass by address.
 * ``tiny_raw`` (function-scoped factory): a minimal hand-written dataset with chosen
   fixdata cells and tiny JPEGs, for tests that need exact control (bad-input cases).
 
@@ -89,6 +90,20 @@ def write_tiny_dataset(
                  for video in splits.get(split, []) for number in range(1, frames[video] + 1)]
         write_split(root / f"{split}.json", names)
     return root
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """An already-running in-process Dask cluster (two single-threaded workers), for code
+    that is given a scheduler address."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                      silence_logs=logging.ERROR) as local:
+        yield local
 
 
 @pytest.fixture(autouse=True, scope="session")

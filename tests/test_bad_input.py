@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import _tiny_jpeg, write_tiny_dataset
-from distributed import LocalCluster
 
 from pipeline.errors import BadInputError
 from pipeline.images import decode_gray, decode_rgb
@@ -25,11 +24,9 @@ from pipeline.normalize import normalize
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
-                      silence_logs=logging.ERROR) as local:
-        yield local.scheduler_address
+def cluster(dask_cluster):
+    """The in-process cluster's address."""
+    return dask_cluster.scheduler_address
 
 
 def _cells(frames: int) -> list[np.ndarray]:

@@ -32,13 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(dask_cluster):
     """An in-process Dask cluster for normalize and the Dask embed test."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as local:
-        yield local
+    return dask_cluster
 
 
 @pytest.fixture(scope="module")

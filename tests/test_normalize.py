@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_tiny_dataset
-from distributed import LocalCluster
 from PIL import Image
 
 from pipeline.errors import BadInputError
@@ -55,12 +53,9 @@ def outputs(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """An already-running in-process Dask cluster, used through its address."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
-                      silence_logs=logging.ERROR) as local:
-        yield local.scheduler_address
+def cluster(dask_cluster):
+    """The in-process cluster's address."""
+    return dask_cluster.scheduler_address
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,19 @@ def _offline(tmp_path: Path) -> dict[str, str]:
     return _env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
 
 
+def quickstart(tmp_path: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python -m flows.quickstart ARGS`` as a user runs it, with no way to the CLIP weights."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.quickstart", *args],
+        cwd=REPO,
+        env=_offline(tmp_path),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
 def _listening(url: str) -> bool:
     host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()
     with socket.socket() as probe:
@@ -45,31 +58,10 @@ def _listening(url: str) -> bool:
 @pytest.mark.slow
 def test_quickstart_smoke_run_leaves_every_promised_artifact(tmp_path: Path) -> None:
     work = tmp_path / "qs"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.quickstart",
-            "--work",
-            str(work),
-            "--epochs",
-            "1",
-            "--videos",
-            "3",
-            "--frames",
-            "7",
-            "--size",
-            "64x64",
-            "--batch-size",
-            "4",
-            "--predict-frames",
-            "3",
-        ],
-        cwd=REPO,
-        env=_offline(tmp_path),
-        capture_output=True,
-        text=True,
-        check=False,
+    run = quickstart(
+        tmp_path,
+        *("--work", str(work), "--epochs", "1", "--videos", "3", "--frames", "7"),
+        *("--size", "64x64", "--batch-size", "4", "--predict-frames", "3"),
         timeout=900,
     )
     output = run.stdout + run.stderr
@@ -117,15 +109,7 @@ def test_quickstart_on_real_data_without_clip_weights_says_how_to_proceed(tmp_pa
          "--videos", "3", "--frames", "4"],
         cwd=REPO, env=_env(), check=True, capture_output=True,
     )
-    run = subprocess.run(
-        [sys.executable, "-m", "flows.quickstart", "--work", str(tmp_path / "qs"), "--root", str(raw)],
-        cwd=REPO,
-        env=_offline(tmp_path),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    run = quickstart(tmp_path, "--work", str(tmp_path / "qs"), "--root", str(raw), timeout=300)
     assert run.returncode != 0
     assert "--clip-pretrained /path/to/ViT-B-32.pt" in run.stderr
     assert "--clip-pretrained none" in run.stderr
