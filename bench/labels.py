@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.datasets import read_frames
 from pipeline.labels import fixation_label, fixation_label_reference, label_operators
-from pipeline.readers import SOURCE_SIZE, read_frames
+from pipeline.readers import SOURCE_SIZE
 from pipeline.splits import SPLITS
 from pipeline.synth import write_dataset
 

@@ -51,9 +51,10 @@ from PIL import Image
 
 from pipeline import labels, synth
 from pipeline.dask_cluster import dask_client
+from pipeline.datasets import read_frames
 from pipeline.matfile import load_fixdata, write_fixdata
 from pipeline.normalize import Options, normalize, prepare_frame
-from pipeline.readers import fixation_points, read_frames
+from pipeline.readers import fixation_points
 from pipeline.shards import decode_label_png, encode_jpeg, encode_label_png
 
 log = logging.getLogger("bench.prepare")

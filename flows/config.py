@@ -29,10 +29,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pipeline.datasets import REGISTRY
 from pipeline.errors import BadInputError
 
 # Folder names of the raw downloads under a common data root, as the authors' release names them.
-RAW_DIRNAMES = {"bdda": "BDDA", "trafficgaze": "TrafficGaze", "drfixd-rainy": "DrFixD_rainy"}
+RAW_DIRNAMES = {name: entry.release_dir for name, entry in REGISTRY.items()}
 
 DEFAULTS: dict[str, Any] = {
     "data_root": "data/raw",

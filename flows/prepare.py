@@ -41,7 +41,7 @@ RETRY = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _is_trans
 
 @task(name="check-layout")
 def check_layout_task(dataset: str, root: str) -> None:
-    from pipeline.readers import check_layout
+    from pipeline.datasets import check_layout
 
     check_layout(dataset, root)
     get_run_logger().info("%s: raw layout of %s looks right", root, dataset)

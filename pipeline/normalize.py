@@ -49,6 +49,8 @@ from PIL import features
 
 from pipeline import images, labels
 from pipeline.dask_cluster import dask_client
+from pipeline.datasets import DATASETS, check_layout, read_frames
+from pipeline.datasets import get as dataset_entry
 from pipeline.errors import BadInputError, OutputError
 from pipeline.fsio import Folder, file_fingerprint, relative_to
 from pipeline.manifest import (
@@ -64,7 +66,7 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.progress import progress as progress_bar
-from pipeline.readers import DATASETS, FRAME_SIZE, Frame, check_layout, read_frames
+from pipeline.readers import Frame
 from pipeline.shards import (
     JPEG_OPTIONS,
     PNG_OPTIONS,
@@ -191,11 +193,6 @@ def sample_key(video: int, frame: int) -> str:
     return f"v{video:04d}_f{frame:06d}"
 
 
-def fixdata_file(root: Path, video: int) -> Path:
-    """The fixdata file that holds a TrafficGaze / DrFixD-rainy video's fixations."""
-    return root / "fixdata" / f"fixdata{video}.mat"
-
-
 def _fingerprint(path: Path, root: Path) -> tuple[str, int, str]:
     try:
         size, sha = file_fingerprint(path)
@@ -215,11 +212,12 @@ def decode_frame(frame: Frame, options: Options, raw: dict[Path, bytes],
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """The camera frame (uint8 [H, W, 3] RGB) and, for BDDA, the gaze map (uint8 [h, w]), decoded
     per the profile from ``raw`` (path -> bytes of :func:`raw_files`). A frame must be
-    :data:`~pipeline.readers.FRAME_SIZE`, a gaze map at most that; both are checked from the
-    header before anything is decoded."""
+    its dataset's frame size, a gaze map at most that (:mod:`pipeline.datasets`); both are
+    checked from the header before anything is decoded."""
     image, gaze = frame.image_path, frame.gaze_map_path
-    frame_size = {"expect": FRAME_SIZE}     # checked from the header, before decoding
-    map_size = {"bound": FRAME_SIZE}
+    size = dataset_entry(frame.dataset).frame_size
+    frame_size = {"expect": size}           # checked from the header, before decoding
+    map_size = {"bound": size}
     if options.profile == "fast":
         rgb = images.decode_reduced_bytes(raw[image], image, options.size, "RGB", **frame_size)
         gray = (images.decode_reduced_bytes(raw[gaze], gaze, options.size, "L", **map_size)
@@ -244,7 +242,8 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
         label = labels.fixation_label(frame.fixations, size=options.size,
                                       source_size=frame.source_size)
         files = {"image": relative_to(frame.image_path, root),
-                 "fixdata": relative_to(fixdata_file(root, frame.video), root)}
+                 "fixdata": relative_to(dataset_entry(frame.dataset).fixdata_file(
+                     root, frame.video), root)}
     else:
         label = labels.gaze_map_label(gray, size=options.size)
         files = {"image": relative_to(frame.image_path, root),
@@ -489,8 +488,7 @@ def normalize(
         BadInputError: bad raw input (one line naming the file), too many bad frames, or ``out``
             holding output of other options/inputs. No manifest is written then.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    dataset_entry(dataset)                  # ValueError for an unknown one
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     options = Options(parse_size(size), shard_size, profile)
@@ -566,10 +564,10 @@ def _header(dataset: str, root: Path, options: Options, plans: dict[str, SplitPl
         rel, size, sha = _fingerprint(split_path(root, split), root)
         split_files[rel] = {"size": size, "sha256": sha}
     fixdata: dict[str, dict[str, Any]] = {}
-    if dataset != "bdda":
+    if dataset_entry(dataset).has_fixations:
         videos = sorted({int(name.split("/")[0]) for plan in plans.values()
                          for name in plan.names if name.split("/")[0].isdigit()})
-        paths = [str(fixdata_file(root, video)) for video in videos]
+        paths = [str(dataset_entry(dataset).fixdata_file(root, video)) for video in videos]
         futures = client.map(fingerprint_files, [[p] for p in paths], root=str(root), pure=False)
         for part in client.gather(futures):
             fixdata.update(part)

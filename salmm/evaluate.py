@@ -49,6 +49,7 @@ import numpy as np
 
 from pipeline.clip import PUBLISHED, RANDOM_NOTE, ClipSpec, cached_encoder
 from pipeline.clip_cache import open_checked_cache
+from pipeline.datasets import REGISTRY
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import prepared_size
@@ -436,7 +437,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     manifest, n_frames = read_split(opts.prepared, opts.split)
     version = version_id(manifest)
     dataset = manifest.get("dataset", "unknown")
-    fixation_metrics = dataset != "bdda"
+    fixation_metrics = dataset in REGISTRY and REGISTRY[dataset].has_fixations
     loaded = load_model(opts.checkpoint, inline_clip=not opts.cached_clip,
                         given_clip=dict(opts.clip), device=opts.device, amp=opts.amp)
     size = prepared_size(manifest)

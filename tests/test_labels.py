@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
+from pipeline.datasets import read_frames
 from pipeline.labels import (
     fixation_label,
     fixation_label_reference,
@@ -14,7 +15,6 @@ from pipeline.labels import (
     gaze_map_label,
     label_operators,
 )
-from pipeline.readers import read_frames
 
 TOLERANCE = 1e-4
 H, W = 720, 1280

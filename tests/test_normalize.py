@@ -15,12 +15,12 @@ import pytest
 from conftest import write_tiny_dataset
 from PIL import Image
 
+from pipeline.datasets import read_frames
 from pipeline.errors import BadInputError
 from pipeline.images import decode_gray, decode_rgb
 from pipeline.labels import fixation_label_reference, gaze_map_label
 from pipeline.manifest import INPUTS, MANIFEST, RUN, read_manifest, shard_urls, version_id
 from pipeline.normalize import normalize
-from pipeline.readers import read_frames
 from pipeline.shards import decode_label_png, decode_npy, iter_tar
 from pipeline.verify import verify
 

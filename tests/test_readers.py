@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from pipeline import readers
+from pipeline.datasets import check_layout, read_frames
 from pipeline.errors import BadInputError
 from pipeline.images import decode_gray, decode_reduced_bytes, decode_rgb, jpeg_header
 from pipeline.matfile import load_fixdata, write_fixdata
-from pipeline.readers import Frame, check_layout, fixation_points, read_frames
+from pipeline.readers import Frame, fixation_points
 from pipeline.splits import read_split, write_split
 
 

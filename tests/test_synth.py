@@ -16,11 +16,11 @@ import pytest
 import scipy.io
 
 from pipeline.cli import build_parser, main
+from pipeline.datasets import read_frames
 from pipeline.errors import BadInputError
 from pipeline.images import decode_gray, decode_rgb
 from pipeline.labels import fixation_label, fixation_label_reference
 from pipeline.matfile import load_fixdata
-from pipeline.readers import read_frames
 from pipeline.splits import read_split
 from pipeline.synth import write_dataset
 
