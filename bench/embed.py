@@ -36,8 +36,8 @@ from pipeline.clip import PRECISIONS, ClipSpec, cached_encoder, embed_pairs
 from pipeline.cpu import usable_cores
 from pipeline.embed import Compute, embed_prepared
 from pipeline.fsio import Folder
-from pipeline.manifest import write_manifest
-from pipeline.shards import encode_jpeg, encode_json, write_shard
+from pipeline.manifest import canonical_json, write_manifest
+from pipeline.shards import encode_jpeg, write_shard
 
 log = logging.getLogger("bench.embed")
 
@@ -58,7 +58,7 @@ def synthetic_prepared(root: Path, samples: int, shard_size: int = 32, size: int
             noisy = frame + rng.normal(0, 6, frame.shape)
             batch.append({"__key__": f"v{i:05d}_f000001",
                           "jpg": encode_jpeg(np.clip(noisy, 0, 255).astype(np.uint8)),
-                          "json": encode_json({"i": i})})
+                          "json": canonical_json({"i": i})})
         name = f"train-{first // shard_size:06d}.tar"
         entries.append(write_shard(folder, name, batch).manifest_entry())
     write_manifest(folder, {"format": "salmm-prepared", "format_version": 1,

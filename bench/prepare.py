@@ -13,7 +13,7 @@ one core:
   BDDA: ``cv2.imread(gray)`` + cubic resize + /255.
 * **baseline** (the ratios' denominator) — the straightforward per-frame normalize: the
   published loader's work, then the same JPEG / 16-bit PNG encoders as normalize.
-* **normalize** — ``pipeline.normalize.prepare_frame``: sha256 of the raw files, decode, cubic
+* **normalize** — ``pipeline.normalize.frames.prepare_frame``: sha256 of the raw files, decode, cubic
   resize, fast label, JPEG + 16-bit PNG + npy + json encoding of the sample. (Reading the
   fixdata file is done once per video when planning, not per frame.)
 * **every later epoch** — decoding one prepared sample (256x256 JPEG + 16-bit PNG label), which
@@ -53,7 +53,8 @@ from pipeline import labels, synth
 from pipeline.dask_cluster import dask_client
 from pipeline.datasets import read_frames
 from pipeline.matfile import load_fixdata, write_fixdata
-from pipeline.normalize import Options, normalize, prepare_frame
+from pipeline.normalize import Options, normalize
+from pipeline.normalize.frames import prepare_frame
 from pipeline.readers import fixation_points
 from pipeline.shards import decode_label_png, encode_jpeg, encode_label_png
 
@@ -118,7 +119,7 @@ def pixel_error(frames, root: Path) -> dict[str, tuple[float, float]]:
     errors: dict[str, list[np.ndarray]] = {"jpg": [], "saliency.png": []}
     for frame in frames:
         faithful = prepare_frame(frame, root, Options(SIZE)).sample
-        fast = prepare_frame(frame, root, Options(SIZE, profile="fast")).sample
+        fast = prepare_frame(frame, root, Options(SIZE, decode="fast")).sample
         errors["jpg"].append(np.abs(_jpg(faithful) - _jpg(fast)))
         errors["saliency.png"].append(
             np.abs(decode_label_png(faithful["saliency.png"])
@@ -147,7 +148,7 @@ def bench_dataset(dataset: str, root: Path, args: argparse.Namespace) -> None:
         "loader": loader,
         "baseline": straightforward(loader),
         "faithful": lambda f: prepare_frame(f, root, Options(SIZE)),
-        "fast": lambda f: prepare_frame(f, root, Options(SIZE, profile="fast")),
+        "fast": lambda f: prepare_frame(f, root, Options(SIZE, decode="fast")),
         "read": read_prepared,
     }, {"loader": frames, "baseline": frames, "faithful": frames, "fast": frames,
         "read": prepared}, args.repeats)

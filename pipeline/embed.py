@@ -69,7 +69,7 @@ from pipeline.images import decode_rgb_bytes
 from pipeline.manifest import canonical_json, prepared_size, read_manifest, version_id
 from pipeline.progress import Progress
 from pipeline.progress import progress as progress_bar
-from pipeline.shards import Shard, read_shard, split_shards
+from pipeline.shards import FRAME, Shard, read_shard, split_shards
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,9 @@ def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob],
             continue
         for index, sample in enumerate(read_shard(shard), start=shard.first):
             if wanted(index):
-                jpg = sample.get("jpg")
+                jpg = sample.get(FRAME)
                 if jpg is None:
-                    raise BadInputError(shard.url, f"sample {sample['__key__']} has no jpg")
+                    raise BadInputError(shard.url, f"sample {sample['__key__']} has no {FRAME}")
                 yield index, shard.url, sample["__key__"], jpg
         if verified is not None:
             verified.end = shard.end

@@ -1,9 +1,20 @@
-"""WebDataset shards, as small composable stages: encode fields → group into samples → write a
-deterministic tar → commit it atomically under its final name; and the one way to read a
-shard back: :func:`read_shard`, which hashes every byte as it reads and hands out a shard's last
-sample only once the whole file matched the sha256 its manifest records.
+"""The sample codec: what a prepared sample holds, WebDataset shards as small composable stages
+(encode fields → group into samples → write a deterministic tar → commit it atomically under
+its final name), and the one way to read a shard back: :func:`read_shard`, which hashes every
+byte as it reads and hands out a shard's last sample only once the whole file matched the
+sha256 its manifest records.
 
-A sample is a dict ``{"__key__": str, "<ext>": bytes, ...}``. Stable bytes come from fixed
+A sample is a dict ``{"__key__": str, "<field>": bytes, ...}`` with the fields
+
+=================  ===========================================================================
+``jpg``            :data:`FRAME`: the frame, uint8 RGB [H, W, 3] at the prepared size, JPEG
+``saliency.png``   :data:`LABEL`: the label, float [H, W] in [0, 1], 16-bit PNG of x * 65535
+``fixations.npy``  :data:`FIXATIONS`: int32 [N, 2] (row, col) in the source frame's pixels
+``json``           :data:`META`: dataset, split, video, frame, name, sizes, raw files (canonical)
+=================  ===========================================================================
+
+keyed ``v{video:04d}_f{frame:06d}`` (:func:`sample_key`), in shards named
+``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`SHARD_NAME`). Stable bytes come from fixed
 encoder options (below; the encoders' versions go into the manifest) and a tar writer whose
 headers carry no run-dependent data: every member has mtime ``TAR_MTIME``, uid/gid 0, empty
 user/group names, mode 0o444, USTAR format, and the members of a sample are written in sorted
@@ -15,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +38,9 @@ from PIL import Image
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
-from pipeline.manifest import shard_urls
+from pipeline.images import decode_rgb_bytes, image_size
+from pipeline.manifest import canonical_json, shard_urls
+from pipeline.splits import SPLITS
 
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -35,6 +49,11 @@ JPEG_OPTIONS = {"quality": 95, "subsampling": 0, "optimize": False, "progressive
 PNG_OPTIONS = {"compress_level": 1, "optimize": False}
 """Pillow PNG options: zlib level 1 (labels are smooth, higher levels save little and cost 3x)."""
 LABEL_SCALE = 65535
+
+FRAME, LABEL, FIXATIONS, META = "jpg", "saliency.png", "fixations.npy", "json"
+"""The fields of a sample (see the module docstring)."""
+SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
+"""What a shard's file name looks like."""
 
 
 # ---- field encoders ------------------------------------------------------------------------
@@ -85,9 +104,79 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def encode_json(obj: Any) -> bytes:
-    """Canonical JSON bytes: sorted keys, no whitespace, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+# ---- samples ------------------------------------------------------------------------------
+
+
+def sample_key(video: int, frame: int) -> str:
+    """Sample ``__key__`` from video and frame numbers: 1, 6 → ``"v0001_f000006"``."""
+    return f"v{video:04d}_f{frame:06d}"
+
+
+def encode_sample(key: str, frame: np.ndarray, label: np.ndarray, fixations: np.ndarray,
+                  meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A sample from its parts: ``frame`` uint8 RGB [H, W, 3], ``label`` float [H, W] in
+    [0, 1], ``fixations`` int [N, 2] (row, col), ``meta`` JSON-able."""
+    return {
+        "__key__": key,
+        FRAME: encode_jpeg(frame),
+        LABEL: encode_label_png(label),
+        FIXATIONS: encode_npy(np.asarray(fixations, dtype=np.int32).reshape(-1, 2)),
+        META: canonical_json(dict(meta)),
+    }
+
+
+def _field(sample: Mapping[str, Any], field: str) -> bytes:
+    """The bytes of ``field``; BadInputError naming the shard and sample when it is absent."""
+    if field not in sample:
+        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']} has no"
+                            f" {field}")
+    return sample[field]
+
+
+def _check_shape(sample: Mapping[str, Any], field: str, shape: tuple[int, int],
+                 size: tuple[int, int]) -> None:
+    if tuple(shape) != tuple(size):
+        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: {field}"
+                            f" is {shape[0]}x{shape[1]}, the run expects {size[0]}x{size[1]}")
+
+
+def decode_frame(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray:
+    """The sample's frame, uint8 RGB [H, W, 3], which must be ``size`` (height, width: checked
+    from the header before decoding); BadInputError naming the shard and sample otherwise."""
+    data = _field(sample, FRAME)
+    where = f"{sample.get('__url__', '?')}#{sample['__key__']}"
+    _check_shape(sample, FRAME, image_size(data, where), size)
+    return decode_rgb_bytes(data, where, expect=size)
+
+
+def decode_label(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray:
+    """The sample's label, float32 [H, W] in [0, 1], which must be ``size``."""
+    data = _field(sample, LABEL)
+    _check_shape(sample, LABEL, image_size(data, f"{sample.get('__url__', '?')}#"
+                                                 f"{sample['__key__']}"), size)
+    try:
+        return decode_label_png(data)
+    except (OSError, ValueError) as err:
+        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: bad"
+                            f" {LABEL} ({err})") from None
+
+
+def decode_fixations(sample: Mapping[str, Any]) -> np.ndarray:
+    """The sample's fixation points, int [N, 2] (row, col)."""
+    try:
+        return decode_npy(_field(sample, FIXATIONS))
+    except ValueError as err:
+        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: bad"
+                            f" {FIXATIONS} ({err})") from None
+
+
+def decode_meta(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample's metadata (dataset, split, video, frame, name, sizes, files)."""
+    try:
+        return json.loads(_field(sample, META))
+    except ValueError as err:
+        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: bad"
+                            f" {META} ({err})") from None
 
 
 # ---- tar writing ---------------------------------------------------------------------------
@@ -169,18 +258,29 @@ def iter_tar(f: IO[bytes]) -> Iterator[dict[str, Any]]:
 @dataclass(frozen=True)
 class Shard:
     """One shard of a split, as its manifest lists it: ``url`` (local path or fsspec URL),
-    ``samples`` (count), ``sha256`` (hex; None: not checked) and ``first``, the index of its
-    first sample within the split (shards are in manifest order)."""
+    ``samples`` (count), ``sha256`` (hex; None: not checked), ``first``, the index of its first
+    sample within the split (shards are in manifest order), and ``size`` in bytes where known
+    (a shard just written)."""
 
     url: str
     samples: int
     sha256: str | None = None
     first: int = 0
+    size: int | None = None
 
     @property
     def end(self) -> int:
         """Index one past its last sample within the split."""
         return self.first + self.samples
+
+    @property
+    def name(self) -> str:
+        """Its file name inside the prepared folder."""
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """How the manifest lists it: {"name", "samples", "sha256"}."""
+        return {"name": self.name, "samples": self.samples, "sha256": self.sha256}
 
 
 def split_shards(prepared: str, manifest: Mapping[str, Any], split: str) -> list[Shard]:
@@ -252,30 +352,18 @@ def read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
 # ---- shard commit --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    """A committed shard: file name inside the prepared folder, sample count, sha256 hex, bytes."""
-
-    name: str
-    samples: int
-    sha256: str
-    size: int
-
-    def manifest_entry(self) -> dict[str, Any]:
-        return {"name": self.name, "samples": self.samples, "sha256": self.sha256}
-
-
 def shard_name(split: str, index: int) -> str:
     """``train``, 3 → ``train-000003.tar``."""
     return f"{split}-{index:06d}.tar"
 
 
-def write_shard(folder: Folder, name: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
-    """Write ``samples`` to ``folder/name`` atomically (temporary name, fsync, rename).
+def write_shard(folder: Folder, name: str, samples: Iterable[dict[str, Any]]) -> Shard:
+    """Write ``samples`` to ``folder/name`` atomically (temporary name, fsync, rename); the
+    committed shard.
 
     The sha256 is computed from the bytes as they are written, so committing costs no re-read.
     """
     with folder.atomic_writer(name) as f:
         out = _HashingWriter(f)
         count = write_tar(samples, out)
-    return ShardInfo(name=name, samples=count, sha256=out.hexdigest(), size=out.size)
+    return Shard(folder.url(name), count, out.hexdigest(), size=out.size)

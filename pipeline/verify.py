@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,10 +23,8 @@ from pipeline.errors import BadInputError
 from pipeline.fsio import TMP_MARK, Folder
 from pipeline.manifest import INPUTS, VERSION_KEY, malformed, read_manifest, version_id
 from pipeline.progress import track
-from pipeline.shards import iter_tar
-from pipeline.splits import SPLITS
+from pipeline.shards import SHARD_NAME, iter_tar
 
-_SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
 HASH_THREADS = 4
 
 log = logging.getLogger(__name__)
@@ -57,7 +54,7 @@ def verify(prepared: str, *, progress: bool = False) -> list[str]:
             problems.extend(found)
     listed = {shard["name"] for shard in shards}
     for name in folder.listdir():
-        if _SHARD_NAME.fullmatch(name) and name not in listed:
+        if SHARD_NAME.fullmatch(name) and name not in listed:
             problems.append(f"{folder.url(name)}: shard not listed in the manifest")
         elif TMP_MARK in name:
             problems.append(f"{folder.url(name)}: unfinished temporary file")

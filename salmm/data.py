@@ -34,8 +34,7 @@ import torch
 import webdataset as wds
 
 from pipeline.errors import BadInputError
-from pipeline.images import decode_rgb_bytes, image_size
-from pipeline.shards import Shard, decode_label_png, read_shard
+from pipeline.shards import Shard, decode_frame, decode_label, read_shard
 
 FLIP_PROBABILITY = 0.5
 
@@ -86,22 +85,10 @@ def decode(samples: Iterable[dict[str, Any]], size: tuple[int, int]) -> Iterator
     frame/label whose size is not ``size`` (height, width).
     """
     for sample in samples:
-        key, url = sample["__key__"], sample["__url__"]
-        for field in ("jpg", "saliency.png"):
-            if field not in sample:
-                raise BadInputError(url, f"sample {key} has no {field}")
-        for name, data in (("jpg", sample["jpg"]), ("saliency.png", sample["saliency.png"])):
-            height, width = image_size(data, f"{url}#{key}")
-            if (height, width) != tuple(size):
-                raise BadInputError(url, f"sample {key}: {name} is {height}x{width}, the"
-                                    f" run expects {size[0]}x{size[1]}")
-        rgb = decode_rgb_bytes(sample["jpg"], f"{url}#{key}", expect=size)   # uint8 [H, W, 3]
-        try:
-            label = decode_label_png(sample["saliency.png"])          # float32 [H, W]
-        except (OSError, ValueError) as err:
-            raise BadInputError(url, f"sample {key}: bad saliency.png ({err})") from None
+        rgb = decode_frame(sample, size)                             # uint8 [H, W, 3]
+        label = decode_label(sample, size)                           # float32 [H, W]
         yield {
-            "key": key,
+            "key": sample["__key__"],
             "frame": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
             "label": torch.from_numpy(label)[None],
             "flipped": False,

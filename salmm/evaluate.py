@@ -54,7 +54,7 @@ from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import prepared_size
 from pipeline.progress import progress
-from pipeline.shards import split_shards
+from pipeline.shards import decode_fixations, decode_meta, split_shards
 from salmm import metrics
 from salmm.options import (
     add_clip_options,
@@ -264,20 +264,11 @@ def iter_samples(prepared: str, manifest: dict[str, Any], split: str) -> Iterato
     """The split's samples in shard order: ``key``, ``frame`` uint8 [3, H, W], ``label`` float32
     [1, H, W], ``fixations`` int [N, 2] (row, col at source resolution), ``meta`` (the sample's
     json: dataset, video, frame, name, ...)."""
-    from pipeline.shards import decode_npy
     from salmm.data import decode, read_shards
 
     size = prepared_size(manifest)
     for raw in read_shards(split_shards(prepared, manifest, split)):
-        key, url = raw["__key__"], raw["__url__"]
-        for field in ("fixations.npy", "json"):
-            if field not in raw:
-                raise BadInputError(url, f"sample {key} has no {field}")
-        try:
-            fixations = decode_npy(raw["fixations.npy"])
-            meta = json.loads(raw["json"])
-        except ValueError as err:
-            raise BadInputError(url, f"sample {key}: bad fixations.npy or json ({err})") from None
+        fixations, meta = decode_fixations(raw), decode_meta(raw)
         (sample,) = decode([raw], size)
         yield {**sample, "fixations": fixations, "meta": meta}
 

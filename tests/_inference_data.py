@@ -118,7 +118,7 @@ def write_bdda_prepared(root: Path, frames: int = 3) -> tuple[Path, Path]:
     from pipeline.clip_cache import CacheWriter
     from pipeline.fsio import Folder
     from pipeline.manifest import canonical_json, write_manifest
-    from pipeline.shards import encode_jpeg, encode_json, encode_label_png, encode_npy, write_shard
+    from pipeline.shards import encode_jpeg, encode_label_png, encode_npy, write_shard
 
     rng = np.random.default_rng(11)
     folder = Folder(root)
@@ -132,7 +132,7 @@ def write_bdda_prepared(root: Path, frames: int = 3) -> tuple[Path, Path]:
                         "jpg": encode_jpeg(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)),
                         "saliency.png": encode_label_png(label),
                         "fixations.npy": encode_npy(np.zeros((0, 2), np.int32)),
-                        "json": encode_json({"dataset": "bdda", "split": "test", "video": 17,
+                        "json": canonical_json({"dataset": "bdda", "split": "test", "video": 17,
                                              "frame": number, "name": f"0017/{number:04d}.jpg"})})
         keys.append(key)
     shard = write_shard(folder, "test-000000.tar", samples).manifest_entry()

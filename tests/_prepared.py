@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.clip_cache import CacheWriter
 from pipeline.fsio import Folder
 from pipeline.manifest import canonical_json, read_manifest, version_id, write_manifest
-from pipeline.shards import encode_jpeg, encode_json, encode_label_png, write_shard
+from pipeline.shards import encode_jpeg, encode_label_png, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DIM = 8
@@ -42,7 +42,7 @@ def make_sample(index: int, size: tuple[int, int]) -> dict[str, bytes]:
     yy, xx = np.mgrid[0:height, 0:width]
     label = np.exp(-((yy - height / 2) ** 2 + (xx - width / 4 - index % 5) ** 2) / (width / 4) ** 2)
     return {"__key__": sample_key(index), "jpg": encode_jpeg(frame),
-            "saliency.png": encode_label_png(label), "json": encode_json({"index": index})}
+            "saliency.png": encode_label_png(label), "json": canonical_json({"index": index})}
 
 
 def write_prepared(root: Path, counts: dict[str, list[int]], size: tuple[int, int] = (32, 32)

@@ -126,7 +126,7 @@ def test_one_changed_frame_or_option_changes_the_version(tmp_path, cluster):
     root = make_trafficgaze(tmp_path / "tg")
     base = run(root, tmp_path / "a", cluster)["version_id"]
     assert run(root, tmp_path / "b", cluster, size="128x128")["version_id"] != base
-    assert run(root, tmp_path / "c", cluster, profile="fast")["version_id"] != base
+    assert run(root, tmp_path / "c", cluster, decode="fast")["version_id"] != base
     frame = root / "trafficframe/02/000003.jpg"
     pixels = np.asarray(Image.open(frame)).copy()
     pixels[0, 0] ^= 1
@@ -230,13 +230,13 @@ def _normalize_cmd(root: Path, out: Path) -> list[str]:
 
 KILL_AFTER_FIRST_SHARD = """
 import os, signal, sys
-from pipeline import normalize
 from pipeline.cli import main
-write = normalize._Run._write
+from pipeline.normalize import job
+write = job._Run._write
 def write_then_die(self, *args, **kwargs):
     record = write(self, *args, **kwargs)        # the shard and its journal record
     os.killpg(os.getpgid(0), signal.SIGKILL)     # this run and its Dask worker processes
-normalize._Run._write = write_then_die
+job._Run._write = write_then_die
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -12,12 +12,12 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.fsio import Folder
+from pipeline.manifest import canonical_json
 from pipeline.shards import (
     TAR_MTIME,
     decode_label_png,
     decode_npy,
     encode_jpeg,
-    encode_json,
     encode_label_png,
     encode_npy,
     iter_tar,
@@ -34,7 +34,7 @@ def _samples(n: int = 3) -> list[dict]:
         label = rng.random((16, 24)).astype(np.float32)
         out.append({
             "__key__": f"v0001_f{i + 1:06d}",
-            "json": encode_json({"frame": i + 1}),
+            "json": canonical_json({"frame": i + 1}),
             "jpg": encode_jpeg(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)),
             "saliency.png": encode_label_png(label),
             "fixations.npy": encode_npy(np.array([[i, 2 * i]], dtype=np.int32)),
