@@ -16,13 +16,14 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
 from pipeline.clip import parse_weights as _pretrained
 from pipeline.errors import BadInputError, OutputError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 DEFAULT_MAX_WORKERS = 8
@@ -185,13 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+                  ) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` plus the checks every salmm command with data options makes
+    (argparse exits with a usage line on bad options)."""
+    args = parser.parse_args(argv)
+    if getattr(args, "cache", None) is not None and not args.cached_clip:
+        parser.error("--cache is only used with --cached-clip")
+    return args
+
+
+def options_from(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """A command's options dataclass ``cls`` from the parsed ``args`` (the fields they have;
+    ``values`` for the others)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **values)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Command line -> :class:`TrainConfig` (argparse exits with a usage line on bad options)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.cache is not None and not args.cached_clip:
-        parser.error("--cache is only used with --cached-clip")
-    return TrainConfig(**vars(args))
+    return options_from(TrainConfig, parse_checked(build_parser(), argv))
 
 
 def add_inference_options(parser: argparse.ArgumentParser, *, prepared: bool = True) -> None:

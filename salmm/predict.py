@@ -32,12 +32,16 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.images import decode_rgb
+from pipeline.manifest import prepared_size
 from pipeline.progress import progress
 from salmm import overlay
-from salmm.evaluate import (
+from salmm.data import EmbeddingTable
+from salmm.inference import (
     MODEL_OPTIONS_NOTE,
     LoadedModel,
     add_model_options,
@@ -47,10 +51,9 @@ from salmm.evaluate import (
     load_model,
     open_eval_cache,
     predict_batch,
-    prepared_size,
-    read_split,
+    prepared_split,
 )
-from salmm.options import parse_size, positive_int, run_command
+from salmm.options import options_from, parse_checked, parse_size, positive_int, run_command
 
 log = logging.getLogger("salmm.predict")
 
@@ -104,8 +107,6 @@ def folder_images(path: str) -> list[Path]:
 
 def image_items(files: Sequence[Path], size: tuple[int, int]) -> Iterator[Item]:
     """Frames decoded in full (:func:`pipeline.images.decode_rgb`) and resized for the model."""
-    from pipeline.images import decode_rgb
-
     for f in files:
         rgb = decode_rgb(f)
         yield Item(f.stem, rgb, resize_for_model(rgb, size))
@@ -218,8 +219,6 @@ class PredictOptions:
 
 def predict(opts: PredictOptions) -> list[Path]:
     """Run ``opts``; returns the files written (PNGs, then the animation if any)."""
-    import torch
-
     kind = input_kind(opts.input)
     if opts.cached_clip and kind != "prepared":
         raise BadInputError(opts.input, "--cached-clip needs a prepared dataset as --input; raw"
@@ -228,7 +227,7 @@ def predict(opts: PredictOptions) -> list[Path]:
     total: int | None = None
     manifest = None
     if kind == "prepared":
-        manifest, total = read_split(opts.input, opts.split)
+        manifest, total = prepared_split(opts.input, opts.split)
     elif kind == "folder":
         files = folder_images(opts.input)
         total = len(files)
@@ -254,8 +253,6 @@ def predict(opts: PredictOptions) -> list[Path]:
                             " width and height that are multiples of 32 (see --size)")
     table = None
     if opts.cached_clip:
-        from salmm.data import EmbeddingTable
-
         cache_path, _ = open_eval_cache(opts.cache, opts.input, manifest, opts.split, loaded.clip)
         table = EmbeddingTable(cache_path, opts.split)
     if opts.limit is not None and total is not None:
@@ -338,17 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PredictOptions:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.cache is not None and not args.cached_clip:
-        parser.error("--cache is only used with --cached-clip")
-    return PredictOptions(
-        checkpoint=args.checkpoint, input=args.input, out=args.out, split=args.split,
-        limit=args.limit, fps=args.fps, size=args.size, cached_clip=args.cached_clip,
-        cache=args.cache, batch_size=args.batch_size, colormap=args.colormap, alpha=args.alpha,
-        animation=args.animation, allow_short_video=args.allow_short_video,
-        device=args.device, amp=args.amp,
-        clip=given_clip_options(args))
+    args = parse_checked(build_parser(), argv)
+    return options_from(PredictOptions, args, clip=given_clip_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

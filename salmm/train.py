@@ -36,7 +36,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from salmm.checkpoint import (
     set_rng_state,
 )
 from salmm.data import SaliencyShards, make_loader
+from salmm.devices import autocast, autocast_dtype
 from salmm.model import build_model as model_factory
 from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args, run_command
 from salmm.plots import plot_history
@@ -125,16 +125,6 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(rank, world_size, device, autocast_dtype(cfg.amp, device))
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on ``device``: ``auto`` is bf16 on CUDA devices that
-    support it, fp16 on older ones, off on CPU."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 # ---- loss --------------------------------------------------------------------------------------
@@ -257,9 +247,7 @@ def _to_device(batch: dict[str, Any], rt: Runtime) -> tuple[torch.Tensor, ...]:
 
 
 def _autocast(rt: Runtime):
-    if rt.autocast is None:
-        return nullcontext()
-    return torch.autocast(rt.device.type, dtype=rt.autocast)
+    return autocast(rt.device, rt.autocast)
 
 
 def _all_reduce(values: list[float], rt: Runtime) -> list[float]:

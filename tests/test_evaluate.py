@@ -22,14 +22,8 @@ import torch
 from pipeline.errors import BadInputError
 from pipeline.readers import fixation_points
 from salmm import matlab_export
-from salmm.evaluate import (
-    FROM_CHECKPOINT,
-    EvalOptions,
-    evaluate,
-    main,
-    matlab_fixations,
-    resolve_clip,
-)
+from salmm.evaluate import EvalOptions, evaluate, main, matlab_fixations
+from salmm.inference import FROM_CHECKPOINT, resolve_clip
 from salmm.metrics import METRIC_ORDER, fixation_map
 from tests._inference_data import (
     InferenceData,
