@@ -18,6 +18,8 @@ config             the run's full options (:class:`salmm.options.TrainConfig` as
 dataset_version    version id of the prepared dataset (``pipeline.manifest.version_id``)
 cache_identity     the CLIP cache's recorded header (None when CLIP ran inline)
 git_commit         the project's git commit (None outside a git checkout)
+world_size         training processes (1 without torchrun)
+threads            CPU intra-op threads the run used (None on CUDA), reused on resume
 stopped            None, or why the run stopped early (``{"reason", "epoch", "step"}``)
 =================  ==========================================================================
 """
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
@@ -40,6 +43,37 @@ from pipeline.fsio import Folder
 FORMAT = "salmm-train-checkpoint"
 FORMAT_VERSION = 1
 LISTED = 10  # offenders named per kind in an error message
+
+
+def training_checkpoint(state_dict: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, *, epoch: int, step: int,
+                        valid_loss: float, best: dict[str, Any], history: list[dict[str, float]],
+                        config: dict[str, Any], version: str,
+                        cache_identity: dict[str, Any] | None, commit: str | None,
+                        threads: int | None = None, stopped: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """The checkpoint dict of a training run (the keys are the table above), with the
+    generator states of this process and the process group's size."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "state_dict": state_dict,
+        "optim_dict": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "valid_loss": valid_loss,
+        "step": step,
+        "best": dict(best),
+        "history": [dict(row) for row in history],
+        "rng": rng_state(),
+        "config": config,
+        "dataset_version": version,
+        "cache_identity": cache_identity,
+        "git_commit": commit,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "threads": threads,
+        "stopped": stopped,
+    }
 
 
 def rng_state() -> dict[str, Any]:

@@ -36,31 +36,32 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from pipeline import clip_cache, cpu
 from pipeline.clip import RANDOM_NOTE
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.manifest import read_manifest, version_id
 from pipeline.progress import progress, track
 from pipeline.shards import split_shards
 from salmm import metrics
 from salmm.checkpoint import (
     FORMAT,
-    FORMAT_VERSION,
     check_state_dict,
     git_commit,
     load_checkpoint,
-    rng_state,
     save_checkpoint,
     set_rng_state,
+    training_checkpoint,
 )
 from salmm.data import SaliencyShards, make_loader
 from salmm.devices import autocast, autocast_dtype
@@ -365,35 +366,6 @@ def warn_if_crowded(load: cpu.ThreadGovernor, threads: int | None) -> bool:
 # ---- records -----------------------------------------------------------------------------------
 
 
-def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, *, epoch: int, step: int, valid_loss: float,
-                    best: dict[str, Any], history: list[dict[str, float]], cfg: TrainConfig,
-                    version: str, cache_identity: dict[str, Any] | None, commit: str | None,
-                    threads: int | None = None,
-                    stopped: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint dict (see :mod:`salmm.checkpoint` for the keys)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "epoch": epoch,
-        "state_dict": model_state(model),
-        "optim_dict": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        "valid_loss": valid_loss,
-        "step": step,
-        "best": dict(best),
-        "history": [dict(row) for row in history],
-        "rng": rng_state(),
-        "config": cfg.as_dict(),
-        "dataset_version": version,
-        "cache_identity": cache_identity,
-        "git_commit": commit,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "threads": threads,
-        "stopped": stopped,
-    }
-
-
 def write_csv(path: Path, history: Sequence[dict[str, float]]) -> None:
     """``metrics.csv``: one row per epoch (rewritten whole, atomically)."""
     buf = io.StringIO()
@@ -402,13 +374,6 @@ def write_csv(path: Path, history: Sequence[dict[str, float]]) -> None:
     for row in history:
         writer.writerow({k: row.get(k) for k in CSV_COLUMNS})
     Folder(path.parent).write_bytes(path.name, buf.getvalue().encode())
-
-
-def _open_tensorboard(run: Path, step: int) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
-
-    # purge_step drops events a killed run wrote after its last checkpoint
-    return SummaryWriter(str(run / "tb"), purge_step=step if step > 0 else None)
 
 
 def _log_to_file(run: Path) -> logging.Handler:
@@ -433,7 +398,194 @@ def _run_folder(cfg: TrainConfig, rt: Runtime) -> Path:
     return Path("runs") / name[0]
 
 
-# ---- main --------------------------------------------------------------------------------------
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """A run's inputs, checked: the prepared data's manifest and version, the CLIP cache (None
+    with inline CLIP) and the checkpoint resumed from (None for a new run)."""
+
+    manifest: dict[str, Any]
+    version: str
+    cache_path: str | None
+    cache_identity: dict[str, Any] | None
+    checkpoint: dict[str, Any] | None
+
+
+def open_inputs(cfg: TrainConfig, rt: Runtime) -> Inputs:
+    """Every input of the run, checked before anything is built (BadInputError, one line)."""
+    manifest = read_manifest(cfg.prepared)
+    version = version_id(manifest)
+    check_prepared(cfg, manifest)
+    cache_path, cache_identity = (open_checked_cache(cfg, manifest) if cfg.cached_clip
+                                  else (None, None))
+    checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
+    if checkpoint is not None:
+        check_resume(checkpoint, cfg.resume, cfg, version, cache_identity)
+        if (checkpoint["config"]["workers"], checkpoint["world_size"]) != (cfg.workers,
+                                                                          rt.world_size):
+            log.warning("resuming with %d data workers x %d processes, the checkpoint had %d x %d:"
+                        " the sample order changes, so the run will not repeat an uninterrupted"
+                        " one exactly", cfg.workers, rt.world_size,
+                        checkpoint["config"]["workers"], checkpoint["world_size"])
+    return Inputs(manifest, version, cache_path, cache_identity, checkpoint)
+
+
+@dataclass
+class State:
+    """What an epoch changes: the model (DDP-wrapped on several processes), optimizer and loss
+    scaler, the next epoch and the steps taken, the rows of ``metrics.csv`` and the best epoch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "valid_loss": math.inf})
+
+
+def build_state(cfg: TrainConfig, rt: Runtime, checkpoint: dict[str, Any] | None) -> State:
+    """A new run's state from ``cfg.seed``, or the resumed checkpoint's, every generator
+    included (BadInputError, one line, when the checkpoint does not fit the model)."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg, rt.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel for all ~600 parameter tensors (CPU and CUDA), 6x faster than the loop
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast == torch.float16)
+    state = State(model, optimizer, scaler)
+    if checkpoint is not None:
+        check_state_dict(cfg.resume, checkpoint["state_dict"], model_state(model))
+        model.load_state_dict(checkpoint["state_dict"])
+        try:
+            optimizer.load_state_dict(checkpoint["optim_dict"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise BadInputError(cfg.resume, f"optimizer state does not fit the model ({err})"
+                                ) from None
+        if checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
+        state.history, state.best = list(checkpoint["history"]), dict(checkpoint["best"])
+        set_rng_state(checkpoint["rng"])
+    if rt.distributed:
+        # DDP warns once that a [1, 1, 3] conv weight's grad strides differ from its bucket's;
+        # they differ only along size-1 dimensions, which changes no memory layout
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        state.model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    return state
+
+
+class Records:
+    """The run folder's records, written by the main process only: ``config.json`` and
+    ``train.log`` at the start, a checkpoint, ``metrics.csv``, ``curves.png`` and TensorBoard
+    events per epoch. A context manager: closing it closes the log file and the events."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, run: Path, inputs: Inputs,
+                 threads: int | None, step: int) -> None:
+        self.cfg, self.rt, self.run, self.inputs, self.threads = cfg, rt, run, inputs, threads
+        self.commit = git_commit()
+        self.tb: Any = None
+        self.log_file: logging.Handler | None = None
+        if rt.main:
+            run.mkdir(parents=True, exist_ok=True)
+            self.log_file = _log_to_file(run)
+            Folder(run).write_bytes("config.json", json.dumps(
+                {"config": cfg.as_dict(), "dataset_version": inputs.version,
+                 "cache": inputs.cache_path, "cache_identity": inputs.cache_identity,
+                 "git_commit": self.commit, "world_size": rt.world_size,
+                 "note": RANDOM_NOTE if cfg.clip.random else None}, indent=1).encode())
+            # purge_step drops events a killed run wrote after its last checkpoint
+            self.tb = SummaryWriter(str(run / "tb"), purge_step=step if step > 0 else None)
+
+    def save(self, name: str, state: State, **extra: Any) -> None:
+        """Checkpoint ``name`` of ``state`` (``extra``: epoch, step, valid_loss, stopped)."""
+        if self.rt.main:
+            save_checkpoint(self.run / name, training_checkpoint(
+                model_state(state.model), state.optimizer, state.scaler, best=state.best,
+                history=state.history, config=self.cfg.as_dict(), version=self.inputs.version,
+                cache_identity=self.inputs.cache_identity, commit=self.commit,
+                threads=self.threads, **extra))
+
+    def epoch(self, state: State, row: dict[str, float]) -> None:
+        """``metrics.csv``, ``curves.png`` and the epoch's TensorBoard scalars."""
+        if self.rt.main:
+            write_csv(self.run / "metrics.csv", state.history)
+            plot_history(state.history, self.run / "curves.png")
+            for key in ("train_loss", "valid_loss", *VALID_METRICS, "train_samples_per_s"):
+                self.tb.add_scalar(f"epoch/{key}", row[key], state.step)
+            self.tb.flush()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.log_file is not None:
+            log.removeHandler(self.log_file)
+            self.log_file.close()
+
+
+def fit(cfg: TrainConfig, rt: Runtime, state: State, loaders: dict[str, Any],
+        records: Records) -> None:
+    """The epochs from ``state.epoch`` to ``cfg.epochs``: train, validate, record. A diverging
+    loss saves ``last-good.pt`` and raises NonFiniteLoss."""
+    train_set = loaders["train"].dataset
+    load, warned = cpu.ThreadGovernor(interval_s=1.0), False
+    for epoch in range(state.epoch, cfg.epochs):
+        train_set.set_epoch(epoch)
+        steps = None
+        if rt.distributed:   # DDP needs the same number of steps on every process
+            steps = min(train_set.batches_in_epoch(epoch, cfg.workers, r, rt.world_size)
+                        for r in range(rt.world_size))
+        total = train_set.samples_in_epoch(rt.rank, rt.world_size, epoch)
+        if steps is not None:
+            total = min(total, steps * cfg.batch_size)
+        try:
+            result = train_epoch(state.model, loaders["train"], steps, state.optimizer,
+                                 state.scaler, rt, state.step, epoch, cfg.epochs, total, records.tb)
+        except NonFiniteLoss as err:
+            valid_loss = state.history[-1]["valid_loss"] if state.history else math.nan
+            records.save("last-good.pt", state, epoch=epoch, step=err.step, valid_loss=valid_loss,
+                         stopped={"reason": str(err), "epoch": epoch + 1, "step": err.step + 1})
+            raise NonFiniteLoss(f"{err}; stopped, the last good state is in"
+                                f" {records.run / 'last-good.pt'}", epoch, err.step) from None
+        state.step = result.step
+        v_start = time.perf_counter()
+        scores = validate(state.model, loaders["valid"], rt)
+        row = {"epoch": epoch + 1, "step": state.step, "train_loss": result.loss, **scores,
+               "lr": state.optimizer.param_groups[0]["lr"], "train_samples": result.samples,
+               "train_seconds": result.seconds,
+               "train_samples_per_s": result.samples / max(result.seconds, 1e-9),
+               "valid_seconds": time.perf_counter() - v_start}
+        state.history.append(row)
+        state.epoch = epoch + 1
+        if scores["valid_loss"] < state.best["valid_loss"]:
+            state.best = {"epoch": epoch + 1, "valid_loss": scores["valid_loss"]}
+            records.save("best.pt", state, epoch=epoch + 1, step=state.step,
+                         valid_loss=scores["valid_loss"])
+        records.save("last.pt", state, epoch=epoch + 1, step=state.step,
+                     valid_loss=scores["valid_loss"])
+        records.epoch(state, row)
+        log_epoch(cfg, row)
+        warned = warned or warn_if_crowded(load, records.threads)
+        if rt.distributed:
+            dist.barrier()
+
+
+def log_epoch(cfg: TrainConfig, row: dict[str, float]) -> None:
+    """The epoch's line in the log."""
+    undefined = (f" ({row['valid_undefined']} of {row['valid_samples']} validation frames"
+                 " skipped: all-zero label)" if row["valid_undefined"] else "")
+    log.info("epoch %d/%d: train loss %.5f, valid loss %.5f, CC %.4f, SIM %.4f, KLD %.4f%s,"
+             " %.3g samples/s", row["epoch"], cfg.epochs, row["train_loss"], row["valid_loss"],
+             row["CC"], row["SIM"], row["KLD"], undefined, row["train_samples_per_s"])
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -450,149 +602,30 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, rt: Runtime) -> Path:
-    from pipeline.manifest import read_manifest, version_id
-
-    manifest = read_manifest(cfg.prepared)
-    version = version_id(manifest)
-    check_prepared(cfg, manifest)
-    cache_path, cache_identity = (open_checked_cache(cfg, manifest) if cfg.cached_clip
-                                  else (None, None))
-    checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
-    if checkpoint is not None:
-        check_resume(checkpoint, cfg.resume, cfg, version, cache_identity)
-        if (checkpoint["config"]["workers"], checkpoint["world_size"]) != (cfg.workers,
-                                                                          rt.world_size):
-            log.warning("resuming with %d data workers x %d processes, the checkpoint had %d x %d:"
-                        " the sample order changes, so the run will not repeat an uninterrupted"
-                        " one exactly", cfg.workers, rt.world_size,
-                        checkpoint["config"]["workers"], checkpoint["world_size"])
+    inputs = open_inputs(cfg, rt)
     run = _run_folder(cfg, rt)
-    if checkpoint is None and (run / "last.pt").exists():
+    if inputs.checkpoint is None and (run / "last.pt").exists():
         raise BadInputError(run, "already holds a run (last.pt); pass --resume"
                             f" {run / 'last.pt'} or another --out")
-    threads = pin_threads(cfg, rt, checkpoint)
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = build_model(cfg, rt.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for all ~600 parameter tensors (CPU and CUDA), 6x faster than the loop
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast == torch.float16)
-    start_epoch, step = 0, 0
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"epoch": None, "valid_loss": math.inf}
-    if checkpoint is not None:
-        check_state_dict(cfg.resume, checkpoint["state_dict"], model_state(model))
-        model.load_state_dict(checkpoint["state_dict"])
-        try:
-            optimizer.load_state_dict(checkpoint["optim_dict"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise BadInputError(cfg.resume, f"optimizer state does not fit the model ({err})"
-                                ) from None
-        if checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        history, best = list(checkpoint["history"]), dict(checkpoint["best"])
-        set_rng_state(checkpoint["rng"])
-    if rt.distributed:
-        # DDP warns once that a [1, 1, 3] conv weight's grad strides differ from its bucket's;
-        # they differ only along size-1 dimensions, which changes no memory layout
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
-
-    shards = {s: split_shards(cfg.prepared, manifest, s) for s in ("train", "valid")}
-    datasets = {s: SaliencyShards(shards[s], split=s, train=s == "train", seed=cfg.seed,
-                                  batch_size=cfg.batch_size, size=cfg.size,
-                                  shuffle_buffer=cfg.shuffle_buffer, cache_path=cache_path)
-                for s in shards}
-    pin = rt.device.type == "cuda"
-    loaders = {s: make_loader(d, cfg.workers, pin, cfg.seed) for s, d in datasets.items()}
-
-    tb, log_file = None, None
-    commit = git_commit()
-    if rt.main:
-        run.mkdir(parents=True, exist_ok=True)
-        log_file = _log_to_file(run)
-        Folder(run).write_bytes("config.json", json.dumps(
-            {"config": cfg.as_dict(), "dataset_version": version, "cache": cache_path,
-             "cache_identity": cache_identity, "git_commit": commit, "world_size": rt.world_size,
-             "note": RANDOM_NOTE if cfg.clip.random else None},
-            indent=1).encode())
-        tb = _open_tensorboard(run, step)
-    log.info("run %s: %s CLIP, %d process(es) on %s%s, autocast %s, epochs %d..%d", run,
-             "cached" if cfg.cached_clip else "inline", rt.world_size, rt.device,
-             f" ({threads} intra-op thread(s))" if threads else "", rt.autocast,
-             start_epoch + 1, cfg.epochs)
-    if cfg.clip.random:
-        log.warning("CLIP weights are random (--clip-pretrained none): %s", RANDOM_NOTE)
-    load, warned = cpu.ThreadGovernor(interval_s=1.0), False
-
-    def save(name: str, **extra: Any) -> None:
-        if rt.main:
-            save_checkpoint(run / name, make_checkpoint(
-                model, optimizer, scaler, best=best, history=history, cfg=cfg, version=version,
-                cache_identity=cache_identity, commit=commit, threads=threads, **extra))
-
-    train_set = datasets["train"]
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            train_set.set_epoch(epoch)
-            steps = None
-            if rt.distributed:   # DDP needs the same number of steps on every process
-                steps = min(train_set.batches_in_epoch(epoch, cfg.workers, r, rt.world_size)
-                            for r in range(rt.world_size))
-            total = train_set.samples_in_epoch(rt.rank, rt.world_size, epoch)
-            if steps is not None:
-                total = min(total, steps * cfg.batch_size)
-            try:
-                result = train_epoch(model, loaders["train"], steps, optimizer, scaler, rt,
-                                     step, epoch, cfg.epochs, total, tb)
-            except NonFiniteLoss as err:
-                valid_loss = history[-1]["valid_loss"] if history else math.nan
-                save("last-good.pt", epoch=epoch, step=err.step, valid_loss=valid_loss,
-                     stopped={"reason": str(err), "epoch": epoch + 1, "step": err.step + 1})
-                raise NonFiniteLoss(f"{err}; stopped, the last good state is in"
-                                    f" {run / 'last-good.pt'}", epoch, err.step) from None
-            step = result.step
-            v_start = time.perf_counter()
-            scores = validate(model, loaders["valid"], rt)
-            row = {"epoch": epoch + 1, "step": step, "train_loss": result.loss, **scores,
-                   "lr": optimizer.param_groups[0]["lr"], "train_samples": result.samples,
-                   "train_seconds": result.seconds,
-                   "train_samples_per_s": result.samples / max(result.seconds, 1e-9),
-                   "valid_seconds": time.perf_counter() - v_start}
-            history.append(row)
-            if scores["valid_loss"] < best["valid_loss"]:
-                best = {"epoch": epoch + 1, "valid_loss": scores["valid_loss"]}
-                save("best.pt", epoch=epoch + 1, step=step, valid_loss=scores["valid_loss"])
-            save("last.pt", epoch=epoch + 1, step=step, valid_loss=scores["valid_loss"])
-            if rt.main:
-                write_csv(run / "metrics.csv", history)
-                plot_history(history, run / "curves.png")
-                for key in ("train_loss", "valid_loss", *VALID_METRICS, "train_samples_per_s"):
-                    tb.add_scalar(f"epoch/{key}", row[key], step)
-                tb.flush()
-            undefined = (f" ({row['valid_undefined']} of {row['valid_samples']} validation"
-                         " frames skipped: all-zero label)" if row["valid_undefined"] else "")
-            log.info("epoch %d/%d: train loss %.5f, valid loss %.5f, CC %.4f, SIM %.4f, KLD %.4f%s,"
-                     " %.3g samples/s", epoch + 1, cfg.epochs, row["train_loss"],
-                     row["valid_loss"], row["CC"], row["SIM"], row["KLD"], undefined,
-                     row["train_samples_per_s"])
-            warned = warned or warn_if_crowded(load, threads)
-            if rt.distributed:
-                dist.barrier()
+    threads = pin_threads(cfg, rt, inputs.checkpoint)
+    state = build_state(cfg, rt, inputs.checkpoint)
+    loaders = {}
+    for split in ("train", "valid"):
+        data = SaliencyShards(split_shards(cfg.prepared, inputs.manifest, split), split=split,
+                              train=split == "train", seed=cfg.seed, batch_size=cfg.batch_size,
+                              size=cfg.size, shuffle_buffer=cfg.shuffle_buffer,
+                              cache_path=inputs.cache_path)
+        loaders[split] = make_loader(data, cfg.workers, rt.device.type == "cuda", cfg.seed)
+    with Records(cfg, rt, run, inputs, threads, state.step) as records:
+        log.info("run %s: %s CLIP, %d process(es) on %s%s, autocast %s, epochs %d..%d", run,
+                 "cached" if cfg.cached_clip else "inline", rt.world_size, rt.device,
+                 f" ({threads} intra-op thread(s))" if threads else "", rt.autocast,
+                 state.epoch + 1, cfg.epochs)
+        if cfg.clip.random:
+            log.warning("CLIP weights are random (--clip-pretrained none): %s", RANDOM_NOTE)
+        fit(cfg, rt, state, loaders, records)
         log.info("done: best validation loss %.5f at epoch %s; checkpoints in %s",
-                 best["valid_loss"], best["epoch"], run)
-    finally:
-        if tb is not None:
-            tb.close()
-        if log_file is not None:
-            log.removeHandler(log_file)
-            log_file.close()
+                 state.best["valid_loss"], state.best["epoch"], run)
     return run
 
 

@@ -54,11 +54,10 @@ def _run(*args: str) -> None:
 
 
 def _checkpoints(work: Path, prepared: Path, version: str) -> tuple[Path, Path]:
-    from salmm.checkpoint import save_checkpoint
+    from salmm.checkpoint import save_checkpoint, training_checkpoint
     from salmm.model import SalMM
     from salmm.official import save_official
     from salmm.options import TrainConfig
-    from salmm.train import make_checkpoint
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
@@ -71,10 +70,10 @@ def _checkpoints(work: Path, prepared: Path, version: str) -> tuple[Path, Path]:
     optimizer = torch.optim.Adam(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer = work / "last.pt"
-    save_checkpoint(trainer, make_checkpoint(
-        model, optimizer, scaler, epoch=2, step=8, valid_loss=0.3,
-        best={"epoch": 2, "valid_loss": 0.3}, history=[], cfg=cfg, version=version,
-        cache_identity=None, commit=None))
+    save_checkpoint(trainer, training_checkpoint(
+        model.state_dict(), optimizer, scaler, epoch=2, step=8, valid_loss=0.3,
+        best={"epoch": 2, "valid_loss": 0.3}, history=[], config=cfg.as_dict(),
+        version=version, cache_identity=None, commit=None))
     return official, trainer
 
 
