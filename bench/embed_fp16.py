@@ -34,7 +34,7 @@ def main() -> None:
     frames = torch.nn.functional.interpolate(coarse, size=(256, 256), mode="bilinear")
     with torch.inference_mode():
         emb = cached_encoder(ClipSpec(pretrained=None)).encode(frames)     # [B, 512]
-    model = SalMM(backend="torch").eval()
+    model = SalMM(backend="builtin").eval()
     worst = 0.0
     for name, e in (("random-weight CLIP embeddings", emb),
                     ("rescaled to norm 10", emb / emb.norm(dim=1, keepdim=True) * 10)):

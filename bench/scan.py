@@ -148,7 +148,7 @@ def main(argv=None):
     report_scan(title, time_side_by_side(steps, args.repeats), f"{goal_name}, one grouped call")
 
     torch.manual_seed(0)
-    model = SalMM(backend="torch")
+    model = SalMM(backend="builtin")
     frames = torch.rand(8, 3, 256, 256)
     emb = torch.randn(8, 512)
     steps = {name: model_step(model, frames, emb, impl) for name, impl in IMPLS.items()}

@@ -6,8 +6,8 @@ Stages, each small:
    for the samples of the chunks still missing from the cache.
 2. ``_decoded_batches``: decode each ``jpg`` to uint8 RGB [H, W, 3] and group samples into
    batches that never straddle a cache chunk.
-3. ``_prefetch``: run 1-2 in a background thread behind a bounded queue, so reading and
-   decoding overlap the encoder.
+3. :func:`pipeline.streams.prefetch`: run 1-2 in a background thread behind a bounded queue,
+   so reading and decoding overlap the encoder.
 4. ``embed_jobs``: per batch, :func:`pipeline.clip.embed_pairs` (each frame and its mirror
    image through the frozen encoder, in fixed micro-batches aligned to the chunk's start, one
    intra-op thread on CPU) -> float32 [n, 2, D] per chunk.
@@ -29,10 +29,8 @@ import contextlib
 import hashlib
 import logging
 import math
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +68,7 @@ from pipeline.manifest import canonical_json, prepared_size, read_manifest, vers
 from pipeline.progress import Progress
 from pipeline.progress import progress as progress_bar
 from pipeline.shards import FRAME, Shard, read_shard, split_shards
+from pipeline.streams import prefetch as prefetch_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -176,45 +175,6 @@ def _decoded_batches(shards: Sequence[Shard], jobs: Sequence[ChunkJob], batch_si
             keys, frames = [], []
 
 
-_DONE = object()
-
-
-def _prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
-    """Iterate ``items`` in a background thread, at most ``depth`` items ahead; exceptions in the
-    thread re-raise here, and leaving the loop early stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except Exception as err:  # noqa: BLE001 -- handed to the consumer, which re-raises it
-            put(err)
-
-    thread = threading.Thread(target=work, name="embed-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def aligned_batch_size(batch_size: int, compute: Compute) -> int:
     """``batch_size`` rounded up to a whole number of the encoder's micro-batches, so every
     batch but a chunk's last starts on a micro-batch boundary counted from the chunk's start."""
@@ -237,7 +197,7 @@ def embed_jobs(encoder: torch.nn.Module, compute: Compute, shards: Sequence[Shar
     parts: list[np.ndarray] = []
     done: list[tuple[ChunkJob, list[str], np.ndarray]] = []
     batches = _decoded_batches(shards, jobs, batch_size, pin, size, verified)
-    for batch in _prefetch(batches, prefetch):
+    for batch in prefetch_in_thread(batches, prefetch):
         keys += batch.keys
         parts.append(embed_pairs(encoder, batch.frames, compute.precision))
         if progress is not None:

@@ -22,11 +22,12 @@ between directions, are not used by SalMM; the vendored non-fast path, taken onl
 ``use_fast_path=False`` or a decoding cache, silently drops the backward branch - SalMM never
 takes it.)
 
-Backends: ``"torch"`` runs a depthwise ``conv1d`` and both directions as one grouped
-:func:`salmm.scan.selective_scan` call (any device); ``"cuda"`` runs mamba-ssm's
+Backends: ``"builtin"`` runs a depthwise ``conv1d`` and both directions as one grouped
+:func:`salmm.scan.selective_scan` call - salmm's own scan: the fused numba kernels on CPU, the
+chunked PyTorch scan on other devices; ``"cuda"`` runs mamba-ssm's
 ``selective_scan_fn`` once per direction and, when installed,
 ``causal_conv1d_fn`` (install the ``gpu`` extra); ``"auto"`` picks ``"cuda"`` for CUDA inputs
-when mamba-ssm imports, else ``"torch"``. Parameters and state_dict are identical.
+when mamba-ssm imports, else ``"builtin"``. Parameters and state_dict are identical.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ __all__ = ["BACKENDS", "Mamba", "cuda_kernels_available"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "builtin", "cuda")
 _kernels: dict | None = None
 
 
@@ -158,17 +159,17 @@ class Mamba(nn.Module):
         return param
 
     def resolved_backend(self, device: torch.device) -> str:
-        """The backend a forward on `device` uses: "torch" or "cuda"."""
-        if self.backend == "torch":
-            return "torch"
+        """The backend a forward on `device` uses: "builtin" or "cuda"."""
+        if self.backend == "builtin":
+            return "builtin"
         if device.type == "cuda" and cuda_kernels_available():
             return "cuda"
         if self.backend == "cuda":
             raise RuntimeError(
                 "Mamba backend 'cuda' needs CUDA tensors and mamba-ssm's compiled kernels "
-                "(pip install 'salmm[gpu]'); use backend='torch' or 'auto' otherwise"
+                "(pip install 'salmm[gpu]'); use backend='builtin' or 'auto' otherwise"
             )
-        return "torch"
+        return "builtin"
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """hidden_states: [b, l, d_model] -> [b, l, d_model]."""

@@ -32,6 +32,8 @@ from salmm.mamba import Mamba
 __all__ = ["CLIP_PREFIX", "CrossModelAtt", "SCPMambaLayer", "SalMM", "build_model"]
 
 CLIP_PREFIX = "CrossModelAtt.model."  # where the published module keeps its frozen CLIP
+CHANNELS = (8, 12, 16, 16, 24, 32)
+"""Feature channels of encoder1..encoder6 (the published ``c_list``)."""
 
 
 class CrossModelAtt(nn.Module):
@@ -216,19 +218,20 @@ class SalMM(nn.Module):
     None; it is stored at ``CrossModelAtt.model`` as published and is not trainable. The
     state_dict leaves it out (as the authors' released "incomplete" checkpoints do) and
     load_state_dict does not ask for it: the encoder is named by its ``identity`` instead.
-    backend: Mamba backend for every block ("auto", "torch" or "cuda").
+    backend: Mamba backend for every block ("auto", "builtin" or "cuda"; see salmm.mamba).
+    The channel widths are the published ones (:data:`CHANNELS`): the fusion convolutions and
+    the SCPMamba group widths are written for them, so they are not a parameter.
     """
 
     def __init__(
         self,
         num_classes=1,
         input_channels=3,
-        c_list=(8, 12, 16, 16, 24, 32),
         clip: nn.Module | None = None,
         backend: str = "auto",
     ):
         super().__init__()
-        c = list(c_list)
+        c = list(CHANNELS)
 
         def scpm(cin, cout, dims):
             return nn.Sequential(SCPMambaLayer(cin, cout, dims, backend=backend))

@@ -65,7 +65,7 @@ def read_official(path: str | Path, map_location: str | torch.device = "cpu") ->
     if not isinstance(state, dict):
         raise BadInputError(path, f"state_dict is a {type(state).__name__}, not a dict")
     weights = {k: v for k, v in state.items() if not k.startswith(CLIP_PREFIX)}
-    check_state_dict(path, weights, SalMM(backend="torch").state_dict())
+    check_state_dict(path, weights, SalMM(backend="builtin").state_dict())
     return OfficialCheckpoint(
         epoch=_number(checkpoint.get("epoch"), int),
         valid_loss=_number(checkpoint.get("valid_loss"), float),

@@ -61,7 +61,7 @@ def _checkpoints(work: Path, prepared: Path, version: str) -> tuple[Path, Path]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        model = SalMM(backend="torch")
+        model = SalMM(backend="builtin")
         # gamma starts at 0 (CLIP ignored); make the embedding matter as a trained model's does
         torch.nn.init.constant_(model.CrossModelAtt.gamma, 1e-3)
     official = work / "model_best_salmm_TrafficGaze_64x64.tar"

@@ -20,12 +20,13 @@ from conftest import write_tiny_dataset
 
 from pipeline.clip import ClipSpec, build_clip_encoder, cached_encoder
 from pipeline.clip_cache import default_cache_path, open_cache
-from pipeline.embed import ChunkJob, _decoded_batches, _prefetch, _read_samples, embed_prepared
+from pipeline.embed import ChunkJob, _decoded_batches, _read_samples, embed_prepared
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import read_manifest, shard_urls, write_manifest
 from pipeline.normalize import normalize
 from pipeline.shards import read_shard, split_shards, write_shard
+from pipeline.streams import prefetch
 
 SPEC = ClipSpec(pretrained=None)
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_batches_never_straddle_chunks_and_prefetch_keeps_order(prepared, cache_
     shards = split_shards(str(prepared), manifest, "train")
     assert [(s.first, s.samples) for s in shards] == [(0, 2), (2, 1)]
     jobs = [ChunkJob("train", 0, 0, 1), ChunkJob("train", 2, 2, 3)]   # chunk 1 already done
-    batches = list(_prefetch(_decoded_batches(shards, jobs, batch_size=3), depth=1))
+    batches = list(prefetch(_decoded_batches(shards, jobs, batch_size=3), depth=1))
     assert [(b.job.index, b.keys, b.last) for b in batches] == [
         (0, keys[0:1], True), (2, keys[2:3], True)]
     assert batches[0].frames.shape == (1, 256, 256, 3) and batches[0].frames.dtype == torch.uint8
@@ -137,7 +138,7 @@ def test_prefetch_reraises_errors_from_the_reader():
         yield 1
         raise BadInputError("shard.tar", "broken")
 
-    got = _prefetch(items(), depth=2)
+    got = prefetch(items(), depth=2)
     assert next(got) == 1
     with pytest.raises(BadInputError, match="broken"):
         next(got)

@@ -78,7 +78,7 @@ def test_initialisation_follows_vendored_mamba():
 @pytest.mark.parametrize("length", [1, 5, 64])
 def test_forward_and_grads_match_published_formula(length):
     torch.manual_seed(length)
-    m = Mamba(d_model=4, backend="torch").double()
+    m = Mamba(d_model=4, backend="builtin").double()
     for p in m.parameters():  # move away from the symmetric init so both branches differ
         p.data.add_(0.1 * torch.randn_like(p))
     h = torch.randn(2, length, 4, dtype=torch.float64, requires_grad=True)
@@ -112,7 +112,7 @@ def test_backend_argument_is_checked():
     if not cuda_kernels_available():
         with pytest.raises(RuntimeError, match="mamba-ssm"):
             m(torch.randn(1, 3, 4))
-    assert Mamba(4, backend="auto").resolved_backend(torch.device("cpu")) == "torch"
+    assert Mamba(4, backend="auto").resolved_backend(torch.device("cpu")) == "builtin"
 
 
 @pytest.mark.skipif(not cuda_kernels_available(), reason="needs CUDA and mamba-ssm kernels")
@@ -123,7 +123,7 @@ def test_cuda_kernels_match_torch_backend():
     m.backend = "cuda"
     out_cuda = m(h)
     grads_cuda = torch.autograd.grad(out_cuda.square().sum(), [h, *m.parameters()])
-    m.backend = "torch"
+    m.backend = "builtin"
     out_torch = m(h)
     grads_torch = torch.autograd.grad(out_torch.square().sum(), [h, *m.parameters()])
     torch.testing.assert_close(out_cuda, out_torch, rtol=1e-4, atol=1e-5)

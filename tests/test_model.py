@@ -109,7 +109,7 @@ def test_forward_shape_and_range(h, w):
 
 def run_once(seed):
     torch.manual_seed(seed)
-    model = SalMM(backend="torch")
+    model = SalMM(backend="builtin")
     with torch.no_grad():
         model.CrossModelAtt.gamma.fill_(0.5)  # let the embedding reach the output
     frames, emb = small_batch(h=32, w=32)

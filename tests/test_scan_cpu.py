@@ -282,7 +282,7 @@ def test_impl_switch(monkeypatch):
 
 def model_step(dtype):
     torch.manual_seed(0)
-    model = SalMM(backend="torch")
+    model = SalMM(backend="builtin")
     with torch.no_grad():  # away from the init, where the Mamba blocks barely matter
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -93,7 +93,7 @@ def test_tiny_run_learns_and_leaves_loadable_checkpoints_and_logs(prepared, refe
     assert best["valid_loss"] == pytest.approx(min(valid))
 
     # the authors' loader takes it, and the loaded model scores a validation batch
-    model = load_official(reference_run / "best.pt", backend="torch").eval()
+    model = load_official(reference_run / "best.pt", backend="builtin").eval()
     cache = train.open_checked_cache(parse_args(args(prepared, reference_run)),
                                      read_manifest(str(prepared)))[0]
     batch = next(iter(SaliencyShards(split_shards(str(prepared), read_manifest(str(prepared)),
@@ -290,7 +290,7 @@ def test_torchrun_two_processes_on_cpu_split_shards_by_rank(prepared, tmp_path):
     assert 0 < int(row["train_samples"]) <= 9 and int(row["step"]) >= 1
     checkpoint = load_checkpoint(out / "last.pt")
     assert checkpoint["world_size"] == 2
-    load_official(out / "last.pt", backend="torch")
+    load_official(out / "last.pt", backend="builtin")
 
 
 # ---- pieces -----------------------------------------------------------------------------------
