@@ -29,6 +29,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS
 from pipeline.datasets import REGISTRY
 from pipeline.errors import BadInputError
 
@@ -39,9 +40,10 @@ DEFAULTS: dict[str, Any] = {
     "data_root": "data/raw",
     "prepared_root": "data/prepared",
     "size": "256x256",
-    "clip_model": "ViT-B-32",
-    "clip_pretrained": "openai",
-    "profile": "salmm",
+    "decode": "faithful",
+    "clip_model": DEFAULT_MODEL,
+    "clip_pretrained": DEFAULT_WEIGHTS,
+    "profile": DEFAULT_PROFILE,
     "device": "cpu",
     "dask_address": None,
     "workers": None,

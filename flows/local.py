@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.serve import DEPLOYMENT_NAMES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HOME = Path(".salmm") / "prefect"
@@ -166,8 +168,6 @@ def local_services(
         port: preferred server port on 127.0.0.1 (another free port if it is taken).
         serve: also start ``python -m flows.serve`` and wait until its deployments are registered.
     """
-    from flows.serve import DEPLOYMENT_NAMES
-
     home = Path(home)
     logs = home / "logs"
     services: Services

@@ -18,7 +18,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, ClipSpec, parse_weights
+from pipeline.clip_cache import open_cache
+from pipeline.datasets import check_layout
+from pipeline.embed import Compute, embed_prepared
 from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
+from pipeline.manifest import read_manifest
+from pipeline.normalize import normalize
+from pipeline.verify import verify
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
@@ -41,8 +49,6 @@ RETRY = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _is_trans
 
 @task(name="check-layout")
 def check_layout_task(dataset: str, root: str) -> None:
-    from pipeline.datasets import check_layout
-
     check_layout(dataset, root)
     get_run_logger().info("%s: raw layout of %s looks right", root, dataset)
 
@@ -57,14 +63,14 @@ def normalize_task(
     dask_address: str | None,
     skip_bad: bool,
     max_bad_fraction: float,
+    decode: str = "faithful",
 ) -> dict[str, Any]:
-    from pipeline.normalize import normalize
-
     result = normalize(
         dataset,
         root,
         out,
         size=size,
+        decode=decode,
         workers=workers,
         dask_address=dask_address,
         skip_bad=skip_bad,
@@ -92,10 +98,6 @@ def embed_task(
     dask_address: str | None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    from pipeline.clip import ClipSpec, parse_weights
-    from pipeline.clip_cache import open_cache
-    from pipeline.embed import Compute, embed_prepared
-
     spec = ClipSpec(clip_model, parse_weights(clip_pretrained), profile)
     cuda = device.startswith("cuda")
     compute = Compute(device, "fp16" if cuda else "fp32")
@@ -114,8 +116,6 @@ def embed_task(
 
 @task(name="verify", **RETRY)
 def verify_task(prepared: str) -> None:
-    from pipeline.verify import verify
-
     problems = verify(prepared)
     if problems:
         raise BadInputError(prepared, f"verification failed: {'; '.join(problems)}")
@@ -129,9 +129,6 @@ def publish_task(
     out: str, dataset: str, normalized: dict[str, Any], cache: dict[str, Any], wall_s: float
 ) -> dict[str, Any]:
     """Record the finished, verified dataset in ``published.json`` and the run's markdown artifact."""
-    from pipeline.fsio import Folder
-    from pipeline.manifest import read_manifest
-
     manifest = read_manifest(out)
     splits = manifest["splits"]
     record = {
@@ -196,9 +193,10 @@ def prepare(
     root: str,
     out: str,
     size: str = "256x256",
-    clip_model: str = "ViT-B-32",
-    clip_pretrained: str | None = "openai",
-    profile: str = "salmm",
+    decode: str = "faithful",
+    clip_model: str = DEFAULT_MODEL,
+    clip_pretrained: str | None = DEFAULT_WEIGHTS,
+    profile: str = DEFAULT_PROFILE,
     device: str = "cpu",
     dask_address: str | None = None,
     workers: int | None = None,
@@ -210,6 +208,8 @@ def prepare(
     Args:
         dataset: "bdda", "trafficgaze" or "drfixd-rainy". root: the raw download folder.
         out: the prepared folder (local path or fsspec URL). size: frame size "WIDTHxHEIGHT".
+        decode: how frames and gaze maps are decoded, "faithful" (as the published loader) or
+            "fast" (reduced-scale JPEG decoding; see ``python -m pipeline normalize --decode``).
         clip_model / clip_pretrained / profile / device: the CLIP encoder of the cache
             (clip_pretrained: "openai", a local weight file, "hf-hub:...", or "none" for random weights).
         dask_address: an existing Dask scheduler; None starts a local cluster of ``workers`` processes.
@@ -221,7 +221,7 @@ def prepare(
     started = time.perf_counter()
     check_layout_task(dataset, root)
     normalized = normalize_task(
-        dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction
+        dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction, decode
     )
     cache = embed_task(out, clip_model, clip_pretrained, profile, device, dask_address, workers)
     verify_task(out)

@@ -31,8 +31,17 @@ from pathlib import Path
 
 from flows.config import RAW_DIRNAMES
 from flows.local import local_services
-from pipeline.clip import DEFAULT_MODEL, DEFAULT_WEIGHTS, RANDOM_NOTE, ClipSpec, parse_weights
+from pipeline.clip import (
+    DEFAULT_MODEL,
+    DEFAULT_WEIGHTS,
+    RANDOM_NOTE,
+    ClipSpec,
+    cached_encoder,
+    parse_weights,
+)
 from pipeline.errors import BadInputError
+from pipeline.synth import SYNTHETIC_MARKER, write_dataset
+from salmm.evaluate import TABLE_NAME
 
 log = logging.getLogger("quickstart")
 
@@ -65,8 +74,6 @@ def choose_clip_weights(model: str, pretrained: str | None, synthetic: bool) -> 
     Raises:
         SystemExit: real data and the weights cannot be had; the message says how to go on.
     """
-    from pipeline.clip import cached_encoder
-
     if pretrained is None:
         note = f"{RANDOM_NOTE} (--clip-pretrained none); the model learns nothing real"
         log.warning("CLIP: %s", note)
@@ -93,8 +100,6 @@ def choose_clip_weights(model: str, pretrained: str | None, synthetic: bool) -> 
 
 def synthesize(dataset: str, raw: Path, videos: int, frames: int, seed: int) -> Path:
     """A synthetic raw dataset at ``raw`` (reused when an identical one is already there)."""
-    from pipeline.synth import SYNTHETIC_MARKER, write_dataset
-
     if (raw / SYNTHETIC_MARKER).exists():
         log.info("reusing the SYNTHETIC dataset at %s", raw)
         return raw
@@ -249,8 +254,6 @@ def quickstart(args: argparse.Namespace) -> Outcome:
             None,
             logs / "predict.log",
         )
-    from salmm.evaluate import TABLE_NAME
-
     outcome.table = (evaluation / TABLE_NAME).read_text()
     outcome.pictures = sorted(outcome.run.glob("*.png")) + sorted(predictions.glob("animation.*"))
     outcome.pictures += sorted(predictions.rglob("*.png"))[:3]

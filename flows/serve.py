@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 
+from prefect import serve
+
 from flows.config import RAW_DIRNAMES, deployment_parameters
+from flows.prepare import prepare
 
 DEPLOYMENT_NAMES = [f"prepare/{dataset}" for dataset in RAW_DIRNAMES]
 
 
 def build_deployments() -> list:
     """One runner deployment per dataset, named after it, with its configured default parameters."""
-    from flows.prepare import prepare
-
     return [
         prepare.to_deployment(
             name=dataset,
@@ -30,8 +31,6 @@ def build_deployments() -> list:
 
 
 def main() -> None:
-    from prefect import serve
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     serve(*build_deployments())
 

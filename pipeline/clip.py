@@ -181,7 +181,7 @@ def _cached_weights(cfg: dict) -> bool:
     """Whether open_clip would find the weights of ``cfg`` (its pretrained config) on disk."""
     hub = cfg.get("hf_hub", "")
     if hub and open_clip.pretrained.has_hf_hub():
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # lazy: open_clip runs without it
 
         repo, filename = os.path.split(hub)
         names = (filename,) if filename else _hub_filenames()
@@ -216,7 +216,7 @@ def _reachable(host: str, port: int) -> str | None:
 def _hub_offline() -> Iterator[None]:
     """Make the Hugging Face client use its local cache only (no HEAD requests, no retries)."""
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # lazy: open_clip runs without it
     except ImportError:
         yield
         return

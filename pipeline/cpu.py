@@ -160,7 +160,7 @@ class ThreadGovernor:
     def adapt(self) -> int:
         """Look at the load (at most once per interval) and set torch's thread count; returns
         the count in effect."""
-        import torch
+        import torch  # lazy: the core imports without torch
 
         with self._lock:
             current = torch.get_num_threads()
@@ -210,7 +210,7 @@ def choose_threads(ceiling: int | None = None, window_s: float = 0.3) -> int:
     """An intra-op thread count for a job that keeps one count throughout: the cores other
     processes leave free over a ``window_s`` look (:func:`threads_for`), at most ``ceiling``
     (default torch's own count, capped by :func:`usable_cores`)."""
-    import torch
+    import torch  # lazy: the core imports without torch
 
     ceiling = ceiling or min(torch.get_num_threads(), usable_cores())
     free = free_cores_now(window_s)
@@ -238,7 +238,7 @@ def adapt_threads() -> int:
 def set_threads(count: int) -> None:
     """Fix torch's intra-op thread count at ``count`` for the rest of this process: the
     governor stands down (:func:`adapt_threads` changes nothing any more)."""
-    import torch
+    import torch  # lazy: the core imports without torch
 
     _process_governor().enabled = False
     torch.set_num_threads(count)
@@ -247,7 +247,7 @@ def set_threads(count: int) -> None:
 @contextlib.contextmanager
 def intra_op_threads(count: int) -> Iterator[None]:
     """Run the block with torch's intra-op thread count set to ``count``, restored after."""
-    import torch
+    import torch  # lazy: the core imports without torch
 
     before = torch.get_num_threads()
     if before != count:

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
+from distributed import as_completed
 
 from pipeline.clip import (
     CACHE_THREADS,
@@ -311,8 +313,6 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
 def _header(compute: Compute, identity: dict[str, Any], dtype: str, manifest: dict[str, Any],
             shards: dict[str, list[Shard]], chunk_size: int) -> dict[str, Any]:
     """The cache header: everything the stored numbers depend on (see pipeline.clip_cache)."""
-    import open_clip
-
     return {
         "encoder": identity,
         "dtype": dtype,
@@ -330,8 +330,6 @@ def _embed_on_dask(client: Any, writer: CacheWriter, spec: ClipSpec, compute: Co
                    batch_size: int, progress: Progress, size: tuple[int, int]) -> None:
     """Run one task per chunk on the cluster (at most 2 per worker in flight) and write each
     chunk as it arrives."""
-    from distributed import as_completed
-
     pending = [j for js in jobs.values() for j in js]
     limit = 2 * max(1, len(client.scheduler_info().get("workers", {})))
 

@@ -156,7 +156,7 @@ def check_arguments(dataset: str, videos: int, frames: int, mat_format: str) -> 
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     if mat_format not in MAT_FORMATS:
         raise ValueError(f"mat_format must be one of {MAT_FORMATS}, got {mat_format!r}")
-    max_videos = 2000 if dataset == "bdda" else 99
+    max_videos = 99 if REGISTRY[dataset].has_fixations else 2000   # BDD-A ids run to 2017
     if not 1 <= videos <= max_videos:
         raise ValueError(f"videos must be in 1..{max_videos} for {dataset}, got {videos}")
     if frames < FIRST_LISTED[dataset]:
@@ -166,7 +166,7 @@ def check_arguments(dataset: str, videos: int, frames: int, mat_format: str) -> 
 
 def _write_all(dataset: str, root: Path, videos: int, frames: int, seed: int,
                mat_format: MatFormat) -> None:
-    bdda = dataset == "bdda"
+    bdda = not REGISTRY[dataset].has_fixations      # the gaze-map layout
     rng = np.random.default_rng([seed, DATASETS.index(dataset)])
     if bdda:
         ids = np.sort(rng.choice(np.arange(1, 2018), size=videos, replace=False)).tolist()
@@ -229,7 +229,7 @@ def _marker_text(dataset: str, videos: int, frames: int, seed: int, mat_format: 
         f"frames per video: {frames}",
         f"seed: {seed}",
     ]
-    if dataset != "bdda":
+    if REGISTRY[dataset].has_fixations:
         lines.append(f"fixdata format: MATLAB {mat_format}")
     lines.append(f"generator version: {GENERATOR_VERSION}")
     return ("\n".join(lines) + "\n").encode("ascii")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from pipeline.clip_cache import open_cache
 from pipeline.errors import BadInputError
 from pipeline.shards import Shard, decode_frame, decode_label, read_shard
 
@@ -123,8 +124,6 @@ class EmbeddingTable:
         return {"cache_path": self.cache_path, "split": self.split, "_rows": None, "_emb": None}
 
     def _load(self) -> None:
-        from pipeline.clip_cache import open_cache
-
         keys, self._emb = open_cache(self.cache_path).load_split(self.split)
         self._rows = {k: i for i, k in enumerate(keys)}
 

@@ -56,13 +56,15 @@ def _load_kernels() -> dict:
     if _kernels is None:
         _kernels = {}
         try:
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+            from mamba_ssm.ops.selective_scan_interface import (  # lazy: the gpu extra
+                selective_scan_fn,
+            )
 
             _kernels["selective_scan_fn"] = selective_scan_fn
         except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
             log.info("mamba-ssm CUDA kernels unavailable (%s: %s)", type(exc).__name__, exc)
         try:
-            from causal_conv1d import causal_conv1d_fn
+            from causal_conv1d import causal_conv1d_fn  # lazy: the gpu extra
 
             _kernels["causal_conv1d_fn"] = causal_conv1d_fn
         except Exception as exc:  # noqa: BLE001
