@@ -136,6 +136,7 @@ def run_step(title: str, cmd: list[str], env: dict[str, str] | None, log_path: P
 
 
 def quickstart(args: argparse.Namespace) -> Outcome:
+    """The steps of the module docstring, each the real entry point; what they made."""
     work: Path = args.work.resolve()
     dataset = args.dataset
     synthetic = args.root is None
@@ -143,117 +144,41 @@ def quickstart(args: argparse.Namespace) -> Outcome:
     raw = args.root.resolve() if args.root else work / "raw" / RAW_DIRNAMES[dataset]
     if synthetic:
         synthesize(dataset, raw, args.videos, args.frames, args.seed)
-    outcome = Outcome(synthetic=synthetic, raw=raw, prepared=work / "prepared" / dataset, clip_note=note)
-    logs = work / "logs"
-    py = sys.executable
-    pretrained = weights or "none"
+    outcome = Outcome(synthetic=synthetic, raw=raw, prepared=work / "prepared" / dataset,
+                      clip_note=note)
+    logs, py, pretrained = work / "logs", sys.executable, weights or "none"
     with local_services(home=work / "prefect") as services:
         outcome.ui_url = services.ui_url
-        log.info(
-            "Prefect UI: %s (open it to watch the flow run)", services.ui_url or services.api_url
-        )
-        run_step(
-            f"prefect deployment run prepare/{dataset}",
-            [
-                py,
-                "-m",
-                "prefect",
-                "deployment",
-                "run",
-                f"prepare/{dataset}",
-                "--watch",
-                "--param",
-                f"root={raw}",
-                "--param",
-                f"out={outcome.prepared}",
-                "--param",
-                f"size={args.size}",
-                "--param",
-                f"clip_model={args.clip_model}",
-                "--param",
-                f"clip_pretrained={pretrained}",
-            ],
-            services.env,
-            logs / "prepare.log",
-        )
+        log.info("Prefect UI: %s (open it to watch the flow run)",
+                 services.ui_url or services.api_url)
+        params = {"root": raw, "out": outcome.prepared, "size": args.size,
+                  "clip_model": args.clip_model, "clip_pretrained": pretrained}
+        run_step(f"prefect deployment run prepare/{dataset}",
+                 [py, "-m", "prefect", "deployment", "run", f"prepare/{dataset}", "--watch",
+                  *(f for k, v in params.items() for f in ("--param", f"{k}={v}"))],
+                 services.env, logs / "prepare.log")
         published = json.loads((outcome.prepared / "published.json").read_text())
         outcome.version_id, outcome.cache = published["version_id"], published["cache"]["path"]
-
-        outcome.run = (
-            work / "runs" / f"{dataset}-{outcome.version_id}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        clip = ["--clip-model", args.clip_model, "--clip-pretrained", pretrained]
-        run_step(
-            "python -m salmm.train --cached-clip",
-            [
-                py,
-                "-m",
-                "salmm.train",
-                "--cached-clip",
-                "--prepared",
-                str(outcome.prepared),
-                "--out",
-                str(outcome.run),
-                "--epochs",
-                str(args.epochs),
-                "--batch-size",
-                str(args.batch_size),
-                "--size",
-                args.size,
-                "--workers",
-                "0",
-                *clip,
-            ],
-            None,
-            logs / "train.log",
-        )
+        outcome.run = (work / "runs"
+                       / f"{dataset}-{outcome.version_id}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cached = ["--cached-clip", "--cache", outcome.cache]
+        run_step("python -m salmm.train --cached-clip",
+                 [py, "-m", "salmm.train", "--cached-clip", "--prepared", str(outcome.prepared),
+                  "--out", str(outcome.run), "--epochs", str(args.epochs), "--batch-size",
+                  str(args.batch_size), "--size", args.size, "--workers", "0",
+                  "--clip-model", args.clip_model, "--clip-pretrained", pretrained],
+                 None, logs / "train.log")
         checkpoint = outcome.run / "best.pt"
-        evaluation = outcome.run / "evaluation"
-        run_step(
-            "python -m salmm.evaluate",
-            [
-                py,
-                "-m",
-                "salmm.evaluate",
-                "--checkpoint",
-                str(checkpoint),
-                "--prepared",
-                str(outcome.prepared),
-                "--split",
-                "test",
-                "--out",
-                str(evaluation),
-                "--cached-clip",
-                "--cache",
-                outcome.cache,
-            ],
-            None,
-            logs / "evaluate.log",
-        )
-        predictions = outcome.run / "predictions"
-        run_step(
-            "python -m salmm.predict",
-            [
-                py,
-                "-m",
-                "salmm.predict",
-                "--checkpoint",
-                str(checkpoint),
-                "--input",
-                str(outcome.prepared),
-                "--split",
-                "test",
-                "--limit",
-                str(args.predict_frames),
-                "--out",
-                str(predictions),
-                "--cached-clip",
-                "--cache",
-                outcome.cache,
-            ],
-            None,
-            logs / "predict.log",
-        )
+        evaluation, predictions = outcome.run / "evaluation", outcome.run / "predictions"
+        run_step("python -m salmm.evaluate",
+                 [py, "-m", "salmm.evaluate", "--checkpoint", str(checkpoint), "--prepared",
+                  str(outcome.prepared), "--split", "test", "--out", str(evaluation), *cached],
+                 None, logs / "evaluate.log")
+        run_step("python -m salmm.predict",
+                 [py, "-m", "salmm.predict", "--checkpoint", str(checkpoint), "--input",
+                  str(outcome.prepared), "--split", "test", "--limit", str(args.predict_frames),
+                  "--out", str(predictions), *cached],
+                 None, logs / "predict.log")
     outcome.table = (evaluation / TABLE_NAME).read_text()
     outcome.pictures = sorted(outcome.run.glob("*.png")) + sorted(predictions.glob("animation.*"))
     outcome.pictures += sorted(predictions.rglob("*.png"))[:3]

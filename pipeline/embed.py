@@ -262,16 +262,13 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
     if workers is not None and dask_address:
         raise ValueError("give either a Dask scheduler address or a worker count, not both")
     shards = {s: split_shards(prepared, manifest, s) for s in splits}
-    size = prepared_size(manifest)
     samples = sum(sh.samples for s in splits for sh in shards[s])
-    local = workers or default_workers(compute)
-    local = max(1, min(local, math.ceil(samples / chunk_size)))
+    local = max(1, min(workers or default_workers(compute), math.ceil(samples / chunk_size)))
     with contextlib.ExitStack() as stack:
-        client = None
+        client = encoder = None
         if dask_address or local > 1:
             client = stack.enter_context(dask_client(address=dask_address,
                                                      workers=None if dask_address else local))
-            encoder = None
             identity = client.submit(encoder_identity_task, spec, compute, pure=False).result()
         else:
             encoder = cached_encoder(spec, compute.device)
@@ -279,12 +276,7 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
         header = _header(compute, identity, dtype, manifest, shards, chunk_size)
         default = default_cache_path(prepared, identity, dtype)
         out = str(out) if out is not None else default
-        parent, _, name = out.rstrip("/").rpartition("/")
-        stack.enter_context(Folder(parent or ".").lock(f"{name}.lock", subject=out))
-        # the default store belongs to this prepared folder: one made from another version of
-        # it is stale, so it is replaced; another store only with --overwrite
-        stale = recorded_version(out) not in (None, header["prepared"]["version_id"])
-        writer = CacheWriter.open(out, header, replace=overwrite or (out == default and stale))
+        writer = _open_store(stack, out, header, overwrite=overwrite, default=out == default)
         jobs = {s: [ChunkJob(s, i, *writer.chunk_range(s, i)) for i in writer.missing_chunks(s)]
                 for s in splits}
         todo = sum(j.stop - j.start for js in jobs.values() for j in js)
@@ -297,17 +289,29 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                 for split in splits:
                     for job, keys, emb in embed_jobs(encoder, compute, shards[split],
                                                      jobs[split], batch_size, prefetch,
-                                                     progress, size):
+                                                     progress, prepared_size(manifest)):
                         writer.write_chunk(split, job.index, keys, emb)
             else:
                 _embed_on_dask(client, writer, spec, compute, shards, jobs, batch_size,
-                               progress, size)
-    writer.finish()
+                               progress, prepared_size(manifest))
+        writer.finish()
     elapsed = time.perf_counter() - started
     log.info("CLIP cache complete: %s (%s samples; %d images embedded now in %.1f s, %.1f images/s;"
              " weights %s)", out, header["splits"], 2 * todo, elapsed,
              2 * todo / elapsed if elapsed > 0 else 0.0, identity["weights"])
     return out
+
+
+def _open_store(stack: contextlib.ExitStack, out: str, header: dict[str, Any], *,
+                overwrite: bool, default: bool) -> CacheWriter:
+    """The writer of the store at ``out``, locked for the rest of ``stack``. A store made with
+    other settings is replaced with ``overwrite``; the prepared folder's ``default`` store is
+    replaced too when it was made from another version of the data (it is stale); any other
+    is refused."""
+    parent, _, name = out.rstrip("/").rpartition("/")
+    stack.enter_context(Folder(parent or ".").lock(f"{name}.lock", subject=out))
+    stale = recorded_version(out) not in (None, header["prepared"]["version_id"])
+    return CacheWriter.open(out, header, replace=overwrite or (default and stale))
 
 
 def _header(compute: Compute, identity: dict[str, Any], dtype: str, manifest: dict[str, Any],

@@ -1,10 +1,14 @@
-"""Training options: THE one place that parses them.
+"""The options of the salmm commands: the option groups they share, the checks every one
+makes, and the trainer's options.
 
 :func:`build_parser` assembles the ``python -m salmm.train`` parser from small groups
 (:func:`add_data_options`, :func:`add_clip_options`, :func:`add_runtime_options`,
-:func:`add_recipe_options`) that the evaluate/predict commands can reuse; :func:`parse_args`
-turns the command line into a :class:`TrainConfig`. Defaults follow the published recipe:
-Adam, lr 1e-3, weight decay 1e-4, batch 32, 256x256 frames, seed 42, 100 epochs.
+:func:`add_recipe_options`, :func:`add_inference_options`) that the evaluate and predict
+commands reuse; :func:`parse_checked` parses and checks any of their command lines and
+:func:`options_from` makes a command's options dataclass of them (:func:`parse_args`: the
+trainer's :class:`TrainConfig`). The CLIP weights option is parsed by
+:func:`pipeline.clip.parse_weights`, the one parser of ``none``. Defaults follow the published
+recipe: Adam, lr 1e-3, weight decay 1e-4, batch 32, 256x256 frames, seed 42, 100 epochs.
 """
 
 from __future__ import annotations

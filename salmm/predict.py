@@ -217,53 +217,71 @@ class PredictOptions:
     clip: tuple[tuple[str, Any], ...] = ()
 
 
-def predict(opts: PredictOptions) -> list[Path]:
-    """Run ``opts``; returns the files written (PNGs, then the animation if any)."""
+@dataclass
+class Source:
+    """An opened ``--input``: its kind ("prepared", "folder", "image", "video"), frames to come
+    (None: unknown), frames per second (videos, when known), and what reads it."""
+
+    kind: str
+    total: int | None = None
+    fps: float | None = None
+    manifest: dict[str, Any] | None = None
+    files: list[Path] | None = None
+    capture: cv2.VideoCapture | None = None
+
+
+def open_source(opts: PredictOptions) -> Source:
+    """``opts.input``, checked before the model is loaded (BadInputError, one line)."""
     kind = input_kind(opts.input)
     if opts.cached_clip and kind != "prepared":
         raise BadInputError(opts.input, "--cached-clip needs a prepared dataset as --input; raw"
                             " frames and videos have no cached embeddings")
-    fps = opts.fps
-    total: int | None = None
-    manifest = None
     if kind == "prepared":
         manifest, total = prepared_split(opts.input, opts.split)
-    elif kind == "folder":
+        return Source(kind, total, manifest=manifest)
+    if kind == "folder":
         files = folder_images(opts.input)
-        total = len(files)
-    elif kind == "video":
-        capture, video_fps, total = open_video(opts.input)
-        fps = fps or video_fps
+        return Source(kind, len(files), files=files)
+    if kind == "image":
+        return Source(kind, 1, files=[Path(opts.input)])
+    capture, fps, total = open_video(opts.input)
+    return Source(kind, total, fps, capture=capture)
+
+
+def source_items(opts: PredictOptions, source: Source, size: tuple[int, int]) -> Iterator[Item]:
+    """The source's frames as :class:`Item` at the model's ``size`` (height, width)."""
+    if source.kind == "prepared":
+        return prepared_items(opts.input, source.manifest, opts.split)
+    if source.kind == "video":
+        return video_items(opts.input, source.capture, size, source.total,
+                           opts.allow_short_video)
+    return image_items(source.files, size)
+
+
+def predict(opts: PredictOptions) -> list[Path]:
+    """Run ``opts``; returns the files written (PNGs, then the animation if any)."""
+    source = open_source(opts)
     loaded: LoadedModel = load_model(opts.checkpoint, inline_clip=not opts.cached_clip,
                                      given_clip=dict(opts.clip), device=opts.device,
                                      amp=opts.amp)
-    if manifest is not None:
-        size = prepared_size(manifest)
-        items = prepared_items(opts.input, manifest, opts.split)
-    else:
-        size = opts.size or loaded.size
-        if kind == "folder":
-            items = image_items(files, size)
-        elif kind == "image":
-            items, total = image_items([Path(opts.input)], size), 1
-        else:
-            items = video_items(opts.input, capture, size, total, opts.allow_short_video)
+    size = (prepared_size(source.manifest) if source.manifest is not None
+            else opts.size or loaded.size)
     if size[0] % 32 or size[1] % 32:
         raise BadInputError(opts.input, f"frames would be fed at {size[1]}x{size[0]}; SalMM needs"
                             " width and height that are multiples of 32 (see --size)")
     table = None
     if opts.cached_clip:
-        cache_path, _ = open_eval_cache(opts.cache, opts.input, manifest, opts.split, loaded.clip)
+        cache_path, _ = open_eval_cache(opts.cache, opts.input, source.manifest, opts.split,
+                                        loaded.clip)
         table = EmbeddingTable(cache_path, opts.split)
-    if opts.limit is not None and total is not None:
-        total = min(total, opts.limit)
-
-    out = Folder(opts.out)
-    out.makedirs()
+    total = source.total if opts.limit is None or source.total is None \
+        else min(source.total, opts.limit)
+    Folder(opts.out).makedirs()
     written: list[Path] = []
     frames: list[np.ndarray] = []
     with progress(total=total, unit="frame", desc="predict") as bar:
-        for batch in batched(limited(items, opts.limit), opts.batch_size):
+        for batch in batched(limited(source_items(opts, source, size), opts.limit),
+                             opts.batch_size):
             x = torch.from_numpy(np.stack([it.model_input.transpose(2, 0, 1) for it in batch]))
             emb = (torch.stack([torch.from_numpy(table.lookup(it.key, False)) for it in batch])
                    if table is not None else None)
@@ -277,10 +295,11 @@ def predict(opts: PredictOptions) -> list[Path]:
                 bar.update(1)
     log.info("wrote %d picture(s) to %s", len(written), opts.out)
     if len(frames) > 1:
+        fps = opts.fps or source.fps or DEFAULT_FPS
         path = Path(opts.out) / f"animation.{overlay.animation_format(opts.animation)}"
-        overlay.write_animation(path, frames, fps or DEFAULT_FPS)
+        overlay.write_animation(path, frames, fps)
         written.append(path)
-        log.info("animation of %d frames at %.3g fps: %s", len(frames), fps or DEFAULT_FPS, path)
+        log.info("animation of %d frames at %.3g fps: %s", len(frames), fps, path)
     return written
 
 
