@@ -35,6 +35,8 @@ from pipeline.errors import BadInputError
 
 # Folder names of the raw downloads under a common data root, as the authors' release names them.
 RAW_DIRNAMES = {name: entry.release_dir for name, entry in REGISTRY.items()}
+DEPLOYMENT_NAMES = [f"prepare/{dataset}" for dataset in RAW_DIRNAMES]
+"""The deployments ``python -m flows.serve`` serves, one per dataset."""
 
 DEFAULTS: dict[str, Any] = {
     "data_root": "data/raw",

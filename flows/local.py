@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.serve import DEPLOYMENT_NAMES
+from flows.config import DEPLOYMENT_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ from prefect import serve
 from flows.config import RAW_DIRNAMES, deployment_parameters
 from flows.prepare import prepare
 
-DEPLOYMENT_NAMES = [f"prepare/{dataset}" for dataset in RAW_DIRNAMES]
-
 
 def build_deployments() -> list:
     """One runner deployment per dataset, named after it, with its configured default parameters."""

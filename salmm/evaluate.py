@@ -61,14 +61,14 @@ from salmm.inference import (
     LoadedModel,
     add_model_options,
     batched,
-    given_clip_options,
     iter_samples,
     load_model,
     open_eval_cache,
+    parse_model_args,
     predict_batch,
     prepared_split,
 )
-from salmm.options import non_negative_int, options_from, parse_checked, positive_int, run_command
+from salmm.options import non_negative_int, positive_int, run_command
 
 log = logging.getLogger("salmm.evaluate")
 
@@ -386,8 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
-    args = parse_checked(build_parser(), argv)
-    return options_from(EvalOptions, args, clip=given_clip_options(args))
+    return parse_model_args(build_parser(), EvalOptions, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,9 +33,16 @@ from salmm.data import decode, read_shards
 from salmm.devices import autocast, autocast_dtype, pick_device
 from salmm.model import SalMM
 from salmm.official import read_official
-from salmm.options import add_clip_options, add_inference_options, add_runtime_options
+from salmm.options import (
+    add_clip_options,
+    add_inference_options,
+    add_runtime_options,
+    options_from,
+    parse_checked,
+)
 
 log = logging.getLogger("salmm.inference")
+T = TypeVar("T")
 
 FROM_CHECKPOINT = object()
 """Default of the CLIP options: take the value the checkpoint was trained with."""
@@ -156,6 +163,14 @@ def predict_batch(loaded: LoadedModel, frames: torch.Tensor, emb: torch.Tensor |
         x = frames.to(loaded.device).float().div_(255)
         out = loaded.model(x, None if emb is None else emb.to(loaded.device))
     return out.float()[:, 0].cpu().numpy()
+
+
+def parse_model_args(parser: argparse.ArgumentParser, cls: type[T],
+                     argv: Sequence[str] | None) -> T:
+    """A model command's options ``cls`` from its command line (checked; the CLIP options the
+    user gave in its ``clip`` field)."""
+    args = parse_checked(parser, argv)
+    return options_from(cls, args, clip=given_clip_options(args))
 
 
 def given_clip_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:

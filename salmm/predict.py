@@ -46,14 +46,14 @@ from salmm.inference import (
     LoadedModel,
     add_model_options,
     batched,
-    given_clip_options,
     iter_samples,
     load_model,
     open_eval_cache,
+    parse_model_args,
     predict_batch,
     prepared_split,
 )
-from salmm.options import options_from, parse_checked, parse_size, positive_int, run_command
+from salmm.options import parse_size, positive_int, run_command
 
 log = logging.getLogger("salmm.predict")
 
@@ -354,8 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PredictOptions:
-    args = parse_checked(build_parser(), argv)
-    return options_from(PredictOptions, args, clip=given_clip_options(args))
+    return parse_model_args(build_parser(), PredictOptions, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
