@@ -248,9 +248,16 @@ class ClipCache:
         return self._chunk(split, i // chunk)[i % chunk].copy()
 
     def _read_chunk(self, split: str, index: int) -> np.ndarray:
+        return self.read_chunk(split, index)[1]
+
+    def read_chunk(self, split: str, index: int) -> tuple[list[str], np.ndarray]:
+        """Chunk ``index`` of ``split``: its keys and embeddings float32 [n, 2, D] (n is the
+        chunk size, less for the last chunk); reads that chunk of both arrays and nothing else."""
         chunk = self.identity["chunk_size"]
-        emb = self._split(split)["embeddings"][index * chunk:(index + 1) * chunk]
-        return emb.astype(np.float32, copy=False)
+        sub = self._split(split)
+        rows = slice(index * chunk, (index + 1) * chunk)
+        return (sub["keys"][rows].tolist(),
+                sub["embeddings"][rows].astype(np.float32, copy=False))
 
     def _split(self, split: str) -> zarr.Group:
         if split not in self.identity["splits"]:
@@ -269,17 +276,17 @@ def recorded_version(path: str | Path) -> str | None:
     return prepared.get("version_id") if isinstance(prepared, dict) else None
 
 
-def open_cache(path: str | Path, prepared: str | Path | Mapping[str, Any] | None = None
-               ) -> ClipCache:
-    """Open a finished cache for reading.
+def open_cache(path: str | Path | zarr.abc.store.Store,
+               prepared: str | Path | Mapping[str, Any] | None = None) -> ClipCache:
+    """Open a finished cache for reading (``path``: its location, or a zarr store).
 
     ``prepared``: the prepared dataset (its path, or its manifest dict); when given, a cache
     made from another version of it is refused. BadInputError (one line naming the store) for
     a missing, foreign, unfinished or mismatching store.
     """
-    path = str(path)
+    store, path = (path, str(path)) if isinstance(path, zarr.abc.store.Store) else (str(path),) * 2
     try:
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(store, mode="r")
     except FileNotFoundError:
         raise BadInputError(path, "no CLIP cache here; run `python -m pipeline embed`") from None
     attrs = dict(group.attrs)

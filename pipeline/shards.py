@@ -313,7 +313,8 @@ class _HashingReader:
 
 
 def read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
-    """The samples of one shard in tar order, ``{"__key__", "__url__", ext: bytes, ...}``.
+    """The samples of one shard in tar order, ``{"__key__", "__url__", "__index__", ext: bytes,
+    ...}`` (``__index__``: the sample's place in its split, ``shard.first`` + its place here).
 
     Every byte is hashed as it is read; the last sample is yielded only after the whole file
     was read and matched ``shard.sha256`` and the sample count matched ``shard.samples``, so a
@@ -331,6 +332,7 @@ def read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
             reader = _HashingReader(f)
             for sample in iter_tar(reader):
                 sample["__url__"] = url
+                sample["__index__"] = shard.first + count
                 if held is not None:
                     yield held
                 held, count = sample, count + 1

@@ -26,6 +26,7 @@ import hashlib
 import math
 import multiprocessing
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,9 @@ from pipeline.errors import BadInputError
 from pipeline.shards import Shard, decode_frame, decode_label, read_shard
 
 FLIP_PROBABILITY = 0.5
+CACHED_CHUNKS = 16
+"""Cache chunks an :class:`EmbeddingTable` keeps: a shuffle buffer of 1000 samples spans a
+couple of shards, ~4 chunks each at the default 256-sample chunks."""
 
 
 # ---- seeded decisions --------------------------------------------------------------------------
@@ -90,6 +94,7 @@ def decode(samples: Iterable[dict[str, Any]], size: tuple[int, int]) -> Iterator
         label = decode_label(sample, size)                           # float32 [H, W]
         yield {
             "key": sample["__key__"],
+            "index": sample["__index__"],
             "frame": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
             "label": torch.from_numpy(label)[None],
             "flipped": False,
@@ -108,48 +113,72 @@ def random_hflip(samples: Iterable[dict[str, Any]], seed: int, epoch: int,
 
 
 class EmbeddingTable:
-    """The cached CLIP embeddings of one split, looked up by sample key.
+    """The cached CLIP embeddings of one split, looked up by the sample's place in the split.
 
-    The Zarr cache is read on first use, so each data worker process loads it once (workers are
-    persistent) and the training process never does when workers do the loading.
+    The cache's rows are in shard order, so a shard's samples are one contiguous run of rows and
+    a worker reading a shard needs only the few cache chunks that run covers: the table reads a
+    chunk (its keys and embeddings) the first time one of its rows is asked for and keeps the
+    ``chunks`` most recently used (each C x 2 x D float32: 1 MiB at C = 256, D = 512). Memory
+    stays flat in the split's size. The cache is opened on first use, in the process that asks
+    (each data worker opens its own; pickling leaves the open cache behind).
     """
 
-    def __init__(self, cache_path: str, split: str) -> None:
+    def __init__(self, cache_path: str, split: str, chunks: int = CACHED_CHUNKS) -> None:
         self.cache_path = cache_path
         self.split = split
-        self._rows: dict[str, int] | None = None
-        self._emb: np.ndarray | None = None             # float32 [N, 2, D]
+        self.chunks = chunks
+        self.reads = 0                                  # chunks read so far (for tests, logs)
+        self._cache: Any = None
+        self._lru: OrderedDict[int, tuple[list[str], np.ndarray]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cache_path": self.cache_path, "split": self.split, "_rows": None, "_emb": None}
+        return {**self.__dict__, "_cache": None, "_lru": OrderedDict(), "reads": 0}
 
-    def _load(self) -> None:
-        keys, self._emb = open_cache(self.cache_path).load_split(self.split)
-        self._rows = {k: i for i, k in enumerate(keys)}
+    def _chunk(self, index: int) -> tuple[list[str], np.ndarray]:
+        if index in self._lru:
+            self._lru.move_to_end(index)
+            return self._lru[index]
+        if self._cache is None:
+            self._cache = open_cache(self.cache_path)
+        found = self._cache.read_chunk(self.split, index)
+        self.reads += 1
+        self._lru[index] = found
+        while len(self._lru) > self.chunks:
+            self._lru.popitem(last=False)
+        return found
 
-    def lookup(self, key: str, flipped: bool) -> np.ndarray:
-        """float32 [D]: the embedding of the frame (``flipped`` False) or of its mirror image."""
-        if self._rows is None:
-            self._load()
-        row = self._rows.get(key)
-        if row is None:
+    def lookup(self, row: int, key: str, flipped: bool) -> np.ndarray:
+        """float32 [D]: the embedding of sample ``row`` of the split (the frame, or its mirror
+        image when ``flipped``); BadInputError unless the cache holds ``key`` at that row."""
+        if self._cache is None:
+            self._cache = open_cache(self.cache_path)
+        if not 0 <= row < self._cache.identity["splits"].get(self.split, 0):
             raise BadInputError(self.cache_path, f"no embedding for sample {key} of split"
                                 f" {self.split}; re-run `python -m pipeline embed`")
-        return self._emb[row, int(flipped)]
+        size = self._cache.identity["chunk_size"]
+        keys, emb = self._chunk(row // size)
+        if keys[row % size] != key:
+            raise BadInputError(self.cache_path, f"row {row} of split {self.split} holds sample"
+                                f" {keys[row % size]}, the shards have {key} there; re-run"
+                                " `python -m pipeline embed`")
+        return emb[row % size, int(flipped)]
 
 
 def join_embeddings(samples: Iterable[dict[str, Any]], table: EmbeddingTable
                     ) -> Iterator[dict[str, Any]]:
     """Add ``"emb"`` float32 [D]: the cached embedding matching the sample's flip state."""
     for sample in samples:
-        yield {**sample, "emb": torch.from_numpy(table.lookup(sample["key"], sample["flipped"]))}
+        emb = table.lookup(sample["index"], sample["key"], sample["flipped"])
+        yield {**sample, "emb": torch.from_numpy(emb)}
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """List of samples -> batch: ``key`` list[str] [B], ``frame`` uint8 [B, 3, H, W], ``label``
-    float32 [B, 1, H, W], ``flipped`` bool [B], and ``emb`` float32 [B, D] when present."""
+    """List of samples -> batch: ``key`` list[str] [B], ``index`` list[int] [B] (places in the
+    split), ``frame`` uint8 [B, 3, H, W], ``label`` float32 [B, 1, H, W], ``flipped`` bool [B],
+    and ``emb`` float32 [B, D] when present."""
     batch: dict[str, Any] = {
         "key": [s["key"] for s in samples],
+        "index": [s["index"] for s in samples],
         "frame": torch.stack([s["frame"] for s in samples]),
         "label": torch.stack([s["label"] for s in samples]),
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),

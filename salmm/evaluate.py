@@ -265,7 +265,8 @@ def score_split(opts: EvalOptions, inputs: Inputs) -> list[dict[str, Any]]:
             for batch in batched(samples, opts.batch_size):
                 frames = torch.stack([s["frame"] for s in batch])
                 emb = (None if inputs.table is None else torch.stack(
-                    [torch.from_numpy(inputs.table.lookup(s["key"], False)) for s in batch]))
+                    [torch.from_numpy(inputs.table.lookup(s["index"], s["key"], False))
+                     for s in batch]))
                 for sample, pred in zip(batch, predict_batch(inputs.loaded, frames, emb)):
                     key, meta = sample["key"], sample["meta"]
                     if not np.isfinite(pred).all():

@@ -67,13 +67,15 @@ DEFAULT_FPS = 10.0
 class Item:
     """One frame to predict: output ``name`` (file stem), ``frame`` uint8 RGB [H, W, 3] as shown,
     ``model_input`` uint8 RGB [h, w, 3] at the model's size, the ground truth ``label`` float
-    [h, w] (prepared inputs) and the sample ``key`` (for cached embeddings)."""
+    [h, w] (prepared inputs), and the sample ``key`` and ``index`` in its split (for cached
+    embeddings)."""
 
     name: str
     frame: np.ndarray
     model_input: np.ndarray
     label: np.ndarray | None = None
     key: str | None = None
+    index: int | None = None
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -159,7 +161,8 @@ def prepared_items(prepared: str, manifest: dict[str, Any], split: str) -> Itera
     """A prepared split's samples: frame and label at the prepared size."""
     for sample in iter_samples(prepared, manifest, split):
         rgb = np.ascontiguousarray(sample["frame"].numpy().transpose(1, 2, 0))
-        yield Item(sample["key"], rgb, rgb, sample["label"][0].numpy(), sample["key"])
+        yield Item(sample["key"], rgb, rgb, sample["label"][0].numpy(), sample["key"],
+                   sample["index"])
 
 
 def limited(items: Iterator[Item], limit: int | None) -> Iterator[Item]:
@@ -283,8 +286,8 @@ def predict(opts: PredictOptions) -> list[Path]:
         for batch in batched(limited(source_items(opts, source, size), opts.limit),
                              opts.batch_size):
             x = torch.from_numpy(np.stack([it.model_input.transpose(2, 0, 1) for it in batch]))
-            emb = (torch.stack([torch.from_numpy(table.lookup(it.key, False)) for it in batch])
-                   if table is not None else None)
+            emb = (torch.stack([torch.from_numpy(table.lookup(it.index, it.key, False))
+                                for it in batch]) if table is not None else None)
             for item, pred in zip(batch, predict_batch(loaded, x, emb)):
                 image = picture(item, pred, opts.colormap, opts.alpha)
                 path = Path(opts.out) / f"{item.name}.png"

@@ -8,8 +8,10 @@ import io
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
+from pipeline.clip_cache import open_cache
 from pipeline.errors import BadInputError
 from pipeline.manifest import read_manifest
 from pipeline.shards import split_shards
@@ -167,13 +169,51 @@ def test_embedding_table_loads_lazily_and_pickles_empty(prepared):
 
     _, cache = prepared
     table = EmbeddingTable(str(cache), "valid")
-    key = next(iter(raw_samples(prepared, "valid")))
-    np.testing.assert_array_equal(table.lookup(key, True), fake_embedding(key, True))
-    assert table.lookup(key, False).shape == (FAKE_DIM,)
+    key, sample = next(iter(raw_samples(prepared, "valid").items()))
+    row = sample["__index__"]
+    np.testing.assert_array_equal(table.lookup(row, key, True), fake_embedding(key, True))
+    assert table.lookup(row, key, False).shape == (FAKE_DIM,)
     clone = pickle.loads(pickle.dumps(table))
-    assert clone._emb is None and clone.cache_path == str(cache)
+    assert clone._cache is None and not clone._lru and clone.cache_path == str(cache)
     with pytest.raises(BadInputError, match="no embedding for sample nope"):
-        table.lookup("nope", False)
+        table.lookup(999, "nope", False)
+    with pytest.raises(BadInputError, match=f"row {row} of split valid holds sample {key},"
+                                            " the shards have nope there"):
+        table.lookup(row, "nope", False)
+
+
+class CountingStore(zarr.storage.WrapperStore):
+    """A zarr store that counts the embedding chunks read through it."""
+
+    def __init__(self, store) -> None:
+        super().__init__(store)
+        self.chunk_reads: list[str] = []
+
+    async def get(self, key, prototype, byte_range=None):
+        if "/embeddings/c/" in key:
+            self.chunk_reads.append(key)
+        return await super().get(key, prototype, byte_range)
+
+
+@pytest.mark.parametrize("shard", [0, 1, 2])
+def test_lookup_reads_only_the_chunks_of_the_shard_read_and_equals_the_whole_split(
+        tmp_path, shard):
+    root = write_prepared(tmp_path / "p", {"train": [7, 5, 6]}, SIZE)
+    cache = write_fake_cache(root, tmp_path / "c.zarr", chunk=3)     # 18 rows: chunks of 3
+    store = CountingStore(zarr.storage.LocalStore(str(cache), read_only=True))
+    table = EmbeddingTable(store, "train")
+    shards = split_shards(str(root), read_manifest(str(root)), "train")
+    keys, whole = open_cache(cache).load_split("train")             # the whole-split table
+    assert [s["__key__"] for s in read_shards(shards)] == keys
+    for sample in read_shards([shards[shard]]):
+        row = sample["__index__"]
+        for flipped in (False, True):
+            got = table.lookup(row, sample["__key__"], flipped)
+            np.testing.assert_array_equal(got, whole[row, int(flipped)])
+    first, end = shards[shard].first, shards[shard].end
+    wanted = {f"train/embeddings/c/{i}/0/0" for i in range(first // 3, (end - 1) // 3 + 1)}
+    assert set(store.chunk_reads) == wanted and len(store.chunk_reads) == len(wanted)
+    assert table.reads == len(wanted)
 
 
 def test_wrong_frame_size_is_refused_with_the_shard_and_key(prepared):

@@ -179,8 +179,8 @@ def test_cached_and_inline_clip_give_the_same_outputs_with_flips(prepared):
     with torch.no_grad():
         want = inline(frames)
         got = cached(frames, batch["emb"])
-        unflipped_emb = torch.stack([torch.from_numpy(data.table.lookup(k, False))
-                                     for k in batch["key"]])
+        unflipped_emb = torch.stack([torch.from_numpy(data.table.lookup(i, k, False))
+                                     for i, k in zip(batch["index"], batch["key"])])
         wrong = cached(frames, unflipped_emb)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     # the embedding matters: the unflipped one gives other outputs for the flipped frames
