@@ -61,7 +61,7 @@ from pipeline.clip_cache import (
     default_cache_path,
     recorded_version,
 )
-from pipeline.cpu import usable_cores
+from pipeline.cpu import reuse_freed_memory, usable_cores
 from pipeline.dask_cluster import dask_client
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
@@ -216,6 +216,7 @@ def embed_chunk_task(spec: ClipSpec, compute: Compute, shards: Sequence[Shard], 
                      batch_size: int, size: tuple[int, int] | None = None
                      ) -> tuple[list[str], np.ndarray]:
     """Dask task: one chunk's (keys, embeddings [n, 2, D]) with this worker's cached encoder."""
+    reuse_freed_memory()        # Dask's workers hand freed memory back to the kernel at once
     encoder = cached_encoder(spec, compute.device)
     ((_, keys, emb),) = embed_jobs(encoder, compute, shards, [job], batch_size, prefetch=2,
                                    size=size)

@@ -29,6 +29,7 @@ Loading the checkpoint with the CLIP it was trained with, and reading the split,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -36,11 +37,10 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ import numpy as np
 import torch
 
 from pipeline.clip import RANDOM_NOTE
+from pipeline.cpu import usable_cores
+from pipeline.dask_cluster import dask_client
 from pipeline.datasets import REGISTRY
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
@@ -107,21 +109,28 @@ def score_frame(pred: np.ndarray, label: np.ndarray, fixations: np.ndarray | Non
 
 
 class FramePool:
-    """Scores frames in ``workers`` processes (0: in this process), results in submission
-    order; at most ``4 * workers`` frames wait, so memory stays flat."""
+    """Scores frames in ``workers`` processes (0: in this process) or, given a Dask ``client``,
+    on its cluster (one task a frame); results in submission order; at most four frames per
+    worker wait, so memory stays flat."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, client: Any = None) -> None:
+        self.client = client
+        if client is not None:
+            workers = max(1, sum(client.nthreads().values()))
         self.workers = workers
         self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                      if workers > 0 else None)
-        self._pending: deque[Future | dict[str, float]] = deque()
+                      if workers > 0 and client is None else None)
+        self._pending: deque[Any] = deque()
 
     def submit(self, *args: Any) -> Iterator[dict[str, float]]:
         """Queue one frame; yields the results that are due (oldest first)."""
-        if self._pool is None:
+        if self.client is not None:
+            self._pending.append(self.client.submit(score_frame, *args, pure=False))
+        elif self._pool is not None:
+            self._pending.append(self._pool.submit(score_frame, *args))
+        else:
             yield score_frame(*args)
             return
-        self._pending.append(self._pool.submit(score_frame, *args))
         while len(self._pending) > 4 * self.workers:
             yield self._pending.popleft().result()
 
@@ -197,6 +206,7 @@ class EvalOptions:
     cache: str | None = None
     batch_size: int = 16
     workers: int = 0
+    dask_address: str | None = None
     seed: int = 0
     jitter: bool = True
     device: str | None = None
@@ -252,37 +262,39 @@ def score_split(opts: EvalOptions, inputs: Inputs) -> list[dict[str, Any]]:
     for MATLAB with ``--export-mat``): one row per frame, :data:`ID_COLUMNS` and the metrics."""
     rows: list[dict[str, Any]] = []
     waiting: deque[dict[str, Any]] = deque()
-    pool = FramePool(opts.workers)
 
     def collect(results: Iterable[dict[str, float]]) -> None:
         for scores in results:
             rows.append({**waiting.popleft(), **scores})
             bar.update(1)
 
-    try:
-        with progress(total=inputs.frames, unit="frame", desc=f"evaluate {opts.split}") as bar:
-            samples = iter_samples(opts.prepared, inputs.manifest, opts.split)
-            for batch in batched(samples, opts.batch_size):
-                frames = torch.stack([s["frame"] for s in batch])
-                emb = (None if inputs.table is None else torch.stack(
-                    [torch.from_numpy(inputs.table.lookup(s["index"], s["key"], False))
-                     for s in batch]))
-                for sample, pred in zip(batch, predict_batch(inputs.loaded, frames, emb)):
-                    key, meta = sample["key"], sample["meta"]
-                    if not np.isfinite(pred).all():
-                        raise BadInputError(opts.checkpoint, f"non-finite prediction for"
-                                            f" sample {key}")
-                    label = sample["label"][0].numpy()
-                    if opts.export_mat:
-                        matlab_export.write_frame(opts.export_mat, meta["name"], pred, label)
-                    waiting.append({"index": len(rows) + len(waiting), "key": key,
-                                    "name": meta["name"], "video": meta.get("video"),
-                                    "frame": meta.get("frame")})
-                    fix = matlab_fixations(sample["fixations"]) if inputs.fixations else None
-                    collect(pool.submit(pred, label, fix, opts.seed, key, opts.jitter))
-            collect(pool.drain())
-    finally:
-        pool.close()
+    with contextlib.ExitStack() as stack:
+        client = (stack.enter_context(dask_client(address=opts.dask_address))
+                  if opts.dask_address else None)
+        pool = FramePool(opts.workers, client)
+        stack.callback(pool.close)
+        bar = stack.enter_context(progress(total=inputs.frames, unit="frame",
+                                           desc=f"evaluate {opts.split}"))
+        samples = iter_samples(opts.prepared, inputs.manifest, opts.split)
+        for batch in batched(samples, opts.batch_size):
+            frames = torch.stack([s["frame"] for s in batch])
+            emb = (None if inputs.table is None else torch.stack(
+                [torch.from_numpy(inputs.table.lookup(s["index"], s["key"], False))
+                 for s in batch]))
+            for sample, pred in zip(batch, predict_batch(inputs.loaded, frames, emb)):
+                key, meta = sample["key"], sample["meta"]
+                if not np.isfinite(pred).all():
+                    raise BadInputError(opts.checkpoint, f"non-finite prediction for sample"
+                                        f" {key}")
+                label = sample["label"][0].numpy()
+                if opts.export_mat:
+                    matlab_export.write_frame(opts.export_mat, meta["name"], pred, label)
+                waiting.append({"index": len(rows) + len(waiting), "key": key,
+                                "name": meta["name"], "video": meta.get("video"),
+                                "frame": meta.get("frame")})
+                fix = matlab_fixations(sample["fixations"]) if inputs.fixations else None
+                collect(pool.submit(pred, label, fix, opts.seed, key, opts.jitter))
+        collect(pool.drain())
     if len(rows) != inputs.frames:
         raise BadInputError(opts.prepared, f"split {opts.split!r} has {len(rows)} readable"
                             f" samples, the manifest lists {inputs.frames}")
@@ -375,9 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--export-mat", metavar="DIR",
                        help="also write pre/ and tar/ .mat files and test.mat for MATLAB")
     group.add_argument("--batch-size", type=positive_int, default=EvalOptions.batch_size)
-    group.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=non_negative_int, default=usable_cores(),
                        help="processes scoring frames (0: score in this process; default: one"
-                            " per CPU)")
+                            " per usable core)")
+    where.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                       help="score the frames on this Dask cluster (the one normalize used)")
     group.add_argument("--seed", type=non_negative_int, default=EvalOptions.seed,
                        help="seeds the metrics' random draws (AUC-Borji samples, AUC-Judd"
                             " jitter), per frame")

@@ -156,6 +156,18 @@ def test_scores_do_not_depend_on_workers_or_checkpoint_format(cli_run: Path, dat
                        ("AUC_B", "AUC_J", "NSS", "CC", "SIM", "KLD"))
 
 
+def test_frames_scored_on_a_dask_cluster_get_the_same_numbers(cli_run: Path,
+                                                             data: InferenceData, tmp_path: Path,
+                                                             dask_cluster):
+    summary = evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(data.prepared),
+                                   out=str(tmp_path), cached_clip=True, batch_size=3, seed=3,
+                                   dask_address=dask_cluster.scheduler_address))
+    assert summary["n_frames"] == 4
+    assert_same_scores(read_csv(tmp_path / "per_frame.csv"),
+                       read_csv(cli_run / "out" / "per_frame.csv"),
+                       ("AUC_B", "AUC_J", "NSS", "CC", "SIM", "KLD"))
+
+
 def test_seed_and_jitter_change_only_the_random_metrics(cli_run: Path, data: InferenceData,
                                                         tmp_path: Path):
     evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(data.prepared),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_dataset
+from conftest import _tiny_jpeg, write_tiny_dataset
 from PIL import Image
 
 from pipeline.datasets import read_frames
@@ -223,22 +223,34 @@ def test_output_to_an_fsspec_url(tg_root, tmp_path, cluster):
     fs.rm("/normalize-test", recursive=True)
 
 
-def _normalize_cmd(root: Path, out: Path) -> list[str]:
+def _normalize_cmd(root: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "normalize", "--dataset", "trafficgaze",
-            "--root", str(root), "--out", str(out), "--shard-size", "2", "--workers", "1"]
+            "--root", str(root), "--out", str(out), "--shard-size", "2", "--workers", "1",
+            *extra]
 
 
-KILL_AFTER_FIRST_SHARD = """
+KILL_AFTER_SHARDS = """
 import os, signal, sys
 from pipeline.cli import main
 from pipeline.normalize import job
-write = job._Run._write
+write, left = job._Run._write, int(os.environ["KILL_AFTER_SHARDS"])
 def write_then_die(self, *args, **kwargs):
+    global left
     record = write(self, *args, **kwargs)        # the shard and its journal record
-    os.killpg(os.getpgid(0), signal.SIGKILL)     # this run and its Dask worker processes
+    left -= 1
+    if left == 0:
+        os.killpg(os.getpgid(0), signal.SIGKILL) # this run and its Dask worker processes
+    return record
 job._Run._write = write_then_die
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def killed_after(shards: int, command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` (a normalize) killed with SIGKILL right after its ``shards``-th shard."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KILL_AFTER_SHARDS": str(shards)}
+    return subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, *command[3:]], env=env,
+                          start_new_session=True, capture_output=True, text=True, check=False)
 
 
 def test_killed_run_resumes_to_identical_bytes(tmp_path, cluster):
@@ -247,9 +259,7 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, cluster):
               progress=False)  # uninterrupted, on another cluster
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_SHARD,
-                             *_normalize_cmd(root, out)[3:]], env=env, start_new_session=True,
-                            capture_output=True, text=True, check=False)
+    killed = killed_after(1, _normalize_cmd(root, out))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / MANIFEST).exists()
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"]
@@ -280,3 +290,47 @@ def test_unfinished_run_is_resumed_only_with_the_same_options(tmp_path, cluster)
     fresh = run(root, tmp_path / "fresh", cluster)
     assert resumed["version_id"] == fresh["version_id"]
     assert outputs(out) == outputs(tmp_path / "fresh")
+
+
+@pytest.mark.slow
+def test_a_run_of_ten_thousand_frames_killed_halfway_resumes_to_identical_bytes(tmp_path,
+                                                                               cluster):
+    """The kill test at a real count: 10,000 frames (25 videos of 400), a few dozen distinct
+    1280x720 JPEGs hard-linked as all of them; decoded at reduced scale to a 64x64 size (the
+    resume logic, not the decoder, is under test here)."""
+    from pipeline.matfile import write_fixdata
+    from pipeline.splits import write_split
+
+    root = tmp_path / "tg10k"
+    pool = [root / "pool" / f"{i}.jpg" for i in range(40)]
+    pool[0].parent.mkdir(parents=True)
+    for i, path in enumerate(pool):
+        path.write_bytes(_tiny_jpeg(i))
+    (root / "fixdata").mkdir()
+    names = {"train": [], "valid": [], "test": []}
+    for video in range(1, 26):
+        split = "train" if video <= 17 else "valid" if video <= 21 else "test"
+        folder = root / "trafficframe" / f"{video:02d}"
+        folder.mkdir(parents=True)
+        for number in range(1, 401):
+            os.link(pool[(video * 401 + number) % len(pool)], folder / f"{number:06d}.jpg")
+            names[split].append(f"{video:02d}/{number:06d}.jpg")
+        write_fixdata(root / "fixdata" / f"fixdata{video}.mat", _cells(video, 400))
+    for split, entries in names.items():
+        write_split(root / f"{split}.json", entries)
+    extra = ("--size", "64x64", "--decode", "fast", "--shard-size", "250", "--workers", "2")
+    whole = subprocess.run(_normalize_cmd(root, tmp_path / "whole")[:-2] + list(extra),
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                           text=True, check=False)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    command = _normalize_cmd(root, out)[:-2] + list(extra)
+    killed = killed_after(20, command)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list(out.glob("*.tar"))) == 20 and not (out / MANIFEST).exists()
+    resumed = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming: 20 finished shards" in resumed.stderr
+    assert read_manifest(str(out))["splits"]["train"]["samples"] == 6800
+    assert outputs(out) == outputs(tmp_path / "whole")

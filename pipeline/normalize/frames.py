@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from pipeline import images, labels
+from pipeline.cpu import reuse_freed_memory
 from pipeline.datasets import get as dataset_entry
 from pipeline.errors import BadInputError
 from pipeline.fsio import file_fingerprint, relative_to
@@ -118,6 +119,7 @@ def prepare_chunk(frames: list[Frame], root: str, options: Options) -> list[Prep
     """Dask task: ``prepare_frame`` over a few frames; bad frames come back as ``Bad`` records
     (exceptions with custom constructors do not survive pickling between processes)."""
     cv2.setNumThreads(1)
+    reuse_freed_memory()        # Dask's workers hand freed memory back to the kernel at once
     out: list[Prepared | Bad] = []
     for frame in frames:
         try:
