@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 _DONE = object()
+JOIN_S = 2.0
+"""How long leaving a :class:`Latest` loop waits for the source's current item."""
 
 
 def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
@@ -44,3 +46,55 @@ def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join()
+
+
+class Latest:
+    """Iterate ``items`` (a live source: a camera) in a background thread, handing out only the
+    newest item each time the consumer asks: items that arrive while the consumer is busy are
+    dropped (counted in ``dropped``), so a slow consumer works on current items instead of an
+    ever older backlog. Exceptions in the thread re-raise here; leaving the loop early stops
+    the thread (after the source's current item, waiting at most :data:`JOIN_S`)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items = items
+        self.dropped = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        ready = threading.Condition()
+        slot: list[Any] = []                    # at most one item waiting
+        stop = threading.Event()
+
+        def work() -> None:
+            outcome: Any = _DONE
+            try:
+                for item in self.items:
+                    with ready:
+                        if stop.is_set():
+                            return
+                        if slot:
+                            self.dropped += 1
+                        slot[:] = [item]
+                        ready.notify()
+            except Exception as err:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+                outcome = err
+            with ready:
+                slot.append(outcome)            # after the last item, so that one is not lost
+                ready.notify()
+
+        thread = threading.Thread(target=work, name="latest", daemon=True)
+        thread.start()
+        try:
+            while True:
+                with ready:
+                    while not slot:
+                        ready.wait()
+                    item = slot.pop(0)
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            with ready:
+                stop.set()
+            thread.join(timeout=JOIN_S)          # a stalled source is left to its daemon thread

@@ -185,10 +185,12 @@ MODEL_OPTIONS_NOTE = ("The CLIP options default to the ones the checkpoint was t
                       " off (float32).")
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, prepared: bool) -> None:
-    """The options evaluate and predict share: checkpoint, data, CLIP (defaulting to the
-    checkpoint's), device and autocast (default off). See :data:`MODEL_OPTIONS_NOTE`."""
-    add_inference_options(parser, prepared=prepared)
+def add_model_options(parser: argparse.ArgumentParser, *, prepared: bool,
+                      cached: bool = True) -> None:
+    """The options the model commands share: checkpoint, data (``prepared``; cached embeddings
+    when ``cached``), CLIP (defaulting to the checkpoint's), device and autocast (default off).
+    See :data:`MODEL_OPTIONS_NOTE`."""
+    add_inference_options(parser, prepared=prepared, cached=cached)
     add_clip_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(**dict.fromkeys(PUBLISHED_CLIP, FROM_CHECKPOINT), amp="off")

@@ -24,7 +24,9 @@ takes it.)
 
 Backends: ``"builtin"`` runs a depthwise ``conv1d`` and both directions as one grouped
 :func:`salmm.scan.selective_scan` call - salmm's own scan: the fused numba kernels on CPU, the
-chunked PyTorch scan on other devices; ``"cuda"`` runs mamba-ssm's
+chunked PyTorch scan on other devices; ``"export"`` the same call on
+:func:`salmm.scan.selective_scan_export`, plain tensor operations a tracer can follow, for ONNX
+export (forward only); ``"cuda"`` runs mamba-ssm's
 ``selective_scan_fn`` once per direction and, when installed,
 ``causal_conv1d_fn`` (install the ``gpu`` extra); ``"auto"`` picks ``"cuda"`` for CUDA inputs
 when mamba-ssm imports, else ``"builtin"``. Parameters and state_dict are identical.
@@ -39,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salmm.scan import selective_scan
+from salmm.scan import selective_scan, selective_scan_export
 
 __all__ = ["BACKENDS", "Mamba", "cuda_kernels_available"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "builtin", "cuda")
+BACKENDS = ("auto", "builtin", "export", "cuda")
 _kernels: dict | None = None
 
 
@@ -161,9 +163,9 @@ class Mamba(nn.Module):
         return param
 
     def resolved_backend(self, device: torch.device) -> str:
-        """The backend a forward on `device` uses: "builtin" or "cuda"."""
-        if self.backend == "builtin":
-            return "builtin"
+        """The backend a forward on `device` uses: "builtin", "export" or "cuda"."""
+        if self.backend in ("builtin", "export"):
+            return self.backend
         if device.type == "cuda" and cuda_kernels_available():
             return "cuda"
         if self.backend == "cuda":
@@ -204,7 +206,8 @@ class Mamba(nn.Module):
                 torch.stack(pair, dim=1 if pair[0].ndim == 3 else 0) for pair in zip(fwd, bwd)
             )  # u, dt: [b, 2, d_inner, l]; B, C: [b, 2, n, l]; A: [2, d_inner, n]; D: [2, d_inner]
             z2 = torch.stack((z, z_b), dim=1)
-            y = selective_scan(u, dt, A, B, C, D, z=z2, delta_bias=dt_bias, delta_softplus=True)
+            scan = selective_scan_export if backend == "export" else selective_scan
+            y = scan(u, dt, A, B, C, D, z=z2, delta_bias=dt_bias, delta_softplus=True)
             y_f, y_b = y.unbind(1)
         y = y_f + y_b.flip(-1)  # [b, d_inner, l], summed as published (no averaging)
         return self.out_proj(y.transpose(1, 2))

@@ -47,7 +47,8 @@ class CrossModelAtt(nn.Module):
     h*w/4 = 512/C (a 256x256 input); viewing it as [B, C, 512/C] is the same tensor there and
     works at any input size. ``model`` is the optional frozen CLIP encoder (published name).
     On CUDA the published ``clip.load`` ran CLIP in float16, so there q q^T was a float16
-    product; here the embedding is float32 throughout.
+    product; here the embedding is float32 throughout (float64 in a float64 model, which the
+    export's graph check runs).
     """
 
     def __init__(self, clip: nn.Module | None = None):
@@ -57,10 +58,11 @@ class CrossModelAtt(nn.Module):
 
     def forward(self, emb: Tensor, feature: Tensor) -> Tensor:
         b, c, h, w = feature.shape
-        q = emb.float().reshape(b, c, -1)  # [B, C, 512/C]
+        dtype = torch.promote_types(feature.dtype, torch.float32)  # float32, or float64 checks
+        q = emb.to(dtype).reshape(b, c, -1)  # [B, C, 512/C]
         perception = torch.bmm(q, q.transpose(1, 2))  # [B, C, C]
         perception = perception.amax(-1, keepdim=True) - perception
-        info = torch.bmm(perception, feature.float().reshape(b, c, h * w))  # [B, C, h*w]
+        info = torch.bmm(perception, feature.to(dtype).reshape(b, c, h * w))  # [B, C, h*w]
         return self.gamma * info.reshape(b, c, h, w) + feature
 
 

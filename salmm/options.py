@@ -108,6 +108,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: a whole number >= 0."""
     value = int(text)
@@ -212,15 +228,18 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return options_from(TrainConfig, parse_checked(build_parser(), argv))
 
 
-def add_inference_options(parser: argparse.ArgumentParser, *, prepared: bool = True) -> None:
-    """--checkpoint, --cached-clip, --cache (and --prepared when ``prepared``): the model and
-    data options of ``python -m salmm.evaluate`` and ``python -m salmm.predict``."""
+def add_inference_options(parser: argparse.ArgumentParser, *, prepared: bool = True,
+                          cached: bool = True) -> None:
+    """--checkpoint (and --prepared when ``prepared``, --cached-clip and --cache when
+    ``cached``): the model and data options of the ``salmm`` inference commands."""
     group = parser.add_argument_group("model and data")
     group.add_argument("--checkpoint", required=True, metavar="CKPT",
                        help="a salmm.train checkpoint or an official model_best_*.tar")
     if prepared:
         group.add_argument("--prepared", required=True, metavar="PREPARED",
                            help="prepared dataset (folder or fsspec URL with manifest.json)")
+    if not cached:
+        return
     group.add_argument("--cached-clip", action="store_true",
                        help="take CLIP embeddings from the cache `python -m pipeline embed` wrote"
                             " (prepared inputs only) instead of running CLIP")

@@ -14,9 +14,11 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Self
 
 import cv2
 import imageio.v3 as iio
+import imageio_ffmpeg
 import numpy as np
 
 from pipeline.fsio import Folder
@@ -173,30 +175,93 @@ def _pad_to_blocks(image: np.ndarray, block: int = 16) -> np.ndarray:
     return np.pad(image, pad, constant_values=255)
 
 
+class VideoWriter:
+    """An MP4 (H.264, yuv420p) written frame by frame through imageio-ffmpeg's ffmpeg process,
+    atomically: it carries a temporary name until :meth:`close`, and leaving a ``with`` block
+    on an exception removes it. Frames are uint8 RGB [H, W, 3], all
+    of the first frame's size, padded to multiples of 16 pixels (:func:`_pad_to_blocks`)."""
+
+    def __init__(self, path: str | os.PathLike[str], fps: float) -> None:
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.path, self.fps = Path(path), fps
+        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{self.path.suffix}")
+        self.frames = 0
+        self._shape: tuple[int, ...] | None = None
+        self._encoder = None
+
+    def write(self, image: np.ndarray) -> None:
+        frame = _pad_to_blocks(_as_rgb(image))
+        if self._encoder is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._shape = frame.shape
+            self._encoder = imageio_ffmpeg.write_frames(
+                str(self.tmp), (frame.shape[1], frame.shape[0]), fps=self.fps,
+                codec="libx264", macro_block_size=1, ffmpeg_log_level="error")
+            self._encoder.send(None)
+        elif frame.shape != self._shape:
+            raise ValueError(f"{self.path}: video frames differ in size")
+        self._encoder.send(np.ascontiguousarray(frame))
+        self.frames += 1
+
+    def close(self) -> int:
+        """Finish the file and give it its name; returns the number of frames (ValueError, and
+        no file, if there were none)."""
+        if self._encoder is None:
+            raise ValueError(f"{self.path}: no frames to write")
+        encoder, self._encoder = self._encoder, None
+        try:
+            encoder.close()
+            os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return self.frames
+
+    def abort(self) -> None:
+        """Stop and remove the unfinished file."""
+        if self._encoder is not None:
+            encoder, self._encoder = self._encoder, None
+            try:
+                encoder.close()
+            except Exception:
+                log.debug("ffmpeg failed while an unfinished video was abandoned", exc_info=True)
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_animation(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: float
                     ) -> int:
     """Write uint8 RGB frames (equal sizes) as an animation; the format follows the suffix
     (``.gif``: looping, ``1000 / fps`` ms a frame - Pillow merges identical consecutive frames
-    into one longer frame; ``.mp4``: H.264 via imageio's ffmpeg plugin, frames padded to
-    multiples of 16 pixels). Atomic. Returns the number of frames written; ValueError if there are none."""
+    into one longer frame; ``.mp4``: a :class:`VideoWriter`). Atomic. Returns the number of
+    frames written; ValueError if there are none."""
     path = Path(path)
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if path.suffix == ".mp4":
+        with VideoWriter(path, fps) as video:
+            for frame in frames:
+                video.write(frame)
+        return video.frames
+    if path.suffix != ".gif":
+        raise ValueError(f"{path}: animation must be .gif or .mp4")
     images = [_as_rgb(f) for f in frames]
     if not images:
         raise ValueError(f"{path}: no frames to animate")
-    shape = images[0].shape
-    if any(f.shape != shape for f in images):
+    if any(f.shape != images[0].shape for f in images):
         raise ValueError(f"{path}: animation frames differ in size")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    if path.suffix not in (".gif", ".mp4"):
-        raise ValueError(f"{path}: animation must be .gif or .mp4")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        if path.suffix == ".gif":
-            iio.imwrite(tmp, np.stack(images), plugin="pillow", duration=1000.0 / fps, loop=0)
-        else:
-            iio.imwrite(tmp, np.stack([_pad_to_blocks(f) for f in images]), plugin="FFMPEG", fps=fps)
+        iio.imwrite(tmp, np.stack(images), plugin="pillow", duration=1000.0 / fps, loop=0)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -36,7 +36,6 @@ import torch
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
-from pipeline.images import decode_rgb
 from pipeline.manifest import prepared_size
 from pipeline.progress import progress
 from salmm import overlay
@@ -53,39 +52,24 @@ from salmm.inference import (
     predict_batch,
     prepared_split,
 )
-from salmm.options import parse_size, positive_int, run_command
+from salmm.options import parse_size, positive_float, positive_int, run_command, unit_float
+from salmm.sources import (
+    IMAGE_SUFFIXES,
+    Item,
+    folder_images,
+    image_items,
+    open_video,
+    video_items,
+)
 
 log = logging.getLogger("salmm.predict")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 PANEL_TITLES = ("frame", "prediction", "ground truth")
 ANIMATION_WIDTH = 768
 DEFAULT_FPS = 10.0
 
 
-@dataclass
-class Item:
-    """One frame to predict: output ``name`` (file stem), ``frame`` uint8 RGB [H, W, 3] as shown,
-    ``model_input`` uint8 RGB [h, w, 3] at the model's size, the ground truth ``label`` float
-    [h, w] (prepared inputs), and the sample ``key`` and ``index`` in its split (for cached
-    embeddings)."""
-
-    name: str
-    frame: np.ndarray
-    model_input: np.ndarray
-    label: np.ndarray | None = None
-    key: str | None = None
-    index: int | None = None
-
-
 # ---- inputs ------------------------------------------------------------------------------------
-
-
-def resize_for_model(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> [height, width, 3] as the pipeline resizes frames (INTER_CUBIC)."""
-    if rgb.shape[:2] == tuple(size):
-        return rgb
-    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
 
 
 def input_kind(path: str) -> str:
@@ -96,65 +80,6 @@ def input_kind(path: str) -> str:
     if not p.exists():
         raise BadInputError(path, "no such file or folder")
     return "image" if p.suffix.lower() in IMAGE_SUFFIXES else "video"
-
-
-def folder_images(path: str) -> list[Path]:
-    """The image files directly in folder ``path``, by name; BadInputError if there are none."""
-    files = sorted(f for f in Path(path).iterdir()
-                   if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise BadInputError(path, f"no frames here (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-def image_items(files: Sequence[Path], size: tuple[int, int]) -> Iterator[Item]:
-    """Frames decoded in full (:func:`pipeline.images.decode_rgb`) and resized for the model."""
-    for f in files:
-        rgb = decode_rgb(f)
-        yield Item(f.stem, rgb, resize_for_model(rgb, size))
-
-
-def open_video(path: str) -> tuple[cv2.VideoCapture, float | None, int | None]:
-    """(capture, frames per second or None, frame count or None); BadInputError when OpenCV
-    cannot open ``path`` as a video."""
-    capture = cv2.VideoCapture(path)
-    if not capture.isOpened():
-        raise BadInputError(path, "cannot be read as a video (or an image: use .jpg, .jpeg,"
-                            " .png or .bmp)")
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    return capture, (fps if fps > 0 else None), (count if count > 0 else None)
-
-
-def video_items(path: str, capture: cv2.VideoCapture, size: tuple[int, int],
-                expected: int | None = None, allow_short: bool = False) -> Iterator[Item]:
-    """The video's frames in order (RGB), resized for the model.
-
-    Raises:
-        BadInputError: the video has no readable frames, or it ends before the ``expected``
-            frames its container announces (damaged or truncated) unless ``allow_short``, which
-            logs how many were read instead.
-    """
-    number = 0
-    try:
-        while True:
-            ok, bgr = capture.read()
-            if not ok:
-                break
-            number += 1
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            yield Item(f"frame_{number:06d}", rgb, resize_for_model(rgb, size))
-    finally:
-        capture.release()
-    if number == 0:
-        raise BadInputError(path, "the video has no readable frames")
-    if expected is not None and number < expected:
-        if not allow_short:
-            raise BadInputError(path, f"ended after {number} of the {expected} frames it"
-                                " announces (damaged or truncated); --allow-short-video draws"
-                                " the frames that could be read")
-        log.warning("%s: read %d of the %d frames it announces: the file ended early", path,
-                    number, expected)
 
 
 def prepared_items(prepared: str, manifest: dict[str, Any], split: str) -> Iterator[Item]:
@@ -309,20 +234,6 @@ def predict(opts: PredictOptions) -> list[Path]:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _unit(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m salmm.predict`` parser."""
     parser = argparse.ArgumentParser(
@@ -338,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--split", default="test", help="split of a prepared --input (default"
                        " test)")
     group.add_argument("--limit", type=positive_int, help="at most this many frames")
-    group.add_argument("--fps", type=_positive_float,
+    group.add_argument("--fps", type=positive_float,
                        help=f"animation speed (default: the video's, else {DEFAULT_FPS:g})")
     group.add_argument("--size", type=parse_size, metavar="WxH",
                        help="model input size for raw frames (default: the checkpoint's"
@@ -346,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=positive_int, default=PredictOptions.batch_size)
     group.add_argument("--colormap", choices=sorted(overlay.COLORMAPS),
                        default=overlay.DEFAULT_COLORMAP)
-    group.add_argument("--alpha", type=_unit, default=overlay.DEFAULT_ALPHA,
+    group.add_argument("--alpha", type=unit_float, default=overlay.DEFAULT_ALPHA,
                        help="heat-map opacity at the most salient pixel")
     group.add_argument("--allow-short-video", action="store_true",
                        help="draw the frames of a video that ends before the frames it"

@@ -15,7 +15,11 @@ All with the argument conventions of ``mamba_ssm.selective_scan_fn``:
   stable as the sequential loop (no division by cumulative decays, no exp overflow); the
   decays are computed as exp2(dt * A * log2(e)), torch's exp2 being several times faster
   than its exp on CPU.
-* :func:`selective_scan_ref` - the plain sequential loop, kept beside it as the reference.
+* :func:`selective_scan_export` - the same recurrence in plain, out-of-place tensor operations
+  a tracer can follow (no Python loop over time steps, no autograd Function, no numba), for
+  ``python -m salmm.export``'s ONNX graphs: a parallel scan in groups of
+  :data:`EXPORT_GROUP` steps, each group closed by cumulative sums (:func:`_grouped_scan`).
+* :func:`selective_scan_ref` - the plain sequential loop, kept beside them as the reference.
 
 Shapes (b batch, d channels, l length, n state size)::
 
@@ -49,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CHUNK_LEN", "IMPLS", "resolve_impl", "selective_scan", "selective_scan_ref"]
+__all__ = ["CHUNK_LEN", "IMPLS", "resolve_impl", "selective_scan", "selective_scan_export",
+           "selective_scan_ref"]
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +267,63 @@ def selective_scan(
         interleaved(C),
     )
     y = y.movedim((0, 1), (-1, -2)).flatten(-2)[..., :length]
+    return _finish(y, uc, D, z, u.dtype)
+
+
+EXPORT_GROUP = 3
+"""Time steps closed at once by :func:`_grouped_scan` (groups of groups at the next level)."""
+EXPORT_FLOOR = -20.0
+"""Most negative log-decay :func:`_grouped_scan` takes per step: a state scaled by e^-20 (2e-9)
+is below float32 resolution beside the drive it is added to, so the clamp changes nothing
+visible, and a group's exponents stay within 3 x 20 = 60 (no overflow in float32)."""
+
+
+def _grouped_scan(log_decay: Tensor, drive: Tensor) -> Tensor:
+    """``h[t] = exp(log_decay[t]) * h[t-1] + drive[t]`` along the last axis from ``h[-1] = 0``
+    (log_decay <= 0), in O(length) tensor operations and log(length) levels.
+
+    The steps are cut into groups of :data:`EXPORT_GROUP`. Within a group, with ``c`` the
+    running sum of the log-decays, ``h[t] = exp(c[t]) * cumsum(exp(-c) * drive)[t]`` plus the
+    state entering the group times ``exp(c[t])``; that entering state is the same recurrence
+    one level up, over the groups' total log-decays and their end states from a zero start.
+    """
+    length = log_decay.shape[-1]
+    if length == 1:
+        return drive
+    pad = -length % EXPORT_GROUP
+    if pad:
+        log_decay, drive = F.pad(log_decay, (0, pad)), F.pad(drive, (0, pad))
+    groups = (length + pad) // EXPORT_GROUP
+    running = log_decay.clamp(min=EXPORT_FLOOR).unflatten(-1, (groups, EXPORT_GROUP)).cumsum(-1)
+    grow = torch.exp(running)                                      # <= 1
+    local = grow * torch.cumsum(drive.unflatten(-1, (groups, EXPORT_GROUP))
+                                * torch.exp(-running), -1)        # zero start in each group
+    ends = _grouped_scan(running[..., -1], local[..., -1])        # state at each group's end
+    entering = F.pad(ends[..., :-1], (1, 0))                       # ... and at its start
+    states = local + grow * entering.unsqueeze(-1)
+    return states.flatten(-2)[..., :length]
+
+
+def selective_scan_export(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """:func:`selective_scan` (same arguments, shapes and leading group dims) as traceable
+    out-of-place operations, for export; forward only. Agrees with
+    :func:`selective_scan_ref` to float rounding (the tests)."""
+    dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
+    uc = u.to(dtype)
+    log_decay = dt.unsqueeze(-2) * A.to(dtype).unsqueeze(-1)       # [..., d, n, l]
+    drive = (dt * uc).unsqueeze(-2) * B.to(dtype).unsqueeze(-3)    # [..., d, n, l]
+    states = _grouped_scan(log_decay, drive)
+    y = (states * C.to(dtype).unsqueeze(-3)).sum(-2)               # [..., d, l]
     return _finish(y, uc, D, z, u.dtype)
 
 

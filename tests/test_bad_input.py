@@ -390,7 +390,7 @@ def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_pat
     options = PredictOptions(checkpoint=str(data.trainer), input=str(video),
                              out=str(tmp_path / "out"))
     refused(lambda: predict(options), str(video), "of the 8 frames it announces")
-    with caplog.at_level(logging.WARNING, logger="salmm.predict"):
+    with caplog.at_level(logging.WARNING, logger="salmm.sources"):
         written = predict(PredictOptions(**{**options.__dict__, "allow_short_video": True,
                                             "out": str(tmp_path / "short")}))
     read = len([p for p in written if p.suffix == ".png"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salmm.scan import selective_scan, selective_scan_ref
+from salmm.scan import selective_scan, selective_scan_export, selective_scan_ref
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
@@ -196,3 +196,39 @@ def test_sequence_result_does_not_depend_on_its_batch(dtype, tol, impl):
     torch.testing.assert_close(
         selective_scan(**alone, delta_softplus=True, impl=impl), batched[1:2], rtol=tol, atol=tol
     )
+
+
+# ---- the export scan (forward only, traceable) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 10, 61, 1024])
+def test_export_scan_matches_the_loop(length):
+    """float64 to 1e-7: the one difference is the per-step log-decay floor at -20, e^-20 of a
+    state beside its drive."""
+    inputs = {k: v.detach() for k, v in make_inputs(2, 3, length, 16, torch.float64,
+                                                    seed=length).items()}
+    want = loop_oracle(**inputs)
+    got = selective_scan_export(**inputs, delta_softplus=True)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+    single = {k: v.float() for k, v in inputs.items()}
+    torch.testing.assert_close(selective_scan_export(**single, delta_softplus=True),
+                               want.float(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["huge_steps", "mixed_steps", "mamba_init"])
+def test_export_scan_survives_adversarial_decays(case):
+    inputs = {k: v.detach() for k, v in adversarial_inputs(case, torch.float32).items()}
+    got = selective_scan_export(**inputs, delta_softplus=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, loop_oracle(**inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_export_scan_takes_leading_group_dims():
+    groups = [{k: v.detach() for k, v in make_inputs(2, 3, 13, 4, torch.float64, seed=s).items()}
+              for s in (11, 12)]
+    stacked = {k: torch.stack([g[k] for g in groups], dim=0 if k in ("A", "D", "delta_bias")
+                              else 1) for k in NAMES}
+    out = selective_scan_export(**stacked, delta_softplus=True)
+    for i, g in enumerate(groups):
+        torch.testing.assert_close(out[:, i], selective_scan_ref(**g, delta_softplus=True),
+                                   rtol=1e-7, atol=1e-7)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from pipeline.normalize.frames import (
 from pipeline.normalize.journal import (
     HEADER,
     PROGRESS,
+    InputsWriter,
     ShardRecord,
     load_journal,
     record_path,
@@ -160,7 +160,8 @@ def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, 
         run = _Run(client, folder, root, options, records,
                    _BadFrames(root, total, skip_bad, max_bad_fraction), progress, total)
         try:
-            splits = {split: run.split(plan) for split, plan in plans.items()}
+            with InputsWriter(folder) as run.inputs:
+                splits = {split: run.split(plan) for split, plan in plans.items()}
         except BaseException:
             if not run.manifest_removed:    # nothing was rewritten: the finished output stands
                 folder.remove(PROGRESS)
@@ -168,11 +169,7 @@ def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, 
         finally:
             run.bar.close()
     manifest = {**header, "splits": splits, "absent_splits": absent}
-    inputs_bytes = b"".join(canonical_json(dict(zip(("path", "size", "sha256", "shard"), item)))
-                            + b"\n" for item in run.inputs)
-    manifest["inputs"] = {**header["inputs"], "files": {
-        "name": INPUTS, "count": len(run.inputs), "bytes": sum(i[1] for i in run.inputs),
-        "sha256": hashlib.sha256(inputs_bytes).hexdigest()}}
+    manifest["inputs"] = {**header["inputs"], "files": run.inputs.entry()}
     vid = version_id(manifest)
     elapsed = time.perf_counter() - started
     result = {
@@ -182,7 +179,6 @@ def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, 
         "skipped": sum(len(v["skipped"]) for v in splits.values()),
         "frames_per_s": round(run.worked / elapsed, 1) if elapsed > 0 else None,
     }
-    folder.write_bytes(INPUTS, inputs_bytes)
     folder.write_bytes(RUN, canonical_json({
         **result, "root": str(root), "out": folder.root, "workers": workers,
         "dask_address": dask_address, "skip_bad": skip_bad, "max_bad_fraction": max_bad_fraction,
@@ -285,7 +281,7 @@ class _Run:
                  total: int) -> None:
         self.client, self.folder, self.root, self.options = client, folder, root, options
         self.records, self.bad = records, bad
-        self.inputs: list[tuple[str, int, str, str]] = []
+        self.inputs: InputsWriter          # opened by the caller around the splits
         self.worked = 0
         self.manifest_removed = False
         workers = max(1, sum(client.nthreads().values()))
@@ -341,7 +337,8 @@ class _Run:
             record = self._write(name, job.entries, results)
         shards.append(record.manifest_entry())
         skipped.extend({**bad, "shard": name} for bad in record.skipped)
-        self.inputs.extend((path, size, sha, name) for path, size, sha in record.inputs)
+        for path, size, sha in record.inputs:
+            self.inputs.add(path, size, sha, name)
 
     def _recheck(self, record: ShardRecord, results: list[Any]) -> ShardRecord:
         now = [list(item) for result in results if not isinstance(result, Bad) for item in result]

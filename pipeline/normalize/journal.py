@@ -8,10 +8,10 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from pipeline.fsio import Folder
-from pipeline.manifest import INPUTS
+from pipeline.manifest import INPUTS, canonical_json
 
 log = logging.getLogger("pipeline.normalize")
 
@@ -31,6 +31,37 @@ class ShardRecord:
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"name": self.name, "samples": self.samples, "sha256": self.sha256}
+
+
+class InputsWriter:
+    """``inputs.jsonl`` written while the shards finish - one canonical line per raw file,
+    hashed on the way, so the run's memory does not grow with the dataset - and committed
+    (renamed into place) when the ``with`` block ends without an error; an error discards it."""
+
+    def __init__(self, folder: Folder) -> None:
+        self._writer = folder.atomic_writer(INPUTS)
+        self._digest = hashlib.sha256()
+        self.count = self.bytes = 0
+
+    def __enter__(self) -> Self:
+        self._file = self._writer.__enter__()
+        return self
+
+    def add(self, path: str, size: int, sha256: str, shard: str) -> None:
+        """One raw file of ``shard``."""
+        line = canonical_json({"path": path, "sha256": sha256, "shard": shard, "size": size})
+        self._file.write(line + b"\n")
+        self._digest.update(line + b"\n")
+        self.count += 1
+        self.bytes += size
+
+    def entry(self) -> dict[str, Any]:
+        """What the manifest records of the file: name, count, bytes of the files, sha256."""
+        return {"name": INPUTS, "count": self.count, "bytes": self.bytes,
+                "sha256": self._digest.hexdigest()}
+
+    def __exit__(self, *exc: object) -> bool:
+        return bool(self._writer.__exit__(*exc))
 
 
 def record_path(name: str) -> str:

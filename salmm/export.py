@@ -1,0 +1,293 @@
+"""``python -m salmm.export``: a checkpoint as two ONNX graphs a deployment can ship.
+
+``python -m salmm.export --checkpoint CKPT --out DIR [--opset 17] [--size 256x256]`` writes
+
+* ``salmm.onnx`` - the SalM² network: inputs ``frame`` float32 [B, 3, H, W] in [0, 1] and
+  ``embedding`` float32 [B, 512]; output ``saliency`` float32 [B, 1, H, W] in (0, 1);
+* ``clip.onnx`` - the frozen CLIP image encoder with the checkpoint's preprocessing inside it:
+  input ``frame`` float32 [B, 3, H, W] in [0, 1] (the same frame), output ``embedding`` float32
+  [B, 512]. The ``salmm`` profile's antialiased bilinear resize to 224x224 (which ONNX's Resize
+  cannot do) is two matrix products with torchvision's own resize operators for H x W;
+* ``export.json`` - what they are: inputs, outputs, shapes, value ranges, the frame size, the
+  opset, the checkpoint (path, sha256, kind, epoch) and the CLIP encoder's identity, the
+  software, and the largest difference from PyTorch measured at export (onnxruntime, CPU).
+
+B is free; H and W are fixed at export (``--size``, default the checkpoint's training size),
+because the selective scan's shape follows the frame size. The network is traced with Mamba's
+``export`` backend (:func:`salmm.scan.selective_scan_export`: plain tensor operations; the
+numba kernels of the CPU scan would be traced into constants), and each graph is checked
+against PyTorch on two different random inputs, so a graph with a frozen scan cannot pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from torch import Tensor, nn
+from torchvision.transforms import functional as TF
+
+from pipeline.clip import ClipEncoder, cached_encoder
+from pipeline.errors import BadInputError
+from pipeline.fsio import Folder
+from salmm.inference import LoadedModel, add_model_options, load_model, parse_model_args
+from salmm.model import SalMM
+from salmm.options import parse_size, run_command
+
+log = logging.getLogger("salmm.export")
+
+DEFAULT_OPSET = 17
+TOLERANCE = 1e-4
+"""Largest difference from PyTorch the exported saliency may show (max abs, [0, 1] maps)."""
+FORMAT = "salmm-onnx"
+FORMAT_VERSION = 1
+GRAPHS = ("salmm", "clip")
+EXPORT_BACKEND = "export"
+"""Mamba backend the network is traced with (:func:`salmm.scan.selective_scan_export`)."""
+
+
+class ClipGraph(nn.Module):
+    """The encoder as it is exported: ``frames [B, 3, H, W] -> embedding [B, D]`` with the
+    resize to the encoder's input size as ``R_rows @ frame @ R_cols`` (torchvision's resize
+    applied to identity matrices, so the same operator), then the profile's normalisation."""
+
+    def __init__(self, encoder: ClipEncoder, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.visual = encoder.visual
+        height, width = size
+        rows = TF.resize(torch.eye(height)[None, None], [encoder.size[0], height],
+                         encoder.interpolation, antialias=True)[0, 0]        # [h, H]
+        cols = TF.resize(torch.eye(width)[None, None], [width, encoder.size[1]],
+                         encoder.interpolation, antialias=True)[0, 0]        # [W, w]
+        self.register_buffer("rows", rows)
+        self.register_buffer("cols", cols)
+        self.mean, self.std = encoder.mean, encoder.std
+
+    def forward(self, frames: Tensor) -> Tensor:
+        x = self.rows @ frames @ self.cols
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return self.visual(x).float()
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``python -m salmm.export`` was asked to do."""
+
+    checkpoint: str
+    out: str
+    opset: int = DEFAULT_OPSET
+    size: tuple[int, int] | None = None
+    device: str | None = None
+    amp: str = "off"
+    clip: tuple[tuple[str, Any], ...] = ()
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str],
+            outputs: list[str], opset: int) -> None:
+    axes = {name: {0: "batch"} for name in inputs + outputs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # the tracer's notes on shape arithmetic
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+
+
+def largest_difference(path: Path, module: nn.Module, make_inputs: Any) -> float:
+    """Max abs difference between ``module`` and the graph at ``path`` (onnxruntime, CPU) over
+    two different random inputs (``make_inputs(batch, seed)``), at batch 1 and at batch 4: a
+    graph that traced a computation into constants cannot match both."""
+    import onnxruntime  # lazy: the deploy extra, needed to check (and run) exports
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    worst = 0.0
+    for seed, batch in ((1, 1), (2, 4)):
+        inputs = make_inputs(batch, seed)
+        with torch.inference_mode():
+            want = module(*inputs).numpy()
+        got = session.run(None, dict(zip(names, (t.numpy() for t in inputs))))[0]
+        worst = max(worst, float(np.abs(got - want).max()))
+    return worst
+
+
+def random_frames(size: tuple[int, int]) -> Any:
+    """``(batch, seed) -> frames`` float32 [batch, 3, H, W] in [0, 1], seeded."""
+    def make(batch: int, seed: int) -> Tensor:
+        return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    return make
+
+
+def export_network(state_dict: dict[str, Tensor], size: tuple[int, int], path: Path,
+                   opset: int = DEFAULT_OPSET, dim: int = 512) -> float:
+    """Write the SalMM network with weights ``state_dict`` for frames of ``size`` (height,
+    width) as ONNX at ``path``; returns its largest difference from eager PyTorch (the builtin
+    backend) on random frames and embeddings of norm ~200 (:func:`largest_difference`)."""
+    network = SalMM(backend=EXPORT_BACKEND).eval()
+    network.load_state_dict(state_dict)
+    reference = SalMM(backend="builtin").eval()
+    reference.load_state_dict(state_dict)
+    frames = random_frames(size)
+
+    def inputs(batch: int, seed: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(seed + 100)
+        return frames(batch, seed), torch.randn(batch, dim, generator=gen) * 10
+
+    _export(network, inputs(1, 0), path, ["frame", "embedding"], ["saliency"], opset)
+    return largest_difference(path, reference, inputs)
+
+
+def export_clip(encoder: ClipEncoder, size: tuple[int, int], path: Path,
+                opset: int = DEFAULT_OPSET) -> float:
+    """Write ``encoder`` with its preprocessing (:class:`ClipGraph`) for frames of ``size`` as
+    ONNX at ``path``; returns its largest difference from ``encoder.encode``."""
+    frames = random_frames(size)
+    _export(ClipGraph(encoder, size).eval(), (frames(1, 0),), path, ["frame"], ["embedding"],
+            opset)
+    return largest_difference(path, encoder.encode, lambda b, s: (frames(b, s),))
+
+
+def export(opts: ExportOptions) -> dict[str, Any]:
+    """Write the two graphs and ``export.json`` into ``opts.out``; returns the description.
+
+    Both graphs are checked before anything is written (BadInputError, and nothing in
+    ``opts.out``, when the network is more than :data:`TOLERANCE` from PyTorch); the graphs
+    are written first and ``export.json`` last, each atomically, so a folder with an
+    ``export.json`` holds a whole export."""
+    loaded = load_model(opts.checkpoint, inline_clip=False, given_clip=dict(opts.clip),
+                        device="cpu")
+    size = opts.size or loaded.size
+    if size[0] % 32 or size[1] % 32:
+        raise BadInputError(opts.checkpoint, f"frames of {size[1]}x{size[0]}: SalMM needs width"
+                            " and height that are multiples of 32 (see --size)")
+    encoder = cached_encoder(loaded.clip, "cpu")
+    dim = encoder.identity["embed_dim"]
+    checks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: Path(tmp) / f"{name}.onnx" for name in GRAPHS}
+        log.info("exporting SalM2 and CLIP for %dx%d frames (opset %d)", size[1], size[0],
+                 opts.opset)
+        checks["salmm"] = export_network(loaded.model.state_dict(), size, paths["salmm"],
+                                         opts.opset, dim)
+        if checks["salmm"] > TOLERANCE:
+            raise BadInputError(opts.checkpoint, f"the exported network differs from PyTorch by"
+                                f" {checks['salmm']:.2e} (more than {TOLERANCE:g}); not"
+                                " exported")
+        checks["clip"] = export_clip(encoder, size, paths["clip"], opts.opset)
+        out = Folder(opts.out)
+        out.makedirs()
+        out.remove("export.json")
+        for path in paths.values():
+            out.write_bytes(path.name, path.read_bytes())
+    description = describe(opts, loaded, encoder.identity, size, dim, checks)
+    out.write_bytes("export.json", (json.dumps(description, indent=1) + "\n").encode())
+    log.info("wrote %s/{salmm,clip}.onnx and export.json: saliency within %.1e of PyTorch,"
+             " embedding within %.1e", opts.out, checks["salmm"], checks["clip"])
+    return description
+
+
+def describe(opts: ExportOptions, loaded: Any, clip_identity: dict[str, Any],
+             size: tuple[int, int], dim: int, checks: dict[str, float]) -> dict[str, Any]:
+    """The contents of ``export.json``."""
+    import onnxruntime  # lazy: the deploy extra
+
+    height, width = size
+    frame = {"name": "frame", "shape": ["batch", 3, height, width], "dtype": "float32",
+             "range": [0.0, 1.0], "layout": "RGB, channels first, frame / 255"}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "size": {"height": height, "width": width}, "opset": opts.opset,
+        "graphs": {
+            "salmm": {"file": "salmm.onnx", "inputs": [frame, {
+                "name": "embedding", "shape": ["batch", dim], "dtype": "float32",
+                "from": "clip.onnx"}], "outputs": [{
+                    "name": "saliency", "shape": ["batch", 1, height, width],
+                    "dtype": "float32", "range": [0.0, 1.0]}],
+                "max_abs_difference_from_pytorch": checks["salmm"]},
+            "clip": {"file": "clip.onnx", "inputs": [frame], "outputs": [{
+                "name": "embedding", "shape": ["batch", dim], "dtype": "float32"}],
+                "max_abs_difference_from_pytorch": checks["clip"]},
+        },
+        "checkpoint": {k: loaded.info[k] for k in ("path", "sha256", "kind", "epoch")},
+        "clip": clip_identity,
+        "software": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def checked_export(folder: str | Path, loaded: LoadedModel, size: tuple[int, int]
+                   ) -> dict[str, Any]:
+    """``export.json`` of ``folder`` when it is an export of ``loaded``'s checkpoint at ``size``
+    with the same CLIP encoder and its graphs are there; else BadInputError naming the file and
+    the mismatch (one line)."""
+    where = Path(folder) / "export.json"
+    try:
+        description = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise BadInputError(where, "no such file: not an export (python -m salmm.export)"
+                            ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(where, f"unreadable ({type(err).__name__})") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise BadInputError(where, f"not a {FORMAT} description")
+    if description.get("format_version") != FORMAT_VERSION:
+        raise BadInputError(where, f"format version {description.get('format_version')!r}, this"
+                            f" salmm reads {FORMAT_VERSION}; export the checkpoint again")
+    checkpoint = description.get("checkpoint") or {}
+    if checkpoint.get("sha256") != loaded.info["sha256"]:
+        raise BadInputError(where, f"exported from another checkpoint (sha256"
+                            f" {str(checkpoint.get('sha256'))[:12]}..., not"
+                            f" {loaded.info['sha256'][:12]}... of {loaded.info['path']})")
+    exported_size = description.get("size") or {}
+    if (exported_size.get("height"), exported_size.get("width")) != tuple(size):
+        raise BadInputError(where, f"graphs for {exported_size.get('width')}x"
+                            f"{exported_size.get('height')} frames, not {size[1]}x{size[0]}")
+    clip = {k: (description.get("clip") or {}).get(k) for k in ("model", "weights", "profile")}
+    if clip != loaded.clip.identity():
+        raise BadInputError(where, f"CLIP {clip['model']} / {clip['weights']} / {clip['profile']}"
+                            f" exported, the checkpoint's options give {loaded.clip.model} /"
+                            f" {loaded.clip.identity()['weights']} / {loaded.clip.profile}")
+    for name in GRAPHS:
+        if not (Path(folder) / f"{name}.onnx").is_file():
+            raise BadInputError(Path(folder) / f"{name}.onnx", "missing from the export")
+    return description
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m salmm.export`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m salmm.export",
+        description="Export a checkpoint as ONNX graphs: the SalM2 network and the frozen CLIP"
+                    " encoder with its preprocessing, plus export.json describing them.")
+    add_model_options(parser, prepared=False, cached=False)
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the graphs")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--size", type=parse_size, metavar="WxH",
+                        help="frame size of the graphs (default: the checkpoint's training"
+                             " size; 256x256 for official checkpoints)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ExportOptions:
+    return parse_model_args(build_parser(), ExportOptions, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2: bad input)."""
+    opts = parse_args(argv)
+    return run_command(lambda: export(opts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
