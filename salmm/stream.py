@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -81,7 +82,8 @@ BACKENDS = ("torch", "onnx")
 DISPLAY_WIDTH = 768
 """Widest overlay drawn (wider frames are shrunk first, INTER_AREA): colouring and encoding a
 full 1280x720 overlay would cost more than the model."""
-EXPORT_CACHE = Path(".salmm") / "onnx"
+EXPORT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "salmm" / "onnx"
+"""Where the onnx backend keeps the exports it makes when no ``--onnx DIR`` is given."""
 DEFAULT_FPS = 30.0
 WINDOW = "salmm.stream"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def _checkpoints(work: Path, prepared: Path, version: str) -> tuple[Path, Path]:
     return official, trainer
 
 
-_BUILT: dict[str, InferenceData] = {}
+_BUILT: dict[str, Any] = {}
 
 
 def inference_data(factory: pytest.TempPathFactory) -> InferenceData:
@@ -98,6 +99,18 @@ def inference_data(factory: pytest.TempPathFactory) -> InferenceData:
         assert cache.exists()
         _BUILT["data"] = InferenceData(raw, prepared, cache, official, trainer, version)
     return _BUILT["data"]
+
+
+def onnx_export(factory: pytest.TempPathFactory) -> Path:
+    """The session's ONNX export of the trainer checkpoint (``python -m salmm.export``,
+    64x64; built on first use)."""
+    if "onnx" not in _BUILT:
+        from salmm.export import ExportOptions, export
+
+        out = factory.mktemp("export") / "onnx"
+        export(ExportOptions(checkpoint=str(inference_data(factory).trainer), out=str(out)))
+        _BUILT["onnx"] = out
+    return _BUILT["onnx"]
 
 
 def fixation_count(fixations: np.ndarray) -> int:

@@ -1,0 +1,170 @@
+"""ONNX export: the graphs compute the network and CLIP, a frozen scan is refused, export.json
+describes what was written and deployments refuse an export of something else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from pipeline.clip import build_clip_encoder
+from pipeline.errors import BadInputError
+from salmm import export as export_module
+from salmm.export import (
+    GRAPH_TOLERANCE,
+    ClipGraph,
+    ExportOptions,
+    checked_export,
+    export,
+    export_network,
+    main,
+)
+from salmm.inference import load_model
+from salmm.model import SalMM
+from tests._inference_data import InferenceData, inference_data, onnx_export
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> InferenceData:
+    return inference_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(data: InferenceData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return onnx_export(tmp_path_factory)
+
+
+def _network(seed: int, eps: float | None = None) -> dict[str, torch.Tensor]:
+    """A random SalMM's weights with CLIP mattering (gamma 1e-2); LayerNorm eps changed when
+    given (the state dict does not carry it: the test patches SalMM for those)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SalMM(backend="builtin")
+    torch.nn.init.constant_(model.CrossModelAtt.gamma, 1e-2)
+    return model.state_dict()
+
+
+class _WellConditioned(SalMM):
+    """SalMM with every LayerNorm's eps at 0.1: the published 1e-5 on two- and four-channel
+    LayerNorms turns float32 rounding into differences of 1e-4 to 3e-3 (README, "Real time")."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.eps = 0.1
+
+
+@pytest.mark.parametrize("size", [(256, 256), (192, 320)])
+def test_exported_network_computes_the_network(size, tmp_path: Path, monkeypatch):
+    """At 256x256 and 192x320, batch 1 and 4: the float64 graph equals PyTorch to 1e-6 (this
+    is what tells a right graph from a wrong one), and where the network is well conditioned
+    the float32 graph under onnxruntime is within 1e-4 of PyTorch float32 too."""
+    monkeypatch.setattr(export_module, "SalMM", _WellConditioned)
+    checks = export_network(_network(seed=0), size, tmp_path / "salmm.onnx")
+    assert checks["graph"] <= GRAPH_TOLERANCE
+    assert checks["onnxruntime"] <= 1e-4
+    assert checks["pytorch_float32"] <= 1e-4
+
+
+def test_a_scan_traced_into_constants_is_refused(data: InferenceData, tmp_path: Path):
+    """The CPU scan's numba kernels trace into constants: that export is refused in one line
+    and nothing is written."""
+    out = tmp_path / "onnx"
+    with pytest.raises(BadInputError, match="computes something else"):
+        export(ExportOptions(checkpoint=str(data.trainer), out=str(out), backend="builtin"))
+    assert not out.exists()
+
+
+def test_clip_graph_resizes_as_torchvision():
+    """ClipGraph's resize-as-matrices equals torchvision's antialiased resize (bilinear and
+    bicubic, down and up)."""
+    frames = torch.rand(2, 3, 96, 160, generator=torch.Generator().manual_seed(3))
+    for interpolation in (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC):
+        for target in ((224, 224), (48, 200)):
+            encoder = type("Encoder", (), {"visual": torch.nn.Identity(), "size": target,
+                                           "interpolation": interpolation, "mean": None,
+                                           "std": None})()
+            got = ClipGraph(encoder, (96, 160))(frames)
+            want = TF.resize(frames, list(target), interpolation, antialias=True)
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=2e-6)
+
+
+def test_export_writes_both_graphs_and_describes_them(data: InferenceData, exported: Path):
+    description = json.loads((exported / "export.json").read_text())
+    assert sorted(p.name for p in exported.iterdir()) == ["clip.onnx", "export.json",
+                                                          "salmm.onnx"]
+    assert description["format"] == "salmm-onnx"
+    assert description["size"] == {"height": 64, "width": 64}
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    assert description["checkpoint"]["sha256"] == loaded.info["sha256"]
+    assert description["clip"]["weights"] == "random-seed0"
+    # the published LayerNorms: the graph is exact in float64; float32 under onnxruntime
+    # differs on the scale of float32 rounding in PyTorch itself
+    checks = description["graphs"]["salmm"]["checks"]
+    assert checks["float64_graph_max_abs_difference"] <= GRAPH_TOLERANCE
+    assert checks["onnxruntime_float32_max_abs_difference"] <= (
+        10 * checks["pytorch_float32_rounding_max_abs"] + 1e-4)
+    assert description["graphs"]["clip"]["checks"][
+        "onnxruntime_float32_relative_difference"] <= 1e-3
+
+    frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    encoder = build_clip_encoder("ViT-B-32", None, "salmm", "cpu")
+    clip = onnxruntime.InferenceSession(str(exported / "clip.onnx"))
+    network = onnxruntime.InferenceSession(str(exported / "salmm.onnx"))
+    embedding = clip.run(None, {"frame": frames.numpy()})[0]
+    with torch.inference_mode():
+        want_embedding = encoder.encode(frames)
+        want = loaded.model(frames, want_embedding).numpy()
+    assert embedding.shape == (3, 512)
+    assert np.abs(embedding - want_embedding.numpy()).max() <= 1e-3 * np.abs(embedding).max()
+    got = network.run(None, {"frame": frames.numpy(), "embedding": embedding})[0]
+    assert got.shape == (3, 1, 64, 64)
+    assert np.abs(got - want).max() <= 1e-3
+
+
+def test_deployment_refuses_an_export_of_something_else(data: InferenceData, exported: Path,
+                                                        tmp_path: Path):
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    assert checked_export(exported, loaded, (64, 64))["format_version"] == 1
+    with pytest.raises(BadInputError, match="graphs for 64x64 frames, not 96x64"):
+        checked_export(exported, loaded, (64, 96))
+    official = load_model(str(data.official), inline_clip=False, given_clip={}, device="cpu")
+    with pytest.raises(BadInputError, match="exported from another checkpoint"):
+        checked_export(exported, official, (64, 64))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    (copy / "clip.onnx").unlink()
+    with pytest.raises(BadInputError, match="clip.onnx: missing from the export"):
+        checked_export(copy, loaded, (64, 64))
+    for text, message in (("{", "unreadable"), ('{"format": "other"}', "not a salmm-onnx"),
+                          ('{"format": "salmm-onnx", "format_version": 9}', "format version 9")):
+        (copy / "export.json").write_text(text)
+        with pytest.raises(BadInputError, match=message):
+            checked_export(copy, loaded, (64, 64))
+    with pytest.raises(BadInputError, match="no such file: not an export"):
+        checked_export(tmp_path, loaded, (64, 64))
+
+
+def test_export_command_one_line_errors(data: InferenceData, tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture):
+    out = tmp_path / "o"
+    with caplog.at_level(logging.ERROR):
+        assert main(["--checkpoint", str(data.trainer), "--out", str(out), "--size",
+                     "64x48"]) == 2
+        assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2
+    assert errors[0].startswith(str(data.trainer)) and "multiples of 32" in errors[0]
+    assert errors[1].startswith(str(tmp_path / "missing.pt"))
+    assert not out.exists()

@@ -1,0 +1,200 @@
+"""python -m salmm.stream: every input kind, semantic refresh, both backends, one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from salmm import stream as stream_module
+from salmm.inference import load_model
+from salmm.sources import image_items
+from salmm.stream import (
+    OnnxRunner,
+    Report,
+    StreamOptions,
+    TorchRunner,
+    main,
+    run_loop,
+    stream,
+)
+from tests._inference_data import InferenceData, inference_data, onnx_export
+
+FRAMES = range(6, 10)          # the test video's frames in the synthetic raw dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> InferenceData:
+    return inference_data(tmp_path_factory)
+
+
+def _frame_files(data: InferenceData) -> list[Path]:
+    return [data.raw / "trafficframe" / "03" / f"{n:06d}.jpg" for n in FRAMES]
+
+
+def _video(data: InferenceData, path: Path, repeat: int = 1) -> Path:
+    """An MJPG AVI of the test video's frames (96x64, 5 fps), ``repeat`` times over."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (96, 64))
+    for _ in range(repeat):
+        for file in _frame_files(data):
+            writer.write(cv2.resize(cv2.imread(str(file)), (96, 64),
+                                    interpolation=cv2.INTER_AREA))
+    writer.release()
+    return path
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_video_to_overlay_video_and_report(data: InferenceData, tmp_path: Path):
+    out = tmp_path / "overlay.mp4"
+    summary = stream(StreamOptions(checkpoint=str(data.trainer),
+                                   input=str(_video(data, tmp_path / "in.avi")), out=str(out)))
+    assert summary["frames"] == 4 and summary["clip_frames"] == 4
+    assert summary["size"] == {"height": 64, "width": 64}
+    lat = summary["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["max"]
+    assert summary["fps"] > 0
+    assert json.loads((tmp_path / "overlay.mp4.json").read_text()) == summary
+    frames = list(iio.imiter(out))
+    assert len(frames) == 4 and frames[0].shape[:2] == (64, 96)     # drawn at the input's size
+    assert iio.immeta(out)["fps"] == pytest.approx(5)                # the input's frame rate
+
+
+class _Counting:
+    """A runner that records which frames CLIP saw."""
+
+    def __init__(self, runner: TorchRunner) -> None:
+        self.runner, self.embedded = runner, []
+
+    def embed(self, frame: np.ndarray) -> np.ndarray:
+        self.embedded.append(frame)
+        return self.runner.embed(frame)
+
+    def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        return self.runner.saliency(frame, embedding)
+
+
+def test_refresh_every_k_reuses_the_last_embedding_exactly(data: InferenceData):
+    """K = 3 over 8 frames: CLIP on frames 0, 3, 6; each prediction is exactly SalMM of the
+    frame with the embedding of the last refreshed frame."""
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    runner = _Counting(TorchRunner(loaded))
+    items = list(image_items(_frame_files(data) * 2, (64, 64)))
+    got = []
+    report = run_loop(runner, iter(items), 3, lambda item, saliency: got.append(saliency))
+    assert report.clip_frames == 3 and len(report.latency_ms) == 8
+    assert [id(f) for f in runner.embedded] == [id(items[i].model_input) for i in (0, 3, 6)]
+    for number, item in enumerate(items):
+        embedding = runner.runner.embed(items[number - number % 3].model_input)
+        np.testing.assert_array_equal(got[number], runner.runner.saliency(item.model_input,
+                                                                          embedding))
+    assert not np.array_equal(got[1], runner.runner.saliency(items[1].model_input,
+                                                             runner.runner.embed(
+                                                                 items[1].model_input)))
+
+
+def test_onnx_backend_matches_torch(data: InferenceData, tmp_path_factory, tmp_path: Path):
+    folder = onnx_export(tmp_path_factory)
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    torch_runner, onnx_runner = TorchRunner(loaded), OnnxRunner(folder, threads=1)
+    for item in image_items(_frame_files(data), (64, 64)):
+        embedding = onnx_runner.embed(item.model_input)
+        want = torch_runner.embed(item.model_input)
+        assert np.abs(embedding - want).max() <= 1e-3 * np.abs(want).max()
+        got = onnx_runner.saliency(item.model_input, embedding)
+        assert got.shape == (64, 64)
+        assert np.abs(got - torch_runner.saliency(item.model_input, want)).max() <= 1e-3
+
+    summary = stream(StreamOptions(checkpoint=str(data.trainer), input=str(
+        _video(data, tmp_path / "in.avi")), backend="onnx", onnx=str(folder), refresh_every=4,
+        out=str(tmp_path / "o.mp4"), threads=1))
+    assert summary["backend"] == "onnx" and summary["frames"] == 4
+    assert summary["clip_frames"] == 1
+
+
+def test_onnx_backend_exports_once_into_its_cache(data: InferenceData, tmp_path: Path,
+                                                  monkeypatch, tmp_path_factory):
+    """Without --onnx the checkpoint is exported into the cache; a second run reuses it (the
+    export itself - tested in test_export - is the session's, copied)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(stream_module, "EXPORT_CACHE", cache)
+    calls = []
+
+    def counted(opts):
+        calls.append(opts)
+        shutil.copytree(onnx_export(tmp_path_factory), opts.out)
+    monkeypatch.setattr(stream_module, "export", counted)
+    video = str(_video(data, tmp_path / "in.avi"))
+    for _ in range(2):
+        summary = stream(StreamOptions(checkpoint=str(data.trainer), input=video,
+                                       backend="onnx", limit=2))
+        assert summary["frames"] == 2 and summary["out"] is None
+    assert len(calls) == 1
+    assert [p.name[-6:] for p in cache.iterdir()] == ["-64x64"]
+
+
+def test_folder_and_mjpeg_on_standard_input(data: InferenceData, tmp_path: Path, monkeypatch):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for file in _frame_files(data):
+        (folder / file.name).write_bytes(file.read_bytes())
+    summary = stream(StreamOptions(checkpoint=str(data.trainer), input=str(folder),
+                                   out=str(tmp_path / "f.mp4"), refresh_every=2))
+    assert summary["frames"] == 4 and summary["clip_frames"] == 2
+
+    stdin = io.BytesIO(b"".join(f.read_bytes() for f in _frame_files(data)))
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": stdin})())
+    summary = stream(StreamOptions(checkpoint=str(data.trainer), input="-", limit=3,
+                                   out=str(tmp_path / "m.mp4")))
+    assert summary["frames"] == 3
+    assert len(list(iio.imiter(tmp_path / "m.mp4"))) == 3
+
+
+def test_bad_inputs_one_line_and_no_video(data: InferenceData, tmp_path: Path,
+                                          tmp_path_factory, caplog: pytest.LogCaptureFixture):
+    video = _video(data, tmp_path / "in.avi", repeat=3)
+    short = tmp_path / "short.avi"
+    short.write_bytes(video.read_bytes()[: video.stat().st_size * 2 // 3])
+    exported = onnx_export(tmp_path_factory)
+    out = tmp_path / "o.mp4"
+    base = ["--checkpoint", str(data.trainer), "--out", str(out)]
+    cases = [
+        (["--input", str(tmp_path / "missing.avi")], "no such file or folder"),
+        (["--input", "7"], "camera 7: cannot be opened"),
+        (["--input", str(video), "--show"], "--show: no window can be opened here"),
+        (["--input", str(short)], "--allow-short-video"),
+        (["--input", str(video), "--size", "64x40"], "multiples of 32"),
+        (["--input", str(video), "--backend", "onnx", "--onnx", str(exported), "--size",
+          "96x64"], "graphs for 64x64 frames, not 96x64"),
+        (["--input", str(video), "--backend", "onnx", "--onnx", str(tmp_path)],
+         "not an export"),
+    ]
+    for args, message in cases:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(base + args) == 2, args
+        errors = _errors(caplog)
+        assert len(errors) == 1 and message in errors[0], (args, errors)
+        assert not out.exists() and not Path(str(out) + ".json").exists()
+
+    summary = stream(StreamOptions(checkpoint=str(data.trainer), input=str(short),
+                                   allow_short_video=True, out=str(out)))
+    assert 0 < summary["frames"] < 12
+
+
+def test_report_percentiles_and_no_frames():
+    report = Report(latency_ms=[10.0, 20.0, 30.0, 40.0], wall_s=0.5, clip_frames=1)
+    summary = report.summary()
+    assert summary["fps"] == 8.0 and summary["latency_ms"]["p50"] == 25.0
+    assert summary["latency_ms"]["max"] == 40.0
+    assert Report([], 0.0, 0).summary()["latency_ms"] is None
