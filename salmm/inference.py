@@ -68,7 +68,7 @@ class LoadedModel:
     clip: ClipSpec
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     folder, _, name = path.rpartition("/")
     return Folder(folder or ".").sha256(name)
 
@@ -141,7 +141,7 @@ def load_model(path: str, *, inline_clip: bool, given_clip: dict[str, Any],
     model.to(dev).eval()
     info = {
         "path": path,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "kind": "salmm-train" if config is not None else "official",
         "epoch": weights.epoch,
         "valid_loss": weights.valid_loss,
@@ -186,11 +186,12 @@ MODEL_OPTIONS_NOTE = ("The CLIP options default to the ones the checkpoint was t
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, prepared: bool,
-                      cached: bool = True) -> None:
+                      cached: bool = True, checkpoint_required: bool = True) -> None:
     """The options the model commands share: checkpoint, data (``prepared``; cached embeddings
     when ``cached``), CLIP (defaulting to the checkpoint's), device and autocast (default off).
     See :data:`MODEL_OPTIONS_NOTE`."""
-    add_inference_options(parser, prepared=prepared, cached=cached)
+    add_inference_options(parser, prepared=prepared, cached=cached,
+                          checkpoint_required=checkpoint_required)
     add_clip_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(**dict.fromkeys(PUBLISHED_CLIP, FROM_CHECKPOINT), amp="off")

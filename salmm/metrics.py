@@ -443,14 +443,53 @@ def evaluate_frame(
     scores: dict[str, float] = {}
     if fixations is not None:
         fix = fixation_map(fixations, FIXATION_SHAPE)
-        # Both AUCs resize the same map bicubically to the fixation map's size: do it once.
-        big = imresize(p, FIXATION_SHAPE)
-        scores["AUC_B"] = auc_borji(big, fix, rng=rng)
-        scores["AUC_J"] = auc_judd(big, fix, rng=rng, jitter=jitter)
+        scores.update(_aucs(p, fix, rng, jitter))
         scores["NSS"] = nss(p, fix)
     scores["CC"] = cc(p, f)
     scores["SIM"] = similarity(p, f)
     scores["KLD"] = kl_divergence(p, f)
+    return scores
+
+
+def _aucs(p: np.ndarray, fix: np.ndarray, rng: np.random.Generator, jitter: bool
+          ) -> dict[str, float]:
+    # Both AUCs resize the same map bicubically to the fixation map's size: do it once.
+    big = imresize(p, FIXATION_SHAPE)
+    return {"AUC_B": auc_borji(big, fix, rng=rng),
+            "AUC_J": auc_judd(big, fix, rng=rng, jitter=jitter)}
+
+
+def frame_aucs(pred: np.ndarray, fixations: np.ndarray, *, rng: np.random.Generator,
+               jitter: bool = True) -> dict[str, float]:
+    """AUC_B and AUC_J of one frame exactly as :func:`evaluate_frame` computes them (same
+    draws from ``rng``, same order): the random metrics alone, to score them under more
+    seeds."""
+    p = minmax_normalize(_as_finite_map("pred", pred))
+    return _aucs(p, fixation_map(fixations, FIXATION_SHAPE), rng, jitter)
+
+
+def uniform_scores(label: np.ndarray, fixations: np.ndarray | None) -> dict[str, float]:
+    """The scores of a uniform (constant) prediction, keys as :func:`evaluate_frame`.
+
+    The official loops min-max normalise every prediction, which a constant map cannot survive
+    (0/0: NaN on every metric), so the uniform baseline takes each metric's value for a map
+    that ranks all pixels equally: AUC_B = AUC_J = 0.5 (the ROC is the diagonal), NSS = 0 and
+    CC = 0 (no deviation from the mean), SIM and KLD from the uniform distribution 1 / pixels
+    against the label's distribution as ``similarity.m`` and ``KLdiv.m`` form it. An undefined
+    label (constant: NaN after min-max) gives NaN, as it does for any prediction.
+    """
+    f = minmax_normalize(_as_finite_map("label", label))
+    scores: dict[str, float] = {}
+    if fixations is not None:
+        scores.update({"AUC_B": 0.5, "AUC_J": 0.5, "NSS": 0.0})
+    undefined = bool(np.all(np.isnan(f)))
+    uniform = 1.0 / f.size
+    scores["CC"] = math.nan if undefined else 0.0
+    sim = _distribution(f, rescale=True)
+    scores["SIM"] = math.nan if undefined else float(np.sum(np.fmin(uniform, sim)))
+    q = _distribution(f, rescale=False)
+    with np.errstate(invalid="ignore"):
+        scores["KLD"] = float(np.sum(q * np.log(EPS + q / (uniform + EPS))))
     return scores
 
 
@@ -498,11 +537,13 @@ def aggregate(frames: Iterable[Mapping[str, float]]) -> DatasetScores:
     )
 
 
-def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
+def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4,
+                 spread: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """Markdown table, one row per entry of ``results`` (name -> metric -> mean).
 
     Columns follow the paper: AUC_B, AUC_J, NSS, CC, SIM, KLD. A metric the row does not have
-    (e.g. the AUCs and NSS of BDDA) shows as "-", a NaN mean as "NaN".
+    (e.g. the AUCs and NSS of BDDA) shows as "-", a NaN mean as "NaN"; a standard deviation in
+    ``spread`` (name -> metric -> std) as "mean ± std".
     """
     lines = ["| | " + " | ".join(METRIC_ORDER) + " |", "|---" * (len(METRIC_ORDER) + 1) + "|"]
     for name, scores in results.items():
@@ -514,6 +555,8 @@ def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) ->
             elif math.isnan(value):
                 cells.append("NaN")
             else:
-                cells.append(f"{value:.{digits}f}")
+                std = (spread or {}).get(name, {}).get(metric)
+                cells.append(f"{value:.{digits}f}" + ("" if std is None else
+                                                      f" ± {std:.{digits}f}"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -229,11 +229,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def add_inference_options(parser: argparse.ArgumentParser, *, prepared: bool = True,
-                          cached: bool = True) -> None:
+                          cached: bool = True, checkpoint_required: bool = True) -> None:
     """--checkpoint (and --prepared when ``prepared``, --cached-clip and --cache when
     ``cached``): the model and data options of the ``salmm`` inference commands."""
     group = parser.add_argument_group("model and data")
-    group.add_argument("--checkpoint", required=True, metavar="CKPT",
+    group.add_argument("--checkpoint", required=checkpoint_required, metavar="CKPT",
                        help="a salmm.train checkpoint or an official model_best_*.tar")
     if prepared:
         group.add_argument("--prepared", required=True, metavar="PREPARED",

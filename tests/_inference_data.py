@@ -125,34 +125,71 @@ def write_bdda_prepared(root: Path, frames: int = 3) -> tuple[Path, Path]:
     """A small BDDA-style prepared dataset (test split only, no fixation points, names
     "VVVV/FFFF.jpg") written directly, and a complete CLIP cache for it of random 512-d
     embeddings recorded as the random-seed0 encoder. Returns (prepared, cache)."""
+    return write_prepared(root, "bdda", {"test": [(17, frames)]}, cache_split="test",
+                          cache_path=root / "clip.zarr")
+
+
+def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, int]]], *,
+                   cache_split: str | None = None, cache_path: Path | None = None,
+                   fixdata: Path | None = None) -> tuple[Path, Path | None]:
+    """A prepared dataset written directly: per split, (video, frames) pairs; each frame's
+    label a Gaussian blob that moves with the frame, its fixation points (TrafficGaze and
+    DrFixD-rainy) around the blob on the 720x1280 frame; frames random. ``fixdata``: also
+    write the raw ``fixdata{V}.mat`` files the official loops read there. ``cache_split``: a
+    complete CLIP cache of that split (random 512-d embeddings recorded as the random-seed0
+    encoder) at ``cache_path`` (default: the embed command's default path). Returns (prepared,
+    cache)."""
     import hashlib
 
     from pipeline.clip_cache import CacheWriter
     from pipeline.fsio import Folder
     from pipeline.manifest import canonical_json, write_manifest
+    from pipeline.matfile import write_fixdata
     from pipeline.shards import encode_jpeg, encode_label_png, encode_npy, write_shard
 
     rng = np.random.default_rng(11)
     folder = Folder(root)
     folder.makedirs()
     yy, xx = np.mgrid[0:SIZE[0], 0:SIZE[1]]
-    samples, keys = [], []
-    for number in range(1, frames + 1):
-        key = f"v0017_f{number:06d}"
-        label = np.exp(-((yy - 30) ** 2 + (xx - 20 - 5 * number) ** 2) / 80.0)
-        samples.append({"__key__": key,
-                        "jpg": encode_jpeg(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)),
-                        "saliency.png": encode_label_png(label),
-                        "fixations.npy": encode_npy(np.zeros((0, 2), np.int32)),
-                        "json": canonical_json({"dataset": "bdda", "split": "test", "video": 17,
-                                             "frame": number, "name": f"0017/{number:04d}.jpg"})})
-        keys.append(key)
-    shard = write_shard(folder, "test-000000.tar", samples).manifest_entry()
-    manifest = {"format": "salmm-prepared", "format_version": 1, "dataset": "bdda",
-                "options": {"size": {"height": SIZE[0], "width": SIZE[1]}},
-                "splits": {"test": {"samples": frames, "shards": [shard]}}}
+    bdda = dataset == "bdda"
+    entries, keys, cells = {}, {}, {}
+    for split, videos in splits.items():
+        samples = []
+        for video, count in videos:
+            for number in range(1, count + 1):
+                cy, cx = 24 + 3 * video + number, 20 + 5 * number + 2 * video
+                label = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 80.0)
+                points = np.zeros((0, 2), np.int32)
+                if not bdda:
+                    centre = np.array([cy * 720 / SIZE[0], cx * 1280 / SIZE[1]])
+                    points = np.clip(rng.normal(centre, 25, (12, 2)), 1,
+                                     [719, 1279]).astype(np.int32)
+                    cells.setdefault(video, {})[number] = np.column_stack(
+                        [np.zeros((12, 2)), points[:, 1], points[:, 0]]).astype(np.float64)
+                key = f"v{video:04d}_f{number:06d}"
+                name = f"{video:04d}/{number:04d}.jpg" if bdda else \
+                    f"{video:02d}/{number:06d}.jpg"
+                samples.append({
+                    "__key__": key,
+                    "jpg": encode_jpeg(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)),
+                    "saliency.png": encode_label_png(label),
+                    "fixations.npy": encode_npy(points),
+                    "json": canonical_json({"dataset": dataset, "split": split,
+                                            "video": video, "frame": number, "name": name})})
+        keys[split] = [s["__key__"] for s in samples]
+        shard = write_shard(folder, f"{split}-000000.tar", samples).manifest_entry()
+        entries[split] = {"samples": len(samples), "shards": [shard]}
+    manifest = {"format": "salmm-prepared", "format_version": 1, "dataset": dataset,
+                "options": {"size": {"height": SIZE[0], "width": SIZE[1]}}, "splits": entries}
     write_manifest(folder, manifest)
-    cache = root / "clip.zarr"
+    if fixdata is not None:
+        fixdata.mkdir(parents=True, exist_ok=True)
+        for video, by_frame in cells.items():
+            write_fixdata(fixdata / f"fixdata{video}.mat",
+                          [by_frame.get(f, np.zeros((0, 4))) for f in range(1, max(by_frame) + 1)])
+    if cache_split is None:
+        return root, None
+    cache = cache_path or root / "clip" / "ViT-B-32-salmm-random-seed0.zarr"
     writer = CacheWriter.open(str(cache), {
         "encoder": {"model": "ViT-B-32", "weights": "random-seed0", "profile": "salmm",
                     "open_clip": "test", "embed_dim": 512},
@@ -161,9 +198,11 @@ def write_bdda_prepared(root: Path, frames: int = 3) -> tuple[Path, Path]:
         "prepared": {"version_id": version_id(manifest),
                      "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest()},
         "software": {"torch": "test", "open_clip": "test"},
-        "splits": {"test": frames},
+        "splits": {cache_split: entries[cache_split]["samples"]},
         "chunk_size": 256,
     })
-    writer.write_chunk("test", 0, keys, rng.normal(size=(frames, 2, 512)).astype(np.float32))
+    count = entries[cache_split]["samples"]
+    writer.write_chunk(cache_split, 0, keys[cache_split],
+                       rng.normal(size=(count, 2, 512)).astype(np.float32))
     writer.finish()
     return root, cache
