@@ -1,0 +1,10 @@
+"""Prefect orchestration of the pipeline (``prepare/<dataset>`` deployments) and the quickstart.
+
+A flow called as a plain function without ``PREFECT_API_URL`` runs on Prefect's ephemeral server,
+which Prefect gives 20 s to start; on a loaded 2-core machine it can take longer (measured: a
+timeout while the machine ran normalize's workers). Unless the user set it, the wait is 180 s.
+"""
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
