@@ -76,6 +76,15 @@ def random_checkpoint(work: Path) -> Path:
     return path
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU clock ticks of the machine so far (/proc/stat; (0, 0) elsewhere)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[:8]), fields[7]
+
+
 def median_ms(call, repeats: int) -> float:
     call()
     call()
@@ -167,13 +176,16 @@ def main() -> None:
         export(ExportOptions(checkpoint=checkpoint, out=str(folder), size=SIZE,
                              clip=tuple(clip.items())))
 
+    ticks = cpu_ticks()
     e2e = end_to_end(checkpoint, clip_args, folder, video, work, args.frames)
     single = alone(checkpoint, clip, folder, video, args.repeats)
     refresh = refresh_accuracy(checkpoint, clip, video, args.frames)
+    total, stolen = (b - a for a, b in zip(ticks, cpu_ticks()))
 
     print(f"realtime: batch 1, {SIZE[1]}x{SIZE[0]}, {args.frames} frames of a 1280x720 video,"
           f" {torch.get_num_threads()} default threads, "
-          f"{'checkpoint ' + checkpoint if args.checkpoint else 'random weights'}")
+          f"{'checkpoint ' + checkpoint if args.checkpoint else 'random weights'}; the"
+          f" hypervisor took {100 * stolen / max(total, 1):.0f}% of the CPU time (steal)")
     print("end to end (decode, resize, CLIP every K, SalMM, overlay into an MP4):")
     for row in e2e:
         print(f"  {row['backend']:5s} K={row['k']:<3d} {row['fps']:6.1f} fps   latency p50"

@@ -85,6 +85,9 @@ full 1280x720 overlay would cost more than the model."""
 EXPORT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "salmm" / "onnx"
 """Where the onnx backend keeps the exports it makes when no ``--onnx DIR`` is given."""
 DEFAULT_FPS = 30.0
+ENCODER_PRESET = "veryfast"
+"""libx264 preset of ``--out``: 13 ms of CPU a 768x432 frame here, against 43 ms for the default
+``medium`` - time the encoder would take from the model on a small machine."""
 WINDOW = "salmm.stream"
 
 
@@ -272,7 +275,8 @@ class Display:
 
     def __init__(self, opts: StreamOptions, fps: float | None) -> None:
         self.opts = opts
-        self.video = overlay.VideoWriter(opts.out, opts.fps or fps or DEFAULT_FPS) \
+        self.video = overlay.VideoWriter(opts.out, opts.fps or fps or DEFAULT_FPS,
+                                         preset=ENCODER_PRESET) \
             if opts.out else None
         if opts.show:
             try:
