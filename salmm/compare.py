@@ -78,18 +78,23 @@ class Predictor:
     baseline: str | None = None
 
 
+def _unique(name: str, used: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... when taken; recorded in ``used``."""
+    folder, n = name, 2
+    while folder in used:
+        folder, n = f"{name}-{n}", n + 1
+    used.add(folder)
+    return folder
+
+
 def predictors(opts: CompareOptions) -> list[Predictor]:
     """The rows, checkpoints first (BadInputError for a missing file), folder names unique."""
     rows, used = [], set()
     for path in opts.checkpoint:
         if not Path(path).is_file():
             raise BadInputError(path, "no such checkpoint file")
-        stem = Path(path).stem
-        folder, n = stem, 2
-        while folder in used:
-            folder, n = f"{stem}-{n}", n + 1
-        used.add(folder)
-        rows.append(Predictor(Path(path).name, folder, path, file_sha256(path)))
+        rows.append(Predictor(Path(path).name, _unique(Path(path).stem, used), path,
+                              file_sha256(path)))
     for name in opts.baseline:
         rows.append(Predictor(f"{name} baseline", f"baseline-{name}", baseline=name))
     return rows
@@ -101,11 +106,7 @@ def datasets(opts: CompareOptions) -> list[dict[str, Any]]:
     for prepared in opts.prepared:
         manifest = read_manifest(prepared)
         name = manifest.get("dataset", "unknown")
-        folder, n = name, 2
-        while folder in used:
-            folder, n = f"{name}-{n}", n + 1
-        used.add(folder)
-        out.append({"prepared": prepared, "dataset": name, "folder": folder,
+        out.append({"prepared": prepared, "dataset": name, "folder": _unique(name, used),
                     "version_id": version_id(manifest)})
     return out
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
 from pipeline.clip import parse_weights as _pretrained
 from pipeline.errors import BadInputError, OutputError
+from salmm import overlay
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -246,6 +247,18 @@ def add_inference_options(parser: argparse.ArgumentParser, *, prepared: bool = T
     group.add_argument("--cache", metavar="CACHE",
                        help="CLIP embedding cache (default: the embed command's default path"
                             " for the CLIP options)")
+
+
+def add_drawing_options(group: argparse._ArgumentGroup) -> None:
+    """--colormap, --alpha and --allow-short-video: how the commands that draw predictions over
+    frames (predict, stream) draw them, and whether a video that ends early is used."""
+    group.add_argument("--colormap", choices=sorted(overlay.COLORMAPS),
+                       default=overlay.DEFAULT_COLORMAP)
+    group.add_argument("--alpha", type=unit_float, default=overlay.DEFAULT_ALPHA,
+                       help="heat-map opacity at the most salient pixel")
+    group.add_argument("--allow-short-video", action="store_true",
+                       help="use the frames of a video that ends before the frames it announces"
+                            " (damaged or truncated) instead of refusing it")
 
 
 def run_command(action: Callable[[], Any],

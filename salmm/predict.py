@@ -52,7 +52,13 @@ from salmm.inference import (
     predict_batch,
     prepared_split,
 )
-from salmm.options import parse_size, positive_float, positive_int, run_command, unit_float
+from salmm.options import (
+    add_drawing_options,
+    parse_size,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from salmm.sources import (
     IMAGE_SUFFIXES,
     Item,
@@ -255,13 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model input size for raw frames (default: the checkpoint's"
                             " training size; 256x256 for official checkpoints)")
     group.add_argument("--batch-size", type=positive_int, default=PredictOptions.batch_size)
-    group.add_argument("--colormap", choices=sorted(overlay.COLORMAPS),
-                       default=overlay.DEFAULT_COLORMAP)
-    group.add_argument("--alpha", type=unit_float, default=overlay.DEFAULT_ALPHA,
-                       help="heat-map opacity at the most salient pixel")
-    group.add_argument("--allow-short-video", action="store_true",
-                       help="draw the frames of a video that ends before the frames it"
-                            " announces (damaged or truncated) instead of refusing it")
+    add_drawing_options(group)
     group.add_argument("--animation", choices=overlay.ANIMATION_FORMATS, default="auto",
                        help="auto (default): MP4 (H.264); gif; none")
     return parser

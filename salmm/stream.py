@@ -65,7 +65,13 @@ from salmm.inference import (
     load_model,
     parse_model_args,
 )
-from salmm.options import parse_size, positive_float, positive_int, run_command, unit_float
+from salmm.options import (
+    add_drawing_options,
+    parse_size,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from salmm.sources import (
     Item,
     folder_images,
@@ -412,13 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f" else {DEFAULT_FPS:g})")
     group.add_argument("--threads", type=positive_int,
                        help="intra-op threads (default: torch's, adapted to the load)")
-    group.add_argument("--colormap", choices=sorted(overlay.COLORMAPS),
-                       default=overlay.DEFAULT_COLORMAP)
-    group.add_argument("--alpha", type=unit_float, default=overlay.DEFAULT_ALPHA,
-                       help="heat-map opacity at the most salient pixel")
-    group.add_argument("--allow-short-video", action="store_true",
-                       help="use the frames of a video that ends before the frames it"
-                            " announces instead of refusing it")
+    add_drawing_options(group)
     return parser
 
 
