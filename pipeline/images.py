@@ -214,6 +214,14 @@ def _decode(data: bytes, where: str | os.PathLike[str], mode: str,
         raise BadInputError(where, f"corrupt image ({_pil_problem(err)})") from None
 
 
+def resize_frame(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> [height, width, 3] (``size``) as every prepared frame is resized:
+    ``cv2.resize`` INTER_CUBIC (the published loader's); a frame of that size is returned as it is."""
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+
+
 def decode_gray(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode a gaze map as ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)`` does.
 

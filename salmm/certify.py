@@ -138,12 +138,11 @@ def run_loop(opts: CertifyOptions, record: dict[str, Any]) -> dict[str, np.ndarr
     if done.returncode != 0:
         said = (done.stderr + "\n" + done.stdout).strip().splitlines()
         first = next((line for line in said if line.lower().startswith("error")),
-                     said[-1] if said else "no output")
+                     said[-1] if said else "no output").strip()
+        why = (" (a frame without fixation points stops the official AUC code)"
+               if "'tp' undefined" in first else "")
         raise BadInputError(export, f"the official loop failed under {kind}"
-                            f" ({done.returncode}): {first.strip()} (a frame without fixation"
-                            " points stops the official AUC code)" if "'tp' undefined" in first
-                            else f"the official loop failed under {kind} ({done.returncode}):"
-                            f" {first.strip()}")
+                            f" ({done.returncode}): {first}{why}")
     try:
         saved = scipy.io.loadmat(export / "metrics.mat")
     except (OSError, ValueError, NotImplementedError) as err:

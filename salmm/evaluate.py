@@ -356,15 +356,20 @@ def video_of(row: dict[str, Any]) -> str:
     return str(Path(row["name"]).parent)
 
 
+def by_video(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each video (:func:`video_of`), videos in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(video_of(row), []).append(row)
+    return groups
+
+
 def per_video(rows: Sequence[dict[str, Any]], metric_names: Sequence[str]
               ) -> list[dict[str, Any]]:
     """One row per video in first-seen order: ``video``, ``frames`` and each metric's mean
     over the video's frames where it is defined (:func:`finite_means`)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(video_of(row), []).append(row)
     return [{"video": video, "frames": len(members), **finite_means(members, metric_names)}
-            for video, members in groups.items()]
+            for video, members in by_video(rows).items()]
 
 
 def video_csv_bytes(videos: Sequence[dict[str, Any]], metric_names: Sequence[str]) -> bytes:
@@ -413,10 +418,7 @@ def bootstrap_intervals(rows: Sequence[dict[str, Any]], metric_names: Sequence[s
     frames where it is defined; the 2.5th and 97.5th percentiles of those means are the 95%
     interval. Draws from a generator seeded by (``seed``, "bootstrap"), so the interval is
     reproducible."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(video_of(row), []).append(row)
-    members = list(groups.values())
+    members = list(by_video(rows).values())
     rng = np.random.default_rng([seed, int.from_bytes(b"bootstrap", "big")])
     draws = rng.integers(0, len(members), size=(replicates, len(members)))
     weights = np.stack([np.bincount(d, minlength=len(members)) for d in draws])   # [R, V]

@@ -3,7 +3,7 @@ folder of them, a video file, a camera and an MJPEG byte stream (``-``: standard
 
 Every source yields :class:`Item` in order, each frame as decoded (uint8 RGB [H, W, 3]) and
 resized for the model as ``python -m pipeline normalize`` resizes frames
-(:func:`resize_for_model`: ``cv2.resize(INTER_CUBIC)``). Decoding is strict: a corrupt image or
+(:func:`pipeline.images.resize_frame`: ``cv2.resize(INTER_CUBIC)``). Decoding is strict: a corrupt image or
 JPEG in the stream is a BadInputError naming it, never a silently grey frame.
 
 * :func:`image_items` - image files (:func:`folder_images`: a folder's, in name order);
@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from pipeline.errors import BadInputError
-from pipeline.images import decode_rgb, decode_rgb_bytes
+from pipeline.images import decode_rgb, decode_rgb_bytes, resize_frame
 
 log = logging.getLogger("salmm.sources")
 
@@ -53,13 +53,6 @@ class Item:
     index: int | None = None
 
 
-def resize_for_model(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> [height, width, 3] as the pipeline resizes frames (INTER_CUBIC)."""
-    if rgb.shape[:2] == tuple(size):
-        return rgb
-    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
-
-
 def folder_images(path: str) -> list[Path]:
     """The image files directly in folder ``path``, by name; BadInputError if there are none."""
     files = sorted(f for f in Path(path).iterdir()
@@ -73,7 +66,7 @@ def image_items(files: Sequence[Path], size: tuple[int, int]) -> Iterator[Item]:
     """Frames decoded in full (:func:`pipeline.images.decode_rgb`) and resized for the model."""
     for f in files:
         rgb = decode_rgb(f)
-        yield Item(f.stem, rgb, resize_for_model(rgb, size))
+        yield Item(f.stem, rgb, resize_frame(rgb, size))
 
 
 def open_video(path: str) -> tuple[cv2.VideoCapture, float | None, int | None]:
@@ -116,7 +109,7 @@ def video_items(path: str, capture: cv2.VideoCapture, size: tuple[int, int],
                 break
             number += 1
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            yield Item(f"frame_{number:06d}", rgb, resize_for_model(rgb, size))
+            yield Item(f"frame_{number:06d}", rgb, resize_frame(rgb, size))
     finally:
         capture.release()
     if number == 0:
@@ -244,7 +237,7 @@ def mjpeg_items(stream: BinaryIO, size: tuple[int, int], where: str = "stdin"
     number = 0
     for number, data in enumerate(split_mjpeg(stream, where), 1):
         rgb = decode_rgb_bytes(data, f"{where} image {number}")
-        yield Item(f"frame_{number:06d}", rgb, resize_for_model(rgb, size))
+        yield Item(f"frame_{number:06d}", rgb, resize_frame(rgb, size))
     if number == 0:
         raise BadInputError(where, "no JPEG image in the stream (expected MJPEG: concatenated"
                             " JPEG files, e.g. ffmpeg -f mjpeg -)")

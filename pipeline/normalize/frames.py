@@ -88,10 +88,9 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
     Returns the sample (:func:`pipeline.shards.encode_sample`); raises BadInputError for a
     missing, corrupt or wrongly sized file.
     """
-    height, width = options.size
     raw = {path: images.read_image_bytes(path) for path in raw_files(frame)}
     rgb, gray = decode_raw(frame, options, raw)
-    small = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_CUBIC)
+    small = images.resize_frame(rgb, options.size)
     if gray is None:
         label = labels.fixation_label(frame.fixations, size=options.size,
                                       source_size=frame.source_size)
