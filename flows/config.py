@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "prepared_root": "data/prepared",
     "size": "256x256",
     "decode": "faithful",
+    "frame_codec": "png",
     "clip_model": DEFAULT_MODEL,
     "clip_pretrained": DEFAULT_WEIGHTS,
     "profile": DEFAULT_PROFILE,

@@ -64,6 +64,7 @@ def normalize_task(
     skip_bad: bool,
     max_bad_fraction: float,
     decode: str = "faithful",
+    frame_codec: str = "png",
 ) -> dict[str, Any]:
     result = normalize(
         dataset,
@@ -71,6 +72,7 @@ def normalize_task(
         out,
         size=size,
         decode=decode,
+        frame_codec=frame_codec,
         workers=workers,
         dask_address=dask_address,
         skip_bad=skip_bad,
@@ -194,6 +196,7 @@ def prepare(
     out: str,
     size: str = "256x256",
     decode: str = "faithful",
+    frame_codec: str = "png",
     clip_model: str = DEFAULT_MODEL,
     clip_pretrained: str | None = DEFAULT_WEIGHTS,
     profile: str = DEFAULT_PROFILE,
@@ -210,6 +213,8 @@ def prepare(
         out: the prepared folder (local path or fsspec URL). size: frame size "WIDTHxHEIGHT".
         decode: how frames and gaze maps are decoded, "faithful" (as the published loader) or
             "fast" (reduced-scale JPEG decoding; see ``python -m pipeline normalize --decode``).
+        frame_codec: how frames are stored, "png" (lossless, the published loader's pixels) or
+            "jpeg95" (smaller, lossy; see ``python -m pipeline normalize --frame-codec``).
         clip_model / clip_pretrained / profile / device: the CLIP encoder of the cache
             (clip_pretrained: "openai", a local weight file, "hf-hub:...", or "none" for random weights).
         dask_address: an existing Dask scheduler; None starts a local cluster of ``workers`` processes.
@@ -221,7 +226,8 @@ def prepare(
     started = time.perf_counter()
     check_layout_task(dataset, root)
     normalized = normalize_task(
-        dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction, decode
+        dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction, decode,
+        frame_codec
     )
     cache = embed_task(out, clip_model, clip_pretrained, profile, device, dask_address, workers)
     verify_task(out)

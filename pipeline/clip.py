@@ -23,6 +23,14 @@ Profiles (input: float RGB frames [B, 3, H, W] in [0, 1]):
 The published backbone is ViT-B/32 (the authors' README corrects the paper's "RN50x16"),
 open_clip name ``"ViT-B-32"`` with ``pretrained="openai"``. Output: [B, 512] float32, the raw
 (un-normalised) image embedding.
+
+Activation: OpenAI's CLIP (the authors' ``clip.load("ViT-B/32")``) computes its MLPs with
+QuickGELU, ``x * sigmoid(1.702 x)``; open_clip builds ``"ViT-B-32"`` with ``nn.GELU`` whatever
+weights it loads. :func:`activation` decides which one an encoder uses - QuickGELU for weights
+trained with it (the ``openai`` tag and any tag whose config says so), for a local weight file
+or random weights of the published model (the authors' architecture), and for models whose own
+config says so; every other model keeps its configuration - and the choice is part of the
+encoder's identity, so caches, checkpoints and exports made with the other one are refused.
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ from pipeline.fsio import file_fingerprint
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROFILE", "DEFAULT_WEIGHTS", "PRECISIONS", "PROFILES",
            "PUBLISHED",
-           "ClipEncoder", "ClipSpec", "build_clip_encoder", "cached_encoder", "embed_pairs",
-           "parse_weights", "random_weights", "weights_identity"]
+           "ClipEncoder", "ClipSpec", "activation", "build_clip_encoder", "cached_encoder",
+           "embed_pairs", "parse_weights", "random_weights", "weights_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,22 @@ def weights_identity(pretrained: str | None, seed: int = 0) -> str:
     return pretrained
 
 
+def activation(model: str, pretrained: str | None) -> str:
+    """The MLP activation of the encoder of ``model`` with weights ``pretrained`` (as parsed):
+    ``"quickgelu"`` when the weights were trained with it (OpenAI's, and any open_clip tag whose
+    pretrained config says so), for a local file or random weights of the published model
+    (the authors' OpenAI architecture), and for a model whose config says so; else ``"gelu"``.
+    ``hf-hub:`` models carry their own config: ``"hub-config"``."""
+    if pretrained is not None and pretrained.startswith("hf-hub:"):
+        return "hub-config"
+    config = open_clip.get_model_config(model) or {}
+    tag = (open_clip.get_pretrained_cfg(model, pretrained) or {}) \
+        if pretrained is not None and not Path(pretrained).exists() else {}
+    published_file = model == DEFAULT_MODEL and (pretrained is None or Path(pretrained).exists())
+    quick = config.get("quick_gelu") or tag.get("quick_gelu") or published_file
+    return "quickgelu" if quick else "gelu"
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """Which CLIP encoder: open_clip model name, weights (tag, local file, ``hf-hub:`` name, or
@@ -109,9 +133,14 @@ class ClipSpec:
     profile: str = DEFAULT_PROFILE
 
     def identity(self) -> dict[str, str]:
-        """{"model", "weights", "profile"} as caches and checkpoints record them."""
+        """{"model", "weights", "profile", "activation"} as caches and exports record them."""
         return {"model": self.model, "weights": weights_identity(self.pretrained),
-                "profile": self.profile}
+                "profile": self.profile, "activation": self.activation}
+
+    @property
+    def activation(self) -> str:
+        """The encoder's MLP activation (:func:`activation`)."""
+        return activation(self.model, self.pretrained)
 
     @property
     def random(self) -> bool:
@@ -240,12 +269,13 @@ def _create(spec: ClipSpec, seed: int) -> nn.Module:
     first and their host probed once when they are not there."""
     hub = spec.pretrained is not None and spec.pretrained.startswith("hf-hub:")
     name, tag = (spec.pretrained, None) if hub else (spec.model, spec.pretrained)
+    quick = {"force_quick_gelu": spec.activation == "quickgelu"}
     if spec.pretrained is None:
         log.warning("CLIP %s: no pretrained weights, random initialisation (seed %d)", name,
                     seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None)
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None, **quick)
         return model
     offline = contextlib.nullcontext()
     if not Path(spec.pretrained).exists():
@@ -259,13 +289,59 @@ def _create(spec: ClipSpec, seed: int) -> nn.Module:
     log.info("CLIP %s: loading weights %s", name, spec.pretrained)
     try:
         with offline:
-            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag)
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag, **quick)
     except (OSError, RuntimeError) as err:
         if Path(spec.pretrained).exists():
             raise BadInputError(spec.pretrained, f"not a {spec.model} weight file"
                                 f" ({_first_line(err)})") from None
         raise _weights_unavailable(spec, _first_line(err)) from None
+    if openai_weights(spec):
+        round_like_openai(model.visual)
     return model
+
+
+def openai_weights(spec: ClipSpec) -> bool:
+    """Whether ``spec``'s weights are OpenAI's as the authors load them: the ``openai`` tag, or a
+    local weight file of the published model (OpenAI's release or a copy of it)."""
+    return spec.pretrained == "openai" or (spec.model == DEFAULT_MODEL and spec.pretrained
+                                           is not None and Path(spec.pretrained).is_file())
+
+
+def round_like_openai(visual: nn.Module) -> int:
+    """Round the image tower's weights to float16 in place, as OpenAI's ``clip.load`` does
+    (``convert_weights``, then ``.float()`` on CPU): convolution, linear and attention
+    projection weights and biases and the output projection ``proj``; layer norms and the
+    class and position embeddings keep float32. OpenAI's release stores exactly these in
+    float16, so its own file is unchanged; a float32 copy is rounded as the authors' loader
+    rounds it. Returns the number of tensors rounded."""
+    tensors = []
+    for module in visual.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            tensors += [module.weight, module.bias]
+        elif isinstance(module, nn.MultiheadAttention):
+            tensors += [getattr(module, name) for name in (
+                "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+                "v_proj_weight", "bias_k", "bias_v")]
+    tensors.append(getattr(visual, "proj", None))
+    done = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                tensor.copy_(tensor.half().float())
+                done += 1
+    return done
+
+
+def built_activation(visual: nn.Module) -> str:
+    """The activation the image tower's MLPs were built with: "quickgelu" or "gelu" (or the
+    class name of another one)."""
+    kinds = {type(m).__name__ for m in visual.modules()
+             if type(m).__name__ in ("QuickGELU", "GELU")}
+    if kinds == {"QuickGELU"}:
+        return "quickgelu"
+    if kinds == {"GELU"}:
+        return "gelu"
+    return "+".join(sorted(kinds)) or "none"
 
 
 def _first_line(err: BaseException) -> str:
@@ -284,8 +360,10 @@ def build_clip_encoder(
 
     pretrained: an open_clip tag (``"openai"``), a local weight file, ``"hf-hub:org/repo"``
     (replaces model_name), or None for random weights drawn from ``seed`` (tests and smoke
-    runs; logged as a warning). ``identity`` of the result: {"model", "weights" (see
-    :func:`weights_identity`), "profile", "open_clip" (version), "embed_dim"}.
+    runs; logged as a warning). The MLP activation is :func:`activation`'s choice; OpenAI's
+    weights are rounded as OpenAI's loader rounds them (:func:`round_like_openai`). ``identity``
+    of the result: {"model", "weights" (see :func:`weights_identity`), "profile",
+    "activation", "open_clip" (version), "embed_dim"}.
 
     Raises:
         ValueError: unknown profile, or a model the salmm profile cannot feed.
@@ -309,10 +387,14 @@ def build_clip_encoder(
     else:
         size, mean, std = model_size, cfg["mean"], cfg["std"]
         interpolation = InterpolationMode(cfg.get("interpolation", "bicubic"))
+    built = built_activation(model.visual)
+    if spec.activation != "hub-config" and built != spec.activation:
+        raise ValueError(f"CLIP {name}: built with {built}, {spec.activation} was asked for")
     identity = {
         "model": name,
         "weights": weights_identity(pretrained, seed),
         "profile": profile,
+        "activation": spec.activation,
         "open_clip": open_clip.__version__,
         "embed_dim": int(model.visual.output_dim),
     }

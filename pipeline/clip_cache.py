@@ -42,7 +42,9 @@ from pipeline.manifest import read_manifest, version_id
 log = logging.getLogger(__name__)
 
 FORMAT = "salmm-clip-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the encoder records its MLP activation (QuickGELU for the published CLIP) and is fed
+the prepared dataset's lossless frames (prepared format 2)."""
 DEFAULT_CHUNK_SIZE = 256
 DTYPES = ("float32", "float16")
 
@@ -294,7 +296,9 @@ def open_cache(path: str | Path | zarr.abc.store.Store,
         raise BadInputError(path, "is not a salmm CLIP cache")
     if attrs.get("format_version") != FORMAT_VERSION:
         raise BadInputError(path, f"cache format version {attrs.get('format_version')} is not"
-                            f" the supported {FORMAT_VERSION}; rebuild it")
+                            f" the supported {FORMAT_VERSION} (older caches ran CLIP with GELU,"
+                            " not the authors' QuickGELU); re-run `python -m pipeline embed"
+                            " --overwrite`")
     if attrs.get("complete") is not True:
         raise BadInputError(path, "the cache is incomplete (its embed run did not finish);"
                             " re-run `python -m pipeline embed` to finish it")
@@ -332,7 +336,7 @@ def open_checked_cache(path: str | None, prepared: str, manifest: Mapping[str, A
     path = path or default_cache_path(prepared, identity)
     cache = open_cache(path)
     check_cache(cache, manifest, model=identity["model"], profile=identity["profile"],
-                weights=identity["weights"])
+                weights=identity["weights"], activation=identity.get("activation"))
     recorded = cache.identity["splits"]
     for split in splits:
         have, want = recorded.get(split), manifest["splits"][split]["samples"]
@@ -347,9 +351,11 @@ def open_checked_cache(path: str | None, prepared: str, manifest: Mapping[str, A
 
 
 def check_cache(cache: ClipCache, manifest: Mapping[str, Any], *, model: str | None = None,
-                profile: str | None = None, weights: str | None = None) -> None:
+                profile: str | None = None, weights: str | None = None,
+                activation: str | None = None) -> None:
     """Raise BadInputError (one line) unless ``cache`` was made from this prepared dataset
-    version (and, when given, with this CLIP model name, preprocessing profile and weights)."""
+    version (and, when given, with this CLIP model name, preprocessing profile, weights and
+    MLP activation)."""
     recorded = cache.identity["prepared"]["version_id"]
     wanted = version_id(dict(manifest))
     if recorded != wanted:
@@ -357,7 +363,8 @@ def check_cache(cache: ClipCache, manifest: Mapping[str, Any], *, model: str | N
                             f" prepared dataset is version {wanted}; re-run"
                             " `python -m pipeline embed`")
     encoder = cache.identity["encoder"]
-    for name, value in (("model", model), ("profile", profile), ("weights", weights)):
-        if value is not None and encoder[name] != value:
+    for name, value in (("model", model), ("profile", profile), ("weights", weights),
+                        ("activation", activation)):
+        if value is not None and encoder.get(name) != value:
             raise BadInputError(cache.path, f"made with CLIP {name} {encoder[name]!r}, but"
                                 f" {value!r} is required")

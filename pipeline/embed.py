@@ -2,9 +2,10 @@
 
 Stages, each small:
 
-1. ``_read_samples``: stream the needed shards in order and yield ``(index, key, jpg bytes)``
+1. ``_read_samples``: stream the needed shards in order and yield ``(index, key, frame bytes)``
    for the samples of the chunks still missing from the cache.
-2. ``_decoded_batches``: decode each ``jpg`` to uint8 RGB [H, W, 3] and group samples into
+2. ``_decoded_batches``: decode each frame (``png`` or ``jpg``) to uint8 RGB [H, W, 3] and
+   group samples into
    batches that never straddle a cache chunk.
 3. :func:`pipeline.streams.prefetch`: run 1-2 in a background thread behind a bounded queue,
    so reading and decoding overlap the encoder.
@@ -69,7 +70,7 @@ from pipeline.images import decode_rgb_bytes
 from pipeline.manifest import canonical_json, prepared_size, read_manifest, version_id
 from pipeline.progress import Progress
 from pipeline.progress import progress as progress_bar
-from pipeline.shards import FRAME, Shard, read_shard, split_shards
+from pipeline.shards import Shard, frame_field, read_shard, split_shards
 from pipeline.streams import prefetch as prefetch_in_thread
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class _Verified:
 
 def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob],
                   verified: _Verified | None = None) -> Iterator[tuple[int, str, str, bytes]]:
-    """(index in the split, shard URL, key, jpg bytes) for every sample inside ``jobs`` (one
+    """(index in the split, shard URL, key, frame bytes) for every sample inside ``jobs`` (one
     split, ascending, disjoint), reading only the shards that hold them - each one whole, its
     sha256 and sample count checked against the manifest (:func:`pipeline.shards.read_shard`);
     ``verified.end`` advances as each shard passes."""
@@ -132,10 +133,7 @@ def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob],
             continue
         for index, sample in enumerate(read_shard(shard), start=shard.first):
             if wanted(index):
-                jpg = sample.get(FRAME)
-                if jpg is None:
-                    raise BadInputError(shard.url, f"sample {sample['__key__']} has no {FRAME}")
-                yield index, shard.url, sample["__key__"], jpg
+                yield index, shard.url, sample["__key__"], sample[frame_field(sample)]
         if verified is not None:
             verified.end = shard.end
 
@@ -163,12 +161,12 @@ def _decoded_batches(shards: Sequence[Shard], jobs: Sequence[ChunkJob], batch_si
         tensor = torch.from_numpy(np.stack(frames))
         return _Batch(job, list(keys), tensor.pin_memory() if pin else tensor, last)
 
-    for index, url, key, jpg in _read_samples(shards, jobs, verified):
+    for index, url, key, data in _read_samples(shards, jobs, verified):
         while job is not None and index >= job.stop:
             job = next(job_iter, None)
-        frame = decode_rgb_bytes(jpg, f"{url}#{key}", expect=size)
+        frame = decode_rgb_bytes(data, f"{url}#{key}", expect=size)
         if frames and frame.shape != frames[0].shape:
-            raise BadInputError(url, f"sample {key}: jpg is {frame.shape}, other frames are"
+            raise BadInputError(url, f"sample {key}: frame is {frame.shape}, other frames are"
                                 f" {frames[0].shape}")
         keys.append(key)
         frames.append(frame)

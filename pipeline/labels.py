@@ -18,7 +18,15 @@ in float32 and cached per (source size, target size). The two agree to ~1e-6 aft
 normalisation.
 
 **BDDA**: the gaze map JPEG read as greyscale, ``cv2.resize(..., INTER_CUBIC)`` on the
-uint8 image, divided by 255 (:func:`gaze_map_label`; cheap, so it is its own reference).
+uint8 image (:func:`gaze_map_resized`, what the shards store), divided by 255
+(:func:`gaze_map_label`; cheap, so it is its own reference).
+
+**Which points** (fixations are kept in the shards as recorded, float, nothing dropped): the
+training label marks :func:`loader_points`, the ones the authors' Python loader marks
+(``astype(int)``: truncated toward zero, kept when ``0 <= row < 720`` and ``0 <= col <
+1280``); the fixation metrics mark :func:`matlab_points`, the ones the official MATLAB loop
+marks (kept when ``0 < row < 721`` and ``0 < col < 1281``, 1-based, so a raw point on row 720
+or column 1280 counts there and not in training).
 """
 
 from __future__ import annotations
@@ -40,6 +48,43 @@ LABEL_SIZE = (256, 256)
 """Default (height, width) of labels, the published model's input size."""
 
 
+def loader_points(fixations: np.ndarray, source_size: tuple[int, int] = SOURCE_SIZE
+                  ) -> np.ndarray:
+    """The points the authors' Python loader marks in its fixation map.
+
+    Args:
+        fixations: [N, 2] (row, col) as recorded (``fixdata`` columns 4 and 3), any real
+            numbers, finite.
+        source_size: (height, width) of the map.
+
+    Returns:
+        int64 ``[M, 2]``: each point truncated toward zero (numpy's ``astype(int)``), kept where
+        ``0 <= row < height`` and ``0 <= col < width``, in recorded order.
+    """
+    points = np.trunc(np.asarray(fixations, dtype=np.float64).reshape(-1, 2))
+    height, width = source_size
+    keep = ((points[:, 0] >= 0) & (points[:, 0] < height)
+            & (points[:, 1] >= 0) & (points[:, 1] < width))
+    return points[keep].astype(np.int64)
+
+
+def matlab_points(fixations: np.ndarray, source_size: tuple[int, int] = SOURCE_SIZE
+                  ) -> np.ndarray:
+    """The points the official MATLAB loop marks (``calcForTrafficGaze.m``: ``if x<721 && x>0 &&
+    y<1281 && y>0, fix_map(x, y) = 1``), as 0-based (row, col) int64 ``[M, 2]``.
+
+    MATLAB indexes with the recorded value itself, 1-based; it stops with an error on a
+    non-integer index, which the published data never has: such a point is truncated here (and
+    dropped if that leaves row or column 0), as the Python loader truncates.
+    """
+    points = np.asarray(fixations, dtype=np.float64).reshape(-1, 2)
+    height, width = source_size
+    keep = ((points[:, 0] > 0) & (points[:, 0] < height + 1)
+            & (points[:, 1] > 0) & (points[:, 1] < width + 1))
+    marked = np.trunc(points[keep]).astype(np.int64) - 1
+    return marked[(marked >= 0).all(axis=1)]
+
+
 def fixation_label_reference(
     fixations: np.ndarray,
     size: tuple[int, int] = LABEL_SIZE,
@@ -48,8 +93,8 @@ def fixation_label_reference(
     """The published fixation label, computed the published way (the test oracle).
 
     Args:
-        fixations: int ``[N, 2]`` (row, col) in ``source_size`` pixels; points outside
-            the frame are dropped.
+        fixations: int ``[N, 2]`` (row, col) in ``source_size`` pixels (:func:`loader_points`
+            of the recorded ones); points outside the frame are dropped.
         size: (height, width) of the label.
         source_size: (height, width) of the fixation map before blurring.
 
@@ -132,22 +177,20 @@ def _resize_operator(n_in: int, n_out: int) -> np.ndarray:
     return cv2.resize(np.eye(n_in), (n_in, n_out), interpolation=cv2.INTER_CUBIC)
 
 
-def gaze_map_label(gray_uint8: np.ndarray, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
-    """The published BDDA label from a decoded greyscale gaze map.
-
-    Args:
-        gray_uint8: uint8 ``[H, W]`` gaze map (any size; BDD-A maps are 576 x 1024).
-        size: (height, width) of the label.
-
-    Returns:
-        float32 ``[height, width]`` in [0, 1]: ``cv2.resize(INTER_CUBIC)`` on the uint8
-        image (saturating), divided by 255. Not renormalised, as in the published loader.
-    """
+def gaze_map_resized(gray_uint8: np.ndarray, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
+    """A decoded greyscale gaze map (uint8 ``[H, W]``, any size; BDD-A maps are 576 x 1024)
+    resized as the published loader does: ``cv2.resize(INTER_CUBIC)`` on the uint8 image
+    (saturating), uint8 ``[height, width]``."""
     if gray_uint8.dtype != np.uint8 or gray_uint8.ndim != 2:
         raise ValueError(
             f"expected a uint8 [H, W] gaze map, got {gray_uint8.dtype} {gray_uint8.shape}")
-    resized = cv2.resize(gray_uint8, size[::-1], interpolation=cv2.INTER_CUBIC)
-    return resized.astype(np.float32) / 255.0
+    return cv2.resize(gray_uint8, size[::-1], interpolation=cv2.INTER_CUBIC)
+
+
+def gaze_map_label(gray_uint8: np.ndarray, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
+    """The published BDDA label: float32 ``[height, width]`` in [0, 1], :func:`gaze_map_resized`
+    divided by 255. Not renormalised, as in the published loader."""
+    return gaze_map_resized(gray_uint8, size).astype(np.float32) / 255.0
 
 
 def frame_label(frame: Frame, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
@@ -158,7 +201,8 @@ def frame_label(frame: Frame, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
     """
     if frame.gaze_map_path is not None:
         return gaze_map_label(decode_gray(frame.gaze_map_path), size)
-    return fixation_label(frame.fixations, size, frame.source_size)
+    return fixation_label(loader_points(frame.fixations, frame.source_size), size,
+                          frame.source_size)
 
 
 def _in_range(fixations: np.ndarray, source_size: tuple[int, int]) -> np.ndarray:

@@ -2,17 +2,18 @@
 
 ``PREPARED/manifest.json`` (written last, atomically: its presence means the run finished)::
 
-    format          "salmm-prepared", format_version 1
+    format          "salmm-prepared", format_version 2
     pipeline        {"name": "salmm", "version": ..., "encoders": {pillow, libjpeg, zlib, opencv, numpy}}
     dataset         "trafficgaze" | "drfixd-rainy" | "bdda"
-    options         everything the bytes depend on: size {height, width}, shard_size, profile,
-                    jpeg and png encoder options, label method
+    options         everything the bytes depend on: size {height, width}, shard_size, profile
+                    (decode), frame codec and its encoder options, label method
     inputs          split_files {name: {size, sha256}} (absent splits are not listed),
                     fixdata {relative path: {size, sha256}},
                     files {"name": "inputs.jsonl", "count", "bytes", "sha256"} — pins the per-file
                     list of every frame / gaze-map file (see below)
     splits          {split: {"entries", "samples", "shards": [{name, samples, sha256}, ...],
-                             "skipped": [{name, shard, file, problem}, ...]}}
+                             "skipped": [{name, shard, file, problem}, ...],
+                             "index": {name, sha256}}}  (member offsets: pipeline.shard_index)
     absent_splits   splits whose split file does not exist in the raw root
     version_id      version_id(manifest): 16 hex of sha256 of the canonical JSON of all the above
 
@@ -36,7 +37,10 @@ MANIFEST = "manifest.json"
 INPUTS = "inputs.jsonl"
 RUN = "run.json"
 FORMAT = "salmm-prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: lossless frames (PNG) by default, fixations as recorded (float, none dropped), labels
+computed when read. Format 1 (JPEG frames, 16-bit labels, fixations inside the frame only)
+is refused with the command that re-makes it."""
 VERSION_KEY = "version_id"
 
 
@@ -84,7 +88,10 @@ def read_manifest(prepared: str) -> dict[str, Any]:
         raise BadInputError(where, f"not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BadInputError(where, f"format version {manifest.get('format_version')} is not the"
-                            f" supported {FORMAT_VERSION}; re-run normalize")
+                            f" supported {FORMAT_VERSION} (format 1 stored JPEG frames and"
+                            " dropped out-of-frame fixations); prepare it again with `python -m"
+                            " pipeline normalize --dataset D --root RAW --out"
+                            f" {prepared} --overwrite`, then `python -m pipeline embed`")
     problem = malformed(manifest)
     if problem:
         raise BadInputError(where, f"malformed manifest: {problem}")

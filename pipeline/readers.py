@@ -11,10 +11,10 @@ The facts it needs - folders, frame size - come from its :class:`~pipeline.datas
 * :class:`GazeMapReader` - **BDDA**: ``camera_frames/VVVV/FFFF.jpg`` camera frames and
   ``gazemap_frames/VVVV/FFFF.jpg`` greyscale gaze maps of the same name.
 
-Fixation points follow the reference loader exactly: ``row = int(column 4)``,
-``col = int(column 3)`` (truncation toward zero, no 1-based shift), and points outside
-the 720x1280 frame are dropped - counted in one log line per ``fixdata`` file, not an
-error. Problems that make a frame unusable raise :class:`~pipeline.errors.BadInputError`:
+Fixation points are kept as recorded: ``row = column 4``, ``col = column 3`` as float64,
+every one of them (the training label and the evaluation each pick theirs, see
+:mod:`pipeline.labels`); points outside the 720x1280 frame are counted in one log line per
+``fixdata`` file, not an error. Problems that make a frame unusable raise :class:`~pipeline.errors.BadInputError`:
 
 * a camera frame or gaze map listed in the split file is missing;
 * the video's ``fixdata`` file is missing, truncated or corrupt, or has fewer cells than
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_SIZE = (720, 1280)
 """(height, width) of TrafficGaze / DrFixD-rainy frames, the fixations' coordinate frame."""
-_NO_POINTS = np.zeros((0, 2), dtype=np.int32)
+_NO_POINTS = np.zeros((0, 2), dtype=np.float64)
 _NO_POINTS.flags.writeable = False
 
 
@@ -61,8 +61,9 @@ class Frame:
             also the 1-based cell index in ``fixdata{video}.mat``.
         name: the split entry itself, e.g. ``"01/000006.jpg"`` or ``"0006/0004.jpg"``.
         image_path: the camera frame (``trafficframe/...`` or ``camera_frames/...``).
-        fixations: int32 ``[N, 2]`` (row, col) pixel coordinates in ``source_size``, all
-            in range, in the recorded order (duplicates kept); read-only; ``[0, 2]`` for BDDA.
+        fixations: float64 ``[N, 2]`` (row, col) as recorded (``fixdata`` columns 4 and 3,
+            source pixels), every point in recorded order, finite; read-only; ``[0, 2]`` for
+            BDDA.
         gaze_map_path: BDDA ``gazemap_frames/...`` file; ``None`` for the other datasets.
         source_size: (height, width) the ground truth refers to: (720, 1280) for
             TrafficGaze / DrFixD-rainy, the nominal gaze-map size (576, 1024) for BDDA.
@@ -82,17 +83,17 @@ class Frame:
 def fixation_points(
     cell: np.ndarray, source_size: tuple[int, int] = SOURCE_SIZE
 ) -> tuple[np.ndarray, int]:
-    """In-range pixel coordinates of one ``fixdata`` cell, as the reference loader takes them.
+    """The fixations of one ``fixdata`` cell, as recorded.
 
     Args:
-        cell: float ``[N, k]`` with ``k >= 4`` (column 3 = x, column 4 = y, 1-based as
-            recorded), or any empty array.
+        cell: float ``[N, k]`` with ``k >= 4`` (column 3 = x, column 4 = y, as recorded), or
+            any empty array.
         source_size: (height, width) of the frame.
 
     Returns:
-        ``(points, dropped)``: int32 ``[M, 2]`` (row, col) with ``row = int(y)``,
-        ``col = int(x)`` (truncated toward zero) kept where ``0 <= row < height`` and
-        ``0 <= col < width``, in the recorded order; and ``dropped = N - M``.
+        ``(points, outside)``: float64 ``[N, 2]`` (row, col) = (column 4, column 3), every
+        point in recorded order, read-only; and how many of them neither the Python loader
+        nor the MATLAB loop can mark (outside ``[0, height] x [0, width]``).
 
     Raises:
         ValueError: a non-empty cell with fewer than 4 columns, or NaN/inf coordinates.
@@ -103,18 +104,16 @@ def fixation_points(
     if cell.ndim != 2 or cell.shape[1] < 4:
         raise ValueError(f"shape {cell.shape}: fixations need at least 4 columns "
                          "(column 3 = x, column 4 = y)")
-    row_col = cell[:, [3, 2]].astype(np.float64)
-    finite = np.isfinite(row_col).all(axis=1)
+    points = np.ascontiguousarray(cell[:, [3, 2]], dtype=np.float64)
+    finite = np.isfinite(points).all(axis=1)
     if not finite.all():
         raise ValueError(
             f"{int((~finite).sum())} of {len(cell)} fixations have NaN/inf coordinates")
-    row_col = np.trunc(row_col)
     height, width = source_size
-    keep = ((row_col[:, 0] >= 0) & (row_col[:, 0] < height)
-            & (row_col[:, 1] >= 0) & (row_col[:, 1] < width))
-    points = row_col[keep].astype(np.int32)
+    inside = ((points[:, 0] >= 0) & (points[:, 0] < height + 1)
+              & (points[:, 1] >= 0) & (points[:, 1] < width + 1))
     points.flags.writeable = False
-    return points, int(len(cell) - keep.sum())
+    return points, int(len(points) - inside.sum())
 
 
 class FixdataReader:
@@ -160,18 +159,18 @@ class _VideoFixations:
     @classmethod
     def load(cls, path: Path) -> _VideoFixations:
         cells: list[np.ndarray | str] = []
-        total = dropped = 0
+        total = outside = 0
         for cell in load_fixdata(path):
             try:
-                points, n_dropped = fixation_points(cell)
+                points, n_outside = fixation_points(cell)
             except ValueError as err:
                 cells.append(str(err))
                 continue
             cells.append(points)
-            total += len(points) + n_dropped
-            dropped += n_dropped
-        log.info("%s: %d cells, %d fixations, %d outside the %dx%d frame dropped "
-                 "(as the reference loader does)", path, len(cells), total, dropped, *SOURCE_SIZE)
+            total += len(points)
+            outside += n_outside
+        log.info("%s: %d cells, %d fixations, %d outside the %dx%d frame (kept as recorded;"
+                 " no label marks them)", path, len(cells), total, outside, *SOURCE_SIZE)
         return cls(path, cells)
 
 

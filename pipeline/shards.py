@@ -7,14 +7,24 @@ sha256 its manifest records.
 A sample is a dict ``{"__key__": str, "<field>": bytes, ...}`` with the fields
 
 =================  ===========================================================================
-``jpg``            :data:`FRAME`: the frame, uint8 RGB [H, W, 3] at the prepared size, JPEG
-``saliency.png``   :data:`LABEL`: the label, float [H, W] in [0, 1], 16-bit PNG of x * 65535
-``fixations.npy``  :data:`FIXATIONS`: int32 [N, 2] (row, col) in the source frame's pixels
-``json``           :data:`META`: dataset, split, video, frame, name, sizes, raw files (canonical)
+``png``            the frame exactly as the authors' loader feeds it: ``cv2.resize(imread(frame),
+                   INTER_CUBIC)``, uint8 RGB [H, W, 3], lossless PNG (the default frame codec)
+``jpg``            instead of ``png`` with ``--frame-codec jpeg95``: the same frame as JPEG
+                   quality 95 (4:4:4), about 4x smaller and a few grey levels off
+``gaze.png``       BDDA only: the gaze map as the loader resizes it, uint8 [H, W], 8-bit PNG;
+                   the label is its value / 255, exactly
+``fixations.npy``  float64 [N, 2]: every fixation of the frame as recorded (row = ``fixdata``
+                   column 4, col = column 3, source pixels, nothing dropped or rounded); [0, 2]
+                   for BDDA
+``json``           dataset, split, video, frame, name, sizes, raw files (canonical JSON)
 =================  ===========================================================================
 
 keyed ``v{video:04d}_f{frame:06d}`` (:func:`sample_key`), in shards named
-``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`SHARD_NAME`). Stable bytes come from fixed
+``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`SHARD_NAME`). The label of a fixation
+dataset is not stored: :func:`decode_label` computes it from the fixations exactly as the
+authors' loader does (:func:`pipeline.labels.loader_points`, then
+:func:`pipeline.labels.fixation_label`, ≤ 1e-6 from the loader's own arithmetic), and the
+evaluation marks the same raw points as the official MATLAB loop. Stable bytes come from fixed
 encoder options (below; the encoders' versions go into the manifest) and a tar writer whose
 headers carry no run-dependent data: every member has mtime ``TAR_MTIME``, uid/gid 0, empty
 user/group names, mode 0o444, USTAR format, and the members of a sample are written in sorted
@@ -38,20 +48,23 @@ from PIL import Image
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
-from pipeline.images import decode_rgb_bytes, image_size
+from pipeline.images import decode_gray_bytes, decode_rgb_bytes, image_size
+from pipeline.labels import fixation_label, loader_points
 from pipeline.manifest import canonical_json, shard_urls
 from pipeline.splits import SPLITS
 
 TAR_MTIME = 0
 TAR_MODE = 0o444
 JPEG_OPTIONS = {"quality": 95, "subsampling": 0, "optimize": False, "progressive": False}
-"""Pillow JPEG options: quality 95, 4:4:4 chroma (no subsampling), baseline, no extra passes."""
+"""Pillow JPEG options of the ``jpeg95`` frame codec: quality 95, 4:4:4 chroma, baseline."""
 PNG_OPTIONS = {"compress_level": 1, "optimize": False}
-"""Pillow PNG options: zlib level 1 (labels are smooth, higher levels save little and cost 3x)."""
-LABEL_SCALE = 65535
+"""Pillow PNG options: zlib level 1 (data/README.md has the sizes and speeds of the levels)."""
 
-FRAME, LABEL, FIXATIONS, META = "jpg", "saliency.png", "fixations.npy", "json"
-"""The fields of a sample (see the module docstring)."""
+FRAME_CODECS = {"png": "png", "jpeg95": "jpg"}
+"""Frame codec (``normalize --frame-codec``) -> the sample field that holds the frame."""
+DEFAULT_FRAME_CODEC = "png"
+GAZE, FIXATIONS, META = "gaze.png", "fixations.npy", "json"
+"""The other fields of a sample (see the module docstring)."""
 SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
 """What a shard's file name looks like."""
 
@@ -68,29 +81,21 @@ def encode_jpeg(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def label_to_uint16(label: np.ndarray) -> np.ndarray:
-    """float [H, W] in [0, 1] → uint16 round(value * 65535) (values outside [0, 1] are clipped)."""
-    return np.round(np.clip(label, 0.0, 1.0) * LABEL_SCALE).astype(np.uint16)
-
-
-def encode_label_png(label: np.ndarray) -> bytes:
-    """float [H, W] in [0, 1] → 16-bit grayscale PNG of round(value * 65535).
-
-    Decoding gives the label back to within 0.5 / 65535 < 1e-5 (``decode_label_png``).
-    """
-    if label.ndim != 2:
-        raise ValueError(f"expected a [H, W] label, got shape {label.shape}")
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] RGB or [H, W] grey → lossless PNG bytes (no metadata)."""
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3
+                                                              and pixels.shape[2] == 3)):
+        raise ValueError(f"expected uint8 [H, W, 3] or [H, W], got {pixels.dtype} {pixels.shape}")
     buf = io.BytesIO()
-    Image.fromarray(label_to_uint16(label)).save(buf, "PNG", **PNG_OPTIONS)
+    Image.fromarray(pixels, "RGB" if pixels.ndim == 3 else "L").save(buf, "PNG", **PNG_OPTIONS)
     return buf.getvalue()
 
 
-def decode_label_png(data: bytes) -> np.ndarray:
-    """16-bit grayscale PNG bytes → float32 [H, W] in [0, 1]."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode not in ("I;16", "I"):
-            raise ValueError(f"expected a 16-bit grayscale PNG, got mode {im.mode}")
-        return np.asarray(im).astype(np.float32) / LABEL_SCALE
+def encode_frame(rgb: np.ndarray, codec: str = DEFAULT_FRAME_CODEC) -> tuple[str, bytes]:
+    """(field, bytes) of a prepared frame uint8 [H, W, 3] in frame codec ``codec``."""
+    if codec not in FRAME_CODECS:
+        raise ValueError(f"frame codec must be one of {sorted(FRAME_CODECS)}, got {codec!r}")
+    return FRAME_CODECS[codec], encode_png(rgb) if codec == "png" else encode_jpeg(rgb)
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -112,71 +117,104 @@ def sample_key(video: int, frame: int) -> str:
     return f"v{video:04d}_f{frame:06d}"
 
 
-def encode_sample(key: str, frame: np.ndarray, label: np.ndarray, fixations: np.ndarray,
-                  meta: Mapping[str, Any]) -> dict[str, Any]:
-    """A sample from its parts: ``frame`` uint8 RGB [H, W, 3], ``label`` float [H, W] in
-    [0, 1], ``fixations`` int [N, 2] (row, col), ``meta`` JSON-able."""
-    return {
+def encode_sample(key: str, frame: np.ndarray, fixations: np.ndarray, meta: Mapping[str, Any],
+                  gaze: np.ndarray | None = None, codec: str = DEFAULT_FRAME_CODEC
+                  ) -> dict[str, Any]:
+    """A sample from its parts: ``frame`` uint8 RGB [H, W, 3] (stored in frame codec
+    ``codec``), ``fixations`` [N, 2] (row, col) as recorded, ``meta`` JSON-able (with
+    ``source_size``), and for BDDA ``gaze``, the resized gaze map uint8 [H, W]."""
+    field, data = encode_frame(frame, codec)
+    sample = {
         "__key__": key,
-        FRAME: encode_jpeg(frame),
-        LABEL: encode_label_png(label),
-        FIXATIONS: encode_npy(np.asarray(fixations, dtype=np.int32).reshape(-1, 2)),
+        field: data,
+        FIXATIONS: encode_npy(np.asarray(fixations, dtype=np.float64).reshape(-1, 2)),
         META: canonical_json(dict(meta)),
     }
+    if gaze is not None:
+        sample[GAZE] = encode_png(gaze)
+    return sample
+
+
+def _where(sample: Mapping[str, Any]) -> str:
+    return sample.get("__url__", "?")
 
 
 def _field(sample: Mapping[str, Any], field: str) -> bytes:
     """The bytes of ``field``; BadInputError naming the shard and sample when it is absent."""
     if field not in sample:
-        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']} has no"
-                            f" {field}")
+        raise BadInputError(_where(sample), f"sample {sample['__key__']} has no {field}")
     return sample[field]
+
+
+def frame_field(sample: Mapping[str, Any]) -> str:
+    """The field that holds the sample's frame (``png`` or ``jpg``); BadInputError naming the
+    shard and sample when it has neither."""
+    for field in FRAME_CODECS.values():
+        if field in sample:
+            return field
+    raise BadInputError(_where(sample), f"sample {sample['__key__']} has no frame"
+                        f" ({' or '.join(FRAME_CODECS.values())})")
 
 
 def _check_shape(sample: Mapping[str, Any], field: str, shape: tuple[int, int],
                  size: tuple[int, int]) -> None:
     if tuple(shape) != tuple(size):
-        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: {field}"
+        raise BadInputError(_where(sample), f"sample {sample['__key__']}: {field}"
                             f" is {shape[0]}x{shape[1]}, the run expects {size[0]}x{size[1]}")
 
 
 def decode_frame(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray:
     """The sample's frame, uint8 RGB [H, W, 3], which must be ``size`` (height, width: checked
     from the header before decoding); BadInputError naming the shard and sample otherwise."""
-    data = _field(sample, FRAME)
-    where = f"{sample.get('__url__', '?')}#{sample['__key__']}"
-    _check_shape(sample, FRAME, image_size(data, where), size)
+    field = frame_field(sample)
+    data = sample[field]
+    where = f"{_where(sample)}#{sample['__key__']}"
+    _check_shape(sample, field, image_size(data, where), size)
     return decode_rgb_bytes(data, where, expect=size)
 
 
 def decode_label(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray:
-    """The sample's label, float32 [H, W] in [0, 1], which must be ``size``."""
-    data = _field(sample, LABEL)
-    _check_shape(sample, LABEL, image_size(data, f"{sample.get('__url__', '?')}#"
-                                                 f"{sample['__key__']}"), size)
-    try:
-        return decode_label_png(data)
-    except (OSError, ValueError) as err:
-        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: bad"
-                            f" {LABEL} ({err})") from None
+    """The sample's label, float32 [H, W] in [0, 1], as the authors' loader makes it at
+    ``size``: BDDA's stored gaze map / 255; else the fixation label of the recorded points
+    (:func:`pipeline.labels.fixation_label` of :func:`pipeline.labels.loader_points`)."""
+    where = f"{_where(sample)}#{sample['__key__']}"
+    if GAZE in sample:
+        data = sample[GAZE]
+        _check_shape(sample, GAZE, image_size(data, where), size)
+        return decode_gray_bytes(data, where, expect=size).astype(np.float32) / 255.0
+    source = decode_meta(sample).get("source_size")
+    if not (isinstance(source, list) and len(source) == 2
+            and all(isinstance(v, int) and v > 0 for v in source)):
+        raise BadInputError(_where(sample), f"sample {sample['__key__']}: {META} has no"
+                            " source_size [height, width]")
+    return fixation_label(loader_points(decode_fixations(sample), tuple(source)), size,
+                          tuple(source))
 
 
 def decode_fixations(sample: Mapping[str, Any]) -> np.ndarray:
-    """The sample's fixation points, int [N, 2] (row, col)."""
+    """The sample's fixations as recorded, float64 [N, 2] (row, col in source pixels)."""
     try:
-        return decode_npy(_field(sample, FIXATIONS))
+        points = decode_npy(_field(sample, FIXATIONS))
     except ValueError as err:
-        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: bad"
+        raise BadInputError(_where(sample), f"sample {sample['__key__']}: bad"
                             f" {FIXATIONS} ({err})") from None
+    if points.ndim != 2 or points.shape[1] != 2 or points.dtype != np.float64:
+        raise BadInputError(_where(sample), f"sample {sample['__key__']}: {FIXATIONS} is"
+                            f" {points.dtype} {list(points.shape)}, not float64 [N, 2]")
+    return points
 
 
 def decode_meta(sample: Mapping[str, Any]) -> dict[str, Any]:
     """The sample's metadata (dataset, split, video, frame, name, sizes, files)."""
     try:
-        return json.loads(_field(sample, META))
+        meta = json.loads(_field(sample, META))
     except ValueError as err:
-        raise BadInputError(sample.get("__url__", "?"), f"sample {sample['__key__']}: bad"
+        raise BadInputError(_where(sample), f"sample {sample['__key__']}: bad"
                             f" {META} ({err})") from None
+    if not isinstance(meta, dict):
+        raise BadInputError(_where(sample), f"sample {sample['__key__']}: {META} is not an"
+                            " object")
+    return meta
 
 
 # ---- tar writing ---------------------------------------------------------------------------

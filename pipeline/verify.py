@@ -7,6 +7,8 @@ Checks, and reports each difference as one line:
 * ``inputs.jsonl`` has the sha256 the manifest pins;
 * every shard listed exists, has the recorded sha256, and (when it does not) whether it is a
   readable tar and how many samples it holds, so the report says what is wrong;
+* each split's index of member offsets (``<split>-index.npy``) has the sha256 the manifest
+  pins and equals a fresh scan of the intact shards, so random reads land on the right bytes;
 * no shard-like file (``<split>-NNNNNN.tar``) lies there that the manifest does not list, and
   no unfinished temporary file.
 """
@@ -19,11 +21,14 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import BadInputError
 from pipeline.fsio import TMP_MARK, Folder
 from pipeline.manifest import INPUTS, VERSION_KEY, malformed, read_manifest, version_id
 from pipeline.progress import track
-from pipeline.shards import SHARD_NAME, iter_tar
+from pipeline.shard_index import build_index, index_name, read_index
+from pipeline.shards import SHARD_NAME, iter_tar, split_shards
 
 HASH_THREADS = 4
 
@@ -52,6 +57,8 @@ def verify(prepared: str, *, progress: bool = False) -> list[str]:
         for found in track(checks, total=len(shards), unit="shard", desc="verify",
                            disable=not progress):
             problems.extend(found)
+    if not problems:
+        problems.extend(_check_indexes(folder, manifest))
     listed = {shard["name"] for shard in shards}
     for name in folder.listdir():
         if SHARD_NAME.fullmatch(name) and name not in listed:
@@ -70,6 +77,23 @@ def _check_inputs(folder: Folder, manifest: dict[str, Any]) -> list[str]:
         return [(f"{folder.url(INPUTS)}: sha256 {sha[:16]}… differs from the manifest's"
                  f" {pinned['sha256'][:16]}…")]
     return []
+
+
+def _check_indexes(folder: Folder, manifest: dict[str, Any]) -> list[str]:
+    """Each split's index against the manifest and against a scan of its (intact) shards."""
+    problems = []
+    for split in manifest["splits"]:
+        try:
+            index = read_index(folder.root, manifest, split)
+            fresh = build_index(split_shards(folder.root, manifest, split))
+        except BadInputError as err:
+            problems.append(str(err))
+            continue
+        if not np.array_equal(index, fresh):
+            row = int(np.flatnonzero(index != fresh)[0])
+            problems.append(f"{folder.url(index_name(split))}: row {row} does not match the"
+                            " shards (the index was rewritten to fit)")
+    return problems
 
 
 def _check_shard(folder: Folder, shard: dict[str, Any]) -> list[str]:

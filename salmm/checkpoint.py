@@ -8,7 +8,8 @@ epoch              completed epochs (int); the official checkpoints' key
 state_dict         the model's weights, same key names as the authors' released checkpoints
 optim_dict         the optimizer's ``state_dict()`` (official key)
 valid_loss         validation loss of that epoch (float, official key)
-format             ``"salmm-train-checkpoint"``; format_version 1
+format             ``"salmm-train-checkpoint"``; format_version 2 (1: trained on CLIP with GELU
+                   and JPEG frames; refused)
 step               optimizer steps taken so far (int)
 best               ``{"epoch", "valid_loss"}`` of the best epoch so far (by validation loss)
 history            one dict per completed epoch (the rows of ``metrics.csv``)
@@ -41,7 +42,9 @@ from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 
 FORMAT = "salmm-train-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: trained with the authors' CLIP (QuickGELU) on lossless frames. Format-1 checkpoints are
+refused: their CLIP branch saw other numbers than the published model's."""
 LISTED = 10  # offenders named per kind in an error message
 
 
@@ -152,6 +155,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise BadInputError(path, f"not a readable checkpoint ({first})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise BadInputError(path, "not a checkpoint: it has no state_dict")
+    if checkpoint.get("format") == FORMAT and checkpoint.get("format_version") != FORMAT_VERSION:
+        raise BadInputError(path, f"salmm checkpoint format {checkpoint.get('format_version')},"
+                            f" this salmm reads {FORMAT_VERSION} (format 1 was trained with"
+                            " CLIP's GELU instead of the authors' QuickGELU, on JPEG frames);"
+                            " train it again with `python -m salmm.train`")
     return checkpoint
 
 

@@ -54,6 +54,7 @@ from pipeline.dask_cluster import dask_client
 from pipeline.datasets import REGISTRY
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.labels import matlab_points
 from pipeline.manifest import prepared_size, version_id
 from pipeline.progress import progress
 from salmm import matlab_export, metrics
@@ -86,19 +87,6 @@ ID_COLUMNS = ("index", "key", "name", "video", "frame")
 
 
 # ---- scoring -----------------------------------------------------------------------------------
-
-
-def matlab_fixations(fixations: np.ndarray) -> np.ndarray:
-    """A shard's fixation points -> the 0-based (row, col) points the official MATLAB loop marks.
-
-    The shard stores the published Python loader's points: the raw ``fixdata`` values
-    truncated and used as 0-based indices (kept in rows 0..719, columns 0..1279). The MATLAB
-    loop reads the same values as 1-based indices, so its points are one up and left:
-    ``(row - 1, col - 1)``; a point on row or column 0, which MATLAB skips, becomes -1 and
-    :func:`salmm.metrics.fixation_map` drops it. (A raw point on row 720 or column 1280,
-    which MATLAB keeps, never reaches the shard: the loader drops it.) int64 [N, 2].
-    """
-    return np.asarray(fixations, dtype=np.int64).reshape(-1, 2) - 1
 
 
 def frame_seed(seed: int, key: str) -> list[int]:
@@ -328,7 +316,7 @@ def score_split(opts: EvalOptions, inputs: Inputs) -> list[dict[str, Any]]:
                 waiting.append({"index": len(rows) + len(waiting), "key": key,
                                 "name": meta["name"], "video": meta.get("video"),
                                 "frame": meta.get("frame")})
-                fix = matlab_fixations(sample["fixations"]) if inputs.fixations else None
+                fix = matlab_points(sample["fixations"]) if inputs.fixations else None
                 collect(pool.submit(pred, label, fix, seeds, key, opts.jitter))
         collect(pool.drain())
     if len(rows) != inputs.frames:

@@ -60,7 +60,8 @@ CLIP_TOLERANCE = 1e-3
 """Largest difference from PyTorch the CLIP graph's float32 embedding may show, relative to
 the embedding's largest entry (measured: about 1e-5)."""
 FORMAT = "salmm-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the CLIP graph records its MLP activation (QuickGELU for the published CLIP)."""
 GRAPHS = ("salmm", "clip")
 EXPORT_BACKEND = "export"
 """Mamba backend the network is traced with (:func:`salmm.scan.selective_scan_export`)."""
@@ -353,11 +354,11 @@ def checked_export(folder: str | Path, loaded: LoadedModel, size: tuple[int, int
     if (exported_size.get("height"), exported_size.get("width")) != tuple(size):
         raise BadInputError(where, f"graphs for {exported_size.get('width')}x"
                             f"{exported_size.get('height')} frames, not {size[1]}x{size[0]}")
-    clip = {k: (description.get("clip") or {}).get(k) for k in ("model", "weights", "profile")}
-    if clip != loaded.clip.identity():
-        raise BadInputError(where, f"CLIP {clip['model']} / {clip['weights']} / {clip['profile']}"
-                            f" exported, the checkpoint's options give {loaded.clip.model} /"
-                            f" {loaded.clip.identity()['weights']} / {loaded.clip.profile}")
+    wanted = loaded.clip.identity()
+    clip = {k: (description.get("clip") or {}).get(k) for k in wanted}
+    if clip != wanted:
+        raise BadInputError(where, f"CLIP {' / '.join(map(str, clip.values()))} exported, the"
+                            f" checkpoint's options give {' / '.join(wanted.values())}")
     for name in GRAPHS:
         if not (Path(folder) / f"{name}.onnx").is_file():
             raise BadInputError(Path(folder) / f"{name}.onnx", "missing from the export")

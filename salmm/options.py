@@ -26,6 +26,7 @@ from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFI
 from pipeline.clip import parse_weights as _pretrained
 from pipeline.errors import BadInputError, OutputError
 from salmm import overlay
+from salmm.data import ORDERS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,11 +50,12 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 42
     size: tuple[int, int] = (256, 256)   # (height, width) of the frames; must match the prepared data
-    shuffle_buffer: int = 1000           # samples in the shuffle buffer (per data worker)
+    order: str = "permutation"           # permutation per epoch (published) | stream (shuffle buffer)
+    shuffle_buffer: int = 1000           # --order stream: samples in each worker's shuffle buffer
     workers: int = 2                     # data-loading processes per training process (0: inline)
     device: str | None = None            # None: "cuda" when available, else "cpu"
-    amp: str = "auto"                    # autocast on CUDA: auto (bf16, else fp16), bf16, fp16, off
-    threads: int | None = None           # CPU intra-op threads for the run; None: chosen at start
+    amp: str = "off"                     # float32 (published); bf16, fp16, auto: opt-in autocast
+    threads: int | None = None           # CPU intra-op threads for the run; None: 1 (fixed)
     clip_model: str = DEFAULT_MODEL
     clip_pretrained: str | None = DEFAULT_WEIGHTS  # open_clip tag, file, hf-hub:..., None: random
     profile: str = DEFAULT_PROFILE       # CLIP preprocessing profile: salmm | openclip
@@ -78,8 +80,8 @@ class TrainConfig:
 
 
 #: Options that decide the numbers a run produces: a resumed run must use the same ones.
-RECIPE_FIELDS = ("cached_clip", "batch_size", "lr", "weight_decay", "seed", "size",
-                 "shuffle_buffer", "clip_model", "clip_pretrained", "profile")
+RECIPE_FIELDS = ("cached_clip", "batch_size", "lr", "weight_decay", "seed", "size", "order",
+                 "shuffle_buffer", "clip_model", "clip_pretrained", "profile", "amp")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -148,8 +150,14 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="data-loading processes per training process (0: load in the"
                             " training process; default: the CPUs shared among this machine's"
                             f" training processes, at most {DEFAULT_MAX_WORKERS})")
+    group.add_argument("--order", choices=ORDERS, default=TrainConfig.order,
+                       help="training sample order: permutation, a fresh permutation of the"
+                            " split each epoch read by random access, as published (default);"
+                            " stream, shards in a shuffled order through a shuffle buffer (for"
+                            " remote stores)")
     group.add_argument("--shuffle-buffer", type=positive_int, default=TrainConfig.shuffle_buffer,
-                       help="samples held in the shuffle buffer of each data worker")
+                       help="--order stream: samples held in the shuffle buffer of each data"
+                            " worker")
 
 
 def add_clip_options(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +177,9 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     group.add_argument("--amp", choices=AMP_CHOICES, default=TrainConfig.amp,
-                       help="autocast on CUDA: auto = bf16 where supported, else fp16")
+                       help="off: float32, as published (default); bf16, fp16: autocast, a"
+                            " faster opt-in that changes the numbers (auto: bf16 where"
+                            " supported, else fp16; CPU: off)")
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -197,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                              " --resume)")
     parser.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU intra-op threads for the whole run (default: the cores other"
-                             " processes leave free when it starts; a resumed run reuses its"
+                        help="CPU intra-op threads for the whole run (default 1, whatever the"
+                             " machine's load: the numbers depend on it; a resumed run reuses its"
                              " checkpoint's, so it repeats an uninterrupted one exactly)")
     add_data_options(parser)
     add_recipe_options(parser)

@@ -11,10 +11,11 @@ The run, top to bottom:
 2. Inputs checked before any step: the prepared dataset's manifest and frame size, the CLIP
    cache's dataset version, model, profile and weights; a resumed checkpoint's dataset, cache
    and recipe. A mismatch stops the run with one line.
-3. Per epoch: train (BCE on the saliency map, Adam), validate (loss, CC, SIM, KLD from
+3. Per epoch: train (``nn.BCELoss`` on the saliency map, Adam, as published), validate (loss, CC, SIM, KLD from
    :mod:`salmm.metrics`), write ``last.pt`` (and ``best.pt`` on a new best validation loss)
    atomically, ``metrics.csv``, TensorBoard events under ``tb/`` and ``curves.png``.
-4. A non-finite training loss stops the run before the bad step, saving ``last-good.pt``.
+4. A non-finite prediction, loss or gradient stops the run before the bad step reaches the
+   weights, saving ``last-good.pt`` (every tensor in it finite).
 
 Run folder: ``last.pt``, ``best.pt``, ``metrics.csv``, ``curves.png``, ``tb/``, ``train.log``,
 ``config.json``. ``--resume RUN/last.pt`` continues exactly: every random decision of an epoch
@@ -35,7 +36,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -52,6 +53,7 @@ from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import read_manifest, version_id
 from pipeline.progress import progress, track
+from pipeline.shard_index import SampleReader, read_index
 from pipeline.shards import split_shards
 from salmm import metrics
 from salmm.checkpoint import (
@@ -63,7 +65,14 @@ from salmm.checkpoint import (
     set_rng_state,
     training_checkpoint,
 )
-from salmm.data import SaliencyShards, make_loader
+from salmm.data import (
+    EmbeddingTable,
+    EpochBatches,
+    IndexedSamples,
+    SaliencyShards,
+    make_indexed_loader,
+    make_loader,
+)
 from salmm.devices import autocast, autocast_dtype
 from salmm.model import build_model as model_factory
 from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args, run_command
@@ -72,14 +81,22 @@ from salmm.plots import plot_history
 log = logging.getLogger("salmm.train")
 
 VALID_METRICS = ("CC", "SIM", "KLD")
+DEFAULT_TRAIN_THREADS = 1
+"""CPU intra-op threads of a run without ``--threads``: fixed, so the numbers never depend on
+the machine's load at start; one thread also never waits for a core that another process
+holds (the data workers decode on the other cores)."""
 CSV_COLUMNS = ("epoch", "step", "train_loss", "valid_loss", *VALID_METRICS, "lr",
                "train_samples", "train_seconds", "train_samples_per_s", "valid_samples",
                "valid_seconds", "valid_undefined")
 
 
+class NonFinite(ValueError):
+    """A prediction, loss or gradient that is NaN or infinite (what, in the message)."""
+
+
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite in ``epoch`` (0-based) after ``step`` good
-    optimizer steps; the bad step was not taken."""
+    """The training loss, a prediction or a gradient became NaN or infinite in ``epoch``
+    (0-based) after ``step`` good optimizer steps; the bad step was not taken."""
 
     def __init__(self, message: str, epoch: int, step: int) -> None:
         super().__init__(message)
@@ -122,9 +139,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank = dist.get_rank()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # float32 as published: PyTorch's defaults (no TF32 matrix products; cuDNN's convolutions
+    # as the authors' PyTorch 2.2 ran them) unless --amp asks for a faster precision
     return Runtime(rank, world_size, device, autocast_dtype(cfg.amp, device))
 
 
@@ -132,17 +148,35 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def bce_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-pixel binary cross-entropy of a predicted map ``pred`` in (0, 1) against ``target`` in
-    [0, 1] (equal shapes, float32), as ``torch.nn.BCELoss(reduction="none")``: log terms
-    clamped at -100; but a NaN prediction gives NaN instead of an error, so it can be reported."""
-    log_p = torch.log(pred).clamp_min(-100)
-    log_q = torch.log(1 - pred).clamp_min(-100)
-    return -(target * log_p + (1 - target) * log_q)
+    """Per-pixel binary cross-entropy of a predicted map ``pred`` in [0, 1] against ``target``
+    in [0, 1] (equal shapes, float32): ``torch.nn.BCELoss(reduction="none")`` itself, forward
+    and backward (its log terms are clamped at -100 inside the kernel, so a prediction
+    saturated at exactly 0 or 1 has a finite gradient). NonFinite for a NaN or infinite
+    prediction, which BCELoss would refuse with an error."""
+    if not bool(torch.isfinite(pred).all()):
+        raise NonFinite("non-finite prediction")
+    return nn.functional.binary_cross_entropy(pred, target, reduction="none")
 
 
 def bce_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The training loss: mean of :func:`bce_map` (``torch.nn.BCELoss()``)."""
-    return bce_map(pred, target).mean()
+    """The training loss, the authors' ``nn.BCELoss()``: the mean of :func:`bce_map`."""
+    if not bool(torch.isfinite(pred).all()):
+        raise NonFinite("non-finite prediction")
+    return nn.functional.binary_cross_entropy(pred, target)
+
+
+def finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether every element of every tensor given (None skipped) is finite."""
+    flat = [t.detach().reshape(-1).float() for t in tensors if t is not None]
+    return not flat or bool(torch.isfinite(torch.cat(flat)).all())
+
+
+def state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every weight and every optimizer state tensor is finite: what a state must be
+    to be called good."""
+    moments = [v for st in optimizer.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return finite(model.parameters()) and finite(moments)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -181,18 +215,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
 def pin_threads(cfg: TrainConfig, rt: Runtime, checkpoint: dict[str, Any] | None) -> int | None:
     """Fix torch's intra-op thread count for the whole run (CPU training; None on CUDA).
 
-    Torch's reductions round differently with the thread count, so one run keeps one count:
-    ``--threads``, else the resumed checkpoint's (an interrupted and resumed run then repeats an
-    uninterrupted one exactly), else the cores other processes leave free when the run starts
-    (:func:`pipeline.cpu.choose_threads`; beside a busy process two threads would wait for
-    each other at every operator). Setting it also stops the model's own thread adaptation.
+    Torch's reductions round differently with the thread count, so the count is part of the
+    recipe and never taken from the machine's load: ``--threads``, else the resumed
+    checkpoint's, else :data:`DEFAULT_TRAIN_THREADS`. The same command then gives the same
+    weights on any machine of the same kind, busy or idle (busy: slower, not different).
+    Setting it also stops the model's own thread adaptation.
     """
     if rt.device.type != "cpu":
         return None
     recorded = checkpoint.get("threads") if checkpoint is not None else None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = cfg.threads or recorded or cpu.choose_threads(
-        max(1, min(torch.get_num_threads(), cpu.usable_cores() // local)))
+    threads = cfg.threads or recorded or DEFAULT_TRAIN_THREADS
     if recorded is not None and threads != recorded:
         log.warning("resuming with %d intra-op threads, the checkpoint had %d: float rounding"
                     " changes, so the run will not repeat an uninterrupted one exactly",
@@ -289,14 +321,26 @@ def train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, steps: in
             frames, labels, emb = _to_device(batch, rt)
             with _autocast(rt):
                 pred = model(frames, emb)                      # [B, 1, H, W] in (0, 1)
-            loss = bce_loss(pred.float(), labels)
+            try:
+                loss = bce_loss(pred.float(), labels)
+                problem = None
+            except NonFinite as err:
+                loss, problem = None, str(err)
             n = labels.shape[0]
-            batch_sum, batch_n = _all_reduce([loss.item() * n, float(n)], rt)
+            batch_sum, batch_n = _all_reduce(
+                [math.nan if loss is None else loss.item() * n, float(n)], rt)
             if not math.isfinite(batch_sum):
-                raise NonFiniteLoss(f"non-finite training loss ({batch_sum / batch_n}) at epoch"
-                                    f" {epoch + 1}, step {step + 1}", epoch, step)
+                raise NonFiniteLoss(f"{problem or 'non-finite training loss'}"
+                                    f" ({batch_sum / batch_n}) at epoch {epoch + 1}, step"
+                                    f" {step + 1}", epoch, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            # a float16 run's scaler skips steps with overflowing gradients by design; any other
+            # non-finite gradient stops the run before it reaches the weights
+            bad_grad = not scaler.is_enabled() and not finite(p.grad for p in model.parameters())
+            if _all_reduce([float(bad_grad)], rt)[0]:
+                raise NonFiniteLoss(f"non-finite gradient at epoch {epoch + 1}, step {step + 1}"
+                                    f" (loss {batch_sum / batch_n:.6g})", epoch, step)
             scaler.step(optimizer)
             scaler.update()
             step += 1
@@ -423,8 +467,8 @@ def open_inputs(cfg: TrainConfig, rt: Runtime) -> Inputs:
     checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
     if checkpoint is not None:
         check_resume(checkpoint, cfg.resume, cfg, version, cache_identity)
-        if (checkpoint["config"]["workers"], checkpoint["world_size"]) != (cfg.workers,
-                                                                          rt.world_size):
+        if cfg.order == "stream" and (checkpoint["config"]["workers"], checkpoint["world_size"]
+                                      ) != (cfg.workers, rt.world_size):
             log.warning("resuming with %d data workers x %d processes, the checkpoint had %d x %d:"
                         " the sample order changes, so the run will not repeat an uninterrupted"
                         " one exactly", cfg.workers, rt.world_size,
@@ -536,21 +580,17 @@ def fit(cfg: TrainConfig, rt: Runtime, state: State, loaders: dict[str, Any],
         records: Records) -> None:
     """The epochs from ``state.epoch`` to ``cfg.epochs``: train, validate, record. A diverging
     loss saves ``last-good.pt`` and raises NonFiniteLoss."""
-    train_set = loaders["train"].dataset
     load, warned = cpu.ThreadGovernor(interval_s=1.0), False
     for epoch in range(state.epoch, cfg.epochs):
-        train_set.set_epoch(epoch)
-        steps = None
-        if rt.distributed:   # DDP needs the same number of steps on every process
-            steps = min(train_set.batches_in_epoch(epoch, cfg.workers, r, rt.world_size)
-                        for r in range(rt.world_size))
-        total = train_set.samples_in_epoch(rt.rank, rt.world_size, epoch)
-        if steps is not None:
-            total = min(total, steps * cfg.batch_size)
+        steps, total = start_epoch(loaders["train"], epoch, cfg, rt)
         try:
             result = train_epoch(state.model, loaders["train"], steps, state.optimizer,
                                  state.scaler, rt, state.step, epoch, cfg.epochs, total, records.tb)
         except NonFiniteLoss as err:
+            if not state_is_finite(state.model, state.optimizer):
+                raise NonFiniteLoss(f"{err}; stopped, and the weights in memory are not finite,"
+                                    " so no last-good.pt was written (the last checkpoint is"
+                                    f" {records.run / 'last.pt'})", epoch, err.step) from None
             valid_loss = state.history[-1]["valid_loss"] if state.history else math.nan
             records.save("last-good.pt", state, epoch=epoch, step=err.step, valid_loss=valid_loss,
                          stopped={"reason": str(err), "epoch": epoch + 1, "step": err.step + 1})
@@ -577,6 +617,44 @@ def fit(cfg: TrainConfig, rt: Runtime, state: State, loaders: dict[str, Any],
         warned = warned or warn_if_crowded(load, records.threads)
         if rt.distributed:
             dist.barrier()
+
+
+def start_epoch(loader: torch.utils.data.DataLoader, epoch: int, cfg: TrainConfig,
+                rt: Runtime) -> tuple[int | None, int]:
+    """Make the training loader draw epoch ``epoch``; (the steps every process takes, None when
+    the loader gives every process as many; the samples this process reads)."""
+    if isinstance(loader.batch_sampler, EpochBatches):
+        loader.batch_sampler.set_epoch(epoch)
+        return None, loader.batch_sampler.per_rank
+    shards = loader.dataset
+    shards.set_epoch(epoch)
+    total = shards.samples_in_epoch(rt.rank, rt.world_size, epoch)
+    if not rt.distributed:
+        return None, total
+    # DDP needs the same number of steps on every process
+    steps = min(shards.batches_in_epoch(epoch, cfg.workers, r, rt.world_size)
+                for r in range(rt.world_size))
+    return steps, min(total, steps * cfg.batch_size)
+
+
+def training_loader(cfg: TrainConfig, rt: Runtime, inputs: Inputs) -> torch.utils.data.DataLoader:
+    """The training split's loader in the run's order: a permutation per epoch by random access
+    (embeddings preloaded), or streamed shards through a shuffle buffer."""
+    shards = split_shards(cfg.prepared, inputs.manifest, "train")
+    pin = rt.device.type == "cuda"
+    if cfg.order == "stream":
+        data = SaliencyShards(shards, split="train", train=True, seed=cfg.seed,
+                              batch_size=cfg.batch_size, size=cfg.size,
+                              shuffle_buffer=cfg.shuffle_buffer, cache_path=inputs.cache_path)
+        return make_loader(data, cfg.workers, pin, cfg.seed)
+    table = None
+    if inputs.cache_path is not None:
+        table = EmbeddingTable(inputs.cache_path, "train")
+        table.preload()
+    reader = SampleReader(shards, read_index(cfg.prepared, inputs.manifest, "train"))
+    batches = EpochBatches(len(reader), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+    samples = IndexedSamples(reader, seed=cfg.seed, size=cfg.size, table=table)
+    return make_indexed_loader(samples, batches, cfg.workers, pin, cfg.seed)
 
 
 def log_epoch(cfg: TrainConfig, row: dict[str, float]) -> None:
@@ -609,18 +687,17 @@ def _train(cfg: TrainConfig, rt: Runtime) -> Path:
                             f" {run / 'last.pt'} or another --out")
     threads = pin_threads(cfg, rt, inputs.checkpoint)
     state = build_state(cfg, rt, inputs.checkpoint)
-    loaders = {}
-    for split in ("train", "valid"):
-        data = SaliencyShards(split_shards(cfg.prepared, inputs.manifest, split), split=split,
-                              train=split == "train", seed=cfg.seed, batch_size=cfg.batch_size,
-                              size=cfg.size, shuffle_buffer=cfg.shuffle_buffer,
-                              cache_path=inputs.cache_path)
-        loaders[split] = make_loader(data, cfg.workers, rt.device.type == "cuda", cfg.seed)
+    valid = SaliencyShards(split_shards(cfg.prepared, inputs.manifest, "valid"), split="valid",
+                           train=False, seed=cfg.seed, batch_size=cfg.batch_size, size=cfg.size,
+                           cache_path=inputs.cache_path)
+    loaders = {"train": training_loader(cfg, rt, inputs),
+               "valid": make_loader(valid, cfg.workers, rt.device.type == "cuda", cfg.seed)}
     with Records(cfg, rt, run, inputs, threads, state.step) as records:
-        log.info("run %s: %s CLIP, %d process(es) on %s%s, autocast %s, epochs %d..%d", run,
-                 "cached" if cfg.cached_clip else "inline", rt.world_size, rt.device,
-                 f" ({threads} intra-op thread(s))" if threads else "", rt.autocast,
-                 state.epoch + 1, cfg.epochs)
+        log.info("run %s: %s CLIP, %s order, %d process(es) on %s%s, %s, epochs %d..%d", run,
+                 "cached" if cfg.cached_clip else "inline", cfg.order, rt.world_size, rt.device,
+                 f" ({threads} intra-op thread(s))" if threads else "",
+                 f"autocast {rt.autocast}" if rt.autocast else "float32", state.epoch + 1,
+                 cfg.epochs)
         if cfg.clip.random:
             log.warning("CLIP weights are random (--clip-pretrained none): %s", RANDOM_NOTE)
         fit(cfg, rt, state, loaders, records)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.manifest import read_manifest, version_id
-from pipeline.shards import decode_label_png, decode_npy, iter_tar
+from pipeline.shards import decode_label, decode_npy, iter_tar
 from tests._prepared import run_module
 
 VIDEOS, FRAMES = 3, 9          # video 3 is the test split: frames 6..9 listed
@@ -43,7 +43,7 @@ class InferenceData:
                 for sample in iter_tar(f):
                     out.append({"key": sample["__key__"],
                                 "name": json.loads(sample["json"])["name"],
-                                "label": decode_label_png(sample["saliency.png"]),
+                                "label": decode_label(sample, (64, 64)),
                                 "fixations": decode_npy(sample["fixations.npy"])})
         return out
 
@@ -145,7 +145,7 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
     from pipeline.fsio import Folder
     from pipeline.manifest import canonical_json, write_manifest
     from pipeline.matfile import write_fixdata
-    from pipeline.shards import encode_jpeg, encode_label_png, encode_npy, write_shard
+    from pipeline.shards import encode_npy, encode_png, write_shard
 
     rng = np.random.default_rng(11)
     folder = Folder(root)
@@ -159,27 +159,31 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
             for number in range(1, count + 1):
                 cy, cx = 24 + 3 * video + number, 20 + 5 * number + 2 * video
                 label = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 80.0)
-                points = np.zeros((0, 2), np.int32)
+                points = np.zeros((0, 2))
                 if not bdda:
                     centre = np.array([cy * 720 / SIZE[0], cx * 1280 / SIZE[1]])
                     points = np.clip(rng.normal(centre, 25, (12, 2)), 1,
-                                     [719, 1279]).astype(np.int32)
+                                     [719, 1279]).astype(np.int32).astype(np.float64)
                     cells.setdefault(video, {})[number] = np.column_stack(
                         [np.zeros((12, 2)), points[:, 1], points[:, 0]]).astype(np.float64)
                 key = f"v{video:04d}_f{number:06d}"
                 name = f"{video:04d}/{number:04d}.jpg" if bdda else \
                     f"{video:02d}/{number:06d}.jpg"
-                samples.append({
+                sample = {
                     "__key__": key,
-                    "jpg": encode_jpeg(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)),
-                    "saliency.png": encode_label_png(label),
+                    "png": encode_png(rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)),
                     "fixations.npy": encode_npy(points),
                     "json": canonical_json({"dataset": dataset, "split": split,
-                                            "video": video, "frame": number, "name": name})})
+                                            "video": video, "frame": number, "name": name,
+                                            "source_size": [720, 1280] if not bdda
+                                            else [576, 1024]})}
+                if bdda:
+                    sample["gaze.png"] = encode_png(np.round(label * 255).astype(np.uint8))
+                samples.append(sample)
         keys[split] = [s["__key__"] for s in samples]
         shard = write_shard(folder, f"{split}-000000.tar", samples).manifest_entry()
         entries[split] = {"samples": len(samples), "shards": [shard]}
-    manifest = {"format": "salmm-prepared", "format_version": 1, "dataset": dataset,
+    manifest = {"format": "salmm-prepared", "format_version": 2, "dataset": dataset,
                 "options": {"size": {"height": SIZE[0], "width": SIZE[1]}}, "splits": entries}
     write_manifest(folder, manifest)
     if fixdata is not None:

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.clip_cache import CacheWriter
 from pipeline.fsio import Folder
 from pipeline.manifest import canonical_json, read_manifest, version_id, write_manifest
-from pipeline.shards import encode_jpeg, encode_label_png, write_shard
+from pipeline.shards import encode_npy, encode_png, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DIM = 8
@@ -32,8 +32,8 @@ def sample_key(index: int) -> str:
 
 
 def make_sample(index: int, size: tuple[int, int]) -> dict[str, bytes]:
-    """Sample ``index``: a smooth frame whose left third is darker (so a flip shows) and a label
-    with one bright blob left of centre."""
+    """Sample ``index`` (BDDA-style: the label is a stored gaze map): a smooth frame whose left
+    third is darker (so a flip shows) and a label with one bright blob left of centre."""
     rng = np.random.default_rng(index)
     height, width = size
     coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
@@ -41,8 +41,10 @@ def make_sample(index: int, size: tuple[int, int]) -> dict[str, bytes]:
     frame[:, : width // 3] //= 2
     yy, xx = np.mgrid[0:height, 0:width]
     label = np.exp(-((yy - height / 2) ** 2 + (xx - width / 4 - index % 5) ** 2) / (width / 4) ** 2)
-    return {"__key__": sample_key(index), "jpg": encode_jpeg(frame),
-            "saliency.png": encode_label_png(label), "json": canonical_json({"index": index})}
+    return {"__key__": sample_key(index), "png": encode_png(frame),
+            "gaze.png": encode_png(np.round(label * 255).astype(np.uint8)),
+            "fixations.npy": encode_npy(np.zeros((0, 2))),
+            "json": canonical_json({"index": index})}
 
 
 def write_prepared(root: Path, counts: dict[str, list[int]], size: tuple[int, int] = (32, 32)
@@ -59,7 +61,7 @@ def write_prepared(root: Path, counts: dict[str, list[int]], size: tuple[int, in
             index += n
             entries.append(write_shard(folder, f"{split}-{i:06d}.tar", samples).manifest_entry())
         splits[split] = {"samples": sum(per_shard), "shards": entries}
-    write_manifest(folder, {"format": "salmm-prepared", "format_version": 1,
+    write_manifest(folder, {"format": "salmm-prepared", "format_version": 2,
                             "options": {"size": {"height": size[0], "width": size[1]}},
                             "splits": splits})
     return root

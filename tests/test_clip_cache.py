@@ -16,7 +16,7 @@ def _split(name: str, samples: int) -> dict:
                                             "sha256": "0" * 64}]}
 
 
-MANIFEST = {"format": "salmm-prepared", "format_version": 1, "dataset": "bdda",
+MANIFEST = {"format": "salmm-prepared", "format_version": 2, "dataset": "bdda",
             "options": {"size": {"height": 256, "width": 256}},
             "splits": {"train": _split("train", 5), "valid": _split("valid", 3)}}
 OTHER_MANIFEST = {**MANIFEST, "dataset": "trafficgaze"}

@@ -22,7 +22,9 @@ import torch
 from pipeline.errors import BadInputError
 from pipeline.readers import fixation_points
 from salmm import matlab_export
-from salmm.evaluate import EvalOptions, evaluate, main, matlab_fixations
+from pipeline.labels import matlab_points
+from pipeline.shards import decode_npy, encode_npy
+from salmm.evaluate import EvalOptions, evaluate, main
 from salmm.inference import FROM_CHECKPOINT, resolve_clip
 from salmm.metrics import METRIC_ORDER, fixation_map
 from tests._inference_data import (
@@ -287,17 +289,18 @@ def test_command_reports_one_line_and_exit_code_2(data: InferenceData, tmp_path:
 def test_fixation_points_follow_the_official_matlab_loop():
     """Raw fixdata values (1-based, as recorded) -> reader -> shard -> the map MATLAB builds
     with ``fix_map(x, y) = 1`` for ``0 < x < 721``, ``0 < y < 1281``."""
-    raw_rows = np.array([1, 2, 360, 719, 5, 0])
-    raw_cols = np.array([1, 640, 1279, 3, 0, 9])
-    cell = np.stack([np.zeros(6), np.zeros(6), raw_cols, raw_rows], axis=1).astype(float)
+    raw_rows = np.array([1, 2, 360, 719, 5, 0, 720, 721])
+    raw_cols = np.array([1, 640, 1279, 3, 0, 9, 1280, 5])
+    cell = np.stack([np.zeros(8), np.zeros(8), raw_cols, raw_rows], axis=1).astype(float)
     points, _ = fixation_points(cell)
-    ours = fixation_map(matlab_fixations(points))
+    stored = decode_npy(encode_npy(points))                  # what the shard holds
+    ours = fixation_map(matlab_points(stored))
     matlab = np.zeros((720, 1280))
     for x, y in zip(raw_rows, raw_cols):                    # the loop, 1-based
         if 0 < x < 721 and 0 < y < 1281:
             matlab[x - 1, y - 1] = 1
     np.testing.assert_array_equal(ours, matlab)
-    assert ours.sum() == 4
+    assert ours.sum() == 5 and ours[719, 1279] == 1         # row 720, column 1280 count here
 
 
 def test_bdda_reports_cc_sim_kld_only(data: InferenceData, tmp_path: Path):

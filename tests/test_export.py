@@ -135,7 +135,7 @@ def test_export_writes_both_graphs_and_describes_them(data: InferenceData, expor
 def test_deployment_refuses_an_export_of_something_else(data: InferenceData, exported: Path,
                                                         tmp_path: Path):
     loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
-    assert checked_export(exported, loaded, (64, 64))["format_version"] == 1
+    assert checked_export(exported, loaded, (64, 64))["format_version"] == 2
     with pytest.raises(BadInputError, match="graphs for 64x64 frames, not 96x64"):
         checked_export(exported, loaded, (64, 96))
     official = load_model(str(data.official), inline_clip=False, given_clip={}, device="cpu")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import imageio
 import numpy as np
 import pytest
 from conftest import _tiny_jpeg, write_tiny_dataset
@@ -17,11 +19,11 @@ from PIL import Image
 
 from pipeline.datasets import read_frames
 from pipeline.errors import BadInputError
-from pipeline.images import decode_gray, decode_rgb
-from pipeline.labels import fixation_label_reference, gaze_map_label
+from pipeline.images import decode_gray
+from pipeline.labels import fixation_label_reference, gaze_map_label, loader_points
 from pipeline.manifest import INPUTS, MANIFEST, RUN, read_manifest, shard_urls, version_id
 from pipeline.normalize import normalize
-from pipeline.shards import decode_label_png, decode_npy, iter_tar
+from pipeline.shards import decode_label, decode_npy, iter_tar
 from pipeline.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,13 +77,15 @@ def test_one_and_two_worker_processes_give_identical_bytes(tg_root, tmp_path):
                     progress=False)
     assert one["version_id"] == two["version_id"]
     first, second = outputs(tmp_path / "one"), outputs(tmp_path / "two")
-    assert list(first) == [INPUTS, MANIFEST, "train-000000.tar", "train-000001.tar",
-                           "valid-000000.tar", "valid-000001.tar"]  # test split: empty
+    assert list(first) == [INPUTS, MANIFEST, "test-index.npy", "train-000000.tar",
+                           "train-000001.tar", "train-index.npy", "valid-000000.tar",
+                           "valid-000001.tar", "valid-index.npy"]  # test split: empty
     assert first == second
     assert not (tmp_path / "one" / ".progress").exists()
 
 
-def test_samples_hold_the_published_frame_label_and_fixations(tg_root, tmp_path, cluster):
+def test_samples_hold_the_loaders_exact_frame_the_recorded_fixations_and_its_label(
+        tg_root, tmp_path, cluster):
     result = run(tg_root, tmp_path, cluster)
     manifest = read_manifest(str(tmp_path))
     assert result["version_id"] == manifest["version_id"] == version_id(manifest)
@@ -94,19 +98,23 @@ def test_samples_hold_the_published_frame_label_and_fixations(tg_root, tmp_path,
         with open(url, "rb") as f:
             samples.extend(iter_tar(f))
     assert [s["__key__"] for s in samples] == [f"v0001_f{i:06d}" for i in range(1, 7)]
+    cells = _cells(1)
     for frame, sample in zip(frames, samples):
-        assert set(sample) == {"__key__", "jpg", "saliency.png", "fixations.npy", "json"}
-        with Image.open(io.BytesIO(sample["jpg"])) as im:
+        assert set(sample) == {"__key__", "png", "fixations.npy", "json"}
+        with Image.open(io.BytesIO(sample["png"])) as im:
             assert im.size == (256, 256) and im.mode == "RGB"
-            jpg = np.asarray(im).astype(int)
-        import cv2
-        want = cv2.resize(decode_rgb(frame.image_path), (256, 256), interpolation=cv2.INTER_CUBIC)
-        assert np.abs(jpg - want).mean() < 3  # q95 JPEG of the loader's resized frame
-        label = decode_label_png(sample["saliency.png"])
-        reference = fixation_label_reference(frame.fixations)
-        assert np.abs(label - reference).max() < 1e-4
-        points = decode_npy(sample["fixations.npy"])
-        assert points.dtype == np.int32 and np.array_equal(points, frame.fixations)
+            stored = np.asarray(im)
+        # the authors' loader: cv2.resize(imageio.imread(frame), (256, 256), INTER_CUBIC)
+        want = cv2.resize(imageio.v2.imread(frame.image_path), (256, 256),
+                          interpolation=cv2.INTER_CUBIC)
+        np.testing.assert_array_equal(stored, want)
+        points = decode_npy(sample["fixations.npy"])           # every point, as recorded
+        cell = cells[frame.frame - 1]
+        assert points.dtype == np.float64
+        np.testing.assert_array_equal(points, cell[:, [3, 2]])
+        reference = fixation_label_reference(loader_points(points))
+        assert np.abs(decode_label({**sample, "__url__": "x"}, (256, 256)) - reference).max() \
+            < 1e-6
         meta = json.loads(sample["json"])
         assert meta == {"dataset": "trafficgaze", "split": "train", "video": 1,
                         "frame": frame.frame, "name": frame.name, "source_size": [720, 1280],
@@ -127,6 +135,10 @@ def test_one_changed_frame_or_option_changes_the_version(tmp_path, cluster):
     base = run(root, tmp_path / "a", cluster)["version_id"]
     assert run(root, tmp_path / "b", cluster, size="128x128")["version_id"] != base
     assert run(root, tmp_path / "c", cluster, decode="fast")["version_id"] != base
+    lossy = run(root, tmp_path / "e", cluster, frame_codec="jpeg95")["version_id"]
+    assert lossy != base
+    with open(tmp_path / "e" / "valid-000000.tar", "rb") as f:
+        assert "jpg" in next(iter_tar(f))
     frame = root / "trafficframe/02/000003.jpg"
     pixels = np.asarray(Image.open(frame)).copy()
     pixels[0, 0] ^= 1
@@ -147,7 +159,8 @@ def test_bdda_samples_use_the_gaze_map(tmp_path, cluster):
         (sample,) = list(iter_tar(f))
     assert sample["__key__"] == "v0003_f000005"
     gray = decode_gray(root / "gazemap_frames/0003/0005.jpg")
-    assert np.abs(decode_label_png(sample["saliency.png"]) - gaze_map_label(gray)).max() < 1e-4
+    label = decode_label({**sample, "__url__": "x"}, (256, 256))
+    np.testing.assert_array_equal(label, gaze_map_label(gray))            # exactly
     assert decode_npy(sample["fixations.npy"]).shape == (0, 2)
     assert json.loads(sample["json"])["files"]["gaze_map"] == "gazemap_frames/0003/0005.jpg"
 

@@ -11,15 +11,20 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.manifest import canonical_json
+from pipeline.labels import fixation_label, loader_points
+from pipeline.shard_index import SampleReader, build_index, scan_shard
 from pipeline.shards import (
     TAR_MTIME,
-    decode_label_png,
+    Shard,
+    decode_frame,
+    decode_label,
     decode_npy,
     encode_jpeg,
-    encode_label_png,
     encode_npy,
+    encode_sample,
     iter_tar,
     shard_name,
     write_shard,
@@ -31,28 +36,32 @@ def _samples(n: int = 3) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
-        label = rng.random((16, 24)).astype(np.float32)
-        out.append({
-            "__key__": f"v0001_f{i + 1:06d}",
-            "json": canonical_json({"frame": i + 1}),
-            "jpg": encode_jpeg(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)),
-            "saliency.png": encode_label_png(label),
-            "fixations.npy": encode_npy(np.array([[i, 2 * i]], dtype=np.int32)),
-        })
+        out.append(encode_sample(
+            f"v0001_f{i + 1:06d}", rng.integers(0, 256, (16, 24, 3), dtype=np.uint8),
+            np.array([[i + 0.5, 2 * i], [800.0, -3.0]]), {"frame": i + 1, "source_size": [720,
+                                                                                       1280]}))
     return out
 
 
-def test_label_png_is_16_bit_and_within_1e4():
+def test_frames_are_stored_losslessly_and_labels_come_from_the_recorded_points():
     rng = np.random.default_rng(1)
-    label = rng.random((32, 40)).astype(np.float32)
-    label[0, 0], label[0, 1] = 0.0, 1.0
-    data = encode_label_png(label)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.format == "PNG" and im.mode == "I;16" and im.size == (40, 32)
-    back = decode_label_png(data)
-    assert back.dtype == np.float32 and back.shape == label.shape
-    assert np.abs(back - label).max() <= 0.5 / 65535 + 1e-7
-    assert back[0, 0] == 0.0 and back[0, 1] == 1.0
+    frame = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    points = np.array([[100.7, 200.2], [719.9, 1279.5], [720.0, 5.0], [-0.5, 3.0]])
+    sample = {**encode_sample("v0001_f000001", frame, points, {"source_size": [720, 1280]}),
+              "__url__": "s"}
+    assert set(sample) == {"__key__", "png", "fixations.npy", "json", "__url__"}
+    np.testing.assert_array_equal(decode_frame(sample, (32, 40)), frame)       # lossless
+    np.testing.assert_array_equal(decode_npy(sample["fixations.npy"]), points)  # as recorded
+    # the loader truncates toward zero and keeps rows 0..719, columns 0..1279
+    assert loader_points(points).tolist() == [[100, 200], [719, 1279], [0, 3]]
+    np.testing.assert_array_equal(decode_label(sample, (32, 40)),
+                                  fixation_label(loader_points(points), (32, 40)))
+    gaze = rng.integers(0, 256, (32, 40), dtype=np.uint8)
+    bdda = {**encode_sample("v0001_f000002", frame, np.zeros((0, 2)), {}, gaze=gaze),
+            "__url__": "s"}
+    np.testing.assert_array_equal(decode_label(bdda, (32, 40)), gaze.astype(np.float32) / 255)
+    lossy = encode_sample("v0001_f000003", frame, points, {}, codec="jpeg95")
+    assert "jpg" in lossy and "png" not in lossy
 
 
 def test_jpeg_is_444_quality_95_and_stable():
@@ -66,10 +75,10 @@ def test_jpeg_is_444_quality_95_and_stable():
         encode_jpeg(rgb[..., 0])
 
 
-def test_npy_round_trip_keeps_int32_shape():
-    points = np.array([[1, 2], [3, 4]], dtype=np.int32)
+def test_npy_round_trip_keeps_dtype_and_shape():
+    points = np.array([[1.25, 2], [3, 4]])
     back = decode_npy(encode_npy(points))
-    assert back.dtype == np.int32 and np.array_equal(back, points)
+    assert back.dtype == np.float64 and np.array_equal(back, points)
     empty = decode_npy(encode_npy(np.zeros((0, 2), np.int32)))
     assert empty.shape == (0, 2)
 
@@ -82,9 +91,9 @@ def test_tar_is_deterministic_with_fixed_headers_and_sorted_members():
     first.seek(0)
     with tarfile.open(fileobj=first) as tar:
         members = tar.getmembers()
-    assert [m.name for m in members[:5]] == [
-        "v0001_f000001.fixations.npy", "v0001_f000001.jpg", "v0001_f000001.json",
-        "v0001_f000001.saliency.png", "v0001_f000002.fixations.npy"]
+    assert [m.name for m in members[:4]] == [
+        "v0001_f000001.fixations.npy", "v0001_f000001.json", "v0001_f000001.png",
+        "v0001_f000002.fixations.npy"]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
         (TAR_MTIME, 0, 0, "", "", 0o444)}
 
@@ -105,12 +114,40 @@ def test_iter_tar_and_webdataset_read_what_was_written(tmp_path):
     assert info.size == path.stat().st_size
     with open(path, "rb") as f:
         assert list(iter_tar(f)) == samples
-    dataset = wds.WebDataset(str(path), shardshuffle=False).decode(
-        wds.handle_extension("saliency.png", decode_label_png), "rgb8")
+    dataset = wds.WebDataset(str(path), shardshuffle=False).decode("rgb8")
     got = list(dataset)
     assert [s["__key__"] for s in got] == [s["__key__"] for s in samples]
-    assert got[0]["jpg"].shape == (16, 24, 3) and got[0]["saliency.png"].dtype == np.float32
-    assert np.array_equal(got[2]["fixations.npy"], [[2, 4]])
+    assert got[0]["png"].shape == (16, 24, 3)
+    assert np.array_equal(got[2]["fixations.npy"], [[2.5, 4], [800, -3]])
+
+
+def test_index_gives_random_access_to_the_exact_bytes_and_refuses_a_changed_span(tmp_path):
+    folder = Folder(tmp_path)
+    shards, first = [], 0
+    for i, n in enumerate((3, 2)):
+        info = write_shard(folder, shard_name("train", i), _samples(n))
+        shards.append(Shard(info.url, info.samples, info.sha256, first))
+        first += n
+    index = build_index(shards)
+    assert index["shard"].tolist() == [0, 0, 0, 1, 1]
+    assert (index["offset"][:3] % 512 == 0).all()
+    reader = SampleReader(shards, index)
+    streamed = [s for shard in shards for s in iter_tar(open(shard.url, "rb"))]
+    for row in (4, 0, 2, 3, 1):                                     # any order
+        got = reader.read(row)
+        assert got["__index__"] == row
+        assert {k: v for k, v in got.items() if not k.startswith("__")} == \
+            {k: v for k, v in streamed[row].items() if k != "__key__"}
+    reader.close()
+    # one flipped byte inside sample 1's span
+    path = tmp_path / "train-000000.tar"
+    data = bytearray(path.read_bytes())
+    data[int(index["offset"][1]) + 600] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match="differs from the index's sha256"):
+        SampleReader(shards, index).read(1)
+    with pytest.raises(BadInputError, match="differs from the manifest's sha256"):
+        scan_shard(shards[0], 0)
 
 
 def test_write_shard_leaves_nothing_when_the_samples_fail(tmp_path):

@@ -296,15 +296,59 @@ def test_torchrun_two_processes_on_cpu_split_shards_by_rank(prepared, tmp_path):
 # ---- pieces -----------------------------------------------------------------------------------
 
 
-def test_bce_matches_torch_and_reports_nan_instead_of_raising():
+def test_bce_is_torch_bce_loss_forward_and_backward_even_at_saturation():
     torch.manual_seed(0)
-    pred = torch.rand(2, 1, 8, 8) * 0.98 + 0.01
-    pred[0, 0, 0, 0], pred[0, 0, 0, 1] = 0.0, 1.0                  # exercise the log clamp
+    logits = torch.randn(2, 1, 8, 8) * 3
+    logits[0, 0, 0, :4] = torch.tensor([20.0, 40.0, -120.0, -20.0])  # sigmoid: exactly 1.0 / 0.0
     target = torch.rand(2, 1, 8, 8)
-    torch.testing.assert_close(train.bce_loss(pred, target),
-                               torch.nn.BCELoss()(pred, target), rtol=1e-6, atol=1e-7)
-    pred[1, 0, 3, 3] = float("nan")
-    assert torch.isnan(train.bce_loss(pred, target))
+    grads = []
+    for loss_fn in (train.bce_loss, torch.nn.BCELoss()):
+        x = logits.clone().requires_grad_()
+        pred = torch.sigmoid(x)
+        loss = loss_fn(pred, target)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    assert torch.sigmoid(logits)[0, 0, 0, :2].eq(1.0).all()       # saturated in float32
+    (ours, ours_grad), (theirs, theirs_grad) = grads
+    assert torch.equal(ours, theirs) and torch.equal(ours_grad, theirs_grad)
+    assert torch.isfinite(ours_grad).all()
+    nan_pred = torch.sigmoid(logits)
+    nan_pred[1, 0, 3, 3] = float("nan")
+    with pytest.raises(train.NonFinite, match="non-finite prediction"):
+        train.bce_loss(nan_pred, target)
+
+
+def test_non_finite_gradient_stops_before_the_step_with_a_finite_last_good_state(
+        prepared, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.bce_loss
+
+    def loss_with_nan_gradient(pred, target):
+        calls["n"] += 1
+        value = real(pred, target)
+        if calls["n"] == 2:      # finite forward (0), NaN backward: 0 * clamp'(log(0)) * 1/0
+            value = value + (torch.log(pred * 0).clamp_min(-100) * 0).sum()
+        return value
+
+    monkeypatch.setattr(train, "bce_loss", loss_with_nan_gradient)
+    out = tmp_path / "run"
+    assert train.main(args(prepared, out, "--workers", "0", epochs=1)) == 3
+    good = load_checkpoint(out / "last-good.pt")
+    assert "non-finite gradient" in good["stopped"]["reason"]
+    assert good["step"] == 1 and good["stopped"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
+    moments = [v for s in good["optim_dict"]["state"].values() for v in s.values()
+               if torch.is_tensor(v) and v.is_floating_point()]
+    assert moments and all(torch.isfinite(v).all() for v in moments)
+
+
+def test_a_state_with_a_non_finite_tensor_is_not_good():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    assert train.state_is_finite(model, optimizer)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    assert not train.state_is_finite(model, optimizer)
 
 
 def test_defaults_follow_the_published_recipe():
@@ -313,6 +357,7 @@ def test_defaults_follow_the_published_recipe():
         1e-3, 1e-4, 32, (256, 256), 42, 100)
     assert (cfg.cached_clip, cfg.clip_model, cfg.clip_pretrained, cfg.profile) == (
         False, "ViT-B-32", "openai", "salmm")
+    assert (cfg.amp, cfg.threads, train.DEFAULT_TRAIN_THREADS) == ("off", None, 1)  # float32
     assert parse_args(["--prepared", "p", "--size", "128x64"]).size == (64, 128)
     assert TrainConfig.from_dict(cfg.as_dict()) == cfg
     with pytest.raises(SystemExit):

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from pipeline.datasets import DATASETS
+from pipeline.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
 from pipeline.normalize.job import normalize
 from pipeline.normalize.settings import (
     DECODES,
@@ -34,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how frames and gaze maps are decoded: faithful, in full as the"
                              " published loader (default); fast, reduced-scale JPEG decoding"
                              " (recorded, changes the version); --profile is its older name")
+    parser.add_argument("--frame-codec", choices=sorted(FRAME_CODECS),
+                        default=DEFAULT_FRAME_CODEC,
+                        help="how frames are stored: png, lossless, exactly the published"
+                             " loader's pixels (default); jpeg95, about 4x smaller, a few grey"
+                             " levels off (recorded, changes the version)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int,
                        help="local Dask worker processes (default: one per usable core)")
@@ -50,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``python -m pipeline normalize``: exit code (the version id is logged at the end)."""
     try:
-        options = Options(parse_size(args.size), args.shard_size, args.decode)
+        options = Options(parse_size(args.size), args.shard_size, args.decode,
+                          args.frame_codec)
         if args.workers is not None and args.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
         if not 0 <= args.max_bad_fraction <= 1:
@@ -59,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("normalize: %s", err)
         return 2
     normalize(args.dataset, args.root, args.out, size=options.size,
-              shard_size=options.shard_size, decode=options.decode, workers=args.workers,
+              shard_size=options.shard_size, decode=options.decode,
+              frame_codec=options.frame_codec, workers=args.workers,
               dask_address=args.dask_address, skip_bad=args.skip_bad,
               max_bad_fraction=args.max_bad_fraction, overwrite=args.overwrite)
     return 0

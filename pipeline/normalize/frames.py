@@ -83,7 +83,8 @@ def decode_raw(frame: Frame, options: Options, raw: dict[Path, bytes],
 
 
 def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
-    """All per-frame work for one frame: read (once), fingerprint, decode, resize, label, encode.
+    """All per-frame work for one frame: read (once), fingerprint, decode, resize, encode (the
+    frame, the resized gaze map of BDDA, the fixations as recorded).
 
     Returns the sample (:func:`pipeline.shards.encode_sample`); raises BadInputError for a
     missing, corrupt or wrongly sized file.
@@ -91,14 +92,13 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
     raw = {path: images.read_image_bytes(path) for path in raw_files(frame)}
     rgb, gray = decode_raw(frame, options, raw)
     small = images.resize_frame(rgb, options.size)
+    gaze = None
     if gray is None:
-        label = labels.fixation_label(frame.fixations, size=options.size,
-                                      source_size=frame.source_size)
         files = {"image": relative_to(frame.image_path, root),
                  "fixdata": relative_to(dataset_entry(frame.dataset).fixdata_file(
                      root, frame.video), root)}
     else:
-        label = labels.gaze_map_label(gray, size=options.size)
+        gaze = labels.gaze_map_resized(gray, size=options.size)
         files = {"image": relative_to(frame.image_path, root),
                  "gaze_map": relative_to(frame.gaze_map_path, root)}
     inputs = [(relative_to(path, root), len(data), hashlib.sha256(data).hexdigest())
@@ -109,8 +109,8 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
         "source_size": list(frame.source_size), "image_size": list(rgb.shape[:2]),
         "files": files,
     }
-    sample = encode_sample(sample_key(frame.video, frame.frame), small, label, frame.fixations,
-                           meta)
+    sample = encode_sample(sample_key(frame.video, frame.frame), small, frame.fixations, meta,
+                           gaze=gaze, codec=options.frame_codec)
     return Prepared(sample, inputs)
 
 

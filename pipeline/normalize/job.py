@@ -60,8 +60,9 @@ from pipeline.normalize.settings import (
 )
 from pipeline.progress import progress as progress_bar
 from pipeline.readers import Frame
-from pipeline.shards import SHARD_NAME, shard_name, write_shard
-from pipeline.splits import split_path
+from pipeline.shard_index import build_index, write_index
+from pipeline.shards import DEFAULT_FRAME_CODEC, SHARD_NAME, shard_name, split_shards, write_shard
+from pipeline.splits import SPLITS, split_path
 
 log = logging.getLogger("pipeline.normalize")
 
@@ -106,6 +107,7 @@ def normalize(
     size: str | tuple[int, int] = DEFAULT_SIZE,
     shard_size: int = DEFAULT_SHARD_SIZE,
     decode: str = "faithful",
+    frame_codec: str = DEFAULT_FRAME_CODEC,
     workers: int | None = None,
     dask_address: str | None = None,
     skip_bad: bool = False,
@@ -119,7 +121,8 @@ def normalize(
         dataset: one of ``DATASETS``; root: the raw dataset root (local folder).
         out: the prepared folder, a local path or any fsspec URL (``memory://``, ``s3://``...).
         size: prepared frame size "WIDTHxHEIGHT" (or a (height, width) tuple).
-        shard_size: split entries per shard. decode: "faithful" or "fast" (see ``Options``).
+        shard_size: split entries per shard. decode: "faithful" or "fast"; frame_codec: "png"
+            or "jpeg95" (see ``Options``).
         workers / dask_address: local cluster size, or an existing Dask scheduler.
         skip_bad: skip-and-report bad frames instead of failing on the first one;
         max_bad_fraction: even so, fail if more than this fraction of entries is bad.
@@ -136,7 +139,7 @@ def normalize(
     dataset_entry(dataset)                  # ValueError for an unknown one
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-    options = Options(parse_size(size), shard_size, decode)
+    options = Options(parse_size(size), shard_size, decode, frame_codec)
     root = Path(root).resolve()
     check_layout(dataset, root)
     folder = Folder(out)
@@ -168,6 +171,9 @@ def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, 
             raise
         finally:
             run.bar.close()
+    for split, entry in splits.items():
+        entry["index"] = write_index(folder, split, build_index(
+            split_shards(folder.root, {"splits": splits}, split)))
     manifest = {**header, "splits": splits, "absent_splits": absent}
     manifest["inputs"] = {**header["inputs"], "files": run.inputs.entry()}
     vid = version_id(manifest)
@@ -264,7 +270,7 @@ def _prepare_output(folder: Folder, header: dict[str, Any], overwrite: bool) -> 
 
 def _clear(folder: Folder) -> None:
     """Delete the prepared-output files in ``folder`` (and nothing else)."""
-    ours = re.compile(rf"{MANIFEST}.*|{INPUTS}.*|{RUN}.*")
+    ours = re.compile(rf"{MANIFEST}.*|{INPUTS}.*|{RUN}.*|({'|'.join(SPLITS)})-index\.npy.*")
     for name in folder.listdir():
         if ours.fullmatch(name) or SHARD_NAME.match(name):
             folder.remove(name)

@@ -13,7 +13,7 @@ import numpy as np
 import PIL
 from PIL import features
 
-from pipeline.shards import JPEG_OPTIONS, PNG_OPTIONS
+from pipeline.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS, JPEG_OPTIONS, PNG_OPTIONS
 
 DECODES = ("faithful", "fast")
 """How camera frames and gaze maps are decoded (``--profile``; see :class:`Options`)."""
@@ -27,6 +27,9 @@ class Options:
     """Everything the prepared bytes depend on (all of it goes into the manifest).
 
     ``size``: (height, width) of the prepared frame and label, pixels.
+    ``frame_codec``: how frames are stored: "png" (default), losslessly, the exact array the
+    published loader feeds the network; "jpeg95", JPEG quality 95, about 4x smaller and a few
+    grey levels off (the model is sensitive to that: data/README.md has the numbers).
     ``shard_size``: split entries per shard (a shard holds fewer samples if frames are skipped).
     ``decode``: "faithful" decodes the full frame as the published loader does; "fast" lets the
     JPEG decoder downscale by a power of two (DCT scaling, Pillow draft mode) to no less than
@@ -36,6 +39,7 @@ class Options:
     size: tuple[int, int] = (256, 256)
     shard_size: int = DEFAULT_SHARD_SIZE
     decode: str = "faithful"
+    frame_codec: str = DEFAULT_FRAME_CODEC
 
     def __post_init__(self) -> None:
         if min(self.size) < 1:
@@ -44,6 +48,9 @@ class Options:
             raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if self.frame_codec not in FRAME_CODECS:
+            raise ValueError(f"frame codec must be one of {sorted(FRAME_CODECS)}, got"
+                             f" {self.frame_codec!r}")
 
     def manifest_entry(self) -> dict[str, Any]:
         height, width = self.size
@@ -52,11 +59,14 @@ class Options:
             "shard_size": self.shard_size,
             "profile": self.decode,      # the manifest's name for it, since format 1
             "resize": "cv2.resize INTER_CUBIC on uint8 RGB",
-            "jpeg": {"encoder": "pillow", **JPEG_OPTIONS, "subsampling": "4:4:4"},
+            "frame": ({"codec": "png", "encoder": "pillow", **PNG_OPTIONS}
+                      if self.frame_codec == "png" else
+                      {"codec": "jpeg95", "encoder": "pillow", **JPEG_OPTIONS,
+                       "subsampling": "4:4:4"}),
             "label": {
-                "png": {"encoder": "pillow", "bit_depth": 16, "scale": 65535, **PNG_OPTIONS},
-                "fixations": "pipeline.labels.fixation_label",
-                "gaze_map": "pipeline.labels.gaze_map_label",
+                "fixations": "float64 as recorded; label = pipeline.labels.fixation_label of"
+                             " loader_points, computed when read",
+                "gaze_map": "pipeline.labels.gaze_map_resized, 8-bit PNG; label = value / 255",
             },
             "key": "v{video:04d}_f{frame:06d}",
         }
