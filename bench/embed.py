@@ -37,7 +37,7 @@ from pipeline.cpu import usable_cores
 from pipeline.embed import Compute, embed_prepared
 from pipeline.fsio import Folder
 from pipeline.manifest import canonical_json, write_manifest
-from pipeline.shards import encode_jpeg, write_shard
+from pipeline.shards import encode_png, write_shard
 
 log = logging.getLogger("bench.embed")
 
@@ -57,11 +57,11 @@ def synthetic_prepared(root: Path, samples: int, shard_size: int = 32, size: int
                 mode="bilinear")[0].permute(1, 2, 0).numpy()
             noisy = frame + rng.normal(0, 6, frame.shape)
             batch.append({"__key__": f"v{i:05d}_f000001",
-                          "jpg": encode_jpeg(np.clip(noisy, 0, 255).astype(np.uint8)),
+                          "png": encode_png(np.clip(noisy, 0, 255).astype(np.uint8)),
                           "json": canonical_json({"i": i})})
         name = f"train-{first // shard_size:06d}.tar"
         entries.append(write_shard(folder, name, batch).manifest_entry())
-    write_manifest(folder, {"format": "salmm-prepared", "format_version": 1,
+    write_manifest(folder, {"format": "salmm-prepared", "format_version": 2,
                             "options": {"size": {"height": size, "width": size}},
                             "splits": {"train": {"samples": samples, "shards": entries}}})
     return root

@@ -37,7 +37,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import importlib
-import io
 import logging
 import statistics
 import tempfile
@@ -47,7 +46,6 @@ from pathlib import Path
 import cv2
 import imageio.v2 as imageio
 import numpy as np
-from PIL import Image
 
 from pipeline import labels, synth
 from pipeline.dask_cluster import dask_client
@@ -56,7 +54,7 @@ from pipeline.matfile import load_fixdata, write_fixdata
 from pipeline.normalize import Options, normalize
 from pipeline.normalize.frames import prepare_frame
 from pipeline.readers import fixation_points
-from pipeline.shards import decode_label_png, encode_jpeg, encode_label_png
+from pipeline.shards import decode_frame, decode_label, encode_png
 
 log = logging.getLogger("bench.prepare")
 SIZE = (256, 256)
@@ -69,7 +67,7 @@ def loader_trafficgaze(frame) -> tuple[np.ndarray, np.ndarray]:
     image = cv2.resize(image, SIZE[::-1], interpolation=cv2.INTER_CUBIC)
     cells = load_fixdata(frame.image_path.parents[2] / "fixdata" / f"fixdata{frame.video}.mat")
     points, _ = fixation_points(cells[frame.frame - 1])
-    return image, labels.fixation_label_reference(points, SIZE)
+    return image, labels.fixation_label_reference(labels.loader_points(points), SIZE)
 
 
 def loader_bdda(frame) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +80,10 @@ def loader_bdda(frame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def straightforward(loader):
-    """The straightforward per-frame normalize: the loader's work, then the same encoders."""
-    def work(frame) -> tuple[bytes, bytes]:
+    """The straightforward per-frame normalize: the loader's work, then the same frame encoder."""
+    def work(frame) -> tuple[bytes, np.ndarray]:
         image, label = loader(frame)
-        return encode_jpeg(image), encode_label_png(label)
+        return encode_png(image), label
     return work
 
 
@@ -108,27 +106,21 @@ def frames_per_s(works: dict, items: dict, repeats: int) -> dict[str, float]:
 
 def read_prepared(sample) -> tuple[np.ndarray, np.ndarray]:
     """What training does per sample once the data is prepared: decode the 256x256 frame and
-    the 16-bit label."""
-    with Image.open(io.BytesIO(sample["jpg"])) as image:
-        rgb = np.asarray(image).astype(np.float32) / 255
-    return rgb, decode_label_png(sample["saliency.png"])
+    make its label."""
+    return decode_frame(sample, SIZE).astype(np.float32) / 255, decode_label(sample, SIZE)
 
 
 def pixel_error(frames, root: Path) -> dict[str, tuple[float, float]]:
-    """Mean / max |fast - faithful| in grey levels of the prepared jpg (and saliency) fields."""
-    errors: dict[str, list[np.ndarray]] = {"jpg": [], "saliency.png": []}
+    """Mean / max |fast - faithful| in grey levels of the prepared frames (and labels)."""
+    errors: dict[str, list[np.ndarray]] = {"frame": [], "label": []}
     for frame in frames:
         faithful = prepare_frame(frame, root, Options(SIZE)).sample
         fast = prepare_frame(frame, root, Options(SIZE, decode="fast")).sample
-        errors["jpg"].append(np.abs(_jpg(faithful) - _jpg(fast)))
-        errors["saliency.png"].append(
-            np.abs(decode_label_png(faithful["saliency.png"])
-                   - decode_label_png(fast["saliency.png"])) * 255)
+        errors["frame"].append(np.abs(decode_frame(faithful, SIZE).astype(np.float64)
+                                      - decode_frame(fast, SIZE)))
+        errors["label"].append(np.abs(decode_label(faithful, SIZE)
+                                      - decode_label(fast, SIZE)) * 255)
     return {k: (float(np.mean(v)), float(np.max(v))) for k, v in errors.items()}
-
-
-def _jpg(sample) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR).astype(np.float64)
 
 
 def pad_fixdata(root: Path, cells: int) -> None:
@@ -158,9 +150,9 @@ def bench_dataset(dataset: str, root: Path, args: argparse.Namespace) -> None:
     log.info("  normalize (faithful)                     %7.1f frames/s   %5.1fx", rate["faithful"],
              rate["faithful"] / rate["baseline"])
     log.info("  normalize --profile fast                 %7.1f frames/s   %5.1fx   vs faithful:"
-             " jpg mean %.2f max %.0f grey levels; label mean %.3f max %.2f (x255)",
-             rate["fast"], rate["fast"] / rate["baseline"], *error["jpg"],
-             *error["saliency.png"])
+             " frame mean %.2f max %.0f grey levels; label mean %.3f max %.2f (x255)",
+             rate["fast"], rate["fast"] / rate["baseline"], *error["frame"],
+             *error["label"])
     log.info("  later epochs: decode a prepared sample   %7.1f frames/s   (%.1fx the loader)",
              rate["read"], rate["read"] / rate["loader"])
 

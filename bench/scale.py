@@ -268,7 +268,8 @@ def cached_prepared(work: Path, samples: int, shard_size: int = 1000) -> tuple[P
     base = [encode_sample(sample_key(1, i + 1),
                           np.kron(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
                                   np.ones((32, 32, 1), np.uint8)),
-                          rng.random((256, 256)), np.zeros((0, 2)), {"i": i})
+                          np.zeros((0, 2)), {"i": i},
+                          gaze=rng.integers(0, 256, (256, 256), dtype=np.uint8))
             for i in range(shard_size)]
     first = write_shard(folder, "train-000000.tar", base)
     shards = [first.manifest_entry()]
@@ -281,7 +282,7 @@ def cached_prepared(work: Path, samples: int, shard_size: int = 1000) -> tuple[P
         del_name = shards[-1]["name"]
         (root / del_name).unlink()
         shards[-1] = write_shard(folder, del_name, base[:shards[-1]["samples"]]).manifest_entry()
-    manifest = {"format": "salmm-prepared", "format_version": 1, "dataset": "bdda",
+    manifest = {"format": "salmm-prepared", "format_version": 2, "dataset": "bdda",
                 "options": {"size": {"height": 256, "width": 256}},
                 "splits": {"train": {"samples": samples, "shards": shards}}}
     write_manifest(folder, manifest)

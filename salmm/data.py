@@ -19,9 +19,9 @@ data worker::
     shuffled_shards        the split's shards in an order drawn from (seed, epoch), same on all ranks
     wds.split_by_node      shards[rank::world_size]
     wds.split_by_worker    shards[worker::num_workers]
-    read_shards            tar -> {"__key__", "__url__", "jpg", "saliency.png", ...}
+    read_shards            tar -> {"__key__", "__url__", "png", "fixations.npy", ...}
     wds.shuffle            sample buffer, rng drawn from (seed, epoch, rank, worker)
-    decode                 "frame" uint8 [3, H, W] RGB, "label" float32 [1, H, W] = png / 65535
+    decode                 "frame" uint8 [3, H, W] RGB, "label" float32 [1, H, W] (pipeline.shards.decode_label)
     random_hflip           flips frame and label together; decision drawn from (seed, epoch, key)
     join_embeddings        "emb" float32 [D]: the cached embedding of the frame as fed to the model
                            (index 1, of the flipped frame, exactly when the frame was flipped)

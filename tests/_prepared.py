@@ -21,7 +21,8 @@ import numpy as np
 from pipeline.clip_cache import CacheWriter
 from pipeline.fsio import Folder
 from pipeline.manifest import canonical_json, read_manifest, version_id, write_manifest
-from pipeline.shards import encode_npy, encode_png, write_shard
+from pipeline.shard_index import build_index, write_index
+from pipeline.shards import encode_npy, encode_png, split_shards, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DIM = 8
@@ -61,6 +62,8 @@ def write_prepared(root: Path, counts: dict[str, list[int]], size: tuple[int, in
             index += n
             entries.append(write_shard(folder, f"{split}-{i:06d}.tar", samples).manifest_entry())
         splits[split] = {"samples": sum(per_shard), "shards": entries}
+        splits[split]["index"] = write_index(folder, split, build_index(
+            split_shards(str(root), {"splits": splits}, split)))
     write_manifest(folder, {"format": "salmm-prepared", "format_version": 2,
                             "options": {"size": {"height": size[0], "width": size[1]}},
                             "splits": splits})

@@ -26,9 +26,8 @@ def reference_repo() -> Path | None:
 
 
 def skip_reason() -> str:
-    return (f"the authors' SaliencyMamba code is not at {os.environ.get('SALMM_REFERENCE_REPO',
-                                                                        DEFAULT)}"
-            " (set SALMM_REFERENCE_REPO to a checkout)")
+    where = os.environ.get("SALMM_REFERENCE_REPO", DEFAULT)
+    return f"the authors' SaliencyMamba code is not at {where} (set SALMM_REFERENCE_REPO)"
 
 
 needs_reference = pytest.mark.skipif(reference_repo() is None, reason=skip_reason())

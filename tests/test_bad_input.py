@@ -463,7 +463,7 @@ def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
     from pipeline.clip import ClipSpec, cached_encoder
     from pipeline.fsio import Folder
     from pipeline.manifest import write_manifest
-    from pipeline.shards import encode_label_png, split_shards, write_shard
+    from pipeline.shards import encode_png, split_shards, write_shard
     from salmm import train
     from salmm.data import SaliencyShards, make_loader
     from salmm.model import SalMM
@@ -471,7 +471,7 @@ def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
 
     prepared = write_prepared(tmp_path / "p", {"valid": [3]})
     samples = [make_sample(i, (32, 32)) for i in range(3)]
-    samples[1]["saliency.png"] = encode_label_png(np.zeros((32, 32)))     # nobody looked
+    samples[1]["gaze.png"] = encode_png(np.zeros((32, 32), np.uint8))     # nobody looked
     manifest = read_manifest(str(prepared))
     entry = write_shard(Folder(prepared), "valid-000000.tar", samples).manifest_entry()
     manifest["splits"]["valid"]["shards"] = [entry]

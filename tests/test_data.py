@@ -14,11 +14,16 @@ from PIL import Image
 from pipeline.clip_cache import open_cache
 from pipeline.errors import BadInputError
 from pipeline.manifest import read_manifest
+from pipeline.shard_index import SampleReader, read_index
 from pipeline.shards import split_shards
 from salmm.data import (
     EmbeddingTable,
+    EpochBatches,
+    IndexedSamples,
     SaliencyShards,
+    epoch_permutation,
     flip_decision,
+    make_indexed_loader,
     make_loader,
     read_shards,
 )
@@ -59,17 +64,17 @@ def raw_samples(prepared, split="train") -> dict[str, dict]:
                                                               read_manifest(str(root)), split))}
 
 
-def test_decode_gives_uint8_frames_and_png_over_65535_labels(prepared):
+def test_decode_gives_the_stored_uint8_frames_and_labels_exactly(prepared):
     raw = raw_samples(prepared, "valid")
     batch = next(iter(dataset(prepared, "valid")))
     assert batch["frame"].dtype == torch.uint8 and batch["frame"].shape == (4, 3, *SIZE)
     assert batch["label"].dtype == torch.float32 and batch["label"].shape == (4, 1, *SIZE)
     assert not batch["flipped"].any()
     for i, key in enumerate(batch["key"]):
-        rgb = np.asarray(Image.open(io.BytesIO(raw[key]["jpg"])).convert("RGB"))
+        rgb = np.asarray(Image.open(io.BytesIO(raw[key]["png"])).convert("RGB"))
         np.testing.assert_array_equal(batch["frame"][i].numpy(), rgb.transpose(2, 0, 1))
-        png = np.asarray(Image.open(io.BytesIO(raw[key]["saliency.png"]))).astype(np.float64)
-        np.testing.assert_allclose(batch["label"][i, 0].numpy(), png / 65535, rtol=0, atol=1e-7)
+        gaze = np.asarray(Image.open(io.BytesIO(raw[key]["gaze.png"]))).astype(np.float32)
+        np.testing.assert_array_equal(batch["label"][i, 0].numpy(), gaze / 255)
         assert batch["label"][i].max() > 0.9
 
 
@@ -101,7 +106,7 @@ def test_flip_moves_frame_and_label_together_and_picks_the_flipped_embedding(pre
     flipped = [s for s in samples if s["flipped"]]
     assert 0 < len(flipped) < len(samples)
     for s in samples:
-        rgb = np.asarray(Image.open(io.BytesIO(raw[s["key"]]["jpg"])).convert("RGB"))
+        rgb = np.asarray(Image.open(io.BytesIO(raw[s["key"]]["png"])).convert("RGB"))
         want = rgb.transpose(2, 0, 1)
         want = want[:, :, ::-1] if s["flipped"] else want
         np.testing.assert_array_equal(s["frame"].numpy(), want)
@@ -220,7 +225,7 @@ def test_wrong_frame_size_is_refused_with_the_shard_and_key(prepared):
     root, _ = prepared
     shards = split_shards(str(root), read_manifest(str(root)), "valid")
     ds = SaliencyShards(shards, split="valid", train=False, seed=0, batch_size=2, size=(64, 64))
-    with pytest.raises(BadInputError, match=r"valid-000000\.tar: sample v0012_f000001: jpg is"
+    with pytest.raises(BadInputError, match=r"valid-000000\.tar: sample v0012_f000001: png is"
                                             r" 32x32, the run expects 64x64"):
         next(iter(ds))
 
@@ -232,3 +237,66 @@ def test_missing_shard_is_named(prepared, tmp_path):
                         split="train", train=False, seed=0, batch_size=8, size=SIZE)
     with pytest.raises(BadInputError, match=r"train-000001\.tar: shard listed in the manifest"):
         list(ds)
+
+
+# ---- a permutation per epoch (the default training order) -------------------------------------
+
+
+def permuted(prepared, *, workers=0, seed=42, rank=0, world_size=1, batch_size=4):
+    """(loader, batches) of the train split in the permutation order."""
+    root, cache = prepared
+    manifest = read_manifest(str(root))
+    reader = SampleReader(split_shards(str(root), manifest, "train"),
+                          read_index(str(root), manifest, "train"))
+    table = EmbeddingTable(str(cache), "train")
+    table.preload()
+    batches = EpochBatches(len(reader), batch_size, seed, rank, world_size)
+    samples = IndexedSamples(reader, seed=seed, size=SIZE, table=table)
+    return make_indexed_loader(samples, batches, workers, pin_memory=False), batches
+
+
+def permuted_epoch(loader, batches, epoch) -> list[tuple[str, bool, int]]:
+    batches.set_epoch(epoch)
+    return [(k, bool(f), len(b["key"])) for b in loader for k, f in zip(b["key"], b["flipped"])]
+
+
+def test_permutation_reads_every_sample_once_in_an_order_drawn_from_seed_and_epoch(prepared):
+    raw = raw_samples(prepared)
+    keys = list(raw)                                          # split order
+    loader, batches = permuted(prepared, batch_size=5)
+    first = permuted_epoch(loader, batches, 0)
+    assert sorted(k for k, _, _ in first) == sorted(keys)    # each sample once
+    want = [keys[row] for row in epoch_permutation(len(keys), 42, 0)]
+    assert [k for k, _, _ in first] == want                  # the (seed, epoch) permutation
+    assert [n for _, _, n in first] == [5] * 10 + [2] * 2 and len(batches) == 3  # short last
+    assert all(f == flip_decision(42, 0, k) for k, f, _ in first)
+    second = permuted_epoch(loader, batches, 1)
+    assert [k for k, _, _ in second] != [k for k, _, _ in first]
+    assert permuted_epoch(loader, batches, 0) == first       # the same epoch again: the same
+    # any number of workers, a new loader (a resumed run): the same batches
+    again, again_batches = permuted(prepared, workers=2, batch_size=5)
+    assert permuted_epoch(again, again_batches, 1) == second
+    other, other_batches = permuted(prepared, seed=7, batch_size=5)
+    assert [k for k, _, _ in permuted_epoch(other, other_batches, 0)] != want
+
+
+def test_permutation_batches_hold_the_stored_bytes_and_the_matching_embedding(prepared):
+    raw = raw_samples(prepared)
+    loader, batches = permuted(prepared)
+    batches.set_epoch(3)
+    for batch in loader:
+        for i, key in enumerate(batch["key"]):
+            rgb = np.asarray(Image.open(io.BytesIO(raw[key]["png"])).convert("RGB"))
+            want = rgb.transpose(2, 0, 1)
+            flipped = bool(batch["flipped"][i])
+            want = want[:, :, ::-1] if flipped else want
+            np.testing.assert_array_equal(batch["frame"][i].numpy(), want)
+            np.testing.assert_array_equal(batch["emb"][i].numpy(), fake_embedding(key, flipped))
+            assert batch["index"][i] == raw[key]["__index__"]
+
+
+def test_permutation_ranks_take_disjoint_equal_shares():
+    shares = [EpochBatches(11, 2, 42, rank, 3).rows(5) for rank in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]             # 11 // 3: same steps everywhere
+    assert len(set(np.concatenate(shares).tolist())) == 9
+    assert all(len(EpochBatches(11, 2, 42, rank, 3)) == 2 for rank in range(3))

@@ -4,6 +4,7 @@ count, batch size, worker count or resume point, Dask, refusals."""
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -63,7 +64,7 @@ def reference_embeddings(prepared: Path, split: str) -> tuple[list[str], np.ndar
     urls = shard_urls(str(prepared), read_manifest(str(prepared)), split)
     keys, out = [], []
     for sample in wds.WebDataset(urls, shardshuffle=False).decode("rgb"):
-        frame = torch.from_numpy(sample["jpg"]).permute(2, 0, 1)[None]   # [1, 3, H, W] in [0, 1]
+        frame = torch.from_numpy(sample["png"]).permute(2, 0, 1)[None]   # [1, 3, H, W] in [0, 1]
         with torch.inference_mode():
             pair = [encoder.encode(frame), encoder.encode(frame.flip(-1))]
         keys.append(sample["__key__"])
@@ -86,12 +87,65 @@ def test_cache_matches_per_frame_reference(prepared, cache_path):
     assert keys == [] and emb.shape == (0, 2, 512)
 
 
+def openai_vision_reference(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's image tower written out in float64 from its weights (open_clip's key
+    names, which are OpenAI's under ``visual.``): patches, class token, positions, pre-norm,
+    residual blocks of multi-head attention (64-wide heads) and a QuickGELU MLP,
+    ``x * sigmoid(1.702 x)``, post-norm of the class token, projection. [B, 3, 224, 224] ->
+    [B, D]."""
+    p = {k: v.double() for k, v in weights.items()}
+    width, _, patch, _ = p["conv1.weight"].shape
+    x = torch.nn.functional.conv2d(x.double(), p["conv1.weight"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)                                    # [B, grid^2, width]
+    x = torch.cat([p["class_embedding"].expand(len(x), 1, width), x], 1) + p["positional_embedding"]
+
+    def norm(t, name):
+        return torch.nn.functional.layer_norm(t, (width,), p[f"{name}.weight"],
+                                              p[f"{name}.bias"], 1e-5)
+
+    x = norm(x, "ln_pre")
+    heads = width // 64
+    blocks = sorted({int(k.split(".")[2]) for k in p if k.startswith("transformer.resblocks.")})
+    for i in blocks:
+        b = f"transformer.resblocks.{i}."
+        q, k, v = (norm(x, b + "ln_1") @ p[b + "attn.in_proj_weight"].T
+                   + p[b + "attn.in_proj_bias"]).split(width, -1)
+        q, k, v = (t.reshape(*t.shape[:2], heads, 64).transpose(1, 2) for t in (q, k, v))
+        attended = torch.softmax(q @ k.transpose(-1, -2) / 8.0, -1) @ v
+        attended = attended.transpose(1, 2).reshape(x.shape)
+        x = x + attended @ p[b + "attn.out_proj.weight"].T + p[b + "attn.out_proj.bias"]
+        h = norm(x, b + "ln_2") @ p[b + "mlp.c_fc.weight"].T + p[b + "mlp.c_fc.bias"]
+        h = h * torch.sigmoid(1.702 * h)                                 # QuickGELU
+        x = x + h @ p[b + "mlp.c_proj.weight"].T + p[b + "mlp.c_proj.bias"]
+    return norm(x[:, 0], "ln_post") @ p["proj"]
+
+
+def test_encoder_is_openais_vision_transformer_with_quickgelu():
+    from torchvision.transforms import Resize
+
+    encoder = cached_encoder(SPEC)
+    frames = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ours = encoder.encode(frames).double()
+    want = openai_vision_reference(encoder.visual.state_dict(), Resize([224, 224])(frames))
+    scale = want.abs().max()
+    assert (ours - want).abs().max() <= 1e-5 * scale
+    # the same weights through GELU land far outside that tolerance
+    gelu = copy.deepcopy(encoder.visual)
+    for block in gelu.transformer.resblocks:
+        block.mlp.gelu = torch.nn.GELU()
+    with torch.inference_mode():
+        other = gelu(Resize([224, 224])(frames)).double()
+    assert (other - want).abs().max() > 100 * 1e-5 * scale
+
+
 def test_header_records_what_the_numbers_depend_on(prepared, cache_path):
     identity = open_cache(cache_path).identity
     manifest = read_manifest(str(prepared))
     assert identity["encoder"]["weights"].startswith("random")
     assert identity["encoder"]["model"] == "ViT-B-32"
     assert identity["encoder"]["profile"] == "salmm"
+    assert identity["encoder"]["activation"] == "quickgelu"      # OpenAI's CLIP, as published
     assert identity["prepared"]["version_id"] == manifest["version_id"]
     assert identity["splits"] == {"train": 3, "valid": 1, "test": 0}
     assert identity["dtype"] == "float32"

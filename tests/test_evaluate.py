@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from pipeline.errors import BadInputError
-from pipeline.readers import fixation_points
-from salmm import matlab_export
 from pipeline.labels import matlab_points
+from pipeline.readers import fixation_points
 from pipeline.shards import decode_npy, encode_npy
+from salmm import matlab_export
 from salmm.evaluate import EvalOptions, evaluate, main
 from salmm.inference import FROM_CHECKPOINT, resolve_clip
 from salmm.metrics import METRIC_ORDER, fixation_map

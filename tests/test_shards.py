@@ -13,7 +13,6 @@ from PIL import Image
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
-from pipeline.manifest import canonical_json
 from pipeline.labels import fixation_label, loader_points
 from pipeline.shard_index import SampleReader, build_index, scan_shard
 from pipeline.shards import (
@@ -132,7 +131,10 @@ def test_index_gives_random_access_to_the_exact_bytes_and_refuses_a_changed_span
     assert index["shard"].tolist() == [0, 0, 0, 1, 1]
     assert (index["offset"][:3] % 512 == 0).all()
     reader = SampleReader(shards, index)
-    streamed = [s for shard in shards for s in iter_tar(open(shard.url, "rb"))]
+    streamed = []
+    for shard in shards:
+        with open(shard.url, "rb") as f:
+            streamed.extend(iter_tar(f))
     for row in (4, 0, 2, 3, 1):                                     # any order
         got = reader.read(row)
         assert got["__index__"] == row

@@ -157,6 +157,31 @@ def test_killed_run_resumes_to_the_same_weights(prepared, reference_run, tmp_pat
         assert [r[column] for r in got_rows] == [r[column] for r in want_rows], column
 
 
+@pytest.mark.slow
+def test_the_same_command_gives_the_same_weights_beside_a_busy_process(prepared, tmp_path):
+    """The user's environment (no OMP_NUM_THREADS), the default thread count: once on a quiet
+    machine, once beside a process that keeps a core busy."""
+    env = {k: v for k, v in subprocess_env().items() if k != "OMP_NUM_THREADS"}
+
+    def run(name: str) -> dict:
+        out = tmp_path / name
+        result = subprocess.run([sys.executable, "-m", "salmm.train",
+                                 *args(prepared, out, "--workers", "1", epochs=2)],
+                                cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return load_checkpoint(out / "last.pt")
+
+    quiet = run("quiet")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded = run("loaded")
+    finally:
+        busy.kill()
+        busy.wait()
+    assert quiet["threads"] == loaded["threads"] == train.DEFAULT_TRAIN_THREADS
+    assert same_weights(quiet["state_dict"], loaded["state_dict"])
+
+
 # ---- cached vs inline CLIP --------------------------------------------------------------------
 
 

@@ -6,7 +6,6 @@ import argparse
 import logging
 
 from pipeline.datasets import DATASETS
-from pipeline.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
 from pipeline.normalize.job import normalize
 from pipeline.normalize.settings import (
     DECODES,
@@ -16,6 +15,7 @@ from pipeline.normalize.settings import (
     Options,
     parse_size,
 )
+from pipeline.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
 
 log = logging.getLogger("pipeline.normalize")
 
