@@ -289,7 +289,7 @@ def cached_prepared(work: Path, samples: int, shard_size: int = 1000) -> tuple[P
     keys = [s["__key__"] for s in base]
     writer = CacheWriter.open(root / "cache.zarr", {
         "encoder": {"model": "ViT-B-32", "weights": "random-bench", "profile": "salmm",
-                    "open_clip": "bench", "embed_dim": 512},
+                    "activation": "quickgelu", "open_clip": "bench", "embed_dim": 512},
         "dtype": "float32", "compute": {"device": "cpu", "autocast": "fp32"},
         "prepared": {"version_id": "bench", "manifest_sha256": "bench"},
         "software": {"torch": "bench", "open_clip": "bench"},

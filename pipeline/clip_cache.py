@@ -366,5 +366,5 @@ def check_cache(cache: ClipCache, manifest: Mapping[str, Any], *, model: str | N
     for name, value in (("model", model), ("profile", profile), ("weights", weights),
                         ("activation", activation)):
         if value is not None and encoder.get(name) != value:
-            raise BadInputError(cache.path, f"made with CLIP {name} {encoder[name]!r}, but"
+            raise BadInputError(cache.path, f"made with CLIP {name} {encoder.get(name)!r}, but"
                                 f" {value!r} is required")

@@ -93,7 +93,7 @@ def fixation_points(
     Returns:
         ``(points, outside)``: float64 ``[N, 2]`` (row, col) = (column 4, column 3), every
         point in recorded order, read-only; and how many of them neither the Python loader
-        nor the MATLAB loop can mark (outside ``[0, height] x [0, width]``).
+        nor the MATLAB loop can mark (outside ``(-1, height + 1) x (-1, width + 1)``).
 
     Raises:
         ValueError: a non-empty cell with fewer than 4 columns, or NaN/inf coordinates.
@@ -110,8 +110,8 @@ def fixation_points(
         raise ValueError(
             f"{int((~finite).sum())} of {len(cell)} fixations have NaN/inf coordinates")
     height, width = source_size
-    inside = ((points[:, 0] >= 0) & (points[:, 0] < height + 1)
-              & (points[:, 1] >= 0) & (points[:, 1] < width + 1))
+    inside = ((points[:, 0] > -1) & (points[:, 0] < height + 1)      # truncates into the
+              & (points[:, 1] > -1) & (points[:, 1] < width + 1))    # frame, 0- or 1-based
     points.flags.writeable = False
     return points, int(len(points) - inside.sum())
 

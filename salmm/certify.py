@@ -33,6 +33,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,21 @@ def _engine(choice: str) -> tuple[str, str]:
                         " install octave octave-image)")
 
 
+def engine_command(kind: str, exe: str, function: str, work: Path) -> list[str]:
+    """The engine's command line for the official loop ``function``. Paths never enter the
+    source the engine runs: it reads them from the environment (``getenv('SALMM_OFFICIAL')``,
+    ``SALMM_EXPORT``, ``SALMM_SECOND``, ``SALMM_TEST``), so a folder named with quotes,
+    ``%``, ``;`` or newlines is data, never code. Octave runs a driver file written in
+    ``work``."""
+    call = (f"addpath(getenv('SALMM_OFFICIAL')); {function}(getenv('SALMM_EXPORT'),"
+            " getenv('SALMM_SECOND'), getenv('SALMM_TEST'));")
+    if kind == "octave":
+        script = work / "certify_driver.m"
+        script.write_text(f"pkg load image;\nsave_default_options('-v7');\n{call}\n")
+        return [exe, "--no-gui", "--quiet", "--norc", str(script)]
+    return [exe, "-batch", call]
+
+
 def run_loop(opts: CertifyOptions, record: dict[str, Any]) -> dict[str, np.ndarray]:
     """Run the dataset's official loop on the export; its per-frame scores (metric -> [N])."""
     export = Path(opts.export).resolve()
@@ -123,18 +139,13 @@ def run_loop(opts: CertifyOptions, record: dict[str, Any]) -> dict[str, np.ndarr
         second = f"{export}/"
     kind, exe = _engine(opts.engine)
     (export / "metrics.mat").unlink(missing_ok=True)
-    call = f"{function}('{export}/', '{second}', '{export}/test.mat');"
+    paths = {"SALMM_OFFICIAL": str(official), "SALMM_EXPORT": f"{export}/",
+             "SALMM_SECOND": second, "SALMM_TEST": f"{export}/test.mat"}
     with tempfile.TemporaryDirectory() as work:
-        if kind == "octave":
-            script = Path(work) / "certify_driver.m"
-            script.write_text(f"pkg load image;\naddpath('{official}');\n"
-                              f"save_default_options('-v7');\n{call}\n")
-            command = [exe, "--no-gui", "--quiet", "--norc", str(script)]
-        else:
-            command = [exe, "-batch", f"addpath('{official}'); {call}"]
+        command = engine_command(kind, exe, function, Path(work))
         log.info("running %s under %s on %d frames", function, kind, record["frames"])
         done = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False,
-                              timeout=opts.timeout_s)
+                              timeout=opts.timeout_s, env={**os.environ, **paths})
     if done.returncode != 0:
         said = (done.stderr + "\n" + done.stdout).strip().splitlines()
         first = next((line for line in said if line.lower().startswith("error")),

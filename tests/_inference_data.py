@@ -196,7 +196,7 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
     cache = cache_path or root / "clip" / "ViT-B-32-salmm-random-seed0.zarr"
     writer = CacheWriter.open(str(cache), {
         "encoder": {"model": "ViT-B-32", "weights": "random-seed0", "profile": "salmm",
-                    "open_clip": "test", "embed_dim": 512},
+                    "activation": "quickgelu", "open_clip": "test", "embed_dim": 512},
         "dtype": "float32",
         "compute": {"device": "cpu", "autocast": "fp32"},
         "prepared": {"version_id": version_id(manifest),

@@ -82,7 +82,7 @@ def write_fake_cache(prepared: Path, path: Path, chunk: int = 4) -> Path:
     sizes = {s: manifest["splits"][s]["samples"] for s in manifest["splits"]}
     writer = CacheWriter.open(path, {
         "encoder": {"model": "ViT-B-32", "weights": "random:seed=0", "profile": "salmm",
-                    "open_clip": "test", "embed_dim": FAKE_DIM},
+                    "activation": "quickgelu", "open_clip": "test", "embed_dim": FAKE_DIM},
         "dtype": "float32",
         "compute": {"device": "cpu", "autocast": "fp32"},
         "prepared": {"version_id": version_id(manifest),

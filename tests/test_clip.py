@@ -57,6 +57,7 @@ def test_identity_names_model_weights_profile_and_version(encoders):
         "model": "ViT-B-32",
         "weights": "random-seed0",
         "profile": "salmm",
+        "activation": "quickgelu",
         "open_clip": open_clip.__version__,
         "embed_dim": 512,
     }

@@ -25,7 +25,7 @@ OTHER_MANIFEST = {**MANIFEST, "dataset": "trafficgaze"}
 def header(**changes):
     base = {
         "encoder": {"model": "ViT-B-32", "weights": "random:seed=0", "profile": "salmm",
-                    "open_clip": "3.3.0", "embed_dim": DIM},
+                    "activation": "quickgelu", "open_clip": "3.3.0", "embed_dim": DIM},
         "dtype": "float32",
         "compute": {"device": "cpu", "autocast": "fp32"},
         "prepared": {"version_id": version_id(MANIFEST), "manifest_sha256": "0" * 64},

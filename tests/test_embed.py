@@ -313,7 +313,7 @@ def test_shard_with_fewer_samples_than_the_manifest_is_refused(tmp_path):
                                                             "jpg": b"nor this"}],
      r"train-000000.tar#v0001_f000001: corrupt image"),
     ([{"__key__": "v0001_f000001", "json": b"{}"}, {"__key__": "v0002_f000001", "json": b"{}"}],
-     r"train-000000.tar: sample v0001_f000001 has no jpg"),
+     r"train-000000.tar: sample v0001_f000001 has no frame"),
     (None, r"train-000000.tar: shard listed in the manifest is missing"),
 ])
 def test_damaged_shards_are_reported_in_one_line(tmp_path, damage, message):

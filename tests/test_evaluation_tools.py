@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +129,9 @@ def test_per_video_scores_best_worst_and_bootstrap(prepared, tmp_path: Path):
     assert ranked["best"][0]["video"] == max(ccs, key=ccs.get)
     assert ranked["worst"][0]["video"] == min(ccs, key=ccs.get)
     interval = summary["bootstrap"]["intervals"]["CC"]
-    assert min(ccs.values()) <= interval[0] <= summary["means"]["CC"] <= interval[1] <= max(
-        ccs.values())
+    ulp = 1e-12                       # a mean of three equal values may round one ulp away
+    assert min(ccs.values()) - ulp <= interval[0] <= summary["means"]["CC"] <= interval[1] \
+        <= max(ccs.values()) + ulp
     again = _evaluate(root, tmp_path / "b2", baseline="center", bootstrap=300)
     assert again["bootstrap"] == summary["bootstrap"]         # seeded: reproducible
 
@@ -226,3 +228,57 @@ def test_certify_runs_the_official_loop_and_agrees(prepared, tmp_path: Path):
     assert "CERTIFIED" in out and "NOT CERTIFIED" not in out
     exact = float(out.split("NSS, CC, SIM, KLD: ")[1].split()[0])
     assert exact <= 1e-6
+
+
+HOSTILE = "x'); system('touch PWNED'); (' \"%s;\nsecond line"
+"""A folder name that is Octave code between single quotes, with a newline in it."""
+
+FAKE_ENGINE = """#!{python}
+import csv, json, os, sys
+import numpy as np, scipy.io
+driver = open(sys.argv[-1]).read()
+paths = {{k: v for k, v in os.environ.items() if k.startswith("SALMM_") and k != "SALMM_LOG"}}
+json.dump({{"argv": sys.argv, "driver": driver, "paths": paths}}, open(os.environ["SALMM_LOG"], "w"))
+# a stand-in for the official loop: salmm's own per-frame scores, saved where the loop saves them
+record = json.load(open(paths["SALMM_EXPORT"] + "salmm.json"))
+with open(os.path.join(record["results"], "per_frame.csv")) as f:
+    rows = list(csv.DictReader(f))
+names = {variables}
+scipy.io.savemat(paths["SALMM_EXPORT"] + "metrics.mat",
+                 {{v: np.array([float(r[m]) for r in rows]) for m, v in names.items()}})
+"""
+
+
+def test_certify_passes_paths_to_the_engine_as_data_never_as_source(
+        prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from salmm import certify
+
+    root, raw = prepared
+    hostile = tmp_path / HOSTILE
+    export = hostile / "mat"
+    _evaluate(root, hostile / "eval", baseline="center", export_mat=str(export))
+    official = hostile / "official"
+    official.mkdir()
+    for name in ("calcForTrafficGaze", "AUC_Borji", "AUC_Judd", "NSS", "CC", "similarity",
+                 "KLdiv"):
+        (official / f"{name}.m").write_text("% stand-in\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    engine = bin_dir / "octave-cli"
+    engine.write_text(FAKE_ENGINE.format(python=sys.executable,
+                                         variables=repr(dict(certify.VARIABLES))))
+    engine.chmod(0o755)
+    raw_copy = hostile / "raw"
+    shutil.copytree(raw, raw_copy)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SALMM_LOG", str(tmp_path / "engine.json"))
+    assert certify_main(["--export", str(export), "--official-metrics", str(official),
+                         "--root", str(raw_copy), "--engine", "octave"]) == 0
+    seen = json.loads((tmp_path / "engine.json").read_text())
+    assert HOSTILE not in seen["driver"] and "'); system(" not in seen["driver"]
+    assert "system" not in seen["driver"] and not any(HOSTILE in arg for arg in seen["argv"])
+    assert seen["paths"] == {"SALMM_OFFICIAL": str(official), "SALMM_EXPORT": f"{export}/",
+                             "SALMM_SECOND": f"{raw_copy}/fixdata/fixdata",
+                             "SALMM_TEST": f"{export}/test.mat"}
+    assert "CERTIFIED" in (export / "certificate.md").read_text()
+    assert not list(tmp_path.rglob("PWNED"))

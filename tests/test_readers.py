@@ -17,6 +17,7 @@ from pipeline.datasets import check_layout, read_frames
 from pipeline.errors import BadInputError
 from pipeline.images import decode_gray, decode_reduced_bytes, decode_rgb, jpeg_header
 from pipeline.matfile import load_fixdata, write_fixdata
+from pipeline.labels import loader_points, matlab_points
 from pipeline.readers import Frame, fixation_points
 from pipeline.splits import read_split, write_split
 
@@ -109,22 +110,25 @@ def test_mat_without_fixdata_cell_is_bad_input(tmp_path):
 # ---------------------------------------------------------------- fixation points
 
 
-def test_fixation_points_follow_the_reference_loader():
+def test_fixation_points_are_kept_as_recorded_and_each_consumer_picks_its_own():
     cell = _cell(
-        (100.9, 50.2),    # -> (row 50, col 100): truncation, columns 4 = row, 3 = col
+        (100.9, 50.2),    # columns 4 = row, 3 = col
         (1279.99, 719.5),  # last pixel
-        (1280.0, 10.0),   # col 1280 out of range
-        (10.0, 720.0),    # row 720 (1-based last row) out of range, as in the reference
-        (-0.7, -0.2),     # int() truncates toward zero: kept at (0, 0)
-        (-1.0, 5.0),      # col -1 dropped
+        (1280.0, 10.0),   # col 1280: the loader drops it, the MATLAB loop keeps it (1-based)
+        (10.0, 720.0),    # row 720: likewise
+        (-0.7, -0.2),     # int() truncates toward zero: the loader keeps it at (0, 0)
+        (-1.0, 5.0),      # col -1: neither marks it
         (100.9, 50.2),    # duplicate kept (labels dedupe)
+        (1281.0, 3.0),    # past column 1280: neither
         k=5,
     )
-    points, dropped = fixation_points(cell)
-    assert points.dtype == np.int32
-    assert points.tolist() == [[50, 100], [719, 1279], [0, 0], [50, 100]]
-    assert dropped == 3
-    assert not points.flags.writeable
+    points, outside = fixation_points(cell)
+    assert points.dtype == np.float64 and not points.flags.writeable
+    np.testing.assert_array_equal(points, cell[:, [3, 2]])          # every point, as recorded
+    assert outside == 2
+    assert loader_points(points).tolist() == [[50, 100], [719, 1279], [0, 0], [50, 100]]
+    assert matlab_points(points).tolist() == [[49, 99], [718, 1278], [9, 1279], [719, 9],
+                                              [49, 99]]
 
 
 def test_fixation_points_empty_and_bad_cells():
@@ -154,7 +158,7 @@ def test_fixdata_frames(tiny_raw, dataset, mat_format):
     assert (first.dataset, first.split, first.video, first.frame) == (dataset, "train", 1, 1)
     assert first.image_path == root / "trafficframe" / "01" / "000001.jpg"
     assert first.gaze_map_path is None and first.source_size == (720, 1280)
-    assert first.fixations.tolist() == [[360, 640], [361, 641]]
+    assert first.fixations.tolist() == [[360.5, 640.5], [361, 641], [5, 2000]]
     assert train[1].fixations.shape == (0, 2)
     assert train[2].fixations.tolist() == [[1, 1]]
     test = list(read_frames(dataset, root, "test"))
@@ -171,7 +175,7 @@ def test_fixdata_loaded_once_per_file_and_drops_logged(tiny_raw, monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="pipeline.readers"):
         frames = list(read_frames("trafficgaze", root, "train"))
     assert len(frames) == 6 and len(calls) == 1
-    drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    drops = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]
     assert len(drops) == 1 and "fixdata1.mat: 6 cells, 18 fixations, 12 outside" in drops[0]
 
 
@@ -186,7 +190,7 @@ def test_bdda_frames(tiny_raw):
     assert (frame.dataset, frame.split, frame.video, frame.frame) == ("bdda", "test", 6, 2)
     assert frame.image_path == root / "camera_frames" / "0006" / "0002.jpg"
     assert frame.gaze_map_path == root / "gazemap_frames" / "0006" / "0002.jpg"
-    assert frame.fixations.shape == (0, 2) and frame.fixations.dtype == np.int32
+    assert frame.fixations.shape == (0, 2) and frame.fixations.dtype == np.float64
     assert [f.video for f in read_frames("bdda", root, "valid")] == [1737, 1737]
 
 
