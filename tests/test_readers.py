@@ -16,8 +16,8 @@ from pipeline import readers
 from pipeline.datasets import check_layout, read_frames
 from pipeline.errors import BadInputError
 from pipeline.images import decode_gray, decode_reduced_bytes, decode_rgb, jpeg_header
-from pipeline.matfile import load_fixdata, write_fixdata
 from pipeline.labels import loader_points, matlab_points
+from pipeline.matfile import load_fixdata, write_fixdata
 from pipeline.readers import Frame, fixation_points
 from pipeline.splits import read_split, write_split
 
