@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Iterable, Sequence
 
-from pipeline.errors import BadInputError, OutputError
+from pipeline.errors import BadInputError, OutputError, output_error
 
 log = logging.getLogger("pipeline")
 
@@ -89,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OutputError as err:
         log.error("%s", err)
+        return 1
+    except OSError as err:
+        if (found := output_error(err)) is None:
+            raise
+        log.error("%s", found)
         return 1
     except KeyboardInterrupt:
         log.error("interrupted")

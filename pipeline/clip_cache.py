@@ -169,7 +169,7 @@ class CacheWriter:
             sub["embeddings"][start:stop] = emb.astype(self.header["dtype"])
             sub["done"][index] = 1
         except OSError as err:
-            raise OutputError(self.path, f"chunk {split}/{index} cannot be written"
+            raise OutputError(f"{self.path}/{split}/embeddings/c/{index}", f"cannot be written"
                               f" ({err.strerror or type(err).__name__})") from None
 
     def finish(self) -> None:
@@ -302,12 +302,69 @@ def open_cache(path: str | Path | zarr.abc.store.Store,
     if attrs.get("complete") is not True:
         raise BadInputError(path, "the cache is incomplete (its embed run did not finish);"
                             " re-run `python -m pipeline embed` to finish it")
+    check_layout(path, group, attrs)
     cache = ClipCache(path, group)
     if prepared is not None:
         if not isinstance(prepared, Mapping):
             prepared = read_manifest(str(prepared))
         check_cache(cache, prepared)
     return cache
+
+
+MAX_CHUNK = 1 << 16
+MAX_DIM = 1 << 13
+MAX_ROWS = 1 << 28
+"""Bounds a header must keep: chunks, embedding width, rows of a split (more than any dataset)."""
+
+
+def _count(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_layout(path: str, group: zarr.Group, attrs: Mapping[str, Any]) -> None:
+    """BadInputError (one line naming the store) unless the header's numbers are sane and every
+    split's arrays are exactly what :class:`CacheWriter` makes: ``keys`` [N] strings in chunks of
+    C, ``embeddings`` [N, 2, D] of the header's dtype in chunks (C, 2, D) with the one codec
+    chain salmm writes, ``done`` [ceil(N / C)] uint8. Only metadata is read: a tampered header
+    costs no allocation and runs no code."""
+    chunk, dim = attrs.get("chunk_size"), (attrs.get("encoder") or {}).get("embed_dim")
+    splits = attrs.get("splits")
+    if not _count(chunk, 1, MAX_CHUNK) or not _count(dim, 1, MAX_DIM) \
+            or attrs.get("dtype") not in DTYPES or not isinstance(splits, dict) \
+            or not all(isinstance(k, str) and _count(n, 0, MAX_ROWS) for k, n in splits.items()):
+        raise BadInputError(path, "malformed cache header (chunk_size, encoder.embed_dim, dtype"
+                            " or splits out of range)")
+    expected = {"keys": ((None,), (chunk,), None), "embeddings": ((None, 2, dim),
+                                                                  (chunk, 2, dim), attrs["dtype"]),
+                "done": ((None,), (1,), "uint8")}
+    codecs = _codec_names(_COMPRESSOR)
+    for split, rows in splits.items():
+        for name, (shape, chunks, dtype) in expected.items():
+            where = f"{path}/{split}/{name}"
+            try:
+                array = group[split][name]
+            except Exception as err:  # noqa: BLE001 - zarr fails in many ways on bad metadata
+                raise BadInputError(where, f"unreadable array metadata ({type(err).__name__})"
+                                    ) from None
+            want = tuple(rows if v is None else v for v in shape)
+            if name == "done":
+                want = (math.ceil(rows / chunk),)
+            if tuple(array.shape) != want or tuple(array.chunks) != chunks:
+                raise BadInputError(where, f"shape {list(array.shape)} in chunks"
+                                    f" {list(array.chunks)}, the header says {list(want)} in"
+                                    f" {list(chunks)}")
+            if dtype is not None and str(array.dtype) != dtype:
+                raise BadInputError(where, f"dtype {array.dtype}, the header says {dtype}")
+            if name == "keys" and array.dtype.kind not in "TUO":
+                raise BadInputError(where, f"dtype {array.dtype}, not strings")
+            if name == "embeddings" and _codec_names(array.compressors) != codecs:
+                raise BadInputError(where, f"codecs {_codec_names(array.compressors)}, salmm"
+                                    f" writes {codecs}")
+
+
+def _codec_names(codecs: Any) -> list[str]:
+    items = codecs if isinstance(codecs, (list, tuple)) else [codecs]
+    return [type(c).__name__ + (f":{c.cname}" if hasattr(c, "cname") else "") for c in items]
 
 
 def default_cache_path(prepared: str | Path, identity: Mapping[str, Any],

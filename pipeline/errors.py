@@ -3,7 +3,7 @@
 * :class:`BadInputError` - a file the user gave (raw data, a prepared dataset, a shard, a cache,
   a checkpoint, a video) is missing, corrupt or inconsistent;
 * :class:`OutputError` - an output cannot be written (a full disk, no permission, a folder
-  another run holds).
+  another run holds); :func:`output_error` makes one of a failed write's OSError.
 
 So a failing run over tens of thousands of frames says exactly what to fix. The problem text is
 one line and carries nothing that varies from run to run (memory addresses of Python objects
@@ -13,6 +13,7 @@ dataset's version id.
 
 from __future__ import annotations
 
+import errno
 import re
 from os import PathLike
 
@@ -42,3 +43,19 @@ class OutputError(Exception):
         self.path = str(path)
         self.problem = _one_line(problem)
         super().__init__(f"{self.path}: {self.problem}")
+
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+"""The errors of a write the user can fix: a full disk or quota, a read-only file system, no
+permission."""
+
+
+def output_error(err: OSError, path: str | PathLike[str] | None = None) -> OutputError | None:
+    """The one-line OutputError ``"<path>: cannot be written (<reason>)"`` for a failed write
+    (``path``: the output it was for; default the file the error names), or None when ``err``
+    is not one of :data:`WRITE_ERRNOS`. Inputs that cannot be read are BadInputErrors raised
+    where they are read, so these errnos reaching a command's top are its writes."""
+    if err.errno not in WRITE_ERRNOS:
+        return None
+    where = path if path is not None else (err.filename or "output")
+    return OutputError(where, f"cannot be written ({err.strerror or type(err).__name__})")

@@ -64,7 +64,13 @@ class Folder:
         return self.fs.exists(self._full(name))
 
     def makedirs(self, name: str = "") -> None:
-        self.fs.makedirs(self._full(name) if name else self.path, exist_ok=True)
+        """Create the folder (or ``name`` inside it) with its parents; OutputError (one line)
+        when it cannot be (no permission, a read-only or full file system)."""
+        try:
+            self.fs.makedirs(self._full(name) if name else self.path, exist_ok=True)
+        except OSError as err:
+            raise OutputError(self.url(name) if name else self.root, f"cannot be written"
+                              f" ({err.strerror or type(err).__name__})") from None
 
     def listdir(self, name: str = "") -> list[str]:
         """Names (not paths) of the entries directly inside ``name``; [] if it does not exist."""
@@ -167,7 +173,7 @@ class Folder:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
-                raise OutputError(subject, f"cannot be locked ({err.strerror})") from None
+                raise OutputError(subject, f"cannot be written ({err.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

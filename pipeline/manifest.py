@@ -28,12 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
+from pipeline.splits import SPLITS
 
 MANIFEST = "manifest.json"
+SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
+"""What a shard's file name looks like: ``<split>-NNNNNN.tar``; every name a manifest lists must
+be one (so nothing it names lies outside its folder)."""
 INPUTS = "inputs.jsonl"
 RUN = "run.json"
 FORMAT = "salmm-prepared"
@@ -114,6 +119,8 @@ def malformed(manifest: dict[str, Any], *, inputs: bool = False) -> str | None:
     if not isinstance(splits, dict):
         return "no splits"
     for split, entry in splits.items():
+        if split not in SPLITS:
+            return f"unknown split {split!r} (splits are {', '.join(SPLITS)})"
         if not isinstance(entry, dict) or not _is_count(entry.get("samples")) \
                 or not isinstance(entry.get("shards"), list):
             return f"splits.{split} needs samples and a list of shards"
@@ -122,6 +129,10 @@ def malformed(manifest: dict[str, Any], *, inputs: bool = False) -> str | None:
                     or not _is_count(shard.get("samples")) \
                     or not isinstance(shard.get("sha256"), str):
                 return f"splits.{split}.shards[{i}] needs name, samples and sha256"
+            if not SHARD_NAME.fullmatch(shard["name"]) \
+                    or not shard["name"].startswith(f"{split}-"):
+                return (f"splits.{split}.shards[{i}] is named {shard['name']!r}, not"
+                        f" {split}-NNNNNN.tar in the prepared folder")
         if sum(shard["samples"] for shard in entry["shards"]) != entry["samples"]:
             return f"splits.{split}: its shards hold {sum(s['samples'] for s in entry['shards'])}" \
                    f" samples, it says {entry['samples']}"

@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
-from pipeline.shards import Shard
+from pipeline.shards import Shard, member_problem
 
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"),
                         ("sha256", "S32")])
@@ -69,7 +69,10 @@ def scan_shard(shard: Shard, position: int) -> np.ndarray:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
-                key = member.name.rpartition("/")[2].partition(".")[0]
+                problem = member_problem(member)
+                if problem is not None:
+                    raise BadInputError(shard.url, problem)
+                key = member.name.partition(".")[0]
                 end = member.offset_data + _padded(member.size)
                 if spans and spans[-1][0] == key:
                     spans[-1][2] = end
@@ -136,7 +139,10 @@ def parse_span(data: bytes, where: str) -> dict[str, Any]:
             info = tarfile.TarInfo.frombuf(data[pos:pos + BLOCK], "utf-8", "surrogateescape")
         except tarfile.HeaderError as err:
             raise BadInputError(where, f"bad tar header in an indexed sample ({err})") from None
-        key, _, ext = info.name.rpartition("/")[2].partition(".")
+        problem = member_problem(info)
+        if problem is not None:
+            raise BadInputError(where, problem)
+        key, _, ext = info.name.partition(".")
         if sample.setdefault("__key__", key) != key:
             raise BadInputError(where, f"indexed span holds samples {sample['__key__']} and"
                                 f" {key}")

@@ -20,7 +20,7 @@ A sample is a dict ``{"__key__": str, "<field>": bytes, ...}`` with the fields
 =================  ===========================================================================
 
 keyed ``v{video:04d}_f{frame:06d}`` (:func:`sample_key`), in shards named
-``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`SHARD_NAME`). The label of a fixation
+``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`pipeline.manifest.SHARD_NAME`). The label of a fixation
 dataset is not stored: :func:`decode_label` computes it from the fixations exactly as the
 authors' loader does (:func:`pipeline.labels.loader_points`, then
 :func:`pipeline.labels.fixation_label`, ≤ 1e-6 from the loader's own arithmetic), and the
@@ -51,7 +51,6 @@ from pipeline.fsio import Folder
 from pipeline.images import decode_gray_bytes, decode_rgb_bytes, image_size
 from pipeline.labels import fixation_label, loader_points
 from pipeline.manifest import canonical_json, shard_urls
-from pipeline.splits import SPLITS
 
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -65,8 +64,6 @@ FRAME_CODECS = {"png": "png", "jpeg95": "jpg"}
 DEFAULT_FRAME_CODEC = "png"
 GAZE, FIXATIONS, META = "gaze.png", "fixations.npy", "json"
 """The other fields of a sample (see the module docstring)."""
-SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")
-"""What a shard's file name looks like."""
 
 
 # ---- field encoders ------------------------------------------------------------------------
@@ -270,17 +267,34 @@ def write_tar(samples: Iterable[dict[str, Any]], f: IO[bytes]) -> int:
     return len(seen)
 
 
+MEMBER_NAME = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_.]+")
+"""What a member of a salmm shard is called: ``<key>.<ext>``, no folder, no ``..``."""
+
+
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member cannot be part of a salmm shard (a link, a folder, a name with a
+    folder, ``..`` or an absolute path), or None."""
+    if not MEMBER_NAME.fullmatch(member.name) or ".." in member.name:
+        return f"member {member.name!r} is not named <key>.<field>"
+    if not member.isfile():
+        kind = "link" if member.issym() or member.islnk() else "folder or device"
+        return f"member {member.name!r} is a {kind}, not a file"
+    return None
+
+
 def iter_tar(f: IO[bytes]) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar, in order, as ``{"__key__": key, ext: bytes, ...}``.
 
-    Raises ``tarfile.TarError`` for a damaged tar.
+    Raises ``tarfile.TarError`` for a damaged tar or a member that is not a plain
+    ``<key>.<field>`` file (:func:`member_problem`).
     """
     sample: dict[str, Any] = {}
     with tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            problem = member_problem(member)
+            if problem is not None:
+                raise tarfile.TarError(problem)
+            key, _, ext = member.name.partition(".")
             if sample and sample["__key__"] != key:
                 yield sample
                 sample = {}

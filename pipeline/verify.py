@@ -25,10 +25,17 @@ import numpy as np
 
 from pipeline.errors import BadInputError
 from pipeline.fsio import TMP_MARK, Folder
-from pipeline.manifest import INPUTS, VERSION_KEY, malformed, read_manifest, version_id
+from pipeline.manifest import (
+    INPUTS,
+    SHARD_NAME,
+    VERSION_KEY,
+    malformed,
+    read_manifest,
+    version_id,
+)
 from pipeline.progress import track
 from pipeline.shard_index import build_index, index_name, read_index
-from pipeline.shards import SHARD_NAME, iter_tar, split_shards
+from pipeline.shards import iter_tar, split_shards
 
 HASH_THREADS = 4
 

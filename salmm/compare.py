@@ -220,8 +220,15 @@ def compare(opts: CompareOptions) -> dict[str, Any]:
         raise BadInputError("--checkpoint", "nothing to compare: give --checkpoint and/or"
                             " --baseline")
     rows, data = predictors(opts), datasets(opts)
-    cells = [cell(p, d, run_cell(opts, p, d)) for p in rows for d in data]
     out = Folder(opts.out)
+    with out.lock(subject=opts.out):                # one comparison writes a folder at a time
+        out.remove_unfinished()
+        return _compare_into(opts, out, rows, data)
+
+
+def _compare_into(opts: CompareOptions, out: Folder, rows: list[Predictor],
+                  data: list[dict[str, Any]]) -> dict[str, Any]:
+    cells = [cell(p, d, run_cell(opts, p, d)) for p in rows for d in data]
     out.remove(JSON_NAME)
     table = table_text(cells, data, rows)
     out.write_bytes(TABLE_NAME, table.encode())

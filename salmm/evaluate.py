@@ -527,8 +527,16 @@ def extra_text(spread: dict[str, Any] | None, intervals: dict[str, Any] | None,
 
 
 def evaluate(opts: EvalOptions) -> dict[str, Any]:
-    """Run the evaluation ``opts`` describes; returns the summary (also in ``summary.json``)."""
+    """Run the evaluation ``opts`` describes; returns the summary (also in ``summary.json``).
+    One evaluation writes a ``--out`` folder at a time (a second is refused in one line)."""
     inputs = open_inputs(opts)
+    out = Folder(opts.out)
+    with out.lock(subject=opts.out):
+        out.remove_unfinished()     # what a killed evaluation left: no one else writes here now
+        return _evaluate_into(opts, inputs)
+
+
+def _evaluate_into(opts: EvalOptions, inputs: Inputs) -> dict[str, Any]:
     # Results of an earlier run in the same folders would read as this run's if it fails:
     # the summary (written last) marks the outputs complete, the name list the export.
     Folder(opts.out).remove(SUMMARY_NAME)

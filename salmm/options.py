@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
 from pipeline.clip import parse_weights as _pretrained
-from pipeline.errors import BadInputError, OutputError
+from pipeline.errors import BadInputError, OutputError, output_error
 from salmm import overlay
 from salmm.data import ORDERS
 
@@ -276,8 +276,9 @@ def run_command(action: Callable[[], Any],
     """Run a command's ``action`` with logging set up; return its exit status.
 
     Bad input (:class:`~pipeline.errors.BadInputError`) exits 2, an output that cannot be
-    written (:class:`~pipeline.errors.OutputError`) 1, and each other expected failure in
-    ``failures`` its own code, after one logged line saying what is wrong.
+    written (:class:`~pipeline.errors.OutputError`, or a write's full-disk, read-only or
+    permission OSError: :func:`~pipeline.errors.output_error`) 1, and each other expected
+    failure in ``failures`` its own code, after one logged line saying what is wrong.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     codes = {BadInputError: 2, OutputError: 1, **(failures or {})}
@@ -286,4 +287,9 @@ def run_command(action: Callable[[], Any],
     except tuple(codes) as err:
         log.error("%s", err)
         return next(code for kind, code in codes.items() if isinstance(err, kind))
+    except OSError as err:
+        if (found := output_error(err)) is None:
+            raise
+        log.error("%s", found)
+        return 1
     return 0

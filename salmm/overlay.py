@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
@@ -21,6 +22,7 @@ import imageio.v3 as iio
 import imageio_ffmpeg
 import numpy as np
 
+from pipeline.errors import OutputError
 from pipeline.fsio import Folder
 
 log = logging.getLogger(__name__)
@@ -194,17 +196,31 @@ class VideoWriter:
     def write(self, image: np.ndarray) -> None:
         frame = _pad_to_blocks(_as_rgb(image))
         if self._encoder is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            Folder(self.path.parent).makedirs()
+            remove_stale_temporaries(self.path)
             self._shape = frame.shape
-            self._encoder = imageio_ffmpeg.write_frames(
-                str(self.tmp), (frame.shape[1], frame.shape[0]), fps=self.fps,
-                codec="libx264", macro_block_size=1, ffmpeg_log_level="error",
-                output_params=["-preset", self.preset])
-            self._encoder.send(None)
+            with self._ffmpeg():
+                self._encoder = imageio_ffmpeg.write_frames(
+                    str(self.tmp), (frame.shape[1], frame.shape[0]), fps=self.fps,
+                    codec="libx264", macro_block_size=1, ffmpeg_log_level="error",
+                    output_params=["-preset", self.preset])
+                self._encoder.send(None)
         elif frame.shape != self._shape:
             raise ValueError(f"{self.path}: video frames differ in size")
-        self._encoder.send(np.ascontiguousarray(frame))
+        with self._ffmpeg():
+            self._encoder.send(np.ascontiguousarray(frame))
         self.frames += 1
+
+    @contextmanager
+    def _ffmpeg(self) -> Iterator[None]:
+        """ffmpeg failing to write (a full disk, no permission: it exits and its pipe breaks) is
+        one OutputError line naming the video."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            said = str(err).strip().splitlines()
+            reason = said[-1] if said else type(err).__name__
+            raise OutputError(self.path, f"cannot be written (ffmpeg: {reason})") from None
 
     def close(self) -> int:
         """Finish the file and give it its name; returns the number of frames (ValueError, and
@@ -213,7 +229,8 @@ class VideoWriter:
             raise ValueError(f"{self.path}: no frames to write")
         encoder, self._encoder = self._encoder, None
         try:
-            encoder.close()
+            with self._ffmpeg():
+                encoder.close()
             os.replace(self.tmp, self.path)
         finally:
             self.tmp.unlink(missing_ok=True)
@@ -239,6 +256,28 @@ class VideoWriter:
             self.abort()
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files (``.<stem>.tmp-<pid><suffix>``) that writers of ``path``
+    killed before they finished left behind: those whose process is gone."""
+    removed = []
+    for leftover in path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"):
+        pid = leftover.name[len(f".{path.stem}.tmp-"):-len(path.suffix) or None]
+        if pid.isdigit() and not _running(int(pid)):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_animation(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: float
                     ) -> int:
     """Write uint8 RGB frames (equal sizes) as an animation; the format follows the suffix
@@ -260,7 +299,8 @@ def write_animation(path: str | os.PathLike[str], frames: Iterable[np.ndarray], 
         raise ValueError(f"{path}: no frames to animate")
     if any(f.shape != images[0].shape for f in images):
         raise ValueError(f"{path}: animation frames differ in size")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Folder(path.parent).makedirs()
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         iio.imwrite(tmp, np.stack(images), plugin="pillow", duration=1000.0 / fps, loop=0)

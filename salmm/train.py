@@ -682,6 +682,15 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, rt: Runtime) -> Path:
     inputs = open_inputs(cfg, rt)
     run = _run_folder(cfg, rt)
+    # one writer per run folder (the lock normalize and embed take); other ranks write nothing
+    if not rt.main:
+        return _train_into(cfg, rt, inputs, run)
+    with Folder(run).lock(subject=str(run)):
+        Folder(run).remove_unfinished()     # a killed run's temporaries: no one else writes here
+        return _train_into(cfg, rt, inputs, run)
+
+
+def _train_into(cfg: TrainConfig, rt: Runtime, inputs: Inputs, run: Path) -> Path:
     if inputs.checkpoint is None and (run / "last.pt").exists():
         raise BadInputError(run, "already holds a run (last.pt); pass --resume"
                             f" {run / 'last.pt'} or another --out")

@@ -114,8 +114,8 @@ def onnx_export(factory: pytest.TempPathFactory) -> Path:
 
 
 def fixation_count(fixations: np.ndarray) -> int:
-    """Distinct fixated pixels of the official MATLAB loop's 720x1280 map: the shard's points
-    are the Python loader's 0-based ones, MATLAB reads them 1-based (so row/column 0 drop)."""
+    """Distinct fixated pixels of the official MATLAB loop's 720x1280 map: the shard holds the
+    raw (whole-number here) fixdata values, MATLAB reads them 1-based (so row/column 0 drop)."""
     pts = np.asarray(fixations).reshape(-1, 2) - 1
     inside = (pts[:, 0] >= 0) & (pts[:, 0] < 720) & (pts[:, 1] >= 0) & (pts[:, 1] < 1280)
     return len({tuple(p) for p in pts[inside]})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -191,3 +193,55 @@ def test_write_chunk_checks_shape_and_values(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         writer.write_chunk("train", 0, keys, emb)
     assert writer.missing_chunks("train") == [0, 1, 2]
+
+
+def _tamper(store, split: str, array: str, edit) -> None:
+    """Rewrite one array's zarr.json with ``edit(meta)`` applied (the header stays as it was)."""
+    meta_path = store / split / array / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+
+
+def _chunks(meta, shape):
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = shape
+
+
+def _codec(meta, name):
+    meta["codecs"][-1]["name"] = name
+
+
+@pytest.mark.parametrize("array, edit, message", [
+    ("embeddings", lambda m: m.update(shape=[2 ** 40, 2, DIM]), r"shape \[1099511627776, 2, 8\]"),
+    ("embeddings", lambda m: _chunks(m, [2 ** 31, 2, DIM]), r"in chunks \[2147483648, 2, 8\]"),
+    ("embeddings", lambda m: m.update(data_type="complex128", fill_value=[0.0, 0.0]),
+     "dtype complex128"),
+    ("embeddings", lambda m: _codec(m, "no-such-codec"), "unreadable array metadata"),
+    ("keys", lambda m: m.update(shape=[2 ** 40]), r"shape \[1099511627776\]"),
+    ("done", lambda m: m.update(data_type="float64", fill_value=0.0), "dtype float64"),
+], ids=["huge-shape", "huge-chunks", "complex", "unknown-codec", "keys-shape", "done-dtype"])
+def test_tampered_array_metadata_is_refused_before_any_read(tmp_path, array, edit, message):
+    path = tmp_path / "c.zarr"
+    writer = CacheWriter.open(path, header())
+    write_all(writer)
+    writer.finish()
+    _tamper(path, "train", array, edit)
+    with pytest.raises(BadInputError, match=message) as err:
+        open_cache(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("change", [{"chunk_size": 2 ** 31}, {"splits": {"train": 2 ** 40}},
+                                    {"splits": {"train": -1}}, {"dtype": "complex128"},
+                                    {"encoder": {"embed_dim": "eight"}}])
+def test_tampered_header_numbers_are_refused(tmp_path, change):
+    path = tmp_path / "c.zarr"
+    writer = CacheWriter.open(path, header())
+    write_all(writer)
+    writer.finish()
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"].update(change)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BadInputError, match="malformed cache header"):
+        open_cache(path)

@@ -26,6 +26,7 @@ from pipeline.manifest import (
     INPUTS,
     MANIFEST,
     RUN,
+    SHARD_NAME,
     canonical_json,
     differences,
     read_manifest,
@@ -61,7 +62,7 @@ from pipeline.normalize.settings import (
 from pipeline.progress import progress as progress_bar
 from pipeline.readers import Frame
 from pipeline.shard_index import build_index, write_index
-from pipeline.shards import DEFAULT_FRAME_CODEC, SHARD_NAME, shard_name, split_shards, write_shard
+from pipeline.shards import DEFAULT_FRAME_CODEC, shard_name, split_shards, write_shard
 from pipeline.splits import SPLITS, split_path
 
 log = logging.getLogger("pipeline.normalize")

@@ -1,0 +1,192 @@
+"""Every command, every kind of write, every way a write fails (a full disk, a quota, a read-only
+file system, no permission): one line ``<path>: cannot be written (<reason>)``, exit status 1,
+no traceback, and the output folder holds no half-written file presented as complete.
+
+Failures are injected in this process at the operating-system calls the writes go through
+(``open`` for writing, ``os.open``, ``os.replace``/``os.rename``, ``os.mkdir``) for paths under
+the output (and, to reach each kind of write, only for names that match a pattern).
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import fnmatch
+import io
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli as pipeline_cli
+from salmm import compare, evaluate, export, predict, train
+from tests._inference_data import InferenceData, inference_data
+from tests._prepared import prepare_with_commands
+
+ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES]
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+class Faults:
+    """Makes writes under ``root`` whose file name matches ``pattern`` fail with ``code``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path, code: int,
+                 pattern: str = "*") -> None:
+        self.root, self.code, self.pattern = str(Path(root).resolve()), code, pattern
+        self.hits: list[str] = []
+        real_open, real_os_open = builtins.open, os.open
+        real_replace, real_rename, real_mkdir = os.replace, os.rename, os.mkdir
+
+        def fail(path) -> None:
+            text = os.fsdecode(path) if not isinstance(path, int) else ""
+            full = os.path.abspath(text)
+            if full.startswith(self.root) and fnmatch.fnmatch(os.path.basename(full), pattern):
+                self.hits.append(full)
+                raise OSError(code, os.strerror(code), text)
+
+        def open_(file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+"):
+                fail(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def os_open(path, flags, *args, **kwargs):
+            if flags & WRITE_FLAGS:
+                fail(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def replace(src, dst, *args, **kwargs):
+            fail(dst)
+            return real_replace(src, dst, *args, **kwargs)
+
+        def rename(src, dst, *args, **kwargs):
+            fail(dst)
+            return real_rename(src, dst, *args, **kwargs)
+
+        def mkdir(path, *args, **kwargs):
+            fail(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(io, "open", open_)
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def check_one_line(caplog: pytest.LogCaptureFixture, code: int, status: int, out: Path,
+                   faults: Faults) -> None:
+    assert faults.hits, "the fault was never reached: the test proves nothing"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert status == 1, errors
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert errors[0].endswith(f": cannot be written ({os.strerror(code)})"), errors[0]
+    assert str(out) in errors[0] or os.path.basename(faults.hits[0]) in errors[0], errors[0]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> InferenceData:
+    return inference_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trainable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_with_commands(tmp_path_factory.mktemp("faults"))
+
+
+# ---- python -m pipeline normalize | embed --------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("pattern", ["*", "*.tar*", "manifest.json*", "*-index.npy*",
+                                     "inputs.jsonl*"])
+def test_normalize(data, tmp_path, monkeypatch, caplog, code, pattern):
+    out = tmp_path / "prepared"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = pipeline_cli.main(["normalize", "--dataset", "trafficgaze", "--root",
+                                    str(data.raw), "--out", str(out), "--size", "64x64",
+                                    "--shard-size", "3", "--workers", "1"])
+    check_one_line(caplog, code, status, out, faults)
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("pattern", ["*", "c", "zarr.json*"])
+def test_embed(data, tmp_path, monkeypatch, caplog, code, pattern):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(data.prepared, prepared, ignore=shutil.ignore_patterns("clip"))
+    out = tmp_path / "cache.zarr"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = pipeline_cli.main(["embed", "--prepared", str(prepared), "--clip-pretrained",
+                                    "none", "--split", "test", "--workers", "1", "--out",
+                                    str(out)])
+    check_one_line(caplog, code, status, out, faults)
+
+
+# ---- the salmm commands ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("pattern", ["*", "last.pt*", "metrics.csv*", "curves.png*",
+                                     "events.out*", "train.log", "config.json*"])
+def test_train(trainable, tmp_path, monkeypatch, caplog, code, pattern):
+    out = tmp_path / "run"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = train.main(["--cached-clip", "--prepared", str(trainable), "--clip-pretrained",
+                             "none", "--size", "64x64", "--batch-size", "4", "--epochs", "1",
+                             "--workers", "0", "--out", str(out)])
+    check_one_line(caplog, code, status, out, faults)
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("pattern", ["*", "per_frame.csv*", "summary.json*", "*.mat*"])
+def test_evaluate(data, tmp_path, monkeypatch, caplog, code, pattern):
+    out = tmp_path / "eval"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = evaluate.main(["--checkpoint", str(data.trainer), "--prepared",
+                                str(data.prepared), "--out", str(out), "--cached-clip",
+                                "--workers", "0", "--export-mat", str(out / "mat")])
+    check_one_line(caplog, code, status, out, faults)
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("pattern", ["*", "comparison.*"])
+def test_compare(data, tmp_path, monkeypatch, caplog, code, pattern):
+    out = tmp_path / "compare"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = compare.main(["--baseline", "uniform", "--prepared", str(data.prepared),
+                               "--out", str(out), "--workers", "0"])
+    check_one_line(caplog, code, status, out, faults)
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("pattern", ["*", "*.png*", "*.mp4"])
+def test_predict(data, tmp_path, monkeypatch, caplog, code, pattern):
+    out = tmp_path / "pictures"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = predict.main(["--checkpoint", str(data.trainer), "--input", str(data.prepared),
+                               "--out", str(out), "--limit", "2", "--clip-pretrained", "none"])
+    check_one_line(caplog, code, status, out, faults)
+
+
+@pytest.mark.parametrize("code, pattern", [(errno.ENOSPC, "*"), (errno.EDQUOT, "*.onnx*"),
+                                           (errno.EROFS, "export.json*"),
+                                           (errno.EACCES, "*")],
+                         ids=["ENOSPC-folder", "EDQUOT-graph", "EROFS-record", "EACCES-folder"])
+def test_export(data, tmp_path, monkeypatch, caplog, code, pattern):
+    out = tmp_path / "deploy"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = export.main(["--checkpoint", str(data.trainer), "--out", str(out)])
+    check_one_line(caplog, code, status, out, faults)
+    assert not (out / "export.json").exists()
