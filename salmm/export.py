@@ -26,6 +26,7 @@ measured under onnxruntime.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -283,9 +284,14 @@ def export(opts: ExportOptions) -> dict[str, Any]:
         out = Folder(opts.out)
         out.makedirs()
         out.remove("export.json")
-        for path in paths.values():
-            out.write_bytes(path.name, path.read_bytes())
+        digests = {}
+        for name, path in paths.items():
+            data = path.read_bytes()
+            digests[name] = hashlib.sha256(data).hexdigest()
+            out.write_bytes(path.name, data)
     description = describe(opts, loaded, encoder.identity, size, dim, checks)
+    for name, digest in digests.items():
+        description["graphs"][name]["sha256"] = digest
     out.write_bytes("export.json", (json.dumps(description, indent=1) + "\n").encode())
     log.info("wrote %s/{salmm,clip}.onnx and export.json: the network's graph within %.1e of"
              " PyTorch (float64); saliency under onnxruntime within %.1e of PyTorch float32"
@@ -360,9 +366,32 @@ def checked_export(folder: str | Path, loaded: LoadedModel, size: tuple[int, int
         raise BadInputError(where, f"CLIP {' / '.join(map(str, clip.values()))} exported, the"
                             f" checkpoint's options give {' / '.join(wanted.values())}")
     for name in GRAPHS:
-        if not (Path(folder) / f"{name}.onnx").is_file():
-            raise BadInputError(Path(folder) / f"{name}.onnx", "missing from the export")
+        check_graph(Path(folder) / f"{name}.onnx",
+                    ((description.get("graphs") or {}).get(name) or {}).get("sha256"))
     return description
+
+
+def check_graph(path: Path, sha256: str | None) -> None:
+    """BadInputError (one line naming the graph) unless ``path`` is there, has the sha256
+    ``export.json`` records for it and keeps every weight inside the file (a graph whose
+    external data points elsewhere, at a system file say, is refused before onnxruntime
+    opens anything)."""
+    import onnx  # lazy: the deploy extra
+    from onnx.external_data_helper import uses_external_data  # lazy: likewise
+
+    if not path.is_file():
+        raise BadInputError(path, "missing from the export")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BadInputError(path, "differs from the sha256 export.json records (the graph"
+                            " changed after export); export the checkpoint again")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as err:  # noqa: BLE001 - protobuf fails in many ways on garbage
+        raise BadInputError(path, f"not an ONNX graph ({type(err).__name__})") from None
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        raise BadInputError(path, "refers to external weight files; salmm's exports keep their"
+                            " weights inside the graph")
 
 
 def build_parser() -> argparse.ArgumentParser:

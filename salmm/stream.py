@@ -134,6 +134,20 @@ class TorchRunner:
             return self.loaded.model(self._tensor(frame), emb)[0, 0].float().cpu().numpy()
 
 
+def session(path: Path, options: Any) -> Any:
+    """An onnxruntime CPU session of the graph at ``path``; BadInputError (one line naming it)
+    when onnxruntime refuses the graph."""
+    import onnxruntime  # lazy: the deploy extra, needed by this backend only
+
+    try:
+        return onnxruntime.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds
+        said = str(err).strip().splitlines()
+        raise BadInputError(path, f"onnxruntime cannot load it"
+                            f" ({said[0] if said else type(err).__name__})") from None
+
+
 class OnnxRunner:
     """onnxruntime on CPU: ``clip.onnx`` and ``salmm.onnx`` of an export folder."""
 
@@ -143,10 +157,8 @@ class OnnxRunner:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.clip, self.salmm = (
-            onnxruntime.InferenceSession(str(folder / f"{name}.onnx"), options,
-                                         providers=["CPUExecutionProvider"])
-            for name in ("clip", "salmm"))
+        self.clip, self.salmm = (session(folder / f"{name}.onnx", options)
+                                 for name in ("clip", "salmm"))
 
     def embed(self, frame: np.ndarray) -> np.ndarray:
         return self.clip.run(None, {"frame": model_input(frame)})[0]

@@ -168,3 +168,64 @@ def test_export_command_one_line_errors(data: InferenceData, tmp_path: Path,
     assert errors[0].startswith(str(data.trainer)) and "multiples of 32" in errors[0]
     assert errors[1].startswith(str(tmp_path / "missing.pt"))
     assert not out.exists()
+
+
+def _with_graph(folder: Path, name: str, data: bytes, *, rehash: bool) -> None:
+    """Put ``data`` as ``<name>.onnx``; with ``rehash`` also make export.json record its sha256
+    (what someone who edits both files can do)."""
+    import hashlib
+
+    (folder / f"{name}.onnx").write_bytes(data)
+    if rehash:
+        record = json.loads((folder / "export.json").read_text())
+        record["graphs"][name]["sha256"] = hashlib.sha256(data).hexdigest()
+        (folder / "export.json").write_text(json.dumps(record))
+
+
+def test_crafted_graphs_are_refused_in_one_line_before_onnxruntime_opens_them(
+        data: InferenceData, exported: Path, tmp_path: Path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from salmm.stream import OnnxRunner
+
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    record = checked_export(exported, loaded, (64, 64))
+    assert all(len(record["graphs"][g]["sha256"]) == 64 for g in ("salmm", "clip"))
+    copy = tmp_path / "copy"
+
+    def fresh() -> Path:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(exported, copy)
+        return copy
+
+    swapped = (exported / "clip.onnx").read_bytes()                # a valid graph, another one
+    _with_graph(fresh(), "salmm", swapped, rehash=False)
+    with pytest.raises(BadInputError, match=r"salmm\.onnx: differs from the sha256"):
+        checked_export(copy, loaded, (64, 64))
+    _with_graph(fresh(), "salmm", np.random.default_rng(0).bytes(4096), rehash=True)
+    with pytest.raises(BadInputError, match=r"salmm\.onnx: not an ONNX graph"):
+        checked_export(copy, loaded, (64, 64))
+    # a weight stored "outside", at a system file
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "/etc/hostname"), ("offset", "0"), ("length", "16")):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              initializer=[weight])
+    _with_graph(fresh(), "salmm", helper.make_model(graph).SerializeToString(), rehash=True)
+    with pytest.raises(BadInputError, match=r"salmm\.onnx: refers to external weight files"):
+        checked_export(copy, loaded, (64, 64))
+    # a well-formed protobuf that onnxruntime refuses: one line from the runner too
+    broken = helper.make_model(helper.make_graph(
+        [helper.make_node("NoSuchOperator", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    _with_graph(fresh(), "salmm", broken.SerializeToString(), rehash=True)
+    checked_export(copy, loaded, (64, 64))
+    with pytest.raises(BadInputError, match=r"salmm\.onnx: onnxruntime cannot load it") as err:
+        OnnxRunner(copy, 1)
+    assert "\n" not in str(err.value)
+    assert onnx.load(str(exported / "salmm.onnx")) is not None
