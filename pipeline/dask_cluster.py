@@ -10,6 +10,8 @@ tested against a local cluster runs unchanged on a real one.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,6 +29,23 @@ DEBUG_LOG_LENGTH = 0
 per connection). A compute-task message carries its task's arguments, so with normalize's frame
 chunks the logs held every frame submitted so far (measured: 8,524 live frame records after
 8,000 frames) and the main process grew with the dataset."""
+
+
+@contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Ctrl-C reaches every process of the terminal's process group. The worker processes are
+    started with SIGINT ignored (an ignored signal stays ignored in a new Python process), so
+    only this process hears it: it says one line and closes the cluster, which stops them -
+    instead of each worker printing its own KeyboardInterrupt traceback. The caller's handler
+    is back as soon as the workers are started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield                                   # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
@@ -55,10 +74,12 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
         raise ValueError(f"workers must be at least 1, got {n}")
     # No dashboard; the scheduler's small HTTP server (health checks) takes any free port
     # instead of 8787, which another cluster on the machine may hold.
-    with (dask.config.set({"distributed.admin.low-level-log-length": DEBUG_LOG_LENGTH}),
-          LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                       dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
-                       silence_logs=logging.ERROR) as cluster,
-          Client(cluster) as client):
-        log.info("started a local Dask cluster: %d worker processes", n)
-        yield client
+    with dask.config.set({"distributed.admin.low-level-log-length": DEBUG_LOG_LENGTH}):
+        with _workers_ignore_ctrl_c():
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   dashboard_address=None,
+                                   scheduler_kwargs={"dashboard_address": ":0"},
+                                   silence_logs=logging.ERROR)
+        with cluster, Client(cluster) as client:
+            log.info("started a local Dask cluster: %d worker processes", n)
+            yield client

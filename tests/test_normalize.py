@@ -284,6 +284,37 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, cluster):
     assert verify(str(out)) == []
 
 
+CTRL_C_AFTER_FIRST_SHARD = """
+import os, signal, sys
+from pipeline.cli import main
+from pipeline.normalize import job
+write = job._Run._write
+def write_then_ctrl_c(self, *args, **kwargs):
+    record = write(self, *args, **kwargs)
+    os.killpg(os.getpgid(0), signal.SIGINT)      # what a terminal's Ctrl-C does: every process
+    return record
+job._Run._write = write_then_ctrl_c
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_is_one_line_and_exit_130_without_worker_tracebacks(tmp_path):
+    root = make_trafficgaze(tmp_path / "tg", frames=16)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AFTER_FIRST_SHARD,
+         *_normalize_cmd(root, out, "--workers", "2")[3:]],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+        capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, \
+        done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == ["ERROR pipeline: interrupted"]
+    assert not (out / MANIFEST).exists()
+
+
 def test_unfinished_run_is_resumed_only_with_the_same_options(tmp_path, cluster):
     root = make_trafficgaze(tmp_path / "tg")
     frame = root / "trafficframe/02/000005.jpg"
