@@ -62,6 +62,10 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
         DO_NOT_TRACK="1",
         PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY="false",
         PREFECT_UI_SHOW_PROMOTIONAL_CONTENT="false",
+        # `prefect deployment run ... --watch` streams the run's log lines (a failing run's
+        # reason among them) only from a server that publishes them; Prefect's default is off
+        PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
+        PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
     )
     return env
 

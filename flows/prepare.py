@@ -17,12 +17,20 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging.handlers import APILogHandler
 
-from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, ClipSpec, parse_weights
+from pipeline.clip import (
+    DEFAULT_MODEL,
+    DEFAULT_PROFILE,
+    DEFAULT_WEIGHTS,
+    ClipSpec,
+    check_weights,
+    parse_weights,
+)
 from pipeline.clip_cache import open_cache
 from pipeline.datasets import check_layout
 from pipeline.embed import Compute, embed_prepared
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, OutputError
 from pipeline.fsio import Folder
 from pipeline.manifest import read_manifest
 from pipeline.normalize import normalize
@@ -51,6 +59,14 @@ RETRY = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _is_trans
 def check_layout_task(dataset: str, root: str) -> None:
     check_layout(dataset, root)
     get_run_logger().info("%s: raw layout of %s looks right", root, dataset)
+
+
+@task(name="check-weights")
+def check_weights_task(clip_model: str, clip_pretrained: str | None, profile: str) -> None:
+    """The CLIP weights can be had (on disk, or their host answers): checked before any work,
+    the hint naming the deployment parameter as a run takes it."""
+    spec = ClipSpec(clip_model, parse_weights(clip_pretrained), profile)
+    check_weights(spec, option="--param clip_pretrained={}")
 
 
 @task(name="normalize", **RETRY)
@@ -224,7 +240,23 @@ def prepare(
         The published record (also written to ``<out>/published.json``).
     """
     started = time.perf_counter()
-    check_layout_task(dataset, root)
+    logger = get_run_logger()
+    try:
+        check_layout_task(dataset, root)
+        check_weights_task(clip_model, clip_pretrained, profile)
+        return _prepare(dataset, root, out, size, decode, frame_codec, clip_model,
+                        clip_pretrained, profile, device, dask_address, workers, skip_bad,
+                        max_bad_fraction, started)
+    except (BadInputError, OutputError) as err:
+        logger.error("%s", err)             # the reason, on the run's own log and --watch screen
+        APILogHandler().flush()             # sent before the run turns Failed and --watch stops
+        raise
+
+
+def _prepare(dataset: str, root: str, out: str, size: str, decode: str, frame_codec: str,
+             clip_model: str, clip_pretrained: str | None, profile: str, device: str,
+             dask_address: str | None, workers: int | None, skip_bad: bool,
+             max_bad_fraction: float, started: float) -> dict[str, Any]:
     normalized = normalize_task(
         dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction, decode,
         frame_codec

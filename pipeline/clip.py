@@ -257,11 +257,32 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = before
 
 
-def _weights_unavailable(spec: ClipSpec, reason: str) -> BadInputError:
+OPTION = "--clip-pretrained {}"
+"""How a command line spells the weights option (a flow run: ``--param clip_pretrained={}``)."""
+
+
+def _weights_unavailable(spec: ClipSpec, reason: str, option: str = OPTION) -> BadInputError:
     return BadInputError(spec.pretrained, f"could not get the {spec.model} weights ({reason});"
-                         " without a network pass --clip-pretrained /path/to/weights.pt (a local"
-                         " open_clip/OpenAI checkpoint) or --clip-pretrained none (random"
-                         " weights)")
+                         f" without a network pass {option.format('/path/to/weights.pt')} (a"
+                         " local open_clip/OpenAI checkpoint) or"
+                         f" {option.format('none')} (random weights)")
+
+
+def check_weights(spec: ClipSpec, option: str = OPTION) -> bool:
+    """Whether ``spec``'s weights must be downloaded and are not on disk (False: random, a
+    local file, a tag open_clip ships, or found in the local cache). BadInputError (one line;
+    the hint spells the option as ``option``) when they would have to be downloaded and their
+    host does not answer within :data:`PROBE_TIMEOUT_S`: found out before any work."""
+    if spec.pretrained is None or Path(spec.pretrained).exists():
+        return False
+    hub = spec.pretrained.startswith("hf-hub:")
+    cfg = ({"hf_hub": spec.pretrained.removeprefix("hf-hub:") + "/"} if hub
+           else open_clip.get_pretrained_cfg(spec.model, spec.pretrained))
+    if not cfg or "file" in cfg or _cached_weights(cfg):
+        return False
+    if (why := _reachable(*_weights_host(cfg))) is not None:
+        raise _weights_unavailable(spec, why, option)
+    return True
 
 
 def _create(spec: ClipSpec, seed: int) -> nn.Module:
@@ -277,15 +298,9 @@ def _create(spec: ClipSpec, seed: int) -> nn.Module:
             torch.manual_seed(seed)
             model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None, **quick)
         return model
-    offline = contextlib.nullcontext()
-    if not Path(spec.pretrained).exists():
-        cfg = ({"hf_hub": spec.pretrained.removeprefix("hf-hub:") + "/"} if hub
-               else open_clip.get_pretrained_cfg(spec.model, tag))
-        if cfg and "file" not in cfg:
-            if _cached_weights(cfg):
-                offline = _hub_offline()
-            elif (why := _reachable(*_weights_host(cfg))) is not None:
-                raise _weights_unavailable(spec, why)
+    download = check_weights(spec)
+    local = Path(spec.pretrained).exists()
+    offline = _hub_offline() if not download and not local else contextlib.nullcontext()
     log.info("CLIP %s: loading weights %s", name, spec.pretrained)
     try:
         with offline:

@@ -74,8 +74,9 @@ def _run_deployment(env: dict[str, str], *params: str) -> subprocess.CompletedPr
     cmd = [sys.executable, "-m", "prefect", "deployment", "run", "prepare/bdda", "--watch"]
     for param in params:
         cmd += ["--param", param]
-    return subprocess.run(
-        cmd, env=env, capture_output=True, text=True, check=False, timeout=420, cwd=REPO
+    return subprocess.run(            # a wide terminal: Rich wraps long log lines otherwise
+        cmd, env={**env, "COLUMNS": "400"}, capture_output=True, text=True, check=False,
+        timeout=420, cwd=REPO
     )
 
 
@@ -94,6 +95,10 @@ def test_served_deployment_runs_and_fails_cleanly(tmp_path: Path, synth_dataset,
         'clip_pretrained = "none"\nsize = "64x64"\nworkers = 1\n'
     )
     os.environ["SALMM_CONFIG"] = str(config)
+    # no weights host answers (a closed port on loopback, no proxy): the offline case
+    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        os.environ.pop(proxy, None)
     out = tmp_path / "prepared" / "bdda"
 
     with local_services(home=tmp_path / "prefect", port=4311) as services:
@@ -133,6 +138,18 @@ def test_served_deployment_runs_and_fails_cleanly(tmp_path: Path, synth_dataset,
         reason = [line for line in logs.stdout.splitlines() if bad_name in line]
         assert reason, logs.stdout
         assert not (tmp_path / "prepared-bad" / "manifest.json").exists()
+        # the reason is on the --watch screen too, as the flow's own one line
+        assert any(bad_name in line for line in failed.stdout.splitlines()), failed.stdout
+
+        offline = _run_deployment(services.env, f"out={tmp_path / 'prepared-offline'}",
+                                  "clip_pretrained=openai")
+        assert offline.returncode != 0
+        screen = [line for line in offline.stdout.splitlines()   # the flow's own one line
+                  if "could not get the ViT-B-32 weights" in line and "Error" not in line]
+        assert screen, offline.stdout
+        assert "--param clip_pretrained=none" in screen[0]
+        assert "--clip-pretrained" not in screen[0]
+        assert not (tmp_path / "prepared-offline").exists()      # checked before any work
 
 
 @pytest.mark.slow
