@@ -128,6 +128,8 @@ def stop(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0f s of SIGTERM: killed",
+                    " ".join(map(str, process.args[-3:])), timeout_s)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -232,16 +234,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with local_services(args.home, args.port) as services:
-        log.info(
-            "ready: PREFECT_API_URL=%s — run e.g. `prefect deployment run prepare/bdda --watch` "
-            "with that variable set; Ctrl-C stops everything",
-            services.api_url,
-        )
-        with contextlib.suppress(KeyboardInterrupt):
+    # `kill PID` (SIGTERM), a closed terminal (SIGHUP) and Ctrl-C (SIGINT) all stop the
+    # services this process started, whenever they come: it owns them
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _stop_on_signal)
+    try:
+        with local_services(args.home, args.port) as services:
+            log.info(
+                "ready: PREFECT_API_URL=%s — run e.g. `prefect deployment run prepare/bdda"
+                " --watch` with that variable set; Ctrl-C or `kill %d` stops everything",
+                services.api_url, os.getpid(),
+            )
             while all(p.poll() is None for p in services.processes):
                 time.sleep(1.0)
+    except Stopped as err:
+        log.info("stopped (%s): the Prefect server and the deployment server are down", err)
     return 0
+
+
+class Stopped(Exception):
+    """A stop signal arrived (its name is the message)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _stop_on_signal(number: int, _frame: object) -> None:
+    """The first stop signal unwinds to the services' cleanup; later ones are ignored, so a
+    second Ctrl-C cannot cut the cleanup short and orphan a server."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise Stopped(signal.Signals(number).name)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.errors import BadInputError, OutputError
+from pipeline.fsio import Folder
 from pipeline.manifest import read_manifest, version_id
 
 log = logging.getLogger(__name__)
@@ -390,7 +391,13 @@ def open_checked_cache(path: str | None, prepared: str, manifest: Mapping[str, A
     the encoder ``identity`` ({"model", "weights", "profile"}) - after checking that it is
     complete, was made from this prepared dataset version with that encoder, and holds every
     sample of ``splits``. BadInputError (one line naming the store) otherwise."""
+    default = path is None
     path = path or default_cache_path(prepared, identity)
+    if default and not Folder(path).exists("zarr.json"):
+        raise BadInputError(path, f"no CLIP cache for these CLIP options; {_caches_there(prepared)}"
+                            f" make it with `python -m pipeline embed --prepared {prepared}`"
+                            " (offline: add --clip-pretrained none for random weights, or"
+                            " --clip-pretrained /path/to/ViT-B-32.pt)")
     cache = open_cache(path)
     check_cache(cache, manifest, model=identity["model"], profile=identity["profile"],
                 weights=identity["weights"], activation=identity.get("activation"))
@@ -405,6 +412,26 @@ def open_checked_cache(path: str | None, prepared: str, manifest: Mapping[str, A
             raise BadInputError(path, f"holds {have} {split} embeddings, the prepared data has"
                                 f" {want}; re-run `python -m pipeline embed`")
     return path, cache.identity
+
+
+def _caches_there(prepared: str) -> str:
+    """What caches the prepared folder holds, and the options that use each, as a sentence."""
+    folder = Folder(f"{str(prepared).rstrip('/')}/clip")
+    found = [name for name in folder.listdir() if name.endswith(".zarr")]
+    if not found:
+        return "the prepared folder has none;"
+    uses = []
+    for name in found:
+        try:
+            encoder = open_cache(folder.url(name)).identity["encoder"]
+        except BadInputError:
+            uses.append(f"{name} (unfinished or unreadable)")
+            continue
+        weights = encoder["weights"]
+        option = "none" if str(weights).startswith("random") else weights
+        uses.append(f"{name} (use it with --clip-pretrained {option}"
+                    f"{'' if encoder['profile'] == 'salmm' else ' --profile ' + encoder['profile']})")
+    return f"it holds {'; '.join(uses)};"
 
 
 def check_cache(cache: ClipCache, manifest: Mapping[str, Any], *, model: str | None = None,

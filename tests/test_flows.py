@@ -183,3 +183,60 @@ def test_flow_as_plain_function_is_idempotent(tmp_path: Path, synth_dataset, cle
     assert again == first == version_id(read_manifest(str(out)))
     assert samples > 0
     assert verify(str(out)) == []
+
+
+def _process_groups() -> dict[int, int]:
+    """{pid: process group} of every process on the machine."""
+    groups = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        groups[int(stat.parent.name)] = int(fields[2])
+    return groups
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text:
+            found.append(int(status.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_flows_local_stops_everything_it_started_on_a_stop_signal(tmp_path: Path, clean_env,
+                                                                   stop: str) -> None:
+    import signal
+
+    local = subprocess.Popen(
+        [sys.executable, "-m", "flows.local", "--home", str(tmp_path / "prefect"), "--port",
+         "4312"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a shell
+    lines = []
+    try:
+        for line in local.stdout:
+            lines.append(line)
+            if line.startswith("ready:"):
+                break
+        assert lines and lines[-1].startswith("ready:"), "".join(lines)
+        started = _children(local.pid)              # the Prefect server and flows.serve
+        assert len(started) == 2, (started, "".join(lines))
+        groups = {_process_groups()[pid] for pid in started}
+        local.send_signal(getattr(signal, stop))
+        rest, _ = local.communicate(timeout=120)
+    finally:
+        if local.poll() is None:
+            local.kill()
+    assert local.returncode == 0, "".join(lines) + rest
+    assert f"stopped ({stop})" in rest
+    survivors = [pid for pid, group in _process_groups().items() if group in groups]
+    assert survivors == [], survivors
+    assert "did not stop" not in rest               # each answered SIGTERM: none was killed

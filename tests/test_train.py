@@ -230,9 +230,23 @@ def test_a_cache_made_with_another_profile_is_refused_in_one_line(prepared, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_no_cache_for_the_default_weights_names_the_one_there_and_the_offline_command(
+        prepared, tmp_path):
+    argv = [a for a in args(prepared, tmp_path / "run") if a not in ("--clip-pretrained",
+                                                                      "none")]
+    with pytest.raises(BadInputError) as err:
+        train.train(parse_args(argv))
+    text = str(err.value)
+    assert "ViT-B-32-salmm-openai.zarr: no CLIP cache" in text
+    assert "use it with --clip-pretrained none" in text and "--clip-pretrained none for random" \
+        in text and "\n" not in text
+
+
 @pytest.mark.parametrize("case, message", [
     ("other_version", "made from prepared dataset version"),
-    ("no_cache", "no CLIP cache here; run `python -m pipeline embed`"),
+    ("no_cache", "no CLIP cache for these CLIP options; it holds"
+                 " ViT-B-32-salmm-random-seed0.zarr (use it with --clip-pretrained none); make"
+                 " it with `python -m pipeline embed --prepared"),
     ("size", "prepared at 64x64 (width x height) but the run asks --size 32x32"),
     ("weights", "made with CLIP weights 'random-seed0', but 'openai' is required"),
 ])
