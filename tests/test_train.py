@@ -244,9 +244,9 @@ def test_no_cache_for_the_default_weights_names_the_one_there_and_the_offline_co
 
 @pytest.mark.parametrize("case, message", [
     ("other_version", "made from prepared dataset version"),
-    ("no_cache", "no CLIP cache for these CLIP options; it holds"
-                 " ViT-B-32-salmm-random-seed0.zarr (use it with --clip-pretrained none); make"
-                 " it with `python -m pipeline embed --prepared"),
+    ("no_cache", ("no CLIP cache for these CLIP options; it holds"
+                  " ViT-B-32-salmm-random-seed0.zarr (use it with --clip-pretrained none); make"
+                  " it with `python -m pipeline embed --prepared")),
     ("size", "prepared at 64x64 (width x height) but the run asks --size 32x32"),
     ("weights", "made with CLIP weights 'random-seed0', but 'openai' is required"),
 ])
