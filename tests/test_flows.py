@@ -241,3 +241,39 @@ def test_flows_local_stops_everything_it_started_on_a_stop_signal(tmp_path: Path
     survivors = [pid for pid, group in _process_groups().items() if group in groups]
     assert survivors == [], survivors
     assert "did not stop" not in rest               # each answered SIGTERM: none was killed
+
+
+@pytest.mark.slow
+def test_concurrent_runs_on_other_outputs_complete_and_a_held_output_is_refused_in_one_line(
+        tmp_path: Path, synth_dataset, clean_env) -> None:
+    from flows.config import RAW_DIRNAMES
+    from pipeline.fsio import Folder
+
+    for dataset, dirname in RAW_DIRNAMES.items():
+        shutil.copytree(synth_dataset(dataset, videos=3, frames=8 if dataset != "bdda" else 5),
+                        tmp_path / dirname)
+    config = tmp_path / "flows.toml"
+    config.write_text(
+        f'data_root = "{tmp_path}"\nprepared_root = "{tmp_path / "prepared"}"\n'
+        'clip_pretrained = "none"\nsize = "64x64"\nworkers = 1\n'
+    )
+    os.environ["SALMM_CONFIG"] = str(config)
+    with local_services(home=tmp_path / "prefect", port=4313) as services:
+        runs = {dataset: subprocess.Popen(
+            [sys.executable, "-m", "prefect", "deployment", "run", f"prepare/{dataset}",
+             "--watch"], env={**services.env, "COLUMNS": "400"}, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for dataset in RAW_DIRNAMES}
+        outputs = {dataset: run.communicate(timeout=600)[0] for dataset, run in runs.items()}
+        for dataset, run in runs.items():
+            assert run.returncode == 0, outputs[dataset]
+            assert verify(str(tmp_path / "prepared" / dataset)) == []
+
+        held = tmp_path / "held"
+        with Folder(held).lock():                   # another run is writing there
+            refused = _run_deployment(services.env, f"out={held}")
+        assert refused.returncode != 0
+        reason = [line for line in refused.stdout.splitlines()
+                  if "another run is writing here" in line and "Error" not in line]
+        assert len(reason) == 1, refused.stdout
+        assert not (held / "manifest.json").exists()
