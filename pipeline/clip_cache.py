@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec
 from pipeline.errors import BadInputError, OutputError
 from pipeline.fsio import Folder
 from pipeline.manifest import read_manifest, version_id
+from pipeline.splits import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def check_layout(path: str, group: zarr.Group, attrs: Mapping[str, Any]) -> None
     splits = attrs.get("splits")
     if not _count(chunk, 1, MAX_CHUNK) or not _count(dim, 1, MAX_DIM) \
             or attrs.get("dtype") not in DTYPES or not isinstance(splits, dict) \
-            or not all(isinstance(k, str) and _count(n, 0, MAX_ROWS) for k, n in splits.items()):
+            or not all(k in SPLITS and _count(n, 0, MAX_ROWS) for k, n in splits.items()):
         raise BadInputError(path, "malformed cache header (chunk_size, encoder.embed_dim, dtype"
                             " or splits out of range)")
     expected = {"keys": ((None,), (chunk,), None), "embeddings": ((None, 2, dim),

@@ -277,8 +277,9 @@ def run_command(action: Callable[[], Any],
 
     Bad input (:class:`~pipeline.errors.BadInputError`) exits 2, an output that cannot be
     written (:class:`~pipeline.errors.OutputError`, or a write's full-disk, read-only or
-    permission OSError: :func:`~pipeline.errors.output_error`) 1, and each other expected
-    failure in ``failures`` its own code, after one logged line saying what is wrong.
+    permission OSError: :func:`~pipeline.errors.output_error`) 1, Ctrl-C 130, and each other
+    expected failure in ``failures`` its own code, after one logged line saying what is
+    wrong.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     codes = {BadInputError: 2, OutputError: 1, **(failures or {})}
@@ -292,4 +293,7 @@ def run_command(action: Callable[[], Any],
             raise
         log.error("%s", found)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
     return 0

@@ -232,6 +232,7 @@ def test_tampered_array_metadata_is_refused_before_any_read(tmp_path, array, edi
 
 
 @pytest.mark.parametrize("change", [{"chunk_size": 2 ** 31}, {"splits": {"train": 2 ** 40}},
+                                    {"splits": {"../../elsewhere": 1}},
                                     {"splits": {"train": -1}}, {"dtype": "complex128"},
                                     {"encoder": {"embed_dim": "eight"}}])
 def test_tampered_header_numbers_are_refused(tmp_path, change):

@@ -26,6 +26,16 @@ from tests._inference_data import InferenceData, inference_data
 from tests._prepared import prepare_with_commands
 
 ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES]
+
+
+def cases(*kinds: str) -> pytest.MarkDecorator:
+    """(errno, file-name pattern) cases: every errno on the first kind of write ("*": the
+    first write of any kind), then each other kind once, the errnos taking turns (they share
+    one code path; the kinds of write do not)."""
+    pairs = [(code, kinds[0]) for code in ERRNOS]
+    pairs += [(ERRNOS[i % len(ERRNOS)], kind) for i, kind in enumerate(kinds[1:])]
+    return pytest.mark.parametrize("code, pattern", pairs,
+                                   ids=[f"{errno.errorcode[c]}-{k}" for c, k in pairs])
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -100,9 +110,7 @@ def trainable(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---- python -m pipeline normalize | embed --------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("pattern", ["*", "*.tar*", "manifest.json*", "*-index.npy*",
-                                     "inputs.jsonl*"])
+@cases("*", "*.tar*", "manifest.json*", "*-index.npy*", "inputs.jsonl*")
 def test_normalize(data, tmp_path, monkeypatch, caplog, code, pattern):
     out = tmp_path / "prepared"
     faults = Faults(monkeypatch, out, code, pattern)
@@ -114,8 +122,7 @@ def test_normalize(data, tmp_path, monkeypatch, caplog, code, pattern):
     assert not (out / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("pattern", ["*", "c", "zarr.json*"])
+@cases("*", "c", "zarr.json*")
 def test_embed(data, tmp_path, monkeypatch, caplog, code, pattern):
     prepared = tmp_path / "prepared"
     shutil.copytree(data.prepared, prepared, ignore=shutil.ignore_patterns("clip"))
@@ -131,9 +138,8 @@ def test_embed(data, tmp_path, monkeypatch, caplog, code, pattern):
 # ---- the salmm commands ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("pattern", ["*", "last.pt*", "metrics.csv*", "curves.png*",
-                                     "events.out*", "train.log", "config.json*"])
+@cases("*", "last.pt*", "metrics.csv*", "curves.png*", "events.out*", "train.log",
+       "config.json*")
 def test_train(trainable, tmp_path, monkeypatch, caplog, code, pattern):
     out = tmp_path / "run"
     faults = Faults(monkeypatch, out, code, pattern)
@@ -144,8 +150,7 @@ def test_train(trainable, tmp_path, monkeypatch, caplog, code, pattern):
     check_one_line(caplog, code, status, out, faults)
 
 
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("pattern", ["*", "per_frame.csv*", "summary.json*", "*.mat*"])
+@cases("*", "per_frame.csv*", "summary.json*", "*.mat*")
 def test_evaluate(data, tmp_path, monkeypatch, caplog, code, pattern):
     out = tmp_path / "eval"
     faults = Faults(monkeypatch, out, code, pattern)
@@ -157,8 +162,7 @@ def test_evaluate(data, tmp_path, monkeypatch, caplog, code, pattern):
     assert not (out / "summary.json").exists()
 
 
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("pattern", ["*", "comparison.*"])
+@cases("*", "comparison.*")
 def test_compare(data, tmp_path, monkeypatch, caplog, code, pattern):
     out = tmp_path / "compare"
     faults = Faults(monkeypatch, out, code, pattern)
@@ -168,8 +172,7 @@ def test_compare(data, tmp_path, monkeypatch, caplog, code, pattern):
     check_one_line(caplog, code, status, out, faults)
 
 
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("pattern", ["*", "*.png*", "*.mp4"])
+@cases("*", "*.png*", "*.mp4")
 def test_predict(data, tmp_path, monkeypatch, caplog, code, pattern):
     out = tmp_path / "pictures"
     faults = Faults(monkeypatch, out, code, pattern)
@@ -190,3 +193,33 @@ def test_export(data, tmp_path, monkeypatch, caplog, code, pattern):
         status = export.main(["--checkpoint", str(data.trainer), "--out", str(out)])
     check_one_line(caplog, code, status, out, faults)
     assert not (out / "export.json").exists()
+
+
+@cases("*", "overlay.mp4", "overlay.mp4.json*")
+def test_stream(data, tmp_path, monkeypatch, caplog, code, pattern):
+    import cv2
+
+    from salmm import stream
+
+    source = tmp_path / "in.avi"
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 5, (96, 64))
+    for name in sorted((data.raw / "trafficframe" / "03").glob("*.jpg"))[:3]:
+        writer.write(cv2.resize(cv2.imread(str(name)), (96, 64)))
+    writer.release()
+    out = tmp_path / "out"
+    faults = Faults(monkeypatch, out, code, pattern)
+    with caplog.at_level(logging.INFO):
+        status = stream.main(["--checkpoint", str(data.trainer), "--input", str(source),
+                              "--out", str(out / "overlay.mp4"), "--clip-pretrained", "none"])
+    check_one_line(caplog, code, status, out, faults)
+    assert not (out / "overlay.mp4").exists() or pattern == "overlay.mp4.json*"
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+def test_synth(tmp_path, monkeypatch, caplog, code):
+    out = tmp_path / "raw"
+    faults = Faults(monkeypatch, tmp_path, code, "*.jpg*")   # it builds beside --out, then renames
+    with caplog.at_level(logging.INFO):
+        status = pipeline_cli.main(["synth", "--dataset", "bdda", "--out", str(out),
+                                    "--videos", "3", "--frames", "5"])
+    check_one_line(caplog, code, status, out, faults)
