@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Iterable, Sequence
 
-from pipeline.errors import BadInputError, OutputError, output_error
+from pipeline.errors import run_reporting
 
 log = logging.getLogger("pipeline")
 
@@ -82,19 +82,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet
                       else logging.INFO)
-    try:
-        return args.run(args)
-    except BadInputError as err:
-        log.error("%s", err)
-        return 2
-    except OutputError as err:
-        log.error("%s", err)
-        return 1
-    except OSError as err:
-        if (found := output_error(err)) is None:
-            raise
-        log.error("%s", found)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    return run_reporting(lambda: args.run(args), log)

@@ -14,7 +14,9 @@ dataset's version id.
 from __future__ import annotations
 
 import errno
+import logging
 import re
+from collections.abc import Callable, Mapping
 from os import PathLike
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -59,3 +61,26 @@ def output_error(err: OSError, path: str | PathLike[str] | None = None) -> Outpu
         return None
     where = path if path is not None else (err.filename or "output")
     return OutputError(where, f"cannot be written ({err.strerror or type(err).__name__})")
+
+
+def run_reporting(action: Callable[[], int | None], log: logging.Logger,
+                  failures: Mapping[type[Exception], int] | None = None) -> int:
+    """Run a command's ``action``; its exit status: what it returned (an int; None is 0), or,
+    after one logged line saying what is wrong, 2 for bad input, 1 for an output that cannot be
+    written (:func:`output_error` of a failed write included), 130 for Ctrl-C, and the code
+    ``failures`` gives any other expected exception."""
+    codes = {BadInputError: 2, OutputError: 1, **(failures or {})}
+    try:
+        status = action()
+    except tuple(codes) as err:
+        log.error("%s", err)
+        return next(code for kind, code in codes.items() if isinstance(err, kind))
+    except OSError as err:
+        if (found := output_error(err)) is None:
+            raise
+        log.error("%s", found)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    return status if isinstance(status, int) else 0

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
 from pipeline.clip import parse_weights as _pretrained
-from pipeline.errors import BadInputError, OutputError, output_error
+from pipeline.errors import run_reporting
 from salmm import overlay
 from salmm.data import ORDERS
 
@@ -282,18 +282,7 @@ def run_command(action: Callable[[], Any],
     wrong.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    codes = {BadInputError: 2, OutputError: 1, **(failures or {})}
-    try:
+
+    def run() -> None:              # what an action returns is its result, not a status
         action()
-    except tuple(codes) as err:
-        log.error("%s", err)
-        return next(code for kind, code in codes.items() if isinstance(err, kind))
-    except OSError as err:
-        if (found := output_error(err)) is None:
-            raise
-        log.error("%s", found)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
-    return 0
+    return run_reporting(run, log, failures)
