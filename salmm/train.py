@@ -34,9 +34,10 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -545,7 +546,13 @@ class Records:
                  "git_commit": self.commit, "world_size": rt.world_size,
                  "note": RANDOM_NOTE if cfg.clip.random else None}, indent=1).encode())
             # purge_step drops events a killed run wrote after its last checkpoint
-            self.tb = SummaryWriter(str(run / "tb"), purge_step=step if step > 0 else None)
+            self._hook = threading.excepthook       # before the writer's thread starts
+            threading.excepthook = _quiet_event_writer(self._hook)
+            try:
+                self.tb = SummaryWriter(str(run / "tb"), purge_step=step if step > 0 else None)
+            except BaseException:
+                threading.excepthook = self._hook
+                raise
 
     def save(self, name: str, state: State, **extra: Any) -> None:
         """Checkpoint ``name`` of ``state`` (``extra``: epoch, step, valid_loss, stopped)."""
@@ -570,10 +577,26 @@ class Records:
 
     def __exit__(self, *exc: object) -> None:
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            finally:
+                threading.excepthook = self._hook
         if self.log_file is not None:
             log.removeHandler(self.log_file)
             self.log_file.close()
+
+
+def _quiet_event_writer(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``threading.excepthook`` that stays silent when TensorBoard's background event writer
+    fails to write (a full disk, no permission): it hands the same error to the next
+    ``flush`` the trainer makes, which reports it as one line. Other threads go to
+    ``previous``."""
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and args.exc_type is not None \
+                and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+    return hook
 
 
 def fit(cfg: TrainConfig, rt: Runtime, state: State, loaders: dict[str, Any],

@@ -26,6 +26,8 @@ from tests._inference_data import InferenceData, inference_data
 from tests._prepared import prepare_with_commands
 
 ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES]
+# a writer thread's traceback on stderr is a failure too
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 
 def cases(*kinds: str) -> pytest.MarkDecorator:
