@@ -1,7 +1,7 @@
 """The training data loaders side by side: a permutation per epoch by random access (the
 default, as published) against the streaming shuffle buffer.
 
-Run: ``python -m bench.loader [--workers 2] [--batch-size 32] [--frames 96] [--epochs 4]
+Run: ``python -m bench.loader [--workers 2] [--batch-size 32] [--frames 300] [--epochs 4]
 [--work DIR]``
 
 Makes a synthetic prepared dataset with the real commands (as ``bench.train_step`` does:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--frames", type=int, default=96, help="synthetic frames per video")
+    parser.add_argument("--frames", type=int, default=300, help="synthetic frames per video")
     parser.add_argument("--epochs", type=int, default=4, help="epochs read by each loader")
     parser.add_argument("--work", type=Path, help="folder for the dataset (default: temporary)")
     opts = parser.parse_args(argv)

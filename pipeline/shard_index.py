@@ -8,7 +8,7 @@ array of :data:`INDEX_DTYPE`:
 ``shard``   uint32: the shard's place in the manifest's list of the split's shards
 ``offset``  uint64: byte offset of the sample's first tar header in the shard
 ``length``  uint32: bytes from there to the end of its last member's padded data (its span)
-``sha256``  32 bytes: sha256 of those bytes
+``sha256``  uint8 [32]: sha256 of those bytes
 ==========  ================================================================================
 
 The manifest records the index file's name and sha256 (``splits.<split>.index``), so the index
@@ -36,7 +36,8 @@ from pipeline.fsio import Folder
 from pipeline.shards import Shard, member_problem
 
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"),
-                        ("sha256", "S32")])
+                        ("sha256", "u1", (32,))])
+"""(Raw bytes, not numpy's ``S32``, which drops a digest's trailing zero bytes.)"""
 BLOCK = tarfile.BLOCKSIZE
 OPEN_FILES = 8
 """Shard files a :class:`SampleReader` keeps open (least recently used closed first)."""
@@ -86,7 +87,7 @@ def scan_shard(shard: Shard, position: int) -> np.ndarray:
     rows = np.zeros(len(spans), dtype=INDEX_DTYPE)
     for row, (_, start, end) in zip(rows, spans):
         row["shard"], row["offset"], row["length"] = position, start, end - start
-        row["sha256"] = hashlib.sha256(data[start:end]).digest()
+        row["sha256"] = np.frombuffer(hashlib.sha256(data[start:end]).digest(), np.uint8)
     return rows
 
 
@@ -191,7 +192,7 @@ class SampleReader:
         f = self._file(int(entry["shard"]))
         f.seek(int(entry["offset"]))
         data = f.read(int(entry["length"]))
-        if hashlib.sha256(data).digest() != entry["sha256"]:
+        if hashlib.sha256(data).digest() != entry["sha256"].tobytes():
             raise BadInputError(shard.url, f"sample {row - shard.first} of the shard differs"
                                 " from the index's sha256: the shard changed after normalize"
                                 " wrote it (`python -m pipeline verify` lists every difference)")

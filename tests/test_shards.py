@@ -168,3 +168,14 @@ def test_write_shard_to_memory_filesystem():
     assert folder.listdir() == ["valid-000000.tar"]
     assert folder.sha256("valid-000000.tar") == info.sha256
     folder.remove("")
+
+
+def test_index_keeps_digests_that_end_in_zero_bytes(tmp_path):
+    from pipeline.shard_index import INDEX_DTYPE, write_index
+
+    index = np.zeros(1, dtype=INDEX_DTYPE)
+    digest = bytes(range(1, 31)) + b"\x00\x00"
+    index[0]["sha256"] = np.frombuffer(digest, np.uint8)
+    write_index(Folder(tmp_path), "train", index)
+    back = np.load(tmp_path / "train-index.npy")
+    assert back[0]["sha256"].tobytes() == digest
