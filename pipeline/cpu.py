@@ -18,9 +18,8 @@ count is chosen from what is actually free, and follows the load:
   in a row agree; it stops adapting when someone else calls ``torch.set_num_threads``;
 * :func:`intra_op_threads` - a fixed count for a block (the CLIP cache pins one thread, so its
   numbers do not depend on the machine);
-* :func:`choose_threads` - a count chosen once from a short look at the load, for jobs whose
-  numbers must not change mid-run (torch's reductions round differently with the thread
-  count: the trainer keeps one count for a whole run, and a resumed run reuses it).
+* the trainer takes none of these: torch's reductions round differently with the thread
+  count, so its count is fixed (one thread unless ``--threads``), never taken from the load.
 
 Only Linux has ``/proc``; elsewhere the governor leaves the thread count alone.
 
@@ -202,27 +201,6 @@ def threads_for(free: float, ceiling: int) -> int:
     """Threads for ``free`` free cores: whole cores, a core counting as free when others use at
     most ``1 - MARGIN`` of it; between 1 and ``ceiling``."""
     return max(1, min(ceiling, math.floor(free + MARGIN)))
-
-
-def free_cores_now(window_s: float = 0.3) -> float | None:
-    """Cores of this process's affinity left free by other processes over the next
-    ``window_s`` seconds (this call sleeps that long); None where /proc is unreadable."""
-    governor = ThreadGovernor(interval_s=window_s)
-    if not governor.enabled:
-        return None
-    time.sleep(window_s)
-    return governor.free_cores()
-
-
-def choose_threads(ceiling: int | None = None, window_s: float = 0.3) -> int:
-    """An intra-op thread count for a job that keeps one count throughout: the cores other
-    processes leave free over a ``window_s`` look (:func:`threads_for`), at most ``ceiling``
-    (default torch's own count, capped by :func:`usable_cores`)."""
-    import torch  # lazy: the core imports without torch
-
-    ceiling = ceiling or min(torch.get_num_threads(), usable_cores())
-    free = free_cores_now(window_s)
-    return ceiling if free is None else threads_for(free, ceiling)
 
 
 _governor: ThreadGovernor | None = ThreadGovernor()

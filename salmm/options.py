@@ -8,7 +8,8 @@ commands reuse; :func:`parse_checked` parses and checks any of their command lin
 :func:`options_from` makes a command's options dataclass of them (:func:`parse_args`: the
 trainer's :class:`TrainConfig`). The CLIP weights option is parsed by
 :func:`pipeline.clip.parse_weights`, the one parser of ``none``. Defaults follow the published
-recipe: Adam, lr 1e-3, weight decay 1e-4, batch 32, 256x256 frames, seed 42, 100 epochs.
+recipe: Adam, lr 1e-3, weight decay 1e-4, batch 32, 256x256 frames, seed 42, 100 epochs, float32,
+a fresh permutation of the training split every epoch.
 """
 
 from __future__ import annotations
