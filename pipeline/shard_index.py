@@ -55,24 +55,47 @@ def _padded(size: int) -> int:
 def scan_shard(shard: Shard, position: int) -> np.ndarray:
     """The index rows of one committed shard (``position``: its place in the split's list).
 
-    Reads the shard once: member headers give each sample's span, and the bytes are hashed per
-    span and whole; BadInputError (naming the shard) unless the whole file matches the sha256
-    and sample count the manifest records.
+    Two passes over the file, a sample's bytes in memory at a time: the member headers give each
+    sample's span (tarfile seeks over the data), then the bytes are read in order and hashed per
+    span and whole. BadInputError (naming the shard) unless every member is a plain
+    ``<key>.<field>`` file and the whole file matches the sha256 and sample count the manifest
+    records.
     """
     try:
         with fsspec.open(shard.url, "rb") as f:
-            data = f.read()
+            spans = _spans(f, shard.url)
+            f.seek(0)
+            whole = hashlib.sha256()
+            rows = np.zeros(len(spans), dtype=INDEX_DTYPE)
+            at = 0
+            for row, (start, end) in zip(rows, spans):
+                whole.update(f.read(start - at))
+                data = f.read(end - start)
+                whole.update(data)
+                at = end
+                row["shard"], row["offset"], row["length"] = position, start, end - start
+                row["sha256"] = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+            while chunk := f.read(1 << 20):
+                whole.update(chunk)
     except FileNotFoundError:
         raise BadInputError(shard.url, "shard listed in the manifest is missing") from None
-    if shard.sha256 is not None and hashlib.sha256(data).hexdigest() != shard.sha256:
+    if shard.sha256 is not None and whole.hexdigest() != shard.sha256:
         raise BadInputError(shard.url, "differs from the manifest's sha256; re-run normalize")
+    if len(spans) != shard.samples:
+        raise BadInputError(shard.url, f"has {len(spans)} samples, the manifest says"
+                            f" {shard.samples}")
+    return rows
+
+
+def _spans(f: IO[bytes], url: str) -> list[tuple[int, int]]:
+    """(start, end) byte span of each sample's members in a tar, in order."""
     spans: list[list[Any]] = []          # [key, start, end]
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 problem = member_problem(member)
                 if problem is not None:
-                    raise BadInputError(shard.url, problem)
+                    raise BadInputError(url, problem)
                 key = member.name.partition(".")[0]
                 end = member.offset_data + _padded(member.size)
                 if spans and spans[-1][0] == key:
@@ -80,15 +103,8 @@ def scan_shard(shard: Shard, position: int) -> np.ndarray:
                 else:
                     spans.append([key, member.offset, end])
     except tarfile.TarError as err:
-        raise BadInputError(shard.url, f"unreadable shard: {err}") from None
-    if len(spans) != shard.samples:
-        raise BadInputError(shard.url, f"has {len(spans)} samples, the manifest says"
-                            f" {shard.samples}")
-    rows = np.zeros(len(spans), dtype=INDEX_DTYPE)
-    for row, (_, start, end) in zip(rows, spans):
-        row["shard"], row["offset"], row["length"] = position, start, end - start
-        row["sha256"] = np.frombuffer(hashlib.sha256(data[start:end]).digest(), np.uint8)
-    return rows
+        raise BadInputError(url, f"unreadable shard: {err}") from None
+    return [(start, end) for _, start, end in spans]
 
 
 def build_index(shards: Sequence[Shard]) -> np.ndarray:
