@@ -60,7 +60,8 @@ from pipeline.fsio import file_fingerprint
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROFILE", "DEFAULT_WEIGHTS", "PRECISIONS", "PROFILES",
            "PUBLISHED",
            "ClipEncoder", "ClipSpec", "activation", "build_clip_encoder", "cached_encoder",
-           "embed_pairs", "parse_weights", "random_weights", "weights_identity"]
+           "check_weights", "embed_pairs", "parse_weights", "random_weights",
+           "round_like_openai", "weights_identity"]
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,15 @@ without it the model runs its frozen CLIP inline, as the published code does.
 The run, top to bottom:
 
 1. Options (:mod:`salmm.options`), processes (one, or one per GPU under ``torchrun``: DDP,
-   shards split by rank), device and autocast.
+   the permutation split by rank), device and autocast (off unless ``--amp``), one writer of
+   the run folder at a time.
 2. Inputs checked before any step: the prepared dataset's manifest and frame size, the CLIP
    cache's dataset version, model, profile and weights; a resumed checkpoint's dataset, cache
    and recipe. A mismatch stops the run with one line.
-3. Per epoch: train (``nn.BCELoss`` on the saliency map, Adam, as published), validate (loss, CC, SIM, KLD from
-   :mod:`salmm.metrics`), write ``last.pt`` (and ``best.pt`` on a new best validation loss)
-   atomically, ``metrics.csv``, TensorBoard events under ``tb/`` and ``curves.png``.
+3. Per epoch: train (``nn.BCELoss`` on the saliency map, Adam, as published, on a fresh
+   permutation of the split, in float32 with a fixed thread count), validate (loss, CC, SIM,
+   KLD from :mod:`salmm.metrics`), write ``last.pt`` (and ``best.pt`` on a new best validation
+   loss) atomically, ``metrics.csv``, TensorBoard events under ``tb/`` and ``curves.png``.
 4. A non-finite prediction, loss or gradient stops the run before the bad step reaches the
    weights, saving ``last-good.pt`` (every tensor in it finite).
 
@@ -154,16 +156,19 @@ def bce_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     and backward (its log terms are clamped at -100 inside the kernel, so a prediction
     saturated at exactly 0 or 1 has a finite gradient). NonFinite for a NaN or infinite
     prediction, which BCELoss would refuse with an error."""
-    if not bool(torch.isfinite(pred).all()):
-        raise NonFinite("non-finite prediction")
-    return nn.functional.binary_cross_entropy(pred, target, reduction="none")
+    return nn.functional.binary_cross_entropy(_finite_prediction(pred), target,
+                                              reduction="none")
 
 
 def bce_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The training loss, the authors' ``nn.BCELoss()``: the mean of :func:`bce_map`."""
+    return nn.functional.binary_cross_entropy(_finite_prediction(pred), target)
+
+
+def _finite_prediction(pred: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(pred).all()):
         raise NonFinite("non-finite prediction")
-    return nn.functional.binary_cross_entropy(pred, target)
+    return pred
 
 
 def finite(tensors: Iterable[torch.Tensor | None]) -> bool:
