@@ -4,6 +4,7 @@ official-loop certification."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from salmm.compare import main as compare_main
 from salmm.evaluate import EvalOptions, evaluate
 from salmm.evaluate import main as evaluate_main
 from tests._inference_data import InferenceData, inference_data, write_prepared
+from tests.test_write_faults import Faults
 
 SPLITS = {"train": [(1, 2), (2, 2)], "test": [(1, 3), (2, 3), (3, 3)]}
 
@@ -250,7 +252,8 @@ scipy.io.savemat(paths["SALMM_EXPORT"] + "metrics.mat",
 
 
 def test_certify_passes_paths_to_the_engine_as_data_never_as_source(
-        prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture):
     from salmm import certify
 
     root, raw = prepared
@@ -282,3 +285,14 @@ def test_certify_passes_paths_to_the_engine_as_data_never_as_source(
                              "SALMM_TEST": f"{export}/test.mat"}
     assert "CERTIFIED" in (export / "certificate.md").read_text()
     assert not list(tmp_path.rglob("PWNED"))
+
+    # the certificate cannot be written: one line, exit 1, the old certificate left whole
+    before = (export / "certificate.md").read_text()
+    Faults(monkeypatch, export, errno.ENOSPC, "certificate.md*")
+    with caplog.at_level(logging.INFO):
+        status = certify_main(["--export", str(export), "--official-metrics", str(official),
+                               "--root", str(raw_copy), "--engine", "octave"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert status == 1 and errors == [f"{export}/certificate.md: cannot be written (No space"
+                                      " left on device)"]
+    assert (export / "certificate.md").read_text() == before
