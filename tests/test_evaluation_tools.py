@@ -293,6 +293,6 @@ def test_certify_passes_paths_to_the_engine_as_data_never_as_source(
         status = certify_main(["--export", str(export), "--official-metrics", str(official),
                                "--root", str(raw_copy), "--engine", "octave"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert status == 1 and errors == [f"{export}/certificate.md: cannot be written (No space"
-                                      " left on device)"]
+    want = f"{export}/certificate.md: cannot be written (No space left on device)"
+    assert status == 1 and errors == [want]
     assert (export / "certificate.md").read_text() == before
