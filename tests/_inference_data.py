@@ -131,13 +131,16 @@ def write_bdda_prepared(root: Path, frames: int = 3) -> tuple[Path, Path]:
 
 def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, int]]], *,
                    cache_split: str | None = None, cache_path: Path | None = None,
-                   fixdata: Path | None = None) -> tuple[Path, Path | None]:
+                   fixdata: Path | None = None, edge_points: np.ndarray | None = None
+                   ) -> tuple[Path, Path | None]:
     """A prepared dataset written directly: per split, (video, frames) pairs; each frame's
     label a Gaussian blob that moves with the frame, its fixation points (TrafficGaze and
     DrFixD-rainy) around the blob on the 720x1280 frame; frames random. ``fixdata``: also
     write the raw ``fixdata{V}.mat`` files the official loops read there. ``cache_split``: a
     complete CLIP cache of that split (random 512-d embeddings recorded as the random-seed0
-    encoder) at ``cache_path`` (default: the embed command's default path). Returns (prepared,
+    encoder) at ``cache_path`` (default: the embed command's default path). ``edge_points``:
+    raw (row, col) values added to every frame's fixations (say row 720 or column 1280, which
+    the official loop marks and the Python loader drops). Returns (prepared,
     cache)."""
     import hashlib
 
@@ -164,8 +167,10 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
                     centre = np.array([cy * 720 / SIZE[0], cx * 1280 / SIZE[1]])
                     points = np.clip(rng.normal(centre, 25, (12, 2)), 1,
                                      [719, 1279]).astype(np.int32).astype(np.float64)
+                    if edge_points is not None:
+                        points = np.concatenate([points, edge_points])
                     cells.setdefault(video, {})[number] = np.column_stack(
-                        [np.zeros((12, 2)), points[:, 1], points[:, 0]]).astype(np.float64)
+                        [np.zeros((len(points), 2)), points[:, 1], points[:, 0]])
                 key = f"v{video:04d}_f{number:06d}"
                 name = f"{video:04d}/{number:04d}.jpg" if bdda else \
                     f"{video:02d}/{number:06d}.jpg"

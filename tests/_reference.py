@@ -45,3 +45,14 @@ def reference_module(relative: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def official_metrics() -> str | None:
+    """The folder of the authors' MATLAB metric loops: ``SALMM_OFFICIAL_METRICS``, else
+    ``metrics/calcForDataset`` of :func:`reference_repo`; None when neither is there."""
+    folder = os.environ.get("SALMM_OFFICIAL_METRICS")
+    if folder:
+        return folder
+    repo = reference_repo()
+    found = repo / "metrics" / "calcForDataset" if repo is not None else None
+    return str(found) if found is not None and found.is_dir() else None

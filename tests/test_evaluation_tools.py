@@ -25,6 +25,7 @@ from salmm.compare import main as compare_main
 from salmm.evaluate import EvalOptions, evaluate
 from salmm.evaluate import main as evaluate_main
 from tests._inference_data import InferenceData, inference_data, write_prepared
+from tests._reference import official_metrics
 from tests.test_write_faults import Faults
 
 SPLITS = {"train": [(1, 2), (2, 2)], "test": [(1, 3), (2, 3), (3, 3)]}
@@ -210,7 +211,7 @@ def test_certify_refuses_what_is_not_an_export(tmp_path: Path,
 
 
 def _official() -> str | None:
-    folder = os.environ.get("SALMM_OFFICIAL_METRICS")
+    folder = official_metrics()
     if not folder or not Path(folder, "calcForTrafficGaze.m").is_file():
         return None
     if shutil.which("octave-cli") is None and shutil.which("octave") is None:
@@ -232,6 +233,23 @@ def test_certify_runs_the_official_loop_and_agrees(prepared, tmp_path: Path):
     assert exact <= 1e-6
 
 
+@pytest.mark.skipif(_official() is None, reason="needs SALMM_OFFICIAL_METRICS (the official .m"
+                    " files) and GNU Octave")
+def test_fixations_on_the_last_row_and_column_count_as_the_official_loop_counts_them(
+        tmp_path: Path):
+    """Raw points on row 720 and column 1280 (1-based: the frame's last pixel row and column):
+    the official loop marks them, the Python loader (training labels) does not; salmm's
+    fixation metrics must agree with the loop frame by frame."""
+    edge = np.array([[720.0, 1280.0], [720.0, 640.0], [360.0, 1280.0]])
+    root, _ = write_prepared(tmp_path / "prepared", "trafficgaze", SPLITS, cache_split="test",
+                             fixdata=tmp_path / "raw" / "fixdata", edge_points=edge)
+    export = tmp_path / "mat"
+    _evaluate(root, tmp_path / "e", baseline="center", export_mat=str(export))
+    assert certify_main(["--export", str(export), "--official-metrics", str(_official()),
+                         "--root", str(tmp_path / "raw")]) == 0
+    assert "CERTIFIED" in (export / "certificate.md").read_text()
+
+
 HOSTILE = "x'); system('touch PWNED'); (' \"%s;\nsecond line"
 """A folder name that is Octave code between single quotes, with a newline in it."""
 
@@ -239,7 +257,8 @@ FAKE_ENGINE = """#!{python}
 import csv, json, os, sys
 import numpy as np, scipy.io
 driver = open(sys.argv[-1]).read()
-paths = {{k: v for k, v in os.environ.items() if k.startswith("SALMM_") and k != "SALMM_LOG"}}
+paths = {{k: os.environ[k] for k in ("SALMM_OFFICIAL", "SALMM_EXPORT", "SALMM_SECOND",
+                                    "SALMM_TEST")}}
 json.dump({{"argv": sys.argv, "driver": driver, "paths": paths}}, open(os.environ["SALMM_LOG"], "w"))
 # a stand-in for the official loop: salmm's own per-frame scores, saved where the loop saves them
 record = json.load(open(paths["SALMM_EXPORT"] + "salmm.json"))

@@ -2,9 +2,10 @@
 
 The official ``.m`` files (MIT saliency benchmark functions and the authors' ``calcFor*.m``
 loops, from ``metrics/calcForDataset`` of the SalM² release) are not part of this repository.
-Point ``SALMM_OFFICIAL_METRICS`` at a folder holding them; the tests skip, saying why, when
-the variable is unset, a file is missing, or ``octave`` with the ``image`` package is not
-installed.
+Point ``SALMM_OFFICIAL_METRICS`` at a folder holding them (default: the authors' code beside
+the project, ``../shared/reference/SaliencyMamba``); the tests skip, saying why, when neither is
+there, a file is missing, or ``octave`` with the ``image`` package is not installed
+(``apt-get install octave octave-image``).
 
 Randomness: AUC-Judd's jitter comes from ``rand`` and AUC-Borji's splits from ``randi``.
 The tests put their own ``rand.m`` and ``randi.m`` first on Octave's path; those hand out,
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -40,6 +40,7 @@ import scipy.io
 from pipeline.matfile import write_fixdata
 from salmm import metrics as M
 from salmm.matlab_export import export_for_matlab
+from tests._reference import official_metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,10 @@ TOL = 1e-6
 
 
 def _skip_reason() -> str | None:
-    folder = os.environ.get("SALMM_OFFICIAL_METRICS")
+    folder = official_metrics()
     if not folder:
-        return "SALMM_OFFICIAL_METRICS is not set (folder with the official metric .m files)"
+        return ("SALMM_OFFICIAL_METRICS is not set and the authors' code is not beside the project"
+                " (folder with the official metric .m files)")
     missing = [f for f in METRIC_FILES + list(LOOP_FILES.values()) if not Path(folder, f).is_file()]
     if missing:
         return f"SALMM_OFFICIAL_METRICS={folder} lacks {', '.join(missing)}"
@@ -130,7 +132,7 @@ def octave(tmp_path_factory):
     shadow = tmp_path_factory.mktemp("octave_shadow")
     (shadow / "rand.m").write_text(SHADOW_RAND)
     (shadow / "randi.m").write_text(SHADOW_RANDI)
-    official = os.environ["SALMM_OFFICIAL_METRICS"]
+    official = official_metrics()
 
     def run(body: str, workdir: Path) -> str:
         script = workdir / "driver.m"
