@@ -93,8 +93,8 @@ def fixation_label_reference(
     """The published fixation label, computed the published way (the test oracle).
 
     Args:
-        fixations: int ``[N, 2]`` (row, col) in ``source_size`` pixels (:func:`loader_points`
-            of the recorded ones); points outside the frame are dropped.
+        fixations: ``[N, 2]`` (row, col) in ``source_size`` pixels, as recorded; the points
+            the Python loader marks are taken (:func:`loader_points`).
         size: (height, width) of the label.
         source_size: (height, width) of the fixation map before blurring.
 
@@ -102,7 +102,7 @@ def fixation_label_reference(
         float32 ``[height, width]`` in [0, 1] (min 0, max 1), or all zeros without points.
     """
     mask = np.zeros(source_size, dtype=np.float32)
-    for row, col in _in_range(fixations, source_size):
+    for row, col in loader_points(fixations, source_size):
         mask[row, col] = 1
     mask = gaussian_filter(mask, SIGMA, mode=MODE, truncate=TRUNCATE)
     mask = cv2.resize(mask, size[::-1], interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255.0
@@ -124,7 +124,7 @@ def fixation_label(
     Returns:
         float32 ``[height, width]`` in [0, 1], or all zeros without in-range points.
     """
-    points = _in_range(fixations, source_size)
+    points = loader_points(fixations, source_size)
     if len(points) == 0:
         return np.zeros(size, dtype=np.float32)
     flat = np.unique(points[:, 0].astype(np.int64) * source_size[1] + points[:, 1])
@@ -201,14 +201,4 @@ def frame_label(frame: Frame, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
     """
     if frame.gaze_map_path is not None:
         return gaze_map_label(decode_gray(frame.gaze_map_path), size)
-    return fixation_label(loader_points(frame.fixations, frame.source_size), size,
-                          frame.source_size)
-
-
-def _in_range(fixations: np.ndarray, source_size: tuple[int, int]) -> np.ndarray:
-    """int64 ``[M, 2]`` (row, col) of the points inside ``source_size``, in input order."""
-    points = np.asarray(fixations, dtype=np.int64).reshape(-1, 2)
-    height, width = source_size
-    keep = ((points[:, 0] >= 0) & (points[:, 0] < height)
-            & (points[:, 1] >= 0) & (points[:, 1] < width))
-    return points[keep]
+    return fixation_label(frame.fixations, size, frame.source_size)

@@ -49,7 +49,7 @@ from PIL import Image
 from pipeline.errors import BadInputError
 from pipeline.fsio import Folder
 from pipeline.images import decode_gray_bytes, decode_rgb_bytes, image_size
-from pipeline.labels import fixation_label, loader_points
+from pipeline.labels import fixation_label
 from pipeline.manifest import canonical_json, shard_urls
 
 TAR_MTIME = 0
@@ -173,7 +173,7 @@ def decode_frame(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray
 def decode_label(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray:
     """The sample's label, float32 [H, W] in [0, 1], as the authors' loader makes it at
     ``size``: BDDA's stored gaze map / 255; else the fixation label of the recorded points
-    (:func:`pipeline.labels.fixation_label` of :func:`pipeline.labels.loader_points`)."""
+    (:func:`pipeline.labels.fixation_label`, which marks :func:`pipeline.labels.loader_points`)."""
     where = f"{_where(sample)}#{sample['__key__']}"
     if GAZE in sample:
         data = sample[GAZE]
@@ -184,8 +184,7 @@ def decode_label(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray
             and all(isinstance(v, int) and v > 0 for v in source)):
         raise BadInputError(_where(sample), f"sample {sample['__key__']}: {META} has no"
                             " source_size [height, width]")
-    return fixation_label(loader_points(decode_fixations(sample), tuple(source)), size,
-                          tuple(source))
+    return fixation_label(decode_fixations(sample), size, tuple(source))
 
 
 def decode_fixations(sample: Mapping[str, Any]) -> np.ndarray:
