@@ -20,11 +20,11 @@ A sample is a dict ``{"__key__": str, "<field>": bytes, ...}`` with the fields
 =================  ===========================================================================
 
 keyed ``v{video:04d}_f{frame:06d}`` (:func:`sample_key`), in shards named
-``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`pipeline.manifest.SHARD_NAME`). The label of a fixation
-dataset is not stored: :func:`decode_label` computes it from the fixations exactly as the
-authors' loader does (:func:`pipeline.labels.loader_points`, then
-:func:`pipeline.labels.fixation_label`, ≤ 1e-6 from the loader's own arithmetic), and the
-evaluation marks the same raw points as the official MATLAB loop. Stable bytes come from fixed
+``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`pipeline.manifest.SHARD_NAME`). The label
+of a fixation dataset is not stored: :func:`decode_label` computes it from the fixations exactly
+as the authors' loader does (:func:`pipeline.labels.fixation_label` of the points the loader
+marks, ≤ 1e-6 from the loader's own arithmetic), and the evaluation marks the raw points the
+official MATLAB loop marks. Stable bytes come from fixed
 encoder options (below; the encoders' versions go into the manifest) and a tar writer whose
 headers carry no run-dependent data: every member has mtime ``TAR_MTIME``, uid/gid 0, empty
 user/group names, mode 0o444, USTAR format, and the members of a sample are written in sorted
