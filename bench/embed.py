@@ -4,7 +4,7 @@
 
 Builds a synthetic prepared dataset (256x256 JPEG frames in WebDataset shards), then times
 
-* bare: :func:`pipeline.clip.embed_pairs` (the cache's own encoder call: fixed micro-batches
+* bare: :func:`pipeline.encoders.clip.embed_pairs` (the cache's own encoder call: fixed micro-batches
   of frames and their flips, one intra-op thread on CPU) on uint8 frames already in memory,
   as many images as the cache run embeds;
 * cache: ``embed_prepared`` end to end in this process (read shards, decode, queue, encode,
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.clip import PRECISIONS, ClipSpec, cached_encoder, embed_pairs
-from pipeline.cpu import usable_cores
+from pipeline.encoders.clip import PRECISIONS, ClipSpec, cached_encoder, embed_pairs
+from pipeline.core.cpu import usable_cores
 from pipeline.embed import Compute, embed_prepared
-from pipeline.fsio import Folder
-from pipeline.manifest import canonical_json, write_manifest
-from pipeline.shards import encode_png, write_shard
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import canonical_json, write_manifest
+from pipeline.formats.shards import encode_png, write_shard
 
 log = logging.getLogger("bench.embed")
 

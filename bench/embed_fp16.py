@@ -18,8 +18,8 @@ import logging
 
 import torch
 
-from pipeline.clip import ClipSpec, cached_encoder
-from salmm.model import SalMM
+from pipeline.encoders.clip import ClipSpec, cached_encoder
+from salmm.model.net import SalMM
 
 
 def main() -> None:

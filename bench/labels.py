@@ -6,9 +6,9 @@
 For a sample of frames (by default from a SYNTHETIC TrafficGaze dataset made in a temporary
 folder; ``--root`` uses a real download), it times per frame
 
-* reference: :func:`pipeline.labels.fixation_label_reference` (720x1280 map, Gaussian blur
+* reference: :func:`pipeline.formats.labels.fixation_label_reference` (720x1280 map, Gaussian blur
   sigma 40, cubic resize, min-max), once per frame;
-* fast: :func:`pipeline.labels.fixation_label` (per-point separable factors), ``--repeat``
+* fast: :func:`pipeline.formats.labels.fixation_label` (per-point separable factors), ``--repeat``
   times per frame, after the one-off operator build (reported separately);
 
 alternating frame by frame so machine load hits both alike, and prints the median ms/frame
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import read_frames
-from pipeline.labels import fixation_label, fixation_label_reference, label_operators
-from pipeline.readers import SOURCE_SIZE
-from pipeline.splits import SPLITS
+from pipeline.formats.labels import fixation_label, fixation_label_reference, label_operators
+from pipeline.datasets.readers import SOURCE_SIZE
+from pipeline.datasets.splits import SPLITS
 from pipeline.synth import write_dataset
 
 log = logging.getLogger("bench.labels")

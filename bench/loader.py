@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.train_step import prepare
-from pipeline.manifest import read_manifest
+from pipeline.formats.manifest import read_manifest
 from salmm import train
 from salmm.options import TrainConfig
 

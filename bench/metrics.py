@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from salmm import metrics as M
-from salmm.imresize import imresize, imresize_reference
+from salmm.evaluation import metrics as M
+from salmm.evaluation.imresize import imresize, imresize_reference
 
 log = logging.getLogger("bench.metrics")
 

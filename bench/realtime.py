@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from pipeline.synth import write_dataset
-from salmm import metrics
+from salmm.evaluation import metrics
 from salmm import stream as stream_module
 from salmm.export import ExportOptions, export
 from salmm.inference import load_model
-from salmm.sources import open_video, video_items
+from salmm.data.sources import open_video, video_items
 
 SIZE = (256, 256)
 REFRESH = (1, 4, 16)
@@ -64,7 +64,7 @@ def synthetic_video(work: Path, frames: int) -> Path:
 
 def random_checkpoint(work: Path) -> Path:
     """An official-format checkpoint of a random SalMM whose CLIP input matters (gamma 1e-2)."""
-    from salmm.model import SalMM
+    from salmm.model.net import SalMM
     from salmm.official import save_official
 
     path = work / "model_best_random_256x256.tar"

@@ -10,7 +10,7 @@ entries taken from the reference split lists, train entries of the same form. Th
 how the code scales, not what the real data looks like.
 
 * **per-frame work** of normalize on one core, glibc's default allocator against the reuse of
-  freed memory normalize's workers use (:func:`pipeline.cpu.reuse_freed_memory`): frames/s,
+  freed memory normalize's workers use (:func:`pipeline.core.cpu.reuse_freed_memory`): frames/s,
   kernel share of the CPU time, minor page faults a frame, and whether the samples' bytes are
   identical. Goal: kernel time <= 10%, frames/s >= 1.2x.
 * **normalize + verify** at each ``--points`` count of frames: wall time, frames/s, CPU time in
@@ -18,7 +18,7 @@ how the code scales, not what the real data looks like.
   largest Dask worker, manifest size. Goals: frames/s at the largest point >= 0.9 of that at
   the one before (time linear in frames), peak memory <= 1.2 x (memory flat).
 * **cache**: a CLIP cache of BDDA-train size (286,251 x 2 x 512 float32) written through
-  :class:`pipeline.clip_cache.CacheWriter` (random embeddings: CLIP cannot embed that many here),
+  :class:`pipeline.formats.clip_cache.CacheWriter` (random embeddings: CLIP cannot embed that many here),
   and the trainer's loader over it - resident memory each data worker adds and samples/s -
   against a 1,000-sample cache, and against the whole-split lookup the loader used before (side
   by side in this run). Goal: <= 100 MB per worker at 286,251 samples, samples/s >= 0.95.
@@ -49,11 +49,11 @@ import numpy as np
 import psutil
 import torch
 
-from pipeline.clip_cache import CacheWriter, open_cache
-from pipeline.fsio import Folder
-from pipeline.manifest import write_manifest
-from pipeline.shards import encode_sample, sample_key, write_shard
-from salmm.model import SalMM
+from pipeline.formats.clip_cache import CacheWriter, open_cache
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import write_manifest
+from pipeline.formats.shards import encode_sample, sample_key, write_shard
+from salmm.model.net import SalMM
 from salmm.official import save_official
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ FRAME_WORK = r"""
 import hashlib, resource, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from pipeline.cpu import reuse_freed_memory
+from pipeline.core.cpu import reuse_freed_memory
 from pipeline.datasets import read_frames
 from pipeline.normalize.frames import prepare_frame
 from pipeline.normalize.settings import Options
@@ -237,7 +237,7 @@ def frame_work(work: Path, reference: Path, total: int = 600) -> dict:
     """normalize's per-frame work on one core, in a pool thread of two fresh interpreters set up
     as a Dask worker is (``MALLOC_TRIM_THRESHOLD_`` from Dask's ``pre-spawn-environ``: freed
     memory goes back to the kernel at once): as they are, and with
-    :func:`pipeline.cpu.reuse_freed_memory`, which normalize's tasks call."""
+    :func:`pipeline.core.cpu.reuse_freed_memory`, which normalize's tasks call."""
     import dask
     import distributed  # noqa: F401 - its defaults go into dask.config on import
 
@@ -305,7 +305,7 @@ def cached_prepared(work: Path, samples: int, shard_size: int = 1000) -> tuple[P
 
 class WholeSplitTable:
     """The lookup the loader used before: the whole split read into one array and a dict of
-    keys, in every worker (the reference the chunked :class:`salmm.data.EmbeddingTable` is
+    keys, in every worker (the reference the chunked :class:`salmm.data.stages.EmbeddingTable` is
     measured against)."""
 
     def __init__(self, cache_path: str, split: str) -> None:
@@ -338,9 +338,9 @@ LOADER = r"""
 import json, sys, time
 import psutil
 from bench.scale import NoTable, WholeSplitTable
-from salmm.data import EmbeddingTable, SaliencyShards, make_loader
-from pipeline.manifest import read_manifest
-from pipeline.shards import split_shards
+from salmm.data.stages import EmbeddingTable, SaliencyShards, make_loader
+from pipeline.formats.manifest import read_manifest
+from pipeline.formats.shards import split_shards
 root, cache, kind, batches = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 data = SaliencyShards(split_shards(root, read_manifest(root), "train"), split="train", train=True,
                       seed=0, batch_size=32, size=(256, 256), cache_path=cache)

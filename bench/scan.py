@@ -23,10 +23,10 @@ from unittest import mock
 
 import torch
 
-import salmm.mamba
+import salmm.model.mamba
 from bench.timing import time_side_by_side
-from salmm.model import SalMM
-from salmm.scan import resolve_impl, selective_scan, selective_scan_ref
+from salmm.model.net import SalMM
+from salmm.model.scan import resolve_impl, selective_scan, selective_scan_ref
 
 log = logging.getLogger("bench.scan")
 
@@ -110,7 +110,7 @@ def model_step(model, frames, emb, impl):
 
     def step():
         model.zero_grad(set_to_none=True)
-        with mock.patch.object(salmm.mamba, "selective_scan", scan):
+        with mock.patch.object(salmm.model.mamba, "selective_scan", scan):
             model(frames, emb).mean().backward()
 
     return step

@@ -35,10 +35,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from bench.timing import time_side_by_side
-from pipeline.manifest import read_manifest
-from pipeline.shards import split_shards
+from pipeline.formats.manifest import read_manifest
+from pipeline.formats.shards import split_shards
 from salmm import train
-from salmm.data import SaliencyShards, make_loader
+from salmm.data.stages import SaliencyShards, make_loader
 from salmm.options import TrainConfig
 
 log = logging.getLogger("bench.train_step")

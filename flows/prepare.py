@@ -3,7 +3,7 @@
 Tasks, in order: check the raw layout → normalise into shards (per-frame work on Dask) → embed with
 CLIP into the Zarr cache → verify → publish. Each task reuses the pipeline's own resume: re-running
 after a crash skips completed shards and cache chunks, so tasks are safe to retry. Transient errors
-(I/O, lost Dask workers) are retried; bad input (:class:`~pipeline.errors.BadInputError`) is not, and
+(I/O, lost Dask workers) are retried; bad input (:class:`~pipeline.core.errors.BadInputError`) is not, and
 ends the run as Failed with its one-line reason in the run's logs.
 
 Call it as a plain function (Prefect's ephemeral mode) or through the deployments in :mod:`flows.serve`.
@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 
-from pipeline.clip import (
+from pipeline.encoders.clip import (
     DEFAULT_MODEL,
     DEFAULT_PROFILE,
     DEFAULT_WEIGHTS,
@@ -27,12 +27,12 @@ from pipeline.clip import (
     check_weights,
     parse_weights,
 )
-from pipeline.clip_cache import open_cache
+from pipeline.formats.clip_cache import open_cache
 from pipeline.datasets import check_layout
 from pipeline.embed import Compute, embed_prepared
-from pipeline.errors import BadInputError, OutputError
-from pipeline.fsio import Folder
-from pipeline.manifest import read_manifest
+from pipeline.core.errors import BadInputError, OutputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import read_manifest
 from pipeline.normalize import normalize
 from pipeline.verify import verify
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from flows.config import RAW_DIRNAMES
 from flows.local import local_services
-from pipeline.clip import (
+from pipeline.encoders.clip import (
     DEFAULT_MODEL,
     DEFAULT_WEIGHTS,
     RANDOM_NOTE,
@@ -39,7 +39,7 @@ from pipeline.clip import (
     cached_encoder,
     parse_weights,
 )
-from pipeline.errors import BadInputError
+from pipeline.core.errors import BadInputError
 from pipeline.synth import SYNTHETIC_MARKER, write_dataset
 from salmm.evaluate import TABLE_NAME
 

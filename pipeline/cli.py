@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Iterable, Sequence
 
-from pipeline.errors import run_reporting
+from pipeline.core.errors import run_reporting
 
 log = logging.getLogger("pipeline")
 

@@ -7,12 +7,12 @@ Stages, each small:
 2. ``_decoded_batches``: decode each frame (``png`` or ``jpg``) to uint8 RGB [H, W, 3] and
    group samples into
    batches that never straddle a cache chunk.
-3. :func:`pipeline.streams.prefetch`: run 1-2 in a background thread behind a bounded queue,
+3. :func:`pipeline.core.pipes.prefetch`: run 1-2 in a background thread behind a bounded queue,
    so reading and decoding overlap the encoder.
-4. ``embed_jobs``: per batch, :func:`pipeline.clip.embed_pairs` (each frame and its mirror
+4. ``embed_jobs``: per batch, :func:`pipeline.encoders.clip.embed_pairs` (each frame and its mirror
    image through the frozen encoder, in fixed micro-batches aligned to the chunk's start, one
    intra-op thread on CPU) -> float32 [n, 2, D] per chunk.
-5. ``embed_prepared``: plans the chunks, writes them with :class:`pipeline.clip_cache.CacheWriter`
+5. ``embed_prepared``: plans the chunks, writes them with :class:`pipeline.formats.clip_cache.CacheWriter`
    (resumable), in this process or one task per chunk on Dask workers - a local cluster of one
    single-threaded encoder process per core by default, or an existing cluster.
 
@@ -41,7 +41,7 @@ import open_clip
 import torch
 from distributed import as_completed
 
-from pipeline.clip import (
+from pipeline.encoders.clip import (
     CACHE_THREADS,
     DEFAULT_MODEL,
     DEFAULT_PROFILE,
@@ -55,23 +55,23 @@ from pipeline.clip import (
     embed_pairs,
     parse_weights,
 )
-from pipeline.clip_cache import (
+from pipeline.formats.clip_cache import (
     DEFAULT_CHUNK_SIZE,
     DTYPES,
     CacheWriter,
     default_cache_path,
     recorded_version,
 )
-from pipeline.cpu import reuse_freed_memory, usable_cores
-from pipeline.dask_cluster import dask_client
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.images import decode_rgb_bytes
-from pipeline.manifest import canonical_json, prepared_size, read_manifest, version_id
-from pipeline.progress import Progress
-from pipeline.progress import progress as progress_bar
-from pipeline.shards import Shard, frame_field, read_shard, split_shards
-from pipeline.streams import prefetch as prefetch_in_thread
+from pipeline.core.cpu import reuse_freed_memory, usable_cores
+from pipeline.core.dask_cluster import dask_client
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.images import decode_rgb_bytes
+from pipeline.formats.manifest import canonical_json, prepared_size, read_manifest, version_id
+from pipeline.core.progress import Progress
+from pipeline.core.progress import progress as progress_bar
+from pipeline.formats.shards import Shard, frame_field, read_shard, split_shards
+from pipeline.core.pipes import prefetch as prefetch_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _read_samples(shards: Sequence[Shard], jobs: Sequence[ChunkJob],
                   verified: _Verified | None = None) -> Iterator[tuple[int, str, str, bytes]]:
     """(index in the split, shard URL, key, frame bytes) for every sample inside ``jobs`` (one
     split, ascending, disjoint), reading only the shards that hold them - each one whole, its
-    sha256 and sample count checked against the manifest (:func:`pipeline.shards.read_shard`);
+    sha256 and sample count checked against the manifest (:func:`pipeline.formats.shards.read_shard`);
     ``verified.end`` advances as each shard passes."""
     starts = [j.start for j in jobs]
     stops = [j.stop for j in jobs]
@@ -239,7 +239,7 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                    prefetch: int = 4, workers: int | None = None,
                    dask_address: str | None = None, overwrite: bool = False) -> str:
     """Embed every sample of the prepared dataset at ``prepared`` into a CLIP cache and return
-    the cache path (``out``, or :func:`pipeline.clip_cache.default_cache_path`). Resumes an
+    the cache path (``out``, or :func:`pipeline.formats.clip_cache.default_cache_path`). Resumes an
     unfinished cache; returns at once if it is already complete.
 
     ``batch_size`` samples are decoded and embedded at a time (rounded up to the encoder's
@@ -315,7 +315,7 @@ def _open_store(stack: contextlib.ExitStack, out: str, header: dict[str, Any], *
 
 def _header(compute: Compute, identity: dict[str, Any], dtype: str, manifest: dict[str, Any],
             shards: dict[str, list[Shard]], chunk_size: int) -> dict[str, Any]:
-    """The cache header: everything the stored numbers depend on (see pipeline.clip_cache)."""
+    """The cache header: everything the stored numbers depend on (see pipeline.formats.clip_cache)."""
     return {
         "encoder": identity,
         "dtype": dtype,

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import TMP_MARK, Folder
-from pipeline.manifest import (
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import TMP_MARK, Folder
+from pipeline.formats.manifest import (
     INPUTS,
     SHARD_NAME,
     VERSION_KEY,
@@ -35,9 +35,9 @@ from pipeline.manifest import (
     read_manifest,
     version_id,
 )
-from pipeline.progress import track
-from pipeline.shard_index import INDEX_DTYPE, index_name, read_index, scan_shard
-from pipeline.shards import Shard, iter_tar
+from pipeline.core.progress import track
+from pipeline.formats.shard_index import INDEX_DTYPE, index_name, read_index, scan_shard
+from pipeline.formats.shards import Shard, iter_tar
 
 HASH_THREADS = 4
 

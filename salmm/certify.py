@@ -47,9 +47,9 @@ import numpy as np
 import scipy.io
 
 from pipeline.datasets import REGISTRY
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from salmm import metrics
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from salmm.evaluation import metrics
 from salmm.evaluate import CSV_NAME, EXPORT_RECORD, SUMMARY_NAME
 from salmm.options import run_command
 

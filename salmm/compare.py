@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cpu import usable_cores
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import read_manifest, version_id
-from salmm import metrics
-from salmm.baselines import BASELINES
+from pipeline.core.cpu import usable_cores
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import read_manifest, version_id
+from salmm.evaluation import metrics
+from salmm.evaluation.baselines import BASELINES
 from salmm.evaluate import SUMMARY_NAME, EvalOptions, evaluate
 from salmm.inference import file_sha256
 from salmm.options import non_negative_int, parse_checked, positive_int, run_command

@@ -8,7 +8,7 @@ The run, top to bottom:
    the cache (``--cached-clip``; made from this dataset version with the checkpoint's CLIP
    model, weights and profile) or the frozen CLIP run inline with the checkpoint's options.
 2. The model over the split in shard order, no flip (``frame / 255`` as in training).
-3. Per frame, :func:`salmm.metrics.evaluate_frame` - CC, SIM, KLD of the prediction against the
+3. Per frame, :func:`salmm.evaluation.metrics.evaluate_frame` - CC, SIM, KLD of the prediction against the
    label at the model's resolution; AUC-Borji, AUC-Judd and NSS against the 720x1280 binary map
    of the raw fixation points (TrafficGaze, DrFixD-rainy; BDDA has CC, SIM, KLD only, as the
    official script). This is the slow part (~60 ms a frame at full size), so frames are scored
@@ -20,7 +20,7 @@ The run, top to bottom:
    the means over the non-NaN frames, NaN counts, dataset version, checkpoint sha256,
    CLIP cache identity, seed, the CSV's sha256). With ``--export-mat DIR``, ``pre/`` and
    ``tar/`` ``.mat`` files and the ``test.mat`` name list in the layout of the official MATLAB
-   scripts (:mod:`salmm.matlab_export`; the name list is written last).
+   scripts (:mod:`salmm.evaluation.matlab_export`; the name list is written last).
 
 Loading the checkpoint with the CLIP it was trained with, and reading the split, is
 :mod:`salmm.inference`, shared with ``python -m salmm.predict``.
@@ -48,18 +48,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.clip import RANDOM_NOTE
-from pipeline.cpu import usable_cores
-from pipeline.dask_cluster import dask_client
+from pipeline.encoders.clip import RANDOM_NOTE
+from pipeline.core.cpu import usable_cores
+from pipeline.core.dask_cluster import dask_client
 from pipeline.datasets import REGISTRY
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.labels import matlab_points
-from pipeline.manifest import prepared_size, version_id
-from pipeline.progress import progress
-from salmm import matlab_export, metrics
-from salmm.baselines import BASELINES, Baseline, fit_baseline
-from salmm.data import EmbeddingTable
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.labels import matlab_points
+from pipeline.formats.manifest import prepared_size, version_id
+from pipeline.core.progress import progress
+from salmm.evaluation import matlab_export, metrics
+from salmm.evaluation.baselines import BASELINES, Baseline, fit_baseline
+from salmm.data.stages import EmbeddingTable
 from salmm.inference import (
     MODEL_OPTIONS_NOTE,
     LoadedModel,
@@ -100,10 +100,10 @@ SPREAD_METRICS = ("AUC_B", "AUC_J")
 
 def score_frame(pred: np.ndarray | None, label: np.ndarray, fixations: np.ndarray | None,
                 seeds: Sequence[int], key: str, jitter: bool) -> dict[str, Any]:
-    """One frame's scores (a pool task): :func:`salmm.metrics.evaluate_frame` with the frame's
+    """One frame's scores (a pool task): :func:`salmm.evaluation.metrics.evaluate_frame` with the frame's
     own generator for the first seed, and with more than one seed a ``"spread"`` entry: for
     each of :data:`SPREAD_METRICS`, its score under every seed (the first's included). ``pred``
-    None is the uniform baseline (:func:`salmm.metrics.uniform_scores`)."""
+    None is the uniform baseline (:func:`salmm.evaluation.metrics.uniform_scores`)."""
     if pred is None:
         scores: dict[str, Any] = metrics.uniform_scores(label, fixations)
         extra = [scores] * (len(seeds) - 1) if fixations is not None else []
@@ -173,7 +173,7 @@ def table_text(title: str, row_name: str, means: dict[str, float], note: str | N
                defined_means: dict[str, float] | None = None,
                spread: dict[str, dict[str, float]] | None = None) -> str:
     """Markdown: a title line, the ``note`` (when given) as a bold line, and
-    :func:`salmm.metrics.format_table` of one row - two when some metric is undefined (NaN) on
+    :func:`salmm.evaluation.metrics.format_table` of one row - two when some metric is undefined (NaN) on
     some frames (``undefined``: metric -> frames): the official means, NaN as in MATLAB, then
     ``defined_means`` over the frames where each metric is defined, and a line saying how many
     were left out."""

@@ -14,7 +14,7 @@
 
 B is free; H and W are fixed at export (``--size``, default the checkpoint's training size),
 because the selective scan's shape follows the frame size. The network is traced with Mamba's
-``export`` backend (:func:`salmm.scan.selective_scan_export`: plain tensor operations; the
+``export`` backend (:func:`salmm.model.scan.selective_scan_export`: plain tensor operations; the
 numba kernels of the CPU scan would be traced into constants), and each graph is checked
 against PyTorch on two different random inputs, so a graph with a frozen scan cannot pass:
 the network traced in float64 under ONNX's reference evaluator must equal PyTorch in float64
@@ -44,11 +44,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
-from pipeline.clip import ClipEncoder, cached_encoder
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
+from pipeline.encoders.clip import ClipEncoder, cached_encoder
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
 from salmm.inference import LoadedModel, add_model_options, load_model, parse_model_args
-from salmm.model import SalMM
+from salmm.model.net import SalMM
 from salmm.options import parse_size, run_command
 
 log = logging.getLogger("salmm.export")
@@ -65,7 +65,7 @@ FORMAT_VERSION = 2
 """2: the CLIP graph records its MLP activation (QuickGELU for the published CLIP)."""
 GRAPHS = ("salmm", "clip")
 EXPORT_BACKEND = "export"
-"""Mamba backend the network is traced with (:func:`salmm.scan.selective_scan_export`)."""
+"""Mamba backend the network is traced with (:func:`salmm.model.scan.selective_scan_export`)."""
 
 
 class ClipGraph(nn.Module):

@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pipeline.errors import BadInputError
-from salmm.checkpoint import check_state_dict, load_checkpoint, save_checkpoint
-from salmm.model import CLIP_PREFIX, SalMM
+from pipeline.core.errors import BadInputError
+from salmm.model.checkpoint import check_state_dict, load_checkpoint, save_checkpoint
+from salmm.model.net import CLIP_PREFIX, SalMM
 
 __all__ = ["OfficialCheckpoint", "load_official", "read_official", "save_official"]
 

@@ -7,7 +7,7 @@ makes, and the trainer's options.
 commands reuse; :func:`parse_checked` parses and checks any of their command lines and
 :func:`options_from` makes a command's options dataclass of them (:func:`parse_args`: the
 trainer's :class:`TrainConfig`). The CLIP weights option is parsed by
-:func:`pipeline.clip.parse_weights`, the one parser of ``none``. Defaults follow the published
+:func:`pipeline.encoders.clip.parse_weights`, the one parser of ``none``. Defaults follow the published
 recipe: Adam, lr 1e-3, weight decay 1e-4, batch 32, 256x256 frames, seed 42, 100 epochs, float32,
 a fresh permutation of the training split every epoch.
 """
@@ -23,11 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
-from pipeline.clip import parse_weights as _pretrained
-from pipeline.errors import run_reporting
-from salmm import overlay
-from salmm.data import ORDERS
+from pipeline.encoders.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
+from pipeline.encoders.clip import parse_weights as _pretrained
+from pipeline.core.errors import run_reporting
+from salmm.render import overlay
+from salmm.data.stages import ORDERS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -276,9 +276,9 @@ def run_command(action: Callable[[], Any],
                 failures: Mapping[type[Exception], int] | None = None) -> int:
     """Run a command's ``action`` with logging set up; return its exit status.
 
-    Bad input (:class:`~pipeline.errors.BadInputError`) exits 2, an output that cannot be
-    written (:class:`~pipeline.errors.OutputError`, or a write's full-disk, read-only or
-    permission OSError: :func:`~pipeline.errors.output_error`) 1, Ctrl-C 130, and each other
+    Bad input (:class:`~pipeline.core.errors.BadInputError`) exits 2, an output that cannot be
+    written (:class:`~pipeline.core.errors.OutputError`, or a write's full-disk, read-only or
+    permission OSError: :func:`~pipeline.core.errors.output_error`) 1, Ctrl-C 130, and each other
     expected failure in ``failures`` its own code, after one logged line saying what is
     wrong.
     """

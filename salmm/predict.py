@@ -34,12 +34,12 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import prepared_size
-from pipeline.progress import progress
-from salmm import overlay
-from salmm.data import EmbeddingTable
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import prepared_size
+from pipeline.core.progress import progress
+from salmm.render import overlay
+from salmm.data.stages import EmbeddingTable
 from salmm.inference import (
     MODEL_OPTIONS_NOTE,
     LoadedModel,
@@ -59,7 +59,7 @@ from salmm.options import (
     positive_int,
     run_command,
 )
-from salmm.sources import (
+from salmm.data.sources import (
     IMAGE_SUFFIXES,
     Item,
     folder_images,

@@ -14,7 +14,7 @@ atomically) and a window with ``--show``. Inputs:
   camera index (``0``): OpenCV capture. A camera is live: frames that arrive while the model is
   busy are dropped (counted) rather than queued, so the overlay stays current;
 * ``-``: an MJPEG byte stream on standard input (concatenated JPEG images, e.g. ``ffmpeg -i
-  rtsp://... -f mjpeg -``), split by :func:`salmm.sources.split_mjpeg` and decoded strictly.
+  rtsp://... -f mjpeg -``), split by :func:`salmm.data.sources.split_mjpeg` and decoded strictly.
 
 **Semantic refresh**: CLIP's embedding changes slowly from frame to frame; ``--refresh-every
 K`` runs CLIP on every K-th frame only and reuses the last embedding between (K = 1, the
@@ -25,7 +25,7 @@ graphs of :mod:`salmm.export`: ``--onnx DIR`` names an export, checked against t
 checkpoint; without it the checkpoint is exported once into :data:`EXPORT_CACHE`). The
 checkpoint's CLIP options are checked as evaluate checks them.
 
-Decoding and resizing run in a background thread (a camera's in :class:`~pipeline.streams.Latest`),
+Decoding and resizing run in a background thread (a camera's in :class:`~pipeline.core.pipes.Latest`),
 overlapping the model. At the end (and live in the progress bar) it reports per-frame latency -
 from the loop taking the decoded frame to its overlay handed to the writer: CLIP when it runs,
 SalM², drawing - as p50 / p95 / max, and the sustained frame rate: frames over the wall time
@@ -50,13 +50,13 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.clip import cached_encoder
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.progress import progress
-from pipeline.streams import Latest, prefetch
-from salmm import overlay
-from salmm.devices import autocast
+from pipeline.encoders.clip import cached_encoder
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.core.progress import progress
+from pipeline.core.pipes import Latest, prefetch
+from salmm.render import overlay
+from salmm.model.devices import autocast
 from salmm.export import ExportOptions, checked_export, export
 from salmm.inference import (
     MODEL_OPTIONS_NOTE,
@@ -72,7 +72,7 @@ from salmm.options import (
     positive_int,
     run_command,
 )
-from salmm.sources import (
+from salmm.data.sources import (
     Item,
     folder_images,
     image_items,

@@ -14,7 +14,7 @@ The run, top to bottom:
    and recipe. A mismatch stops the run with one line.
 3. Per epoch: train (``nn.BCELoss`` on the saliency map, Adam, as published, on a fresh
    permutation of the split, in float32 with a fixed thread count), validate (loss, CC, SIM,
-   KLD from :mod:`salmm.metrics`), write ``last.pt`` (and ``best.pt`` on a new best validation
+   KLD from :mod:`salmm.evaluation.metrics`), write ``last.pt`` (and ``best.pt`` on a new best validation
    loss) atomically, ``metrics.csv``, TensorBoard events under ``tb/`` and ``curves.png``.
 4. A non-finite prediction, loss or gradient stops the run before the bad step reaches the
    weights, saving ``last-good.pt`` (every tensor in it finite).
@@ -50,16 +50,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from pipeline import clip_cache, cpu
-from pipeline.clip import RANDOM_NOTE
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import read_manifest, version_id
-from pipeline.progress import progress, track
-from pipeline.shard_index import SampleReader, read_index
-from pipeline.shards import split_shards
-from salmm import metrics
-from salmm.checkpoint import (
+from pipeline.formats import clip_cache
+
+from pipeline.core import cpu
+from pipeline.encoders.clip import RANDOM_NOTE
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import read_manifest, version_id
+from pipeline.core.progress import progress, track
+from pipeline.formats.shard_index import SampleReader, read_index
+from pipeline.formats.shards import split_shards
+from salmm.evaluation import metrics
+from salmm.model.checkpoint import (
     FORMAT,
     check_state_dict,
     git_commit,
@@ -68,7 +70,7 @@ from salmm.checkpoint import (
     set_rng_state,
     training_checkpoint,
 )
-from salmm.data import (
+from salmm.data.stages import (
     EmbeddingTable,
     EpochBatches,
     IndexedSamples,
@@ -76,10 +78,10 @@ from salmm.data import (
     make_indexed_loader,
     make_loader,
 )
-from salmm.devices import autocast, autocast_dtype
-from salmm.model import build_model as model_factory
+from salmm.model.devices import autocast, autocast_dtype
+from salmm.model.net import build_model as model_factory
 from salmm.options import RECIPE_FIELDS, TrainConfig, parse_args, run_command
-from salmm.plots import plot_history
+from salmm.render.plots import plot_history
 
 log = logging.getLogger("salmm.train")
 
@@ -363,7 +365,7 @@ def train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, steps: in
 @torch.inference_mode()
 def validate(model: nn.Module, loader: torch.utils.data.DataLoader, rt: Runtime
              ) -> dict[str, float]:
-    """Validation loss and the mean CC, SIM, KLD per frame (:func:`salmm.metrics.evaluate_frame`,
+    """Validation loss and the mean CC, SIM, KLD per frame (:func:`salmm.evaluation.metrics.evaluate_frame`,
     the official evaluation's per-frame scores) over all processes' samples, and their count
     (``valid_loss``, ``CC``, ``SIM``, ``KLD``, ``valid_samples``). A metric undefined on a frame
     (NaN: an all-zero label has no distribution to compare with) is left out of its mean;

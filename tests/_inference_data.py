@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.manifest import read_manifest, version_id
-from pipeline.shards import decode_label, decode_npy, iter_tar
+from pipeline.formats.manifest import read_manifest, version_id
+from pipeline.formats.shards import decode_label, decode_npy, iter_tar
 from tests._prepared import run_module
 
 VIDEOS, FRAMES = 3, 9          # video 3 is the test split: frames 6..9 listed
@@ -55,8 +55,8 @@ def _run(*args: str) -> None:
 
 
 def _checkpoints(work: Path, prepared: Path, version: str) -> tuple[Path, Path]:
-    from salmm.checkpoint import save_checkpoint, training_checkpoint
-    from salmm.model import SalMM
+    from salmm.model.checkpoint import save_checkpoint, training_checkpoint
+    from salmm.model.net import SalMM
     from salmm.official import save_official
     from salmm.options import TrainConfig
 
@@ -144,11 +144,11 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
     cache)."""
     import hashlib
 
-    from pipeline.clip_cache import CacheWriter
-    from pipeline.fsio import Folder
-    from pipeline.manifest import canonical_json, write_manifest
-    from pipeline.matfile import write_fixdata
-    from pipeline.shards import encode_npy, encode_png, write_shard
+    from pipeline.formats.clip_cache import CacheWriter
+    from pipeline.core.fsio import Folder
+    from pipeline.formats.manifest import canonical_json, write_manifest
+    from pipeline.datasets.matfile import write_fixdata
+    from pipeline.formats.shards import encode_npy, encode_png, write_shard
 
     rng = np.random.default_rng(11)
     folder = Folder(root)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.clip_cache import CacheWriter
-from pipeline.fsio import Folder
-from pipeline.manifest import canonical_json, read_manifest, version_id, write_manifest
-from pipeline.shard_index import build_index, write_index
-from pipeline.shards import encode_npy, encode_png, split_shards, write_shard
+from pipeline.formats.clip_cache import CacheWriter
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import canonical_json, read_manifest, version_id, write_manifest
+from pipeline.formats.shard_index import build_index, write_index
+from pipeline.formats.shards import encode_npy, encode_png, split_shards, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DIM = 8

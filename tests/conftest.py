@@ -11,7 +11,7 @@
 * ``tiny_raw`` (function-scoped factory): a minimal hand-written dataset with chosen
   fixdata cells and tiny JPEGs, for tests that need exact control (bad-input cases).
 
-The model's thread governor (:mod:`pipeline.cpu`) is off in the test process: it follows the
+The model's thread governor (:mod:`pipeline.core.cpu`) is off in the test process: it follows the
 machine's load, and results must not (torch rounds differently with the thread count). Its
 decisions are tested on a simulated machine in ``test_cpu.py``; child processes get
 ``OMP_NUM_THREADS=1`` where they compute with torch.
@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import cpu
-from pipeline.matfile import write_fixdata
-from pipeline.splits import write_split
+from pipeline.core import cpu
+from pipeline.datasets.matfile import write_fixdata
+from pipeline.datasets.splits import write_split
 from pipeline.synth import write_dataset
 
 

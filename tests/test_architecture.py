@@ -106,14 +106,14 @@ def test_the_layer_list_names_only_modules_that_exist():
 
 @pytest.mark.parametrize("source, problem", [
     ("from salmm.train import train\n", "imports salmm.train, a layer above"),
-    ("def f():\n    import pipeline.splits\n", "import inside a function without '# lazy: why'"),
+    ("def f():\n    import pipeline.datasets.splits\n", "import inside a function without '# lazy: why'"),
     ("from salmm import model\n", "imports salmm.model, a layer above"),
     ("def f():\n    import numpy  # lazy: only here\n", None),
-    ("from pipeline.fsio import Folder\n", None),
+    ("from pipeline.core.fsio import Folder\n", None),
 ])
 def test_the_check_fails_on_an_upward_import(source, problem):
     modules = {module for module, _ in sources()}
-    got = violations(source, "pipeline.manifest", layers(), modules)      # a formats module
+    got = violations(source, "pipeline.formats.manifest", layers(), modules)      # a formats module
     if problem is None:
         assert got == []
     else:

@@ -28,16 +28,16 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.clip import ClipSpec
-from pipeline.clip_cache import open_cache
+from pipeline.encoders.clip import ClipSpec
+from pipeline.formats.clip_cache import open_cache
 from pipeline.embed import embed_prepared
-from pipeline.manifest import prepared_size, read_manifest
-from pipeline.matfile import load_fixdata, write_fixdata
+from pipeline.formats.manifest import prepared_size, read_manifest
+from pipeline.datasets.matfile import load_fixdata, write_fixdata
 from pipeline.normalize import normalize
-from pipeline.shards import read_shard, split_shards
+from pipeline.formats.shards import read_shard, split_shards
 from salmm import train
-from salmm.data import decode_sample
-from salmm.model import SalMM
+from salmm.data.stages import decode_sample
+from salmm.model.net import SalMM
 from salmm.options import TrainConfig
 from tests._reference import needs_reference, reference_module
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import _tiny_jpeg, write_tiny_dataset
 
-from pipeline.errors import BadInputError
-from pipeline.images import decode_gray, decode_rgb
-from pipeline.manifest import MANIFEST, read_manifest
+from pipeline.core.errors import BadInputError
+from pipeline.formats.images import decode_gray, decode_rgb
+from pipeline.formats.manifest import MANIFEST, read_manifest
 from pipeline.normalize import normalize
 
 
@@ -162,7 +162,7 @@ def test_a_gaze_map_larger_than_the_frame_is_refused(tmp_path, cluster):
 
 @pytest.mark.parametrize("mat_format", ["v5", "v7.3"])
 def test_every_single_byte_flip_of_a_fixdata_file_is_read_or_refused(tmp_path, mat_format):
-    from pipeline.matfile import load_fixdata, write_fixdata
+    from pipeline.datasets.matfile import load_fixdata, write_fixdata
 
     path = tmp_path / "fixdata1.mat"
     write_fixdata(path, [np.array([[0, 0, 640.0, 360.0], [0, 0, 10, 20]]), np.zeros((0, 4)),
@@ -202,8 +202,8 @@ def flip_byte(shard: Path, ext: str) -> None:
 def test_embed_refuses_a_shard_that_changed_after_normalize(tmp_path):
     import zarr
 
-    from pipeline.clip import ClipSpec
-    from pipeline.clip_cache import open_cache
+    from pipeline.encoders.clip import ClipSpec
+    from pipeline.formats.clip_cache import open_cache
     from pipeline.embed import embed_prepared
     from tests._prepared import write_prepared
 
@@ -219,8 +219,8 @@ def test_embed_refuses_a_shard_that_changed_after_normalize(tmp_path):
 
 
 def test_training_data_refuses_a_shard_that_changed_after_normalize(tmp_path):
-    from pipeline.shards import split_shards
-    from salmm.data import read_shards
+    from pipeline.formats.shards import split_shards
+    from salmm.data.stages import read_shards
     from tests._prepared import write_prepared
 
     prepared = write_prepared(tmp_path / "p", {"train": [3]})
@@ -260,7 +260,7 @@ def test_a_full_disk_at_any_write_is_one_line_and_leaves_no_manifest(tmp_path, c
     import errno
     import os
 
-    from pipeline.errors import OutputError
+    from pipeline.core.errors import OutputError
 
     root = trafficgaze(tmp_path / "raw", frames=2)
     real_fsync = os.fsync
@@ -390,7 +390,7 @@ def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_pat
     options = PredictOptions(checkpoint=str(data.trainer), input=str(video),
                              out=str(tmp_path / "out"))
     refused(lambda: predict(options), str(video), "of the 8 frames it announces")
-    with caplog.at_level(logging.WARNING, logger="salmm.sources"):
+    with caplog.at_level(logging.WARNING, logger="salmm.data.sources"):
         written = predict(PredictOptions(**{**options.__dict__, "allow_short_video": True,
                                             "out": str(tmp_path / "short")}))
     read = len([p for p in written if p.suffix == ".png"])
@@ -401,10 +401,10 @@ def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_pat
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path, cluster):
-    from pipeline.clip import ClipSpec
+    from pipeline.encoders.clip import ClipSpec
     from pipeline.embed import embed_prepared
-    from pipeline.errors import OutputError
-    from pipeline.fsio import Folder
+    from pipeline.core.errors import OutputError
+    from pipeline.core.fsio import Folder
 
     root = trafficgaze(tmp_path / "raw")
     out = tmp_path / "out"
@@ -424,8 +424,8 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, cluster):
 
 
 def test_the_stale_cache_message_leads_to_a_run_that_works(tmp_path, cluster):
-    from pipeline.clip import ClipSpec
-    from pipeline.clip_cache import open_cache, open_checked_cache
+    from pipeline.encoders.clip import ClipSpec
+    from pipeline.formats.clip_cache import open_cache, open_checked_cache
     from pipeline.embed import embed_prepared
 
     root = trafficgaze(tmp_path / "raw")
@@ -460,13 +460,13 @@ def test_a_refused_normalize_leaves_the_complete_output_as_it_was(tmp_path, clus
 def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
     import torch
 
-    from pipeline.clip import ClipSpec, cached_encoder
-    from pipeline.fsio import Folder
-    from pipeline.manifest import write_manifest
-    from pipeline.shards import encode_png, split_shards, write_shard
+    from pipeline.encoders.clip import ClipSpec, cached_encoder
+    from pipeline.core.fsio import Folder
+    from pipeline.formats.manifest import write_manifest
+    from pipeline.formats.shards import encode_png, split_shards, write_shard
     from salmm import train
-    from salmm.data import SaliencyShards, make_loader
-    from salmm.model import SalMM
+    from salmm.data.stages import SaliencyShards, make_loader
+    from salmm.model.net import SalMM
     from tests._prepared import make_sample, write_prepared
 
     prepared = write_prepared(tmp_path / "p", {"valid": [3]})
@@ -487,7 +487,7 @@ def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
 
 
 def test_progress_off_a_terminal_is_log_lines_not_carriage_returns(monkeypatch, caplog):
-    from pipeline import progress as progress_module
+    from pipeline.core import progress as progress_module
 
     monkeypatch.setattr(progress_module.sys.stderr, "isatty", lambda: False)
     monkeypatch.setattr(progress_module, "QUIET_UNDER_S", 0.0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import BadInputError
-from salmm.checkpoint import git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.core.errors import BadInputError
+from salmm.model.checkpoint import git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def _draws() -> tuple:

@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms import InterpolationMode, Resize
 from torchvision.transforms import functional as TF
 
-from pipeline.clip import build_clip_encoder, weights_identity
+from pipeline.encoders.clip import build_clip_encoder, weights_identity
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 

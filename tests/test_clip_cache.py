@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.clip_cache import FORMAT, FORMAT_VERSION, CacheWriter, check_cache, open_cache
-from pipeline.errors import BadInputError
-from pipeline.manifest import version_id
+from pipeline.formats.clip_cache import FORMAT, FORMAT_VERSION, CacheWriter, check_cache, open_cache
+from pipeline.core.errors import BadInputError
+from pipeline.formats.manifest import version_id
 
 DIM = 8
 def _split(name: str, samples: int) -> dict:
@@ -159,8 +159,8 @@ def test_readers_refuse_another_dataset_version(tmp_path):
 
 
 def test_readers_refuse_a_prepared_folder_of_another_version(tmp_path):
-    from pipeline.fsio import Folder
-    from pipeline.manifest import write_manifest
+    from pipeline.core.fsio import Folder
+    from pipeline.formats.manifest import write_manifest
 
     prepared = tmp_path / "prepared"
     Folder(prepared).makedirs()

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from pipeline import cpu
+from pipeline.core import cpu
 
 
 class FakeMachine:

@@ -10,10 +10,10 @@ from pathlib import PurePosixPath
 import pytest
 from distributed import LocalCluster
 
-from pipeline import dask_cluster
-from pipeline.cpu import usable_cores
-from pipeline.dask_cluster import dask_client
-from pipeline.errors import BadInputError
+from pipeline.core import dask_cluster
+from pipeline.core.cpu import usable_cores
+from pipeline.core.dask_cluster import dask_client
+from pipeline.core.errors import BadInputError
 
 
 def test_local_cluster_has_single_threaded_worker_processes():

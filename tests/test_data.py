@@ -11,12 +11,12 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.clip_cache import open_cache
-from pipeline.errors import BadInputError
-from pipeline.manifest import read_manifest
-from pipeline.shard_index import SampleReader, read_index
-from pipeline.shards import split_shards
-from salmm.data import (
+from pipeline.formats.clip_cache import open_cache
+from pipeline.core.errors import BadInputError
+from pipeline.formats.manifest import read_manifest
+from pipeline.formats.shard_index import SampleReader, read_index
+from pipeline.formats.shards import split_shards
+from salmm.data.stages import (
     EmbeddingTable,
     EpochBatches,
     IndexedSamples,

@@ -19,15 +19,15 @@ import zarr
 from _prepared import write_prepared
 from conftest import write_tiny_dataset
 
-from pipeline.clip import ClipSpec, build_clip_encoder, cached_encoder
-from pipeline.clip_cache import default_cache_path, open_cache
+from pipeline.encoders.clip import ClipSpec, build_clip_encoder, cached_encoder
+from pipeline.formats.clip_cache import default_cache_path, open_cache
 from pipeline.embed import ChunkJob, _decoded_batches, _read_samples, embed_prepared
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import read_manifest, shard_urls, write_manifest
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import read_manifest, shard_urls, write_manifest
 from pipeline.normalize import normalize
-from pipeline.shards import read_shard, split_shards, write_shard
-from pipeline.streams import prefetch
+from pipeline.formats.shards import read_shard, split_shards, write_shard
+from pipeline.core.pipes import prefetch
 
 SPEC = ClipSpec(pretrained=None)
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def _embed_command(prepared: Path, out: Path, *extra: str) -> list[str]:
 
 KILL_AFTER_FIRST_CHUNK = """
 import os, signal, sys
-from pipeline import clip_cache
+from pipeline.formats import clip_cache
 from pipeline.cli import main
 write = clip_cache.CacheWriter.write_chunk
 def write_then_die(self, *args, **kwargs):
@@ -335,8 +335,8 @@ def test_unavailable_weights_fail_with_one_line_saying_what_to_do(monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("Failed to download weights for tag 'openai': no network\nmore")
 
-    monkeypatch.setattr("pipeline.clip._cached_weights", lambda cfg: False)
-    monkeypatch.setattr("pipeline.clip._reachable", lambda host, port: None)
+    monkeypatch.setattr("pipeline.encoders.clip._cached_weights", lambda cfg: False)
+    monkeypatch.setattr("pipeline.encoders.clip._reachable", lambda host, port: None)
     monkeypatch.setattr("open_clip.create_model_and_transforms", offline)
     with pytest.raises(BadInputError) as err:
         build_clip_encoder(pretrained="openai")
@@ -346,7 +346,7 @@ def test_unavailable_weights_fail_with_one_line_saying_what_to_do(monkeypatch):
 
 
 def test_an_unreachable_weights_host_is_known_at_once_without_retries(monkeypatch):
-    monkeypatch.setattr("pipeline.clip._cached_weights", lambda cfg: False)
+    monkeypatch.setattr("pipeline.encoders.clip._cached_weights", lambda cfg: False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")     # nothing listens there
     monkeypatch.setattr("open_clip.create_model_and_transforms",
                         lambda *a, **k: pytest.fail("no download may be attempted"))

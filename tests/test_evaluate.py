@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import BadInputError
-from pipeline.labels import matlab_points
-from pipeline.readers import fixation_points
-from pipeline.shards import decode_npy, encode_npy
-from salmm import matlab_export
+from pipeline.core.errors import BadInputError
+from pipeline.formats.labels import matlab_points
+from pipeline.datasets.readers import fixation_points
+from pipeline.formats.shards import decode_npy, encode_npy
+from salmm.evaluation import matlab_export
 from salmm.evaluate import EvalOptions, evaluate, main
 from salmm.inference import FROM_CHECKPOINT, resolve_clip
-from salmm.metrics import METRIC_ORDER, fixation_map
+from salmm.evaluation.metrics import METRIC_ORDER, fixation_map
 from tests._inference_data import (
     InferenceData,
     fixation_count,

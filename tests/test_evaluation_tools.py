@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.manifest import read_manifest
+from pipeline.formats.manifest import read_manifest
 from salmm import compare as compare_module
-from salmm import metrics
-from salmm.baselines import centre_gaussian, centre_widths, fit_baseline
+from salmm.evaluation import metrics
+from salmm.evaluation.baselines import centre_gaussian, centre_widths, fit_baseline
 from salmm.certify import main as certify_main
 from salmm.compare import main as compare_main
 from salmm.evaluate import EvalOptions, evaluate
@@ -78,7 +78,7 @@ def test_baselines_are_fitted_deterministically_on_the_train_labels(prepared):
     root, _ = prepared
     manifest = read_manifest(str(root))
     mean = fit_baseline("mean", str(root), manifest)
-    from salmm.baselines import mean_label
+    from salmm.evaluation.baselines import mean_label
     want, frames = mean_label(str(root), manifest)
     assert frames == 4 and mean.fit["frames"] == 4 and mean.fit["split"] == "train"
     np.testing.assert_array_equal(mean.map, want)

@@ -15,8 +15,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from pipeline.clip import build_clip_encoder
-from pipeline.errors import BadInputError
+from pipeline.encoders.clip import build_clip_encoder
+from pipeline.core.errors import BadInputError
 from salmm import export as export_module
 from salmm.export import (
     GRAPH_TOLERANCE,
@@ -28,7 +28,7 @@ from salmm.export import (
     main,
 )
 from salmm.inference import load_model
-from salmm.model import SalMM
+from salmm.model.net import SalMM
 from tests._inference_data import InferenceData, inference_data, onnx_export
 
 

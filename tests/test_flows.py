@@ -20,10 +20,10 @@ import pytest
 
 from flows.config import deployment_parameters
 from flows.local import local_services
-from pipeline.clip_cache import open_cache
-from pipeline.errors import BadInputError
-from pipeline.manifest import read_manifest, version_id
-from pipeline.splits import read_split
+from pipeline.formats.clip_cache import open_cache
+from pipeline.core.errors import BadInputError
+from pipeline.formats.manifest import read_manifest, version_id
+from pipeline.datasets.splits import read_split
 from pipeline.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_flows_local_stops_everything_it_started_on_a_stop_signal(tmp_path: Path
 def test_concurrent_runs_on_other_outputs_complete_and_a_held_output_is_refused_in_one_line(
         tmp_path: Path, synth_dataset, clean_env) -> None:
     from flows.config import RAW_DIRNAMES
-    from pipeline.fsio import Folder
+    from pipeline.core.fsio import Folder
 
     for dataset, dirname in RAW_DIRNAMES.items():
         shutil.copytree(synth_dataset(dataset, videos=3, frames=8 if dataset != "bdda" else 5),

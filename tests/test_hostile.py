@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import read_manifest, write_manifest
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import read_manifest, write_manifest
 from pipeline.verify import verify
 from salmm import compare, evaluate, train
-from salmm.overlay import VideoWriter, write_animation
+from salmm.render.overlay import VideoWriter, write_animation
 from tests._inference_data import InferenceData, inference_data
 from tests._prepared import prepare_with_commands, write_prepared
 

@@ -1,11 +1,11 @@
-"""salmm.imresize: MATLAB imresize semantics, fast path against the loop reference."""
+"""salmm.evaluation.imresize: MATLAB imresize semantics, fast path against the loop reference."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from salmm.imresize import contributions, imresize, imresize_reference
+from salmm.evaluation.imresize import contributions, imresize, imresize_reference
 
 SHAPES = [
     ((7, 9), (20, 31)),  # enlarge both

@@ -8,7 +8,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from pipeline.datasets import read_frames
-from pipeline.labels import (
+from pipeline.formats.labels import (
     fixation_label,
     fixation_label_reference,
     frame_label,

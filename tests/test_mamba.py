@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salmm.mamba import Mamba, cuda_kernels_available
-from salmm.scan import selective_scan_ref
+from salmm.model.mamba import Mamba, cuda_kernels_available
+from salmm.model.scan import selective_scan_ref
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import (
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,

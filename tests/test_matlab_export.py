@@ -1,4 +1,4 @@
-"""salmm.matlab_export: the pre/ tar/ test.mat layout the official MATLAB scripts read."""
+"""salmm.evaluation.matlab_export: the pre/ tar/ test.mat layout the official MATLAB scripts read."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from pipeline.errors import BadInputError
-from salmm import matlab_export as X
+from pipeline.core.errors import BadInputError
+from salmm.evaluation import matlab_export as X
 
 NAMES = ["04/000006.jpg", "04/000007.jpg", "13/001200.jpg"]
 

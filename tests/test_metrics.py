@@ -1,4 +1,4 @@
-"""salmm.metrics: hand-checked values, MATLAB edge cases, fast paths against references."""
+"""salmm.evaluation.metrics: hand-checked values, MATLAB edge cases, fast paths against references."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from salmm import metrics as M
-from salmm.imresize import imresize
+from salmm.evaluation import metrics as M
+from salmm.evaluation.imresize import imresize
 
 
 def _blobs(shape, centres, sigma, rng=None):

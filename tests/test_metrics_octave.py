@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-from pipeline.matfile import write_fixdata
-from salmm import metrics as M
-from salmm.matlab_export import export_for_matlab
+from pipeline.datasets.matfile import write_fixdata
+from salmm.evaluation import metrics as M
+from salmm.evaluation.matlab_export import export_for_matlab
 from tests._reference import official_metrics
 
 log = logging.getLogger(__name__)

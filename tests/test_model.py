@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pipeline.clip import build_clip_encoder
-from salmm.model import CLIP_PREFIX, CrossModelAtt, SalMM
+from pipeline.encoders.clip import build_clip_encoder
+from salmm.model.net import CLIP_PREFIX, CrossModelAtt, SalMM
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 

@@ -18,12 +18,12 @@ from conftest import _tiny_jpeg, write_tiny_dataset
 from PIL import Image
 
 from pipeline.datasets import read_frames
-from pipeline.errors import BadInputError
-from pipeline.images import decode_gray
-from pipeline.labels import fixation_label_reference, gaze_map_label, loader_points
-from pipeline.manifest import INPUTS, MANIFEST, RUN, read_manifest, shard_urls, version_id
+from pipeline.core.errors import BadInputError
+from pipeline.formats.images import decode_gray
+from pipeline.formats.labels import fixation_label_reference, gaze_map_label, loader_points
+from pipeline.formats.manifest import INPUTS, MANIFEST, RUN, read_manifest, shard_urls, version_id
 from pipeline.normalize import normalize
-from pipeline.shards import decode_label, decode_npy, iter_tar
+from pipeline.formats.shards import decode_label, decode_npy, iter_tar
 from pipeline.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,8 +342,8 @@ def test_a_run_of_ten_thousand_frames_killed_halfway_resumes_to_identical_bytes(
     """The kill test at a real count: 10,000 frames (25 videos of 400), a few dozen distinct
     1280x720 JPEGs hard-linked as all of them; decoded at reduced scale to a 64x64 size (the
     resume logic, not the decoder, is under test here)."""
-    from pipeline.matfile import write_fixdata
-    from pipeline.splits import write_split
+    from pipeline.datasets.matfile import write_fixdata
+    from pipeline.datasets.splits import write_split
 
     root = tmp_path / "tg10k"
     pool = [root / "pool" / f"{i}.jpg" for i in range(40)]

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from pipeline.errors import BadInputError
-from salmm.model import SalMM
+from pipeline.core.errors import BadInputError
+from salmm.model.net import SalMM
 from salmm.official import load_official, main, read_official, save_official
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import zarr
 
-from pipeline.clip import ClipSpec, activation
-from pipeline.clip_cache import FORMAT, CacheWriter, check_cache, open_cache
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import read_manifest, version_id
-from salmm.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from salmm.checkpoint import load_checkpoint
+from pipeline.encoders.clip import ClipSpec, activation
+from pipeline.formats.clip_cache import FORMAT, CacheWriter, check_cache, open_cache
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import read_manifest, version_id
+from salmm.model.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from salmm.model.checkpoint import load_checkpoint
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

@@ -1,4 +1,4 @@
-"""``python -m salmm.predict`` and the pictures it draws (:mod:`salmm.overlay`)."""
+"""``python -m salmm.predict`` and the pictures it draws (:mod:`salmm.render.overlay`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from pipeline.errors import BadInputError
-from salmm import overlay
+from pipeline.core.errors import BadInputError
+from salmm.render import overlay
 from salmm.predict import ANIMATION_WIDTH, PredictOptions, main, predict
 from tests._inference_data import InferenceData, inference_data
 
@@ -75,7 +75,7 @@ def test_gif_has_one_frame_per_picture_and_mp4_falls_back(tmp_path: Path,
     assert gif_frames(tmp_path / "a.gif") == 5
     assert iio.immeta(tmp_path / "a.gif")["duration"] == 250
     monkeypatch.setattr(overlay, "mp4_available", lambda: False)
-    with caplog.at_level(logging.INFO, logger="salmm.overlay"):
+    with caplog.at_level(logging.INFO, logger="salmm.render.overlay"):
         assert overlay.animation_format("auto") == "gif"
         assert overlay.animation_format("mp4") == "gif"
     assert "no ffmpeg backend" in caplog.text

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import read_manifest, version_id
+from pipeline.formats.manifest import read_manifest, version_id
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import readers
+from pipeline.datasets import readers
 from pipeline.datasets import check_layout, read_frames
-from pipeline.errors import BadInputError
-from pipeline.images import decode_gray, decode_reduced_bytes, decode_rgb, jpeg_header
-from pipeline.labels import loader_points, matlab_points
-from pipeline.matfile import load_fixdata, write_fixdata
-from pipeline.readers import Frame, fixation_points
-from pipeline.splits import read_split, write_split
+from pipeline.core.errors import BadInputError
+from pipeline.formats.images import decode_gray, decode_reduced_bytes, decode_rgb, jpeg_header
+from pipeline.formats.labels import loader_points, matlab_points
+from pipeline.datasets.matfile import load_fixdata, write_fixdata
+from pipeline.datasets.readers import Frame, fixation_points
+from pipeline.datasets.splits import read_split, write_split
 
 
 def _cell(*points_xy, k=4):
@@ -172,7 +172,7 @@ def test_fixdata_loaded_once_per_file_and_drops_logged(tiny_raw, monkeypatch, ca
     calls = []
     original = readers.load_fixdata
     monkeypatch.setattr(readers, "load_fixdata", lambda path: calls.append(path) or original(path))
-    with caplog.at_level(logging.INFO, logger="pipeline.readers"):
+    with caplog.at_level(logging.INFO, logger="pipeline.datasets.readers"):
         frames = list(read_frames("trafficgaze", root, "train"))
     assert len(frames) == 6 and len(calls) == 1
     drops = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salmm.scan import selective_scan, selective_scan_export, selective_scan_ref
+from salmm.model.scan import selective_scan, selective_scan_export, selective_scan_ref
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]

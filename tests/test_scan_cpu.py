@@ -1,4 +1,4 @@
-"""The fused numba CPU scan (salmm.scan_cpu): every argument combination against the
+"""The fused numba CPU scan (salmm.model.scan_cpu): every argument combination against the
 sequential reference, against the chunked PyTorch scan, determinism, gradcheck, its exp, the
 implementation switch, and the whole model on either implementation."""
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import salmm.mamba
-import salmm.scan
-from salmm import scan_cpu
-from salmm.model import SalMM
-from salmm.scan import resolve_impl, selective_scan, selective_scan_ref
+import salmm.model.mamba
+import salmm.model.scan
+from salmm.model.net import scan_cpu
+from salmm.model.net import SalMM
+from salmm.model.scan import resolve_impl, selective_scan, selective_scan_ref
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 from tests.test_model import small_batch
 
@@ -274,7 +274,7 @@ def test_impl_switch(monkeypatch):
     inputs = scan_inputs(1, None, 2, 4, 3, torch.float32, seed=9)
     with pytest.raises(ValueError, match="chunk_len"):
         selective_scan(**inputs, chunk_len=8, impl="numba")
-    monkeypatch.setattr(salmm.scan, "_scan_cpu", lambda: None)  # as if numba did not import
+    monkeypatch.setattr(salmm.model.scan, "_scan_cpu", lambda: None)  # as if numba did not import
     assert resolve_impl("auto", cpu) == "torch"
     with pytest.raises(RuntimeError, match="numba"):
         resolve_impl("numba", cpu)
@@ -300,7 +300,7 @@ def test_model_on_numba_scan_equals_torch_scan(monkeypatch):
     the batch norms) outputs and every parameter gradient."""
     runs = {dtype: model_step(dtype) for dtype in (torch.float32, torch.float64)}
     torch_scan = functools.partial(selective_scan, impl="torch")
-    monkeypatch.setattr(salmm.mamba, "selective_scan", torch_scan)
+    monkeypatch.setattr(salmm.model.mamba, "selective_scan", torch_scan)
     out, _ = model_step(torch.float32)
     torch.testing.assert_close(runs[torch.float32][0], out, rtol=1e-5, atol=1e-5)
     out, grads = model_step(torch.float64)

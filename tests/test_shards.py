@@ -11,11 +11,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.labels import fixation_label, loader_points
-from pipeline.shard_index import SampleReader, build_index, scan_shard
-from pipeline.shards import (
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.labels import fixation_label, loader_points
+from pipeline.formats.shard_index import SampleReader, build_index, scan_shard
+from pipeline.formats.shards import (
     TAR_MTIME,
     Shard,
     decode_frame,
@@ -171,7 +171,7 @@ def test_write_shard_to_memory_filesystem():
 
 
 def test_index_keeps_digests_that_end_in_zero_bytes(tmp_path):
-    from pipeline.shard_index import INDEX_DTYPE, write_index
+    from pipeline.formats.shard_index import INDEX_DTYPE, write_index
 
     index = np.zeros(1, dtype=INDEX_DTYPE)
     digest = bytes(range(1, 31)) + b"\x00\x00"

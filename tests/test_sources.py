@@ -1,5 +1,5 @@
-"""Frame sources of predict and stream (:mod:`salmm.sources`), the live-source stage
-(:class:`pipeline.streams.Latest`) and the streaming MP4 writer (:class:`salmm.overlay.VideoWriter`)."""
+"""Frame sources of predict and stream (:mod:`salmm.data.sources`), the live-source stage
+(:class:`pipeline.core.pipes.Latest`) and the streaming MP4 writer (:class:`salmm.render.overlay.VideoWriter`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import BadInputError
-from pipeline.streams import Latest
-from salmm import overlay
-from salmm.sources import mjpeg_items, split_mjpeg
+from pipeline.core.errors import BadInputError
+from pipeline.core.pipes import Latest
+from salmm.render import overlay
+from salmm.data.sources import mjpeg_items, split_mjpeg
 from tests.test_bad_input import corrupt_scan, refused
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from salmm import stream as stream_module
 from salmm.inference import load_model
-from salmm.sources import image_items
+from salmm.data.sources import image_items
 from salmm.stream import (
     OnnxRunner,
     Report,

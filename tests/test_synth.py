@@ -17,11 +17,11 @@ import scipy.io
 
 from pipeline.cli import build_parser, main
 from pipeline.datasets import read_frames
-from pipeline.errors import BadInputError
-from pipeline.images import decode_gray, decode_rgb
-from pipeline.labels import fixation_label, fixation_label_reference, loader_points
-from pipeline.matfile import load_fixdata
-from pipeline.splits import read_split
+from pipeline.core.errors import BadInputError
+from pipeline.formats.images import decode_gray, decode_rgb
+from pipeline.formats.labels import fixation_label, fixation_label_reference, loader_points
+from pipeline.datasets.matfile import load_fixdata
+from pipeline.datasets.splits import read_split
 from pipeline.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_readers_read_every_split(synth_dataset, dataset):
 def test_fixations_look_like_eye_tracking(synth_dataset, caplog):
     """Listed frames with zero and one fixation, clusters, out-of-range points dropped + logged."""
     root = synth_dataset("trafficgaze", videos=3, frames=12)
-    with caplog.at_level(logging.INFO, logger="pipeline.readers"):
+    with caplog.at_level(logging.INFO, logger="pipeline.datasets.readers"):
         frames = [f for split in ("train", "valid", "test")
                   for f in read_frames("trafficgaze", root, split)]
     counts = [len(f.fixations) for f in frames]

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import BadInputError
-from pipeline.manifest import read_manifest
-from pipeline.shards import split_shards
-from salmm import metrics, train
-from salmm.checkpoint import load_checkpoint
-from salmm.data import SaliencyShards
+from pipeline.core.errors import BadInputError
+from pipeline.formats.manifest import read_manifest
+from pipeline.formats.shards import split_shards
+from salmm.evaluation import metrics
+from salmm import train
+from salmm.model.checkpoint import load_checkpoint
+from salmm.data.stages import SaliencyShards
 from salmm.official import load_official
 from salmm.options import TrainConfig, parse_args
 from tests._prepared import (

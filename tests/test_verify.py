@@ -14,7 +14,7 @@ import pytest
 from conftest import write_tiny_dataset
 from distributed import LocalCluster
 
-from pipeline.manifest import INPUTS, MANIFEST
+from pipeline.formats.manifest import INPUTS, MANIFEST
 from pipeline.normalize import normalize
 from pipeline.verify import verify
 

@@ -15,7 +15,7 @@ from pipeline.normalize.settings import (
     Options,
     parse_size,
 )
-from pipeline.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
+from pipeline.formats.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
 
 log = logging.getLogger("pipeline.normalize")
 

@@ -11,14 +11,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline import images, labels
-from pipeline.cpu import reuse_freed_memory
+from pipeline.formats import images, labels
+from pipeline.core.cpu import reuse_freed_memory
 from pipeline.datasets import get as dataset_entry
-from pipeline.errors import BadInputError
-from pipeline.fsio import file_fingerprint, relative_to
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import file_fingerprint, relative_to
 from pipeline.normalize.settings import Options
-from pipeline.readers import Frame
-from pipeline.shards import encode_sample, sample_key
+from pipeline.datasets.readers import Frame
+from pipeline.formats.shards import encode_sample, sample_key
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
     """All per-frame work for one frame: read (once), fingerprint, decode, resize, encode (the
     frame, the resized gaze map of BDDA, the fixations as recorded).
 
-    Returns the sample (:func:`pipeline.shards.encode_sample`); raises BadInputError for a
+    Returns the sample (:func:`pipeline.formats.shards.encode_sample`); raises BadInputError for a
     missing, corrupt or wrongly sized file.
     """
     raw = {path: images.read_image_bytes(path) for path in raw_files(frame)}

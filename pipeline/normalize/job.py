@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.dask_cluster import dask_client
+from pipeline.core.dask_cluster import dask_client
 from pipeline.datasets import check_layout
 from pipeline.datasets import get as dataset_entry
-from pipeline.errors import BadInputError, OutputError
-from pipeline.fsio import Folder
-from pipeline.manifest import (
+from pipeline.core.errors import BadInputError, OutputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import (
     FORMAT,
     FORMAT_VERSION,
     INPUTS,
@@ -59,11 +59,11 @@ from pipeline.normalize.settings import (
     parse_size,
     pipeline_entry,
 )
-from pipeline.progress import progress as progress_bar
-from pipeline.readers import Frame
-from pipeline.shard_index import build_index, write_index
-from pipeline.shards import DEFAULT_FRAME_CODEC, shard_name, split_shards, write_shard
-from pipeline.splits import SPLITS, split_path
+from pipeline.core.progress import progress as progress_bar
+from pipeline.datasets.readers import Frame
+from pipeline.formats.shard_index import build_index, write_index
+from pipeline.formats.shards import DEFAULT_FRAME_CODEC, shard_name, split_shards, write_shard
+from pipeline.datasets.splits import SPLITS, split_path
 
 log = logging.getLogger("pipeline.normalize")
 

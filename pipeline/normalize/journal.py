@@ -10,8 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from pipeline.fsio import Folder
-from pipeline.manifest import INPUTS, canonical_json
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import INPUTS, canonical_json
 
 log = logging.getLogger("pipeline.normalize")
 

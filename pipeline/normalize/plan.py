@@ -1,5 +1,5 @@
 """The plan of a normalize run: per split whose split file exists, its entries in split-file
-order, each paired with its :class:`~pipeline.readers.Frame` or the reader's BadInputError, cut
+order, each paired with its :class:`~pipeline.datasets.readers.Frame` or the reader's BadInputError, cut
 into shards of ``shard_size`` entries (boundaries depend on the split file only, so a bad frame
 shortens one shard instead of shifting all later ones)."""
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.datasets import read_frames
-from pipeline.errors import BadInputError
-from pipeline.readers import Frame
-from pipeline.splits import SPLITS, check_disjoint, split_entries, split_path
+from pipeline.core.errors import BadInputError
+from pipeline.datasets.readers import Frame
+from pipeline.datasets.splits import SPLITS, check_disjoint, split_entries, split_path
 
 log = logging.getLogger("pipeline.normalize")
 

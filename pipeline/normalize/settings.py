@@ -13,7 +13,7 @@ import numpy as np
 import PIL
 from PIL import features
 
-from pipeline.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS, JPEG_OPTIONS, PNG_OPTIONS
+from pipeline.formats.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS, JPEG_OPTIONS, PNG_OPTIONS
 
 DECODES = ("faithful", "fast")
 """How camera frames and gaze maps are decoded (``--profile``; see :class:`Options`)."""
@@ -64,9 +64,9 @@ class Options:
                       {"codec": "jpeg95", "encoder": "pillow", **JPEG_OPTIONS,
                        "subsampling": "4:4:4"}),
             "label": {
-                "fixations": "float64 as recorded; label = pipeline.labels.fixation_label of"
+                "fixations": "float64 as recorded; label = pipeline.formats.labels.fixation_label of"
                              " loader_points, computed when read",
-                "gaze_map": "pipeline.labels.gaze_map_resized, 8-bit PNG; label = value / 255",
+                "gaze_map": "pipeline.formats.labels.gaze_map_resized, 8-bit PNG; label = value / 255",
             },
             "key": "v{video:04d}_f{frame:06d}",
         }

@@ -3,7 +3,7 @@ folder of them, a video file, a camera and an MJPEG byte stream (``-``: standard
 
 Every source yields :class:`Item` in order, each frame as decoded (uint8 RGB [H, W, 3]) and
 resized for the model as ``python -m pipeline normalize`` resizes frames
-(:func:`pipeline.images.resize_frame`: ``cv2.resize(INTER_CUBIC)``). Decoding is strict: a corrupt image or
+(:func:`pipeline.formats.images.resize_frame`: ``cv2.resize(INTER_CUBIC)``). Decoding is strict: a corrupt image or
 JPEG in the stream is a BadInputError naming it, never a silently grey frame.
 
 * :func:`image_items` - image files (:func:`folder_images`: a folder's, in name order);
@@ -26,10 +26,10 @@ from typing import BinaryIO
 import cv2
 import numpy as np
 
-from pipeline.errors import BadInputError
-from pipeline.images import decode_rgb, decode_rgb_bytes, resize_frame
+from pipeline.core.errors import BadInputError
+from pipeline.formats.images import decode_rgb, decode_rgb_bytes, resize_frame
 
-log = logging.getLogger("salmm.sources")
+log = logging.getLogger("salmm.data.sources")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MAX_JPEG_BYTES = 64 << 20
@@ -63,7 +63,7 @@ def folder_images(path: str) -> list[Path]:
 
 
 def image_items(files: Sequence[Path], size: tuple[int, int]) -> Iterator[Item]:
-    """Frames decoded in full (:func:`pipeline.images.decode_rgb`) and resized for the model."""
+    """Frames decoded in full (:func:`pipeline.formats.images.decode_rgb`) and resized for the model."""
     for f in files:
         rgb = decode_rgb(f)
         yield Item(f.stem, rgb, resize_frame(rgb, size))

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.fsio import Folder
+from pipeline.core.fsio import Folder
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | Path) -> None:

@@ -13,7 +13,7 @@
                     list of every frame / gaze-map file (see below)
     splits          {split: {"entries", "samples", "shards": [{name, samples, sha256}, ...],
                              "skipped": [{name, shard, file, problem}, ...],
-                             "index": {name, sha256}}}  (member offsets: pipeline.shard_index)
+                             "index": {name, sha256}}}  (member offsets: pipeline.formats.shard_index)
     absent_splits   splits whose split file does not exist in the raw root
     version_id      version_id(manifest): 16 hex of sha256 of the canonical JSON of all the above
 
@@ -31,9 +31,9 @@ import json
 import re
 from typing import Any
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.splits import SPLITS
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.datasets.splits import SPLITS
 
 MANIFEST = "manifest.json"
 SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{6}}\.tar")

@@ -5,7 +5,7 @@
   moments about the centre of the mean training label - a closed form, so the fit is
   deterministic;
 * ``mean`` - the mean of the training split's labels (as stored: [0, 1] per pixel);
-* ``uniform`` - a constant map, scored by :func:`salmm.metrics.uniform_scores` (the official
+* ``uniform`` - a constant map, scored by :func:`salmm.evaluation.metrics.uniform_scores` (the official
   min-max normalisation makes a constant map NaN on every metric).
 
 The fits read the labels of the prepared dataset's ``train`` split (shards checked against
@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.manifest import prepared_size, version_id
-from pipeline.progress import progress
-from pipeline.shards import decode_label, split_shards
-from salmm.data import read_shards
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import prepared_size, version_id
+from pipeline.core.progress import progress
+from pipeline.formats.shards import decode_label, split_shards
+from salmm.data.stages import read_shards
 
-log = logging.getLogger("salmm.baselines")
+log = logging.getLogger("salmm.evaluation.baselines")
 
 BASELINES = ("center", "mean", "uniform")
 FIT_SPLIT = "train"

@@ -13,8 +13,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import write_atomic
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import write_atomic
 
 SPLITS = ("train", "valid", "test")
 

@@ -37,8 +37,8 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-from pipeline.images import decode_gray
-from pipeline.readers import SOURCE_SIZE, Frame
+from pipeline.formats.images import decode_gray
+from pipeline.datasets.readers import SOURCE_SIZE, Frame
 
 SIGMA = 40.0
 """Gaussian blur sigma in source pixels (the published loaders' ``gaussian_filter(mask, 40)``)."""
@@ -194,10 +194,10 @@ def gaze_map_label(gray_uint8: np.ndarray, size: tuple[int, int] = LABEL_SIZE) -
 
 
 def frame_label(frame: Frame, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
-    """The label of a :class:`~pipeline.readers.Frame`: float32 ``[height, width]`` in [0, 1].
+    """The label of a :class:`~pipeline.datasets.readers.Frame`: float32 ``[height, width]`` in [0, 1].
 
     Fixation datasets use :func:`fixation_label`; BDDA decodes the gaze map
-    (:class:`~pipeline.errors.BadInputError` if it is corrupt) and uses :func:`gaze_map_label`.
+    (:class:`~pipeline.core.errors.BadInputError` if it is corrupt) and uses :func:`gaze_map_label`.
     """
     if frame.gaze_map_path is not None:
         return gaze_map_label(decode_gray(frame.gaze_map_path), size)

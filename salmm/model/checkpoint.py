@@ -16,7 +16,7 @@ history            one dict per completed epoch (the rows of ``metrics.csv``)
 rng                generator states: ``torch`` (uint8 tensor), ``numpy``, ``python``, ``cuda``
                    (list of uint8 tensors, one per device; empty without CUDA)
 config             the run's full options (:class:`salmm.options.TrainConfig` as a dict)
-dataset_version    version id of the prepared dataset (``pipeline.manifest.version_id``)
+dataset_version    version id of the prepared dataset (``pipeline.formats.manifest.version_id``)
 cache_identity     the CLIP cache's recorded header (None when CLIP ran inline)
 git_commit         the project's git commit (None outside a git checkout)
 world_size         training processes (1 without torchrun)
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
 
 FORMAT = "salmm-train-checkpoint"
 FORMAT_VERSION = 2

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import write_atomic
-from pipeline.progress import track
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import write_atomic
+from pipeline.core.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ NAMES_VAR = "test"
 NAMES_FILE = "test.mat"
 
 _NAME = re.compile(r"^(\d{2}/\d{6}|\d{4}/\d{4})\.jpg$")
-_HEADER = b"MATLAB 5.0 MAT-file, written by salmm.matlab_export".ljust(116)
+_HEADER = b"MATLAB 5.0 MAT-file, written by salmm.evaluation.matlab_export".ljust(116)
 
 
 def check_frame_name(name: str) -> str:

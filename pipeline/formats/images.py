@@ -8,7 +8,7 @@ anything else.
 * BDDA gaze maps: read with ``cv2.imread(path, 0)``; :func:`decode_gray` runs libjpeg-turbo's
   greyscale decode on a JPEG's bytes (bit-exact with OpenCV's), OpenCV's on anything else.
 
-Every decoder refuses, with a one-line :class:`~pipeline.errors.BadInputError` naming the file,
+Every decoder refuses, with a one-line :class:`~pipeline.core.errors.BadInputError` naming the file,
 a missing, empty, truncated or corrupt file - **a decoder warning is an error**: libjpeg
 "recovers" from damaged entropy-coded data by inventing pixels, and the published loader's
 Pillow refuses such files ("broken data stream"), so JPEG data is decoded strictly and is also
@@ -32,7 +32,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import BadInputError
+from pipeline.core.errors import BadInputError
 
 _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"

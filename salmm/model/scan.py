@@ -4,7 +4,7 @@ implementation for any device, and the sequential reference.
 All with the argument conventions of ``mamba_ssm.selective_scan_fn``:
 
 * :func:`selective_scan` - what the model calls. ``impl="auto"`` (the default) runs the
-  fused numba kernels of :mod:`salmm.scan_cpu` for CPU tensors when numba imports, and the
+  fused numba kernels of :mod:`salmm.model.scan_cpu` for CPU tensors when numba imports, and the
   vectorised PyTorch scan otherwise (CUDA without mamba-ssm, or no numba); ``impl="numba"``
   / ``"torch"`` pick one. The PyTorch scan has no Python loop over single time steps: time
   is cut into chunks of T = ``CHUNK_LEN`` steps and laid out chunk-interleaved ([T, K, ...]:
@@ -175,9 +175,9 @@ class _SelectiveScanCore(torch.autograd.Function):
 
 @functools.cache
 def _scan_cpu():
-    """:mod:`salmm.scan_cpu`, or None when numba does not import (the reason is logged)."""
+    """:mod:`salmm.model.scan_cpu`, or None when numba does not import (the reason is logged)."""
     try:
-        from salmm import scan_cpu  # lazy: numba may be missing; the torch scan stands in
+        from salmm.model.net import scan_cpu  # lazy: numba may be missing; the torch scan stands in
     except ImportError as exc:
         log.info("numba CPU scan unavailable (%s: %s)", type(exc).__name__, exc)
         return None
@@ -193,7 +193,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "numba" if numba_ok else "torch"
     if impl == "numba" and not numba_ok:
-        raise RuntimeError("impl='numba' needs CPU tensors and numba (see salmm.scan_cpu)")
+        raise RuntimeError("impl='numba' needs CPU tensors and numba (see salmm.model.scan_cpu)")
     return impl
 
 
@@ -234,7 +234,7 @@ def selective_scan(
     Differentiable in all tensor inputs. Memory: two saved [..., d, l, n] buffers (decay,
     state) in the compute dtype.
 
-    impl: ``"numba"`` - the fused CPU kernels of :mod:`salmm.scan_cpu` (CPU tensors only);
+    impl: ``"numba"`` - the fused CPU kernels of :mod:`salmm.model.scan_cpu` (CPU tensors only);
     ``"torch"`` - the chunked PyTorch scan below (any device); ``"auto"`` - numba for CPU
     tensors when numba imports, else torch (see :func:`resolve_impl`). chunk_len (torch
     only): time steps per chunk (default ``CHUNK_LEN``; a constant, so a sequence's output

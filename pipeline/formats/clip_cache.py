@@ -36,10 +36,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.errors import BadInputError, OutputError
-from pipeline.fsio import Folder
-from pipeline.manifest import read_manifest, version_id
-from pipeline.splits import SPLITS
+from pipeline.core.errors import BadInputError, OutputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.manifest import read_manifest, version_id
+from pipeline.datasets.splits import SPLITS
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The paper's numbers come from the authors' MATLAB scripts (``metrics/calcForData
 release), which call the MIT benchmark functions ``AUC_Borji``, ``AUC_Judd``, ``NSS``, ``CC``,
 ``similarity`` and ``KLdiv``. Each function here reproduces one of them in float64, with
 MATLAB's ``eps`` (2.2204e-16), sample standard deviations (N - 1), MATLAB ``imresize`` (see
-:mod:`salmm.imresize`) and the same NaN outcomes:
+:mod:`salmm.evaluation.imresize`) and the same NaN outcomes:
 
 =========  ===============================================================================
 AUC_B      :func:`auc_borji`  — ROC area against ``n_splits`` sets of uniformly sampled pixels
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from salmm.imresize import imresize
+from salmm.evaluation.imresize import imresize
 
 #: MATLAB's ``eps``: the spacing of doubles at 1.0.
 EPS = float(np.finfo(np.float64).eps)

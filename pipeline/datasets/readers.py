@@ -13,8 +13,8 @@ The facts it needs - folders, frame size - come from its :class:`~pipeline.datas
 
 Fixation points are kept as recorded: ``row = column 4``, ``col = column 3`` as float64,
 every one of them (the training label and the evaluation each pick theirs, see
-:mod:`pipeline.labels`); points outside the 720x1280 frame are counted in one log line per
-``fixdata`` file, not an error. Problems that make a frame unusable raise :class:`~pipeline.errors.BadInputError`:
+:mod:`pipeline.formats.labels`); points outside the 720x1280 frame are counted in one log line per
+``fixdata`` file, not an error. Problems that make a frame unusable raise :class:`~pipeline.core.errors.BadInputError`:
 
 * a camera frame or gaze map listed in the split file is missing;
 * the video's ``fixdata`` file is missing, truncated or corrupt, or has fewer cells than
@@ -22,7 +22,7 @@ every one of them (the training label and the evaluation each pick theirs, see
 * a BDDA video whose ``camera_frames`` and ``gazemap_frames`` folders hold different
   numbers of frames (every frame of that video is reported, with the same error object).
 
-Readers check that files exist; they do not decode images (see :mod:`pipeline.images`).
+Readers check that files exist; they do not decode images (see :mod:`pipeline.formats.images`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.errors import BadInputError
-from pipeline.matfile import load_fixdata
+from pipeline.core.errors import BadInputError
+from pipeline.datasets.matfile import load_fixdata
 
 if TYPE_CHECKING:
     from pipeline.datasets import Dataset

@@ -3,7 +3,7 @@ atomically, hash a file.
 
 Atomic write: the bytes go to a temporary name next to the target, then one rename makes them
 visible; any failure to write (a full disk, no permission) is one
-:class:`~pipeline.errors.OutputError` line naming the file, and leaves no temporary file. On the local file system the temporary file is fsync'ed before the rename and the
+:class:`~pipeline.core.errors.OutputError` line naming the file, and leaves no temporary file. On the local file system the temporary file is fsync'ed before the rename and the
 folder after it, so after a crash a target either holds its complete new content or does not
 exist (or keeps its old content). Other fsspec file systems get write-to-temporary then ``mv``,
 which is as atomic as that store's move.
@@ -27,7 +27,7 @@ from typing import IO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import OutputError
+from pipeline.core.errors import OutputError
 
 TMP_MARK = ".tmp-"
 """Temporary names are ``<name>.tmp-<random>``; anything carrying the mark is an unfinished write."""

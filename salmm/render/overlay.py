@@ -22,8 +22,8 @@ import imageio.v3 as iio
 import imageio_ffmpeg
 import numpy as np
 
-from pipeline.errors import OutputError
-from pipeline.fsio import Folder
+from pipeline.core.errors import OutputError
+from pipeline.core.fsio import Folder
 
 log = logging.getLogger(__name__)
 

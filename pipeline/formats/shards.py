@@ -20,9 +20,9 @@ A sample is a dict ``{"__key__": str, "<field>": bytes, ...}`` with the fields
 =================  ===========================================================================
 
 keyed ``v{video:04d}_f{frame:06d}`` (:func:`sample_key`), in shards named
-``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`pipeline.manifest.SHARD_NAME`). The label
+``<split>-NNNNNN.tar`` (:func:`shard_name`, :data:`pipeline.formats.manifest.SHARD_NAME`). The label
 of a fixation dataset is not stored: :func:`decode_label` computes it from the fixations exactly
-as the authors' loader does (:func:`pipeline.labels.fixation_label` of the points the loader
+as the authors' loader does (:func:`pipeline.formats.labels.fixation_label` of the points the loader
 marks, ≤ 1e-6 from the loader's own arithmetic), and the evaluation marks the raw points the
 official MATLAB loop marks. Stable bytes come from fixed
 encoder options (below; the encoders' versions go into the manifest) and a tar writer whose
@@ -46,11 +46,11 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.images import decode_gray_bytes, decode_rgb_bytes, image_size
-from pipeline.labels import fixation_label
-from pipeline.manifest import canonical_json, shard_urls
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.images import decode_gray_bytes, decode_rgb_bytes, image_size
+from pipeline.formats.labels import fixation_label
+from pipeline.formats.manifest import canonical_json, shard_urls
 
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -173,7 +173,7 @@ def decode_frame(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray
 def decode_label(sample: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray:
     """The sample's label, float32 [H, W] in [0, 1], as the authors' loader makes it at
     ``size``: BDDA's stored gaze map / 255; else the fixation label of the recorded points
-    (:func:`pipeline.labels.fixation_label`, which marks :func:`pipeline.labels.loader_points`)."""
+    (:func:`pipeline.formats.labels.fixation_label`, which marks :func:`pipeline.formats.labels.loader_points`)."""
     where = f"{_where(sample)}#{sample['__key__']}"
     if GAZE in sample:
         data = sample[GAZE]

@@ -31,9 +31,9 @@ from typing import IO, Any
 import fsspec
 import numpy as np
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import Folder
-from pipeline.shards import Shard, member_problem
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.formats.shards import Shard, member_problem
 
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"),
                         ("sha256", "u1", (32,))])

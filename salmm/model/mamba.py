@@ -23,9 +23,9 @@ between directions, are not used by SalMM; the vendored non-fast path, taken onl
 takes it.)
 
 Backends: ``"builtin"`` runs a depthwise ``conv1d`` and both directions as one grouped
-:func:`salmm.scan.selective_scan` call - salmm's own scan: the fused numba kernels on CPU, the
+:func:`salmm.model.scan.selective_scan` call - salmm's own scan: the fused numba kernels on CPU, the
 chunked PyTorch scan on other devices; ``"export"`` the same call on
-:func:`salmm.scan.selective_scan_export`, plain tensor operations a tracer can follow, for ONNX
+:func:`salmm.model.scan.selective_scan_export`, plain tensor operations a tracer can follow, for ONNX
 export (forward only); ``"cuda"`` runs mamba-ssm's
 ``selective_scan_fn`` once per direction and, when installed,
 ``causal_conv1d_fn`` (install the ``gpu`` extra); ``"auto"`` picks ``"cuda"`` for CUDA inputs
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salmm.scan import selective_scan, selective_scan_export
+from salmm.model.scan import selective_scan, selective_scan_export
 
 __all__ = ["BACKENDS", "Mamba", "cuda_kernels_available"]
 
@@ -201,7 +201,7 @@ class Mamba(nn.Module):
                 scan(*args[:6], z=gate, delta_bias=args[6], delta_softplus=True)
                 for args, gate in ((fwd, z), (bwd, z_b))
             )
-        else:  # both directions as one grouped scan (leading dim 2, see salmm.scan)
+        else:  # both directions as one grouped scan (leading dim 2, see salmm.model.scan)
             u, dt, A, B, C, D, dt_bias = (
                 torch.stack(pair, dim=1 if pair[0].ndim == 3 else 0) for pair in zip(fwd, bwd)
             )  # u, dt: [b, 2, d_inner, l]; B, C: [b, 2, n, l]; A: [2, d_inner, n]; D: [2, d_inner]

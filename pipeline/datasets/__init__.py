@@ -3,7 +3,7 @@
 Every fact about a dataset lives in its :class:`Dataset` entry of :data:`REGISTRY`: its names,
 the folder its release unpacks to, the folders of its download layout, the form of its split
 entries, the size of its camera frames, what its ground truth is (fixation points or gaze
-maps), and the reader class that turns a split entry into a :class:`~pipeline.readers.Frame`.
+maps), and the reader class that turns a split entry into a :class:`~pipeline.datasets.readers.Frame`.
 Adding a dataset (DR(eye)VE, DADA-2000, ...) is one entry here plus its reader.
 
 :func:`check_layout` and :func:`read_frames` work for any entry. Layouts (``root`` is the
@@ -15,7 +15,7 @@ folder holding the split files):
   ``"VVVV/FFFF.jpg"``.
 
 A root that is not the named dataset, a missing or malformed split file, and split entries
-not of the dataset's naming form always raise :class:`~pipeline.errors.BadInputError`: they
+not of the dataset's naming form always raise :class:`~pipeline.core.errors.BadInputError`: they
 are not per-frame problems.
 """
 
@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import BadInputError
-from pipeline.readers import SOURCE_SIZE, FixdataReader, Frame, GazeMapReader
-from pipeline.splits import SPLITS, read_split, split_path
+from pipeline.core.errors import BadInputError
+from pipeline.datasets.readers import SOURCE_SIZE, FixdataReader, Frame, GazeMapReader
+from pipeline.datasets.splits import SPLITS, read_split, split_path
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def read_frames(
     Args:
         dataset: a name in :data:`REGISTRY`.
         root: the dataset root (holds ``train.json`` etc.).
-        split: one of :data:`~pipeline.splits.SPLITS`.
+        split: one of :data:`~pipeline.datasets.splits.SPLITS`.
         on_bad: called with the error of each bad frame, which is then skipped; without
             it the first bad frame raises.
 

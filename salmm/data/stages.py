@@ -6,7 +6,7 @@ authors' ``DataLoader(shuffle=True)`` does: :class:`EpochBatches` draws a permut
 split from (seed, epoch) with numpy's PCG64, gives rank ``r`` of ``W`` the rows ``perm[r::W]``
 (cut to equal lengths) and cuts them into batches (the last one short); the data workers fetch
 each row by random access through the split's index of member offsets
-(:class:`~pipeline.shard_index.SampleReader`, every span checked against its sha256), decode,
+(:class:`~pipeline.formats.shard_index.SampleReader`, every span checked against its sha256), decode,
 flip and join the embedding (:class:`IndexedSamples`). The batches are the same whatever the
 number of workers, and a resumed run draws the same ones. The split's embeddings are read into
 memory once, before the workers start (forked workers share the pages: BDDA's train split is
@@ -21,7 +21,7 @@ data worker::
     wds.split_by_worker    shards[worker::num_workers]
     read_shards            tar -> {"__key__", "__url__", "png", "fixations.npy", ...}
     wds.shuffle            sample buffer, rng drawn from (seed, epoch, rank, worker)
-    decode                 "frame" uint8 [3, H, W] RGB, "label" float32 [1, H, W] (pipeline.shards.decode_label)
+    decode                 "frame" uint8 [3, H, W] RGB, "label" float32 [1, H, W] (pipeline.formats.shards.decode_label)
     random_hflip           flips frame and label together; decision drawn from (seed, epoch, key)
     join_embeddings        "emb" float32 [D]: the cached embedding of the frame as fed to the model
                            (index 1, of the flipped frame, exactly when the frame was flipped)
@@ -48,10 +48,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.clip_cache import open_cache
-from pipeline.errors import BadInputError
-from pipeline.shard_index import SampleReader
-from pipeline.shards import Shard, decode_frame, decode_label, read_shard
+from pipeline.formats.clip_cache import open_cache
+from pipeline.core.errors import BadInputError
+from pipeline.formats.shard_index import SampleReader
+from pipeline.formats.shards import Shard, decode_frame, decode_label, read_shard
 
 FLIP_PROBABILITY = 0.5
 ORDERS = ("permutation", "stream")
@@ -96,7 +96,7 @@ def shuffled_shards(shards: Sequence[Shard], seed: int, epoch: int) -> list[Shar
 def read_shards(shards: Iterable[Shard]) -> Iterator[dict[str, Any]]:
     """Samples of each shard in tar order: ``{"__key__", "__url__", ext: bytes, ...}``, each
     shard checked against its manifest sha256 and sample count as it is read
-    (:func:`pipeline.shards.read_shard`; BadInputError naming the shard)."""
+    (:func:`pipeline.formats.shards.read_shard`; BadInputError naming the shard)."""
     for shard in shards:
         yield from read_shard(shard)
 

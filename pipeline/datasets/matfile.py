@@ -31,8 +31,8 @@ import numpy as np
 import scipy.io
 from scipy.io.matlab import MatReadError
 
-from pipeline.errors import BadInputError
-from pipeline.fsio import write_atomic
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import write_atomic
 
 MatFormat = Literal["v5", "v7.3"]
 MAT_FORMATS: tuple[MatFormat, ...] = ("v5", "v7.3")

@@ -10,10 +10,10 @@ initialisation and numerics kept, so the authors' checkpoints load key for key):
     --decoder1..3 (SCPMamba) / decoder4..5 (conv), each upsampled 2x and fused with a skip
     by conv5..conv1 --final 1x1 conv, 2x upsample, sigmoid--> saliency [B, 1, H, W] in (0, 1)
 
-H and W must be multiples of 32. On CPU every forward first lets :func:`pipeline.cpu.adapt_threads`
+H and W must be multiples of 32. On CPU every forward first lets :func:`pipeline.core.cpu.adapt_threads`
 set torch's intra-op thread count to the cores other processes leave free (a busy core makes
 every one of the model's small operators wait for a thread that has no core). The CLIP image embedding (512-d, ViT-B/32) is either given
-(cached; see :mod:`pipeline.clip` for the preprocessing) or computed inline by an
+(cached; see :mod:`pipeline.encoders.clip` for the preprocessing) or computed inline by an
 attached frozen encoder, the published behaviour.
 """
 
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.clip import PUBLISHED, ClipSpec, cached_encoder
-from pipeline.cpu import adapt_threads
-from salmm.mamba import Mamba
+from pipeline.encoders.clip import PUBLISHED, ClipSpec, cached_encoder
+from pipeline.core.cpu import adapt_threads
+from salmm.model.mamba import Mamba
 
 __all__ = ["CLIP_PREFIX", "CrossModelAtt", "SCPMambaLayer", "SalMM", "build_model"]
 
@@ -216,11 +216,11 @@ class SalMM(nn.Module):
     """The SalM^2 network. forward(frames [B, 3, H, W] in [0, 1], emb [B, 512] or None)
     -> saliency [B, 1, H, W] in (0, 1). H, W multiples of 32 (published: 256 x 256).
 
-    clip: optional frozen encoder (``pipeline.clip.ClipEncoder``) used when ``emb`` is
+    clip: optional frozen encoder (``pipeline.encoders.clip.ClipEncoder``) used when ``emb`` is
     None; it is stored at ``CrossModelAtt.model`` as published and is not trainable. The
     state_dict leaves it out (as the authors' released "incomplete" checkpoints do) and
     load_state_dict does not ask for it: the encoder is named by its ``identity`` instead.
-    backend: Mamba backend for every block ("auto", "builtin" or "cuda"; see salmm.mamba).
+    backend: Mamba backend for every block ("auto", "builtin" or "cuda"; see salmm.model.mamba).
     The channel widths are the published ones (:data:`CHANNELS`): the fusion convolutions and
     the SCPMamba group widths are written for them, so they are not a parameter.
     """
@@ -290,7 +290,7 @@ class SalMM(nn.Module):
                 f"SalMM expects frames [B, 3, H, W], H and W multiples of 32, got {tuple(x.shape)}"
             )
         if x.device.type == "cpu":
-            adapt_threads()  # intra-op threads = cores other processes leave free (pipeline.cpu)
+            adapt_threads()  # intra-op threads = cores other processes leave free (pipeline.core.cpu)
         if emb is None:
             if self.CrossModelAtt.model is None:
                 raise ValueError("SalMM.forward needs `emb` [B, 512] or a model built with clip=")
@@ -340,7 +340,7 @@ def build_model(
     device: str | torch.device = "cpu",
 ) -> SalMM:
     """The one model factory: SalMM on ``device``, fed cached embeddings, or (cached_clip=False)
-    with its own frozen CLIP encoder ``clip`` (:func:`pipeline.clip.cached_encoder`; one
+    with its own frozen CLIP encoder ``clip`` (:func:`pipeline.encoders.clip.cached_encoder`; one
     BadInputError line when its weights cannot be had)."""
     encoder = None if cached_clip else cached_encoder(clip, str(device))
     return SalMM(clip=encoder, backend=backend).to(device)

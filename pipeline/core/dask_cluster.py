@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import dask
 from distributed import Client, LocalCluster
 
-from pipeline.cpu import usable_cores
-from pipeline.errors import BadInputError
+from pipeline.core.cpu import usable_cores
+from pipeline.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

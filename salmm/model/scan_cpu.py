@@ -1,6 +1,6 @@
 """Fused CPU selective scan: numba kernels for the whole of ``selective_scan`` on CPU.
 
-What :func:`salmm.scan.selective_scan` runs for CPU tensors (argument conventions and the
+What :func:`salmm.model.scan.selective_scan` runs for CPU tensors (argument conventions and the
 recurrence: salmm/scan.py). The PyTorch chunked scan there makes some twenty passes over
 state-sized [..., d, l, n] tensors plus a dozen elementwise ops around them; here the work is
 

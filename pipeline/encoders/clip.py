@@ -5,7 +5,7 @@
   one parser of the weights option (``none`` = random weights).
 * :func:`build_clip_encoder` - the one builder (a frozen :class:`ClipEncoder`); it finds out in
   a few seconds when weights it would have to download cannot be reached, and then raises one
-  :class:`~pipeline.errors.BadInputError` line saying what to do, instead of letting the hub
+  :class:`~pipeline.core.errors.BadInputError` line saying what to do, instead of letting the hub
   client retry for a minute. :func:`cached_encoder` builds each spec once per process.
 * :func:`embed_pairs` - the cache's numbers: each frame and its mirror image, computed in fixed
   micro-batches with a fixed intra-op thread count, so a sample's embedding does not depend on
@@ -53,9 +53,9 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from pipeline.cpu import intra_op_threads
-from pipeline.errors import BadInputError
-from pipeline.fsio import file_fingerprint
+from pipeline.core.cpu import intra_op_threads
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import file_fingerprint
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROFILE", "DEFAULT_WEIGHTS", "PRECISIONS", "PROFILES",
            "PUBLISHED",

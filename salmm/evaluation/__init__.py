@@ -1,0 +1,3 @@
+"""Evaluation: the official metrics (:mod:`.metrics`, with their loop twins; MATLAB's
+``imresize``: :mod:`.imresize`), the baselines (:mod:`.baselines`), files for the authors' MATLAB
+loops (:mod:`.matlab_export`)."""
