@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.encoders.clip import PRECISIONS, ClipSpec, cached_encoder, embed_pairs
 from pipeline.core.cpu import usable_cores
-from pipeline.embed import Compute, embed_prepared
 from pipeline.core.fsio import Folder
+from pipeline.embed import Compute, embed_prepared
+from pipeline.encoders.clip import PRECISIONS, ClipSpec, cached_encoder, embed_pairs
 from pipeline.formats.manifest import canonical_json, write_manifest
 from pipeline.formats.shards import encode_png, write_shard
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import read_frames
-from pipeline.formats.labels import fixation_label, fixation_label_reference, label_operators
-from pipeline.datasets.readers import SOURCE_SIZE
+from pipeline.datasets.spec import FRAME_SIZE
 from pipeline.datasets.splits import SPLITS
+from pipeline.formats.labels import fixation_label, fixation_label_reference, label_operators
 from pipeline.synth import write_dataset
 
 log = logging.getLogger("bench.labels")
@@ -84,7 +84,7 @@ def main() -> None:
         samples = sample_fixations(args.dataset, root, args.frames)
 
     start = time.perf_counter()
-    label_operators(SOURCE_SIZE, size)
+    label_operators(FRAME_SIZE, size)
     build_s = time.perf_counter() - start
     reference_s, fast_s, worst = measure(samples, size, args.repeat)
 

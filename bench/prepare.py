@@ -47,16 +47,15 @@ import cv2
 import imageio.v2 as imageio
 import numpy as np
 
-from pipeline.formats import labels
-
 from pipeline import synth
 from pipeline.core.dask_cluster import dask_client
 from pipeline.datasets import read_frames
 from pipeline.datasets.matfile import load_fixdata, write_fixdata
+from pipeline.datasets.readers import fixation_points
+from pipeline.formats import labels
+from pipeline.formats.shards import decode_frame, decode_label, encode_png
 from pipeline.normalize import Options, normalize
 from pipeline.normalize.frames import prepare_frame
-from pipeline.datasets.readers import fixation_points
-from pipeline.formats.shards import decode_frame, decode_label, encode_png
 
 log = logging.getLogger("bench.prepare")
 SIZE = (256, 256)

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from pipeline.synth import write_dataset
-from salmm.evaluation import metrics
 from salmm import stream as stream_module
+from salmm.data.sources import open_video, video_items
+from salmm.evaluation import metrics
 from salmm.export import ExportOptions, export
 from salmm.inference import load_model
-from salmm.data.sources import open_video, video_items
 
 SIZE = (256, 256)
 REFRESH = (1, 4, 16)

@@ -49,8 +49,8 @@ import numpy as np
 import psutil
 import torch
 
-from pipeline.formats.clip_cache import CacheWriter, open_cache
 from pipeline.core.fsio import Folder
+from pipeline.formats.clip_cache import CacheWriter, open_cache
 from pipeline.formats.manifest import write_manifest
 from pipeline.formats.shards import encode_sample, sample_key, write_shard
 from salmm.model.net import SalMM

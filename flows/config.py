@@ -29,9 +29,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pipeline.encoders.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS
-from pipeline.datasets import REGISTRY
 from pipeline.core.errors import BadInputError
+from pipeline.datasets import REGISTRY
+from pipeline.encoders.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS
 
 # Folder names of the raw downloads under a common data root, as the authors' release names them.
 RAW_DIRNAMES = {name: entry.release_dir for name, entry in REGISTRY.items()}

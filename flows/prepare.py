@@ -19,6 +19,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 
+from pipeline.core.errors import BadInputError, OutputError
+from pipeline.core.fsio import Folder
+from pipeline.datasets import check_layout
+from pipeline.embed import Compute, embed_prepared
 from pipeline.encoders.clip import (
     DEFAULT_MODEL,
     DEFAULT_PROFILE,
@@ -28,10 +32,6 @@ from pipeline.encoders.clip import (
     parse_weights,
 )
 from pipeline.formats.clip_cache import open_cache
-from pipeline.datasets import check_layout
-from pipeline.embed import Compute, embed_prepared
-from pipeline.core.errors import BadInputError, OutputError
-from pipeline.core.fsio import Folder
 from pipeline.formats.manifest import read_manifest
 from pipeline.normalize import normalize
 from pipeline.verify import verify

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from flows.config import RAW_DIRNAMES
 from flows.local import local_services
+from pipeline.core.errors import BadInputError
 from pipeline.encoders.clip import (
     DEFAULT_MODEL,
     DEFAULT_WEIGHTS,
@@ -39,7 +40,6 @@ from pipeline.encoders.clip import (
     cached_encoder,
     parse_weights,
 )
-from pipeline.core.errors import BadInputError
 from pipeline.synth import SYNTHETIC_MARKER, write_dataset
 from salmm.evaluate import TABLE_NAME
 

@@ -41,6 +41,13 @@ import open_clip
 import torch
 from distributed import as_completed
 
+from pipeline.core.cpu import reuse_freed_memory, usable_cores
+from pipeline.core.dask_cluster import dask_client
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.core.pipes import prefetch as prefetch_in_thread
+from pipeline.core.progress import Progress
+from pipeline.core.progress import progress as progress_bar
 from pipeline.encoders.clip import (
     CACHE_THREADS,
     DEFAULT_MODEL,
@@ -62,16 +69,9 @@ from pipeline.formats.clip_cache import (
     default_cache_path,
     recorded_version,
 )
-from pipeline.core.cpu import reuse_freed_memory, usable_cores
-from pipeline.core.dask_cluster import dask_client
-from pipeline.core.errors import BadInputError
-from pipeline.core.fsio import Folder
 from pipeline.formats.images import decode_rgb_bytes
 from pipeline.formats.manifest import canonical_json, prepared_size, read_manifest, version_id
-from pipeline.core.progress import Progress
-from pipeline.core.progress import progress as progress_bar
 from pipeline.formats.shards import Shard, frame_field, read_shard, split_shards
-from pipeline.core.pipes import prefetch as prefetch_in_thread
 
 log = logging.getLogger(__name__)
 

@@ -48,11 +48,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets import DATASETS, FRAME_SIZE, REGISTRY, SYNTHETIC_MARKER
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import fsync_dir
-from pipeline.datasets.matfile import MAT_FORMATS, MatFormat, write_char_rows, write_fixdata
 from pipeline.core.progress import progress
+from pipeline.datasets import DATASETS, FRAME_SIZE, REGISTRY, SYNTHETIC_MARKER
+from pipeline.datasets.matfile import MAT_FORMATS, MatFormat, write_char_rows, write_fixdata
 from pipeline.datasets.splits import SPLITS, write_split
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import TMP_MARK, Folder
+from pipeline.core.progress import track
 from pipeline.formats.manifest import (
     INPUTS,
     SHARD_NAME,
@@ -35,7 +36,6 @@ from pipeline.formats.manifest import (
     read_manifest,
     version_id,
 )
-from pipeline.core.progress import track
 from pipeline.formats.shard_index import INDEX_DTYPE, index_name, read_index, scan_shard
 from pipeline.formats.shards import Shard, iter_tar
 

@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from pipeline.datasets import REGISTRY
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
-from salmm.evaluation import metrics
+from pipeline.datasets import REGISTRY
 from salmm.evaluate import CSV_NAME, EXPORT_RECORD, SUMMARY_NAME
+from salmm.evaluation import metrics
 from salmm.options import run_command
 
 log = logging.getLogger("salmm.certify")

@@ -39,9 +39,9 @@ from pipeline.core.cpu import usable_cores
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
 from pipeline.formats.manifest import read_manifest, version_id
+from salmm.evaluate import SUMMARY_NAME, EvalOptions, evaluate
 from salmm.evaluation import metrics
 from salmm.evaluation.baselines import BASELINES
-from salmm.evaluate import SUMMARY_NAME, EvalOptions, evaluate
 from salmm.inference import file_sha256
 from salmm.options import non_negative_int, parse_checked, positive_int, run_command
 

@@ -48,18 +48,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.encoders.clip import RANDOM_NOTE
 from pipeline.core.cpu import usable_cores
 from pipeline.core.dask_cluster import dask_client
-from pipeline.datasets import REGISTRY
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
+from pipeline.core.progress import progress
+from pipeline.datasets import REGISTRY
+from pipeline.encoders.clip import RANDOM_NOTE
 from pipeline.formats.labels import matlab_points
 from pipeline.formats.manifest import prepared_size, version_id
-from pipeline.core.progress import progress
+from salmm.data.stages import EmbeddingTable
 from salmm.evaluation import matlab_export, metrics
 from salmm.evaluation.baselines import BASELINES, Baseline, fit_baseline
-from salmm.data.stages import EmbeddingTable
 from salmm.inference import (
     MODEL_OPTIONS_NOTE,
     LoadedModel,

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
-from pipeline.encoders.clip import ClipEncoder, cached_encoder
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
+from pipeline.encoders.clip import ClipEncoder, cached_encoder
 from salmm.inference import LoadedModel, add_model_options, load_model, parse_model_args
 from salmm.model.net import SalMM
 from salmm.options import parse_size, run_command

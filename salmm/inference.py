@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from pipeline.encoders.clip import PUBLISHED, ClipSpec, cached_encoder
-from pipeline.formats.clip_cache import open_checked_cache
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
+from pipeline.encoders.clip import PUBLISHED, ClipSpec, cached_encoder
+from pipeline.formats.clip_cache import open_checked_cache
 from pipeline.formats.manifest import prepared_size, read_manifest
 from pipeline.formats.shards import decode_fixations, decode_meta, split_shards
-from salmm.model.checkpoint import FORMAT, load_checkpoint
 from salmm.data.stages import decode, read_shards
+from salmm.model.checkpoint import FORMAT, load_checkpoint
 from salmm.model.devices import autocast, autocast_dtype, pick_device
 from salmm.model.net import SalMM
 from salmm.official import read_official

@@ -23,11 +23,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline.encoders.clip import DEFAULT_MODEL, DEFAULT_PROFILE, DEFAULT_WEIGHTS, PROFILES, ClipSpec
-from pipeline.encoders.clip import parse_weights as _pretrained
 from pipeline.core.errors import run_reporting
-from salmm.render import overlay
+from pipeline.encoders.clip import (
+    DEFAULT_MODEL,
+    DEFAULT_PROFILE,
+    DEFAULT_WEIGHTS,
+    PROFILES,
+    ClipSpec,
+)
+from pipeline.encoders.clip import parse_weights as _pretrained
 from salmm.data.stages import ORDERS
+from salmm.render import overlay
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

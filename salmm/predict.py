@@ -36,9 +36,16 @@ import torch
 
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
-from pipeline.formats.manifest import prepared_size
 from pipeline.core.progress import progress
-from salmm.render import overlay
+from pipeline.formats.manifest import prepared_size
+from salmm.data.sources import (
+    IMAGE_SUFFIXES,
+    Item,
+    folder_images,
+    image_items,
+    open_video,
+    video_items,
+)
 from salmm.data.stages import EmbeddingTable
 from salmm.inference import (
     MODEL_OPTIONS_NOTE,
@@ -59,14 +66,7 @@ from salmm.options import (
     positive_int,
     run_command,
 )
-from salmm.data.sources import (
-    IMAGE_SUFFIXES,
-    Item,
-    folder_images,
-    image_items,
-    open_video,
-    video_items,
-)
+from salmm.render import overlay
 
 log = logging.getLogger("salmm.predict")
 

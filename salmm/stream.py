@@ -50,28 +50,11 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.encoders.clip import cached_encoder
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
-from pipeline.core.progress import progress
 from pipeline.core.pipes import Latest, prefetch
-from salmm.render import overlay
-from salmm.model.devices import autocast
-from salmm.export import ExportOptions, checked_export, export
-from salmm.inference import (
-    MODEL_OPTIONS_NOTE,
-    LoadedModel,
-    add_model_options,
-    load_model,
-    parse_model_args,
-)
-from salmm.options import (
-    add_drawing_options,
-    parse_size,
-    positive_float,
-    positive_int,
-    run_command,
-)
+from pipeline.core.progress import progress
+from pipeline.encoders.clip import cached_encoder
 from salmm.data.sources import (
     Item,
     folder_images,
@@ -81,6 +64,23 @@ from salmm.data.sources import (
     open_video,
     video_items,
 )
+from salmm.export import ExportOptions, checked_export, export
+from salmm.inference import (
+    MODEL_OPTIONS_NOTE,
+    LoadedModel,
+    add_model_options,
+    load_model,
+    parse_model_args,
+)
+from salmm.model.devices import autocast
+from salmm.options import (
+    add_drawing_options,
+    parse_size,
+    positive_float,
+    positive_int,
+    run_command,
+)
+from salmm.render import overlay
 
 log = logging.getLogger("salmm.stream")
 

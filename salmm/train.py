@@ -50,16 +50,23 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from pipeline.formats import clip_cache
-
 from pipeline.core import cpu
-from pipeline.encoders.clip import RANDOM_NOTE
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
-from pipeline.formats.manifest import read_manifest, version_id
 from pipeline.core.progress import progress, track
+from pipeline.encoders.clip import RANDOM_NOTE
+from pipeline.formats import clip_cache
+from pipeline.formats.manifest import read_manifest, version_id
 from pipeline.formats.shard_index import SampleReader, read_index
 from pipeline.formats.shards import split_shards
+from salmm.data.stages import (
+    EmbeddingTable,
+    EpochBatches,
+    IndexedSamples,
+    SaliencyShards,
+    make_indexed_loader,
+    make_loader,
+)
 from salmm.evaluation import metrics
 from salmm.model.checkpoint import (
     FORMAT,
@@ -69,14 +76,6 @@ from salmm.model.checkpoint import (
     save_checkpoint,
     set_rng_state,
     training_checkpoint,
-)
-from salmm.data.stages import (
-    EmbeddingTable,
-    EpochBatches,
-    IndexedSamples,
-    SaliencyShards,
-    make_indexed_loader,
-    make_loader,
 )
 from salmm.model.devices import autocast, autocast_dtype
 from salmm.model.net import build_model as model_factory

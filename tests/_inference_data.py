@@ -144,10 +144,10 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
     cache)."""
     import hashlib
 
-    from pipeline.formats.clip_cache import CacheWriter
     from pipeline.core.fsio import Folder
-    from pipeline.formats.manifest import canonical_json, write_manifest
     from pipeline.datasets.matfile import write_fixdata
+    from pipeline.formats.clip_cache import CacheWriter
+    from pipeline.formats.manifest import canonical_json, write_manifest
     from pipeline.formats.shards import encode_npy, encode_png, write_shard
 
     rng = np.random.default_rng(11)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.formats.clip_cache import CacheWriter
 from pipeline.core.fsio import Folder
+from pipeline.formats.clip_cache import CacheWriter
 from pipeline.formats.manifest import canonical_json, read_manifest, version_id, write_manifest
 from pipeline.formats.shard_index import build_index, write_index
 from pipeline.formats.shards import encode_npy, encode_png, split_shards, write_shard

@@ -28,13 +28,13 @@ import open_clip
 import pytest
 import torch
 
+from pipeline.datasets.matfile import load_fixdata, write_fixdata
+from pipeline.embed import embed_prepared
 from pipeline.encoders.clip import ClipSpec
 from pipeline.formats.clip_cache import open_cache
-from pipeline.embed import embed_prepared
 from pipeline.formats.manifest import prepared_size, read_manifest
-from pipeline.datasets.matfile import load_fixdata, write_fixdata
-from pipeline.normalize import normalize
 from pipeline.formats.shards import read_shard, split_shards
+from pipeline.normalize import normalize
 from salmm import train
 from salmm.data.stages import decode_sample
 from salmm.model.net import SalMM

@@ -202,9 +202,9 @@ def flip_byte(shard: Path, ext: str) -> None:
 def test_embed_refuses_a_shard_that_changed_after_normalize(tmp_path):
     import zarr
 
+    from pipeline.embed import embed_prepared
     from pipeline.encoders.clip import ClipSpec
     from pipeline.formats.clip_cache import open_cache
-    from pipeline.embed import embed_prepared
     from tests._prepared import write_prepared
 
     prepared = write_prepared(tmp_path / "p", {"train": [2, 2], "valid": [2]})
@@ -401,10 +401,10 @@ def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_pat
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path, cluster):
-    from pipeline.encoders.clip import ClipSpec
-    from pipeline.embed import embed_prepared
     from pipeline.core.errors import OutputError
     from pipeline.core.fsio import Folder
+    from pipeline.embed import embed_prepared
+    from pipeline.encoders.clip import ClipSpec
 
     root = trafficgaze(tmp_path / "raw")
     out = tmp_path / "out"
@@ -424,9 +424,9 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, cluster):
 
 
 def test_the_stale_cache_message_leads_to_a_run_that_works(tmp_path, cluster):
+    from pipeline.embed import embed_prepared
     from pipeline.encoders.clip import ClipSpec
     from pipeline.formats.clip_cache import open_cache, open_checked_cache
-    from pipeline.embed import embed_prepared
 
     root = trafficgaze(tmp_path / "raw")
     out = tmp_path / "p"
@@ -460,8 +460,8 @@ def test_a_refused_normalize_leaves_the_complete_output_as_it_was(tmp_path, clus
 def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
     import torch
 
-    from pipeline.encoders.clip import ClipSpec, cached_encoder
     from pipeline.core.fsio import Folder
+    from pipeline.encoders.clip import ClipSpec, cached_encoder
     from pipeline.formats.manifest import write_manifest
     from pipeline.formats.shards import encode_png, split_shards, write_shard
     from salmm import train

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from pipeline.core.errors import BadInputError
-from salmm.model.checkpoint import git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from salmm.model.checkpoint import (
+    git_commit,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def _draws() -> tuple:

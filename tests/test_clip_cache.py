@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.formats.clip_cache import FORMAT, FORMAT_VERSION, CacheWriter, check_cache, open_cache
 from pipeline.core.errors import BadInputError
+from pipeline.formats.clip_cache import FORMAT, FORMAT_VERSION, CacheWriter, check_cache, open_cache
 from pipeline.formats.manifest import version_id
 
 DIM = 8

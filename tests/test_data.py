@@ -11,8 +11,8 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.formats.clip_cache import open_cache
 from pipeline.core.errors import BadInputError
+from pipeline.formats.clip_cache import open_cache
 from pipeline.formats.manifest import read_manifest
 from pipeline.formats.shard_index import SampleReader, read_index
 from pipeline.formats.shards import split_shards

@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from pipeline.core.errors import BadInputError
-from pipeline.formats.labels import matlab_points
 from pipeline.datasets.readers import fixation_points
+from pipeline.formats.labels import matlab_points
 from pipeline.formats.shards import decode_npy, encode_npy
-from salmm.evaluation import matlab_export
 from salmm.evaluate import EvalOptions, evaluate, main
-from salmm.inference import FROM_CHECKPOINT, resolve_clip
+from salmm.evaluation import matlab_export
 from salmm.evaluation.metrics import METRIC_ORDER, fixation_map
+from salmm.inference import FROM_CHECKPOINT, resolve_clip
 from tests._inference_data import (
     InferenceData,
     fixation_count,

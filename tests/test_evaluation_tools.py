@@ -18,12 +18,12 @@ import pytest
 
 from pipeline.formats.manifest import read_manifest
 from salmm import compare as compare_module
-from salmm.evaluation import metrics
-from salmm.evaluation.baselines import centre_gaussian, centre_widths, fit_baseline
 from salmm.certify import main as certify_main
 from salmm.compare import main as compare_main
 from salmm.evaluate import EvalOptions, evaluate
 from salmm.evaluate import main as evaluate_main
+from salmm.evaluation import metrics
+from salmm.evaluation.baselines import centre_gaussian, centre_widths, fit_baseline
 from tests._inference_data import InferenceData, inference_data, write_prepared
 from tests._reference import official_metrics
 from tests.test_write_faults import Faults

@@ -15,8 +15,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from pipeline.encoders.clip import build_clip_encoder
 from pipeline.core.errors import BadInputError
+from pipeline.encoders.clip import build_clip_encoder
 from salmm import export as export_module
 from salmm.export import (
     GRAPH_TOLERANCE,

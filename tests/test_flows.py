@@ -20,10 +20,10 @@ import pytest
 
 from flows.config import deployment_parameters
 from flows.local import local_services
-from pipeline.formats.clip_cache import open_cache
 from pipeline.core.errors import BadInputError
-from pipeline.formats.manifest import read_manifest, version_id
 from pipeline.datasets.splits import read_split
+from pipeline.formats.clip_cache import open_cache
+from pipeline.formats.manifest import read_manifest, version_id
 from pipeline.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]

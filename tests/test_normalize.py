@@ -17,13 +17,13 @@ import pytest
 from conftest import _tiny_jpeg, write_tiny_dataset
 from PIL import Image
 
-from pipeline.datasets import read_frames
 from pipeline.core.errors import BadInputError
+from pipeline.datasets import read_frames
 from pipeline.formats.images import decode_gray
 from pipeline.formats.labels import fixation_label_reference, gaze_map_label, loader_points
 from pipeline.formats.manifest import INPUTS, MANIFEST, RUN, read_manifest, shard_urls, version_id
-from pipeline.normalize import normalize
 from pipeline.formats.shards import decode_label, decode_npy, iter_tar
+from pipeline.normalize import normalize
 from pipeline.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]

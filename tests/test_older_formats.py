@@ -10,10 +10,10 @@ import pytest
 import torch
 import zarr
 
-from pipeline.encoders.clip import ClipSpec, activation
-from pipeline.formats.clip_cache import FORMAT, CacheWriter, check_cache, open_cache
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
+from pipeline.encoders.clip import ClipSpec, activation
+from pipeline.formats.clip_cache import FORMAT, CacheWriter, check_cache, open_cache
 from pipeline.formats.manifest import read_manifest, version_id
 from salmm.model.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from salmm.model.checkpoint import load_checkpoint

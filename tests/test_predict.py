@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import BadInputError
-from salmm.render import overlay
 from salmm.predict import ANIMATION_WIDTH, PredictOptions, main, predict
+from salmm.render import overlay
 from tests._inference_data import InferenceData, inference_data
 
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import readers
-from pipeline.datasets import check_layout, read_frames
 from pipeline.core.errors import BadInputError
+from pipeline.datasets import check_layout, read_frames, readers
+from pipeline.datasets.matfile import load_fixdata, write_fixdata
+from pipeline.datasets.readers import fixation_points
+from pipeline.datasets.spec import Frame
+from pipeline.datasets.splits import read_split, write_split
 from pipeline.formats.images import decode_gray, decode_reduced_bytes, decode_rgb, jpeg_header
 from pipeline.formats.labels import loader_points, matlab_points
-from pipeline.datasets.matfile import load_fixdata, write_fixdata
-from pipeline.datasets.readers import Frame, fixation_points
-from pipeline.datasets.splits import read_split, write_split
 
 
 def _cell(*points_xy, k=4):

@@ -14,8 +14,8 @@ from PIL import Image
 
 from pipeline.core.errors import BadInputError
 from pipeline.core.pipes import Latest
-from salmm.render import overlay
 from salmm.data.sources import mjpeg_items, split_mjpeg
+from salmm.render import overlay
 from tests.test_bad_input import corrupt_scan, refused
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from salmm import stream as stream_module
-from salmm.inference import load_model
 from salmm.data.sources import image_items
+from salmm.inference import load_model
 from salmm.stream import (
     OnnxRunner,
     Report,

@@ -16,12 +16,12 @@ import pytest
 import scipy.io
 
 from pipeline.cli import build_parser, main
-from pipeline.datasets import read_frames
 from pipeline.core.errors import BadInputError
-from pipeline.formats.images import decode_gray, decode_rgb
-from pipeline.formats.labels import fixation_label, fixation_label_reference, loader_points
+from pipeline.datasets import read_frames
 from pipeline.datasets.matfile import load_fixdata
 from pipeline.datasets.splits import read_split
+from pipeline.formats.images import decode_gray, decode_rgb
+from pipeline.formats.labels import fixation_label, fixation_label_reference, loader_points
 from pipeline.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]

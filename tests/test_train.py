@@ -20,10 +20,10 @@ import torch
 from pipeline.core.errors import BadInputError
 from pipeline.formats.manifest import read_manifest
 from pipeline.formats.shards import split_shards
-from salmm.evaluation import metrics
 from salmm import train
-from salmm.model.checkpoint import load_checkpoint
 from salmm.data.stages import SaliencyShards
+from salmm.evaluation import metrics
+from salmm.model.checkpoint import load_checkpoint
 from salmm.official import load_official
 from salmm.options import TrainConfig, parse_args
 from tests._prepared import (

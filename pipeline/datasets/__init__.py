@@ -1,97 +1,40 @@
 """The dataset registry: one entry per driver-gaze dataset, and the generic frame listing.
 
-Every fact about a dataset lives in its :class:`Dataset` entry of :data:`REGISTRY`: its names,
-the folder its release unpacks to, the folders of its download layout, the form of its split
-entries, the size of its camera frames, what its ground truth is (fixation points or gaze
-maps), and the reader class that turns a split entry into a :class:`~pipeline.datasets.readers.Frame`.
-Adding a dataset (DR(eye)VE, DADA-2000, ...) is one entry here plus its reader.
+Every fact about a dataset lives in its :class:`~pipeline.datasets.spec.Dataset` entry, one
+module each (:mod:`.trafficgaze`, :mod:`.drfixd_rainy`, :mod:`.bdda`): its names, the folder its
+release unpacks to, the folders of its download layout, the form of its split entries, the size
+of its camera frames, what its ground truth is (fixation points or gaze maps), and the reader
+class (:mod:`.readers`) that turns a split entry into a :class:`~pipeline.datasets.spec.Frame`.
+Adding a dataset (DR(eye)VE, DADA-2000, ...) is one module with its entry, listed in
+:data:`REGISTRY`, plus a reader if no existing one fits.
 
-:func:`check_layout` and :func:`read_frames` work for any entry. Layouts (``root`` is the
-folder holding the split files):
+:func:`check_layout` and :func:`read_frames` work for any entry. A root that is not the named
+dataset, a missing or malformed split file, and split entries not of the dataset's naming form
+always raise :class:`~pipeline.core.errors.BadInputError`: they are not per-frame problems.
 
-* **TrafficGaze**, **DrFixD-rainy**: ``trafficframe/VV/FFFFFF.jpg``, ``fixdata/fixdata{V}.mat``,
-  split entries ``"VV/FFFFFF.jpg"``;
-* **BDDA**: ``camera_frames/VVVV/FFFF.jpg``, ``gazemap_frames/VVVV/FFFF.jpg``, split entries
-  ``"VVVV/FFFF.jpg"``.
-
-A root that is not the named dataset, a missing or malformed split file, and split entries
-not of the dataset's naming form always raise :class:`~pipeline.core.errors.BadInputError`: they
-are not per-frame problems.
+Imports go one way: spec <- readers <- one module per dataset <- this registry.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import BadInputError
-from pipeline.datasets.readers import SOURCE_SIZE, FixdataReader, Frame, GazeMapReader
+from pipeline.datasets import bdda, drfixd_rainy, trafficgaze
+from pipeline.datasets.spec import FRAME_SIZE, SYNTHETIC_MARKER, Dataset, Frame
 from pipeline.datasets.splits import SPLITS, read_split, split_path
+
+__all__ = ["DATASETS", "FRAME_SIZE", "REGISTRY", "SYNTHETIC_MARKER", "Dataset", "Frame",
+           "check_layout", "get", "read_frames"]
 
 log = logging.getLogger(__name__)
 
-FRAME_SIZE = (720, 1280)
-"""(height, width) of the camera frames of all three datasets."""
-SYNTHETIC_MARKER = "SYNTHETIC.txt"
-"""A file at the root of every dataset :mod:`pipeline.synth` made (it is not real data)."""
 
-
-@dataclass(frozen=True)
-class Dataset:
-    """One dataset's facts.
-
-    name: the id used on command lines and in manifests; display: how papers write it;
-    release_dir: the folder its download unpacks to; folders: the layout's folders under the
-    root (all must exist); frame_folder: where the camera frames are; entry_pattern /
-    entry_form: a split entry's regex (groups: video, frame) and its form for messages;
-    frame_size: (height, width) every camera frame has (checked before decoding);
-    source_size: (height, width) the ground truth refers to; ground_truth: "fixations"
-    (points in ``fixdata`` files) or "gaze_maps" (greyscale images); reader: the class that
-    builds its frames (``reader(dataset, root, split)(name, video, frame) -> Frame``).
-    """
-
-    name: str
-    display: str
-    release_dir: str
-    folders: tuple[str, ...]
-    frame_folder: str
-    entry_pattern: re.Pattern[str]
-    entry_form: str
-    frame_size: tuple[int, int]
-    source_size: tuple[int, int]
-    ground_truth: str
-    reader: Callable[..., Callable[[str, int, int], Frame]]
-
-    @property
-    def has_fixations(self) -> bool:
-        """Whether it records fixation points (the AUC and NSS metrics need them)."""
-        return self.ground_truth == "fixations"
-
-    def fixdata_file(self, root: Path, video: int) -> Path:
-        """The file holding a video's fixations (fixation datasets)."""
-        return root / "fixdata" / f"fixdata{video}.mat"
-
-
-_TRAFFICGAZE_ENTRY = re.compile(r"(\d{2})/(\d{6})\.jpg")
-
-REGISTRY: dict[str, Dataset] = {
-    "trafficgaze": Dataset(
-        "trafficgaze", "TrafficGaze", "TrafficGaze", ("trafficframe", "fixdata"), "trafficframe",
-        _TRAFFICGAZE_ENTRY, "VV/FFFFFF.jpg", FRAME_SIZE, SOURCE_SIZE, "fixations",
-        FixdataReader),
-    "drfixd-rainy": Dataset(
-        "drfixd-rainy", "DrFixD-rainy", "DrFixD_rainy", ("trafficframe", "fixdata"),
-        "trafficframe", _TRAFFICGAZE_ENTRY, "VV/FFFFFF.jpg", FRAME_SIZE, SOURCE_SIZE,
-        "fixations", FixdataReader),
-    "bdda": Dataset(
-        "bdda", "BDDA", "BDDA", ("camera_frames", "gazemap_frames"), "camera_frames",
-        re.compile(r"(\d{4})/(\d{4})\.jpg"), "VVVV/FFFF.jpg", FRAME_SIZE, (576, 1024),
-        "gaze_maps", GazeMapReader),
-}
+REGISTRY: dict[str, Dataset] = {entry.name: entry for entry in (
+    trafficgaze.DATASET, drfixd_rainy.DATASET, bdda.DATASET)}
 DATASETS = tuple(REGISTRY)
 """The dataset names, in the order command lines list them."""
 

@@ -2,7 +2,7 @@
 
 A reader is made per split (``Reader(dataset, root, split)``) and called per entry
 (``reader(name, video, number) -> Frame``); :func:`pipeline.datasets.read_frames` drives it.
-The facts it needs - folders, frame size - come from its :class:`~pipeline.datasets.Dataset`.
+The facts it needs - folders, frame size - come from its :class:`~pipeline.datasets.spec.Dataset`.
 
 * :class:`FixdataReader` - **TrafficGaze**, **DrFixD-rainy**: ``trafficframe/VV/FFFFFF.jpg``
   camera frames, ``fixdata/fixdata{V}.mat`` (``V`` without zero padding) with one cell of
@@ -31,57 +31,23 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.core.errors import BadInputError
 from pipeline.datasets.matfile import load_fixdata
-
-if TYPE_CHECKING:
-    from pipeline.datasets import Dataset
+from pipeline.datasets.spec import FRAME_SIZE, Dataset, Frame
 
 log = logging.getLogger(__name__)
 
-SOURCE_SIZE = (720, 1280)
-"""(height, width) of TrafficGaze / DrFixD-rainy frames, the fixations' coordinate frame."""
 _NO_POINTS = np.zeros((0, 2), dtype=np.float64)
 _NO_POINTS.flags.writeable = False
 
 
-@dataclass(frozen=True)
-class Frame:
-    """One frame of a split and its gaze ground truth.
-
-    Attributes:
-        dataset: one of :data:`DATASETS`.
-        split: one of :data:`SPLITS`.
-        video: video number from the split entry (``"01/000006.jpg"`` -> 1).
-        frame: frame number from the split entry (-> 6); for TrafficGaze / DrFixD-rainy
-            also the 1-based cell index in ``fixdata{video}.mat``.
-        name: the split entry itself, e.g. ``"01/000006.jpg"`` or ``"0006/0004.jpg"``.
-        image_path: the camera frame (``trafficframe/...`` or ``camera_frames/...``).
-        fixations: float64 ``[N, 2]`` (row, col) as recorded (``fixdata`` columns 4 and 3,
-            source pixels), every point in recorded order, finite; read-only; ``[0, 2]`` for
-            BDDA.
-        gaze_map_path: BDDA ``gazemap_frames/...`` file; ``None`` for the other datasets.
-        source_size: (height, width) the ground truth refers to: (720, 1280) for
-            TrafficGaze / DrFixD-rainy, the nominal gaze-map size (576, 1024) for BDDA.
-    """
-
-    dataset: str
-    split: str
-    video: int
-    frame: int
-    name: str
-    image_path: Path
-    fixations: np.ndarray
-    gaze_map_path: Path | None
-    source_size: tuple[int, int]
 
 
 def fixation_points(
-    cell: np.ndarray, source_size: tuple[int, int] = SOURCE_SIZE
+    cell: np.ndarray, source_size: tuple[int, int] = FRAME_SIZE
 ) -> tuple[np.ndarray, int]:
     """The fixations of one ``fixdata`` cell, as recorded.
 
@@ -170,7 +136,7 @@ class _VideoFixations:
             total += len(points)
             outside += n_outside
         log.info("%s: %d cells, %d fixations, %d outside the %dx%d frame (kept as recorded;"
-                 " no label marks them)", path, len(cells), total, outside, *SOURCE_SIZE)
+                 " no label marks them)", path, len(cells), total, outside, *FRAME_SIZE)
         return cls(path, cells)
 
 

@@ -38,8 +38,8 @@ from zarr.codecs import BloscCodec
 
 from pipeline.core.errors import BadInputError, OutputError
 from pipeline.core.fsio import Folder
-from pipeline.formats.manifest import read_manifest, version_id
 from pipeline.datasets.splits import SPLITS
+from pipeline.formats.manifest import read_manifest, version_id
 
 log = logging.getLogger(__name__)
 

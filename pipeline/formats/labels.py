@@ -37,8 +37,8 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
+from pipeline.datasets.spec import FRAME_SIZE, Frame
 from pipeline.formats.images import decode_gray
-from pipeline.datasets.readers import SOURCE_SIZE, Frame
 
 SIGMA = 40.0
 """Gaussian blur sigma in source pixels (the published loaders' ``gaussian_filter(mask, 40)``)."""
@@ -48,7 +48,7 @@ LABEL_SIZE = (256, 256)
 """Default (height, width) of labels, the published model's input size."""
 
 
-def loader_points(fixations: np.ndarray, source_size: tuple[int, int] = SOURCE_SIZE
+def loader_points(fixations: np.ndarray, source_size: tuple[int, int] = FRAME_SIZE
                   ) -> np.ndarray:
     """The points the authors' Python loader marks in its fixation map.
 
@@ -68,7 +68,7 @@ def loader_points(fixations: np.ndarray, source_size: tuple[int, int] = SOURCE_S
     return points[keep].astype(np.int64)
 
 
-def matlab_points(fixations: np.ndarray, source_size: tuple[int, int] = SOURCE_SIZE
+def matlab_points(fixations: np.ndarray, source_size: tuple[int, int] = FRAME_SIZE
                   ) -> np.ndarray:
     """The points the official MATLAB loop marks (``calcForTrafficGaze.m``: ``if x<721 && x>0 &&
     y<1281 && y>0, fix_map(x, y) = 1``), as 0-based (row, col) int64 ``[M, 2]``.
@@ -88,7 +88,7 @@ def matlab_points(fixations: np.ndarray, source_size: tuple[int, int] = SOURCE_S
 def fixation_label_reference(
     fixations: np.ndarray,
     size: tuple[int, int] = LABEL_SIZE,
-    source_size: tuple[int, int] = SOURCE_SIZE,
+    source_size: tuple[int, int] = FRAME_SIZE,
 ) -> np.ndarray:
     """The published fixation label, computed the published way (the test oracle).
 
@@ -114,7 +114,7 @@ def fixation_label_reference(
 def fixation_label(
     fixations: np.ndarray,
     size: tuple[int, int] = LABEL_SIZE,
-    source_size: tuple[int, int] = SOURCE_SIZE,
+    source_size: tuple[int, int] = FRAME_SIZE,
 ) -> np.ndarray:
     """The published fixation label from per-point separable factors (fast path).
 
@@ -194,7 +194,7 @@ def gaze_map_label(gray_uint8: np.ndarray, size: tuple[int, int] = LABEL_SIZE) -
 
 
 def frame_label(frame: Frame, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
-    """The label of a :class:`~pipeline.datasets.readers.Frame`: float32 ``[height, width]`` in [0, 1].
+    """The label of a :class:`~pipeline.datasets.spec.Frame`: float32 ``[height, width]`` in [0, 1].
 
     Fixation datasets use :func:`fixation_label`; BDDA decodes the gaze map
     (:class:`~pipeline.core.errors.BadInputError` if it is corrupt) and uses :func:`gaze_map_label`.

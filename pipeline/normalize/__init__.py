@@ -3,7 +3,7 @@
 The run, top to bottom:
 
 1. **Plan** (client). Per split whose split file exists, the entries in split-file order, each
-   paired with its :class:`~pipeline.datasets.readers.Frame` or the reader's BadInputError. Shard ``k``
+   paired with its :class:`~pipeline.datasets.spec.Frame` or the reader's BadInputError. Shard ``k``
    of a split covers entries ``[k * shard_size, (k + 1) * shard_size)``: boundaries depend on the
    split file only, so a bad frame shortens one shard instead of shifting all later ones.
 2. **Per-frame work** (Dask workers, in chunks, at most a few shards ahead of the writer so

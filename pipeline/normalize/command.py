@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from pipeline.datasets import DATASETS
+from pipeline.formats.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
 from pipeline.normalize.job import normalize
 from pipeline.normalize.settings import (
     DECODES,
@@ -15,7 +16,6 @@ from pipeline.normalize.settings import (
     Options,
     parse_size,
 )
-from pipeline.formats.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
 
 log = logging.getLogger("pipeline.normalize")
 

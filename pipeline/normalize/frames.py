@@ -11,14 +11,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.formats import images, labels
 from pipeline.core.cpu import reuse_freed_memory
-from pipeline.datasets import get as dataset_entry
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import file_fingerprint, relative_to
-from pipeline.normalize.settings import Options
-from pipeline.datasets.readers import Frame
+from pipeline.datasets import get as dataset_entry
+from pipeline.datasets.spec import Frame
+from pipeline.formats import images, labels
 from pipeline.formats.shards import encode_sample, sample_key
+from pipeline.normalize.settings import Options
 
 
 @dataclass(frozen=True)

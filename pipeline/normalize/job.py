@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.dask_cluster import dask_client
-from pipeline.datasets import check_layout
-from pipeline.datasets import get as dataset_entry
 from pipeline.core.errors import BadInputError, OutputError
 from pipeline.core.fsio import Folder
+from pipeline.core.progress import progress as progress_bar
+from pipeline.datasets import check_layout
+from pipeline.datasets import get as dataset_entry
+from pipeline.datasets.spec import Frame
+from pipeline.datasets.splits import SPLITS, split_path
 from pipeline.formats.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -33,6 +36,8 @@ from pipeline.formats.manifest import (
     version_id,
     write_manifest,
 )
+from pipeline.formats.shard_index import build_index, write_index
+from pipeline.formats.shards import DEFAULT_FRAME_CODEC, shard_name, split_shards, write_shard
 from pipeline.normalize.frames import (
     Bad,
     Prepared,
@@ -59,11 +64,6 @@ from pipeline.normalize.settings import (
     parse_size,
     pipeline_entry,
 )
-from pipeline.core.progress import progress as progress_bar
-from pipeline.datasets.readers import Frame
-from pipeline.formats.shard_index import build_index, write_index
-from pipeline.formats.shards import DEFAULT_FRAME_CODEC, shard_name, split_shards, write_shard
-from pipeline.datasets.splits import SPLITS, split_path
 
 log = logging.getLogger("pipeline.normalize")
 

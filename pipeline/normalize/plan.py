@@ -1,5 +1,5 @@
 """The plan of a normalize run: per split whose split file exists, its entries in split-file
-order, each paired with its :class:`~pipeline.datasets.readers.Frame` or the reader's BadInputError, cut
+order, each paired with its :class:`~pipeline.datasets.spec.Frame` or the reader's BadInputError, cut
 into shards of ``shard_size`` entries (boundaries depend on the split file only, so a bad frame
 shortens one shard instead of shifting all later ones)."""
 
@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.datasets import read_frames
 from pipeline.core.errors import BadInputError
-from pipeline.datasets.readers import Frame
+from pipeline.datasets import read_frames
+from pipeline.datasets.spec import Frame
 from pipeline.datasets.splits import SPLITS, check_disjoint, split_entries, split_path
 
 log = logging.getLogger("pipeline.normalize")

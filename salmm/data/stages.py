@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.formats.clip_cache import open_cache
 from pipeline.core.errors import BadInputError
+from pipeline.formats.clip_cache import open_cache
 from pipeline.formats.shard_index import SampleReader
 from pipeline.formats.shards import Shard, decode_frame, decode_label, read_shard
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
-from pipeline.formats.manifest import prepared_size, version_id
 from pipeline.core.progress import progress
+from pipeline.formats.manifest import prepared_size, version_id
 from pipeline.formats.shards import decode_label, split_shards
 from salmm.data.stages import read_shards
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.encoders.clip import PUBLISHED, ClipSpec, cached_encoder
 from pipeline.core.cpu import adapt_threads
+from pipeline.encoders.clip import PUBLISHED, ClipSpec, cached_encoder
 from salmm.model.mamba import Mamba
 
 __all__ = ["CLIP_PREFIX", "CrossModelAtt", "SCPMambaLayer", "SalMM", "build_model"]

@@ -1,0 +1,18 @@
+"""**BDDA** (Berkeley DeepDrive Attention): ``camera_frames/VVVV/FFFF.jpg`` camera frames and
+``gazemap_frames/VVVV/FFFF.jpg`` greyscale gaze maps of the same name (nominally 1024x576),
+split entries ``"VVVV/FFFF.jpg"``."""
+
+from __future__ import annotations
+
+import re
+
+from pipeline.datasets.readers import GazeMapReader
+from pipeline.datasets.spec import FRAME_SIZE, Dataset
+
+GAZE_MAP_SIZE = (576, 1024)
+"""(height, width) of the gaze maps as released: what the ground truth refers to."""
+
+DATASET = Dataset(
+    "bdda", "BDDA", "BDDA", ("camera_frames", "gazemap_frames"), "camera_frames",
+    re.compile(r"(\d{4})/(\d{4})\.jpg"), "VVVV/FFFF.jpg", FRAME_SIZE, GAZE_MAP_SIZE,
+    "gaze_maps", GazeMapReader)

@@ -1,0 +1,12 @@
+"""**DrFixD-rainy**: the TrafficGaze layout (``trafficframe/``, ``fixdata/``, split entries
+``"VV/FFFFFF.jpg"``), rainy scenes; its release unpacks to ``DrFixD_rainy``."""
+
+from __future__ import annotations
+
+from pipeline.datasets.readers import FixdataReader
+from pipeline.datasets.spec import FRAME_SIZE, Dataset
+from pipeline.datasets.trafficgaze import ENTRY
+
+DATASET = Dataset(
+    "drfixd-rainy", "DrFixD-rainy", "DrFixD_rainy", ("trafficframe", "fixdata"),
+    "trafficframe", ENTRY, "VV/FFFFFF.jpg", FRAME_SIZE, FRAME_SIZE, "fixations", FixdataReader)

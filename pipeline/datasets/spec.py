@@ -1,0 +1,88 @@
+"""What a driver-gaze dataset is: its :class:`Dataset` entry (names, layout, split-entry form,
+frame size, ground truth, reader) and the :class:`Frame` a reader yields.
+
+The camera frames of every dataset here are :data:`FRAME_SIZE`; the fixations of TrafficGaze and
+DrFixD-rainy are pixels of that frame. One entry per dataset lives in its own module
+(:mod:`.trafficgaze`, :mod:`.drfixd_rainy`, :mod:`.bdda`); :mod:`pipeline.datasets` collects them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FRAME_SIZE = (720, 1280)
+"""(height, width) of the camera frames of all three datasets, and of the pixel grid their
+fixations are recorded in."""
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
+"""A file at the root of every dataset :mod:`pipeline.synth` made (it is not real data)."""
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a split and its gaze ground truth.
+
+    Attributes:
+        dataset: a name in :data:`pipeline.datasets.REGISTRY`.
+        split: one of :data:`~pipeline.datasets.splits.SPLITS`.
+        video: video number from the split entry (``"01/000006.jpg"`` -> 1).
+        frame: frame number from the split entry (-> 6); for TrafficGaze / DrFixD-rainy
+            also the 1-based cell index in ``fixdata{video}.mat``.
+        name: the split entry itself, e.g. ``"01/000006.jpg"`` or ``"0006/0004.jpg"``.
+        image_path: the camera frame (``trafficframe/...`` or ``camera_frames/...``).
+        fixations: float64 ``[N, 2]`` (row, col) as recorded (``fixdata`` columns 4 and 3,
+            source pixels), every point in recorded order, finite; read-only; ``[0, 2]`` for
+            BDDA.
+        gaze_map_path: BDDA ``gazemap_frames/...`` file; ``None`` for the other datasets.
+        source_size: (height, width) the ground truth refers to: (720, 1280) for
+            TrafficGaze / DrFixD-rainy, the nominal gaze-map size (576, 1024) for BDDA.
+    """
+
+    dataset: str
+    split: str
+    video: int
+    frame: int
+    name: str
+    image_path: Path
+    fixations: np.ndarray
+    gaze_map_path: Path | None
+    source_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset's facts.
+
+    name: the id used on command lines and in manifests; display: how papers write it;
+    release_dir: the folder its download unpacks to; folders: the layout's folders under the
+    root (all must exist); frame_folder: where the camera frames are; entry_pattern /
+    entry_form: a split entry's regex (groups: video, frame) and its form for messages;
+    frame_size: (height, width) every camera frame has (checked before decoding);
+    source_size: (height, width) the ground truth refers to; ground_truth: "fixations"
+    (points in ``fixdata`` files) or "gaze_maps" (greyscale images); reader: the class that
+    builds its frames (``reader(dataset, root, split)(name, video, frame) -> Frame``).
+    """
+
+    name: str
+    display: str
+    release_dir: str
+    folders: tuple[str, ...]
+    frame_folder: str
+    entry_pattern: re.Pattern[str]
+    entry_form: str
+    frame_size: tuple[int, int]
+    source_size: tuple[int, int]
+    ground_truth: str
+    reader: Callable[..., Callable[[str, int, int], Frame]]
+
+    @property
+    def has_fixations(self) -> bool:
+        """Whether it records fixation points (the AUC and NSS metrics need them)."""
+        return self.ground_truth == "fixations"
+
+    def fixdata_file(self, root: Path, video: int) -> Path:
+        """The file holding a video's fixations (fixation datasets)."""
+        return root / "fixdata" / f"fixdata{video}.mat"
