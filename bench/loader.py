@@ -26,8 +26,11 @@ import torch
 
 from bench.train_step import prepare
 from pipeline.formats.manifest import read_manifest
-from salmm import train
-from salmm.options import TrainConfig
+from pipeline.formats.prepared import PreparedDataset
+from salmm.training import inputs as train_inputs
+from salmm.training import loop as train_loop
+from salmm.training import runtime as train_runtime
+from salmm.training.config import TrainConfig
 
 log = logging.getLogger("bench.loader")
 
@@ -47,16 +50,17 @@ def main(argv: list[str] | None = None) -> None:
         manifest = read_manifest(prepared)
         base = TrainConfig(prepared=prepared, cached_clip=True, clip_pretrained=None,
                            batch_size=opts.batch_size, workers=opts.workers)
-        cache, identity = train.open_checked_cache(base, manifest, splits=("train",))
-        inputs = train.Inputs(manifest, manifest["version_id"], cache, identity, None)
-        rt = train.Runtime(0, 1, torch.device("cpu"), None)
-        loaders = {order: train.training_loader(dataclasses.replace(base, order=order), rt,
+        data = PreparedDataset.open(prepared)
+        cache, identity = train_inputs.open_checked_cache(base, data, splits=("train",))
+        inputs = train_inputs.Inputs(data, cache, identity, None)
+        rt = train_runtime.Runtime(0, 1, torch.device("cpu"), None)
+        loaders = {order: train_inputs.training_loader(dataclasses.replace(base, order=order), rt,
                                                 inputs)
                    for order in ("permutation", "stream")}
         rates: dict[str, list[float]] = {order: [] for order in loaders}
         for epoch in range(opts.epochs + 1):            # epoch 0 starts the workers: not timed
             for order, loader in loaders.items():
-                train.start_epoch(loader, epoch, base, rt)
+                train_loop.start_epoch(loader, epoch, base, rt)
                 start = time.perf_counter()
                 n = sum(len(batch["key"]) for batch in loader)
                 if epoch:

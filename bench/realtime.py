@@ -37,9 +37,10 @@ import torch
 from pipeline.synth import write_dataset
 from salmm import stream as stream_module
 from salmm.data.sources import open_video, video_items
+from salmm.deploy.graphs import export
+from salmm.deploy.options import ExportOptions
 from salmm.evaluation import metrics
-from salmm.export import ExportOptions, export
-from salmm.inference import load_model
+from salmm.model.loading import load_model
 
 SIZE = (256, 256)
 REFRESH = (1, 4, 16)
@@ -65,8 +66,7 @@ def synthetic_video(work: Path, frames: int) -> Path:
 def random_checkpoint(work: Path) -> Path:
     """An official-format checkpoint of a random SalMM whose CLIP input matters (gamma 1e-2)."""
     from salmm.model.net import SalMM
-    from salmm.official import save_official
-
+    from salmm.model.official import save_official
     path = work / "model_best_random_256x256.tar"
     if not path.exists():
         torch.manual_seed(0)

@@ -54,7 +54,7 @@ from pipeline.formats.clip_cache import CacheWriter, open_cache
 from pipeline.formats.manifest import write_manifest
 from pipeline.formats.shards import encode_sample, sample_key, write_shard
 from salmm.model.net import SalMM
-from salmm.official import save_official
+from salmm.model.official import save_official
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = {"train": 286251, "valid": 63036, "test": 93260}

@@ -36,10 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 from bench.timing import time_side_by_side
 from pipeline.formats.manifest import read_manifest
+from pipeline.formats.prepared import PreparedDataset
 from pipeline.formats.shards import split_shards
-from salmm import train
 from salmm.data.stages import SaliencyShards, make_loader
-from salmm.options import TrainConfig
+from salmm.training import inputs as train_inputs
+from salmm.training import loop as train_loop
+from salmm.training import runtime as train_runtime
+from salmm.training import trainer as train_trainer
+from salmm.training.config import TrainConfig
 
 log = logging.getLogger("bench.train_step")
 
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest = read_manifest(prepared)
         cfg = TrainConfig(prepared=prepared, cached_clip=True, clip_pretrained=None,
                           size=(opts.size, opts.size), batch_size=opts.batch_size)
-        cache, _ = train.open_checked_cache(cfg, manifest, splits=("train",))
+        cache, _ = train_inputs.open_checked_cache(cfg, PreparedDataset.open(prepared),
+                                                   splits=("train",))
         data = SaliencyShards(split_shards(prepared, manifest, "train"), split="train",
                               train=True, seed=cfg.seed, batch_size=opts.batch_size,
                               size=cfg.size, shuffle_buffer=64, cache_path=cache)
@@ -114,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         # ---- step time: cached vs inline CLIP, same weights, same batch ----
         torch.manual_seed(0)
         cpu = torch.device("cpu")
-        cached = train.build_model(cfg, cpu)
-        inline = train.build_model(dataclasses.replace(cfg, cached_clip=False), cpu)
+        cached = train_trainer.build_model(cfg, cpu)
+        inline = train_trainer.build_model(dataclasses.replace(cfg, cached_clip=False), cpu)
         inline.load_state_dict(cached.state_dict())
         batch = next(iter(data))
         frames, labels, emb = batch["frame"].float() / 255, batch["label"], batch["emb"]
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                                          lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
             def step():
-                loss = train.bce_loss(model(frames, emb if with_emb else None), labels)
+                loss = train_loop.bce_loss(model(frames, emb if with_emb else None), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- throughput: data pipeline alone vs the full cached loop ----
         loader = make_loader(data, opts.workers, pin_memory=False, seed=cfg.seed)
-        rt = train.Runtime(rank=0, world_size=1, device=cpu, autocast=None)
+        rt = train_runtime.Runtime(rank=0, world_size=1, device=cpu, autocast=None)
         optimizer = torch.optim.Adam(cached.parameters(), lr=cfg.lr, fused=True)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         data_rates, loop_rates = [], []
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             n = sum(len(b["key"]) for b in loader)
             data_rates.append(n / (time.perf_counter() - start))
-            result = train.train_epoch(cached, loader, None, optimizer, scaler, rt, 0, epoch - 1,
+            result = train_loop.train_epoch(cached, loader, None, optimizer, scaler, rt, 0, epoch - 1,
                                        epochs, n, None)
             loop_rates.append(result.samples / result.seconds)
         data_rate, loop_rate = statistics.median(data_rates), statistics.median(loop_rates)

@@ -41,7 +41,7 @@ from pipeline.encoders.clip import (
     parse_weights,
 )
 from pipeline.synth import SYNTHETIC_MARKER, write_dataset
-from salmm.evaluate import TABLE_NAME
+from salmm.evaluation.report import TABLE_NAME
 
 log = logging.getLogger("quickstart")
 

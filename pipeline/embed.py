@@ -50,18 +50,14 @@ from pipeline.core.progress import Progress
 from pipeline.core.progress import progress as progress_bar
 from pipeline.encoders.clip import (
     CACHE_THREADS,
-    DEFAULT_MODEL,
-    DEFAULT_PROFILE,
-    DEFAULT_WEIGHTS,
     MICRO_BATCH,
     PRECISIONS,
-    PROFILES,
     PUBLISHED,
     ClipSpec,
     cached_encoder,
     embed_pairs,
-    parse_weights,
 )
+from pipeline.encoders.clip_spec import add_clip_options
 from pipeline.formats.clip_cache import (
     DEFAULT_CHUNK_SIZE,
     DTYPES,
@@ -74,6 +70,7 @@ from pipeline.formats.manifest import canonical_json, prepared_size, read_manife
 from pipeline.formats.shards import Shard, frame_field, read_shard, split_shards
 
 log = logging.getLogger(__name__)
+SUMMARY = "Compute the CLIP embedding cache (Zarr) of a prepared dataset, frames and flips."
 
 
 @dataclass(frozen=True)
@@ -361,13 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepared dataset folder or fsspec URL (holds manifest.json)")
     parser.add_argument("--out", default=None,
                         help="cache path (default PREPARED/clip/<model>-<profile>-<weights>.zarr)")
-    parser.add_argument("--clip-model", default=DEFAULT_MODEL, help="open_clip model name")
-    parser.add_argument("--clip-pretrained", default=DEFAULT_WEIGHTS, type=parse_weights,
-                        help="open_clip tag (downloaded), a local weight file, hf-hub:org/repo,"
-                        " or 'none' for random weights (tests, offline smoke runs)")
-    parser.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
-                        help="preprocessing: 'salmm' = published (resize to 224, no mean/std),"
-                        " 'openclip' = the model's own transform")
+    add_clip_options(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                         help="autocast dtype on CUDA (default fp16, as the published model runs"

@@ -56,6 +56,7 @@ from pipeline.datasets.matfile import MAT_FORMATS, MatFormat, write_char_rows, w
 from pipeline.datasets.splits import SPLITS, write_split
 
 log = logging.getLogger(__name__)
+SUMMARY = "Write a small SYNTHETIC raw dataset in a real download layout (tests, demos)."
 
 """(height, width) of synthetic camera frames."""
 JPEG_QUALITY = 90

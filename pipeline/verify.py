@@ -42,6 +42,7 @@ from pipeline.formats.shards import Shard, iter_tar
 HASH_THREADS = 4
 
 log = logging.getLogger(__name__)
+SUMMARY = "Re-hash a prepared dataset against its manifest; say OK or what differs."
 
 
 def verify(prepared: str, *, progress: bool = False) -> list[str]:

@@ -1,276 +1,52 @@
-"""``python -m salmm.compare``: every checkpoint and baseline on every prepared split, one table.
+"""``salmm compare`` (``python -m salmm.compare``): every checkpoint and baseline on every
+prepared split, one markdown/CSV/JSON table in the paper's column order.
 
-``python -m salmm.compare --checkpoint A.pt --checkpoint B.tar --baseline center --prepared X
---prepared Y --out DIR [--cached-clip] [--seeds N] [--bootstrap N]``
-
-Each (predictor, dataset) cell is one :func:`salmm.evaluate.evaluate` run into
-``DIR/runs/<predictor>/<dataset>/`` (its per-frame and per-video CSVs, results.md and
-summary.json). A cell whose ``summary.json`` is already there and records the same checkpoint
-sha256 (or baseline), data version, split and metric options is reused, so an interrupted
-comparison resumes. Then, written atomically with ``comparison.json`` last:
-
-* ``comparison.md`` - rows are the predictors, columns each dataset's metrics in the paper's
-  order (AUC_B, AUC_J, NSS, CC, SIM, KLD; BDDA has CC, SIM, KLD), ``mean ± std`` over seeds
-  for the AUCs with ``--seeds`` above 1; below it, which data version and checkpoint each row
-  and column is;
-* ``comparison.csv`` - one line per cell and metric: predictor, checkpoint sha256 (or
-  baseline), dataset, data version, split, frames, metric, value, std, bootstrap interval;
-* ``comparison.json`` - the same cells with everything their summaries record.
-
-Checkpoints are loaded with the CLIP options they were trained with (official ones: ViT-B-32,
-OpenAI weights, the published profile); with ``--cached-clip`` each dataset's embeddings come
-from its default cache for those options.
+Each cell is an evaluation (:func:`salmm.evaluation.evaluator.evaluate`) in its own folder; a cell
+whose summary already matches its inputs and options is reused (see
+:mod:`salmm.evaluation.comparison`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
+from pipeline.core.commandline import main_of, non_negative_int, parse_command, positive_int
 from pipeline.core.cpu import usable_cores
-from pipeline.core.errors import BadInputError
-from pipeline.core.fsio import Folder
-from pipeline.formats.manifest import read_manifest, version_id
-from salmm.evaluate import SUMMARY_NAME, EvalOptions, evaluate
-from salmm.evaluation import metrics
-from salmm.evaluation.baselines import BASELINES
-from salmm.inference import file_sha256
-from salmm.options import non_negative_int, parse_checked, positive_int, run_command
+from salmm.evaluation.options import BASELINES, CompareOptions
 
-log = logging.getLogger("salmm.compare")
-
-TABLE_NAME, CSV_NAME, JSON_NAME = "comparison.md", "comparison.csv", "comparison.json"
+SUMMARY = ("Evaluate every checkpoint and baseline on every prepared split; one markdown/CSV/JSON"
+           " table in the paper's column order.")
 
 
-@dataclass(frozen=True)
-class CompareOptions:
-    """What ``python -m salmm.compare`` was asked to do."""
-
-    prepared: tuple[str, ...]
-    out: str
-    checkpoint: tuple[str, ...] = ()
-    baseline: tuple[str, ...] = ()
-    split: str = "test"
-    cached_clip: bool = False
-    seeds: int = 1
-    seed: int = 0
-    bootstrap: int = 0
-    workers: int = 0
-    device: str | None = None
-
-
-@dataclass(frozen=True)
-class Predictor:
-    """One row: a checkpoint (``sha256`` of its file) or a baseline, and its folder name."""
-
-    label: str
-    folder: str
-    checkpoint: str | None = None
-    sha256: str | None = None
-    baseline: str | None = None
-
-
-def _unique(name: str, used: set[str]) -> str:
-    """``name``, or ``name-2``, ``name-3``, ... when taken; recorded in ``used``."""
-    folder, n = name, 2
-    while folder in used:
-        folder, n = f"{name}-{n}", n + 1
-    used.add(folder)
-    return folder
-
-
-def predictors(opts: CompareOptions) -> list[Predictor]:
-    """The rows, checkpoints first (BadInputError for a missing file), folder names unique."""
-    rows, used = [], set()
-    for path in opts.checkpoint:
-        if not Path(path).is_file():
-            raise BadInputError(path, "no such checkpoint file")
-        rows.append(Predictor(Path(path).name, _unique(Path(path).stem, used), path,
-                              file_sha256(path)))
-    for name in opts.baseline:
-        rows.append(Predictor(f"{name} baseline", f"baseline-{name}", baseline=name))
-    return rows
-
-
-def datasets(opts: CompareOptions) -> list[dict[str, Any]]:
-    """Each ``--prepared``: path, dataset name, version id, a unique folder name."""
-    out, used = [], set()
-    for prepared in opts.prepared:
-        manifest = read_manifest(prepared)
-        name = manifest.get("dataset", "unknown")
-        out.append({"prepared": prepared, "dataset": name, "folder": _unique(name, used),
-                    "version_id": version_id(manifest)})
-    return out
-
-
-def reusable(summary_path: Path, predictor: Predictor, data: dict[str, Any],
-             opts: CompareOptions) -> dict[str, Any] | None:
-    """The summary of an earlier run of this cell with the same inputs and options, else None."""
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
-        return None
-    recorded = ((summary.get("checkpoint") or {}).get("sha256"),
-                (summary.get("baseline") or {}).get("name"),
-                summary.get("dataset", {}).get("version_id"), summary.get("dataset", {}).get(
-                    "split"), summary.get("seed"), summary.get("seeds"),
-                (summary.get("bootstrap") or {}).get("replicates", 0))
-    wanted = (predictor.sha256, predictor.baseline, data["version_id"], opts.split, opts.seed,
-              opts.seeds, opts.bootstrap)
-    return summary if recorded == wanted else None
-
-
-def run_cell(opts: CompareOptions, predictor: Predictor, data: dict[str, Any]
-             ) -> dict[str, Any]:
-    """The summary of one (predictor, dataset) evaluation, reused when it is already there."""
-    out = Path(opts.out) / "runs" / predictor.folder / data["folder"]
-    summary = reusable(out / SUMMARY_NAME, predictor, data, opts)
-    if summary is not None:
-        log.info("%s on %s: reusing %s", predictor.label, data["folder"], out)
-        return summary
-    log.info("%s on %s", predictor.label, data["folder"])
-    return evaluate(EvalOptions(
-        checkpoint=predictor.checkpoint, baseline=predictor.baseline,
-        prepared=data["prepared"], out=str(out), split=opts.split,
-        cached_clip=opts.cached_clip and predictor.checkpoint is not None, seeds=opts.seeds,
-        seed=opts.seed, bootstrap=opts.bootstrap, workers=opts.workers, device=opts.device))
-
-
-def cell(predictor: Predictor, data: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """What the tables keep of one evaluation."""
-    spread = (summary.get("spread") or {}).get("metrics", {})
-    intervals = (summary.get("bootstrap") or {}).get("intervals", {})
-    values = {m: summary["means"][m] for m in summary["metrics"]}
-    values.update({m: v["mean"] for m, v in spread.items()})
-    return {"predictor": predictor.label, "checkpoint_sha256": predictor.sha256,
-            "baseline": predictor.baseline, "dataset": data["dataset"],
-            "column": data["folder"], "prepared": data["prepared"],
-            "version_id": summary["dataset"]["version_id"], "split": summary["dataset"]["split"],
-            "frames": summary["dataset"]["frames"], "values": values,
-            "std": {m: v["std"] for m, v in spread.items()}, "bootstrap": intervals,
-            "note": summary.get("note"), "baseline_fit": (summary.get("baseline") or {}).get(
-                "fit")}
-
-
-def _number(value: float | None, std: float | None) -> str:
-    if value is None:
-        return "NaN"
-    return f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}")
-
-
-def table_text(cells: list[dict[str, Any]], data: list[dict[str, Any]],
-               rows: list[Predictor]) -> str:
-    """``comparison.md``."""
-    columns = []
-    for d in data:
-        present = [m for m in metrics.METRIC_ORDER if any(
-            m in c["values"] for c in cells if c["column"] == d["folder"])]
-        columns += [(d["folder"], m) for m in present]
-    by_key = {(c["predictor"], c["column"]): c for c in cells}
-    lines = ["| | " + " | ".join(f"{folder} {m}" for folder, m in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
-    for p in rows:
-        out = []
-        for folder, m in columns:
-            c = by_key.get((p.label, folder))
-            out.append("-" if c is None or m not in c["values"] else
-                       _number(c["values"][m], c["std"].get(m)))
-        lines.append(f"| {p.label} | " + " | ".join(out) + " |")
-    legend = ["", "Datasets (test split unless said): " + "; ".join(
-        f"{d['folder']} = {d['prepared']} (data version {d['version_id']})" for d in data) + ".",
-              "", "Predictors: " + "; ".join(
-        f"{p.label} = sha256 {p.sha256[:12]}" if p.sha256 else
-        f"{p.label} (fitted on each dataset's train labels)" for p in rows) + "."]
-    notes = sorted({c["note"] for c in cells if c["note"]})
-    if notes:
-        legend += ["", *(f"**{n}**" for n in notes)]
-    return "# Comparison\n\n" + "\n".join(lines + legend) + "\n"
-
-
-def csv_text(cells: list[dict[str, Any]]) -> str:
-    """``comparison.csv``: one line per cell and metric."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["predictor", "checkpoint_sha256", "baseline", "dataset", "column",
-                     "version_id", "split", "frames", "metric", "value", "std", "ci_low",
-                     "ci_high"])
-    for c in cells:
-        for m, value in c["values"].items():
-            ci = c["bootstrap"].get(m) or [None, None]
-            writer.writerow([c["predictor"], c["checkpoint_sha256"] or "", c["baseline"] or "",
-                             c["dataset"], c["column"], c["version_id"], c["split"],
-                             c["frames"], m, "nan" if value is None else repr(value),
-                             "" if m not in c["std"] else repr(c["std"][m]),
-                             "" if ci[0] is None else repr(ci[0]),
-                             "" if ci[1] is None else repr(ci[1])])
-    return buf.getvalue()
-
-
-def compare(opts: CompareOptions) -> dict[str, Any]:
-    """Run every cell; write the three tables (``comparison.json`` last); returns its content."""
-    if not opts.checkpoint and not opts.baseline:
-        raise BadInputError("--checkpoint", "nothing to compare: give --checkpoint and/or"
-                            " --baseline")
-    rows, data = predictors(opts), datasets(opts)
-    out = Folder(opts.out)
-    with out.lock(subject=opts.out):                # one comparison writes a folder at a time
-        out.remove_unfinished()
-        return _compare_into(opts, out, rows, data)
-
-
-def _compare_into(opts: CompareOptions, out: Folder, rows: list[Predictor],
-                  data: list[dict[str, Any]]) -> dict[str, Any]:
-    cells = [cell(p, d, run_cell(opts, p, d)) for p in rows for d in data]
-    out.remove(JSON_NAME)
-    table = table_text(cells, data, rows)
-    out.write_bytes(TABLE_NAME, table.encode())
-    out.write_bytes(CSV_NAME, csv_text(cells).encode())
-    result = {"split": opts.split, "seed": opts.seed, "seeds": opts.seeds,
-              "bootstrap": opts.bootstrap, "metric_order": list(metrics.METRIC_ORDER),
-              "datasets": data, "cells": cells}
-    out.write_bytes(JSON_NAME, (json.dumps(result, indent=1) + "\n").encode())
-    log.info("comparison (%s):\n%s", out.url(TABLE_NAME), table)
-    return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m salmm.compare`` parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m salmm.compare",
-        description="Evaluate every checkpoint and baseline on every prepared split; one"
-                    " markdown/CSV/JSON table in the paper's column order.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The comparison's options."""
     parser.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
-                        help="a salmm.train checkpoint or an official model_best_*.tar"
+                        help="a salmm train checkpoint or an official model_best_*.tar"
                              " (repeatable)")
     parser.add_argument("--baseline", action="append", default=[], choices=BASELINES,
                         help="a reference predictor row (repeatable)")
     parser.add_argument("--prepared", action="append", required=True, metavar="PREPARED",
                         help="a prepared dataset (repeatable)")
-    parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for the table (results.md, results.csv, results.json) and"
+                             " one evaluation folder per cell")
+    parser.add_argument("--split", default="test", help="split to score in every dataset")
     parser.add_argument("--cached-clip", action="store_true",
                         help="checkpoints take CLIP embeddings from each dataset's cache")
     parser.add_argument("--seeds", type=positive_int, default=1, metavar="N",
                         help="AUC_B and AUC_J as mean ± std over N seeds")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seeds the metrics' random draws, per frame")
     parser.add_argument("--bootstrap", type=non_negative_int, default=0, metavar="N",
                         help="95%% bootstrap intervals over videos (N replicates)")
     parser.add_argument("--workers", type=non_negative_int, default=usable_cores(),
                         help="processes scoring frames")
     parser.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
-    return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
-    args = parse_checked(build_parser(), argv)
+def options(args: argparse.Namespace) -> CompareOptions:
     return CompareOptions(prepared=tuple(args.prepared), out=args.out,
                           checkpoint=tuple(args.checkpoint), baseline=tuple(args.baseline),
                           split=args.split, cached_clip=args.cached_clip, seeds=args.seeds,
@@ -278,10 +54,19 @@ def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
                           device=args.device)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
+    return options(parse_command(sys.modules[__name__], "python -m salmm.compare", argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    from salmm.evaluation.comparison import compare  # lazy: torch loads after the options
+
+    compare(options(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2: bad input)."""
-    opts = parse_args(argv)
-    return run_command(lambda: compare(opts))
+    """``python -m salmm.compare``; returns the exit status (2: bad input)."""
+    return main_of(sys.modules[__name__], "python -m salmm.compare", argv)
 
 
 if __name__ == "__main__":

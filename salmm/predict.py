@@ -1,280 +1,73 @@
-"""``python -m salmm.predict``: saliency heat maps for a frame, a folder of frames, a video or a
-prepared split.
-
-``--input`` is one of
-
-* a prepared dataset (a folder with ``manifest.json``): the frames of ``--split`` at the
-  prepared size, each shown as ``frame | prediction overlay | ground-truth overlay`` under
-  captions "frame", "prediction", "ground truth"; CLIP
-  embeddings from the cache with ``--cached-clip``, else the model's inline CLIP;
-* a folder of frames (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, in name order), one image, or a
-  video (anything OpenCV's ffmpeg backend reads): each frame is decoded in full and resized to
-  the model's size with ``cv2.resize(INTER_CUBIC)`` as ``python -m pipeline normalize`` does,
-  then the prediction is drawn over the original frame at its own resolution. Raw inputs have
-  no cached embeddings, so CLIP runs inline (``--clip-pretrained none``: random weights, for
-  smoke runs only, and logged as such).
-
-Outputs in ``--out``: one PNG per frame (``<sample key>.png``, ``<image stem>.png`` or
-``frame_NNNNNN.png`` for videos) and, for more than one frame, an animation of them
-(``animation.mp4``, H.264 through imageio-ffmpeg; ``--animation gif`` for a GIF; at most
-:data:`ANIMATION_WIDTH` pixels wide). Every file is written atomically.
+"""``salmm predict`` (``python -m salmm.predict``): saliency heat maps for a frame, a folder of
+frames, a video or a prepared split (with the ground truth beside), one PNG per frame and an
+animation of a sequence. What it draws and how: :mod:`salmm.deploy.pictures`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-import cv2
-import numpy as np
-import torch
-
-from pipeline.core.errors import BadInputError
-from pipeline.core.fsio import Folder
-from pipeline.core.progress import progress
-from pipeline.formats.manifest import prepared_size
-from salmm.data.sources import (
-    IMAGE_SUFFIXES,
-    Item,
-    folder_images,
-    image_items,
-    open_video,
-    video_items,
-)
-from salmm.data.stages import EmbeddingTable
-from salmm.inference import (
-    MODEL_OPTIONS_NOTE,
-    LoadedModel,
-    add_model_options,
-    batched,
-    iter_samples,
-    load_model,
-    open_eval_cache,
-    parse_model_args,
-    predict_batch,
-    prepared_split,
-)
-from salmm.options import (
-    add_drawing_options,
+from pipeline.core.commandline import (
+    main_of,
+    options_from,
+    parse_command,
     parse_size,
     positive_float,
     positive_int,
-    run_command,
 )
-from salmm.render import overlay
+from salmm.cli import (
+    MODEL_OPTIONS_NOTE,
+    add_drawing_options,
+    add_model_options,
+    given_clip_options,
+)
+from salmm.deploy.options import PICTURES_FPS, PredictOptions
+from salmm.render.style import ANIMATION_FORMATS
 
-log = logging.getLogger("salmm.predict")
-
-PANEL_TITLES = ("frame", "prediction", "ground truth")
-ANIMATION_WIDTH = 768
-DEFAULT_FPS = 10.0
-
-
-# ---- inputs ------------------------------------------------------------------------------------
-
-
-def input_kind(path: str) -> str:
-    """"prepared", "folder", "image" or "video"; BadInputError if ``path`` does not exist."""
-    p = Path(path)
-    if p.is_dir():
-        return "prepared" if (p / "manifest.json").exists() else "folder"
-    if not p.exists():
-        raise BadInputError(path, "no such file or folder")
-    return "image" if p.suffix.lower() in IMAGE_SUFFIXES else "video"
+SUMMARY = ("Saliency heat maps over a frame, a folder of frames, a video or a prepared split (with"
+           " the ground truth beside), plus an animation of a sequence. " + MODEL_OPTIONS_NOTE)
 
 
-def prepared_items(prepared: str, manifest: dict[str, Any], split: str) -> Iterator[Item]:
-    """A prepared split's samples: frame and label at the prepared size."""
-    for sample in iter_samples(prepared, manifest, split):
-        rgb = np.ascontiguousarray(sample["frame"].numpy().transpose(1, 2, 0))
-        yield Item(sample["key"], rgb, rgb, sample["label"][0].numpy(), sample["key"],
-                   sample["index"])
-
-
-def limited(items: Iterator[Item], limit: int | None) -> Iterator[Item]:
-    for i, item in enumerate(items):
-        if limit is not None and i >= limit:
-            return
-        yield item
-
-
-# ---- pictures ----------------------------------------------------------------------------------
-
-
-def picture(item: Item, pred: np.ndarray, colormap: str, alpha: float) -> np.ndarray:
-    """What is saved for one frame: the prediction over the frame, next to the frame and the
-    ground-truth overlay when there is a label."""
-    shown = overlay.overlay(item.frame, pred, colormap=colormap, alpha=alpha)
-    if item.label is None:
-        return shown
-    truth = overlay.overlay(item.frame, item.label, colormap=colormap, alpha=alpha)
-    return overlay.side_by_side([item.frame, shown, truth], titles=PANEL_TITLES)
-
-
-def animation_frame(image: np.ndarray) -> np.ndarray:
-    """``image`` shrunk (INTER_AREA) to at most :data:`ANIMATION_WIDTH` pixels wide."""
-    height, width = image.shape[:2]
-    if width <= ANIMATION_WIDTH:
-        return image
-    new = (ANIMATION_WIDTH, max(1, round(height * ANIMATION_WIDTH / width)))
-    return cv2.resize(image, new, interpolation=cv2.INTER_AREA)
-
-
-# ---- the run -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    """What ``python -m salmm.predict`` was asked to do."""
-
-    checkpoint: str
-    input: str
-    out: str
-    split: str = "test"
-    limit: int | None = None
-    fps: float | None = None
-    size: tuple[int, int] | None = None
-    cached_clip: bool = False
-    cache: str | None = None
-    batch_size: int = 8
-    colormap: str = overlay.DEFAULT_COLORMAP
-    alpha: float = overlay.DEFAULT_ALPHA
-    animation: str = "auto"
-    allow_short_video: bool = False
-    device: str | None = None
-    amp: str = "off"
-    clip: tuple[tuple[str, Any], ...] = ()
-
-
-@dataclass
-class Source:
-    """An opened ``--input``: its kind ("prepared", "folder", "image", "video"), frames to come
-    (None: unknown), frames per second (videos, when known), and what reads it."""
-
-    kind: str
-    total: int | None = None
-    fps: float | None = None
-    manifest: dict[str, Any] | None = None
-    files: list[Path] | None = None
-    capture: cv2.VideoCapture | None = None
-
-
-def open_source(opts: PredictOptions) -> Source:
-    """``opts.input``, checked before the model is loaded (BadInputError, one line)."""
-    kind = input_kind(opts.input)
-    if opts.cached_clip and kind != "prepared":
-        raise BadInputError(opts.input, "--cached-clip needs a prepared dataset as --input; raw"
-                            " frames and videos have no cached embeddings")
-    if kind == "prepared":
-        manifest, total = prepared_split(opts.input, opts.split)
-        return Source(kind, total, manifest=manifest)
-    if kind == "folder":
-        files = folder_images(opts.input)
-        return Source(kind, len(files), files=files)
-    if kind == "image":
-        return Source(kind, 1, files=[Path(opts.input)])
-    capture, fps, total = open_video(opts.input)
-    return Source(kind, total, fps, capture=capture)
-
-
-def source_items(opts: PredictOptions, source: Source, size: tuple[int, int]) -> Iterator[Item]:
-    """The source's frames as :class:`Item` at the model's ``size`` (height, width)."""
-    if source.kind == "prepared":
-        return prepared_items(opts.input, source.manifest, opts.split)
-    if source.kind == "video":
-        return video_items(opts.input, source.capture, size, source.total,
-                           opts.allow_short_video)
-    return image_items(source.files, size)
-
-
-def predict(opts: PredictOptions) -> list[Path]:
-    """Run ``opts``; returns the files written (PNGs, then the animation if any)."""
-    source = open_source(opts)
-    loaded: LoadedModel = load_model(opts.checkpoint, inline_clip=not opts.cached_clip,
-                                     given_clip=dict(opts.clip), device=opts.device,
-                                     amp=opts.amp)
-    size = (prepared_size(source.manifest) if source.manifest is not None
-            else opts.size or loaded.size)
-    if size[0] % 32 or size[1] % 32:
-        raise BadInputError(opts.input, f"frames would be fed at {size[1]}x{size[0]}; SalMM needs"
-                            " width and height that are multiples of 32 (see --size)")
-    table = None
-    if opts.cached_clip:
-        cache_path, _ = open_eval_cache(opts.cache, opts.input, source.manifest, opts.split,
-                                        loaded.clip)
-        table = EmbeddingTable(cache_path, opts.split)
-    total = source.total if opts.limit is None or source.total is None \
-        else min(source.total, opts.limit)
-    Folder(opts.out).makedirs()
-    written: list[Path] = []
-    frames: list[np.ndarray] = []
-    with progress(total=total, unit="frame", desc="predict") as bar:
-        for batch in batched(limited(source_items(opts, source, size), opts.limit),
-                             opts.batch_size):
-            x = torch.from_numpy(np.stack([it.model_input.transpose(2, 0, 1) for it in batch]))
-            emb = (torch.stack([torch.from_numpy(table.lookup(it.index, it.key, False))
-                                for it in batch]) if table is not None else None)
-            for item, pred in zip(batch, predict_batch(loaded, x, emb)):
-                image = picture(item, pred, opts.colormap, opts.alpha)
-                path = Path(opts.out) / f"{item.name}.png"
-                overlay.write_png(path, image)
-                written.append(path)
-                if opts.animation != "none":
-                    frames.append(animation_frame(image))
-                bar.update(1)
-    log.info("wrote %d picture(s) to %s", len(written), opts.out)
-    if len(frames) > 1:
-        fps = opts.fps or source.fps or DEFAULT_FPS
-        path = Path(opts.out) / f"animation.{overlay.animation_format(opts.animation)}"
-        overlay.write_animation(path, frames, fps)
-        written.append(path)
-        log.info("animation of %d frames at %.3g fps: %s", len(frames), fps, path)
-    return written
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m salmm.predict`` parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m salmm.predict",
-        description="Saliency heat maps over a frame, a folder of frames, a video or a prepared"
-                    " split (with the ground truth beside), plus an animation of a sequence. "
-                    + MODEL_OPTIONS_NOTE)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of predict."""
     parser.add_argument("--input", required=True,
                         help="a frame, a folder of frames, a video, or a prepared dataset")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
     add_model_options(parser, prepared=False)
     group = parser.add_argument_group("frames and pictures")
-    group.add_argument("--split", default="test", help="split of a prepared --input (default"
-                       " test)")
+    group.add_argument("--split", default="test", help="split of a prepared --input")
     group.add_argument("--limit", type=positive_int, help="at most this many frames")
     group.add_argument("--fps", type=positive_float,
-                       help=f"animation speed (default: the video's, else {DEFAULT_FPS:g})")
+                       help=f"animation speed (default: the video's, else {PICTURES_FPS:g})")
     group.add_argument("--size", type=parse_size, metavar="WxH",
                        help="model input size for raw frames (default: the checkpoint's"
                             " training size; 256x256 for official checkpoints)")
-    group.add_argument("--batch-size", type=positive_int, default=PredictOptions.batch_size)
+    group.add_argument("--batch-size", type=positive_int, default=PredictOptions.batch_size,
+                       help="frames through the model at a time")
     add_drawing_options(group)
-    group.add_argument("--animation", choices=overlay.ANIMATION_FORMATS, default="auto",
-                       help="auto (default): MP4 (H.264); gif; none")
-    return parser
+    group.add_argument("--animation", choices=ANIMATION_FORMATS, default="auto",
+                       help="auto: MP4 (H.264); gif; none")
+
+
+def options(args: argparse.Namespace) -> PredictOptions:
+    return options_from(PredictOptions, args, clip=given_clip_options(args))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PredictOptions:
-    return parse_model_args(build_parser(), PredictOptions, argv)
+    return options(parse_command(sys.modules[__name__], "python -m salmm.predict", argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    from salmm.deploy.pictures import predict  # lazy: torch loads after the options
+
+    predict(options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2: bad input)."""
-    opts = parse_args(argv)
-    return run_command(lambda: predict(opts))
+    """``python -m salmm.predict``; returns the exit status (2: bad input)."""
+    return main_of(sys.modules[__name__], "python -m salmm.predict", argv)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,8 @@ def _run(*args: str) -> None:
 def _checkpoints(work: Path, prepared: Path, version: str) -> tuple[Path, Path]:
     from salmm.model.checkpoint import save_checkpoint, training_checkpoint
     from salmm.model.net import SalMM
-    from salmm.official import save_official
-    from salmm.options import TrainConfig
-
+    from salmm.model.official import save_official
+    from salmm.training.config import TrainConfig
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         model = SalMM(backend="builtin")
@@ -105,8 +104,8 @@ def onnx_export(factory: pytest.TempPathFactory) -> Path:
     """The session's ONNX export of the trainer checkpoint (``python -m salmm.export``,
     64x64; built on first use)."""
     if "onnx" not in _BUILT:
-        from salmm.export import ExportOptions, export
-
+        from salmm.deploy.graphs import export
+        from salmm.deploy.options import ExportOptions
         out = factory.mktemp("export") / "onnx"
         export(ExportOptions(checkpoint=str(inference_data(factory).trainer), out=str(out)))
         _BUILT["onnx"] = out

@@ -35,10 +35,11 @@ from pipeline.formats.clip_cache import open_cache
 from pipeline.formats.manifest import prepared_size, read_manifest
 from pipeline.formats.shards import read_shard, split_shards
 from pipeline.normalize import normalize
-from salmm import train
 from salmm.data.stages import decode_sample
 from salmm.model.net import SalMM
-from salmm.options import TrainConfig
+from salmm.training import loop as train_loop
+from salmm.training import runtime as train_runtime
+from salmm.training.config import TrainConfig
 from tests._reference import needs_reference, reference_module
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
@@ -194,11 +195,11 @@ def test_one_training_step_equals_bce_loss_and_adam_as_their_train_py_takes_it(
             model.final.weight.mul_(400.0)
     theirs = copy.deepcopy(model)
     cfg = TrainConfig(prepared=str(prepared), cached_clip=True)
-    rt = train.Runtime(0, 1, torch.device("cpu"), None)
+    rt = train_runtime.Runtime(0, 1, torch.device("cpu"), None)
     ours_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                 lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    result = train.train_epoch(model, [batch], None, ours_opt, scaler, rt, 0, 0, 1, 4, None)
+    result = train_loop.train_epoch(model, [batch], None, ours_opt, scaler, rt, 0, 0, 1, 4, None)
 
     # their train.py: criterion = nn.BCELoss(); Adam(params, lr, weight_decay); one step
     their_opt = torch.optim.Adam(theirs.parameters(), cfg.lr, weight_decay=cfg.weight_decay)

@@ -377,8 +377,8 @@ def inference(tmp_path_factory):
 def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_path, caplog):
     import cv2
 
-    from salmm.predict import PredictOptions, predict
-
+    from salmm.deploy.options import PredictOptions
+    from salmm.deploy.pictures import predict
     data = inference
     video = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (96, 64))
@@ -464,9 +464,10 @@ def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
     from pipeline.encoders.clip import ClipSpec, cached_encoder
     from pipeline.formats.manifest import write_manifest
     from pipeline.formats.shards import encode_png, split_shards, write_shard
-    from salmm import train
     from salmm.data.stages import SaliencyShards, make_loader
     from salmm.model.net import SalMM
+    from salmm.training import loop as train_loop
+    from salmm.training import runtime as train_runtime
     from tests._prepared import make_sample, write_prepared
 
     prepared = write_prepared(tmp_path / "p", {"valid": [3]})
@@ -480,8 +481,8 @@ def test_validation_means_skip_frames_with_an_all_zero_label(tmp_path):
                           split="valid", train=False, seed=0, batch_size=2, size=(32, 32))
     torch.manual_seed(0)
     model = SalMM(clip=cached_encoder(ClipSpec(pretrained=None)))
-    rt = train.Runtime(rank=0, world_size=1, device=torch.device("cpu"), autocast=None)
-    scores = train.validate(model, make_loader(data, 0, False), rt)
+    rt = train_runtime.Runtime(rank=0, world_size=1, device=torch.device("cpu"), autocast=None)
+    scores = train_loop.validate(model, make_loader(data, 0, False), rt)
     assert scores["valid_samples"] == 3 and scores["valid_undefined"] == 1
     assert all(np.isfinite(scores[m]) for m in ("CC", "SIM", "KLD"))
 
@@ -504,8 +505,8 @@ def test_progress_off_a_terminal_is_log_lines_not_carriage_returns(monkeypatch, 
 def test_evaluate_says_how_many_frames_a_metric_skips(inference, tmp_path):
     import json
 
-    from salmm.evaluate import EvalOptions, evaluate
-
+    from salmm.evaluation.evaluator import evaluate
+    from salmm.evaluation.options import EvalOptions
     data = inference
     summary = evaluate(EvalOptions(checkpoint=str(data.trainer), prepared=str(data.prepared),
                                    out=str(tmp_path), cached_clip=True, workers=0))

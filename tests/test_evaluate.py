@@ -23,10 +23,12 @@ from pipeline.core.errors import BadInputError
 from pipeline.datasets.readers import fixation_points
 from pipeline.formats.labels import matlab_points
 from pipeline.formats.shards import decode_npy, encode_npy
-from salmm.evaluate import EvalOptions, evaluate, main
+from salmm.evaluate import main
 from salmm.evaluation import matlab_export
+from salmm.evaluation.evaluator import evaluate
 from salmm.evaluation.metrics import METRIC_ORDER, fixation_map
-from salmm.inference import FROM_CHECKPOINT, resolve_clip
+from salmm.evaluation.options import EvalOptions
+from salmm.model.loading import FROM_CHECKPOINT, resolve_clip
 from tests._inference_data import (
     InferenceData,
     fixation_count,

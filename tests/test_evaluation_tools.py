@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.formats.manifest import read_manifest
-from salmm import compare as compare_module
+from pipeline.formats.prepared import PreparedDataset
 from salmm.certify import main as certify_main
 from salmm.compare import main as compare_main
-from salmm.evaluate import EvalOptions, evaluate
 from salmm.evaluate import main as evaluate_main
+from salmm.evaluation import comparison as compare_module
 from salmm.evaluation import metrics
 from salmm.evaluation.baselines import centre_gaussian, centre_widths, fit_baseline
+from salmm.evaluation.evaluator import evaluate
+from salmm.evaluation.options import EvalOptions
 from tests._inference_data import InferenceData, inference_data, write_prepared
 from tests._reference import official_metrics
 from tests.test_write_faults import Faults
@@ -76,13 +77,12 @@ def test_uniform_scores_by_hand():
 
 def test_baselines_are_fitted_deterministically_on_the_train_labels(prepared):
     root, _ = prepared
-    manifest = read_manifest(str(root))
-    mean = fit_baseline("mean", str(root), manifest)
+    mean = fit_baseline("mean", PreparedDataset.open(root))
     from salmm.evaluation.baselines import mean_label
-    want, frames = mean_label(str(root), manifest)
+    want, frames = mean_label(PreparedDataset.open(root))
     assert frames == 4 and mean.fit["frames"] == 4 and mean.fit["split"] == "train"
     np.testing.assert_array_equal(mean.map, want)
-    first, second = (fit_baseline("center", str(root), manifest) for _ in range(2))
+    first, second = (fit_baseline("center", PreparedDataset.open(root)) for _ in range(2))
     assert first.fit == second.fit and first.fit["sigma_y_px"] > 0
     np.testing.assert_array_equal(first.map, second.map)
     assert first.map.max() == pytest.approx(1.0, abs=0.02)
@@ -273,7 +273,7 @@ scipy.io.savemat(paths["SALMM_EXPORT"] + "metrics.mat",
 def test_certify_passes_paths_to_the_engine_as_data_never_as_source(
         prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture):
-    from salmm import certify
+    from salmm.evaluation import certification
 
     root, raw = prepared
     hostile = tmp_path / HOSTILE
@@ -288,7 +288,7 @@ def test_certify_passes_paths_to_the_engine_as_data_never_as_source(
     bin_dir.mkdir()
     engine = bin_dir / "octave-cli"
     engine.write_text(FAKE_ENGINE.format(python=sys.executable,
-                                         variables=repr(dict(certify.VARIABLES))))
+                                         variables=repr(dict(certification.VARIABLES))))
     engine.chmod(0o755)
     raw_copy = hostile / "raw"
     shutil.copytree(raw, raw_copy)

@@ -17,17 +17,17 @@ from torchvision.transforms import functional as TF
 
 from pipeline.core.errors import BadInputError
 from pipeline.encoders.clip import build_clip_encoder
-from salmm import export as export_module
-from salmm.export import (
+from salmm.deploy import graphs as export_module
+from salmm.deploy.graphs import (
     GRAPH_TOLERANCE,
     ClipGraph,
-    ExportOptions,
     checked_export,
     export,
     export_network,
-    main,
 )
-from salmm.inference import load_model
+from salmm.deploy.options import ExportOptions
+from salmm.export import main
+from salmm.model.loading import load_model
 from salmm.model.net import SalMM
 from tests._inference_data import InferenceData, inference_data, onnx_export
 
@@ -187,8 +187,7 @@ def test_crafted_graphs_are_refused_in_one_line_before_onnxruntime_opens_them(
     import onnx
     from onnx import TensorProto, helper
 
-    from salmm.stream import OnnxRunner
-
+    from salmm.deploy.live import OnnxRunner
     loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
     record = checked_export(exported, loaded, (64, 64))
     assert all(len(record["graphs"][g]["sha256"]) == 64 for g in ("salmm", "clip"))

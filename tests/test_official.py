@@ -8,7 +8,8 @@ import torch
 
 from pipeline.core.errors import BadInputError
 from salmm.model.net import SalMM
-from salmm.official import load_official, main, read_official, save_official
+from salmm.model.official import load_official, read_official, save_official
+from salmm.official import main
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -133,5 +134,5 @@ def test_cli_reports_epoch_loss_and_keys(tmp_path, trained_state, caplog):
     assert "epoch       17" in text and "valid_loss  0.125" in text
     assert "all 578 SalMM keys present" in text and "ok" in text
     bad = write_published(tmp_path / "bad.tar", corrupt(trained_state, "missing"))
-    assert main([str(bad)]) == 1
+    assert main([str(bad)]) == 2          # bad input: the one exit-code policy
     assert "bad.tar: state_dict does not match SalMM" in caplog.text

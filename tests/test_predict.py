@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import BadInputError
-from salmm.predict import ANIMATION_WIDTH, PredictOptions, main, predict
+from salmm.deploy.options import PredictOptions
+from salmm.deploy.pictures import ANIMATION_WIDTH, predict
+from salmm.predict import main
 from salmm.render import overlay
 from tests._inference_data import InferenceData, inference_data
 

@@ -13,7 +13,8 @@ import torch
 
 import salmm.model.mamba
 import salmm.model.scan
-from salmm.model.net import SalMM, scan_cpu
+from salmm.model import scan_cpu
+from salmm.model.net import SalMM
 from salmm.model.scan import resolve_impl, selective_scan, selective_scan_ref
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 from tests.test_model import small_batch

@@ -14,18 +14,18 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from salmm import stream as stream_module
 from salmm.data.sources import image_items
-from salmm.inference import load_model
-from salmm.stream import (
+from salmm.deploy import live as stream_module
+from salmm.deploy.live import (
     OnnxRunner,
     Report,
-    StreamOptions,
     TorchRunner,
-    main,
     run_loop,
     stream,
 )
+from salmm.deploy.options import StreamOptions
+from salmm.model.loading import load_model
+from salmm.stream import main
 from tests._inference_data import InferenceData, inference_data, onnx_export
 
 FRAMES = range(6, 10)          # the test video's frames in the synthetic raw dataset

@@ -19,13 +19,19 @@ import torch
 
 from pipeline.core.errors import BadInputError
 from pipeline.formats.manifest import read_manifest
+from pipeline.formats.prepared import PreparedDataset
 from pipeline.formats.shards import split_shards
 from salmm import train
 from salmm.data.stages import SaliencyShards
 from salmm.evaluation import metrics
 from salmm.model.checkpoint import load_checkpoint
-from salmm.official import load_official
-from salmm.options import TrainConfig, parse_args
+from salmm.model.official import load_official
+from salmm.train import parse_args
+from salmm.training import config as train_config
+from salmm.training import inputs as train_inputs
+from salmm.training import loop as train_loop
+from salmm.training import trainer as train_trainer
+from salmm.training.config import TrainConfig
 from tests._prepared import (
     REPO,
     prepare_with_commands,
@@ -95,8 +101,8 @@ def test_tiny_run_learns_and_leaves_loadable_checkpoints_and_logs(prepared, refe
 
     # the authors' loader takes it, and the loaded model scores a validation batch
     model = load_official(reference_run / "best.pt", backend="builtin").eval()
-    cache = train.open_checked_cache(parse_args(args(prepared, reference_run)),
-                                     read_manifest(str(prepared)))[0]
+    cache = train_inputs.open_checked_cache(parse_args(args(prepared, reference_run)),
+                                            PreparedDataset.open(prepared))[0]
     batch = next(iter(SaliencyShards(split_shards(str(prepared), read_manifest(str(prepared)),
                                                   "valid"), split="valid", train=False, seed=0,
                                      batch_size=3, size=(64, 64), cache_path=cache)))
@@ -126,12 +132,13 @@ def test_evaluation_of_the_best_checkpoint_repeats_its_validation_scores(prepare
 KILL_AFTER_FIRST_EPOCH = """
 import os, signal, sys
 from salmm import train
-save = train.save_checkpoint
+from salmm.training import records as train_records
+save = train_records.save_checkpoint
 def save_then_die(path, checkpoint):
     save(path, checkpoint)
     if str(path).endswith("last.pt"):
         os.kill(os.getpid(), signal.SIGKILL)
-train.save_checkpoint = save_then_die
+train_records.save_checkpoint = save_then_die
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -179,7 +186,7 @@ def test_the_same_command_gives_the_same_weights_beside_a_busy_process(prepared,
     finally:
         busy.kill()
         busy.wait()
-    assert quiet["threads"] == loaded["threads"] == train.DEFAULT_TRAIN_THREADS
+    assert quiet["threads"] == loaded["threads"] == train_config.DEFAULT_TRAIN_THREADS
     assert same_weights(quiet["state_dict"], loaded["state_dict"])
 
 
@@ -189,16 +196,16 @@ def test_the_same_command_gives_the_same_weights_beside_a_busy_process(prepared,
 def test_cached_and_inline_clip_give_the_same_outputs_with_flips(prepared):
     cfg = parse_args(args(prepared, prepared / "unused"))
     manifest = read_manifest(str(prepared))
-    cache, _ = train.open_checked_cache(cfg, manifest)
+    cache, _ = train_inputs.open_checked_cache(cfg, PreparedDataset.open(prepared))
     data = SaliencyShards(split_shards(str(prepared), manifest, "train"), split="train",
                           train=True, seed=42, batch_size=9, size=(64, 64), cache_path=cache)
     batch = next(iter(data))
     assert batch["flipped"].any() and not batch["flipped"].all()
 
     torch.manual_seed(0)
-    cached = train.build_model(cfg, torch.device("cpu")).eval()
+    cached = train_trainer.build_model(cfg, torch.device("cpu")).eval()
     cached.CrossModelAtt.gamma.data.fill_(1.0)      # 0 at init would hide the embedding
-    inline = train.build_model(TrainConfig.from_dict({**cfg.as_dict(), "cached_clip": False}),
+    inline = train_trainer.build_model(TrainConfig.from_dict({**cfg.as_dict(), "cached_clip": False}),
                                torch.device("cpu")).eval()
     inline.load_state_dict(cached.state_dict())
     frames = batch["frame"].float() / 255
@@ -236,7 +243,7 @@ def test_no_cache_for_the_default_weights_names_the_one_there_and_the_offline_co
     argv = [a for a in args(prepared, tmp_path / "run") if a not in ("--clip-pretrained",
                                                                       "none")]
     with pytest.raises(BadInputError) as err:
-        train.train(parse_args(argv))
+        train_trainer.train(parse_args(argv))
     text = str(err.value)
     assert "ViT-B-32-salmm-openai.zarr: no CLIP cache" in text
     assert "use it with --clip-pretrained none" in text and "--clip-pretrained none for random" \
@@ -265,7 +272,7 @@ def test_mismatched_inputs_are_refused_before_training(prepared, tmp_path, case,
         argv = [*argv, "--cache", str(prepared / "clip" / "ViT-B-32-salmm-random-seed0.zarr"),
                 "--clip-pretrained", "openai"]
     with pytest.raises(BadInputError) as err:
-        train.train(parse_args(argv))
+        train_trainer.train(parse_args(argv))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
 
@@ -275,14 +282,14 @@ def test_resume_with_another_recipe_or_into_a_used_folder_is_refused(prepared, r
     resume = ["--resume", str(reference_run / "last.pt")]
     with pytest.raises(BadInputError, match=r"last\.pt: trained with other options"
                                             r" \(--lr 0\.001 -> 0\.01\)"):
-        train.train(parse_args(args(prepared, tmp_path / "r", *resume, "--lr", "0.01")))
+        train_trainer.train(parse_args(args(prepared, tmp_path / "r", *resume, "--lr", "0.01")))
     with pytest.raises(BadInputError, match="already holds a run"):
-        train.train(parse_args(args(prepared, reference_run)))
+        train_trainer.train(parse_args(args(prepared, reference_run)))
     official = tmp_path / "official.tar"
     torch.save({"epoch": 1, "state_dict": load_checkpoint(reference_run / "last.pt")["state_dict"],
                 "optim_dict": {}, "valid_loss": 0.5}, official)
     with pytest.raises(BadInputError, match="not a salmm training checkpoint"):
-        train.train(parse_args(args(prepared, tmp_path / "r", "--resume", str(official))))
+        train_trainer.train(parse_args(args(prepared, tmp_path / "r", "--resume", str(official))))
 
 
 # ---- a diverging loss -------------------------------------------------------------------------
@@ -290,14 +297,14 @@ def test_resume_with_another_recipe_or_into_a_used_folder_is_refused(prepared, r
 
 def test_non_finite_loss_stops_with_the_last_good_state(prepared, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train.bce_loss
+    real = train_loop.bce_loss
 
     def loss_that_diverges(pred, target):
         calls["n"] += 1
         value = real(pred, target)
         return value * float("nan") if calls["n"] == STEPS + 2 else value  # epoch 2, step 2
 
-    monkeypatch.setattr(train, "bce_loss", loss_that_diverges)
+    monkeypatch.setattr(train_loop, "bce_loss", loss_that_diverges)
     out = tmp_path / "run"
     assert train.main(args(prepared, out, "--workers", "0", epochs=3)) == 3
     good = load_checkpoint(out / "last-good.pt")
@@ -342,7 +349,7 @@ def test_bce_is_torch_bce_loss_forward_and_backward_even_at_saturation():
     logits[0, 0, 0, :4] = torch.tensor([20.0, 40.0, -120.0, -20.0])  # sigmoid: exactly 1.0 / 0.0
     target = torch.rand(2, 1, 8, 8)
     grads = []
-    for loss_fn in (train.bce_loss, torch.nn.BCELoss()):
+    for loss_fn in (train_loop.bce_loss, torch.nn.BCELoss()):
         x = logits.clone().requires_grad_()
         pred = torch.sigmoid(x)
         loss = loss_fn(pred, target)
@@ -354,14 +361,14 @@ def test_bce_is_torch_bce_loss_forward_and_backward_even_at_saturation():
     assert torch.isfinite(ours_grad).all()
     nan_pred = torch.sigmoid(logits)
     nan_pred[1, 0, 3, 3] = float("nan")
-    with pytest.raises(train.NonFinite, match="non-finite prediction"):
-        train.bce_loss(nan_pred, target)
+    with pytest.raises(train_loop.NonFinite, match="non-finite prediction"):
+        train_loop.bce_loss(nan_pred, target)
 
 
 def test_non_finite_gradient_stops_before_the_step_with_a_finite_last_good_state(
         prepared, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train.bce_loss
+    real = train_loop.bce_loss
 
     def loss_with_nan_gradient(pred, target):
         calls["n"] += 1
@@ -370,7 +377,7 @@ def test_non_finite_gradient_stops_before_the_step_with_a_finite_last_good_state
             value = value + (torch.log(pred * 0).clamp_min(-100) * 0).sum()
         return value
 
-    monkeypatch.setattr(train, "bce_loss", loss_with_nan_gradient)
+    monkeypatch.setattr(train_loop, "bce_loss", loss_with_nan_gradient)
     out = tmp_path / "run"
     assert train.main(args(prepared, out, "--workers", "0", epochs=1)) == 3
     good = load_checkpoint(out / "last-good.pt")
@@ -385,10 +392,10 @@ def test_non_finite_gradient_stops_before_the_step_with_a_finite_last_good_state
 def test_a_state_with_a_non_finite_tensor_is_not_good():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(model.parameters())
-    assert train.state_is_finite(model, optimizer)
+    assert train_loop.state_is_finite(model, optimizer)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    assert not train.state_is_finite(model, optimizer)
+    assert not train_loop.state_is_finite(model, optimizer)
 
 
 def test_defaults_follow_the_published_recipe():
@@ -397,7 +404,7 @@ def test_defaults_follow_the_published_recipe():
         1e-3, 1e-4, 32, (256, 256), 42, 100)
     assert (cfg.cached_clip, cfg.clip_model, cfg.clip_pretrained, cfg.profile) == (
         False, "ViT-B-32", "openai", "salmm")
-    assert (cfg.amp, cfg.threads, train.DEFAULT_TRAIN_THREADS) == ("off", None, 1)  # float32
+    assert (cfg.amp, cfg.threads, train_config.DEFAULT_TRAIN_THREADS) == ("off", None, 1)  # float32
     assert parse_args(["--prepared", "p", "--size", "128x64"]).size == (64, 128)
     assert TrainConfig.from_dict(cfg.as_dict()) == cfg
     with pytest.raises(SystemExit):

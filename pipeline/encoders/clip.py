@@ -2,7 +2,8 @@
 
 * :class:`ClipSpec` - which encoder (open_clip model name, weights, preprocessing profile), and
   :meth:`ClipSpec.identity`, how caches and checkpoints record it; :func:`parse_weights` is the
-  one parser of the weights option (``none`` = random weights).
+  one parser of the weights option (``none`` = random weights). They live in
+  :mod:`pipeline.encoders.clip_spec`, which imports neither torch nor open_clip.
 * :func:`build_clip_encoder` - the one builder (a frozen :class:`ClipEncoder`); it finds out in
   a few seconds when weights it would have to download cannot be reached, and then raises one
   :class:`~pipeline.core.errors.BadInputError` line saying what to do, instead of letting the hub
@@ -43,7 +44,6 @@ import socket
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +55,30 @@ from torchvision.transforms import functional as TF
 
 from pipeline.core.cpu import intra_op_threads
 from pipeline.core.errors import BadInputError
-from pipeline.core.fsio import file_fingerprint
+from pipeline.encoders.clip_spec import (  # the encoder's face: its spec names too
+    DEFAULT_MODEL,
+    DEFAULT_PROFILE,
+    DEFAULT_WEIGHTS,
+    PRECISION_NAMES,
+    PROFILES,
+    PUBLISHED,
+    RANDOM_NOTE,
+    ClipSpec,
+    activation,
+    parse_weights,
+    random_weights,
+    weights_identity,
+)
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROFILE", "DEFAULT_WEIGHTS", "PRECISIONS", "PROFILES",
            "PUBLISHED",
            "ClipEncoder", "ClipSpec", "activation", "build_clip_encoder", "cached_encoder",
            "check_weights", "embed_pairs", "parse_weights", "random_weights",
-           "round_like_openai", "weights_identity"]
+           "round_like_openai", "weights_identity", "RANDOM_NOTE"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_WEIGHTS = "openai"
-DEFAULT_PROFILE = "salmm"
-PROFILES = ("salmm", "openclip")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))
 """Autocast dtype of the encoder on CUDA (CPU always computes in float32)."""
 SALMM_SIZE = (224, 224)
 MICRO_BATCH = {"cpu": 8, "cuda": 64}
@@ -80,77 +89,6 @@ CACHE_THREADS = 1
 processes): one thread makes torch's matrix products independent of the machine's core count."""
 PROBE_TIMEOUT_S = 3.0
 """How long the one reachability check of a weights host may take."""
-RANDOM_NOTE = "random CLIP weights: a smoke run"
-"""What every output made with random CLIP weights says about itself."""
-
-
-def parse_weights(text: str | None) -> str | None:
-    """The weights option as given on a command line, in a config file or a flow parameter:
-    ``none`` (any case) or empty means random weights (None); anything else is kept (an
-    open_clip tag, a local file, ``hf-hub:org/repo``)."""
-    if text is None or not str(text).strip() or str(text).strip().lower() == "none":
-        return None
-    return str(text)
-
-
-def random_weights(pretrained: str | None) -> bool:
-    """Whether ``pretrained`` (as parsed) or a recorded weights identity means random weights."""
-    return pretrained is None or str(pretrained).startswith("random")
-
-
-def weights_identity(pretrained: str | None, seed: int = 0) -> str:
-    """How an encoder built with ``pretrained`` records its weights: the open_clip tag or
-    ``hf-hub:`` name as given, ``"sha256:<hex>"`` of a local file, ``"random-seed<seed>"``."""
-    if pretrained is None:
-        return f"random-seed{seed}"
-    if Path(pretrained).is_file():
-        return "sha256:" + file_fingerprint(pretrained)[1]
-    return pretrained
-
-
-def activation(model: str, pretrained: str | None) -> str:
-    """The MLP activation of the encoder of ``model`` with weights ``pretrained`` (as parsed):
-    ``"quickgelu"`` when the weights were trained with it (OpenAI's, and any open_clip tag whose
-    pretrained config says so), for a local file or random weights of the published model
-    (the authors' OpenAI architecture), and for a model whose config says so; else ``"gelu"``.
-    ``hf-hub:`` models carry their own config: ``"hub-config"``."""
-    if pretrained is not None and pretrained.startswith("hf-hub:"):
-        return "hub-config"
-    config = open_clip.get_model_config(model) or {}
-    tag = (open_clip.get_pretrained_cfg(model, pretrained) or {}) \
-        if pretrained is not None and not Path(pretrained).exists() else {}
-    published_file = model == DEFAULT_MODEL and (pretrained is None or Path(pretrained).exists())
-    quick = config.get("quick_gelu") or tag.get("quick_gelu") or published_file
-    return "quickgelu" if quick else "gelu"
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """Which CLIP encoder: open_clip model name, weights (tag, local file, ``hf-hub:`` name, or
-    None for random weights) and preprocessing profile. Hashable."""
-
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = DEFAULT_WEIGHTS
-    profile: str = DEFAULT_PROFILE
-
-    def identity(self) -> dict[str, str]:
-        """{"model", "weights", "profile", "activation"} as caches and exports record them."""
-        return {"model": self.model, "weights": weights_identity(self.pretrained),
-                "profile": self.profile, "activation": self.activation}
-
-    @property
-    def activation(self) -> str:
-        """The encoder's MLP activation (:func:`activation`)."""
-        return activation(self.model, self.pretrained)
-
-    @property
-    def random(self) -> bool:
-        return self.pretrained is None
-
-
-PUBLISHED = ClipSpec()
-"""The published encoder: ViT-B-32 with the OpenAI weights and the salmm profile (what the
-authors' released checkpoints were trained with)."""
 
 
 class ClipEncoder(nn.Module):

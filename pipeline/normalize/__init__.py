@@ -27,8 +27,16 @@ Modules: :mod:`~pipeline.normalize.settings` (the options the bytes depend on),
 :mod:`~pipeline.normalize.command` (the command line).
 """
 
-from pipeline.normalize.command import add_arguments, run
-from pipeline.normalize.job import normalize
-from pipeline.normalize.settings import Options, parse_size
+import importlib
 
-__all__ = ["Options", "add_arguments", "normalize", "parse_size", "run"]
+__all__ = ["Options", "normalize"]
+
+_HOMES = {"normalize": "pipeline.normalize.job", "Options": "pipeline.normalize.settings"}
+
+
+def __getattr__(name: str):
+    """``normalize`` and ``Options``, imported on first use (the command line does not need
+    the job's imports to show its options)."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'pipeline.normalize' has no attribute {name!r}")

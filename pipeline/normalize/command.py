@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline.core.commandline import parse_size
 from pipeline.datasets import DATASETS
 from pipeline.formats.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
-from pipeline.normalize.job import normalize
 from pipeline.normalize.settings import (
     DECODES,
     DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_SHARD_SIZE,
     DEFAULT_SIZE,
     Options,
-    parse_size,
 )
 
 log = logging.getLogger("pipeline.normalize")
+SUMMARY = "Turn a raw dataset into deterministic WebDataset shards + a versioned manifest."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``python -m pipeline normalize``: exit code (the version id is logged at the end)."""
+    from pipeline.normalize.job import normalize  # lazy: Dask loads after the options
+
     try:
         options = Options(parse_size(args.size), args.shard_size, args.decode,
                           args.frame_codec)

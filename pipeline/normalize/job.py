@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.commandline import parse_size
 from pipeline.core.dask_cluster import dask_client
 from pipeline.core.errors import BadInputError, OutputError
 from pipeline.core.fsio import Folder
@@ -61,7 +62,6 @@ from pipeline.normalize.settings import (
     DEFAULT_SHARD_SIZE,
     DEFAULT_SIZE,
     Options,
-    parse_size,
     pipeline_entry,
 )
 

@@ -72,15 +72,6 @@ class Options:
         }
 
 
-def parse_size(text: str | tuple[int, int]) -> tuple[int, int]:
-    """``"WIDTHxHEIGHT"`` (as in "1280x720") → (height, width); a tuple is taken as (height, width)."""
-    if isinstance(text, tuple):
-        return text
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size must look like 256x256 (width x height), got {text!r}") from None
-    return height, width
 
 
 def pipeline_entry() -> dict[str, Any]:

@@ -22,15 +22,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import BadInputError
-from pipeline.core.fsio import Folder
 from pipeline.core.progress import progress
-from pipeline.formats.manifest import prepared_size, version_id
-from pipeline.formats.shards import decode_label, split_shards
+from pipeline.formats.prepared import PreparedDataset
+from pipeline.formats.shards import decode_label
 from salmm.data.stages import read_shards
+from salmm.evaluation.options import BASELINES
 
 log = logging.getLogger("salmm.evaluation.baselines")
 
-BASELINES = ("center", "mean", "uniform")
 FIT_SPLIT = "train"
 
 
@@ -48,21 +47,18 @@ class Baseline:
         return f"{self.name} baseline"
 
 
-def mean_label(prepared: str, manifest: dict[str, Any], split: str = FIT_SPLIT
-               ) -> tuple[np.ndarray, int]:
+def mean_label(data: PreparedDataset, split: str = FIT_SPLIT) -> tuple[np.ndarray, int]:
     """(mean label float64 [H, W], frames) of ``split``; BadInputError naming the manifest when
     the split is missing or empty."""
-    splits = manifest.get("splits", {})
-    if not int(splits.get(split, {}).get("samples", 0) or 0):
-        raise BadInputError(Folder(prepared).url("manifest.json"), f"no {split!r} split to fit"
-                            " the baselines on (center and mean need the training labels)")
-    size = prepared_size(manifest)
-    total = np.zeros(size, np.float64)
+    if not data.samples(split):
+        raise BadInputError(data.manifest_url, f"no {split!r} split to fit the baselines on"
+                            " (center and mean need the training labels)")
+    total = np.zeros(data.size, np.float64)
     frames = 0
-    with progress(total=int(splits[split]["samples"]), unit="label",
+    with progress(total=data.samples(split), unit="label",
                   desc=f"baseline fit ({split})") as bar:
-        for sample in read_shards(split_shards(prepared, manifest, split)):
-            total += decode_label(sample, size)
+        for sample in read_shards(data.shards(split)):
+            total += decode_label(sample, data.size)
             frames += 1
             bar.update(1)
     return total / frames, frames
@@ -88,17 +84,16 @@ def centre_gaussian(shape: tuple[int, int], sy: float, sx: float) -> np.ndarray:
     return np.exp(-(ys ** 2 / (2 * sy ** 2) + xs ** 2 / (2 * sx ** 2)))
 
 
-def fit_baseline(name: str, prepared: str, manifest: dict[str, Any]) -> Baseline:
+def fit_baseline(name: str, data: PreparedDataset) -> Baseline:
     """Baseline ``name`` (one of :data:`BASELINES`) for the prepared dataset."""
     if name not in BASELINES:
         raise BadInputError("--baseline", f"{name!r} is not one of {', '.join(BASELINES)}")
     if name == "uniform":
         return Baseline(name, None, {"fitted": False})
-    mean, frames = mean_label(prepared, manifest)
-    fit: dict[str, Any] = {"split": FIT_SPLIT, "frames": frames,
-                           "version_id": version_id(manifest)}
+    mean, frames = mean_label(data)
+    fit: dict[str, Any] = {"split": FIT_SPLIT, "frames": frames, "version_id": data.version}
     if not mean.any():
-        raise BadInputError(Folder(prepared).url("manifest.json"), f"every {FIT_SPLIT!r} label"
+        raise BadInputError(data.manifest_url, f"every {FIT_SPLIT!r} label"
                             " is zero: no baseline can be fitted")
     if name == "mean":
         return Baseline(name, mean, fit)

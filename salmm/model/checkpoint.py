@@ -15,7 +15,7 @@ best               ``{"epoch", "valid_loss"}`` of the best epoch so far (by vali
 history            one dict per completed epoch (the rows of ``metrics.csv``)
 rng                generator states: ``torch`` (uint8 tensor), ``numpy``, ``python``, ``cuda``
                    (list of uint8 tensors, one per device; empty without CUDA)
-config             the run's full options (:class:`salmm.options.TrainConfig` as a dict)
+config             the run's full options (:class:`salmm.training.config.TrainConfig` as a dict)
 dataset_version    version id of the prepared dataset (``pipeline.formats.manifest.version_id``)
 cache_identity     the CLIP cache's recorded header (None when CLIP ran inline)
 git_commit         the project's git commit (None outside a git checkout)

@@ -177,7 +177,7 @@ class _SelectiveScanCore(torch.autograd.Function):
 def _scan_cpu():
     """:mod:`salmm.model.scan_cpu`, or None when numba does not import (the reason is logged)."""
     try:
-        from salmm.model.net import scan_cpu  # lazy: numba may be missing; the torch scan stands in
+        from salmm.model import scan_cpu  # lazy: numba may be missing; the torch scan stands in
     except ImportError as exc:
         log.info("numba CPU scan unavailable (%s: %s)", type(exc).__name__, exc)
         return None

@@ -24,14 +24,16 @@ import numpy as np
 
 from pipeline.core.errors import OutputError
 from pipeline.core.fsio import Folder
+from salmm.render.style import (  # the names this module draws
+    ANIMATION_FORMATS,
+    COLORMAP_NAMES,
+    DEFAULT_ALPHA,
+    DEFAULT_COLORMAP,
+)
 
 log = logging.getLogger(__name__)
 
-COLORMAPS = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO,
-             "turbo": cv2.COLORMAP_TURBO, "viridis": cv2.COLORMAP_VIRIDIS}
-DEFAULT_COLORMAP = "jet"
-DEFAULT_ALPHA = 0.6
-ANIMATION_FORMATS = ("auto", "gif", "mp4", "none")
+COLORMAPS = {name: getattr(cv2, f"COLORMAP_{name.upper()}") for name in COLORMAP_NAMES}
 
 
 def normalize(saliency: np.ndarray) -> np.ndarray:

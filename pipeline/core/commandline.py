@@ -1,0 +1,191 @@
+"""The one command-line plumbing of every command (``salmm <command>``, ``python -m pipeline
+<command>``, ``python -m salmm.<command>``).
+
+A command is a module with
+
+* ``SUMMARY`` - its one-line help;
+* ``add_arguments(parser)`` - its options (the module imports nothing heavy at the top, so
+  ``--help`` and usage errors come at once; the work's imports sit in ``run``);
+* ``run(args) -> int | None`` - does the work;
+* optionally ``check(parser, args)`` - usage checks across options (``parser.error``).
+
+:func:`run_parsed` is the one policy: logging configured once (``-v`` debug, ``-q`` warnings
+only; other libraries' messages below WARNING silenced unless ``-v``; each warning said once),
+then exit codes 0 success, 1 an output that cannot be written or an unexpected failure, 2 bad
+input or usage (one line naming the file and the problem), 130 interrupted.
+
+Also here: the argument types the commands share, :func:`parse_size` the one size parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from pipeline.core.errors import run_reporting
+
+OWN_LOGGERS = ("pipeline", "salmm", "flows", "bench")
+"""The loggers whose INFO lines a command shows; every other library's show from WARNING on,
+unless ``-v``."""
+
+log = logging.getLogger("salmm.cli")
+
+
+class SizeError(argparse.ArgumentTypeError, ValueError):
+    """A size that is not ``WIDTHxHEIGHT`` or ``N`` with positive numbers."""
+
+
+def parse_size(text: str | tuple[int, int]) -> tuple[int, int]:
+    """``"WIDTHxHEIGHT"`` (as in ``1280x720``) or ``"N"`` (square) -> (height, width); a tuple
+    is taken as (height, width). SizeError (an argparse type error and a ValueError) otherwise."""
+    if isinstance(text, tuple):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
+    if not match or int(match.group(1)) < 1 or int(match.group(2) or 1) < 1:
+        raise SizeError(f"size must look like 256x256 (width x height) or 256, got {text!r}")
+    width = int(match.group(1))
+    return int(match.group(2) or width), width
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default (where it has one and its help does not already say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or action.required or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_verbosity(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """-v/--verbose and -q/--quiet (``suppress``: leave them unset when not given, so the value
+    of a parser above wins)."""
+    group = parser.add_mutually_exclusive_group()
+    default = argparse.SUPPRESS if suppress else False
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="log debug messages, and other libraries' info messages")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="log warnings and errors only")
+
+
+class _Once(logging.Filter):
+    """Lets each warning (logger and text) through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """One stderr handler on the root logger, ``LEVEL name: message``: the project's loggers
+    at INFO (``verbose``: DEBUG; ``quiet``: WARNING), every other library's at WARNING
+    (``verbose``: INFO), each warning once. Leaves logging alone if the root logger already has
+    handlers (an embedding program or pytest configured it)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Once())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    own = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(own)
+
+
+def command_parser(command: ModuleType, prog: str,
+                   parser: argparse.ArgumentParser | None = None,
+                   logger: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``command`` (a new one named ``prog``, or ``parser``, a sub-parser),
+    with its options and -v/-q; its one-line errors are logged by ``logger`` (default the
+    command's module)."""
+    if parser is None:
+        parser = argparse.ArgumentParser(prog=prog, description=command.SUMMARY,
+                                         formatter_class=HelpFormatter)
+    command.add_arguments(parser)
+    add_verbosity(parser, suppress=True)
+    parser.set_defaults(run=command.run, logger=logger or command.__name__, parser=parser,
+                        check=getattr(command, "check", None))
+    return parser
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Make the command's usage checks, configure logging from ``args`` and run
+    ``args.run(args)`` under the exit-code policy."""
+    if getattr(args, "check", None) is not None:
+        args.check(args.parser, args)
+    configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    return run_reporting(lambda: args.run(args), logging.getLogger(args.logger))
+
+
+def parse_command(command: ModuleType, prog: str, argv: Sequence[str] | None = None,
+                  logger: str | None = None) -> argparse.Namespace:
+    """``argv`` (default ``sys.argv[1:]``) parsed and checked as ``command``'s options."""
+    parser = command_parser(command, prog, logger=logger)
+    args = parser.parse_args(argv)
+    if args.check is not None:
+        args.check(parser, args)
+        args.check = None
+    return args
+
+
+def main_of(command: ModuleType, prog: str, argv: Sequence[str] | None = None,
+            logger: str | None = None) -> int:
+    """``python -m <command>``: parse ``argv`` (default ``sys.argv[1:]``) and run it."""
+    return run_parsed(parse_command(command, prog, argv, logger))
+
+
+def options_from(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """A command's options dataclass ``cls`` from the parsed ``args`` (the fields they have;
+    ``values`` for the others)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **values)

@@ -1,0 +1,357 @@
+"""``python -m salmm.stream``: driver attention live, frame by frame, on a video, a camera, a
+folder of frames or an MJPEG stream.
+
+``python -m salmm.stream --checkpoint CKPT --input VIDEO|CAMERA_INDEX|FOLDER|- [--refresh-every
+K] [--backend torch|onnx] [--out overlay.mp4] [--show]``
+
+Each frame is decoded, resized to the model's size as the pipeline does (``cv2.resize``
+INTER_CUBIC), embedded by the frozen CLIP encoder, run through SalM², and drawn as a heat map
+over the frame (at most :data:`DISPLAY_WIDTH` pixels wide) into ``--out`` (MP4, H.264; written
+atomically) and a window with ``--show``. Inputs:
+
+* a video file (anything OpenCV's ffmpeg backend reads; a file that ends before the frames it
+  announces is refused unless ``--allow-short-video``), a folder of frames (name order), a
+  camera index (``0``): OpenCV capture. A camera is live: frames that arrive while the model is
+  busy are dropped (counted) rather than queued, so the overlay stays current;
+* ``-``: an MJPEG byte stream on standard input (concatenated JPEG images, e.g. ``ffmpeg -i
+  rtsp://... -f mjpeg -``), split by :func:`salmm.data.sources.split_mjpeg` and decoded strictly.
+
+**Semantic refresh**: CLIP's embedding changes slowly from frame to frame; ``--refresh-every
+K`` runs CLIP on every K-th frame only and reuses the last embedding between (K = 1, the
+default, is the published model). Flips are not used at inference.
+
+Backends: ``torch`` (eager PyTorch, on ``--device``) or ``onnx`` (onnxruntime on CPU, the
+graphs of :mod:`salmm.export`: ``--onnx DIR`` names an export, checked against the
+checkpoint; without it the checkpoint is exported once into :data:`EXPORT_CACHE`). The
+checkpoint's CLIP options are checked as evaluate checks them.
+
+Decoding and resizing run in a background thread (a camera's in :class:`~pipeline.core.pipes.Latest`),
+overlapping the model. At the end (and live in the progress bar) it reports per-frame latency -
+from the loop taking the decoded frame to its overlay handed to the writer: CLIP when it runs,
+SalM², drawing - as p50 / p95 / max, and the sustained frame rate: frames over the wall time
+of the whole loop, decoding and writing included. Ctrl-C ends a stream normally (the video
+keeps what was drawn); any other failure removes the unfinished video.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.core.errors import BadInputError
+from pipeline.core.fsio import Folder
+from pipeline.core.pipes import Latest, prefetch
+from pipeline.core.progress import progress
+from pipeline.encoders.clip import cached_encoder
+from salmm.data.sources import (
+    Item,
+    folder_images,
+    image_items,
+    mjpeg_items,
+    open_camera,
+    open_video,
+    video_items,
+)
+from salmm.deploy.graphs import ExportOptions, checked_export, export
+from salmm.deploy.options import EXPORT_CACHE, STREAM_FPS, StreamOptions
+from salmm.model.devices import autocast
+from salmm.model.loading import LoadedModel, load_model
+from salmm.render import overlay
+
+log = logging.getLogger("salmm.stream")
+
+DISPLAY_WIDTH = 768
+"""Widest overlay drawn (wider frames are shrunk first, INTER_AREA): colouring and encoding a
+full 1280x720 overlay would cost more than the model."""
+ENCODER_PRESET = "veryfast"
+"""libx264 preset of ``--out``: 13 ms of CPU a 768x432 frame here, against 43 ms for the default
+``medium`` - time the encoder would take from the model on a small machine."""
+WINDOW = "salmm.stream"
+
+
+# ---- the two backends ----------------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    """One backend: ``embed`` uint8 RGB [h, w, 3] -> float32 [1, D]; ``saliency`` uint8 RGB
+    [h, w, 3] and the embedding -> float32 [h, w] in (0, 1)."""
+
+    def embed(self, frame: np.ndarray) -> np.ndarray: ...
+
+    def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray: ...
+
+
+def model_input(frame: np.ndarray) -> np.ndarray:
+    """uint8 RGB [h, w, 3] -> float32 [1, 3, h, w] in [0, 1], what both graphs take."""
+    return np.ascontiguousarray(frame.transpose(2, 0, 1)[None], dtype=np.float32) / 255
+
+
+class TorchRunner:
+    """Eager PyTorch: the checkpoint's SalMM and its CLIP encoder on the checkpoint's device."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.encoder = cached_encoder(loaded.clip, str(loaded.device))
+
+    def _tensor(self, frame: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(model_input(frame)).to(self.loaded.device)
+
+    def embed(self, frame: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.encoder.encode(self._tensor(frame)).cpu().numpy()
+
+    def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), autocast(self.loaded.device, self.loaded.autocast):
+            emb = torch.from_numpy(embedding).to(self.loaded.device)
+            return self.loaded.model(self._tensor(frame), emb)[0, 0].float().cpu().numpy()
+
+
+def session(path: Path, options: Any) -> Any:
+    """An onnxruntime CPU session of the graph at ``path``; BadInputError (one line naming it)
+    when onnxruntime refuses the graph."""
+    import onnxruntime  # lazy: the deploy extra, needed by this backend only
+
+    try:
+        return onnxruntime.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds
+        said = str(err).strip().splitlines()
+        raise BadInputError(path, f"onnxruntime cannot load it"
+                            f" ({said[0] if said else type(err).__name__})") from None
+
+
+class OnnxRunner:
+    """onnxruntime on CPU: ``clip.onnx`` and ``salmm.onnx`` of an export folder."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        import onnxruntime  # lazy: the deploy extra, needed by this backend only
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.clip, self.salmm = (session(folder / f"{name}.onnx", options)
+                                 for name in ("clip", "salmm"))
+
+    def embed(self, frame: np.ndarray) -> np.ndarray:
+        return self.clip.run(None, {"frame": model_input(frame)})[0]
+
+    def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        feed = {"frame": model_input(frame), "embedding": embedding}
+        return self.salmm.run(None, feed)[0][0, 0]
+
+
+# ---- options -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """An opened ``--input``: its frames as :class:`Item`, how many there are (None: unknown or
+    live), its frame rate when known, and the :class:`Latest` stage of a live camera."""
+
+    items: Iterator[Item]
+    total: int | None
+    fps: float | None
+    live: Latest | None = None
+
+
+def open_source(opts: StreamOptions, size: tuple[int, int]) -> Source:
+    """``opts.input`` opened (BadInputError, one line, when it cannot be)."""
+    spec = opts.input
+    if spec == "-":
+        return Source(mjpeg_items(sys.stdin.buffer, size), None, None)
+    if spec.isdigit():
+        capture, fps = open_camera(int(spec))
+        live = Latest(video_items(f"camera {spec}", capture, size))
+        return Source(iter(live), None, fps, live)
+    path = Path(spec)
+    if path.is_dir():
+        files = folder_images(spec)
+        return Source(image_items(files, size), len(files), None)
+    if not path.exists():
+        raise BadInputError(spec, "no such file or folder (or camera index)")
+    capture, fps, total = open_video(spec)
+    return Source(video_items(spec, capture, size, total, opts.allow_short_video), total, fps)
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What a run measured: ``latency_ms`` per frame, the loop's wall seconds, the frames CLIP
+    ran on, and the live frames dropped while the model was busy."""
+
+    latency_ms: list[float]
+    wall_s: float
+    clip_frames: int
+    dropped: int = 0
+
+    @property
+    def fps(self) -> float:
+        return len(self.latency_ms) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latency_ms)
+        return {"frames": len(lat), "fps": round(self.fps, 2), "clip_frames": self.clip_frames,
+                "dropped": self.dropped,
+                "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
+                               "p95": round(float(np.percentile(lat, 95)), 2),
+                               "max": round(float(lat.max()), 2)} if len(lat) else None}
+
+
+def display_frame(frame: np.ndarray) -> np.ndarray:
+    """``frame`` shrunk (INTER_AREA) to at most :data:`DISPLAY_WIDTH` pixels wide."""
+    height, width = frame.shape[:2]
+    if width <= DISPLAY_WIDTH:
+        return frame
+    new = (DISPLAY_WIDTH, max(1, round(height * DISPLAY_WIDTH / width)))
+    return cv2.resize(frame, new, interpolation=cv2.INTER_AREA)
+
+
+def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: Any,
+             limit: int | None = None, bar: Any = None) -> Report:
+    """Predict every item in order: CLIP on items 0, K, 2K, ... (K = ``refresh_every``), SalMM
+    on all; ``draw(item, saliency)`` gets each prediction [h, w]. Ctrl-C ends the loop (logged)
+    with the frames done so far."""
+    latency, clip_frames = [], 0
+    embedding = None
+    start = time.perf_counter()
+    try:
+        for number, item in enumerate(items):
+            if limit is not None and number >= limit:
+                break
+            taken = time.perf_counter()
+            if number % refresh_every == 0:
+                embedding = runner.embed(item.model_input)
+                clip_frames += 1
+            draw(item, runner.saliency(item.model_input, embedding))
+            done = time.perf_counter()
+            latency.append(1e3 * (done - taken))
+            if bar is not None:
+                bar.update(1)
+                if number % 10 == 9:
+                    bar.set_postfix(fps=f"{(number + 1) / (done - start):.1f}",
+                                    ms=f"{np.median(latency[-30:]):.0f}")
+    except KeyboardInterrupt:
+        log.info("stopped (Ctrl-C) after %d frames", len(latency))
+    return Report(latency, time.perf_counter() - start, clip_frames)
+
+
+class Display:
+    """Where overlays go: the ``--out`` video and the ``--show`` window."""
+
+    def __init__(self, opts: StreamOptions, fps: float | None) -> None:
+        self.opts = opts
+        self.video = overlay.VideoWriter(opts.out, opts.fps or fps or STREAM_FPS,
+                                         preset=ENCODER_PRESET) \
+            if opts.out else None
+        if opts.show:
+            try:
+                cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL)
+            except cv2.error:
+                raise BadInputError("--show", "no window can be opened here (no display, or"
+                                    " OpenCV without GUI support: opencv-python-headless);"
+                                    " use --out") from None
+        self.stopped = False
+
+    def __call__(self, item: Item, saliency: np.ndarray) -> None:
+        shown = overlay.overlay(display_frame(item.frame), saliency,
+                                colormap=self.opts.colormap, alpha=self.opts.alpha)
+        if self.video is not None:
+            self.video.write(shown)
+        if self.opts.show:
+            cv2.imshow(WINDOW, cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+            if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                self.stopped = True
+
+    def finish(self, completed: bool) -> None:
+        if self.video is not None:
+            if completed and self.video.frames:
+                self.video.close()
+            else:
+                self.video.abort()
+        if self.opts.show:
+            cv2.destroyWindow(WINDOW)
+
+
+def onnx_folder(opts: StreamOptions, loaded: LoadedModel, size: tuple[int, int]) -> Path:
+    """The export the onnx backend runs: ``--onnx DIR`` checked against the checkpoint, else
+    one made once under :data:`EXPORT_CACHE` (keyed by checkpoint, size and CLIP weights)."""
+    if opts.onnx is not None:
+        checked_export(opts.onnx, loaded, size)
+        return Path(opts.onnx)
+    key = f"{loaded.info['sha256'][:16]}-{size[1]}x{size[0]}"
+    folder = EXPORT_CACHE / key
+    try:
+        checked_export(folder, loaded, size)
+    except BadInputError:
+        log.info("exporting the checkpoint for onnxruntime (once) into %s", folder)
+        export(ExportOptions(checkpoint=opts.checkpoint, out=str(folder), size=size,
+                             clip=opts.clip))
+    return folder
+
+
+def stream(opts: StreamOptions) -> dict[str, Any]:
+    """Run ``opts``; returns the summary (also logged; ``<out>.json`` beside ``--out``)."""
+    if opts.backend == "onnx" and opts.device not in (None, "cpu"):
+        raise BadInputError("--device", "the onnx backend runs on the CPU")
+    loaded = load_model(opts.checkpoint, inline_clip=False, given_clip=dict(opts.clip),
+                        device="cpu" if opts.backend == "onnx" else opts.device, amp=opts.amp)
+    size = opts.size or loaded.size
+    if size[0] % 32 or size[1] % 32:
+        raise BadInputError(opts.input, f"frames would be fed at {size[1]}x{size[0]}; SalMM needs"
+                            " width and height that are multiples of 32 (see --size)")
+    source = open_source(opts, size)
+    threads = opts.threads or torch.get_num_threads()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), threads)
+                      if opts.backend == "onnx" else TorchRunner(loaded))
+    display = Display(opts, source.fps)
+    completed = False
+    total = source.total if opts.limit is None or source.total is None \
+        else min(source.total, opts.limit)
+    items = source.items if source.live is not None else prefetch(source.items, 2)
+    watched = _until_stopped(items, display)
+    try:
+        with progress(total=total, unit="frame", desc="stream") as bar:
+            report = run_loop(runner, watched, opts.refresh_every, display, opts.limit, bar)
+        completed = True
+    finally:
+        display.finish(completed)
+    report.dropped = source.live.dropped if source.live is not None else 0
+    summary = {"input": opts.input, "backend": opts.backend, "refresh_every": opts.refresh_every,
+               "size": {"height": size[0], "width": size[1]}, **report.summary(),
+               "checkpoint": loaded.info["sha256"],
+               "out": opts.out if report.latency_ms else None}
+    if not summary["frames"]:
+        log.warning("no frames were predicted")
+        return summary
+    lat = summary["latency_ms"]
+    log.info("%d frames at %.1f fps sustained; latency p50 %.1f ms, p95 %.1f ms, max %.1f ms;"
+             " CLIP on %d frames%s%s", summary["frames"], summary["fps"], lat["p50"], lat["p95"],
+             lat["max"], summary["clip_frames"],
+             f"; {report.dropped} live frames dropped" if report.dropped else "",
+             f"; wrote {opts.out}" if opts.out else "")
+    if summary["out"]:
+        out = Path(opts.out)
+        Folder(out.parent).write_bytes(out.name + ".json",
+                                       (json.dumps(summary, indent=1) + "\n").encode())
+    return summary
+
+
+def _until_stopped(items: Iterator[Item], display: Display) -> Iterator[Item]:
+    for item in items:
+        if display.stopped:
+            return
+        yield item
