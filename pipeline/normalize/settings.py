@@ -63,10 +63,12 @@ class Options:
                       if self.frame_codec == "png" else
                       {"codec": "jpeg95", "encoder": "pillow", **JPEG_OPTIONS,
                        "subsampling": "4:4:4"}),
+            # recorded text, hashed into the version id: the names are those of format 2's
+            # first release (now pipeline.formats.labels); changing them changes every id
             "label": {
-                "fixations": "float64 as recorded; label = pipeline.formats.labels.fixation_label of"
+                "fixations": "float64 as recorded; label = pipeline.labels.fixation_label of"
                              " loader_points, computed when read",
-                "gaze_map": "pipeline.formats.labels.gaze_map_resized, 8-bit PNG; label = value / 255",
+                "gaze_map": "pipeline.labels.gaze_map_resized, 8-bit PNG; label = value / 255",
             },
             "key": "v{video:04d}_f{frame:06d}",
         }
