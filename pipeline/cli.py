@@ -1,7 +1,8 @@
 """``python -m pipeline COMMAND ...``: the pipeline's command line (also ``salmm COMMAND``).
 
-Each command is a module with ``SUMMARY``, ``add_arguments(parser)`` and ``run(args)``
-(:mod:`pipeline.core.commandline`); adding one is an entry in :data:`COMMANDS`. Only the chosen
+Each command is a module with ``SUMMARY``, ``add_arguments(parser)``, ``run(args)`` and
+``LOGGER = "pipeline"`` (its errors read ``ERROR pipeline: ...``; see
+:mod:`pipeline.core.commandline`); adding one is an entry in :data:`COMMANDS`. Only the chosen
 command's module is imported, so ``python -m pipeline synth`` does not pay for importing torch.
 
 Exit codes: 0 success, 1 unexpected failure or an output that cannot be written (one line
@@ -12,11 +13,9 @@ line on stderr naming the file and the problem), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 from collections.abc import Iterable, Sequence
 
-from pipeline.core.commandline import HelpFormatter, add_verbosity, command_parser, run_parsed
+from pipeline.core.commandline import dispatch, dispatcher_parser
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipeline.synth",
@@ -29,8 +28,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "compute the CLIP embedding cache (Zarr) of a prepared dataset, frames and flips"),
 }
 """Command name -> (its module, one-line help)."""
-LOGGER = "pipeline"
-"""The logger the commands' one-line errors go to (``ERROR pipeline: ...``)."""
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -40,24 +37,11 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         commands: the commands whose options are added (importing their modules); default
             all. Every command is listed in ``--help`` either way.
     """
-    wanted = set(COMMANDS if commands is None else commands)
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline", formatter_class=HelpFormatter,
-        description="Driver-gaze datasets (TrafficGaze, DrFixD-rainy, BDDA): raw data to "
-                    "training data.")
-    add_verbosity(parser)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, summary) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=summary, description=summary,
-                                    formatter_class=HelpFormatter)
-        if name in wanted:
-            command_parser(importlib.import_module(module_name), f"python -m pipeline {name}",
-                           sub, logger=LOGGER)
-    return parser
+    return dispatcher_parser(
+        "python -m pipeline", "Driver-gaze datasets (TrafficGaze, DrFixD-rainy, BDDA): raw data"
+        " to training data.", COMMANDS, set(COMMANDS if commands is None else commands))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), configure logging once, run the command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = next((arg for arg in argv if arg in COMMANDS), None)
-    return run_parsed(build_parser([chosen] if chosen else []).parse_args(argv))
+    return dispatch(build_parser, COMMANDS, argv)

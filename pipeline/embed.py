@@ -71,6 +71,7 @@ from pipeline.formats.shards import Shard, frame_field, read_shard, split_shards
 
 log = logging.getLogger(__name__)
 SUMMARY = "Compute the CLIP embedding cache (Zarr) of a prepared dataset, frames and flips."
+LOGGER = "pipeline"
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from pipeline.datasets.splits import SPLITS, write_split
 
 log = logging.getLogger(__name__)
 SUMMARY = "Write a small SYNTHETIC raw dataset in a real download layout (tests, demos)."
+LOGGER = "pipeline"
 
 """(height, width) of synthetic camera frames."""
 JPEG_QUALITY = 90

@@ -43,6 +43,7 @@ HASH_THREADS = 4
 
 log = logging.getLogger(__name__)
 SUMMARY = "Re-hash a prepared dataset against its manifest; say OK or what differs."
+LOGGER = "pipeline"
 
 
 def verify(prepared: str, *, progress: bool = False) -> list[str]:

@@ -9,7 +9,8 @@ import importlib
 
 __all__ = ["SalMM", "build_model", "load_official"]
 
-_HOMES = {"SalMM": "salmm.model.net", "build_model": "salmm.model.net", "load_official": "salmm.model.official"}
+_HOMES = {"SalMM": "salmm.model.net", "build_model": "salmm.model.net",
+          "load_official": "salmm.model.official"}
 
 
 def __getattr__(name: str):

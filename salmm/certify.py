@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
-from pipeline.core.commandline import main_of
+from pipeline.core.commandline import module_main
 from salmm.evaluation.options import ENGINES, CertifyOptions
 
 SUMMARY = ("Run the official MATLAB evaluation loop (Octave or MATLAB) on an evaluate"
@@ -35,9 +34,8 @@ def run(args: argparse.Namespace) -> int:
     return certify(CertifyOptions(args.export, args.official_metrics, args.root, args.engine))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.certify``; returns the exit status."""
-    return main_of(sys.modules[__name__], "python -m salmm.certify", argv)
+main = module_main(__name__)
+"""``python -m salmm.certify``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

@@ -14,19 +14,18 @@ deployments run the same flow); it is named here by its module, never imported.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import TypeVar
 
 from pipeline.core.commandline import (
-    HelpFormatter,
-    add_verbosity,
-    command_parser,
+    dispatch,
+    dispatcher_parser,
     non_negative_int,
+    options_from,
     parse_size,
     positive_int,
-    run_parsed,
     unit_float,
 )
 from pipeline.encoders.clip_spec import add_clip_options
@@ -34,38 +33,26 @@ from salmm.render.style import COLORMAP_NAMES, DEFAULT_ALPHA, DEFAULT_COLORMAP
 from salmm.training.config import AMP_CHOICES, ORDERS, TrainConfig
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("flows.command", "pipeline"),
-    "synth": ("pipeline.synth", "pipeline"),
-    "normalize": ("pipeline.normalize.command", "pipeline"),
-    "verify": ("pipeline.verify", "pipeline"),
-    "embed": ("pipeline.embed", "pipeline"),
-    "train": ("salmm.train", "salmm.train"),
-    "evaluate": ("salmm.evaluate", "salmm.evaluate"),
-    "compare": ("salmm.compare", "salmm.compare"),
-    "certify": ("salmm.certify", "salmm.certify"),
-    "predict": ("salmm.predict", "salmm.predict"),
-    "stream": ("salmm.stream", "salmm.stream"),
-    "export": ("salmm.export", "salmm.export"),
-    "official": ("salmm.official", "salmm.official"),
+    "prepare": ("flows.command",
+                "raw dataset -> shards, manifest, verify, CLIP cache (the prepare flow)"),
+    "synth": ("pipeline.synth", "write a small SYNTHETIC raw dataset in a real download layout"),
+    "normalize": ("pipeline.normalize.command",
+                  "raw dataset -> deterministic WebDataset shards + versioned manifest"),
+    "verify": ("pipeline.verify", "re-hash a prepared dataset against its manifest"),
+    "embed": ("pipeline.embed",
+              "CLIP embedding cache (Zarr) of a prepared dataset, frames and flips"),
+    "train": ("salmm.train", "train SalM2 on a prepared dataset"),
+    "evaluate": ("salmm.evaluate", "score a checkpoint or baseline with the official metrics"),
+    "compare": ("salmm.compare", "every checkpoint and baseline on every dataset, one table"),
+    "certify": ("salmm.certify", "run the authors' MATLAB loop on an export and compare"),
+    "predict": ("salmm.predict", "heat maps over frames, folders, videos or a prepared split"),
+    "stream": ("salmm.stream", "live attention on a video, camera, folder or MJPEG stream"),
+    "export": ("salmm.export", "a checkpoint as ONNX graphs (SalM2 and CLIP)"),
+    "official": ("salmm.official", "check an official model_best_*.tar checkpoint"),
 }
-"""Command name -> (its module, the logger its one-line errors go to)."""
-SUMMARIES = {
-    "prepare": "raw dataset -> shards, manifest, verify, CLIP cache (the prepare flow)",
-    "synth": "write a small SYNTHETIC raw dataset in a real download layout",
-    "normalize": "raw dataset -> deterministic WebDataset shards + versioned manifest",
-    "verify": "re-hash a prepared dataset against its manifest",
-    "embed": "CLIP embedding cache (Zarr) of a prepared dataset, frames and flips",
-    "train": "train SalM2 on a prepared dataset",
-    "evaluate": "score a checkpoint or baseline with the official metrics",
-    "compare": "every checkpoint and baseline on every dataset, one table",
-    "certify": "run the authors' MATLAB loop on an export and compare",
-    "predict": "heat maps over frames, folders, videos or a prepared split",
-    "stream": "live attention on a video, camera, folder or MJPEG stream",
-    "export": "a checkpoint as ONNX graphs (SalM2 and CLIP)",
-    "official": "check an official model_best_*.tar checkpoint",
-}
-"""The one-line help ``salmm --help`` shows (without importing the commands)."""
+"""Command name -> (its module, the one-line help ``salmm --help`` shows without importing it)."""
 
+T = TypeVar("T")
 DEFAULT_MAX_WORKERS = 8
 CHECKPOINT_CLIP = "the checkpoint's"
 """Default of a model command's CLIP options: what the checkpoint was trained with."""
@@ -162,6 +149,12 @@ def given_clip_options(args: argparse.Namespace) -> tuple[tuple[str, object], ..
                  if getattr(args, k) is not CHECKPOINT_CLIP)
 
 
+def model_options(cls: type[T], args: argparse.Namespace) -> T:
+    """A model command's options dataclass ``cls`` from its parsed command line, with the CLIP
+    options the user gave (:func:`given_clip_options`)."""
+    return options_from(cls, args, clip=given_clip_options(args))
+
+
 def add_drawing_options(group: argparse._ArgumentGroup) -> None:
     """--colormap, --alpha and --allow-short-video: how the commands that draw predictions over
     frames (predict, stream) draw them, and whether a video that ends early is used."""
@@ -183,32 +176,17 @@ def check_cache_option(parser: argparse.ArgumentParser, args: argparse.Namespace
 # ---- the dispatcher ----------------------------------------------------------------------------
 
 
-def build_parser(chosen: str | None) -> argparse.ArgumentParser:
-    """The ``salmm`` parser; only ``chosen``'s module is imported for its options."""
-    parser = argparse.ArgumentParser(
-        prog="salmm", formatter_class=HelpFormatter,
-        description="Driver-attention data and the SalM2 model: prepare the datasets, train,"
-                    " evaluate, predict, export, stream.")
-    add_verbosity(parser)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, logger) in COMMANDS.items():
-        if name != chosen:
-            subparsers.add_parser(name, help=SUMMARIES[name])
-            continue
-        module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=SUMMARIES[name], description=module.SUMMARY,
-                                    formatter_class=HelpFormatter)
-        command_parser(module, f"salmm {name}", sub, logger=logger)
-    return parser
+def build_parser(commands: Collection[str] = ()) -> argparse.ArgumentParser:
+    """The ``salmm`` parser; only the ``commands`` named are imported for their options."""
+    return dispatcher_parser(
+        "salmm", "Driver-attention data and the SalM2 model: prepare the datasets, train,"
+        " evaluate, predict, export, stream.", COMMANDS, commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``salmm`` console script: parse ``argv`` (default ``sys.argv[1:]``), run the
     command, return its exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
-    return run_parsed(args)
+    return dispatch(build_parser, COMMANDS, argv)
 
 
 if __name__ == "__main__":

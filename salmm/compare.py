@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
-from pipeline.core.commandline import main_of, non_negative_int, parse_command, positive_int
+from pipeline.core.commandline import (
+    module_main,
+    module_parse_args,
+    non_negative_int,
+    positive_int,
+)
 from pipeline.core.cpu import usable_cores
 from salmm.evaluation.options import BASELINES, CompareOptions
 
@@ -54,8 +58,7 @@ def options(args: argparse.Namespace) -> CompareOptions:
                           device=args.device)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> CompareOptions:
-    return options(parse_command(sys.modules[__name__], "python -m salmm.compare", argv))
+parse_args = module_parse_args(__name__, options)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -64,9 +67,8 @@ def run(args: argparse.Namespace) -> None:
     compare(options(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.compare``; returns the exit status (2: bad input)."""
-    return main_of(sys.modules[__name__], "python -m salmm.compare", argv)
+main = module_main(__name__)
+"""``python -m salmm.compare``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

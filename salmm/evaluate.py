@@ -9,18 +9,22 @@ reads. The evaluation itself is :func:`salmm.evaluation.evaluator.evaluate`.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
 
 from pipeline.core.commandline import (
-    main_of,
+    module_main,
+    module_parse_args,
     non_negative_int,
-    options_from,
-    parse_command,
     positive_int,
 )
 from pipeline.core.cpu import usable_cores
-from salmm.cli import MODEL_OPTIONS_NOTE, add_model_options, check_cache_option, given_clip_options
+from salmm.cli import (
+    MODEL_OPTIONS_NOTE,
+    add_model_options,
+    check_cache_option,
+    model_options,
+)
 from salmm.evaluation.options import BASELINES, EvalOptions
 
 SUMMARY = ("Score a SalM2 checkpoint (or a baseline) on a prepared split with the official"
@@ -72,12 +76,11 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--cached-clip is for a checkpoint; a baseline uses no CLIP")
 
 
-def options(args: argparse.Namespace) -> EvalOptions:
-    return options_from(EvalOptions, args, clip=given_clip_options(args))
+options = functools.partial(model_options, EvalOptions)
+"""Parsed command line -> :class:`EvalOptions`."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
-    return options(parse_command(sys.modules[__name__], "python -m salmm.evaluate", argv))
+parse_args = module_parse_args(__name__, options)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -86,9 +89,8 @@ def run(args: argparse.Namespace) -> None:
     evaluate(options(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.evaluate``; returns the exit status (2: bad input)."""
-    return main_of(sys.modules[__name__], "python -m salmm.evaluate", argv)
+main = module_main(__name__)
+"""``python -m salmm.evaluate``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

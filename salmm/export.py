@@ -7,11 +7,15 @@ anything is written. What and how: :mod:`salmm.deploy.graphs`.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
 
-from pipeline.core.commandline import main_of, options_from, parse_command, parse_size
-from salmm.cli import MODEL_OPTIONS_NOTE, add_model_options, given_clip_options
+from pipeline.core.commandline import (
+    module_main,
+    module_parse_args,
+    parse_size,
+)
+from salmm.cli import MODEL_OPTIONS_NOTE, add_model_options, model_options
 from salmm.deploy.options import DEFAULT_OPSET, ExportOptions
 
 SUMMARY = ("Export a checkpoint as ONNX graphs: the SalM2 network and the frozen CLIP encoder"
@@ -28,12 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " size; 256x256 for official checkpoints)")
 
 
-def options(args: argparse.Namespace) -> ExportOptions:
-    return options_from(ExportOptions, args, clip=given_clip_options(args))
+options = functools.partial(model_options, ExportOptions)
+"""Parsed command line -> :class:`ExportOptions`."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ExportOptions:
-    return options(parse_command(sys.modules[__name__], "python -m salmm.export", argv))
+parse_args = module_parse_args(__name__, options)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -42,9 +45,8 @@ def run(args: argparse.Namespace) -> None:
     export(options(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.export``; returns the exit status (2: bad input)."""
-    return main_of(sys.modules[__name__], "python -m salmm.export", argv)
+main = module_main(__name__)
+"""``python -m salmm.export``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

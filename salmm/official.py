@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
-from pipeline.core.commandline import main_of
+from pipeline.core.commandline import module_main
 
 SUMMARY = "Check an official SalM^2 checkpoint."
 log = logging.getLogger("salmm.official")
@@ -54,9 +53,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.official``; returns the exit status (2: bad input)."""
-    return main_of(sys.modules[__name__], "python -m salmm.official", argv)
+main = module_main(__name__)
+"""``python -m salmm.official``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

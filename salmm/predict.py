@@ -6,13 +6,12 @@ animation of a sequence. What it draws and how: :mod:`salmm.deploy.pictures`.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
 
 from pipeline.core.commandline import (
-    main_of,
-    options_from,
-    parse_command,
+    module_main,
+    module_parse_args,
     parse_size,
     positive_float,
     positive_int,
@@ -21,7 +20,7 @@ from salmm.cli import (
     MODEL_OPTIONS_NOTE,
     add_drawing_options,
     add_model_options,
-    given_clip_options,
+    model_options,
 )
 from salmm.deploy.options import PICTURES_FPS, PredictOptions
 from salmm.render.style import ANIMATION_FORMATS
@@ -51,12 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="auto: MP4 (H.264); gif; none")
 
 
-def options(args: argparse.Namespace) -> PredictOptions:
-    return options_from(PredictOptions, args, clip=given_clip_options(args))
+options = functools.partial(model_options, PredictOptions)
+"""Parsed command line -> :class:`PredictOptions`."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> PredictOptions:
-    return options(parse_command(sys.modules[__name__], "python -m salmm.predict", argv))
+parse_args = module_parse_args(__name__, options)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -65,9 +63,8 @@ def run(args: argparse.Namespace) -> None:
     predict(options(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.predict``; returns the exit status (2: bad input)."""
-    return main_of(sys.modules[__name__], "python -m salmm.predict", argv)
+main = module_main(__name__)
+"""``python -m salmm.predict``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ and a window, latency and frame rate reported. How: :mod:`salmm.deploy.live`.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
 
 from pipeline.core.commandline import (
-    main_of,
-    options_from,
-    parse_command,
+    module_main,
+    module_parse_args,
     parse_size,
     positive_float,
     positive_int,
@@ -21,7 +20,7 @@ from salmm.cli import (
     MODEL_OPTIONS_NOTE,
     add_drawing_options,
     add_model_options,
-    given_clip_options,
+    model_options,
 )
 from salmm.deploy.options import BACKENDS, EXPORT_CACHE, STREAM_FPS, StreamOptions
 
@@ -56,12 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_drawing_options(group)
 
 
-def options(args: argparse.Namespace) -> StreamOptions:
-    return options_from(StreamOptions, args, clip=given_clip_options(args))
+options = functools.partial(model_options, StreamOptions)
+"""Parsed command line -> :class:`StreamOptions`."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> StreamOptions:
-    return options(parse_command(sys.modules[__name__], "python -m salmm.stream", argv))
+parse_args = module_parse_args(__name__, options)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -70,9 +68,8 @@ def run(args: argparse.Namespace) -> None:
     stream(options(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.stream``; returns the exit status (2: bad input)."""
-    return main_of(sys.modules[__name__], "python -m salmm.stream", argv)
+main = module_main(__name__)
+"""``python -m salmm.stream``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

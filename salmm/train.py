@@ -9,11 +9,16 @@ model runs its frozen CLIP inline, as the published code does. The run itself is
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
-from collections.abc import Sequence
 
-from pipeline.core.commandline import main_of, options_from, parse_command, positive_int
+from pipeline.core.commandline import (
+    module_main,
+    module_parse_args,
+    options_from,
+    positive_int,
+)
 from pipeline.encoders.clip_spec import ClipSpec, add_clip_options
 from salmm.cli import (
     add_data_options,
@@ -51,10 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 check = check_cache_option
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Command line -> :class:`TrainConfig` (argparse exits with a usage line on bad options)."""
-    return options_from(TrainConfig, parse_command(sys.modules[__name__], "python -m salmm.train",
-                                                   argv))
+options = functools.partial(options_from, TrainConfig)
+"""Parsed command line -> :class:`TrainConfig`."""
+
+
+parse_args = module_parse_args(__name__, options)
+"""Command line -> :class:`TrainConfig` (argparse exits with a usage line on bad options)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,16 +70,15 @@ def run(args: argparse.Namespace) -> int:
     from salmm.training.trainer import train  # lazy: as above
 
     try:
-        train(options_from(TrainConfig, args))
+        train(options(args))
     except NonFiniteLoss as err:
         log.error("%s", err)
         return 3
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m salmm.train``; returns the exit status (2: bad input, 3: loss diverged)."""
-    return main_of(sys.modules[__name__], "python -m salmm.train", argv)
+main = module_main(__name__)
+"""``python -m salmm.train``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

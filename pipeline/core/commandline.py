@@ -7,7 +7,11 @@ A command is a module with
 * ``add_arguments(parser)`` - its options (the module imports nothing heavy at the top, so
   ``--help`` and usage errors come at once; the work's imports sit in ``run``);
 * ``run(args) -> int | None`` - does the work;
-* optionally ``check(parser, args)`` - usage checks across options (``parser.error``).
+* optionally ``check(parser, args)`` - usage checks across options (``parser.error``), and
+  ``LOGGER`` - the logger its one-line errors go to (default its module's name).
+
+:func:`module_main` and :func:`module_parse_args` make its ``main`` and ``parse_args`` for
+``python -m``; :func:`dispatcher_parser` and :func:`dispatch` put commands under a dispatcher.
 
 :func:`run_parsed` is the one policy: logging configured once (``-v`` debug, ``-q`` warnings
 only; other libraries' messages below WARNING silenced unless ``-v``; each warning said once),
@@ -21,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.core.errors import run_reporting
 
@@ -34,7 +39,7 @@ OWN_LOGGERS = ("pipeline", "salmm", "flows", "bench")
 """The loggers whose INFO lines a command shows; every other library's show from WARNING on,
 unless ``-v``."""
 
-log = logging.getLogger("salmm.cli")
+T = TypeVar("T")
 
 
 class SizeError(argparse.ArgumentTypeError, ValueError):
@@ -143,48 +148,98 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def command_parser(command: ModuleType, prog: str,
-                   parser: argparse.ArgumentParser | None = None,
-                   logger: str | None = None) -> argparse.ArgumentParser:
+                   parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The parser of ``command`` (a new one named ``prog``, or ``parser``, a sub-parser),
-    with its options and -v/-q; its one-line errors are logged by ``logger`` (default the
-    command's module)."""
+    with its options and -v/-q; its one-line errors are logged by the command's ``LOGGER``
+    (default its module's name)."""
     if parser is None:
         parser = argparse.ArgumentParser(prog=prog, description=command.SUMMARY,
                                          formatter_class=HelpFormatter)
     command.add_arguments(parser)
     add_verbosity(parser, suppress=True)
-    parser.set_defaults(run=command.run, logger=logger or command.__name__, parser=parser,
-                        check=getattr(command, "check", None))
+    # underscored: a command's own options (official's --check) cannot collide with them
+    parser.set_defaults(_run=command.run, _logger=getattr(command, "LOGGER", command.__name__),
+                        _parser=parser, _check=getattr(command, "check", None))
     return parser
 
 
-def run_parsed(args: argparse.Namespace) -> int:
-    """Make the command's usage checks, configure logging from ``args`` and run
-    ``args.run(args)`` under the exit-code policy."""
-    if getattr(args, "check", None) is not None:
-        args.check(args.parser, args)
-    configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
-    return run_reporting(lambda: args.run(args), logging.getLogger(args.logger))
+def dispatcher_parser(prog: str, description: str, commands: Mapping[str, tuple[str, str]],
+                      wanted: Collection[str]) -> argparse.ArgumentParser:
+    """The parser of a dispatcher ``prog``: -v/-q, and one sub-command per entry of
+    ``commands`` (name -> (module, one-line help)); only the ``wanted`` ones' modules are
+    imported and give their options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=HelpFormatter)
+    add_verbosity(parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, summary) in commands.items():
+        if name not in wanted:
+            subparsers.add_parser(name, help=summary, description=summary)
+            continue
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=summary, description=module.SUMMARY,
+                                    formatter_class=HelpFormatter)
+        command_parser(module, f"{prog} {name}", sub)
+    return parser
 
 
-def parse_command(command: ModuleType, prog: str, argv: Sequence[str] | None = None,
-                  logger: str | None = None) -> argparse.Namespace:
-    """``argv`` (default ``sys.argv[1:]``) parsed and checked as ``command``'s options."""
-    parser = command_parser(command, prog, logger=logger)
+def dispatch(build: Callable[[Collection[str]], argparse.ArgumentParser],
+             commands: Collection[str], argv: Sequence[str] | None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) of a dispatcher whose parser
+    ``build`` makes for the commands it is given: only the command named is imported."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((arg for arg in argv if arg in commands), None)
+    return run_parsed(parse_checked(build([chosen] if chosen else []), argv))
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+                  ) -> argparse.Namespace:
+    """``argv`` (default ``sys.argv[1:]``) parsed, and the chosen command's usage checks made
+    (argparse exits with a usage line and status 2 on a bad command line)."""
     args = parser.parse_args(argv)
-    if args.check is not None:
-        args.check(parser, args)
-        args.check = None
+    if getattr(args, "_check", None) is not None:
+        args._check(args._parser, args)
     return args
 
 
-def main_of(command: ModuleType, prog: str, argv: Sequence[str] | None = None,
-            logger: str | None = None) -> int:
-    """``python -m <command>``: parse ``argv`` (default ``sys.argv[1:]``) and run it."""
-    return run_parsed(parse_command(command, prog, argv, logger))
+def run_parsed(args: argparse.Namespace) -> int:
+    """Configure logging from ``args`` and run the command's ``run(args)`` under the exit-code
+    policy."""
+    configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    return run_reporting(lambda: args._run(args), logging.getLogger(args._logger))
 
 
-def options_from(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+def _python_m(module_name: str) -> tuple[ModuleType, str]:
+    """The command module ``module_name`` (``__main__`` under ``python -m``) and its prog."""
+    module = sys.modules[module_name]
+    spec = getattr(module, "__spec__", None)
+    return module, f"python -m {spec.name if spec is not None else module_name}"
+
+
+def parse_command(module_name: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed and checked as the options of command module ``module_name``."""
+    module, prog = _python_m(module_name)
+    return parse_checked(command_parser(module, prog), argv)
+
+
+def module_main(module_name: str) -> Callable[[Sequence[str] | None], int]:
+    """The ``main(argv=None) -> exit status`` of command module ``module_name`` (its
+    ``python -m`` entry point)."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_parsed(parse_command(module_name, argv))
+    return main
+
+
+def module_parse_args(module_name: str, options: Callable[[argparse.Namespace], T]
+                      ) -> Callable[[Sequence[str] | None], T]:
+    """The ``parse_args(argv=None)`` of command module ``module_name``: its command line as the
+    options dataclass ``options`` makes of it (for tests and scripts)."""
+    def parse_args(argv: Sequence[str] | None = None) -> T:
+        return options(parse_command(module_name, argv))
+    return parse_args
+
+
+def options_from(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
     """A command's options dataclass ``cls`` from the parsed ``args`` (the fields they have;
     ``values`` for the others)."""
     names = {f.name for f in dataclasses.fields(cls)}

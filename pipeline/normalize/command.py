@@ -18,6 +18,7 @@ from pipeline.normalize.settings import (
 
 log = logging.getLogger("pipeline.normalize")
 SUMMARY = "Turn a raw dataset into deterministic WebDataset shards + a versioned manifest."
+LOGGER = "pipeline"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
