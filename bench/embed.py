@@ -34,8 +34,8 @@ import torch
 
 from pipeline.core.cpu import usable_cores
 from pipeline.core.fsio import Folder
-from pipeline.embed import Compute, embed_prepared
 from pipeline.encoders.clip import PRECISIONS, ClipSpec, cached_encoder, embed_pairs
+from pipeline.encoders.embedding import Compute, embed_prepared
 from pipeline.formats.manifest import canonical_json, write_manifest
 from pipeline.formats.shards import encode_png, write_shard
 

@@ -22,7 +22,6 @@ from prefect.logging.handlers import APILogHandler
 from pipeline.core.errors import BadInputError, OutputError
 from pipeline.core.fsio import Folder
 from pipeline.datasets import check_layout
-from pipeline.embed import Compute, embed_prepared
 from pipeline.encoders.clip import (
     DEFAULT_MODEL,
     DEFAULT_PROFILE,
@@ -31,6 +30,7 @@ from pipeline.encoders.clip import (
     check_weights,
     parse_weights,
 )
+from pipeline.encoders.embedding import Compute, embed_prepared
 from pipeline.formats.clip_cache import open_cache
 from pipeline.formats.manifest import read_manifest
 from pipeline.normalize import normalize

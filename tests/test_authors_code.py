@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from pipeline.datasets.matfile import load_fixdata, write_fixdata
-from pipeline.embed import embed_prepared
 from pipeline.encoders.clip import ClipSpec
+from pipeline.encoders.embedding import embed_prepared
 from pipeline.formats.clip_cache import open_cache
 from pipeline.formats.manifest import prepared_size, read_manifest
 from pipeline.formats.shards import read_shard, split_shards

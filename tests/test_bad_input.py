@@ -202,8 +202,8 @@ def flip_byte(shard: Path, ext: str) -> None:
 def test_embed_refuses_a_shard_that_changed_after_normalize(tmp_path):
     import zarr
 
-    from pipeline.embed import embed_prepared
     from pipeline.encoders.clip import ClipSpec
+    from pipeline.encoders.embedding import embed_prepared
     from pipeline.formats.clip_cache import open_cache
     from tests._prepared import write_prepared
 
@@ -403,8 +403,8 @@ def test_a_truncated_video_is_refused_unless_the_user_opts_in(inference, tmp_pat
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path, cluster):
     from pipeline.core.errors import OutputError
     from pipeline.core.fsio import Folder
-    from pipeline.embed import embed_prepared
     from pipeline.encoders.clip import ClipSpec
+    from pipeline.encoders.embedding import embed_prepared
 
     root = trafficgaze(tmp_path / "raw")
     out = tmp_path / "out"
@@ -424,8 +424,8 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, cluster):
 
 
 def test_the_stale_cache_message_leads_to_a_run_that_works(tmp_path, cluster):
-    from pipeline.embed import embed_prepared
     from pipeline.encoders.clip import ClipSpec
+    from pipeline.encoders.embedding import embed_prepared
     from pipeline.formats.clip_cache import open_cache, open_checked_cache
 
     root = trafficgaze(tmp_path / "raw")

@@ -22,8 +22,8 @@ from conftest import write_tiny_dataset
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
 from pipeline.core.pipes import prefetch
-from pipeline.embed import ChunkJob, _decoded_batches, _read_samples, embed_prepared
 from pipeline.encoders.clip import ClipSpec, build_clip_encoder, cached_encoder
+from pipeline.encoders.embedding import ChunkJob, _decoded_batches, _read_samples, embed_prepared
 from pipeline.formats.clip_cache import default_cache_path, open_cache
 from pipeline.formats.manifest import read_manifest, shard_urls, write_manifest
 from pipeline.formats.shards import read_shard, split_shards, write_shard
