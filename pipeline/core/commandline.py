@@ -113,16 +113,16 @@ def add_verbosity(parser: argparse.ArgumentParser, *, suppress: bool = False) ->
 
 
 class _Once(logging.Filter):
-    """Lets each warning (logger and text) through once."""
+    """Lets each warning text through once (whichever module says it)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
             return True
-        key = (record.name, record.getMessage())
+        key = record.getMessage()
         if key in self.seen:
             return False
         self.seen.add(key)

@@ -49,6 +49,20 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 
 
 @contextmanager
+def _quiet_logger(name: str, level: int) -> Iterator[None]:
+    """Logger ``name`` at ``level`` or above meanwhile. LocalCluster's ``silence_logs`` quiets
+    only distributed's own stream handler, which distributed leaves out (its records go to the
+    root logger's handler) when the command configured logging before importing it."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@contextmanager
 def dask_client(address: str | None = None, workers: int | None = None) -> Iterator[Client]:
     """A Dask client: connected to ``address`` if given, else to a new local cluster.
 
@@ -74,7 +88,8 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
         raise ValueError(f"workers must be at least 1, got {n}")
     # No dashboard; the scheduler's small HTTP server (health checks) takes any free port
     # instead of 8787, which another cluster on the machine may hold.
-    with dask.config.set({"distributed.admin.low-level-log-length": DEBUG_LOG_LENGTH}):
+    with dask.config.set({"distributed.admin.low-level-log-length": DEBUG_LOG_LENGTH}), \
+            _quiet_logger("distributed", logging.ERROR):
         with _workers_ignore_ctrl_c():
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    dashboard_address=None,

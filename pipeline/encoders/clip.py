@@ -63,6 +63,7 @@ from pipeline.encoders.clip_spec import (  # the encoder's face: its spec names 
     PROFILES,
     PUBLISHED,
     RANDOM_NOTE,
+    RANDOM_WARNING,
     ClipSpec,
     activation,
     parse_weights,
@@ -224,6 +225,24 @@ def check_weights(spec: ClipSpec, option: str = OPTION) -> bool:
     return True
 
 
+_OPEN_CLIP_RANDOM_NOTE = "No pretrained weights loaded"
+"""How open_clip's own warning about random weights starts (:data:`RANDOM_WARNING` says it)."""
+
+
+@contextlib.contextmanager
+def _without(prefix: str) -> Iterator[None]:
+    """Drop the root logger's messages that start with ``prefix`` (open_clip logs there)."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith(prefix)
+    drop = Drop()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
 def _create(spec: ClipSpec, seed: int) -> nn.Module:
     """open_clip's model for ``spec``; weights that would be downloaded are looked for on disk
     first and their host probed once when they are not there."""
@@ -231,9 +250,8 @@ def _create(spec: ClipSpec, seed: int) -> nn.Module:
     name, tag = (spec.pretrained, None) if hub else (spec.model, spec.pretrained)
     quick = {"force_quick_gelu": spec.activation == "quickgelu"}
     if spec.pretrained is None:
-        log.warning("CLIP %s: no pretrained weights, random initialisation (seed %d)", name,
-                    seed)
-        with torch.random.fork_rng(devices=[]):
+        log.info("CLIP %s: no pretrained weights, random initialisation (seed %d)", name, seed)
+        with torch.random.fork_rng(devices=[]), _without(_OPEN_CLIP_RANDOM_NOTE):
             torch.manual_seed(seed)
             model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None, **quick)
         return model
@@ -356,8 +374,7 @@ def build_clip_encoder(
     log.info("CLIP encoder %s, weights %s, profile %s, device %s", name, identity["weights"],
              profile, device)
     if random_weights(identity["weights"]):
-        log.warning("using RANDOM CLIP weights (%s): %s, the embeddings mean nothing",
-                    identity["weights"], RANDOM_NOTE)
+        log.warning("%s", RANDOM_WARNING)
     return encoder
 
 

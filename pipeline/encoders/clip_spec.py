@@ -26,6 +26,9 @@ DEFAULT_PROFILE = "salmm"
 PROFILES = ("salmm", "openclip")
 RANDOM_NOTE = "random CLIP weights: a smoke run"
 """What every output made with random CLIP weights says about itself."""
+RANDOM_WARNING = (f"CLIP has RANDOM weights (--clip-pretrained none): {RANDOM_NOTE}, its outputs"
+                  " mean nothing")
+"""The one warning every command gives about random CLIP weights (said once a command)."""
 
 
 def parse_weights(text: str | None) -> str | None:

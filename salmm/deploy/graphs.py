@@ -42,6 +42,7 @@ from torchvision.transforms import functional as TF
 
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
+from pipeline.core.progress import progress
 from pipeline.encoders.clip import ClipEncoder, cached_encoder
 from salmm.deploy.options import DEFAULT_OPSET, EXPORT_BACKEND, ExportOptions
 from salmm.model.loading import LoadedModel, load_model
@@ -244,17 +245,20 @@ def export(opts: ExportOptions) -> dict[str, Any]:
     encoder = cached_encoder(loaded.clip, "cpu")
     dim = encoder.identity["embed_dim"]
     checks = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, \
+            progress(total=len(GRAPHS), unit="graph", desc="export (trace and check)") as bar:
         paths = {name: Path(tmp) / f"{name}.onnx" for name in GRAPHS}
-        log.info("exporting SalM2 and CLIP for %dx%d frames (opset %d)", size[1], size[0],
-                 opts.opset)
+        log.info("exporting SalM2 and CLIP for %dx%d frames (opset %d); each graph is traced"
+                 " and checked against PyTorch (minutes on a CPU)", size[1], size[0], opts.opset)
         checks["salmm"] = export_network(loaded.model.state_dict(), size, paths["salmm"],
                                          opts.opset, dim, backend=opts.backend)
+        bar.update(1)
         if checks["salmm"]["graph"] > GRAPH_TOLERANCE:
             raise BadInputError(opts.checkpoint, f"the exported network computes something else:"
                                 f" {checks['salmm']['graph']:.2e} from PyTorch in float64 (more"
                                 f" than {GRAPH_TOLERANCE:g}); not exported")
         checks["clip"] = export_clip(encoder, size, paths["clip"], opts.opset)
+        bar.update(1)
         if checks["clip"] > CLIP_TOLERANCE:
             raise BadInputError(opts.checkpoint, f"the exported CLIP encoder differs from"
                                 f" PyTorch by {checks['clip']:.2e} of its largest entry (more"
@@ -271,9 +275,10 @@ def export(opts: ExportOptions) -> dict[str, Any]:
     for name, digest in digests.items():
         description["graphs"][name]["sha256"] = digest
     out.write_bytes("export.json", (json.dumps(description, indent=1) + "\n").encode())
-    log.info("wrote %s/{salmm,clip}.onnx and export.json: the network's graph within %.1e of"
-             " PyTorch (float64); saliency under onnxruntime within %.1e of PyTorch float32"
-             " (float32 rounding alone: %.1e); embedding within %.1e", opts.out,
+    log.info("wrote %s, %s and %s: the network's graph within %.1e of PyTorch (float64);"
+             " saliency under onnxruntime within %.1e of PyTorch float32 (float32 rounding"
+             " alone: %.1e); embedding within %.1e",
+             *(out.url(name) for name in (*(paths[g].name for g in GRAPHS), "export.json")),
              checks["salmm"]["graph"], checks["salmm"]["onnxruntime"],
              checks["salmm"]["pytorch_float32"], checks["clip"])
     return description

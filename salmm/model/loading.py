@@ -19,7 +19,7 @@ import torch
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
 from pipeline.encoders.clip import cached_encoder
-from pipeline.encoders.clip_spec import PUBLISHED, ClipSpec
+from pipeline.encoders.clip_spec import PUBLISHED, RANDOM_WARNING, ClipSpec
 from salmm.model.checkpoint import FORMAT, load_checkpoint
 from salmm.model.devices import autocast, autocast_dtype, pick_device
 from salmm.model.net import SalMM
@@ -100,8 +100,7 @@ def resolve_clip(path: str, config: dict[str, Any] | None, given: dict[str, Any]
                         trained["clip_pretrained"], chosen["clip_pretrained"])
     choice = ClipSpec(chosen["clip_model"], chosen["clip_pretrained"], chosen["profile"])
     if choice.pretrained is None:
-        log.warning("CLIP with RANDOM weights (--clip-pretrained none): for tests and smoke runs"
-                    " only, the predictions mean nothing")
+        log.warning("%s", RANDOM_WARNING)
     return choice
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from pipeline.core import cpu
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
-from pipeline.encoders.clip_spec import RANDOM_NOTE
+from pipeline.encoders.clip_spec import RANDOM_WARNING
 from salmm.data.stages import SaliencyShards, make_loader
 from salmm.model.checkpoint import check_state_dict, set_rng_state
 from salmm.model.net import build_model as model_factory
@@ -193,7 +193,7 @@ def _train_into(cfg: TrainConfig, rt: Runtime, inputs: Inputs, run: Path) -> Pat
                  f"autocast {rt.autocast}" if rt.autocast else "float32", state.epoch + 1,
                  cfg.epochs)
         if cfg.clip.random:
-            log.warning("CLIP weights are random (--clip-pretrained none): %s", RANDOM_NOTE)
+            log.warning("%s", RANDOM_WARNING)
         fit(cfg, rt, state, loaders, records)
         log.info("done: best validation loss %.5f at epoch %s; checkpoints in %s",
                  state.best["valid_loss"], state.best["epoch"], run)
