@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from pipeline.core.commandline import non_negative_int, parse_size, unit_float
 from pipeline.datasets import DATASETS
 from pipeline.encoders.clip_spec import add_clip_options
+from pipeline.formats.shards import DEFAULT_FRAME_CODEC, FRAME_CODECS
+from pipeline.normalize.settings import DECODES
 
 log = logging.getLogger("flows.prepare")
 SUMMARY = ("Prepare a raw dataset as `prefect deployment run prepare/<dataset>` does: shards and"
@@ -23,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="prepared folder (local path or fsspec URL)")
     parser.add_argument("--size", default="256x256", type=parse_size, metavar="WxH",
                         help="prepared frame size, width x height")
-    parser.add_argument("--decode", choices=("faithful", "fast"), default="faithful",
+    parser.add_argument("--decode", choices=DECODES, default="faithful",
                         help="faithful: as the published loader; fast: reduced-scale JPEG"
                              " decoding")
-    parser.add_argument("--frame-codec", choices=("png", "jpeg95"), default="png",
+    parser.add_argument("--frame-codec", choices=FRAME_CODECS, default=DEFAULT_FRAME_CODEC,
                         help="png: lossless, the published loader's pixels; jpeg95: smaller,"
                              " lossy")
     add_clip_options(parser)
@@ -40,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from flows.prepare import prepare  # lazy: Prefect loads after the options
+    if getattr(args, "quiet", False):       # Prefect sets its loggers' levels from its settings
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.prepare import prepare  # lazy: Prefect loads after the options (and the level)
 
     height, width = args.size
     prepare(args.dataset, args.root, args.out, size=f"{width}x{height}", decode=args.decode,

@@ -5,6 +5,7 @@ policy, every option documented."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,5 +81,28 @@ def test_bad_input_is_one_line_and_exit_2_in_every_front_end(tmp_path):
 
 
 def test_usage_errors_exit_2_before_any_heavy_import():
-    found = _help_imports(["evaluate", "--prepared", "p", "--out", "o"])
-    assert found["status"] == 2 and found["heavy"] == []        # neither --checkpoint nor --baseline
+    found = _help_imports(["evaluate", "--prepared", "p", "--out", "o"])   # no --checkpoint
+    assert found["status"] == 2 and found["heavy"] == []                 # nor --baseline
+
+
+@pytest.mark.slow
+def test_salmm_prepare_runs_the_flow_to_the_bytes_normalize_writes(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+
+    def salmm(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "salmm.cli", "-q", *argv], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    assert salmm("synth", "--dataset", "bdda", "--out", str(tmp_path / "raw"), "--videos", "3",
+                 "--frames", "4").returncode == 0
+    flow = salmm("prepare", "--dataset", "bdda", "--root", str(tmp_path / "raw"), "--out",
+                 str(tmp_path / "flow"), "--size", "64x64", "--clip-pretrained", "none",
+                 "--workers", "1")
+    direct = salmm("normalize", "--dataset", "bdda", "--root", str(tmp_path / "raw"), "--out",
+                   str(tmp_path / "direct"), "--size", "64x64", "--workers", "1")
+    assert flow.returncode == 0 and direct.returncode == 0, flow.stderr + direct.stderr
+    assert not [line for line in flow.stderr.splitlines() if line.startswith("INFO")]   # -q
+    assert (tmp_path / "flow" / "manifest.json").read_bytes() == \
+        (tmp_path / "direct" / "manifest.json").read_bytes()
+    assert (tmp_path / "flow" / "clip" / "ViT-B-32-salmm-random-seed0.zarr").is_dir()

@@ -9,6 +9,7 @@ frame size, splits, shards, index and CLIP cache instead of indexing the manifes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,13 +41,13 @@ class PreparedDataset:
         """Read and check ``location``'s manifest (BadInputError, one line, otherwise)."""
         return cls(str(location), read_manifest(str(location)))
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        return version_id(dict(self.manifest))
+        return version_id(self.manifest)
 
-    @property
+    @functools.cached_property
     def size(self) -> tuple[int, int]:
-        return prepared_size(dict(self.manifest))
+        return prepared_size(self.manifest)
 
     @property
     def dataset(self) -> str:
