@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from pipeline.synth import write_dataset
-from salmm import stream as stream_module
+from salmm import stream as stream_command
 from salmm.data.sources import open_video, video_items
+from salmm.deploy import live as stream_module
 from salmm.deploy.graphs import export
 from salmm.deploy.options import ExportOptions
 from salmm.evaluation import metrics
@@ -150,7 +151,7 @@ def end_to_end(checkpoint: str, clip_args: list[str], folder: Path, video: Path,
                     "--limit", str(frames), *clip_args]
             if backend == "onnx":
                 argv += ["--onnx", str(folder)]
-            summary = stream_module.stream(stream_module.parse_args(argv))
+            summary = stream_module.stream(stream_command.parse_args(argv))
             rows.append({"backend": backend, "k": k, "fps": summary["fps"],
                          "p50": summary["latency_ms"]["p50"],
                          "p95": summary["latency_ms"]["p95"]})

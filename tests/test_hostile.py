@@ -19,6 +19,8 @@ from pipeline.core.fsio import Folder
 from pipeline.formats.manifest import read_manifest, write_manifest
 from pipeline.verify import verify
 from salmm import compare, evaluate, train
+from salmm.evaluation import evaluator
+from salmm.evaluation.options import EvalOptions
 from salmm.render.overlay import VideoWriter, write_animation
 from tests._inference_data import InferenceData, inference_data
 from tests._prepared import prepare_with_commands, write_prepared
@@ -155,7 +157,7 @@ def test_the_next_run_removes_what_a_killed_one_left(data, tmp_path):
     out = tmp_path / "eval"
     out.mkdir()
     (out / "per_video.csv.tmp-0123456789ab").write_bytes(b"half a table")
-    evaluate.evaluate(evaluate.EvalOptions(checkpoint=None, baseline="uniform",
+    evaluator.evaluate(EvalOptions(checkpoint=None, baseline="uniform",
                                            prepared=str(data.prepared), out=str(out),
                                            workers=0))
     assert not list(out.glob("*.tmp-*")) and (out / "summary.json").is_file()

@@ -86,7 +86,7 @@ def test_an_official_checkpoint_is_not_a_format_question(tmp_path):
 
 
 def test_a_format_1_export_is_refused_saying_to_export_again(tmp_path, monkeypatch):
-    from salmm import export
+    from salmm.deploy import graphs as export
 
     Folder(tmp_path).write_bytes("export.json", json.dumps(
         {"format": export.FORMAT, "format_version": 1}).encode())
