@@ -95,8 +95,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
-                or action.required or action.nargs == 0:
+        unset = any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+        if "default" in text or unset or action.required or action.nargs == 0:
             return text
         return super()._get_help_string(action)
 
