@@ -146,7 +146,7 @@ def given_clip_options(args: argparse.Namespace) -> tuple[tuple[str, object], ..
     """The CLIP options the user gave on a parsed command line, as (name, value) pairs; the
     others are the checkpoint's."""
     return tuple((k, getattr(args, k)) for k in ("clip_model", "clip_pretrained", "profile")
-                 if getattr(args, k) is not CHECKPOINT_CLIP)
+                 if getattr(args, k) != CHECKPOINT_CLIP)
 
 
 def model_options(cls: type[T], args: argparse.Namespace) -> T:
