@@ -16,6 +16,10 @@ SUMMARY = ("Run the official MATLAB evaluation loop (Octave or MATLAB) on an eva
            " --export-mat folder and compare it with salmm's numbers.")
 
 
+main = module_main(__name__)
+"""``python -m salmm.certify``: the exit status of a command line."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The certification's options."""
     parser.add_argument("--export", required=True, metavar="DIR",
@@ -32,10 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from salmm.evaluation.certification import certify  # lazy: scipy loads after the options
 
     return certify(CertifyOptions(args.export, args.official_metrics, args.root, args.engine))
-
-
-main = module_main(__name__)
-"""``python -m salmm.certify``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pipeline.core.commandline import (
     non_negative_int,
     options_from,
     parse_size,
+    positive_float,
     positive_int,
     unit_float,
 )
@@ -155,9 +156,16 @@ def model_options(cls: type[T], args: argparse.Namespace) -> T:
     return options_from(cls, args, clip=given_clip_options(args))
 
 
-def add_drawing_options(group: argparse._ArgumentGroup) -> None:
-    """--colormap, --alpha and --allow-short-video: how the commands that draw predictions over
-    frames (predict, stream) draw them, and whether a video that ends early is used."""
+def add_picture_options(group: argparse._ArgumentGroup, fps: float) -> None:
+    """--limit, --size, --fps (default: the input's, else ``fps``), --colormap, --alpha and
+    --allow-short-video: which frames the commands that draw predictions over frames (predict,
+    stream) take, at what size the model sees them, and how the overlays are drawn."""
+    group.add_argument("--limit", type=positive_int, help="at most this many frames")
+    group.add_argument("--size", type=parse_size, metavar="WxH",
+                       help="model input size for raw frames (default: the checkpoint's"
+                            " training size; 256x256 for official checkpoints)")
+    group.add_argument("--fps", type=positive_float, help="frame rate of the video or animation"
+                       f" written (default: the input's, else {fps:g})")
     group.add_argument("--colormap", choices=COLORMAP_NAMES, default=DEFAULT_COLORMAP,
                        help="colour map of the heat map")
     group.add_argument("--alpha", type=unit_float, default=DEFAULT_ALPHA,

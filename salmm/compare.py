@@ -24,6 +24,19 @@ SUMMARY = ("Evaluate every checkpoint and baseline on every prepared split; one 
            " table in the paper's column order.")
 
 
+def options(args: argparse.Namespace) -> CompareOptions:
+    return CompareOptions(prepared=tuple(args.prepared), out=args.out,
+                          checkpoint=tuple(args.checkpoint), baseline=tuple(args.baseline),
+                          split=args.split, cached_clip=args.cached_clip, seeds=args.seeds,
+                          seed=args.seed, bootstrap=args.bootstrap, workers=args.workers,
+                          device=args.device)
+
+
+parse_args = module_parse_args(__name__, options)
+main = module_main(__name__)
+"""``python -m salmm.compare``: the exit status of a command line."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The comparison's options."""
     parser.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
@@ -50,25 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
 
 
-def options(args: argparse.Namespace) -> CompareOptions:
-    return CompareOptions(prepared=tuple(args.prepared), out=args.out,
-                          checkpoint=tuple(args.checkpoint), baseline=tuple(args.baseline),
-                          split=args.split, cached_clip=args.cached_clip, seeds=args.seeds,
-                          seed=args.seed, bootstrap=args.bootstrap, workers=args.workers,
-                          device=args.device)
-
-
-parse_args = module_parse_args(__name__, options)
-
-
 def run(args: argparse.Namespace) -> None:
     from salmm.evaluation.comparison import compare  # lazy: torch loads after the options
 
     compare(options(args))
-
-
-main = module_main(__name__)
-"""``python -m salmm.compare``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ SUMMARY = ("Score a SalM2 checkpoint (or a baseline) on a prepared split with th
            + MODEL_OPTIONS_NOTE)
 
 
+options = functools.partial(model_options, EvalOptions)
+"""Parsed command line -> :class:`EvalOptions`."""
+parse_args = module_parse_args(__name__, options)
+main = module_main(__name__)
+"""``python -m salmm.evaluate``: the exit status of a command line."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation's options."""
     add_model_options(parser, prepared=True, checkpoint_required=False)
@@ -76,21 +83,10 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--cached-clip is for a checkpoint; a baseline uses no CLIP")
 
 
-options = functools.partial(model_options, EvalOptions)
-"""Parsed command line -> :class:`EvalOptions`."""
-
-
-parse_args = module_parse_args(__name__, options)
-
-
 def run(args: argparse.Namespace) -> None:
     from salmm.evaluation.evaluator import evaluate  # lazy: torch loads after the options
 
     evaluate(options(args))
-
-
-main = module_main(__name__)
-"""``python -m salmm.evaluate``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ SUMMARY = ("Export a checkpoint as ONNX graphs: the SalM2 network and the frozen
            " with its preprocessing, plus export.json describing them. " + MODEL_OPTIONS_NOTE)
 
 
+options = functools.partial(model_options, ExportOptions)
+"""Parsed command line -> :class:`ExportOptions`."""
+parse_args = module_parse_args(__name__, options)
+main = module_main(__name__)
+"""``python -m salmm.export``: the exit status of a command line."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of export."""
     add_model_options(parser, prepared=False, cached=False, amp=False)
@@ -32,21 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " size; 256x256 for official checkpoints)")
 
 
-options = functools.partial(model_options, ExportOptions)
-"""Parsed command line -> :class:`ExportOptions`."""
-
-
-parse_args = module_parse_args(__name__, options)
-
-
 def run(args: argparse.Namespace) -> None:
     from salmm.deploy.graphs import export  # lazy: torch and onnx load after the options
 
     export(options(args))
-
-
-main = module_main(__name__)
-"""``python -m salmm.export``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

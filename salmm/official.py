@@ -15,6 +15,9 @@ from pipeline.core.commandline import module_main
 SUMMARY = "Check an official SalM^2 checkpoint."
 log = logging.getLogger("salmm.official")
 
+main = module_main(__name__)
+"""``python -m salmm.official``: the exit status of a command line."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of official."""
@@ -51,10 +54,6 @@ def run(args: argparse.Namespace) -> int:
     log.info("  forward     [1, 1, 256, 256] map in [%.4g, %.4g]: %s", out.min(), out.max(),
              "ok" if ok else "FAILED")
     return 0 if ok else 1
-
-
-main = module_main(__name__)
-"""``python -m salmm.official``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

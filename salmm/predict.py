@@ -12,14 +12,12 @@ import sys
 from pipeline.core.commandline import (
     module_main,
     module_parse_args,
-    parse_size,
-    positive_float,
     positive_int,
 )
 from salmm.cli import (
     MODEL_OPTIONS_NOTE,
-    add_drawing_options,
     add_model_options,
+    add_picture_options,
     model_options,
 )
 from salmm.deploy.options import PICTURES_FPS, PredictOptions
@@ -27,6 +25,13 @@ from salmm.render.style import ANIMATION_FORMATS
 
 SUMMARY = ("Saliency heat maps over a frame, a folder of frames, a video or a prepared split (with"
            " the ground truth beside), plus an animation of a sequence. " + MODEL_OPTIONS_NOTE)
+
+
+options = functools.partial(model_options, PredictOptions)
+"""Parsed command line -> :class:`PredictOptions`."""
+parse_args = module_parse_args(__name__, options)
+main = module_main(__name__)
+"""``python -m salmm.predict``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,34 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, prepared=False)
     group = parser.add_argument_group("frames and pictures")
     group.add_argument("--split", default="test", help="split of a prepared --input")
-    group.add_argument("--limit", type=positive_int, help="at most this many frames")
-    group.add_argument("--fps", type=positive_float,
-                       help=f"animation speed (default: the video's, else {PICTURES_FPS:g})")
-    group.add_argument("--size", type=parse_size, metavar="WxH",
-                       help="model input size for raw frames (default: the checkpoint's"
-                            " training size; 256x256 for official checkpoints)")
     group.add_argument("--batch-size", type=positive_int, default=PredictOptions.batch_size,
                        help="frames through the model at a time")
-    add_drawing_options(group)
+    add_picture_options(group, PICTURES_FPS)
     group.add_argument("--animation", choices=ANIMATION_FORMATS, default="auto",
                        help="auto: MP4 (H.264); gif; none")
-
-
-options = functools.partial(model_options, PredictOptions)
-"""Parsed command line -> :class:`PredictOptions`."""
-
-
-parse_args = module_parse_args(__name__, options)
 
 
 def run(args: argparse.Namespace) -> None:
     from salmm.deploy.pictures import predict  # lazy: torch loads after the options
 
     predict(options(args))
-
-
-main = module_main(__name__)
-"""``python -m salmm.predict``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

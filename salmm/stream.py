@@ -12,20 +12,25 @@ import sys
 from pipeline.core.commandline import (
     module_main,
     module_parse_args,
-    parse_size,
-    positive_float,
     positive_int,
 )
 from salmm.cli import (
     MODEL_OPTIONS_NOTE,
-    add_drawing_options,
     add_model_options,
+    add_picture_options,
     model_options,
 )
 from salmm.deploy.options import BACKENDS, EXPORT_CACHE, STREAM_FPS, StreamOptions
 
 SUMMARY = ("Live driver attention: predict each frame of a video, camera, folder or MJPEG stream"
            " as it comes, draw the overlay, report latency and fps. " + MODEL_OPTIONS_NOTE)
+
+
+options = functools.partial(model_options, StreamOptions)
+"""Parsed command line -> :class:`StreamOptions`."""
+parse_args = module_parse_args(__name__, options)
+main = module_main(__name__)
+"""``python -m salmm.stream``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,31 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", metavar="VIDEO.mp4", help="write the overlays as an MP4")
     group.add_argument("--show", action="store_true",
                        help="show the overlays in a window (q or Esc stops)")
-    group.add_argument("--limit", type=positive_int, help="stop after this many frames")
-    group.add_argument("--size", type=parse_size, metavar="WxH",
-                       help="model input size (default: the checkpoint's training size)")
-    group.add_argument("--fps", type=positive_float, help="frame rate of --out (default: the"
-                       f" input's, else {STREAM_FPS:g})")
     group.add_argument("--threads", type=positive_int,
                        help="intra-op threads (default: torch's, adapted to the load)")
-    add_drawing_options(group)
-
-
-options = functools.partial(model_options, StreamOptions)
-"""Parsed command line -> :class:`StreamOptions`."""
-
-
-parse_args = module_parse_args(__name__, options)
+    add_picture_options(group, STREAM_FPS)
 
 
 def run(args: argparse.Namespace) -> None:
     from salmm.deploy.live import stream  # lazy: torch and cv2 load after the options
 
     stream(options(args))
-
-
-main = module_main(__name__)
-"""``python -m salmm.stream``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

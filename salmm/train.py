@@ -33,6 +33,13 @@ SUMMARY = ("Train SalM2 on a prepared dataset. With --cached-clip the CLIP embed
            " published. Defaults follow the published recipe.")
 log = logging.getLogger("salmm.train")
 
+options = functools.partial(options_from, TrainConfig)
+"""Parsed command line -> :class:`TrainConfig`."""
+parse_args = module_parse_args(__name__, options)
+"""Command line -> :class:`TrainConfig` (argparse exits with a usage line on bad options)."""
+main = module_main(__name__)
+"""``python -m salmm.train``: the exit status of a command line."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The trainer's options."""
@@ -56,14 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 check = check_cache_option
 
 
-options = functools.partial(options_from, TrainConfig)
-"""Parsed command line -> :class:`TrainConfig`."""
-
-
-parse_args = module_parse_args(__name__, options)
-"""Command line -> :class:`TrainConfig` (argparse exits with a usage line on bad options)."""
-
-
 def run(args: argparse.Namespace) -> int:
     """Train; 0 done, 3 the loss diverged (one line saying where the last good state is)."""
     from salmm.training.loop import NonFiniteLoss  # lazy: torch loads after the options
@@ -75,10 +74,6 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 3
     return 0
-
-
-main = module_main(__name__)
-"""``python -m salmm.train``: the exit status of a command line."""
 
 
 if __name__ == "__main__":

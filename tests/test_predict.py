@@ -214,3 +214,13 @@ def test_command_exit_code_and_one_line(data: InferenceData, tmp_path: Path,
     assert code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"{missing}: no such file or folder"]
+
+
+def test_pictures_wider_than_the_limit_are_shrunk_keeping_the_aspect():
+    wide = np.zeros((1000, 2000, 3), np.uint8)
+    wide[:, 1000:] = 200
+    small = overlay.at_most_wide(wide, 768)
+    assert small.shape == (384, 768, 3)
+    assert small[:, :380].max() == 0 and small[:, 388:].min() == 200    # halves stay halves
+    narrow = np.zeros((10, 500, 3), np.uint8)
+    assert overlay.at_most_wide(narrow, 768) is narrow

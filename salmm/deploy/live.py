@@ -209,15 +209,6 @@ class Report:
                                "max": round(float(lat.max()), 2)} if len(lat) else None}
 
 
-def display_frame(frame: np.ndarray) -> np.ndarray:
-    """``frame`` shrunk (INTER_AREA) to at most :data:`DISPLAY_WIDTH` pixels wide."""
-    height, width = frame.shape[:2]
-    if width <= DISPLAY_WIDTH:
-        return frame
-    new = (DISPLAY_WIDTH, max(1, round(height * DISPLAY_WIDTH / width)))
-    return cv2.resize(frame, new, interpolation=cv2.INTER_AREA)
-
-
 def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: Any,
              limit: int | None = None, bar: Any = None) -> Report:
     """Predict every item in order: CLIP on items 0, K, 2K, ... (K = ``refresh_every``), SalMM
@@ -265,7 +256,7 @@ class Display:
         self.stopped = False
 
     def __call__(self, item: Item, saliency: np.ndarray) -> None:
-        shown = overlay.overlay(display_frame(item.frame), saliency,
+        shown = overlay.overlay(overlay.at_most_wide(item.frame, DISPLAY_WIDTH), saliency,
                                 colormap=self.opts.colormap, alpha=self.opts.alpha)
         if self.video is not None:
             self.video.write(shown)

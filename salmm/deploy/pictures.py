@@ -96,15 +96,6 @@ def picture(item: Item, pred: np.ndarray, colormap: str, alpha: float) -> np.nda
     return overlay.side_by_side([item.frame, shown, truth], titles=PANEL_TITLES)
 
 
-def animation_frame(image: np.ndarray) -> np.ndarray:
-    """``image`` shrunk (INTER_AREA) to at most :data:`ANIMATION_WIDTH` pixels wide."""
-    height, width = image.shape[:2]
-    if width <= ANIMATION_WIDTH:
-        return image
-    new = (ANIMATION_WIDTH, max(1, round(height * ANIMATION_WIDTH / width)))
-    return cv2.resize(image, new, interpolation=cv2.INTER_AREA)
-
-
 # ---- the run -----------------------------------------------------------------------------------
 
 
@@ -181,7 +172,7 @@ def predict(opts: PredictOptions) -> list[Path]:
                 overlay.write_png(path, image)
                 written.append(path)
                 if opts.animation != "none":
-                    frames.append(animation_frame(image))
+                    frames.append(overlay.at_most_wide(image, ANIMATION_WIDTH))
                 bar.update(1)
     log.info("wrote %d picture(s) to %s", len(written), opts.out)
     if len(frames) > 1:

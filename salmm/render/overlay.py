@@ -104,6 +104,16 @@ def caption(panel: np.ndarray, text: str, scale: float | None = None) -> np.ndar
     return np.concatenate([strip, panel], axis=0)
 
 
+def at_most_wide(image: np.ndarray, width: int) -> np.ndarray:
+    """``image`` [H, W, ...] shrunk (INTER_AREA, aspect kept) to at most ``width`` pixels wide;
+    itself when it is not wider."""
+    height, wide = image.shape[:2]
+    if wide <= width:
+        return image
+    return cv2.resize(image, (width, max(1, round(height * width / wide))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def side_by_side(panels: Sequence[np.ndarray], gap: int = 4,
                  titles: Sequence[str] | None = None) -> np.ndarray:
     """Panels (uint8 RGB, equal heights) left to right with ``gap`` white columns between, each
