@@ -106,7 +106,8 @@ def test_the_layer_list_names_only_modules_that_exist():
 
 @pytest.mark.parametrize("source, problem", [
     ("from salmm.train import train\n", "imports salmm.train, a layer above"),
-    ("def f():\n    import pipeline.datasets.splits\n", "import inside a function without '# lazy: why'"),
+    ("def f():\n    import pipeline.datasets.splits\n",
+     "import inside a function without '# lazy: why'"),
     ("from salmm import model\n", "imports salmm.model, a layer above"),
     ("def f():\n    import numpy  # lazy: only here\n", None),
     ("from pipeline.core.fsio import Folder\n", None),
@@ -131,3 +132,76 @@ def test_packages_import_in_one_direction():
              if name.split(".")[0] in PACKAGES
              and name.split(".")[0] not in allowed[module.split(".")[0]]]
     assert wrong == []
+
+
+COMMAND_MODULES = {"pipeline.synth", "pipeline.normalize.command", "pipeline.verify",
+                   "pipeline.embed", "flows.command", "salmm.train", "salmm.evaluate",
+                   "salmm.compare", "salmm.certify", "salmm.predict", "salmm.stream",
+                   "salmm.export", "salmm.official"}
+
+
+def test_the_command_list_is_the_dispatchers():
+    from pipeline.cli import COMMANDS as PIPELINE
+    from salmm.cli import COMMANDS as SALMM
+
+    assert {module for module, _ in SALMM.values()} == COMMAND_MODULES
+    assert {module for module, _ in PIPELINE.values()} < COMMAND_MODULES
+
+
+def test_commands_never_import_commands_and_stay_small():
+    found = dict(sources())
+    modules = set(found)
+    wrong = [f"{module}:{line}: imports {name}" for module in sorted(COMMAND_MODULES)
+             for line, name, _ in project_imports(found[module], module, modules)
+             if name in COMMAND_MODULES]
+    assert wrong == []
+    assert {m: len(found[m].splitlines()) for m in COMMAND_MODULES
+            if len(found[m].splitlines()) > 250} == {}
+
+
+def _typing_only_lines(source: str) -> set[int]:
+    """Line numbers inside ``if TYPE_CHECKING:`` blocks (imports for annotations only)."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for sub in node.body:
+                lines.update(range(sub.lineno, sub.end_lineno + 1))
+    return lines
+
+
+def import_cycles(found: dict[str, str]) -> list[str]:
+    """The cycles among the imports run when a module is imported (not inside functions, not
+    for type checking) of ``found`` (module -> source), one ``a -> b -> a`` line each."""
+    modules = set(found)
+    graph = {module: sorted({name for line, name, lazy in project_imports(source, module, modules)
+                             if not lazy and name in modules and name != module
+                             and line not in _typing_only_lines(source)})
+             for module, source in found.items()}
+    cycles, done = [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in graph[node]:
+            if nxt in path:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in done:
+                visit(nxt, path + [nxt])
+        done.add(node)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    return cycles
+
+
+def test_no_import_cycle():
+    assert import_cycles(dict(sources())) == []
+
+
+def test_the_cycle_check_finds_a_cycle_and_ignores_typing_and_lazy_imports():
+    assert import_cycles({"pipeline.a": "from pipeline.b import x\n",
+                          "pipeline.b": "import pipeline.a\n"}) == [
+        "pipeline.a -> pipeline.b -> pipeline.a"]
+    assert import_cycles({
+        "pipeline.a": "from pipeline.b import x\n",
+        "pipeline.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                      "    import pipeline.a\ndef f():\n    import pipeline.a  # lazy: x\n"}) == []
