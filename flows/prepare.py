@@ -32,7 +32,7 @@ from pipeline.encoders.clip import (
 )
 from pipeline.encoders.embedding import Compute, embed_prepared
 from pipeline.formats.clip_cache import open_cache
-from pipeline.formats.manifest import read_manifest
+from pipeline.formats.prepared import PreparedDataset
 from pipeline.normalize import normalize
 from pipeline.verify import verify
 
@@ -147,8 +147,7 @@ def publish_task(
     out: str, dataset: str, normalized: dict[str, Any], cache: dict[str, Any], wall_s: float
 ) -> dict[str, Any]:
     """Record the finished, verified dataset in ``published.json`` and the run's markdown artifact."""
-    manifest = read_manifest(out)
-    splits = manifest["splits"]
+    splits = PreparedDataset.open(out).manifest["splits"]
     record = {
         "dataset": dataset,
         "version_id": normalized["version_id"],

@@ -62,8 +62,9 @@ from pipeline.formats.clip_cache import (
     recorded_version,
 )
 from pipeline.formats.images import decode_rgb_bytes
-from pipeline.formats.manifest import canonical_json, prepared_size, read_manifest, version_id
-from pipeline.formats.shards import Shard, frame_field, read_shard, split_shards
+from pipeline.formats.manifest import canonical_json
+from pipeline.formats.prepared import PreparedDataset
+from pipeline.formats.shards import Shard, frame_field, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +245,15 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
     locked while it is written (a second writer is refused in one line).
     """
     prepared = str(prepared)
-    manifest = read_manifest(prepared)
-    splits = list(splits) if splits else list(manifest["splits"])
-    unknown = [s for s in splits if s not in manifest["splits"]]
+    data = PreparedDataset.open(prepared)
+    splits = list(splits) if splits else list(data.splits)
+    unknown = [s for s in splits if s not in data.splits]
     if unknown:
         raise BadInputError(prepared, f"the prepared dataset has no split(s) {unknown}"
-                            f" (has {sorted(manifest['splits'])})")
+                            f" (has {sorted(data.splits)})")
     if workers is not None and dask_address:
         raise ValueError("give either a Dask scheduler address or a worker count, not both")
-    shards = {s: split_shards(prepared, manifest, s) for s in splits}
+    shards = {s: data.shards(s) for s in splits}
     samples = sum(sh.samples for s in splits for sh in shards[s])
     local = max(1, min(workers or default_workers(compute), math.ceil(samples / chunk_size)))
     with contextlib.ExitStack() as stack:
@@ -264,7 +265,7 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
         else:
             encoder = cached_encoder(spec, compute.device)
             identity = dict(encoder.identity)
-        header = _header(compute, identity, dtype, manifest, shards, chunk_size)
+        header = _header(compute, identity, dtype, data, shards, chunk_size)
         default = default_cache_path(prepared, identity, dtype)
         out = str(out) if out is not None else default
         writer = _open_store(stack, out, header, overwrite=overwrite, default=out == default)
@@ -280,11 +281,11 @@ def embed_prepared(prepared: str | Path, out: str | Path | None = None, *,
                 for split in splits:
                     for job, keys, emb in embed_jobs(encoder, compute, shards[split],
                                                      jobs[split], batch_size, prefetch,
-                                                     progress, prepared_size(manifest)):
+                                                     progress, data.size):
                         writer.write_chunk(split, job.index, keys, emb)
             else:
                 _embed_on_dask(client, writer, spec, compute, shards, jobs, batch_size,
-                               progress, prepared_size(manifest))
+                               progress, data.size)
         writer.finish()
     elapsed = time.perf_counter() - started
     log.info("CLIP cache complete: %s (%s samples; %d images embedded now in %.1f s, %.1f images/s;"
@@ -305,15 +306,16 @@ def _open_store(stack: contextlib.ExitStack, out: str, header: dict[str, Any], *
     return CacheWriter.open(out, header, replace=overwrite or (default and stale))
 
 
-def _header(compute: Compute, identity: dict[str, Any], dtype: str, manifest: dict[str, Any],
+def _header(compute: Compute, identity: dict[str, Any], dtype: str, data: PreparedDataset,
             shards: dict[str, list[Shard]], chunk_size: int) -> dict[str, Any]:
-    """The cache header: everything the stored numbers depend on (see pipeline.formats.clip_cache)."""
+    """The cache header: everything the stored numbers depend on (see
+    :mod:`pipeline.formats.clip_cache`)."""
     return {
         "encoder": identity,
         "dtype": dtype,
         "compute": compute.header(),
-        "prepared": {"version_id": version_id(manifest),
-                     "manifest_sha256": hashlib.sha256(canonical_json(manifest)).hexdigest()},
+        "prepared": {"version_id": data.version,
+                     "manifest_sha256": hashlib.sha256(canonical_json(data.manifest)).hexdigest()},
         "software": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "splits": {s: sum(sh.samples for sh in shards[s]) for s in shards},
         "chunk_size": chunk_size,
