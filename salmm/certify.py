@@ -17,7 +17,6 @@ SUMMARY = ("Run the official MATLAB evaluation loop (Octave or MATLAB) on an eva
 
 
 main = module_main(__name__)
-"""``python -m salmm.certify``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,6 @@ def options(args: argparse.Namespace) -> CompareOptions:
 
 parse_args = module_parse_args(__name__, options)
 main = module_main(__name__)
-"""``python -m salmm.compare``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

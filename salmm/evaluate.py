@@ -34,10 +34,8 @@ SUMMARY = ("Score a SalM2 checkpoint (or a baseline) on a prepared split with th
 
 
 options = functools.partial(model_options, EvalOptions)
-"""Parsed command line -> :class:`EvalOptions`."""
 parse_args = module_parse_args(__name__, options)
 main = module_main(__name__)
-"""``python -m salmm.evaluate``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,10 +23,8 @@ SUMMARY = ("Export a checkpoint as ONNX graphs: the SalM2 network and the frozen
 
 
 options = functools.partial(model_options, ExportOptions)
-"""Parsed command line -> :class:`ExportOptions`."""
 parse_args = module_parse_args(__name__, options)
 main = module_main(__name__)
-"""``python -m salmm.export``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ SUMMARY = "Check an official SalM^2 checkpoint."
 log = logging.getLogger("salmm.official")
 
 main = module_main(__name__)
-"""``python -m salmm.official``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,10 +28,8 @@ SUMMARY = ("Saliency heat maps over a frame, a folder of frames, a video or a pr
 
 
 options = functools.partial(model_options, PredictOptions)
-"""Parsed command line -> :class:`PredictOptions`."""
 parse_args = module_parse_args(__name__, options)
 main = module_main(__name__)
-"""``python -m salmm.predict``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,10 +27,8 @@ SUMMARY = ("Live driver attention: predict each frame of a video, camera, folder
 
 
 options = functools.partial(model_options, StreamOptions)
-"""Parsed command line -> :class:`StreamOptions`."""
 parse_args = module_parse_args(__name__, options)
 main = module_main(__name__)
-"""``python -m salmm.stream``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,11 +34,9 @@ SUMMARY = ("Train SalM2 on a prepared dataset. With --cached-clip the CLIP embed
 log = logging.getLogger("salmm.train")
 
 options = functools.partial(options_from, TrainConfig)
-"""Parsed command line -> :class:`TrainConfig`."""
 parse_args = module_parse_args(__name__, options)
 """Command line -> :class:`TrainConfig` (argparse exits with a usage line on bad options)."""
 main = module_main(__name__)
-"""``python -m salmm.train``: the exit status of a command line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
