@@ -19,6 +19,8 @@ attached frozen encoder, the published behaviour.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -30,6 +32,8 @@ from pipeline.encoders.clip import PUBLISHED, ClipSpec, cached_encoder
 from salmm.model.mamba import Mamba
 
 __all__ = ["CLIP_PREFIX", "CrossModelAtt", "SCPMambaLayer", "SalMM", "build_model"]
+
+log = logging.getLogger(__name__)
 
 CLIP_PREFIX = "CrossModelAtt.model."  # where the published module keeps its frozen CLIP
 CHANNELS = (8, 12, 16, 16, 24, 32)
@@ -64,6 +68,28 @@ class CrossModelAtt(nn.Module):
         perception = perception.amax(-1, keepdim=True) - perception
         info = torch.bmm(perception, feature.to(dtype).reshape(b, c, h * w))  # [B, C, h*w]
         return self.gamma * info.reshape(b, c, h, w) + feature
+
+
+@functools.cache
+def _kernels():
+    """(:mod:`salmm.model.layer_cpu`, :mod:`salmm.model.norm_cpu`), or None when numba does not
+    import (the reason is logged)."""
+    try:
+        from salmm.model import layer_cpu, norm_cpu  # lazy: numba may be missing; modules stand in
+    except ImportError as exc:
+        log.info("fused CPU inference kernels unavailable (%s: %s)", type(exc).__name__, exc)
+        return None
+    return layer_cpu, norm_cpu
+
+
+def fused(backend: str, x: Tensor, parameter: Tensor) -> bool:
+    """Whether a forward on x runs the fused CPU kernels: Mamba backend "auto", a float32 /
+    float64 CPU input, no autograd to record (``parameter``: one of the module's own) and
+    numba available. Backend "builtin" runs module by module: the kernels' ``_ref`` twin."""
+    return (backend == "auto" and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not (torch.is_grad_enabled() and (x.requires_grad or parameter.requires_grad))
+            and _kernels() is not None)
 
 
 class BasicConv2d(nn.Module):
@@ -129,10 +155,13 @@ class SCPMambaLayer(nn.Module):
         )
         self.skip_scale = nn.Parameter(torch.ones(1))
         self.Inception = Inception(input_dim, *dim_)
+        self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float16:
             x = x.float()
+        if fused(self.backend, x, self.skip_scale):
+            return _kernels()[0].layer_forward(self, x)
         B, C, H, W = x.shape
         assert C == self.input_dim, f"expected {self.input_dim} channels, got {C}"
         groups = []
@@ -162,14 +191,16 @@ class ChannelAttBridge(nn.Module):
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, *ts: Tensor) -> list[Tensor]:
-        att = torch.cat([self.avgpool(t) for t in ts], dim=1)  # [B, 76, 1, 1]
+        weights = self.attention([self.avgpool(t) for t in ts])
+        return [w.expand_as(t) for w, t in zip(weights, ts)]  # broadcast over the map
+
+    def attention(self, pooled: list[Tensor]) -> list[Tensor]:
+        """The five maps' channel means (each [B, c_i, 1, 1]) -> their weights [B, c_i, 1, 1]."""
+        att = torch.cat(pooled, dim=1)  # [B, 76, 1, 1]
         att = self.get_all_att(att.squeeze(-1).transpose(-1, -2))  # [B, 1, 76]
         heads = (self.att1, self.att2, self.att3, self.att4, self.att5)
-        # each head: [B, 1, c_i] -> [B, c_i, 1, 1] broadcast over the map
-        return [
-            self.sigmoid(head(att)).transpose(-1, -2).unsqueeze(-1).expand_as(t)
-            for head, t in zip(heads, ts)
-        ]
+        # each head: [B, 1, c_i] -> [B, c_i, 1, 1]
+        return [self.sigmoid(head(att)).transpose(-1, -2).unsqueeze(-1) for head in heads]
 
 
 class SpatialAttBridge(nn.Module):
@@ -190,12 +221,17 @@ class SpatialAttBridge(nn.Module):
 class SCAttBridge(nn.Module):
     """Spatial attention (residual), then channel attention, plus the spatial-attended map."""
 
-    def __init__(self, c_list):
+    def __init__(self, c_list, backend: str = "auto"):
         super().__init__()
         self.catt = ChannelAttBridge(c_list)
         self.satt = SpatialAttBridge()
+        self.backend = backend  # "auto": the fused CPU kernels where they apply (see fused)
 
     def forward(self, *ts: Tensor) -> list[Tensor]:
+        if fused(self.backend, ts[0], self.catt.att1.weight):
+            parts = [_kernels()[1].spatial_attention(self.satt.shared_conv2d[0], t) for t in ts]
+            c_att = self.catt.attention([pooled[..., None, None] for _, _, pooled in parts])
+            return [torch.addcmul(s, a, m) for a, (s, m, _) in zip(c_att, parts)]
         s_att = [a * t for a, t in zip(self.satt(*ts), ts)]
         mixed = [s + t for s, t in zip(s_att, ts)]
         c_att = self.catt(*mixed)
@@ -234,6 +270,7 @@ class SalMM(nn.Module):
     ):
         super().__init__()
         c = list(CHANNELS)
+        self.backend = backend
 
         def scpm(cin, cout, dims):
             return nn.Sequential(SCPMambaLayer(cin, cout, dims, backend=backend))
@@ -247,7 +284,7 @@ class SalMM(nn.Module):
         self.encoder4 = scpm(c[2], c[3], [6, 2, 4, 4, 2, 4])
         self.encoder5 = scpm(c[3], c[4], [9, 3, 6, 6, 3, 6])
         self.encoder6 = scpm(c[4], c[5], [12, 4, 8, 8, 4, 8])
-        self.scab = SCAttBridge(c)
+        self.scab = SCAttBridge(c, backend)
         self.decoder1 = scpm(c[5], c[4], [9, 3, 6, 6, 3, 6])
         self.decoder2 = scpm(c[4], c[3], [6, 2, 4, 4, 2, 4])
         self.decoder3 = scpm(c[3], c[2], [6, 2, 4, 4, 2, 4])
@@ -299,14 +336,19 @@ class SalMM(nn.Module):
         # convolutions and pooling run 2-4x faster on it, and SCPMambaLayer's pixel sequences
         # [B, H*W, C] are then views, not copies.
         x = x.contiguous(memory_format=torch.channels_last)
+        fast = fused(self.backend, x, self.final.weight)
 
-        def down(conv, norm, inp):  # conv, GroupNorm, 2x2 max-pool, GELU
-            return F.gelu(F.max_pool2d(norm(conv(inp)), 2, 2))
+        def norm(layer, inp, pool=False):  # GroupNorm, then a 2x2 max-pool if asked
+            if fast:
+                return _kernels()[1].group_norm(layer, inp, pool)
+            return F.max_pool2d(layer(inp), 2, 2) if pool else layer(inp)
 
-        def up(block, norm, inp):  # block, GroupNorm, 2x bilinear upsample, GELU
-            out = F.interpolate(
-                norm(block(inp)), scale_factor=2, mode="bilinear", align_corners=True
-            )
+        def down(conv, gn, inp):  # conv, GroupNorm, 2x2 max-pool, GELU
+            return F.gelu(norm(gn, conv(inp), pool=True))
+
+        def up(block, gn, inp):  # block, GroupNorm, 2x bilinear upsample, GELU
+            out = F.interpolate(norm(gn, block(inp)), scale_factor=2, mode="bilinear",
+                                align_corners=True)
             return F.gelu(out)
 
         t1 = down(self.encoder1, self.ebn1, x)  # [B, 8, H/2, W/2]
@@ -319,7 +361,7 @@ class SalMM(nn.Module):
 
         out = self.CrossModelAtt(emb, out)  # [B, 32, H/32, W/32]
 
-        out5 = F.gelu(self.dbn1(self.decoder1(out)))  # [B, 24, H/32, W/32]
+        out5 = F.gelu(norm(self.dbn1, self.decoder1(out)))  # [B, 24, H/32, W/32]
         out5 = self.conv5(torch.cat([out5, t5], dim=1))  # [B, 48 -> 24, H/32, W/32]
         out4 = up(self.decoder2, self.dbn2, out5)  # [B, 16, H/16, W/16]
         out4 = self.conv4(torch.cat([out4, t4], dim=1))  # [B, 32 -> 16, H/16, W/16]

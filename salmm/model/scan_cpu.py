@@ -33,7 +33,7 @@ the recurrence is one block away), and no sweep walks the [d, l] rows across cha
 fixed step (with l a power of two those addresses share one cache set). The sweeps
 vectorise over n; they are the only code compiled with ``fastmath={"reassoc"}``, so that
 the n-long sums of one (step, channel) vectorise. Everything else is IEEE arithmetic as
-written, the exp behind softplus and SiLU is :func:`_exp` (a vectorisable polynomial within
+written, the exp behind softplus and SiLU is :func:`salmm.model.numba_math.exp` (a vectorisable polynomial within
 2 ulp of the exact value), and every sum runs in a fixed order: results are deterministic
 and do not depend on the thread count.
 
@@ -57,13 +57,16 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 from torch import Tensor
+
+from salmm.model.numba_math import LOG2_E
+from salmm.model.numba_math import claim as _claim
+from salmm.model.numba_math import sigmoid as _sigmoid
+from salmm.model.numba_math import softplus as _softplus
 
 __all__ = ["scan"]
 
-LOG2_E = 1.4426950408889634
-SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: above it, x passes through
 _PREFETCH_STEPS = 4  # the backward sweep asks for decay and state this many steps ahead
 _REASSOC = {"reassoc"}  # vectorised n-long sums in the sweeps; no other rewrite
 _WORKSPACE_BUDGET = 256 << 20  # bytes of unused decay / state buffers kept for reuse
@@ -92,106 +95,11 @@ def _prefetch(typingctx, array, index):
     return types.none(array, index), codegen
 
 
-@intrinsic
-def _pow2(typingctx, k):
-    """2 ** k for an integral float32 / float64 k in the normal exponent range, from bits."""
-    if k == types.float32:
-        int_type, float_type, bias, shift = ir.IntType(32), ir.FloatType(), 127, 23
-    elif k == types.float64:
-        int_type, float_type, bias, shift = ir.IntType(64), ir.DoubleType(), 1023, 52
-    else:
-        return None
-
-    def codegen(context, builder, signature, args):
-        exponent = builder.add(builder.fptosi(args[0], int_type), int_type(bias))
-        return builder.bitcast(builder.shl(exponent, int_type(shift)), float_type)
-
-    return k(k), codegen
-
-
-@intrinsic
-def _claim(typingctx, counter):
-    """Atomically ``counter[0] += 1`` (int64 array); returns the value before."""
-    if not isinstance(counter, types.Array) or counter.dtype != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.atomic_rmw("add", data, ir.IntType(64)(1), "monotonic")
-
-    return types.int64(counter), codegen
-
-
-def _exp(x):
-    """exp(x), vectorisable; implemented for numba only (see the overload below)."""
-    raise NotImplementedError
-
-
-@overload(_exp, inline="always")
-def _exp_overload(x):
-    """Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, a polynomial for exp(r) (float32:
-    Cephes' expf; float64: Taylor to r**13), 2**k from bits in two halves so that subnormal
-    results come out right. Within 2 ulp of exp(x); below the subnormal range 0, above the
-    overflow threshold inf, NaN stays NaN."""
-    if x == types.float32:
-        f, lo, hi, ln2_hi, ln2_lo = np.float32, -104.0, 89.0, 0.693359375, -2.12194440e-4
-        coefficients = (
-            1.9875691500e-4,
-            1.3981999507e-3,
-            8.3334519073e-3,
-            4.1665795894e-2,
-            1.6666665459e-1,
-            5.0000001201e-1,
-        )
-    elif x == types.float64:
-        f, lo, hi = np.float64, -746.0, 710.0
-        ln2_hi, ln2_lo = 6.93145751953125e-1, 1.42860682030941723212e-6
-        coefficients = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
-    else:
-        return None
-    lo, hi, ln2_hi, ln2_lo, log2_e = f(lo), f(hi), f(ln2_hi), f(ln2_lo), f(LOG2_E)
-    coefficients = tuple(f(c) for c in coefficients)
-    one, half = f(1.0), f(0.5)
-
-    def impl(x):
-        xc = min(max(x, lo), hi)  # numba's max / min return a NaN first argument
-        k = np.floor(xc * log2_e + half)
-        r = xc - k * ln2_hi - k * ln2_lo
-        p = coefficients[0]
-        for c in coefficients[1:]:
-            p = p * r + c
-        p = p * r * r + r + one
-        k_half = np.floor(k * half)
-        e = p * _pow2(k_half) * _pow2(k - k_half)
-        return e - e if x < lo else e  # 0 below the range
-
-    return impl
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _sigmoid(x, f):
-    """sigmoid(x) for a float32 / float64 x of type f, and exp(-|x|)."""
-    e = _exp(-abs(x))
-    return (f(1.0) if x >= f(0.0) else e) / (f(1.0) + e), e
-
-
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _softplus_row(delta, bias, dt, dsp):
     """dt = softplus(delta + bias) as torch computes it, dsp = its derivative; rows [l]."""
-    f = dt.dtype.type
-    threshold = f(SOFTPLUS_THRESHOLD)
     for t in range(delta.shape[0]):
-        x = delta[t] + bias
-        sig, e = _sigmoid(x, f)
-        # softplus(x) = max(x, 0) + log1p(e), log1p(e) = 2 atanh(s) = 2 s sum_j s**2j / (2j+1)
-        s = e / (f(2.0) + e)  # <= 1/3: 17 terms reach float64 precision
-        q = s * s
-        series = f(1.0 / 33.0)
-        for j in range(15, -1, -1):
-            series = series * q + f(1.0 / (2 * j + 1))
-        soft = max(x, f(0.0)) + f(2.0) * s * series
-        dt[t] = x if x > threshold else soft
-        dsp[t] = f(1.0) if x > threshold else sig
+        dt[t], dsp[t] = _softplus(delta[t] + bias)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -397,7 +305,7 @@ def _backward_kernel(
         r = _claim(counter)
 
 
-def _run(kernel, args: tuple, jobs: int) -> None:
+def run_jobs(kernel, args: tuple, jobs: int) -> None:
     """``kernel(*args, counter)`` on up to ``torch.get_num_threads()`` threads (this one and
     pool workers; the kernels release the GIL), all claiming jobs from the shared counter
     until ``jobs`` are taken."""
@@ -479,7 +387,7 @@ class _FusedScan(torch.autograd.Function):
         b_t, c_t = u.new_empty(rows, length, n), u.new_empty(rows, length, n)
         dsp = torch.empty_like(u)
         args = _numpy(delta, delta_bias) + (softplus,) + _numpy(u, B, C, dt_t, dsp, u_t, b_t, c_t)
-        _run(_prepare_kernel, args, rows)
+        run_jobs(_prepare_kernel, args, rows)
 
         decay = _workspace.take((rows, length, dim, n), u.dtype)
         torch.mul(
@@ -495,7 +403,7 @@ class _FusedScan(torch.autograd.Function):
         # fewer rows than threads: cut each row's channels into blocks, one per thread
         blocks = max(1, min(torch.get_num_threads() // rows, dim))
         args = _numpy(decay, dt_t, u_t, b_t, c_t, u, D, z_or_y) + (gated,)
-        _run(_forward_kernel, args + _numpy(state, y, out) + (blocks,), rows * blocks)
+        run_jobs(_forward_kernel, args + _numpy(state, y, out) + (blocks,), rows * blocks)
         ctx.gated = gated
         ctx.save_for_backward(decay, state, dt_t, dsp, u_t, b_t, c_t, A, D, z_or_y, y, u)
         return out
@@ -511,7 +419,7 @@ class _FusedScan(torch.autograd.Function):
         gA_rows = A.new_empty(rows, dim, n)
         args = _numpy(decay, state, dt_t, dsp, u_t, b_t, c_t, A, D, z_or_y) + (ctx.gated,)
         outputs = (gdelta, gu, gA_rows, gb_t, gc_t, gz if ctx.gated else gy, gy)
-        _run(_backward_kernel, args + _numpy(y, gout.contiguous(), *outputs), rows)
+        run_jobs(_backward_kernel, args + _numpy(y, gout.contiguous(), *outputs), rows)
 
         def over_batch(t):  # [R, ...] per-row partials -> [g, ...] sums
             return t.view(-1, groups, *t.shape[1:]).sum(0)

@@ -1,0 +1,368 @@
+"""A whole SCPMamba layer in one numba call: SalMM inference on CPU without operator overhead.
+
+What :meth:`salmm.model.net.SCPMambaLayer.forward` computes, for CPU inference (no autograd),
+as one compiled kernel instead of some 180 PyTorch operators; the module's own forward (Mamba
+backend ``"builtin"``) is its ``_ref`` twin (``tests/test_layer_cpu.py``). For each frame of
+the batch, on the pixel sequence in raster order (L = H * W pixels, channels innermost, the
+channels-last memory the model keeps):
+
+* the Inception: 1x1; 1x1 -> 3x3; 1x1 -> 5x5; 3x3 max-pool -> 1x1, each convolution with
+  its bias and a ReLU, zero padding (the max-pool ignores the border);
+* per channel group i (the four branch outputs, widths w_i): s = LayerNorm(branch), then the
+  bidirectional Mamba block (:mod:`salmm.model.mamba`): in_proj; per direction the causal
+  depthwise conv1d + SiLU, x_proj, dt_proj, the selective scan with softplus(dt + bias),
+  the D skip and the SiLU(z) gate; the two directions summed; out_proj; plus skip_scale * s;
+* the groups concatenated and LayerNormed: out [L, C_out].
+
+Arithmetic: float32 (float64 for a float64 model, which the parity tests use to tell a wrong
+computation from rounding: 1e-12 there). The products are written as axpy loops over output
+channels, so they vectorise without reordering any sum; only the n-long sum C . h of the scan
+is reassociated (``fastmath={"reassoc"}``), as in :mod:`salmm.model.scan_cpu`. Results are the
+same on every call and do not depend on the thread count. The batch's frames are claimed by
+up to ``torch.get_num_threads()`` threads, so batch 1 runs on one.
+
+A layer's weights are packed once into one flat array (``Packed``), repacked when any of its
+parameters changes (their version counters) or the dtype does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from salmm.model.numba_math import claim, exp, sigmoid, softplus
+from salmm.model.scan_cpu import run_jobs
+
+__all__ = ["Packed", "layer_forward", "pack"]
+
+_REASSOC = {"reassoc"}
+_EPS = 1e-5  # nn.LayerNorm's default, which every SCPMamba LayerNorm keeps
+_INCEPTION = 12  # packed pieces of the Inception (weights and biases of its six convolutions)
+_PER_GROUP = 19  # packed pieces of one group: LayerNorm, in_proj, 2 x 7 per direction, out_proj
+_GROUPS = 4
+_DIMS = 10  # c_in, c1x1, c3x3red, c3x3, c5x5red, c5x5, pool_proj, H, W, d_state
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One layer's weights for the kernel: ``weights`` (all pieces, flattened, one dtype),
+    ``offsets`` [pieces + 1] where each starts, ``dims`` (see :data:`_DIMS`, then d_model,
+    d_inner and dt_rank of each group) and the key they were packed for."""
+
+    weights: np.ndarray
+    offsets: np.ndarray
+    dims: np.ndarray
+    key: tuple
+
+
+def _key(layer, dtype: torch.dtype, height: int, width: int) -> tuple:
+    versions = []
+    for p in layer.parameters():
+        try:
+            versions.append((p.data_ptr(), p._version))
+        except RuntimeError:  # an inference tensor has no version counter
+            versions.append((p.data_ptr(), -1))
+    return (dtype, height, width, tuple(versions))
+
+
+def _pieces(layer) -> list[Tensor]:
+    """The layer's weights in the kernel's order and layouts (transposed for axpy loops)."""
+    inc = layer.Inception
+
+    def point(conv):  # 1x1 conv [out, in, 1, 1] -> [in, out]
+        return [conv.weight[:, :, 0, 0].t(), conv.bias]
+
+    def spatial(conv):  # k x k conv [out, in, k, k] -> [k, k, in, out]
+        return [conv.weight.permute(2, 3, 1, 0), conv.bias]
+
+    pieces = (point(inc.branch1.conv) + point(inc.branch2[0].conv) + spatial(inc.branch2[1].conv)
+              + point(inc.branch3[0].conv) + spatial(inc.branch3[1].conv)
+              + point(inc.branch4[1].conv))
+    norms = (layer.norm1, layer.norm2, layer.norm3, layer.norm4)
+    mambas = (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4)
+    for norm, mamba in zip(norms, mambas):
+        pieces += [norm.weight, norm.bias, mamba.in_proj.weight.t()]
+        directions = ((mamba.conv1d, mamba.x_proj, mamba.dt_proj, mamba.A_log, mamba.D),
+                      (mamba.conv1d_b, mamba.x_proj_b, mamba.dt_proj_b, mamba.A_b_log, mamba.D_b))
+        for conv, x_proj, dt_proj, a_log, d in directions:
+            a = -torch.exp(a_log if a_log.dtype == torch.float64 else a_log.float())
+            pieces += [conv.weight[:, 0, :].t(), conv.bias, x_proj.weight.t(),
+                       dt_proj.weight.t(), dt_proj.bias, a, d]
+        out_bias = mamba.out_proj.bias
+        pieces += [mamba.out_proj.weight.t(),
+                   torch.zeros(mamba.d_model) if out_bias is None else out_bias]
+        if mamba.in_proj.bias is not None:
+            raise ValueError("the fused SCPMamba layer supports Mamba blocks without in_proj bias")
+    return pieces + [layer.norm.weight, layer.norm.bias, layer.skip_scale]
+
+
+def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
+    """``layer``'s weights for frames of ``height`` x ``width`` pixels, in ``dtype``; reused
+    from the layer's last call while its parameters are unchanged."""
+    key = _key(layer, dtype, height, width)
+    packed = getattr(layer, "_packed", None)
+    if packed is not None and packed.key == key:
+        return packed
+    with torch.no_grad():
+        pieces = [p.detach().to(dtype).contiguous().reshape(-1) for p in _pieces(layer)]
+        weights = torch.cat(pieces).numpy()
+    offsets = np.cumsum([0] + [p.numel() for p in pieces]).astype(np.int64)
+    inc = layer.Inception
+    dims = [layer.input_dim, inc.branch1.conv.out_channels, inc.branch2[0].conv.out_channels,
+            inc.branch2[1].conv.out_channels, inc.branch3[0].conv.out_channels,
+            inc.branch3[1].conv.out_channels, inc.branch4[1].conv.out_channels, height, width,
+            layer.mamba1.d_state]
+    for mamba in (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4):
+        dims += [mamba.d_model, mamba.d_inner, mamba.dt_rank]
+    packed = Packed(weights, offsets, np.asarray(dims, dtype=np.int64), key)
+    layer._packed = packed
+    return packed
+
+
+def layer_forward(layer, x: Tensor) -> Tensor:
+    """``layer`` (an SCPMambaLayer) on x [B, C_in, H, W] (CPU, float32 or float64, any memory
+    format) -> [B, C_out, H, W] in channels-last memory, x's dtype. No autograd."""
+    batch, channels, height, width = x.shape
+    packed = pack(layer, x.dtype, height, width)
+    pixels = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C_in]: a view for channels-last x
+    out = torch.empty(batch, height, width, layer.output_dim, dtype=x.dtype)
+    run_jobs(_layer_kernel, (pixels.numpy().reshape(batch, height * width, channels),
+                             packed.weights, packed.offsets, packed.dims,
+                             out.numpy().reshape(batch, height * width, -1)), batch)
+    return out.permute(0, 3, 1, 2)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _piece(weights, offsets, i):
+    return weights[offsets[i]:offsets[i + 1]]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _pointwise(x, w, b, out, row, relu):
+    """out[row:row + c_out] = w^T x + b (x [c_in, L], w [c_in, c_out]), through ReLU if asked:
+    a 1x1 convolution or a Linear layer on channel-major rows."""
+    c_in, c_out = w.shape
+    for o in range(c_out):
+        target = out[row + o]
+        target[:] = b[o]
+        for i in range(c_in):
+            weight, source = w[i, o], x[i]
+            for p in range(source.shape[0]):
+                target[p] += weight * source[p]
+        if relu:
+            for p in range(target.shape[0]):
+                target[p] = max(target[p], 0.0)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _spatial(x, w, b, height, width, out, row):
+    """ReLU(k x k convolution of x [c_in, H*W] by w [k, k, c_in, c_out], zero padding k // 2,
+    plus b) into out[row:row + c_out]."""
+    k, _, c_in, c_out = w.shape
+    pad = k // 2
+    for o in range(c_out):
+        target = out[row + o]
+        target[:] = b[o]
+        for i in range(c_in):
+            for ky in range(k):
+                for kx in range(k):
+                    weight, shift = w[ky, kx, i, o], kx - pad
+                    x0, x1 = max(0, -shift), min(width, width - shift)
+                    if x1 <= x0:  # (a negative slice end would count from the end)
+                        continue
+                    for py in range(max(0, pad - ky), min(height, height + pad - ky)):
+                        line, start = py * width, (py + ky - pad) * width + shift
+                        into = target[line + x0:line + x1]  # slices, not computed indices:
+                        source = x[i, start + x0:start + x1]  # those do not vectorise
+                        for px in range(into.shape[0]):
+                            into[px] += weight * source[px]
+        for p in range(target.shape[0]):
+            target[p] = max(target[p], 0.0)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _max_pool3(x, height, width, out):
+    """3x3 max-pool, stride 1, border ignored (NaN propagates): x, out [C, H*W]. Row slices
+    shifted by -1, 0, +1 pixels, so that the loops vectorise."""
+    for c in range(x.shape[0]):
+        for py in range(height):
+            target = out[c, py * width:(py + 1) * width]
+            target[:] = x[c, py * width:(py + 1) * width]
+            for qy in range(max(py - 1, 0), min(py + 2, height)):
+                for shift in range(-1, 2):
+                    x0, x1 = max(0, -shift), min(width, width - shift)
+                    if x1 <= x0:
+                        continue
+                    into = target[x0:x1]
+                    source = x[c, qy * width + x0 + shift:qy * width + x1 + shift]
+                    for i in range(into.shape[0]):
+                        v = source[i]
+                        into[i] = v if v > into[i] or v != v else into[i]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _layer_norm(x, row, width, g, b, mean, rstd, out):
+    """out[c] = (x[row + c] - mean) * rstd * g[c] + b[c] over the ``width`` channel rows of x
+    [C, L] at each pixel (biased variance, eps 1e-5); ``mean``, ``rstd`` [L] scratch."""
+    f = out.dtype.type
+    mean[:] = 0.0
+    for c in range(width):
+        for p in range(mean.shape[0]):
+            mean[p] += x[row + c, p]
+    rstd[:] = 0.0
+    for p in range(mean.shape[0]):
+        mean[p] /= f(width)
+    for c in range(width):
+        for p in range(mean.shape[0]):
+            d = x[row + c, p] - mean[p]
+            rstd[p] += d * d
+    for p in range(mean.shape[0]):
+        rstd[p] = f(1.0) / np.sqrt(rstd[p] / f(width) + f(_EPS))
+    for c in range(width):
+        for p in range(mean.shape[0]):
+            out[c, p] = (x[row + c, p] - mean[p]) * rstd[p] * g[c] + b[c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _silu(x, out):
+    """out = x * sigmoid(x), elementwise over flat arrays."""
+    f = out.dtype.type
+    for i in range(x.shape[0]):
+        out[i] = x[i] * sigmoid(x[i], f)[0]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _sweep(delta_t, u_t, b_t, c_t, a, state, acc, backward):
+    """The selective scan's recurrence over time-major delta_t, u_t [L, d_inner] and B, C
+    (b_t, c_t [L, n]): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t from h = 0,
+    acc[c, t] = C_t . h_t[c]; time runs downwards when ``backward``."""
+    length, d_inner = u_t.shape
+    n = a.shape[1]
+    f = acc.dtype.type
+    state[:] = 0.0
+    for step in range(length):
+        t = length - 1 - step if backward else step
+        for c in range(d_inner):
+            dt = delta_t[t, c]
+            x = dt * u_t[t, c]
+            total = f(0.0)
+            for k in range(n):
+                h = exp(dt * a[c, k]) * state[c, k] + x * b_t[t, k]
+                state[c, k] = h
+                total += c_t[t, k] * h
+            acc[c, t] = total
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
+    """The bidirectional Mamba block on s [d_model, L] into out[row:row + d_model]."""
+    length = s.shape[1]
+    dtype = out.dtype
+    xz = np.empty((2 * d_inner, length), dtype=dtype)
+    _pointwise(s, _piece(weights, offsets, base + 2).reshape(d_model, 2 * d_inner),
+               np.zeros(2 * d_inner, dtype=dtype), xz, 0, False)
+    gate = np.empty((d_inner, length), dtype=dtype)
+    _silu(xz[d_inner:].ravel(), gate.ravel())
+    u, pre = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
+    delta = np.empty((d_inner, length), dtype=dtype)
+    bc = np.empty((rank + 2 * n, length), dtype=dtype)
+    delta_t, u_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
+    b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
+    state, acc = np.empty((d_inner, n), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
+    y = np.zeros((d_inner, length), dtype=dtype)
+    for direction in range(2):
+        i = base + 3 + 7 * direction
+        conv_w = _piece(weights, offsets, i).reshape(-1, d_inner)  # [tap, channel]
+        conv_b = _piece(weights, offsets, i + 1)
+        x_proj = _piece(weights, offsets, i + 2).reshape(d_inner, rank + 2 * n)
+        dt_proj = _piece(weights, offsets, i + 3).reshape(rank, d_inner)
+        dt_bias = _piece(weights, offsets, i + 4)
+        a = _piece(weights, offsets, i + 5).reshape(d_inner, n)
+        d = _piece(weights, offsets, i + 6)
+        taps = conv_w.shape[0]
+        for c in range(d_inner):  # causal depthwise conv1d (anti-causal for the backward one)
+            pre[c] = conv_b[c]
+            for k in range(taps):
+                shift = k - (taps - 1) if direction == 0 else (taps - 1) - k
+                weight = conv_w[k, c]
+                t0, t1 = max(0, -shift), min(length, length - shift)
+                if t1 <= t0:
+                    continue
+                into, source = pre[c, t0:t1], xz[c, t0 + shift:t1 + shift]
+                for t in range(into.shape[0]):
+                    into[t] += weight * source[t]
+        _silu(pre.ravel(), u.ravel())
+        _pointwise(u, x_proj, np.zeros(rank + 2 * n, dtype=dtype), bc, 0, False)
+        for c in range(d_inner):
+            delta[c] = 0.0
+            for r in range(rank):
+                weight = dt_proj[r, c]
+                for t in range(length):
+                    delta[c, t] += weight * bc[r, t]
+            for t in range(length):
+                delta[c, t] = softplus(delta[c, t] + dt_bias[c])[0]
+        delta_t[:] = delta.T
+        u_t[:] = u.T
+        b_t[:] = bc[rank:rank + n].T
+        c_t[:] = bc[rank + n:].T
+        _sweep(delta_t, u_t, b_t, c_t, a, state, acc, direction == 1)
+        for c in range(d_inner):
+            for t in range(length):
+                y[c, t] += (acc[c, t] + d[c] * u[c, t]) * gate[c, t]
+    _pointwise(y, _piece(weights, offsets, base + 17).reshape(d_inner, d_model),
+               _piece(weights, offsets, base + 18), out, row, False)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _layer_kernel(x, weights, offsets, dims, out, counter):
+    """Frames claimed from ``counter``: x [B, L, C_in] -> out [B, L, C_out] (module docstring);
+    inside, channel-major [C, L] rows."""
+    c_in, c1, c2r, c2, c3r, c3, c4, height, width, n = dims[:_DIMS]
+    length = x.shape[1]
+    widths = (c1, c2, c3, c4)
+    c_out = c1 + c2 + c3 + c4
+    dtype = out.dtype
+    end = _INCEPTION + _GROUPS * _PER_GROUP
+    skip = _piece(weights, offsets, end + 2)[0]
+    planes = np.empty((c_in, length), dtype=dtype)
+    branches = np.empty((c_out, length), dtype=dtype)
+    hidden = np.empty((max(c2r, c3r, c_in), length), dtype=dtype)
+    mixed = np.empty((c_out, length), dtype=dtype)
+    final = np.empty((c_out, length), dtype=dtype)
+    mean, rstd = np.empty(length, dtype=dtype), np.empty(length, dtype=dtype)
+    frame = claim(counter)
+    while frame < x.shape[0]:
+        planes[:] = x[frame].T
+        _pointwise(planes, _piece(weights, offsets, 0).reshape(c_in, c1),
+                   _piece(weights, offsets, 1), branches, 0, True)
+        _pointwise(planes, _piece(weights, offsets, 2).reshape(c_in, c2r),
+                   _piece(weights, offsets, 3), hidden, 0, True)
+        _spatial(hidden, _piece(weights, offsets, 4).reshape(3, 3, c2r, c2),
+                 _piece(weights, offsets, 5), height, width, branches, c1)
+        _pointwise(planes, _piece(weights, offsets, 6).reshape(c_in, c3r),
+                   _piece(weights, offsets, 7), hidden, 0, True)
+        _spatial(hidden, _piece(weights, offsets, 8).reshape(5, 5, c3r, c3),
+                 _piece(weights, offsets, 9), height, width, branches, c1 + c2)
+        _max_pool3(planes, height, width, hidden)
+        _pointwise(hidden[:c_in], _piece(weights, offsets, 10).reshape(c_in, c4),
+                   _piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
+        row = 0
+        for g in range(_GROUPS):
+            d_model, d_inner, rank = dims[_DIMS + 3 * g: _DIMS + 3 * g + 3]
+            base = _INCEPTION + g * _PER_GROUP
+            s = np.empty((d_model, length), dtype=dtype)
+            _layer_norm(branches, row, d_model, _piece(weights, offsets, base),
+                        _piece(weights, offsets, base + 1), mean, rstd, s)
+            _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, mixed, row)
+            for c in range(d_model):
+                for p in range(length):
+                    mixed[row + c, p] += skip * s[c, p]
+            row += widths[g]
+        _layer_norm(mixed, 0, c_out, _piece(weights, offsets, end),
+                    _piece(weights, offsets, end + 1), mean, rstd, final)
+        out[frame] = final.T
+        frame = claim(counter)

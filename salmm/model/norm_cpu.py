@@ -1,0 +1,148 @@
+"""GroupNorm, optionally followed by a 2x2 max-pool, on channels-last CPU maps in one numba call.
+
+What SalMM's ``GroupNorm`` (then ``F.max_pool2d(., 2, 2)`` in the encoder) computes, for CPU
+inference: PyTorch's channels-first GroupNorm needs the map copied to channels-first memory and
+back (its channels-last kernel is far less accurate), and max-pool computes indices nobody
+uses. Here the map is read where it lies: per (frame, group) the mean and the biased variance
+come from the per-channel sums of x and x^2 in float64 (one pass, a fixed order: no
+dependence on threads), then
+y = x * scale[c] + shift[c] with scale = rstd * weight, shift = bias - mean * scale (the form
+PyTorch applies), and the 2x2 maximum of y (NaN propagates) when pooling. The module's own
+forward is the ``_ref`` twin (``tests/test_layer_cpu.py``).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from salmm.model.numba_math import sigmoid
+
+__all__ = ["group_norm", "spatial_attention"]
+
+
+def group_norm(norm: nn.GroupNorm, x: Tensor, pool: bool = False) -> Tensor:
+    """``norm`` on x [B, C, H, W] (CPU, float32 / float64), then a 2x2 max-pool when ``pool``
+    (H, W even) -> [B, C, H', W'] in channels-last memory, x's dtype. No autograd."""
+    batch, channels, height, width = x.shape
+    pixels = x.permute(0, 2, 3, 1).contiguous()  # a view for channels-last x
+    scale = 2 if pool else 1
+    out = torch.empty(batch, height // scale, width // scale, channels, dtype=x.dtype)
+    weight = norm.weight.detach().to(x.dtype).numpy() if norm.affine else np.ones(channels, x.numpy().dtype)
+    bias = norm.bias.detach().to(x.dtype).numpy() if norm.affine else np.zeros(channels, x.numpy().dtype)
+    _group_norm_kernel(pixels.numpy(), norm.num_groups, norm.eps, weight, bias, pool, out.numpy())
+    return out.permute(0, 3, 1, 2)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _group_norm_kernel(x, groups, eps, weight, bias, pool, out):
+    """x [B, H, W, C] -> out [B, H', W', C] (see the module docstring)."""
+    batch, height, width, channels = x.shape
+    per_group = channels // groups
+    count = height * width * per_group
+    sums = np.empty(channels, dtype=np.float64)
+    squares = np.empty(channels, dtype=np.float64)
+    scale = np.empty(channels, dtype=x.dtype)
+    shift = np.empty(channels, dtype=x.dtype)
+    for b in range(batch):
+        frame = x[b].reshape(height * width, channels)
+        sums[:] = 0.0
+        squares[:] = 0.0
+        for p in range(height * width):
+            for c in range(channels):
+                v = np.float64(frame[p, c])
+                sums[c] += v
+                squares[c] += v * v
+        for g in range(groups):
+            total, total2 = 0.0, 0.0
+            for c in range(g * per_group, (g + 1) * per_group):
+                total += sums[c]
+                total2 += squares[c]
+            mean = total / count
+            rstd = 1.0 / np.sqrt(max(total2 / count - mean * mean, 0.0) + eps)
+            for c in range(g * per_group, (g + 1) * per_group):
+                scale[c] = rstd * weight[c]
+                shift[c] = bias[c] - mean * rstd * weight[c]
+        if not pool:
+            target = out[b].reshape(height * width, channels)
+            for p in range(height * width):
+                for c in range(channels):
+                    target[p, c] = frame[p, c] * scale[c] + shift[c]
+            continue
+        for oy in range(height // 2):
+            top, bottom, target = x[b, 2 * oy], x[b, 2 * oy + 1], out[b, oy]
+            for ox in range(width // 2):
+                for c in range(channels):
+                    best = top[2 * ox, c] * scale[c] + shift[c]
+                    for v in (top[2 * ox + 1, c] * scale[c] + shift[c],
+                              bottom[2 * ox, c] * scale[c] + shift[c],
+                              bottom[2 * ox + 1, c] * scale[c] + shift[c]):
+                        best = v if v > best or v != v else best
+                    target[ox, c] = best
+
+
+def spatial_attention(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SalMM's spatial attention bridge on one map x [B, C, H, W] (CPU, channels-last or not):
+    a = sigmoid(conv([channel mean, channel max])) with ``conv`` the shared dilated 2 -> 1
+    convolution, then (s, mixed, pooled) = (a * x, a * x + x, the channel means of mixed
+    [B, C]); s and mixed [B, C, H, W] in channels-last memory. No autograd."""
+    batch, channels, height, width = x.shape
+    pixels = x.permute(0, 2, 3, 1).contiguous()
+    s, mixed = torch.empty_like(pixels), torch.empty_like(pixels)
+    pooled = torch.empty(batch, channels, dtype=x.dtype)
+    weight = conv.weight.detach().to(x.dtype)[0].contiguous().numpy()  # [2, k, k]
+    bias = conv.bias.detach().to(x.dtype).numpy()
+    _spatial_attention_kernel(pixels.numpy(), weight, bias[0], conv.dilation[0], conv.padding[0],
+                              s.numpy(), mixed.numpy(), pooled.numpy())
+    return s.permute(0, 3, 1, 2), mixed.permute(0, 3, 1, 2), pooled
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pooled):
+    """x, s, mixed [B, H, W, C]; weight [2, k, k]; pooled [B, C] (see spatial_attention)."""
+    batch, height, width, channels = x.shape
+    f = x.dtype.type
+    taps = weight.shape[1]
+    planes = np.empty((2, height, width), dtype=x.dtype)
+    logits = np.empty((height, width), dtype=x.dtype)
+    sums = np.empty(channels, dtype=np.float64)
+    for b in range(batch):
+        frame, means, maxima = x[b].reshape(-1, channels), planes[0].ravel(), planes[1].ravel()
+        for p in range(means.shape[0]):
+            total, best = f(0.0), frame[p, 0]
+            for c in range(channels):
+                v = frame[p, c]
+                total += v
+                best = v if v > best or v != v else best
+            means[p] = total / f(channels)
+            maxima[p] = best
+        logits[:] = bias
+        for plane in range(2):
+            for ky in range(taps):
+                dy = ky * dilation - padding
+                for kx in range(taps):
+                    w, dx = weight[plane, ky, kx], kx * dilation - padding
+                    x0, x1 = max(0, -dx), min(width, width - dx)
+                    if x1 <= x0:  # (a negative slice end would count from the end)
+                        continue
+                    for py in range(max(0, -dy), min(height, height - dy)):
+                        target = logits[py, x0:x1]  # slices: a computed (possibly negative)
+                        source = planes[plane, py + dy, x0 + dx:x1 + dx]  # index would not
+                        for i in range(target.shape[0]):  # vectorise (numba's wraparound)
+                            target[i] += w * source[i]
+        gates = logits.ravel()
+        for p in range(gates.shape[0]):
+            gates[p] = sigmoid(gates[p], f)[0]
+        frame, weighted, both = (x[b].reshape(-1, channels), s[b].reshape(-1, channels),
+                                 mixed[b].reshape(-1, channels))
+        sums[:] = 0.0
+        for p in range(gates.shape[0]):
+            for c in range(channels):
+                v = frame[p, c]
+                weighted[p, c] = gates[p] * v
+                both[p, c] = gates[p] * v + v
+                sums[c] += both[p, c]
+        for c in range(channels):
+            pooled[b, c] = sums[c] / (height * width)

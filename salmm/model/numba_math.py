@@ -1,0 +1,118 @@
+"""Scalar math for the numba CPU kernels (:mod:`salmm.model.scan_cpu`,
+:mod:`salmm.model.layer_cpu`): a vectorisable exp within 2 ulp, sigmoid and softplus as torch
+computes them, 2**k from bits, and an atomic job counter. Usable inside ``numba.njit`` code
+only; float32 and float64."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+__all__ = ["SOFTPLUS_THRESHOLD", "claim", "exp", "pow2", "sigmoid", "softplus"]
+
+LOG2_E = 1.4426950408889634
+SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: above it, x passes through
+
+
+@intrinsic
+def pow2(typingctx, k):
+    """2 ** k for an integral float32 / float64 k in the normal exponent range, from bits."""
+    if k == types.float32:
+        int_type, float_type, bias, shift = ir.IntType(32), ir.FloatType(), 127, 23
+    elif k == types.float64:
+        int_type, float_type, bias, shift = ir.IntType(64), ir.DoubleType(), 1023, 52
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        exponent = builder.add(builder.fptosi(args[0], int_type), int_type(bias))
+        return builder.bitcast(builder.shl(exponent, int_type(shift)), float_type)
+
+    return k(k), codegen
+
+
+@intrinsic
+def claim(typingctx, counter):
+    """Atomically ``counter[0] += 1`` (int64 array); returns the value before."""
+    if not isinstance(counter, types.Array) or counter.dtype != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.IntType(64)(1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
+def exp(x):
+    """exp(x), vectorisable; implemented for numba only (see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(exp, inline="always")
+def _exp_overload(x):
+    """Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, a polynomial for exp(r) (float32:
+    Cephes' expf; float64: Taylor to r**13), 2**k from bits in two halves so that subnormal
+    results come out right. Within 2 ulp of exp(x); below the subnormal range 0, above the
+    overflow threshold inf, NaN stays NaN."""
+    if x == types.float32:
+        f, lo, hi, ln2_hi, ln2_lo = np.float32, -104.0, 89.0, 0.693359375, -2.12194440e-4
+        coefficients = (
+            1.9875691500e-4,
+            1.3981999507e-3,
+            8.3334519073e-3,
+            4.1665795894e-2,
+            1.6666665459e-1,
+            5.0000001201e-1,
+        )
+    elif x == types.float64:
+        f, lo, hi = np.float64, -746.0, 710.0
+        ln2_hi, ln2_lo = 6.93145751953125e-1, 1.42860682030941723212e-6
+        coefficients = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
+    else:
+        return None
+    lo, hi, ln2_hi, ln2_lo, log2_e = f(lo), f(hi), f(ln2_hi), f(ln2_lo), f(LOG2_E)
+    coefficients = tuple(f(c) for c in coefficients)
+    one, half = f(1.0), f(0.5)
+
+    def impl(x):
+        xc = min(max(x, lo), hi)  # numba's max / min return a NaN first argument
+        k = np.floor(xc * log2_e + half)
+        r = xc - k * ln2_hi - k * ln2_lo
+        p = coefficients[0]
+        for c in coefficients[1:]:
+            p = p * r + c
+        p = p * r * r + r + one
+        k_half = np.floor(k * half)
+        e = p * pow2(k_half) * pow2(k - k_half)
+        return e - e if x < lo else e  # 0 below the range
+
+    return impl
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def sigmoid(x, f):
+    """sigmoid(x) for a float32 / float64 x of type f, and exp(-|x|)."""
+    e = exp(-abs(x))
+    return (f(1.0) if x >= f(0.0) else e) / (f(1.0) + e), e
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def softplus(x):
+    """(softplus(x) as torch computes it, its derivative sigmoid(x)) for a float32 / float64 x."""
+    f = type(x)
+    sig, e = sigmoid(x, f)
+    # softplus(x) = max(x, 0) + log1p(e), log1p(e) = 2 atanh(s) = 2 s sum_j s**2j / (2j+1)
+    s = e / (f(2.0) + e)  # <= 1/3: 17 terms reach float64 precision
+    q = s * s
+    series = f(1.0 / 33.0)
+    for j in range(15, -1, -1):
+        series = series * q + f(1.0 / (2 * j + 1))
+    if x > f(SOFTPLUS_THRESHOLD):
+        return x, f(1.0)
+    return max(x, f(0.0)) + f(2.0) * s * series, sig

@@ -1,0 +1,170 @@
+"""The fused CPU inference kernels (salmm.model.layer_cpu, salmm.model.norm_cpu) against their
+``_ref`` twin, the model module by module (Mamba backend "builtin"): in float64, where rounding
+is 1e-12 and a wrong computation shows; in float32 within float32 rounding of the float64
+reference; every SCPMamba layer of the network, odd sizes, NaN, weights changed in place,
+threads, and when the kernels run at all."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salmm.model import layer_cpu, net, norm_cpu
+from salmm.model.net import SalMM
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
+
+LAYERS = {  # name: (input channels, side of its map for a 64x64 frame)
+    "encoder4": (16, 8), "encoder5": (16, 4), "encoder6": (24, 2),
+    "decoder1": (32, 2), "decoder2": (24, 2), "decoder3": (16, 4),
+}
+
+
+def jittered(backend: str, seed: int = 0) -> SalMM:
+    """A SalMM whose every parameter is moved off its initial value (A_log, D, gamma, ...),
+    so that no term of the computation is trivially zero or one."""
+    torch.manual_seed(seed)
+    model = SalMM(backend=backend).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    fast, ref = jittered("auto"), SalMM(backend="builtin").eval()
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def frames(batch=2, h=64, w=64, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 3, h, w, generator=gen, dtype=dtype),
+            torch.randn(batch, 512, generator=gen, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_each_layer_equals_its_modules_in_float64(models, name):
+    fast, _ = models
+    layer = getattr(fast, name)[0].double()
+    channels, side = LAYERS[name]
+    x = torch.randn(2, channels, side + 2, side + 1, dtype=torch.float64)  # odd, not square
+    with torch.inference_mode():
+        got = layer_cpu.layer_forward(layer, x.contiguous(memory_format=torch.channels_last))
+        layer.backend = "builtin"
+        want = layer(x)
+        layer.backend = "auto"
+    layer.float()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert (got - want).abs().max() < 1e-10
+
+
+def test_whole_network_equals_its_modules_in_float64(models):
+    fast, ref = models
+    x, e = frames(h=96, w=64)
+    with torch.inference_mode():
+        got = fast.double()(x, e)
+        want = ref.double()(x, e)
+    fast.float(), ref.float()
+    assert (got - want).abs().max() < 1e-10
+
+
+def test_float32_stays_within_float32_rounding(models):
+    """The kernels' float32 maps are as close to the float64 network as eager float32 is."""
+    fast, ref = models
+    x, e = frames()
+    with torch.inference_mode():
+        fast32, eager32 = fast(x.float(), e.float()).double(), ref(x.float(), e.float()).double()
+        exact = ref.double()(x, e)
+    ref.float()
+    eager_error = (eager32 - exact).abs().max()
+    assert (fast32 - exact).abs().max() <= 4 * eager_error + 1e-6
+
+
+def test_smallest_frames_and_batch_of_one(models):
+    """32x32 frames: the deepest maps are 1x1, shorter than the depthwise conv's taps."""
+    fast, ref = models
+    x, e = frames(batch=1, h=32, w=32)
+    with torch.inference_mode():
+        got, want = fast.double()(x, e), ref.double()(x, e)
+    fast.float(), ref.float()
+    assert (got - want).abs().max() < 1e-10
+
+
+def test_group_norm_and_pool_and_nan_propagate_as_torch_does():
+    torch.manual_seed(0)
+    norm = net.GroupNorm(4, 8).double()
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 8, 6, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x[1, 3, 2, 5] = float("nan")
+    with torch.inference_mode():
+        for pool in (False, True):
+            want = norm(x)
+            want = F.max_pool2d(want, 2, 2) if pool else want
+            got = norm_cpu.group_norm(norm, x, pool)
+            assert torch.equal(got.isnan(), want.isnan())
+            assert got.isnan().any()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_spatial_attention_equals_the_bridge_in_float64(models):
+    fast, _ = models
+    bridge = fast.scab.double()
+    x = torch.randn(2, 12, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a = bridge.satt(x)[0]
+        s, mixed, pooled = norm_cpu.spatial_attention(bridge.satt.shared_conv2d[0], x)
+    fast.float()
+    torch.testing.assert_close(s, a * x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mixed, a * x + x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pooled, (a * x + x).mean((2, 3)), rtol=0, atol=1e-12)
+
+
+def test_weights_changed_in_place_are_seen(models):
+    """The packed weights follow load_state_dict and in-place updates (version counters)."""
+    fast, ref = models
+    other = jittered("builtin", seed=5)
+    x, e = frames(dtype=torch.float32)
+    with torch.inference_mode():
+        before = fast(x, e)
+    fast.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        after, want = fast(x, e), other(x, e)
+    fast.load_state_dict(ref.state_dict())
+    assert (after - before).abs().max() > 1e-3
+    assert (after - want).abs().max() < 1e-3
+
+
+def test_layer_results_do_not_depend_on_threads(models):
+    """Frames are claimed by up to torch.get_num_threads() threads; each is computed alike.
+    (The network's PyTorch convolutions themselves round differently with the thread count.)"""
+    layer = models[0].encoder4[0]
+    x = torch.randn(3, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        one = layer_cpu.layer_forward(layer, x)
+        torch.set_num_threads(2)
+        try:
+            two = layer_cpu.layer_forward(layer, x)
+        finally:
+            torch.set_num_threads(1)
+    assert torch.equal(one, two)
+    assert torch.equal(one[1:2], layer_cpu.layer_forward(layer, x[1:2]))
+
+
+def test_kernels_run_for_cpu_inference_only(models, monkeypatch):
+    fast, ref = models
+    calls = []
+    forward = layer_cpu.layer_forward
+    monkeypatch.setattr(layer_cpu, "layer_forward", lambda *a: calls.append(1) or forward(*a))
+    x, e = frames(dtype=torch.float32)
+    with torch.no_grad():
+        fast(x, e)
+    assert len(calls) == 6
+    with torch.no_grad():
+        ref(x, e)  # backend "builtin": module by module
+    assert len(calls) == 6
+    out = fast(x, e)  # autograd recording: the modules
+    assert len(calls) == 6 and out.requires_grad
+    out.mean().backward()
+    assert fast.encoder4[0].mamba1.A_log.grad is not None
+    fast.zero_grad()
