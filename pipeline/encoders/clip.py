@@ -71,11 +71,26 @@ from pipeline.encoders.clip_spec import (  # the encoder's face: its spec names 
     weights_identity,
 )
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_PROFILE", "DEFAULT_WEIGHTS", "PRECISIONS", "PROFILES",
-           "PUBLISHED",
-           "ClipEncoder", "ClipSpec", "activation", "build_clip_encoder", "cached_encoder",
-           "check_weights", "embed_pairs", "parse_weights", "random_weights",
-           "round_like_openai", "weights_identity", "RANDOM_NOTE"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_PROFILE",
+    "DEFAULT_WEIGHTS",
+    "PRECISIONS",
+    "PROFILES",
+    "PUBLISHED",
+    "RANDOM_NOTE",
+    "ClipEncoder",
+    "ClipSpec",
+    "activation",
+    "build_clip_encoder",
+    "cached_encoder",
+    "check_weights",
+    "embed_pairs",
+    "parse_weights",
+    "random_weights",
+    "round_like_openai",
+    "weights_identity",
+]
 
 log = logging.getLogger(__name__)
 

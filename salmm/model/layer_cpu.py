@@ -201,7 +201,7 @@ def _max_pool3(x, height, width, out):
                     source = x[c, qy * width + x0 + shift:qy * width + x1 + shift]
                     for i in range(into.shape[0]):
                         v = source[i]
-                        into[i] = v if v > into[i] or v != v else into[i]
+                        into[i] = v if v > into[i] or np.isnan(v) else into[i]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -79,7 +79,7 @@ def _group_norm_kernel(x, groups, eps, weight, bias, pool, out):
                     for v in (top[2 * ox + 1, c] * scale[c] + shift[c],
                               bottom[2 * ox, c] * scale[c] + shift[c],
                               bottom[2 * ox + 1, c] * scale[c] + shift[c]):
-                        best = v if v > best or v != v else best
+                        best = v if v > best or np.isnan(v) else best
                     target[ox, c] = best
 
 
@@ -88,7 +88,7 @@ def spatial_attention(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tenso
     a = sigmoid(conv([channel mean, channel max])) with ``conv`` the shared dilated 2 -> 1
     convolution, then (s, mixed, pooled) = (a * x, a * x + x, the channel means of mixed
     [B, C]); s and mixed [B, C, H, W] in channels-last memory. No autograd."""
-    batch, channels, height, width = x.shape
+    batch, channels = x.shape[:2]
     pixels = x.permute(0, 2, 3, 1).contiguous()
     s, mixed = torch.empty_like(pixels), torch.empty_like(pixels)
     pooled = torch.empty(batch, channels, dtype=x.dtype)
@@ -115,7 +115,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
             for c in range(channels):
                 v = frame[p, c]
                 total += v
-                best = v if v > best or v != v else best
+                best = v if v > best or np.isnan(v) else best
             means[p] = total / f(channels)
             maxima[p] = best
         logits[:] = bias
