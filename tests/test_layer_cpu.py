@@ -1,4 +1,4 @@
-"""The fused CPU inference kernels (salmm.model.layer_cpu, salmm.model.norm_cpu) against their
+"""The fused CPU inference kernels (salmm.model.layer_cpu, salmm.model.maps_cpu) against their
 ``_ref`` twin, the model module by module (Mamba backend "builtin"): in float64, where rounding
 is 1e-12 and a wrong computation shows; in float32 within float32 rounding of the float64
 reference; every SCPMamba layer of the network, odd sizes, NaN, weights changed in place,
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salmm.model import layer_cpu, net, norm_cpu
+from salmm.model import layer_cpu, maps_cpu, net
 from salmm.model.net import SalMM
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
@@ -101,7 +101,7 @@ def test_group_norm_and_pool_and_nan_propagate_as_torch_does():
         for pool in (False, True):
             want = norm(x)
             want = F.max_pool2d(want, 2, 2) if pool else want
-            got = norm_cpu.group_norm(norm, x, pool)
+            got = maps_cpu.group_norm(norm, x, pool)
             assert torch.equal(got.isnan(), want.isnan())
             assert got.isnan().any()
             torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
@@ -113,7 +113,7 @@ def test_spatial_attention_equals_the_bridge_in_float64(models):
     x = torch.randn(2, 12, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         a = bridge.satt(x)[0]
-        s, mixed, pooled = norm_cpu.spatial_attention(bridge.satt.shared_conv2d[0], x)
+        s, mixed, pooled = maps_cpu.spatial_attention(bridge.satt.shared_conv2d[0], x)
     fast.float()
     torch.testing.assert_close(s, a * x, rtol=0, atol=1e-12)
     torch.testing.assert_close(mixed, a * x + x, rtol=0, atol=1e-12)
@@ -168,3 +168,23 @@ def test_kernels_run_for_cpu_inference_only(models, monkeypatch):
     out.mean().backward()
     assert fast.encoder4[0].mamba1.A_log.grad is not None
     fast.zero_grad()
+
+
+def test_weights_updated_by_a_fused_optimiser_are_seen(models):
+    """PyTorch's fused Adam updates weights in place without bumping their version counters
+    (what a trainer validating between steps meets): the kernels still see the new values."""
+    fast, ref = models
+    x, e = frames(dtype=torch.float32)
+    with torch.inference_mode():
+        before = fast(x, e)
+    optimizer = torch.optim.Adam(fast.parameters(), lr=1e-2, fused=True)
+    fast(x, e).mean().backward()
+    optimizer.step()
+    fast.zero_grad()
+    other = SalMM(backend="builtin").eval()
+    other.load_state_dict(fast.state_dict())
+    with torch.inference_mode():
+        after, want = fast(x, e), other(x, e)
+    fast.load_state_dict(ref.state_dict())
+    assert (after - before).abs().max() > 1e-4
+    assert (after - want).abs().max() < 1e-4

@@ -106,19 +106,25 @@ def test_refresh_every_k_reuses_the_last_embedding_exactly(data: InferenceData):
 def test_onnx_backend_matches_torch(data: InferenceData, tmp_path_factory, tmp_path: Path):
     folder = onnx_export(tmp_path_factory)
     loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
-    torch_runner, onnx_runner = TorchRunner(loaded), OnnxRunner(folder, threads=1)
+    torch_runner = TorchRunner(loaded)
+    onnx_runner = OnnxRunner(folder, threads=1, loaded=loaded, size=(64, 64))
+    assert onnx_runner.engine in OnnxRunner.ENGINES  # the faster of the two, timed
+    only_onnx = OnnxRunner(folder, threads=1)
+    assert only_onnx.engine == "onnxruntime"
     for item in image_items(_frame_files(data), (64, 64)):
         embedding = onnx_runner.embed(item.model_input)
         want = torch_runner.embed(item.model_input)
         assert np.abs(embedding - want).max() <= 1e-3 * np.abs(want).max()
-        got = onnx_runner.saliency(item.model_input, embedding)
-        assert got.shape == (64, 64)
-        assert np.abs(got - torch_runner.saliency(item.model_input, want)).max() <= 1e-3
+        for runner in (onnx_runner, only_onnx):
+            got = runner.saliency(item.model_input, embedding)
+            assert got.shape == (64, 64)
+            assert np.abs(got - torch_runner.saliency(item.model_input, want)).max() <= 1e-3
 
     summary = stream(StreamOptions(checkpoint=str(data.trainer), input=str(
         _video(data, tmp_path / "in.avi")), backend="onnx", onnx=str(folder), refresh_every=4,
         out=str(tmp_path / "o.mp4"), threads=1))
     assert summary["backend"] == "onnx" and summary["frames"] == 4
+    assert summary["salmm_engine"] in OnnxRunner.ENGINES
     assert summary["clip_frames"] == 1
 
 

@@ -20,9 +20,11 @@ atomically) and a window with ``--show``. Inputs:
 K`` runs CLIP on every K-th frame only and reuses the last embedding between (K = 1, the
 default, is the published model). Flips are not used at inference.
 
-Backends: ``torch`` (eager PyTorch, on ``--device``) or ``onnx`` (onnxruntime on CPU, the
-graphs of :mod:`salmm.export`: ``--onnx DIR`` names an export, checked against the
-checkpoint; without it the checkpoint is exported once into :data:`EXPORT_CACHE`). The
+Backends: ``torch`` (PyTorch, on ``--device``; on a CPU SalM² runs on the fused kernels of
+:mod:`salmm.model.layer_cpu`) or ``onnx`` (onnxruntime on CPU, the graphs of
+:mod:`salmm.export`: ``--onnx DIR`` names an export, checked against the checkpoint; without it
+the checkpoint is exported once into :data:`EXPORT_CACHE`; SalM² runs on whichever of its graph
+and the fused kernels is faster here, timed at start-up: the summary's ``salmm_engine``). The
 checkpoint's CLIP options are checked as evaluate checks them.
 
 Decoding and resizing run in a background thread (a camera's in :class:`~pipeline.core.pipes.Latest`),
@@ -99,9 +101,9 @@ def model_input(frame: np.ndarray) -> np.ndarray:
 class TorchRunner:
     """Eager PyTorch: the checkpoint's SalMM and its CLIP encoder on the checkpoint's device."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, encoder: bool = True) -> None:
         self.loaded = loaded
-        self.encoder = cached_encoder(loaded.clip, str(loaded.device))
+        self.encoder = cached_encoder(loaded.clip, str(loaded.device)) if encoder else None
 
     def _tensor(self, frame: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(model_input(frame)).to(self.loaded.device)
@@ -131,9 +133,19 @@ def session(path: Path, options: Any) -> Any:
 
 
 class OnnxRunner:
-    """onnxruntime on CPU: ``clip.onnx`` and ``salmm.onnx`` of an export folder."""
+    """onnxruntime on CPU: ``clip.onnx`` of an export folder for CLIP; for SalMM, whichever of
+    ``salmm.onnx`` under onnxruntime and the checkpoint's network on salmm's fused CPU kernels
+    (:mod:`salmm.model.layer_cpu`; the same weights, checked against each other at export)
+    is faster on this machine, timed at start-up on the frame size (``engine`` says which).
+    onnxruntime cannot fuse the selective scan, which its graph spells out as plain
+    operators, so on a CPU the kernels usually win."""
 
-    def __init__(self, folder: Path, threads: int) -> None:
+    ENGINES = ("onnxruntime", "salmm-cpu-kernels")
+
+    def __init__(self, folder: Path, threads: int, loaded: LoadedModel | None = None,
+                 size: tuple[int, int] | None = None) -> None:
+        """``loaded`` (the exported checkpoint) and ``size`` (height, width of the frames) let
+        SalMM run on the kernels when they are faster; without them onnxruntime runs both."""
         import onnxruntime  # lazy: the deploy extra, needed by this backend only
 
         options = onnxruntime.SessionOptions()
@@ -141,13 +153,41 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         self.clip, self.salmm = (session(folder / f"{name}.onnx", options)
                                  for name in ("clip", "salmm"))
+        cpu = loaded is not None and size is not None and loaded.device.type == "cpu"
+        self.torch = TorchRunner(loaded, encoder=False) if cpu else None
+        self.engine = self.ENGINES[0]
+        if self.torch is not None:
+            frame = np.zeros((*size, 3), dtype=np.uint8)
+            embedding = np.zeros((1, self.salmm.get_inputs()[1].shape[1]), dtype=np.float32)
+            times = {name: _median_s(lambda run=run: run(frame, embedding))
+                     for name, run in zip(self.ENGINES, (self._onnx_saliency,
+                                                         self.torch.saliency))}
+            self.engine = min(self.ENGINES, key=times.get)
+            log.info("SalMM on %s: %s", self.engine, ", ".join(
+                f"{name} {1e3 * seconds:.1f} ms a frame" for name, seconds in times.items()))
 
     def embed(self, frame: np.ndarray) -> np.ndarray:
         return self.clip.run(None, {"frame": model_input(frame)})[0]
 
-    def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    def _onnx_saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
         feed = {"frame": model_input(frame), "embedding": embedding}
         return self.salmm.run(None, feed)[0][0, 0]
+
+    def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        if self.engine == "onnxruntime":
+            return self._onnx_saliency(frame, embedding)
+        return self.torch.saliency(frame, embedding)
+
+
+def _median_s(call: Any, repeats: int = 5) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 # ---- options -------------------------------------------------------------------------------------
@@ -306,7 +346,7 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
     threads = opts.threads or torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), threads)
+    runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), threads, loaded, size)
                       if opts.backend == "onnx" else TorchRunner(loaded))
     display = Display(opts, source.fps)
     completed = False
@@ -321,7 +361,9 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
     finally:
         display.finish(completed)
     report.dropped = source.live.dropped if source.live is not None else 0
-    summary = {"input": opts.input, "backend": opts.backend, "refresh_every": opts.refresh_every,
+    summary = {"input": opts.input, "backend": opts.backend,
+               "salmm_engine": getattr(runner, "engine", "torch"),
+               "refresh_every": opts.refresh_every,
                "size": {"height": size[0], "width": size[1]}, **report.summary(),
                "checkpoint": loaded.info["sha256"],
                "out": opts.out if report.latency_ms else None}

@@ -15,14 +15,14 @@ channels-last memory the model keeps):
 * the groups concatenated and LayerNormed: out [L, C_out].
 
 Arithmetic: float32 (float64 for a float64 model, which the parity tests use to tell a wrong
-computation from rounding: 1e-12 there). The products are written as axpy loops over output
-channels, so they vectorise without reordering any sum; only the n-long sum C . h of the scan
+computation from rounding: 1e-12 there). The products are written as loops over whole pixel rows
+(channel-major inside), so they vectorise without reordering any sum; only the n-long sum C . h of the scan
 is reassociated (``fastmath={"reassoc"}``), as in :mod:`salmm.model.scan_cpu`. Results are the
 same on every call and do not depend on the thread count. The batch's frames are claimed by
 up to ``torch.get_num_threads()`` threads, so batch 1 runs on one.
 
-A layer's weights are packed once into one flat array (``Packed``), repacked when any of its
-parameters changes (their version counters) or the dtype does.
+A layer's weights live in one flat buffer (``Packed``) in their modules' own layouts, copied
+from the modules by one operator on every call (so no update can go unseen).
 """
 
 from __future__ import annotations
@@ -49,77 +49,69 @@ _DIMS = 10  # c_in, c1x1, c3x3red, c3x3, c5x5red, c5x5, pool_proj, H, W, d_state
 
 @dataclass(frozen=True)
 class Packed:
-    """One layer's weights for the kernel: ``weights`` (all pieces, flattened, one dtype),
-    ``offsets`` [pieces + 1] where each starts, ``dims`` (see :data:`_DIMS`, then d_model,
-    d_inner and dt_rank of each group) and the key they were packed for."""
+    """One layer's weights for the kernel in one flat buffer: ``weights`` (one dtype), views of
+    it (``views``) that each call refreshes from the module's tensors (``sources``) in one
+    ``torch._foreach_copy_``, ``offsets`` [pieces + 1] where each piece starts, ``dims`` (see
+    :data:`_DIMS`, then d_model, d_inner and dt_rank of each group)."""
 
-    weights: np.ndarray
+    weights: Tensor
+    views: list[Tensor]
+    sources: list[Tensor]
     offsets: np.ndarray
     dims: np.ndarray
-    key: tuple
 
 
-def _key(layer, dtype: torch.dtype, height: int, width: int) -> tuple:
-    versions = []
-    for p in layer.parameters():
-        try:
-            versions.append((p.data_ptr(), p._version))
-        except RuntimeError:  # an inference tensor has no version counter
-            versions.append((p.data_ptr(), -1))
-    return (dtype, height, width, tuple(versions))
-
-
-def _pieces(layer) -> list[Tensor]:
-    """The layer's weights in the kernel's order and layouts (transposed for axpy loops)."""
+def _pieces(layer) -> list[Tensor | int]:
+    """The layer's tensors in the kernel's order, in their own layouts (an int: the size of an
+    absent bias, zeros)."""
     inc = layer.Inception
-
-    def point(conv):  # 1x1 conv [out, in, 1, 1] -> [in, out]
-        return [conv.weight[:, :, 0, 0].t(), conv.bias]
-
-    def spatial(conv):  # k x k conv [out, in, k, k] -> [k, k, in, out]
-        return [conv.weight.permute(2, 3, 1, 0), conv.bias]
-
-    pieces = (point(inc.branch1.conv) + point(inc.branch2[0].conv) + spatial(inc.branch2[1].conv)
-              + point(inc.branch3[0].conv) + spatial(inc.branch3[1].conv)
-              + point(inc.branch4[1].conv))
+    convs = (inc.branch1.conv, inc.branch2[0].conv, inc.branch2[1].conv, inc.branch3[0].conv,
+             inc.branch3[1].conv, inc.branch4[1].conv)
+    pieces = [t for conv in convs for t in (conv.weight, conv.bias)]
     norms = (layer.norm1, layer.norm2, layer.norm3, layer.norm4)
     mambas = (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4)
     for norm, mamba in zip(norms, mambas):
-        pieces += [norm.weight, norm.bias, mamba.in_proj.weight.t()]
-        directions = ((mamba.conv1d, mamba.x_proj, mamba.dt_proj, mamba.A_log, mamba.D),
-                      (mamba.conv1d_b, mamba.x_proj_b, mamba.dt_proj_b, mamba.A_b_log, mamba.D_b))
-        for conv, x_proj, dt_proj, a_log, d in directions:
-            a = -torch.exp(a_log if a_log.dtype == torch.float64 else a_log.float())
-            pieces += [conv.weight[:, 0, :].t(), conv.bias, x_proj.weight.t(),
-                       dt_proj.weight.t(), dt_proj.bias, a, d]
-        out_bias = mamba.out_proj.bias
-        pieces += [mamba.out_proj.weight.t(),
-                   torch.zeros(mamba.d_model) if out_bias is None else out_bias]
         if mamba.in_proj.bias is not None:
             raise ValueError("the fused SCPMamba layer supports Mamba blocks without in_proj bias")
+        pieces += [norm.weight, norm.bias, mamba.in_proj.weight,
+                   mamba.conv1d.weight, mamba.conv1d.bias, mamba.x_proj.weight,
+                   mamba.dt_proj.weight, mamba.dt_proj.bias, mamba.A_log, mamba.D,
+                   mamba.conv1d_b.weight, mamba.conv1d_b.bias, mamba.x_proj_b.weight,
+                   mamba.dt_proj_b.weight, mamba.dt_proj_b.bias, mamba.A_b_log, mamba.D_b,
+                   mamba.out_proj.weight,
+                   mamba.d_model if mamba.out_proj.bias is None else mamba.out_proj.bias]
     return pieces + [layer.norm.weight, layer.norm.bias, layer.skip_scale]
 
 
 def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
-    """``layer``'s weights for frames of ``height`` x ``width`` pixels, in ``dtype``; reused
-    from the layer's last call while its parameters are unchanged."""
-    key = _key(layer, dtype, height, width)
+    """``layer``'s weights in ``dtype`` for frames of ``height`` x ``width`` pixels. The
+    buffer is made once per dtype and refreshed from the module's tensors on every call
+    (one operator): an optimiser that updates weights in place without bumping their version
+    counters (PyTorch's fused Adam) cannot leave the kernel with stale weights."""
+    pieces = _pieces(layer)
     packed = getattr(layer, "_packed", None)
-    if packed is not None and packed.key == key:
-        return packed
+    sources = [p for p in pieces if isinstance(p, Tensor)]
+    if (packed is None or packed.weights.dtype != dtype or packed.dims[7] != height
+            or packed.dims[8] != width or len(packed.sources) != len(sources)
+            or any(a is not b for a, b in zip(packed.sources, sources))):
+        sizes = [p.numel() if isinstance(p, Tensor) else p for p in pieces]
+        offsets = np.cumsum([0] + sizes).astype(np.int64)
+        with torch.inference_mode(False):  # a normal tensor: refreshed in any mode
+            weights = torch.zeros(int(offsets[-1]), dtype=dtype)
+            views = [weights[int(a):int(b)].view(p.shape) for a, b, p in
+                     zip(offsets[:-1], offsets[1:], pieces) if isinstance(p, Tensor)]
+        inc = layer.Inception
+        dims = [layer.input_dim, inc.branch1.conv.out_channels, inc.branch2[0].conv.out_channels,
+                inc.branch2[1].conv.out_channels, inc.branch3[0].conv.out_channels,
+                inc.branch3[1].conv.out_channels, inc.branch4[1].conv.out_channels, height,
+                width, layer.mamba1.d_state]
+        for mamba in (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4):
+            dims += [mamba.d_model, mamba.d_inner, mamba.dt_rank]
+        packed = Packed(weights, views, sources, offsets,
+                        np.asarray(dims, dtype=np.int64))
+        layer._packed = packed
     with torch.no_grad():
-        pieces = [p.detach().to(dtype).contiguous().reshape(-1) for p in _pieces(layer)]
-        weights = torch.cat(pieces).numpy()
-    offsets = np.cumsum([0] + [p.numel() for p in pieces]).astype(np.int64)
-    inc = layer.Inception
-    dims = [layer.input_dim, inc.branch1.conv.out_channels, inc.branch2[0].conv.out_channels,
-            inc.branch2[1].conv.out_channels, inc.branch3[0].conv.out_channels,
-            inc.branch3[1].conv.out_channels, inc.branch4[1].conv.out_channels, height, width,
-            layer.mamba1.d_state]
-    for mamba in (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4):
-        dims += [mamba.d_model, mamba.d_inner, mamba.dt_rank]
-    packed = Packed(weights, offsets, np.asarray(dims, dtype=np.int64), key)
-    layer._packed = packed
+        torch._foreach_copy_(packed.views, packed.sources)
     return packed
 
 
@@ -131,7 +123,7 @@ def layer_forward(layer, x: Tensor) -> Tensor:
     pixels = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C_in]: a view for channels-last x
     out = torch.empty(batch, height, width, layer.output_dim, dtype=x.dtype)
     run_jobs(_layer_kernel, (pixels.numpy().reshape(batch, height * width, channels),
-                             packed.weights, packed.offsets, packed.dims,
+                             packed.weights.numpy(), packed.offsets, packed.dims,
                              out.numpy().reshape(batch, height * width, -1)), batch)
     return out.permute(0, 3, 1, 2)
 
@@ -143,14 +135,14 @@ def _piece(weights, offsets, i):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _pointwise(x, w, b, out, row, relu):
-    """out[row:row + c_out] = w^T x + b (x [c_in, L], w [c_in, c_out]), through ReLU if asked:
+    """out[row:row + c_out] = w x + b (x [c_in, L], w [c_out, c_in]), through ReLU if asked:
     a 1x1 convolution or a Linear layer on channel-major rows."""
-    c_in, c_out = w.shape
+    c_out, c_in = w.shape
     for o in range(c_out):
         target = out[row + o]
         target[:] = b[o]
         for i in range(c_in):
-            weight, source = w[i, o], x[i]
+            weight, source = w[o, i], x[i]
             for p in range(source.shape[0]):
                 target[p] += weight * source[p]
         if relu:
@@ -160,9 +152,9 @@ def _pointwise(x, w, b, out, row, relu):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _spatial(x, w, b, height, width, out, row):
-    """ReLU(k x k convolution of x [c_in, H*W] by w [k, k, c_in, c_out], zero padding k // 2,
+    """ReLU(k x k convolution of x [c_in, H*W] by w [c_out, c_in, k, k], zero padding k // 2,
     plus b) into out[row:row + c_out]."""
-    k, _, c_in, c_out = w.shape
+    c_out, c_in, k, _ = w.shape
     pad = k // 2
     for o in range(c_out):
         target = out[row + o]
@@ -170,7 +162,7 @@ def _spatial(x, w, b, height, width, out, row):
         for i in range(c_in):
             for ky in range(k):
                 for kx in range(k):
-                    weight, shift = w[ky, kx, i, o], kx - pad
+                    weight, shift = w[o, i, ky, kx], kx - pad
                     x0, x1 = max(0, -shift), min(width, width - shift)
                     if x1 <= x0:  # (a negative slice end would count from the end)
                         continue
@@ -263,7 +255,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     length = s.shape[1]
     dtype = out.dtype
     xz = np.empty((2 * d_inner, length), dtype=dtype)
-    _pointwise(s, _piece(weights, offsets, base + 2).reshape(d_model, 2 * d_inner),
+    _pointwise(s, _piece(weights, offsets, base + 2).reshape(2 * d_inner, d_model),
                np.zeros(2 * d_inner, dtype=dtype), xz, 0, False)
     gate = np.empty((d_inner, length), dtype=dtype)
     _silu(xz[d_inner:].ravel(), gate.ravel())
@@ -274,21 +266,25 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
     state, acc = np.empty((d_inner, n), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     y = np.zeros((d_inner, length), dtype=dtype)
+    a = np.empty((d_inner, n), dtype=dtype)
     for direction in range(2):
         i = base + 3 + 7 * direction
-        conv_w = _piece(weights, offsets, i).reshape(-1, d_inner)  # [tap, channel]
+        conv_w = _piece(weights, offsets, i).reshape(d_inner, -1)  # [channel, tap]
         conv_b = _piece(weights, offsets, i + 1)
-        x_proj = _piece(weights, offsets, i + 2).reshape(d_inner, rank + 2 * n)
-        dt_proj = _piece(weights, offsets, i + 3).reshape(rank, d_inner)
+        x_proj = _piece(weights, offsets, i + 2).reshape(rank + 2 * n, d_inner)
+        dt_proj = _piece(weights, offsets, i + 3).reshape(d_inner, rank)
         dt_bias = _piece(weights, offsets, i + 4)
-        a = _piece(weights, offsets, i + 5).reshape(d_inner, n)
+        a_log = _piece(weights, offsets, i + 5).reshape(d_inner, n)
         d = _piece(weights, offsets, i + 6)
-        taps = conv_w.shape[0]
+        for c in range(d_inner):
+            for k in range(n):
+                a[c, k] = -exp(a_log[c, k])  # A = -exp(A_log), as the block computes it
+        taps = conv_w.shape[1]
         for c in range(d_inner):  # causal depthwise conv1d (anti-causal for the backward one)
             pre[c] = conv_b[c]
             for k in range(taps):
                 shift = k - (taps - 1) if direction == 0 else (taps - 1) - k
-                weight = conv_w[k, c]
+                weight = conv_w[c, k]
                 t0, t1 = max(0, -shift), min(length, length - shift)
                 if t1 <= t0:
                     continue
@@ -300,7 +296,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
         for c in range(d_inner):
             delta[c] = 0.0
             for r in range(rank):
-                weight = dt_proj[r, c]
+                weight = dt_proj[c, r]
                 for t in range(length):
                     delta[c, t] += weight * bc[r, t]
             for t in range(length):
@@ -313,7 +309,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
         for c in range(d_inner):
             for t in range(length):
                 y[c, t] += (acc[c, t] + d[c] * u[c, t]) * gate[c, t]
-    _pointwise(y, _piece(weights, offsets, base + 17).reshape(d_inner, d_model),
+    _pointwise(y, _piece(weights, offsets, base + 17).reshape(d_model, d_inner),
                _piece(weights, offsets, base + 18), out, row, False)
 
 
@@ -337,18 +333,18 @@ def _layer_kernel(x, weights, offsets, dims, out, counter):
     frame = claim(counter)
     while frame < x.shape[0]:
         planes[:] = x[frame].T
-        _pointwise(planes, _piece(weights, offsets, 0).reshape(c_in, c1),
+        _pointwise(planes, _piece(weights, offsets, 0).reshape(c1, c_in),
                    _piece(weights, offsets, 1), branches, 0, True)
-        _pointwise(planes, _piece(weights, offsets, 2).reshape(c_in, c2r),
+        _pointwise(planes, _piece(weights, offsets, 2).reshape(c2r, c_in),
                    _piece(weights, offsets, 3), hidden, 0, True)
-        _spatial(hidden, _piece(weights, offsets, 4).reshape(3, 3, c2r, c2),
+        _spatial(hidden, _piece(weights, offsets, 4).reshape(c2, c2r, 3, 3),
                  _piece(weights, offsets, 5), height, width, branches, c1)
-        _pointwise(planes, _piece(weights, offsets, 6).reshape(c_in, c3r),
+        _pointwise(planes, _piece(weights, offsets, 6).reshape(c3r, c_in),
                    _piece(weights, offsets, 7), hidden, 0, True)
-        _spatial(hidden, _piece(weights, offsets, 8).reshape(5, 5, c3r, c3),
+        _spatial(hidden, _piece(weights, offsets, 8).reshape(c3, c3r, 5, 5),
                  _piece(weights, offsets, 9), height, width, branches, c1 + c2)
         _max_pool3(planes, height, width, hidden)
-        _pointwise(hidden[:c_in], _piece(weights, offsets, 10).reshape(c_in, c4),
+        _pointwise(hidden[:c_in], _piece(weights, offsets, 10).reshape(c4, c_in),
                    _piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
         row = 0
         for g in range(_GROUPS):

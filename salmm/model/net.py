@@ -72,14 +72,14 @@ class CrossModelAtt(nn.Module):
 
 @functools.cache
 def _kernels():
-    """(:mod:`salmm.model.layer_cpu`, :mod:`salmm.model.norm_cpu`), or None when numba does not
+    """(:mod:`salmm.model.layer_cpu`, :mod:`salmm.model.maps_cpu`), or None when numba does not
     import (the reason is logged)."""
     try:
-        from salmm.model import layer_cpu, norm_cpu  # lazy: numba may be missing; modules stand in
+        from salmm.model import layer_cpu, maps_cpu  # lazy: numba may be missing; modules stand in
     except ImportError as exc:
         log.info("fused CPU inference kernels unavailable (%s: %s)", type(exc).__name__, exc)
         return None
-    return layer_cpu, norm_cpu
+    return layer_cpu, maps_cpu
 
 
 def fused(backend: str, x: Tensor, parameter: Tensor) -> bool:

@@ -1,14 +1,19 @@
-"""GroupNorm, optionally followed by a 2x2 max-pool, on channels-last CPU maps in one numba call.
+"""Per-map CPU kernels on channels-last maps, one numba call each: GroupNorm (optionally followed
+by a 2x2 max-pool) and the spatial attention bridge, for CPU inference (no autograd).
 
-What SalMM's ``GroupNorm`` (then ``F.max_pool2d(., 2, 2)`` in the encoder) computes, for CPU
-inference: PyTorch's channels-first GroupNorm needs the map copied to channels-first memory and
+``group_norm``: what SalMM's ``GroupNorm`` (then ``F.max_pool2d(., 2, 2)`` in the encoder)
+computes. PyTorch's channels-first GroupNorm needs the map copied to channels-first memory and
 back (its channels-last kernel is far less accurate), and max-pool computes indices nobody
 uses. Here the map is read where it lies: per (frame, group) the mean and the biased variance
 come from the per-channel sums of x and x^2 in float64 (one pass, a fixed order: no
 dependence on threads), then
 y = x * scale[c] + shift[c] with scale = rstd * weight, shift = bias - mean * scale (the form
-PyTorch applies), and the 2x2 maximum of y (NaN propagates) when pooling. The module's own
-forward is the ``_ref`` twin (``tests/test_layer_cpu.py``).
+PyTorch applies), and the 2x2 maximum of y (NaN propagates) when pooling.
+
+``spatial_attention``: the bridge's [channel mean, channel max] planes, its dilated 7x7
+two-channel convolution written out over whole rows (PyTorch runs it as a slow im2col), the
+sigmoid, and the products the bridge makes of it, with the channel means its channel attention
+needs. The modules' own forward is the ``_ref`` twin (``tests/test_layer_cpu.py``).
 """
 
 from __future__ import annotations
