@@ -59,6 +59,23 @@ def test_overlay_blends_by_saliency():
     assert np.array_equal(overlay.overlay(frame, np.ones((4, 4))), frame)
 
 
+def test_overlay_is_the_float32_blend_to_the_bit():
+    """The one-pass blend against the numpy expression it replaces, written out here: random
+    frames (odd sizes, a non-contiguous one), maps and alphas."""
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        h, w = (int(v) for v in rng.integers(5, 300, 2))
+        frame = rng.integers(0, 256, (h, w + 1, 3), dtype=np.uint8)[:, 1:]  # not contiguous
+        saliency, alpha = rng.random((31, 17)), float(rng.random())
+        s = overlay._fit(saliency, (h, w))
+        weight = (alpha * s)[..., None]
+        mixed = (frame.astype(np.float32) * (1 - weight)
+                 + overlay.colorize(s, "jet").astype(np.float32) * weight)
+        want = np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+        assert np.array_equal(overlay.overlay(frame, saliency, colormap="jet", alpha=alpha),
+                              want), trial
+
+
 def test_colorize_and_side_by_side():
     heat = overlay.colorize(np.linspace(0, 1, 64).reshape(8, 8), "jet")
     assert heat.shape == (8, 8, 3)

@@ -20,6 +20,7 @@ from typing import Self
 import cv2
 import imageio.v3 as iio
 import imageio_ffmpeg
+import numba
 import numpy as np
 
 from pipeline.core.errors import OutputError
@@ -75,10 +76,24 @@ def overlay(frame: np.ndarray, saliency: np.ndarray, *, colormap: str = DEFAULT_
     """
     frame = _as_rgb(frame)
     s = _fit(saliency, frame.shape[:2])
-    heat = colorize(s, colormap).astype(np.float32)
-    weight = (alpha * s)[..., None]
-    mixed = frame.astype(np.float32) * (1 - weight) + heat * weight
-    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+    out = np.empty_like(frame)
+    _blend(np.ascontiguousarray(frame), colorize(s, colormap), s, np.float32(alpha), out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend(frame, heat, s, alpha, out):
+    """out = round(frame * (1 - w) + heat * w), w = alpha * s, in float32 and rounded half to
+    even, clipped to [0, 255] (what the numpy expression computes, in one pass); uint8 RGB
+    frame, heat, out [H, W, 3], s float32 [H, W]."""
+    one = np.float32(1.0)
+    for y in range(frame.shape[0]):
+        for x in range(frame.shape[1]):
+            w = alpha * s[y, x]
+            keep = one - w
+            for c in range(3):
+                v = np.rint(np.float32(frame[y, x, c]) * keep + np.float32(heat[y, x, c]) * w)
+                out[y, x, c] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
 
 
 CAPTION_FONT = cv2.FONT_HERSHEY_SIMPLEX
