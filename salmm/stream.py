@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="torch (eager) or onnx (onnxruntime, CPU)")
     group.add_argument("--onnx", metavar="DIR", help="an export of this checkpoint (salmm"
                        f" export); default: exported once into {EXPORT_CACHE}/")
+    group.add_argument("--clip-int8", action="store_true",
+                       help="onnx backend: CLIP from the export's clip-int8.onnx (salmm export"
+                            " --clip-int8 VIDEO|DIR; its cosine to float32 is in export.json)")
     group.add_argument("--out", metavar="VIDEO.mp4", help="write the overlays as an MP4")
     group.add_argument("--show", action="store_true",
                        help="show the overlays in a window (q or Esc stops)")

@@ -102,12 +102,14 @@ def inference_data(factory: pytest.TempPathFactory) -> InferenceData:
 
 def onnx_export(factory: pytest.TempPathFactory) -> Path:
     """The session's ONNX export of the trainer checkpoint (``python -m salmm.export``,
-    64x64; built on first use)."""
+    64x64, with the int8 CLIP measured on the raw frames of video 01; built on first use)."""
     if "onnx" not in _BUILT:
         from salmm.deploy.graphs import export
         from salmm.deploy.options import ExportOptions
         out = factory.mktemp("export") / "onnx"
-        export(ExportOptions(checkpoint=str(inference_data(factory).trainer), out=str(out)))
+        data = inference_data(factory)
+        export(ExportOptions(checkpoint=str(data.trainer), out=str(out),
+                             clip_int8=str(data.raw / "trafficframe" / "01")))
         _BUILT["onnx"] = out
     return _BUILT["onnx"]
 

@@ -29,7 +29,7 @@ from salmm.deploy.options import ExportOptions
 from salmm.export import main
 from salmm.model.loading import load_model
 from salmm.model.net import SalMM
-from tests._inference_data import InferenceData, inference_data, onnx_export
+from tests._inference_data import FRAMES, InferenceData, inference_data, onnx_export
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,65 @@ def test_crafted_graphs_are_refused_in_one_line_before_onnxruntime_opens_them(
         OnnxRunner(copy, 1)
     assert "\n" not in str(err.value)
     assert onnx.load(str(exported / "salmm.onnx")) is not None
+
+
+def test_int8_clip_is_measured_on_the_users_frames_and_recorded(data: InferenceData,
+                                                                exported: Path, tmp_path: Path):
+    """The export's int8 CLIP: its cosine to float32 recorded (worst, mean, frames, source)
+    and recomputed here from the two graphs, written out; sha256 checked like the others."""
+    from salmm.data.sources import image_items, network_input
+    from salmm.deploy.options import INT8_COSINE
+
+    record = json.loads((exported / "export.json").read_text())
+    checks = record["graphs"]["clip-int8"]["checks"]
+    assert checks["frames"] == FRAMES and checks["source"].endswith("01")
+    assert INT8_COSINE <= checks["cosine_min"] <= checks["cosine_mean"] <= 1.0
+    runs = [onnxruntime.InferenceSession(str(exported / name), providers=["CPUExecutionProvider"])
+            for name in ("clip.onnx", "clip-int8.onnx")]
+    worst = 1.0
+    files = sorted((data.raw / "trafficframe" / "01").glob("*.jpg"))
+    for item in image_items(files, (64, 64)):
+        frame = network_input(item.model_input)
+        a, b = (r.run(None, {"frame": frame})[0][0].astype(np.float64) for r in runs)
+        worst = min(worst, a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert abs(worst - checks["cosine_min"]) < 1e-3
+    assert (exported / "clip-int8.onnx").stat().st_size < (exported / "clip.onnx").stat().st_size / 3
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    (copy / "clip-int8.onnx").write_bytes(b"changed")
+    with pytest.raises(BadInputError, match=r"clip-int8\.onnx: differs from the sha256"):
+        checked_export(copy, loaded, (64, 64))
+
+
+def test_int8_clip_below_the_cosine_floor_is_refused_and_nothing_written(
+        data: InferenceData, tmp_path: Path, monkeypatch):
+    """A cosine floor the int8 graph cannot meet: one line naming the frames, no export."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def small_clip(encoder, size, path, opset=17):  # frame -> flatten @ W: quantises in a blink
+        weight = np.random.default_rng(0).standard_normal((3 * size[0] * size[1], 32))
+        graph = helper.make_graph(
+            [helper.make_node("Flatten", ["frame"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["embedding"])], "clip",
+            [helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, 3, *size])],
+            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 32])],
+            initializer=[numpy_helper.from_array(weight.astype(np.float32), "w")])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]),
+                  str(path))
+        return 0.0
+
+    monkeypatch.setattr(export_module, "INT8_COSINE", 1.5)
+    monkeypatch.setattr(export_module, "export_network", lambda *a, **k: {
+        "graph": 0.0, "onnxruntime": 0.0, "pytorch_float32": 0.0})  # the network is not the point
+    monkeypatch.setattr(export_module, "export_clip", small_clip)
+    frames = data.raw / "trafficframe" / "01"
+    with pytest.raises(BadInputError, match=r"01: int8 CLIP's embedding has cosine 0\.9\d+ to"
+                       r" float32 on the worst of \d+ frames \(below 1\.5\); not exported"):
+        export(ExportOptions(checkpoint=str(data.trainer), out=str(tmp_path / "out"),
+                             clip_int8=str(frames)))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with pytest.raises(BadInputError, match=r"nowhere: no such video or folder"):
+        export(ExportOptions(checkpoint=str(data.trainer), out=str(tmp_path / "out"),
+                             clip_int8=str(tmp_path / "nowhere")))

@@ -14,6 +14,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from pipeline.core.errors import BadInputError
 from salmm.data.sources import image_items
 from salmm.deploy import live as stream_module
 from salmm.deploy.live import (
@@ -124,7 +125,21 @@ def test_onnx_backend_matches_torch(data: InferenceData, tmp_path_factory, tmp_p
         _video(data, tmp_path / "in.avi")), backend="onnx", onnx=str(folder), refresh_every=4,
         out=str(tmp_path / "o.mp4"), threads=1))
     assert summary["backend"] == "onnx" and summary["frames"] == 4
-    assert summary["salmm_engine"] in OnnxRunner.ENGINES
+    assert summary["salmm_engine"] in OnnxRunner.ENGINES and summary["clip_int8"] is False
+
+    int8 = OnnxRunner(folder, threads=1, int8=True)
+    item = next(image_items(_frame_files(data), (64, 64)))
+    a, b = (r.embed(item.model_input)[0].astype(np.float64) for r in (only_onnx, int8))
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.99  # the graph export measured
+    summary = stream(StreamOptions(checkpoint=str(data.trainer), input=str(
+        _video(data, tmp_path / "in.avi")), backend="onnx", onnx=str(folder), refresh_every=4,
+        clip_int8=True, threads=1))
+    assert summary["clip_int8"] is True and summary["frames"] == 4
+    for opts, said in (({"backend": "torch"}, "use --backend onnx"),
+                       ({"backend": "onnx"}, "needs --onnx DIR")):
+        with pytest.raises(BadInputError, match=f"--clip-int8: .*{said}"):
+            stream(StreamOptions(checkpoint=str(data.trainer), input=str(tmp_path / "in.avi"),
+                                 clip_int8=True, **opts))
     assert summary["clip_frames"] == 1
 
 

@@ -53,6 +53,11 @@ class Item:
     index: int | None = None
 
 
+def network_input(frame: np.ndarray) -> np.ndarray:
+    """uint8 RGB [h, w, 3] -> float32 [1, 3, h, w] in [0, 1], what the network and CLIP take."""
+    return np.ascontiguousarray(frame.transpose(2, 0, 1)[None], dtype=np.float32) / 255
+
+
 def folder_images(path: str) -> list[Path]:
     """The image files directly in folder ``path``, by name; BadInputError if there are none."""
     files = sorted(f for f in Path(path).iterdir()

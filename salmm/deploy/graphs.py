@@ -44,7 +44,20 @@ from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
 from pipeline.core.progress import progress
 from pipeline.encoders.clip import ClipEncoder, cached_encoder
-from salmm.deploy.options import DEFAULT_OPSET, EXPORT_BACKEND, ExportOptions
+from salmm.data.sources import (
+    folder_images,
+    image_items,
+    network_input,
+    open_video,
+    video_items,
+)
+from salmm.deploy.options import (
+    DEFAULT_OPSET,
+    EXPORT_BACKEND,
+    INT8_COSINE,
+    INT8_FRAMES,
+    ExportOptions,
+)
 from salmm.model.loading import LoadedModel, load_model
 from salmm.model.net import SalMM
 
@@ -60,6 +73,8 @@ FORMAT = "salmm-onnx"
 FORMAT_VERSION = 2
 """2: the CLIP graph records its MLP activation (QuickGELU for the published CLIP)."""
 GRAPHS = ("salmm", "clip")
+INT8_GRAPH = "clip-int8"
+"""The optional int8 CLIP graph (``export --clip-int8``)."""
 
 
 class ClipGraph(nn.Module):
@@ -227,6 +242,51 @@ def export_clip(encoder: ClipEncoder, size: tuple[int, int], path: Path,
     return largest_difference(path, encoder.encode, lambda b, s: (frames(b, s),)) / scale
 
 
+def user_frames(spec: str, size: tuple[int, int], limit: int = INT8_FRAMES) -> list[np.ndarray]:
+    """Up to ``limit`` frames of a video or a folder of images, spread over it, as the graphs
+    take them (float32 [1, 3, H, W] in [0, 1]); BadInputError (one line) when there are none."""
+    path = Path(spec)
+    if path.is_dir():
+        files = folder_images(spec)
+        step = max(1, len(files) // limit)
+        items = image_items(files[::step][:limit], size)
+    elif path.is_file():
+        capture, _, total = open_video(spec)
+        step = max(1, (total or limit) // limit)
+        items = (item for number, item in enumerate(
+            video_items(spec, capture, size, total, allow_short=True)) if number % step == 0)
+    else:
+        raise BadInputError(spec, "no such video or folder (--clip-int8 takes your frames)")
+    frames = [item.model_input for _, item in zip(range(limit), items)]
+    if not frames:
+        raise BadInputError(spec, "no frames to measure int8 CLIP on")
+    return [network_input(frame) for frame in frames]
+
+
+def quantize_clip(float32: Path, int8: Path, frames: list[np.ndarray]) -> dict[str, float]:
+    """Write ``float32`` (a CLIP graph) with int8 weights at ``int8`` (onnxruntime's dynamic
+    quantisation: weights int8 per tensor, activations quantised per call); returns the
+    cosine of its embeddings to the float32 graph's on ``frames``: worst, mean, and how many."""
+    import onnxruntime  # lazy: the deploy extra
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # lazy: likewise
+
+    logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
+    try:
+        quantize_dynamic(str(float32), str(int8), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    runs = [onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for path in (float32, int8)]
+    cosines = []
+    for frame in frames:
+        a, b = (run.run(None, {"frame": frame})[0][0].astype(np.float64) for run in runs)
+        cosines.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300)))
+    return {"cosine_min": min(cosines), "cosine_mean": float(np.mean(cosines)),
+            "frames": len(cosines)}
+
+
 def export(opts: ExportOptions) -> dict[str, Any]:
     """Write the two graphs and ``export.json`` into ``opts.out``; returns the description.
 
@@ -263,6 +323,17 @@ def export(opts: ExportOptions) -> dict[str, Any]:
             raise BadInputError(opts.checkpoint, f"the exported CLIP encoder differs from"
                                 f" PyTorch by {checks['clip']:.2e} of its largest entry (more"
                                 f" than {CLIP_TOLERANCE:g}); not exported")
+        if opts.clip_int8 is not None:
+            frames = user_frames(opts.clip_int8, size)
+            log.info("quantising CLIP to int8 and measuring it on %d of your frames", len(frames))
+            paths[INT8_GRAPH] = Path(tmp) / f"{INT8_GRAPH}.onnx"
+            checks[INT8_GRAPH] = {**quantize_clip(paths["clip"], paths[INT8_GRAPH], frames),
+                                  "source": str(opts.clip_int8)}
+            if checks[INT8_GRAPH]["cosine_min"] < INT8_COSINE:
+                raise BadInputError(opts.clip_int8, f"int8 CLIP's embedding has cosine"
+                                    f" {checks[INT8_GRAPH]['cosine_min']:.4f} to float32 on the"
+                                    f" worst of {len(frames)} frames (below {INT8_COSINE:g});"
+                                    " not exported")
         out = Folder(opts.out)
         out.makedirs()
         out.remove("export.json")
@@ -281,6 +352,11 @@ def export(opts: ExportOptions) -> dict[str, Any]:
              *(out.url(name) for name in (*(paths[g].name for g in GRAPHS), "export.json")),
              checks["salmm"]["graph"], checks["salmm"]["onnxruntime"],
              checks["salmm"]["pytorch_float32"], checks["clip"])
+    if INT8_GRAPH in checks:
+        log.info("wrote %s: int8 CLIP, cosine to float32 %.4f on the worst of %d of your"
+                 " frames (mean %.4f)", out.url(paths[INT8_GRAPH].name),
+                 checks[INT8_GRAPH]["cosine_min"], checks[INT8_GRAPH]["frames"],
+                 checks[INT8_GRAPH]["cosine_mean"])
     return description
 
 
@@ -308,6 +384,10 @@ def describe(opts: ExportOptions, loaded: Any, clip_identity: dict[str, Any],
             "clip": {"file": "clip.onnx", "inputs": [frame], "outputs": [{
                 "name": "embedding", "shape": ["batch", dim], "dtype": "float32"}],
                 "checks": {"onnxruntime_float32_relative_difference": checks["clip"]}},
+            **({INT8_GRAPH: {"file": f"{INT8_GRAPH}.onnx", "inputs": [frame], "outputs": [{
+                "name": "embedding", "shape": ["batch", dim], "dtype": "float32"}],
+                "quantisation": "onnxruntime dynamic, int8 weights",
+                "checks": checks[INT8_GRAPH]}} if INT8_GRAPH in checks else {}),
         },
         "checkpoint": {k: loaded.info[k] for k in ("path", "sha256", "kind", "epoch")},
         "clip": clip_identity,
@@ -316,11 +396,11 @@ def describe(opts: ExportOptions, loaded: Any, clip_identity: dict[str, Any],
     }
 
 
-def checked_export(folder: str | Path, loaded: LoadedModel, size: tuple[int, int]
-                   ) -> dict[str, Any]:
+def checked_export(folder: str | Path, loaded: LoadedModel, size: tuple[int, int],
+                   int8: bool = False) -> dict[str, Any]:
     """``export.json`` of ``folder`` when it is an export of ``loaded``'s checkpoint at ``size``
-    with the same CLIP encoder and its graphs are there; else BadInputError naming the file and
-    the mismatch (one line)."""
+    with the same CLIP encoder and its graphs are there (``clip-int8.onnx`` too when ``int8``);
+    else BadInputError naming the file and the mismatch (one line)."""
     where = Path(folder) / "export.json"
     try:
         description = json.loads(where.read_text())
@@ -348,9 +428,11 @@ def checked_export(folder: str | Path, loaded: LoadedModel, size: tuple[int, int
     if clip != wanted:
         raise BadInputError(where, f"CLIP {' / '.join(map(str, clip.values()))} exported, the"
                             f" checkpoint's options give {' / '.join(wanted.values())}")
-    for name in GRAPHS:
-        check_graph(Path(folder) / f"{name}.onnx",
-                    ((description.get("graphs") or {}).get(name) or {}).get("sha256"))
+    graphs = description.get("graphs") or {}
+    for name in (*GRAPHS, INT8_GRAPH) if int8 or INT8_GRAPH in graphs else GRAPHS:
+        if name not in graphs:
+            raise BadInputError(where, f"has no {name}.onnx (export it with --clip-int8 VIDEO|DIR)")
+        check_graph(Path(folder) / f"{name}.onnx", (graphs.get(name) or {}).get("sha256"))
     return description
 
 

@@ -60,11 +60,12 @@ from salmm.data.sources import (
     folder_images,
     image_items,
     mjpeg_items,
+    network_input,
     open_camera,
     open_video,
     video_items,
 )
-from salmm.deploy.graphs import ExportOptions, checked_export, export
+from salmm.deploy.graphs import INT8_GRAPH, ExportOptions, checked_export, export
 from salmm.deploy.options import EXPORT_CACHE, STREAM_FPS, StreamOptions
 from salmm.model.devices import autocast
 from salmm.model.loading import LoadedModel, load_model
@@ -93,11 +94,6 @@ class Runner(Protocol):
     def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray: ...
 
 
-def model_input(frame: np.ndarray) -> np.ndarray:
-    """uint8 RGB [h, w, 3] -> float32 [1, 3, h, w] in [0, 1], what both graphs take."""
-    return np.ascontiguousarray(frame.transpose(2, 0, 1)[None], dtype=np.float32) / 255
-
-
 class TorchRunner:
     """Eager PyTorch: the checkpoint's SalMM and its CLIP encoder on the checkpoint's device."""
 
@@ -106,7 +102,7 @@ class TorchRunner:
         self.encoder = cached_encoder(loaded.clip, str(loaded.device)) if encoder else None
 
     def _tensor(self, frame: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(model_input(frame)).to(self.loaded.device)
+        return torch.from_numpy(network_input(frame)).to(self.loaded.device)
 
     def embed(self, frame: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -143,16 +139,17 @@ class OnnxRunner:
     ENGINES = ("onnxruntime", "salmm-cpu-kernels")
 
     def __init__(self, folder: Path, threads: int, loaded: LoadedModel | None = None,
-                 size: tuple[int, int] | None = None) -> None:
+                 size: tuple[int, int] | None = None, int8: bool = False) -> None:
         """``loaded`` (the exported checkpoint) and ``size`` (height, width of the frames) let
-        SalMM run on the kernels when they are faster; without them onnxruntime runs both."""
+        SalMM run on the kernels when they are faster; without them onnxruntime runs both.
+        ``int8``: CLIP from ``clip-int8.onnx``."""
         import onnxruntime  # lazy: the deploy extra, needed by this backend only
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.clip, self.salmm = (session(folder / f"{name}.onnx", options)
-                                 for name in ("clip", "salmm"))
+                                 for name in (INT8_GRAPH if int8 else "clip", "salmm"))
         cpu = loaded is not None and size is not None and loaded.device.type == "cpu"
         self.torch = TorchRunner(loaded, encoder=False) if cpu else None
         self.engine = self.ENGINES[0]
@@ -167,10 +164,10 @@ class OnnxRunner:
                 f"{name} {1e3 * seconds:.1f} ms a frame" for name, seconds in times.items()))
 
     def embed(self, frame: np.ndarray) -> np.ndarray:
-        return self.clip.run(None, {"frame": model_input(frame)})[0]
+        return self.clip.run(None, {"frame": network_input(frame)})[0]
 
     def _onnx_saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
-        feed = {"frame": model_input(frame), "embedding": embedding}
+        feed = {"frame": network_input(frame), "embedding": embedding}
         return self.salmm.run(None, feed)[0][0, 0]
 
     def saliency(self, frame: np.ndarray, embedding: np.ndarray) -> np.ndarray:
@@ -319,8 +316,11 @@ def onnx_folder(opts: StreamOptions, loaded: LoadedModel, size: tuple[int, int])
     """The export the onnx backend runs: ``--onnx DIR`` checked against the checkpoint, else
     one made once under :data:`EXPORT_CACHE` (keyed by checkpoint, size and CLIP weights)."""
     if opts.onnx is not None:
-        checked_export(opts.onnx, loaded, size)
+        checked_export(opts.onnx, loaded, size, int8=opts.clip_int8)
         return Path(opts.onnx)
+    if opts.clip_int8:
+        raise BadInputError("--clip-int8", "needs --onnx DIR, an export made with salmm export"
+                            " --clip-int8 VIDEO|DIR (its int8 CLIP is measured on your frames)")
     key = f"{loaded.info['sha256'][:16]}-{size[1]}x{size[0]}"
     folder = EXPORT_CACHE / key
     try:
@@ -336,6 +336,8 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
     """Run ``opts``; returns the summary (also logged; ``<out>.json`` beside ``--out``)."""
     if opts.backend == "onnx" and opts.device not in (None, "cpu"):
         raise BadInputError("--device", "the onnx backend runs on the CPU")
+    if opts.clip_int8 and opts.backend != "onnx":
+        raise BadInputError("--clip-int8", "runs the export's int8 CLIP graph: use --backend onnx")
     loaded = load_model(opts.checkpoint, inline_clip=False, given_clip=dict(opts.clip),
                         device="cpu" if opts.backend == "onnx" else opts.device, amp=opts.amp)
     size = opts.size or loaded.size
@@ -346,7 +348,8 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
     threads = opts.threads or torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), threads, loaded, size)
+    runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), threads, loaded, size,
+                                 int8=opts.clip_int8)
                       if opts.backend == "onnx" else TorchRunner(loaded))
     display = Display(opts, source.fps)
     completed = False
@@ -362,7 +365,7 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
         display.finish(completed)
     report.dropped = source.live.dropped if source.live is not None else 0
     summary = {"input": opts.input, "backend": opts.backend,
-               "salmm_engine": getattr(runner, "engine", "torch"),
+               "salmm_engine": getattr(runner, "engine", "torch"), "clip_int8": opts.clip_int8,
                "refresh_every": opts.refresh_every,
                "size": {"height": size[0], "width": size[1]}, **report.summary(),
                "checkpoint": loaded.info["sha256"],

@@ -28,6 +28,14 @@ class ExportOptions:
     clip: tuple[tuple[str, Any], ...] = ()
     backend: str = EXPORT_BACKEND
     """Mamba backend to trace with; only the tests pick another (to see a frozen scan refused)."""
+    clip_int8: str | None = None
+    """A video or folder of the user's frames: also write ``clip-int8.onnx`` (weights quantised
+    to int8) when its embeddings' cosine to the float32 graph's is >= :data:`INT8_COSINE` on
+    every one of (up to :data:`INT8_FRAMES` of) them."""
+
+
+INT8_COSINE = 0.99
+INT8_FRAMES = 64
 
 
 BACKENDS = ("torch", "onnx")
@@ -57,6 +65,8 @@ class StreamOptions:
     device: str | None = None
     amp: str = "off"
     clip: tuple[tuple[str, Any], ...] = ()
+    clip_int8: bool = False
+    """onnx backend: CLIP from the export's ``clip-int8.onnx`` (``export --clip-int8``)."""
 
 
 PICTURES_FPS = 10.0
