@@ -25,7 +25,7 @@ def _help_imports(argv: list[str]) -> dict:
             f"print(json.dumps({{'status': status, 'text': out.getvalue(), 'heavy': "
             f"[m for m in {HEAVY!r} if m in sys.modules]}}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -61,7 +61,7 @@ def test_stream_and_export_offer_only_the_options_they_use():
 @pytest.mark.parametrize("argv", [["salmm.official"], ["salmm.train"], ["pipeline", "verify"]])
 def test_python_m_help_still_works(argv):
     done = subprocess.run([sys.executable, "-m", *argv, "--help"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     assert done.returncode == 0 and "usage:" in done.stdout
 
 
@@ -74,7 +74,7 @@ def test_bad_input_is_one_line_and_exit_2_in_every_front_end(tmp_path):
                  ["-m", "pipeline", "normalize", "-q", "--dataset", "bdda", "--root",
                   str(tmp_path / "no-root"), "--out", str(tmp_path / "out")]):
         done = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, check=False)
         errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
         assert done.returncode == 2, (argv, done.stderr)
         assert len(errors) == 1 and str(tmp_path) in errors[0], (argv, done.stderr)
@@ -92,7 +92,7 @@ def test_salmm_prepare_runs_the_flow_to_the_bytes_normalize_writes(tmp_path):
 
     def salmm(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "salmm.cli", "-q", *argv], env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, check=False)
 
     assert salmm("synth", "--dataset", "bdda", "--out", str(tmp_path / "raw"), "--videos", "3",
                  "--frames", "4").returncode == 0
