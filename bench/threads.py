@@ -4,8 +4,9 @@ Run: ``python -m bench.threads [--repeats 15] [--size 256]``
 
 Every configuration runs in a fresh interpreter that does what a user does
 (``from salmm import build_model``, then calls the model), with the default thread count or
-with ``OMP_NUM_THREADS=1``, on a quiet machine and beside one busy process
-(``python -c "while True: pass"``, started before the interpreter and stopped after it).
+with ``OMP_NUM_THREADS=1``, on a quiet machine, beside one busy process and beside two (``python -c "while True: pass"``,
+started before the interpreter and stopped after it; two fill a 2-core machine: the heavier
+load where a governor that trusts a stale look would pick too many threads).
 Rows: batch 1 and batch 8, forward under ``torch.inference_mode()`` and forward + backward;
 the figure per row is the median of ``--repeats`` calls after two warm-up calls, and the ratio
 default / one thread (goal <= 1.2 on every row: two threads never slower than one).
@@ -60,21 +61,23 @@ print("RESULT " + json.dumps(out))
 
 
 class busy_process:
-    """Context: one ``while True: pass`` process for its duration (when ``busy``)."""
+    """Context: ``busy`` (a bool counts as 0 or 1) ``while True: pass`` processes for its
+    duration."""
 
-    def __init__(self, busy: bool) -> None:
-        self.busy = busy
-        self.hog: subprocess.Popen | None = None
+    def __init__(self, busy: int) -> None:
+        self.busy = int(busy)
+        self.hogs: list[subprocess.Popen] = []
 
     def __enter__(self) -> None:
-        if self.busy:
-            self.hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            time.sleep(1.0)                 # let the scheduler see it
+        self.hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                     for _ in range(self.busy)]
+        if self.hogs:
+            time.sleep(1.0)                 # let the scheduler see them
 
     def __exit__(self, *exc: object) -> None:
-        if self.hog is not None:
-            self.hog.kill()
-            self.hog.wait()
+        for hog in self.hogs:
+            hog.kill()
+            hog.wait()
 
 
 def module(*args: str, cwd: Path | None = None) -> None:
@@ -105,7 +108,7 @@ def trainer_rate(work: Path, busy: bool, epochs: int) -> float:
     return statistics.median(rates[1:])
 
 
-def run_child(size: int, repeats: int, one_thread: bool, busy: bool) -> dict:
+def run_child(size: int, repeats: int, one_thread: bool, busy: int) -> dict:
     """Times of one fresh interpreter: {row: [seconds...], "threads": ...}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
     with busy_process(busy):
@@ -129,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"SalMM {opts.size}x{opts.size}, median of {opts.repeats} calls, ms"
           " (default threads / OMP_NUM_THREADS=1 = ratio; goal <= 1.2)")
     worst = 0.0
-    for busy in (False, True):
+    for busy in (0, 1, 2):
         # alternate the two so drifting load hits both alike
         default = run_child(opts.size, opts.repeats, one_thread=False, busy=busy)
         single = run_child(opts.size, opts.repeats, one_thread=True, busy=busy)
-        label = "beside one busy process" if busy else "quiet machine"
+        label = ("quiet machine", "beside one busy process", "beside two busy processes")[busy]
         print(f"\n{label}: default picked {default['threads']} -> {default['threads_after']}"
               " thread(s)")
         for row in rows:
