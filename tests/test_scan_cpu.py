@@ -209,6 +209,32 @@ def _exp_array(x, out):
         out[i] = numba_math.exp(x[i])
 
 
+@numba.njit
+def _decay_array(x, out):
+    for i in range(x.shape[0]):
+        out[i] = numba_math.decay(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_decay_within_2_ulp_and_zero_below_the_normal_range(dtype):
+    """The decay factor exp(x), x <= 0, of the fused layer's scan: 2 ulp wherever exp(x) is a
+    normal number, 0 (not a subnormal) below, NaN kept, exp(0) = 1."""
+    info = np.finfo(dtype)
+    x = np.concatenate([np.linspace(math.log(info.smallest_subnormal) - 5, 0.0, 200_001),
+                        -np.abs(np.random.default_rng(0).standard_normal(50_000)) * 5,
+                        [np.nan, -np.inf, 0.0, -0.0]]).astype(dtype)
+    got = np.empty_like(x)
+    _decay_array(x, got)
+    with np.errstate(under="ignore"):
+        want = np.exp(x.astype(np.longdouble))
+    normal = want >= info.tiny
+    ulp = np.spacing(want[normal].astype(dtype)).astype(np.longdouble)
+    assert (np.abs(got[normal] - want[normal]) <= 2 * ulp).all()
+    below = ~normal & ~np.isnan(x)
+    assert below.sum() > 1000 and (got[below] <= info.tiny).all() and (got[below] >= 0).all()
+    assert np.isnan(got[-4]) and got[-3] == 0 and got[-2] == got[-1] == 1
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_exp_within_2_ulp(dtype):
     """The polynomial exp behind softplus and SiLU, over the whole range, subnormal results,

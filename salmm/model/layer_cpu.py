@@ -27,6 +27,7 @@ from the modules by one operator on every call (so no update can go unseen).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numba
@@ -34,10 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from salmm.model.numba_math import claim, exp, sigmoid, softplus
+from salmm.model.numba_math import claim, decay, exp, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = ["Packed", "layer_forward", "pack"]
+
+# numba's pedantic IR check trips over the inlined exp overload when it compiles these kernels
+# (a harmless "variable ... is not in scope", several lines each, on a user's first run)
+warnings.filterwarnings("ignore", category=numba.core.errors.NumbaIRAssumptionWarning,
+                        module=r".*salmm[./\\]model[./\\]")
 
 _REASSOC = {"reassoc"}
 _EPS = 1e-5  # nn.LayerNorm's default, which every SCPMamba LayerNorm keeps
@@ -243,7 +249,7 @@ def _sweep(delta_t, u_t, b_t, c_t, a, state, acc, backward):
             x = dt * u_t[t, c]
             total = f(0.0)
             for k in range(n):
-                h = exp(dt * a[c, k]) * state[c, k] + x * b_t[t, k]
+                h = decay(dt * a[c, k]) * state[c, k] + x * b_t[t, k]
                 state[c, k] = h
                 total += c_t[t, k] * h
             acc[c, t] = total
