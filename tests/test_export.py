@@ -100,9 +100,11 @@ def test_clip_graph_resizes_as_torchvision():
 
 
 def test_export_writes_both_graphs_and_describes_them(data: InferenceData, exported: Path):
+    """(The session's export also asked for the int8 CLIP: clip-int8.onnx, tested below.)"""
     description = json.loads((exported / "export.json").read_text())
-    assert sorted(p.name for p in exported.iterdir()) == ["clip.onnx", "export.json",
-                                                          "salmm.onnx"]
+    assert sorted(p.name for p in exported.iterdir()) == ["clip-int8.onnx", "clip.onnx",
+                                                          "export.json", "salmm.onnx"]
+    assert sorted(description["graphs"]) == ["clip", "clip-int8", "salmm"]
     assert description["format"] == "salmm-onnx"
     assert description["size"] == {"height": 64, "width": 64}
     loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
