@@ -9,6 +9,7 @@ randomly initialised SalMM saved twice: as an official ``model_best_*.tar`` and 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,44 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
                        rng.normal(size=(count, 2, 512)).astype(np.float32))
     writer.finish()
     return root, cache
+
+
+def stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``salmm.deploy.graphs.export`` trace nothing: the network and CLIP graphs become
+    one-MatMul graphs with the real inputs and outputs, their checks exact. For tests of what
+    the export does around the graphs (writing, refusing, int8), not of the graphs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from salmm.deploy import graphs
+
+    def write(path: Path, inputs: list[tuple[str, list[int]]], out: tuple[str, list[int]],
+              opset: int) -> None:
+        width = sum(math.prod(shape) for _, shape in inputs)
+        weight = np.random.default_rng(0).standard_normal((width, math.prod(out[1])))
+        nodes = [helper.make_node("Flatten", [name], [f"{name}_flat"]) for name, _ in inputs]
+        nodes += [helper.make_node("Concat", [f"{name}_flat" for name, _ in inputs], ["flat"],
+                                   axis=1),
+                  helper.make_node("MatMul", ["flat", "w"], ["product"]),
+                  helper.make_node("Reshape", ["product", "shape"], [out[0]])]
+        graph = helper.make_graph(
+            nodes, path.stem,
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+             for name, shape in inputs],
+            [helper.make_tensor_value_info(out[0], TensorProto.FLOAT, out[1])],
+            initializer=[numpy_helper.from_array(weight.astype(np.float32), "w"),
+                         numpy_helper.from_array(np.asarray(out[1], np.int64), "shape")])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]),
+                  str(path))
+
+    def network(state_dict, size, path, opset=17, dim=512, **_):
+        write(path, [("frame", [1, 3, *size]), ("embedding", [1, dim])],
+              ("saliency", [1, 1, *size]), opset)
+        return {"graph": 0.0, "onnxruntime": 0.0, "pytorch_float32": 0.0}
+
+    def clip(encoder, size, path, opset=17):
+        write(path, [("frame", [1, 3, *size])], ("embedding", [1, 32]), opset)
+        return 0.0
+
+    monkeypatch.setattr(graphs, "export_network", network)
+    monkeypatch.setattr(graphs, "export_clip", clip)
