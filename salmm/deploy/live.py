@@ -76,9 +76,10 @@ log = logging.getLogger("salmm.stream")
 DISPLAY_WIDTH = 768
 """Widest overlay drawn (wider frames are shrunk first, INTER_AREA): colouring and encoding a
 full 1280x720 overlay would cost more than the model."""
-ENCODER_PRESET = "veryfast"
-"""libx264 preset of ``--out``: 13 ms of CPU a 768x432 frame here, against 43 ms for the default
-``medium`` - time the encoder would take from the model on a small machine."""
+ENCODER_PRESET = "ultrafast"
+"""libx264 preset of ``--out``: the encoder shares the machine with the model, so the fastest
+(end to end at K=8 on 2 cores: 28-29 fps against 24.5 with ``veryfast``, 13 ms of CPU a 768x432
+frame, and far less than ``medium``'s 43 ms; the file is about twice ``veryfast``'s)."""
 WINDOW = "salmm.stream"
 
 
@@ -148,6 +149,9 @@ class OnnxRunner:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # no spinning after a run: its threads would hold the core PyTorch's next operator
+        # (SalMM on the kernels) waits for - 38 ms against 15 ms a frame on 2 cores here
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.clip, self.salmm = (session(folder / f"{name}.onnx", options)
                                  for name in (INT8_GRAPH if int8 else "clip", "salmm"))
         cpu = loaded is not None and size is not None and loaded.device.type == "cpu"
