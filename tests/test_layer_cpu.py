@@ -188,3 +188,16 @@ def test_weights_updated_by_a_fused_optimiser_are_seen(models):
     fast.load_state_dict(ref.state_dict())
     assert (after - before).abs().max() > 1e-4
     assert (after - want).abs().max() < 1e-4
+
+
+def test_saliency_head_equals_conv_upsample_sigmoid_in_float64(models):
+    fast, _ = models
+    conv = fast.final.double()
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = torch.sigmoid(F.interpolate(conv(x), scale_factor=2, mode="bilinear",
+                                           align_corners=True))
+        got = maps_cpu.saliency_head(conv, x)
+    fast.float()
+    assert got.shape == want.shape == (2, 1, 10, 14)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

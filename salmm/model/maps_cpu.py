@@ -151,3 +151,57 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
                 sums[c] += both[p, c]
         for c in range(channels):
             pooled[b, c] = sums[c] / (height * width)
+
+
+def saliency_head(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """SalMM's last step on x [B, C, h, w] (CPU, any memory format): sigmoid of the 2x bilinear
+    upsampling (align_corners=True) of the 1x1 convolution ``conv`` (C -> 1) -> [B, 1, 2h, 2w]
+    in x's dtype. No autograd."""
+    batch, channels, height, width = x.shape
+    pixels = x.permute(0, 2, 3, 1).contiguous()
+    out = torch.empty(batch, 1, 2 * height, 2 * width, dtype=x.dtype)
+    weight = conv.weight.detach().to(x.dtype).reshape(channels).numpy()
+    bias = conv.bias.detach().to(x.dtype).numpy()
+    _saliency_head_kernel(pixels.numpy(), weight, bias[0], out.numpy())
+    return out
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _saliency_head_kernel(x, weight, bias, out):
+    """x [B, h, w, C], weight [C] -> out [B, 1, 2h, 2w] (see saliency_head). The source
+    coordinate of output pixel i is i * (h - 1) / (2h - 1) in float32, as PyTorch computes it
+    for float32 maps, and the corner weights (1 - l, l)."""
+    batch, height, width, channels = x.shape
+    f = out.dtype.type
+    plane = np.empty((height, width), dtype=x.dtype)
+    rows, cols = out.shape[2], out.shape[3]
+    scale_y = f(height - 1) / f(rows - 1) if rows > 1 else f(0.0)
+    scale_x = f(width - 1) / f(cols - 1) if cols > 1 else f(0.0)
+    x0 = np.empty(cols, dtype=np.int64)
+    x1 = np.empty(cols, dtype=np.int64)
+    lx = np.empty(cols, dtype=x.dtype)
+    for j in range(cols):
+        source = scale_x * f(j)
+        x0[j] = min(int(source), width - 1)
+        x1[j] = x0[j] + (1 if x0[j] < width - 1 else 0)
+        lx[j] = source - f(x0[j])
+    for b in range(batch):
+        frame = x[b].reshape(-1, channels)
+        flat = plane.ravel()
+        for p in range(flat.shape[0]):
+            total = bias
+            for c in range(channels):
+                total += weight[c] * frame[p, c]
+            flat[p] = total
+        for i in range(rows):
+            source = scale_y * f(i)
+            y0 = min(int(source), height - 1)
+            y1 = y0 + (1 if y0 < height - 1 else 0)
+            ly = source - f(y0)
+            top, bottom, target = plane[y0], plane[y1], out[b, 0, i]
+            for j in range(cols):
+                a = (f(1.0) - lx[j]) * top[x0[j]] + lx[j] * top[x1[j]]
+                c = (f(1.0) - lx[j]) * bottom[x0[j]] + lx[j] * bottom[x1[j]]
+                target[j] = (f(1.0) - ly) * a + ly * c
+            for j in range(cols):
+                target[j] = sigmoid(target[j], f)[0]
