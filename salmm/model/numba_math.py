@@ -49,6 +49,39 @@ def claim(typingctx, counter):
     return types.int64(counter), codegen
 
 
+def _reduced(x):
+    """(exp(r), k) with x = k ln2 + r; implemented for numba only (see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(_reduced, inline="always")
+def _reduced_overload(x):
+    """Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, and a polynomial for exp(r)
+    (float32: Cephes' expf; float64: Taylor to r**13), for x inside exp's range."""
+    if x == types.float32:
+        f, ln2_hi, ln2_lo = np.float32, 0.693359375, -2.12194440e-4
+        coefficients = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                        1.6666665459e-1, 5.0000001201e-1)
+    elif x == types.float64:
+        f, ln2_hi, ln2_lo = np.float64, 6.93145751953125e-1, 1.42860682030941723212e-6
+        coefficients = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
+    else:
+        return None
+    ln2_hi, ln2_lo, log2_e = f(ln2_hi), f(ln2_lo), f(LOG2_E)
+    coefficients = tuple(f(c) for c in coefficients)
+    one, half = f(1.0), f(0.5)
+
+    def impl(x):
+        k = np.floor(x * log2_e + half)
+        r = x - k * ln2_hi - k * ln2_lo
+        p = coefficients[0]
+        for c in coefficients[1:]:
+            p = p * r + c
+        return p * r * r + r + one, k
+
+    return impl
+
+
 def exp(x):
     """exp(x), vectorisable; implemented for numba only (see the overload below)."""
     raise NotImplementedError
@@ -56,38 +89,17 @@ def exp(x):
 
 @overload(exp, inline="always")
 def _exp_overload(x):
-    """Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, a polynomial for exp(r) (float32:
-    Cephes' expf; float64: Taylor to r**13), 2**k from bits in two halves so that subnormal
-    results come out right. Within 2 ulp of exp(x); below the subnormal range 0, above the
-    overflow threshold inf, NaN stays NaN."""
-    if x == types.float32:
-        f, lo, hi, ln2_hi, ln2_lo = np.float32, -104.0, 89.0, 0.693359375, -2.12194440e-4
-        coefficients = (
-            1.9875691500e-4,
-            1.3981999507e-3,
-            8.3334519073e-3,
-            4.1665795894e-2,
-            1.6666665459e-1,
-            5.0000001201e-1,
-        )
-    elif x == types.float64:
-        f, lo, hi = np.float64, -746.0, 710.0
-        ln2_hi, ln2_lo = 6.93145751953125e-1, 1.42860682030941723212e-6
-        coefficients = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
-    else:
+    """:func:`_reduced`, then 2**k from bits in two halves so that subnormal results come out
+    right. Within 2 ulp of exp(x); below the subnormal range 0, above the overflow threshold
+    inf, NaN stays NaN."""
+    if x not in (types.float32, types.float64):
         return None
-    lo, hi, ln2_hi, ln2_lo, log2_e = f(lo), f(hi), f(ln2_hi), f(ln2_lo), f(LOG2_E)
-    coefficients = tuple(f(c) for c in coefficients)
-    one, half = f(1.0), f(0.5)
+    f = np.float32 if x == types.float32 else np.float64
+    lo, hi = (f(-104.0), f(89.0)) if x == types.float32 else (f(-746.0), f(710.0))
+    half = f(0.5)
 
     def impl(x):
-        xc = min(max(x, lo), hi)  # numba's max / min return a NaN first argument
-        k = np.floor(xc * log2_e + half)
-        r = xc - k * ln2_hi - k * ln2_lo
-        p = coefficients[0]
-        for c in coefficients[1:]:
-            p = p * r + c
-        p = p * r * r + r + one
+        p, k = _reduced(min(max(x, lo), hi))  # numba's max / min return a NaN first argument
         k_half = np.floor(k * half)
         e = p * pow2(k_half) * pow2(k - k_half)
         return e - e if x < lo else e  # 0 below the range
@@ -126,32 +138,18 @@ def decay(x):
 
 @overload(decay, inline="always")
 def _decay_overload(x):
-    """:func:`exp`'s reduction and polynomial with one 2**k: within 2 ulp of exp(x) where the
-    result is a normal number, 0 below that (exp(x) < 1.2e-38 in float32, 2.3e-308 in float64:
-    a factor that has already wiped the state out). x > 0 is outside the contract (it gives
-    exp(0) = 1); NaN stays NaN."""
-    if x == types.float32:
-        f, lo, ln2_hi, ln2_lo = np.float32, -87.33654, 0.693359375, -2.12194440e-4
-        coefficients = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                        1.6666665459e-1, 5.0000001201e-1)
-    elif x == types.float64:
-        f, lo = np.float64, -708.3964185322641
-        ln2_hi, ln2_lo = 6.93145751953125e-1, 1.42860682030941723212e-6
-        coefficients = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
-    else:
+    """:func:`_reduced` with one 2**k: within 2 ulp of exp(x) where the result is a normal
+    number, 0 below that (exp(x) < 1.2e-38 in float32, 2.3e-308 in float64: a factor that has
+    already wiped the state out). x > 0 is outside the contract (it gives exp(0) = 1); NaN
+    stays NaN."""
+    if x not in (types.float32, types.float64):
         return None
-    lo, ln2_hi, ln2_lo, log2_e = f(lo), f(ln2_hi), f(ln2_lo), f(LOG2_E)
-    coefficients = tuple(f(c) for c in coefficients)
-    one, half, zero = f(1.0), f(0.5), f(0.0)
+    f = np.float32 if x == types.float32 else np.float64
+    lo = f(-87.33654) if x == types.float32 else f(-708.3964185322641)  # log of the least normal
+    zero = f(0.0)
 
     def impl(x):
-        xc = min(max(x, lo), zero)  # numba's max / min return a NaN first argument
-        k = np.floor(xc * log2_e + half)
-        r = xc - k * ln2_hi - k * ln2_lo
-        p = coefficients[0]
-        for c in coefficients[1:]:
-            p = p * r + c
-        e = (p * r * r + r + one) * pow2(k)
-        return zero if x < lo else e
+        p, k = _reduced(min(max(x, lo), zero))  # numba's max / min return a NaN first argument
+        return zero if x < lo else p * pow2(k)
 
     return impl
