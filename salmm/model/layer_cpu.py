@@ -15,11 +15,13 @@ channels-last memory the model keeps):
 * the groups concatenated and LayerNormed: out [L, C_out].
 
 Arithmetic: float32 (float64 for a float64 model, which the parity tests use to tell a wrong
-computation from rounding: 1e-12 there). The products are written as loops over whole pixel rows
-(channel-major inside), so they vectorise without reordering any sum; only the n-long sum C . h of the scan
-is reassociated (``fastmath={"reassoc"}``), as in :mod:`salmm.model.scan_cpu`. Results are the
-same on every call and do not depend on the thread count. The batch's frames are claimed by
-up to ``torch.get_num_threads()`` threads, so batch 1 runs on one.
+computation from rounding: 1e-12 there). Inside, rows are channel-major [C, L]: products and
+convolutions are loops over whole pixel rows (slices, never computed indices, which numba's
+wraparound check keeps from vectorising), so they vectorise without reordering any sum; only
+the n-long sum C . h of the scan is reassociated (``fastmath={"reassoc"}``), as in
+:mod:`salmm.model.scan_cpu`, and its decay exp(delta A) is :func:`numba_math.decay`. Results
+are the same on every call and do not depend on the thread count. The batch's frames are
+claimed by up to ``torch.get_num_threads()`` threads, so batch 1 runs on one.
 
 A layer's weights live in one flat buffer (``Packed``) in their modules' own layouts, copied
 from the modules by one operator on every call (so no update can go unseen).
