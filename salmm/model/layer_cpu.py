@@ -40,7 +40,7 @@ from torch import Tensor
 from salmm.model.numba_math import claim, decay, exp, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
-__all__ = ["Packed", "layer_forward", "pack"]
+__all__ = ["Packed", "layer_forward", "pack", "pointwise", "silu"]
 
 # numba's pedantic IR check trips over the inlined exp overload when it compiles these kernels
 # (a harmless "variable ... is not in scope", several lines each, on a user's first run)
@@ -142,7 +142,7 @@ def _piece(weights, offsets, i):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _pointwise(x, w, b, out, row, relu):
+def pointwise(x, w, b, out, row, relu):
     """out[row:row + c_out] = w x + b (x [c_in, L], w [c_out, c_in]), through ReLU if asked:
     a 1x1 convolution or a Linear layer on channel-major rows."""
     c_out, c_in = w.shape
@@ -228,7 +228,7 @@ def _layer_norm(x, row, width, g, b, mean, rstd, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _silu(x, out):
+def silu(x, out):
     """out = x * sigmoid(x), elementwise over flat arrays."""
     f = out.dtype.type
     for i in range(x.shape[0]):
@@ -263,10 +263,10 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     length = s.shape[1]
     dtype = out.dtype
     xz = np.empty((2 * d_inner, length), dtype=dtype)
-    _pointwise(s, _piece(weights, offsets, base + 2).reshape(2 * d_inner, d_model),
+    pointwise(s, _piece(weights, offsets, base + 2).reshape(2 * d_inner, d_model),
                np.zeros(2 * d_inner, dtype=dtype), xz, 0, False)
     gate = np.empty((d_inner, length), dtype=dtype)
-    _silu(xz[d_inner:].ravel(), gate.ravel())
+    silu(xz[d_inner:].ravel(), gate.ravel())
     u, pre = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     delta = np.empty((d_inner, length), dtype=dtype)
     bc = np.empty((rank + 2 * n, length), dtype=dtype)
@@ -299,8 +299,8 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
                 into, source = pre[c, t0:t1], xz[c, t0 + shift:t1 + shift]
                 for t in range(into.shape[0]):
                     into[t] += weight * source[t]
-        _silu(pre.ravel(), u.ravel())
-        _pointwise(u, x_proj, np.zeros(rank + 2 * n, dtype=dtype), bc, 0, False)
+        silu(pre.ravel(), u.ravel())
+        pointwise(u, x_proj, np.zeros(rank + 2 * n, dtype=dtype), bc, 0, False)
         for c in range(d_inner):
             delta[c] = 0.0
             for r in range(rank):
@@ -317,7 +317,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
         for c in range(d_inner):
             for t in range(length):
                 y[c, t] += (acc[c, t] + d[c] * u[c, t]) * gate[c, t]
-    _pointwise(y, _piece(weights, offsets, base + 17).reshape(d_model, d_inner),
+    pointwise(y, _piece(weights, offsets, base + 17).reshape(d_model, d_inner),
                _piece(weights, offsets, base + 18), out, row, False)
 
 
@@ -341,18 +341,18 @@ def _layer_kernel(x, weights, offsets, dims, out, counter):
     frame = claim(counter)
     while frame < x.shape[0]:
         planes[:] = x[frame].T
-        _pointwise(planes, _piece(weights, offsets, 0).reshape(c1, c_in),
+        pointwise(planes, _piece(weights, offsets, 0).reshape(c1, c_in),
                    _piece(weights, offsets, 1), branches, 0, True)
-        _pointwise(planes, _piece(weights, offsets, 2).reshape(c2r, c_in),
+        pointwise(planes, _piece(weights, offsets, 2).reshape(c2r, c_in),
                    _piece(weights, offsets, 3), hidden, 0, True)
         _spatial(hidden, _piece(weights, offsets, 4).reshape(c2, c2r, 3, 3),
                  _piece(weights, offsets, 5), height, width, branches, c1)
-        _pointwise(planes, _piece(weights, offsets, 6).reshape(c3r, c_in),
+        pointwise(planes, _piece(weights, offsets, 6).reshape(c3r, c_in),
                    _piece(weights, offsets, 7), hidden, 0, True)
         _spatial(hidden, _piece(weights, offsets, 8).reshape(c3, c3r, 5, 5),
                  _piece(weights, offsets, 9), height, width, branches, c1 + c2)
         _max_pool3(planes, height, width, hidden)
-        _pointwise(hidden[:c_in], _piece(weights, offsets, 10).reshape(c4, c_in),
+        pointwise(hidden[:c_in], _piece(weights, offsets, 10).reshape(c4, c_in),
                    _piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
         row = 0
         for g in range(_GROUPS):

@@ -29,11 +29,14 @@ chunked PyTorch scan on other devices; ``"export"`` the same call on
 export (forward only); ``"cuda"`` runs mamba-ssm's
 ``selective_scan_fn`` once per direction and, when installed,
 ``causal_conv1d_fn`` (install the ``gpu`` extra); ``"auto"`` picks ``"cuda"`` for CUDA inputs
-when mamba-ssm imports, else ``"builtin"``. Parameters and state_dict are identical.
+when mamba-ssm imports, the fused CPU kernel pair of :mod:`salmm.model.mamba_cpu` for CPU
+training (autograd recording; ``"builtin"`` is its ``_ref`` twin), else ``"builtin"``.
+Parameters and state_dict are identical.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -72,6 +75,17 @@ def _load_kernels() -> dict:
         except Exception as exc:  # noqa: BLE001
             log.info("causal-conv1d kernel unavailable (%s: %s)", type(exc).__name__, exc)
     return _kernels
+
+
+@functools.cache
+def _mamba_cpu():
+    """:mod:`salmm.model.mamba_cpu`, or None when numba does not import (the reason is logged)."""
+    try:
+        from salmm.model import mamba_cpu  # lazy: numba may be missing; the modules stand in
+    except ImportError as exc:
+        log.info("fused CPU Mamba unavailable (%s: %s)", type(exc).__name__, exc)
+        return None
+    return mamba_cpu
 
 
 def cuda_kernels_available() -> bool:
@@ -177,6 +191,8 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """hidden_states: [b, l, d_model] -> [b, l, d_model]."""
+        if self._fused_cpu(hidden_states):
+            return _mamba_cpu().mamba_forward(self, hidden_states)
         backend = self.resolved_backend(hidden_states.device)
         kernels = _load_kernels() if backend == "cuda" else {}
         xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()  # [b, 2*d_inner, l]
@@ -211,6 +227,14 @@ class Mamba(nn.Module):
             y_f, y_b = y.unbind(1)
         y = y_f + y_b.flip(-1)  # [b, d_inner, l], summed as published (no averaging)
         return self.out_proj(y.transpose(1, 2))
+
+    def _fused_cpu(self, x: Tensor) -> bool:
+        """Whether this forward runs :mod:`salmm.model.mamba_cpu` (training on a CPU): backend
+        "auto", a float32 / float64 CPU input, autograd recording, no in_proj bias, numba.
+        (CPU inference runs whole SCPMamba layers in :mod:`salmm.model.layer_cpu` instead.)"""
+        return (self.backend == "auto" and x.device.type == "cpu" and torch.is_grad_enabled()
+                and x.dtype in (torch.float32, torch.float64) and self.in_proj.bias is None
+                and _mamba_cpu() is not None)
 
     def _scan_args(self, kernels, x, conv1d, x_proj, dt_proj, A_log, D) -> tuple[Tensor, ...]:
         """One direction's selective-scan inputs from x [b, d_inner, l]: the conv+SiLU output

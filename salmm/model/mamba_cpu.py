@@ -1,0 +1,398 @@
+"""The bidirectional Mamba block on CPU as one differentiable numba kernel pair: training speed.
+
+What :class:`salmm.model.mamba.Mamba` computes (its module docstring has the published
+numerics), forward and backward, for CPU tensors under autograd: some 40 PyTorch operators and
+their backward per block become one kernel call each way. The module's own path (backend
+``"builtin"``) is the ``_ref`` twin (``tests/test_mamba_cpu.py``: gradcheck in float64 and the
+gradients of both paths).
+
+Per batch row, channel-major [C, L] inside (L the sequence length):
+
+    forward   xz = W_in s; per direction: pre = causal conv(x) + b, u = SiLU(pre),
+              (dt, B, C) = W_x u, dl = W_dt dt + b_dt, delta = softplus(dl),
+              h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,  y = C . h + D u;
+              ysum = sum of y * SiLU(z) over the directions; out = W_out ysum + b_out
+    backward  the same steps in reverse: the scan's adjoint runs against the direction's time,
+              lambda_t = C_t gy_t + exp(delta_{t+1} A) lambda_{t+1}, with the states h saved by
+              the forward pass and the decays recomputed.
+
+Every sum runs in a fixed order (the n-long sums of the scan reassociated to vectorise, as in
+:mod:`salmm.model.scan_cpu`); each row's parameter gradients go to their own buffer and are
+summed over rows in row order, so results do not depend on the thread count. float32, or
+float64 for float64 inputs.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from salmm.model.layer_cpu import pointwise, silu
+from salmm.model.numba_math import claim, decay, exp, sigmoid, softplus
+from salmm.model.scan_cpu import run_jobs
+
+__all__ = ["mamba_forward"]
+
+_REASSOC = {"reassoc"}
+_PIECES = 17  # in_proj, 7 per direction (conv w, conv b, x_proj, dt_proj w, b, A_log, D), out_proj w, b
+
+
+def _parameters(mamba) -> list[Tensor]:
+    """The block's tensors in the kernels' order (an absent out_proj bias: zeros)."""
+    out_bias = mamba.out_proj.bias
+    if out_bias is None:
+        out_bias = torch.zeros(mamba.d_model, dtype=mamba.out_proj.weight.dtype)
+    return [mamba.in_proj.weight,
+            mamba.conv1d.weight, mamba.conv1d.bias, mamba.x_proj.weight, mamba.dt_proj.weight,
+            mamba.dt_proj.bias, mamba.A_log, mamba.D,
+            mamba.conv1d_b.weight, mamba.conv1d_b.bias, mamba.x_proj_b.weight,
+            mamba.dt_proj_b.weight, mamba.dt_proj_b.bias, mamba.A_b_log, mamba.D_b,
+            mamba.out_proj.weight, out_bias]
+
+
+def mamba_forward(mamba, hidden: Tensor) -> Tensor:
+    """``mamba`` (a Mamba block without in_proj bias) on hidden [b, l, d_model] (CPU, float32
+    or float64), differentiable in hidden and every parameter -> [b, l, d_model]."""
+    if mamba.in_proj.bias is not None:
+        raise ValueError("the fused CPU Mamba supports blocks without in_proj bias")
+    dims = (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state, mamba.d_conv)
+    return _FusedMamba.apply(dims, hidden, *_parameters(mamba))
+
+
+class _FusedMamba(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dims, hidden, *params):
+        d_model, d_inner, rank, n, _ = dims
+        dtype = hidden.dtype
+        batch, length, _ = hidden.shape
+        sizes = [p.numel() for p in params]
+        offsets = np.cumsum([0] + sizes).astype(np.int64)
+        weights = torch.cat([p.detach().to(dtype).reshape(-1) for p in params]).numpy()
+        x = hidden.detach().contiguous()
+
+        def empty(*shape):
+            return np.empty((batch, *shape), dtype=weights.dtype)
+
+        saved = (empty(d_model, length), empty(2 * d_inner, length),          # s^T, xz
+                 empty(2, d_inner, length), empty(2, d_inner, length),        # pre, u
+                 empty(2, rank + 2 * n, length), empty(2, d_inner, length),   # bc, dl
+                 empty(2, d_inner, length), empty(2, length, d_inner, n),     # delta, states
+                 empty(2, d_inner, length), empty(d_inner, length))           # y, ysum
+        out = torch.empty(batch, length, d_model, dtype=dtype)
+        dimensions = np.asarray(dims, dtype=np.int64)
+        run_jobs(_forward_kernel, (x.numpy(), weights, offsets, dimensions, *saved, out.numpy()),
+                 batch)
+        ctx.saved = (weights, offsets, dimensions, saved)
+        ctx.shapes = [p.shape for p in params]
+        ctx.dtypes = [p.dtype for p in params]
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        weights, offsets, dimensions, saved = ctx.saved
+        batch, length = saved[0].shape[0], saved[0].shape[2]
+        d_model = int(dimensions[0])
+        ghidden = torch.empty(batch, length, d_model, dtype=gout.dtype)
+        partial = np.zeros((batch, weights.shape[0]), dtype=weights.dtype)
+        run_jobs(_backward_kernel, (gout.detach().contiguous().to(ghidden.dtype).numpy(),
+                                    weights, offsets, dimensions, *saved, ghidden.numpy(),
+                                    partial), batch)
+        total = torch.from_numpy(_sum_rows(partial))
+        grads = [total[int(a):int(b)].view(shape).to(dtype) for a, b, shape, dtype in
+                 zip(offsets[:-1], offsets[1:], ctx.shapes, ctx.dtypes)]
+        needs = ctx.needs_input_grad
+        return (None, ghidden if needs[1] else None,
+                *(g if need else None for g, need in zip(grads, needs[2:])))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _sum_rows(partial):
+    """The rows of ``partial`` summed in row order."""
+    total = partial[0].copy()
+    for r in range(1, partial.shape[0]):
+        total += partial[r]
+    return total
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _piece(weights, offsets, i):
+    return weights[offsets[i]:offsets[i + 1]]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _accumulate_outer(g, x, into):
+    """into[o, i] += sum_t g[o, t] x[i, t]: a weight's gradient from rows g [O, L], x [I, L]."""
+    for o in range(g.shape[0]):
+        for i in range(x.shape[0]):
+            total = g.dtype.type(0.0)
+            for t in range(g.shape[1]):
+                total += g[o, t] * x[i, t]
+            into[o, i] += total
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _transposed_product(w, g, out):
+    """out = w^T g (w [O, I], g [O, L], out [I, L]): the gradient a Linear passes back."""
+    out[:] = 0.0
+    for o in range(w.shape[0]):
+        for i in range(w.shape[1]):
+            weight, source, target = w[o, i], g[o], out[i]
+            for t in range(target.shape[0]):
+                target[t] += weight * source[t]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _conv_shift(direction, k, taps):
+    """Offset of tap k's input for the causal (direction 0) or anti-causal (1) conv."""
+    return k - (taps - 1) if direction == 0 else (taps - 1) - k
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _sweep_saving(delta_t, u_t, b_t, c_t, a, states, y_t, backward):
+    """The scan of one direction on time-major delta_t, u_t [L, d_inner], b_t, c_t [L, n]:
+    states[t] = h_t [d_inner, n] for every t, y_t[t, c] = C_t . h_t[c] (the D term is the
+    caller's). Time-major, so one step reads contiguous memory."""
+    length, d_inner = u_t.shape
+    n = a.shape[1]
+    f = y_t.dtype.type
+    prev = np.zeros((d_inner, n), dtype=y_t.dtype)
+    for step in range(length):
+        t = length - 1 - step if backward else step
+        h = states[t]
+        for c in range(d_inner):
+            dt = delta_t[t, c]
+            x = dt * u_t[t, c]
+            total = f(0.0)
+            for k in range(n):
+                v = decay(dt * a[c, k]) * prev[c, k] + x * b_t[t, k]
+                h[c, k] = v
+                total += c_t[t, k] * v
+            y_t[t, c] = total
+        prev = h
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
+                    ysum, out, counter):
+    d_model, d_inner, rank, n, taps = dims
+    length = hidden.shape[1]
+    dtype = out.dtype
+    a = np.empty((d_inner, n), dtype=dtype)
+    delta_t, u_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
+    b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
+    y_t = np.empty((length, d_inner), dtype=dtype)
+    r = claim(counter)
+    while r < hidden.shape[0]:
+        s_t[r] = hidden[r].T
+        pointwise(s_t[r], _piece(weights, offsets, 0).reshape(2 * d_inner, d_model),
+                   np.zeros(2 * d_inner, dtype=dtype), xz[r], 0, False)
+        gate = np.empty((d_inner, length), dtype=dtype)
+        silu(xz[r, d_inner:].ravel(), gate.ravel())
+        ysum[r] = 0.0
+        for direction in range(2):
+            i = 1 + 7 * direction
+            conv_w = _piece(weights, offsets, i).reshape(d_inner, taps)
+            conv_b = _piece(weights, offsets, i + 1)
+            x_proj = _piece(weights, offsets, i + 2).reshape(rank + 2 * n, d_inner)
+            dt_proj = _piece(weights, offsets, i + 3).reshape(d_inner, rank)
+            dt_bias = _piece(weights, offsets, i + 4)
+            a_log = _piece(weights, offsets, i + 5).reshape(d_inner, n)
+            d = _piece(weights, offsets, i + 6)
+            for c in range(d_inner):
+                for k in range(n):
+                    a[c, k] = -exp(a_log[c, k])
+            p = pre[r, direction]
+            for c in range(d_inner):
+                p[c] = conv_b[c]
+                for k in range(taps):
+                    shift = _conv_shift(direction, k, taps)
+                    t0, t1 = max(0, -shift), min(length, length - shift)
+                    if t1 <= t0:
+                        continue
+                    weight = conv_w[c, k]
+                    into, source = p[c, t0:t1], xz[r, c, t0 + shift:t1 + shift]
+                    for t in range(into.shape[0]):
+                        into[t] += weight * source[t]
+            ud = u[r, direction]
+            silu(p.ravel(), ud.ravel())
+            b = bc[r, direction]
+            pointwise(ud, x_proj, np.zeros(rank + 2 * n, dtype=dtype), b, 0, False)
+            lin, dd = dl[r, direction], delta[r, direction]
+            for c in range(d_inner):
+                lin[c] = 0.0
+                for q in range(rank):
+                    weight = dt_proj[c, q]
+                    for t in range(length):
+                        lin[c, t] += weight * b[q, t]
+                for t in range(length):
+                    lin[c, t] += dt_bias[c]
+                    dd[c, t] = softplus(lin[c, t])[0]
+            yd = y[r, direction]
+            delta_t[:] = dd.T
+            u_t[:] = ud.T
+            b_t[:] = b[rank:rank + n].T
+            c_t[:] = b[rank + n:].T
+            _sweep_saving(delta_t, u_t, b_t, c_t, a, states[r, direction], y_t, direction == 1)
+            yd[:] = y_t.T
+            for c in range(d_inner):
+                for t in range(length):
+                    yd[c, t] += d[c] * ud[c, t]
+                    ysum[r, c, t] += yd[c, t] * gate[c, t]
+        product = np.empty((d_model, length), dtype=dtype)
+        pointwise(ysum[r], _piece(weights, offsets, 15).reshape(d_model, d_inner),
+                   _piece(weights, offsets, 16), product, 0, False)
+        out[r] = product.T
+        r = claim(counter)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _scan_backward(gy_t, delta_t, u_t, b_t, c_t, a, states, backward, gdelta_t, gu_t, gb_t,
+                   gc_t, ga):
+    """The adjoint of one direction's scan (see the module docstring), all time-major: from
+    gy_t [L, d_inner] (dL/dy before the D term) into gdelta_t, gu_t [L, d_inner], gb_t, gc_t
+    [L, n] and ga [d_inner, n] (dL/dA, accumulated)."""
+    length, d_inner = u_t.shape
+    n = a.shape[1]
+    f = gy_t.dtype.type
+    lam = np.zeros((d_inner, n), dtype=gy_t.dtype)
+    a_next = np.zeros((d_inner, n), dtype=gy_t.dtype)
+    a_now = np.empty((d_inner, n), dtype=gy_t.dtype)
+    zero = np.zeros((d_inner, n), dtype=gy_t.dtype)
+    for step in range(length):
+        t = step if backward else length - 1 - step          # against the direction's time
+        before = t + 1 if backward else t - 1                # the step the state came from
+        prev = states[before] if 0 <= before < length else zero
+        h = states[t]
+        gb, gc = gb_t[t], gc_t[t]
+        gb[:] = 0.0
+        gc[:] = 0.0
+        for c in range(d_inner):
+            dt, g, x = delta_t[t, c], gy_t[t, c], u_t[t, c]
+            total_delta, total_u = f(0.0), f(0.0)
+            for k in range(n):
+                lam[c, k] = c_t[t, k] * g + a_next[c, k] * lam[c, k]
+                a_now[c, k] = decay(dt * a[c, k])
+                through = lam[c, k] * prev[c, k] * a_now[c, k]
+                total_delta += through * a[c, k] + lam[c, k] * x * b_t[t, k]
+                total_u += lam[c, k] * b_t[t, k]
+                ga[c, k] += through * dt
+            for k in range(n):
+                gb[k] += lam[c, k] * dt * x
+                gc[k] += g * h[c, k]
+            gdelta_t[t, c] = total_delta
+            gu_t[t, c] = dt * total_u
+        a_next[:] = a_now
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
+                     ysum, ghidden, partial, counter):
+    d_model, d_inner, rank, n, taps = dims
+    length = gout.shape[1]
+    dtype = ghidden.dtype
+    a = np.empty((d_inner, n), dtype=dtype)
+    gy_t, delta_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
+    u_t, gdelta_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
+    gu_t = np.empty((length, d_inner), dtype=dtype)
+    b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
+    gb_t, gc_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
+    r = claim(counter)
+    while r < gout.shape[0]:
+        grads = partial[r]
+        g_t = np.ascontiguousarray(gout[r].T)                      # [d_model, L]
+        out_w = _piece(weights, offsets, 15).reshape(d_model, d_inner)
+        _accumulate_outer(g_t, ysum[r], _piece(grads, offsets, 15).reshape(d_model, d_inner))
+        g_bias = _piece(grads, offsets, 16)
+        for o in range(d_model):
+            for t in range(length):
+                g_bias[o] += g_t[o, t]
+        gys = np.empty((d_inner, length), dtype=dtype)
+        _transposed_product(out_w, g_t, gys)
+        gxz = np.zeros((2 * d_inner, length), dtype=dtype)
+        gy = np.empty((d_inner, length), dtype=dtype)
+        gdelta = np.empty((d_inner, length), dtype=dtype)
+        gu = np.empty((d_inner, length), dtype=dtype)
+        gbc = np.empty((rank + 2 * n, length), dtype=dtype)
+        gback = np.empty((d_inner, length), dtype=dtype)
+        ga = np.empty((d_inner, n), dtype=dtype)
+        for direction in range(2):
+            i = 1 + 7 * direction
+            conv_w = _piece(weights, offsets, i).reshape(d_inner, taps)
+            x_proj = _piece(weights, offsets, i + 2).reshape(rank + 2 * n, d_inner)
+            dt_proj = _piece(weights, offsets, i + 3).reshape(d_inner, rank)
+            a_log = _piece(weights, offsets, i + 5).reshape(d_inner, n)
+            d = _piece(weights, offsets, i + 6)
+            for c in range(d_inner):
+                for k in range(n):
+                    a[c, k] = -exp(a_log[c, k])
+            ud, b, lin, dd, yd = u[r, direction], bc[r, direction], dl[r, direction], \
+                delta[r, direction], y[r, direction]
+            g_d = _piece(grads, offsets, i + 6)
+            for c in range(d_inner):          # through ysum += y * SiLU(z)
+                for t in range(length):
+                    z = xz[r, d_inner + c, t]
+                    sig = sigmoid(z, dtype.type)[0]
+                    gy[c, t] = gys[c, t] * z * sig
+                    gxz[d_inner + c, t] += gys[c, t] * yd[c, t] * (sig * (1.0 + z * (1.0 - sig)))
+                    g_d[c] += gy[c, t] * ud[c, t]
+            ga[:] = 0.0
+            gy_t[:] = gy.T
+            delta_t[:] = dd.T
+            u_t[:] = ud.T
+            b_t[:] = b[rank:rank + n].T
+            c_t[:] = b[rank + n:].T
+            _scan_backward(gy_t, delta_t, u_t, b_t, c_t, a, states[r, direction], direction == 1,
+                           gdelta_t, gu_t, gb_t, gc_t, ga)
+            gdelta[:] = gdelta_t.T
+            gu[:] = gu_t.T
+            gbc[rank:rank + n] = gb_t.T
+            gbc[rank + n:] = gc_t.T
+            g_alog = _piece(grads, offsets, i + 5).reshape(d_inner, n)
+            for c in range(d_inner):
+                for k in range(n):
+                    g_alog[c, k] += ga[c, k] * a[c, k]               # dA / dA_log = A
+                for t in range(length):
+                    gu[c, t] += d[c] * gy[c, t]
+                    gdelta[c, t] *= softplus(lin[c, t])[1]          # through softplus
+            g_dtb = _piece(grads, offsets, i + 4)
+            for c in range(d_inner):
+                for t in range(length):
+                    g_dtb[c] += gdelta[c, t]
+            _accumulate_outer(gdelta, b[:rank], _piece(grads, offsets, i + 3).reshape(d_inner, rank))
+            for q in range(rank):
+                gbc[q] = 0.0
+                for c in range(d_inner):
+                    weight = dt_proj[c, q]
+                    for t in range(length):
+                        gbc[q, t] += weight * gdelta[c, t]
+            _accumulate_outer(gbc, ud, _piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
+            _transposed_product(x_proj, gbc, gback)
+            p = pre[r, direction]
+            for c in range(d_inner):           # through u = SiLU(pre)
+                for t in range(length):
+                    sig = sigmoid(p[c, t], dtype.type)[0]
+                    gback[c, t] = (gu[c, t] + gback[c, t]) * (sig * (1.0 + p[c, t] * (1.0 - sig)))
+            g_cb = _piece(grads, offsets, i + 1)
+            g_cw = _piece(grads, offsets, i).reshape(d_inner, taps)
+            for c in range(d_inner):           # through the depthwise conv
+                for t in range(length):
+                    g_cb[c] += gback[c, t]
+                for k in range(taps):
+                    shift = _conv_shift(direction, k, taps)
+                    t0, t1 = max(0, -shift), min(length, length - shift)
+                    if t1 <= t0:
+                        continue
+                    weight, total = conv_w[c, k], dtype.type(0.0)
+                    source, into = gback[c, t0:t1], gxz[c, t0 + shift:t1 + shift]
+                    x_in = xz[r, c, t0 + shift:t1 + shift]
+                    for t in range(source.shape[0]):
+                        into[t] += weight * source[t]
+                        total += source[t] * x_in[t]
+                    g_cw[c, k] += total
+        _accumulate_outer(gxz, s_t[r], _piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
+        gs = np.empty((d_model, length), dtype=dtype)
+        _transposed_product(_piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
+        ghidden[r] = gs.T
+        r = claim(counter)

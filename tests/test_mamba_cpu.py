@@ -1,0 +1,104 @@
+"""The fused CPU Mamba block for training (salmm.model.mamba_cpu) against its ``_ref`` twin,
+the block's own modules (backend "builtin"): outputs and every gradient in float64 (1e-10),
+gradcheck against finite differences, float32 within rounding, and the whole network's
+gradients."""
+
+import pytest
+import torch
+
+from salmm.model import mamba_cpu
+from salmm.model.mamba import Mamba
+from salmm.model.net import SalMM
+from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
+
+
+def jittered_block(d_model: int, seed: int = 0, dtype=torch.float64) -> tuple[Mamba, Mamba]:
+    """(backend "auto", backend "builtin") blocks with the same weights, every parameter moved
+    off its initial value."""
+    torch.manual_seed(seed)
+    fast = Mamba(d_model, backend="auto").to(dtype)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ref = Mamba(d_model, backend="builtin").to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def gradients(block: Mamba, x: torch.Tensor, weight: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    block.zero_grad()
+    out = block(x)
+    (out * weight).sum().backward()
+    return out.detach(), x.grad, {k: p.grad.clone() for k, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("d_model, length", [(6, 17), (2, 5), (4, 1)])
+def test_output_and_every_gradient_equal_the_modules_in_float64(d_model, length):
+    fast, ref = jittered_block(d_model)
+    x = torch.randn(3, length, d_model, dtype=torch.float64)
+    weight = torch.randn(3, length, d_model, dtype=torch.float64)
+    got, want = gradients(fast, x, weight), gradients(ref, x, weight)
+    assert (got[0] - want[0]).abs().max() < 1e-10
+    assert (got[1] - want[1]).abs().max() < 1e-10
+    assert got[2].keys() == want[2].keys() and len(got[2]) == 16  # out_proj has no bias
+    for name in want[2]:
+        assert (got[2][name] - want[2][name]).abs().max() < 1e-9, name
+
+
+def test_gradcheck_against_finite_differences():
+    fast, _ = jittered_block(2, seed=3)
+    params = dict(fast.named_parameters())
+
+    def fn(x, *tensors):
+        with torch.nn.utils.stateless._reparametrize_module(fast, dict(zip(params, tensors))):
+            return mamba_cpu.mamba_forward(fast, x)
+
+    x = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, *params.values()), eps=1e-6, atol=1e-6)
+
+
+def test_float32_within_rounding_and_training_runs_the_kernels(monkeypatch):
+    fast, ref = jittered_block(6, dtype=torch.float32)
+    x, weight = torch.randn(2, 64, 6), torch.randn(2, 64, 6)
+    calls = []
+    forward = mamba_cpu.mamba_forward
+    monkeypatch.setattr(mamba_cpu, "mamba_forward", lambda *a: calls.append(1) or forward(*a))
+    got, want = gradients(fast, x, weight), gradients(ref, x, weight)
+    assert calls == [1]
+    assert (got[0] - want[0]).abs().max() < 1e-4
+    for name in want[2]:
+        scale = want[2][name].abs().max() + 1e-6
+        assert (got[2][name] - want[2][name]).abs().max() / scale < 1e-3, name
+
+
+def test_whole_network_gradients_equal_the_modules_in_float64():
+    torch.manual_seed(0)
+    fast = SalMM(backend="auto").double()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref = SalMM(backend="builtin").double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    e = torch.randn(2, 512, dtype=torch.float64)
+    for model in (fast, ref):
+        model.zero_grad()
+        model(x, e).square().mean().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert (p.grad - q.grad).abs().max() < 1e-9, name
+
+
+def test_results_do_not_depend_on_threads():
+    """Rows are claimed by up to torch.get_num_threads() threads; each row's parameter
+    gradients have their own buffer, summed in row order."""
+    fast, _ = jittered_block(4, dtype=torch.float32)
+    x, weight = torch.randn(5, 33, 4), torch.randn(5, 33, 4)
+    one = gradients(fast, x, weight)
+    torch.set_num_threads(2)
+    try:
+        two = gradients(fast, x, weight)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert all(torch.equal(one[2][k], two[2][k]) for k in one[2])
