@@ -201,3 +201,26 @@ def test_saliency_head_equals_conv_upsample_sigmoid_in_float64(models):
     fast.float()
     assert got.shape == want.shape == (2, 1, 10, 14)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_group_norm_for_training_equals_the_module_with_gradients_in_float64():
+    torch.manual_seed(0)
+    norm = net.GroupNorm(4, 12).double()
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(3, 12, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(3, 12, 5, 6, dtype=torch.float64)
+    results = []
+    for fn in (lambda t: maps_cpu.group_norm_autograd(norm, t), norm):
+        leaf = x.clone().requires_grad_(True)
+        norm.zero_grad()
+        out = fn(leaf)
+        (out * weight).sum().backward()
+        results.append((out.detach(), leaf.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(lambda t, w, b: maps_cpu._GroupNorm.apply(t, w, b, 4, 1e-5),
+                                    (x[:1, :, :3, :3].clone().requires_grad_(True),
+                                     norm.weight.detach().clone().requires_grad_(True),
+                                     norm.bias.detach().clone().requires_grad_(True)))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from salmm.model.numba_math import sigmoid
 
-__all__ = ["group_norm", "spatial_attention"]
+__all__ = ["group_norm", "group_norm_autograd", "saliency_head", "spatial_attention"]
 
 
 def group_norm(norm: nn.GroupNorm, x: Tensor, pool: bool = False) -> Tensor:
@@ -35,15 +35,104 @@ def group_norm(norm: nn.GroupNorm, x: Tensor, pool: bool = False) -> Tensor:
     pixels = x.permute(0, 2, 3, 1).contiguous()  # a view for channels-last x
     scale = 2 if pool else 1
     out = torch.empty(batch, height // scale, width // scale, channels, dtype=x.dtype)
-    weight = norm.weight.detach().to(x.dtype).numpy() if norm.affine else np.ones(channels, x.numpy().dtype)
-    bias = norm.bias.detach().to(x.dtype).numpy() if norm.affine else np.zeros(channels, x.numpy().dtype)
-    _group_norm_kernel(pixels.numpy(), norm.num_groups, norm.eps, weight, bias, pool, out.numpy())
+    weight, bias = _affine(norm, x.dtype, channels)
+    stats = np.empty((2, batch, norm.num_groups))
+    _group_norm_kernel(pixels.numpy(), norm.num_groups, norm.eps, weight, bias, pool, out.numpy(),
+                       stats)
     return out.permute(0, 3, 1, 2)
 
 
+def _affine(norm: nn.GroupNorm, dtype: torch.dtype, channels: int) -> tuple[np.ndarray, ...]:
+    if norm.affine:
+        return tuple(t.detach().to(dtype).numpy() for t in (norm.weight, norm.bias))
+    return np.ones(channels, torch.empty(0, dtype=dtype).numpy().dtype), \
+        np.zeros(channels, torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def group_norm_autograd(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """``norm`` on x [B, C, H, W] (CPU, float32 / float64) for training: differentiable in x
+    and the affine parameters, computed on channels-last memory where PyTorch copies to
+    channels-first and back (forward and backward) -> [B, C, H, W] channels-last."""
+    return _GroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+
+
+class _GroupNorm(torch.autograd.Function):
+    """y = (x - mean_g) * rstd_g * weight_c + bias_c; backward: gbias = sum gy,
+    gweight = sum gy * xhat, gx = rstd (g - mean_g(g) - xhat mean_g(g xhat)) with g = gy weight,
+    every sum in float64."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        batch, channels, height, width = x.shape
+        pixels = x.detach().permute(0, 2, 3, 1).contiguous()
+        out = torch.empty(batch, height, width, channels, dtype=x.dtype)
+        w = weight.detach().to(x.dtype).numpy()
+        stats = np.empty((2, batch, groups))
+        _group_norm_kernel(pixels.numpy(), groups, eps, w, bias.detach().to(x.dtype).numpy(),
+                           False, out.numpy(), stats)
+        ctx.save_for_backward(pixels)
+        ctx.stats, ctx.weight, ctx.dtypes = stats, w, (weight.dtype, bias.dtype)
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, gout):
+        (pixels,) = ctx.saved_tensors
+        g = gout.permute(0, 2, 3, 1).contiguous().to(pixels.dtype)
+        gx = torch.empty_like(pixels)
+        channels = pixels.shape[-1]
+        gweight, gbias = np.zeros(channels), np.zeros(channels)
+        _group_norm_backward_kernel(pixels.numpy(), g.numpy(), ctx.weight, ctx.stats,
+                                    gx.numpy(), gweight, gbias)
+        return (gx.permute(0, 3, 1, 2), torch.from_numpy(gweight).to(ctx.dtypes[0]),
+                torch.from_numpy(gbias).to(ctx.dtypes[1]), None, None)
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _group_norm_kernel(x, groups, eps, weight, bias, pool, out):
-    """x [B, H, W, C] -> out [B, H', W', C] (see the module docstring)."""
+def _group_norm_backward_kernel(x, g, weight, stats, gx, gweight, gbias):
+    """x, g (dL/dy), gx [B, H, W, C]; stats [2, B, groups] (mean, rstd); gweight, gbias [C]
+    accumulated in float64."""
+    batch, height, width, channels = x.shape
+    groups = stats.shape[2]
+    per_group = channels // groups
+    count = height * width * per_group
+    sums = np.empty(channels)
+    products = np.empty(channels)
+    alpha, beta, gamma = np.empty(channels), np.empty(channels), np.empty(channels)
+    for b in range(batch):
+        frame, grad, into = (x[b].reshape(-1, channels), g[b].reshape(-1, channels),
+                             gx[b].reshape(-1, channels))
+        sums[:] = 0.0
+        products[:] = 0.0
+        for p in range(frame.shape[0]):
+            for c in range(channels):
+                gy = np.float64(grad[p, c])
+                sums[c] += gy
+                products[c] += gy * frame[p, c]
+        for group in range(groups):
+            mean, rstd = stats[0, b, group], stats[1, b, group]
+            mean_g, mean_gx = 0.0, 0.0
+            for c in range(group * per_group, (group + 1) * per_group):
+                # sum over the group of gy * w and gy * w * xhat (xhat = (x - mean) rstd)
+                gbias[c] += sums[c]
+                gweight[c] += (products[c] - mean * sums[c]) * rstd
+                mean_g += sums[c] * weight[c]
+                mean_gx += (products[c] - mean * sums[c]) * rstd * weight[c]
+            mean_g /= count
+            mean_gx /= count
+            for c in range(group * per_group, (group + 1) * per_group):
+                # gx = rstd (gy w - mean_g - (x - mean) rstd mean_gx) = alpha gy - beta x + gamma
+                alpha[c] = rstd * weight[c]
+                beta[c] = rstd * rstd * mean_gx
+                gamma[c] = rstd * rstd * mean_gx * mean - rstd * mean_g
+        for p in range(frame.shape[0]):
+            for c in range(channels):
+                into[p, c] = alpha[c] * grad[p, c] - beta[c] * frame[p, c] + gamma[c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _group_norm_kernel(x, groups, eps, weight, bias, pool, out, stats):
+    """x [B, H, W, C] -> out [B, H', W', C] (see the module docstring); stats [2, B, groups]
+    receives each group's mean and rstd."""
     batch, height, width, channels = x.shape
     per_group = channels // groups
     count = height * width * per_group
@@ -67,6 +156,7 @@ def _group_norm_kernel(x, groups, eps, weight, bias, pool, out):
                 total2 += squares[c]
             mean = total / count
             rstd = 1.0 / np.sqrt(max(total2 / count - mean * mean, 0.0) + eps)
+            stats[0, b, g], stats[1, b, g] = mean, rstd
             for c in range(g * per_group, (g + 1) * per_group):
                 scale[c] = rstd * weight[c]
                 shift[c] = bias[c] - mean * rstd * weight[c]

@@ -337,11 +337,15 @@ class SalMM(nn.Module):
         # [B, H*W, C] are then views, not copies.
         x = x.contiguous(memory_format=torch.channels_last)
         fast = fused(self.backend, x, self.final.weight)
+        training_cpu = (not fast and self.backend == "auto" and x.device.type == "cpu"
+                        and x.dtype in (torch.float32, torch.float64)
+                        and _kernels() is not None)  # GroupNorm on channels-last, with autograd
 
         def norm(layer, inp, pool=False):  # GroupNorm, then a 2x2 max-pool if asked
             if fast:
                 return _kernels()[1].group_norm(layer, inp, pool)
-            return F.max_pool2d(layer(inp), 2, 2) if pool else layer(inp)
+            out = _kernels()[1].group_norm_autograd(layer, inp) if training_cpu else layer(inp)
+            return F.max_pool2d(out, 2, 2) if pool else out
 
         def down(conv, gn, inp):  # conv, GroupNorm, 2x2 max-pool, GELU
             return F.gelu(norm(gn, conv(inp), pool=True))
