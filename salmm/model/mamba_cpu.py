@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from salmm.model.layer_cpu import pointwise, silu
-from salmm.model.numba_math import claim, decay, exp, sigmoid, softplus
+from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = ["mamba_forward"]
@@ -141,6 +141,24 @@ def _transposed_product(w, g, out):
             weight, source, target = w[o, i], g[o], out[i]
             for t in range(target.shape[0]):
                 target[t] += weight * source[t]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _dot(a, b):
+    """sum a * b over two rows."""
+    total = a.dtype.type(0.0)
+    for t in range(a.shape[0]):
+        total += a[t] * b[t]
+    return total
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _silu_slope(x, out):
+    """out = d SiLU / dx = sigmoid(x) (1 + x (1 - sigmoid(x))), elementwise over flat rows."""
+    f = out.dtype.type
+    for i in range(x.shape[0]):
+        sig = sigmoid(x[i], f)[0]
+        out[i] = sig * (f(1.0) + x[i] * (f(1.0) - sig))
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -298,6 +316,9 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
     gu_t = np.empty((length, d_inner), dtype=dtype)
     b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
     gb_t, gc_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
+    gate, gate_slope = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
+    slope = np.empty((d_inner, length), dtype=dtype)
+    one, threshold = dtype.type(1.0), dtype.type(SOFTPLUS_THRESHOLD)
     r = claim(counter)
     while r < gout.shape[0]:
         grads = partial[r]
@@ -310,6 +331,9 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                 g_bias[o] += g_t[o, t]
         gys = np.empty((d_inner, length), dtype=dtype)
         _transposed_product(out_w, g_t, gys)
+        z_all = xz[r, d_inner:]
+        silu(z_all.ravel(), gate.ravel())
+        _silu_slope(z_all.ravel(), gate_slope.ravel())
         gxz = np.zeros((2 * d_inner, length), dtype=dtype)
         gy = np.empty((d_inner, length), dtype=dtype)
         gdelta = np.empty((d_inner, length), dtype=dtype)
@@ -331,12 +355,11 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                 delta[r, direction], y[r, direction]
             g_d = _piece(grads, offsets, i + 6)
             for c in range(d_inner):          # through ysum += y * SiLU(z)
+                into = gxz[d_inner + c]
                 for t in range(length):
-                    z = xz[r, d_inner + c, t]
-                    sig = sigmoid(z, dtype.type)[0]
-                    gy[c, t] = gys[c, t] * z * sig
-                    gxz[d_inner + c, t] += gys[c, t] * yd[c, t] * (sig * (1.0 + z * (1.0 - sig)))
-                    g_d[c] += gy[c, t] * ud[c, t]
+                    gy[c, t] = gys[c, t] * gate[c, t]
+                    into[t] += gys[c, t] * yd[c, t] * gate_slope[c, t]
+                g_d[c] += _dot(gy[c], ud[c])
             ga[:] = 0.0
             gy_t[:] = gy.T
             delta_t[:] = dd.T
@@ -355,7 +378,8 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                     g_alog[c, k] += ga[c, k] * a[c, k]               # dA / dA_log = A
                 for t in range(length):
                     gu[c, t] += d[c] * gy[c, t]
-                    gdelta[c, t] *= softplus(lin[c, t])[1]          # through softplus
+                    x = lin[c, t]                                    # through softplus
+                    gdelta[c, t] *= one if x > threshold else sigmoid(x, dtype.type)[0]
             g_dtb = _piece(grads, offsets, i + 4)
             for c in range(d_inner):
                 for t in range(length):
@@ -370,10 +394,10 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
             _accumulate_outer(gbc, ud, _piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
             _transposed_product(x_proj, gbc, gback)
             p = pre[r, direction]
+            _silu_slope(p.ravel(), slope.ravel())
             for c in range(d_inner):           # through u = SiLU(pre)
                 for t in range(length):
-                    sig = sigmoid(p[c, t], dtype.type)[0]
-                    gback[c, t] = (gu[c, t] + gback[c, t]) * (sig * (1.0 + p[c, t] * (1.0 - sig)))
+                    gback[c, t] = (gu[c, t] + gback[c, t]) * slope[c, t]
             g_cb = _piece(grads, offsets, i + 1)
             g_cw = _piece(grads, offsets, i).reshape(d_inner, taps)
             for c in range(d_inner):           # through the depthwise conv
