@@ -102,3 +102,11 @@ def test_results_do_not_depend_on_threads():
         torch.set_num_threads(1)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     assert all(torch.equal(one[2][k], two[2][k]) for k in one[2])
+
+
+def test_a_second_derivative_is_refused_not_silently_zero():
+    fast, _ = jittered_block(2)
+    x = torch.randn(1, 4, 2, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(fast(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad.sum(), x)

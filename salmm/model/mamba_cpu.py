@@ -28,6 +28,7 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from salmm.model.layer_cpu import pointwise, silu
 from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, sigmoid, softplus
@@ -90,6 +91,7 @@ class _FusedMamba(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
     def backward(ctx, gout):
         weights, offsets, dimensions, saved = ctx.saved
         batch, length = saved[0].shape[0], saved[0].shape[2]

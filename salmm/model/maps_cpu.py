@@ -22,6 +22,7 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from salmm.model.numba_math import sigmoid
 
@@ -75,6 +76,7 @@ class _GroupNorm(torch.autograd.Function):
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
     def backward(ctx, gout):
         (pixels,) = ctx.saved_tensors
         g = gout.permute(0, 2, 3, 1).contiguous().to(pixels.dtype)
