@@ -29,23 +29,21 @@ from the modules by one operator on every call (so no update can go unseen).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import torch
+from numba.extending import overload
 from torch import Tensor
 
 from salmm.model.numba_math import claim, decay, exp, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
-__all__ = ["Packed", "layer_forward", "pack", "pointwise", "silu"]
+__all__ = [
+    "Packed", "direction_pieces", "layer_forward", "pack", "piece", "pointwise", "silu", "sweep",
+]
 
-# numba's pedantic IR check trips over the inlined exp overload when it compiles these kernels
-# (a harmless "variable ... is not in scope", several lines each, on a user's first run)
-warnings.filterwarnings("ignore", category=numba.core.errors.NumbaIRAssumptionWarning,
-                        module=r".*salmm[./\\]model[./\\]")
 
 _REASSOC = {"reassoc"}
 _EPS = 1e-5  # nn.LayerNorm's default, which every SCPMamba LayerNorm keeps
@@ -137,7 +135,8 @@ def layer_forward(layer, x: Tensor) -> Tensor:
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _piece(weights, offsets, i):
+def piece(weights, offsets, i):
+    """Piece i of a flat weight buffer (``offsets`` [pieces + 1] where each starts)."""
     return weights[offsets[i]:offsets[i + 1]]
 
 
@@ -236,25 +235,51 @@ def silu(x, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _sweep(delta_t, u_t, b_t, c_t, a, state, acc, backward):
+def sweep(delta_t, u_t, b_t, c_t, a, states, y_t, backward, keep):
     """The selective scan's recurrence over time-major delta_t, u_t [L, d_inner] and B, C
     (b_t, c_t [L, n]): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t from h = 0,
-    acc[c, t] = C_t . h_t[c]; time runs downwards when ``backward``."""
+    y_t[t, c] = C_t . h_t[c]; time runs downwards when ``backward``. ``keep``: states
+    [L, d_inner, n] receives every h_t (what training's backward needs); else states
+    [2, d_inner, n] holds the last two (two buffers, so that a step's reads and writes do not
+    overlap and the n-long loop vectorises)."""
     length, d_inner = u_t.shape
     n = a.shape[1]
-    f = acc.dtype.type
-    state[:] = 0.0
+    f = y_t.dtype.type
+    prev = np.zeros((d_inner, n), dtype=y_t.dtype)
     for step in range(length):
         t = length - 1 - step if backward else step
+        h = states[t] if keep else states[step % 2]
         for c in range(d_inner):
             dt = delta_t[t, c]
             x = dt * u_t[t, c]
             total = f(0.0)
             for k in range(n):
-                h = decay(dt * a[c, k]) * state[c, k] + x * b_t[t, k]
-                state[c, k] = h
-                total += c_t[t, k] * h
-            acc[c, t] = total
+                v = decay(dt * a[c, k]) * prev[c, k] + x * b_t[t, k]
+                h[c, k] = v
+                total += c_t[t, k] * v
+            y_t[t, c] = total
+        prev = h
+
+
+def direction_pieces(weights, offsets, first, d_inner, rank, n):
+    """One direction's tensors, from piece ``first`` on: the depthwise conv's weight
+    [d_inner, taps] and bias, x_proj [rank + 2n, d_inner], dt_proj [d_inner, rank], its bias,
+    A_log [d_inner, n] and D; implemented for numba only (see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(direction_pieces, inline="always")
+def _direction_pieces_overload(weights, offsets, first, d_inner, rank, n):
+    def impl(weights, offsets, first, d_inner, rank, n):
+        return (piece(weights, offsets, first).reshape(d_inner, -1),
+                piece(weights, offsets, first + 1),
+                piece(weights, offsets, first + 2).reshape(rank + 2 * n, d_inner),
+                piece(weights, offsets, first + 3).reshape(d_inner, rank),
+                piece(weights, offsets, first + 4),
+                piece(weights, offsets, first + 5).reshape(d_inner, n),
+                piece(weights, offsets, first + 6))
+
+    return impl
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -263,7 +288,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     length = s.shape[1]
     dtype = out.dtype
     xz = np.empty((2 * d_inner, length), dtype=dtype)
-    pointwise(s, _piece(weights, offsets, base + 2).reshape(2 * d_inner, d_model),
+    pointwise(s, piece(weights, offsets, base + 2).reshape(2 * d_inner, d_model),
                np.zeros(2 * d_inner, dtype=dtype), xz, 0, False)
     gate = np.empty((d_inner, length), dtype=dtype)
     silu(xz[d_inner:].ravel(), gate.ravel())
@@ -272,18 +297,13 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     bc = np.empty((rank + 2 * n, length), dtype=dtype)
     delta_t, u_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
     b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
-    state, acc = np.empty((d_inner, n), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
+    state, y_t = np.empty((2, d_inner, n), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
+    acc = np.empty((d_inner, length), dtype=dtype)
     y = np.zeros((d_inner, length), dtype=dtype)
     a = np.empty((d_inner, n), dtype=dtype)
     for direction in range(2):
-        i = base + 3 + 7 * direction
-        conv_w = _piece(weights, offsets, i).reshape(d_inner, -1)  # [channel, tap]
-        conv_b = _piece(weights, offsets, i + 1)
-        x_proj = _piece(weights, offsets, i + 2).reshape(rank + 2 * n, d_inner)
-        dt_proj = _piece(weights, offsets, i + 3).reshape(d_inner, rank)
-        dt_bias = _piece(weights, offsets, i + 4)
-        a_log = _piece(weights, offsets, i + 5).reshape(d_inner, n)
-        d = _piece(weights, offsets, i + 6)
+        conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d = direction_pieces(
+            weights, offsets, base + 3 + 7 * direction, d_inner, rank, n)
         for c in range(d_inner):
             for k in range(n):
                 a[c, k] = -exp(a_log[c, k])  # A = -exp(A_log), as the block computes it
@@ -313,12 +333,13 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
         u_t[:] = u.T
         b_t[:] = bc[rank:rank + n].T
         c_t[:] = bc[rank + n:].T
-        _sweep(delta_t, u_t, b_t, c_t, a, state, acc, direction == 1)
+        sweep(delta_t, u_t, b_t, c_t, a, state, y_t, direction == 1, False)
+        acc[:] = y_t.T
         for c in range(d_inner):
             for t in range(length):
                 y[c, t] += (acc[c, t] + d[c] * u[c, t]) * gate[c, t]
-    pointwise(y, _piece(weights, offsets, base + 17).reshape(d_model, d_inner),
-               _piece(weights, offsets, base + 18), out, row, False)
+    pointwise(y, piece(weights, offsets, base + 17).reshape(d_model, d_inner),
+               piece(weights, offsets, base + 18), out, row, False)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -331,7 +352,7 @@ def _layer_kernel(x, weights, offsets, dims, out, counter):
     c_out = c1 + c2 + c3 + c4
     dtype = out.dtype
     end = _INCEPTION + _GROUPS * _PER_GROUP
-    skip = _piece(weights, offsets, end + 2)[0]
+    skip = piece(weights, offsets, end + 2)[0]
     planes = np.empty((c_in, length), dtype=dtype)
     branches = np.empty((c_out, length), dtype=dtype)
     hidden = np.empty((max(c2r, c3r, c_in), length), dtype=dtype)
@@ -341,32 +362,32 @@ def _layer_kernel(x, weights, offsets, dims, out, counter):
     frame = claim(counter)
     while frame < x.shape[0]:
         planes[:] = x[frame].T
-        pointwise(planes, _piece(weights, offsets, 0).reshape(c1, c_in),
-                   _piece(weights, offsets, 1), branches, 0, True)
-        pointwise(planes, _piece(weights, offsets, 2).reshape(c2r, c_in),
-                   _piece(weights, offsets, 3), hidden, 0, True)
-        _spatial(hidden, _piece(weights, offsets, 4).reshape(c2, c2r, 3, 3),
-                 _piece(weights, offsets, 5), height, width, branches, c1)
-        pointwise(planes, _piece(weights, offsets, 6).reshape(c3r, c_in),
-                   _piece(weights, offsets, 7), hidden, 0, True)
-        _spatial(hidden, _piece(weights, offsets, 8).reshape(c3, c3r, 5, 5),
-                 _piece(weights, offsets, 9), height, width, branches, c1 + c2)
+        pointwise(planes, piece(weights, offsets, 0).reshape(c1, c_in),
+                   piece(weights, offsets, 1), branches, 0, True)
+        pointwise(planes, piece(weights, offsets, 2).reshape(c2r, c_in),
+                   piece(weights, offsets, 3), hidden, 0, True)
+        _spatial(hidden, piece(weights, offsets, 4).reshape(c2, c2r, 3, 3),
+                 piece(weights, offsets, 5), height, width, branches, c1)
+        pointwise(planes, piece(weights, offsets, 6).reshape(c3r, c_in),
+                   piece(weights, offsets, 7), hidden, 0, True)
+        _spatial(hidden, piece(weights, offsets, 8).reshape(c3, c3r, 5, 5),
+                 piece(weights, offsets, 9), height, width, branches, c1 + c2)
         _max_pool3(planes, height, width, hidden)
-        pointwise(hidden[:c_in], _piece(weights, offsets, 10).reshape(c4, c_in),
-                   _piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
+        pointwise(hidden[:c_in], piece(weights, offsets, 10).reshape(c4, c_in),
+                   piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
         row = 0
         for g in range(_GROUPS):
             d_model, d_inner, rank = dims[_DIMS + 3 * g: _DIMS + 3 * g + 3]
             base = _INCEPTION + g * _PER_GROUP
             s = np.empty((d_model, length), dtype=dtype)
-            _layer_norm(branches, row, d_model, _piece(weights, offsets, base),
-                        _piece(weights, offsets, base + 1), mean, rstd, s)
+            _layer_norm(branches, row, d_model, piece(weights, offsets, base),
+                        piece(weights, offsets, base + 1), mean, rstd, s)
             _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, mixed, row)
             for c in range(d_model):
                 for p in range(length):
                     mixed[row + c, p] += skip * s[c, p]
             row += widths[g]
-        _layer_norm(mixed, 0, c_out, _piece(weights, offsets, end),
-                    _piece(weights, offsets, end + 1), mean, rstd, final)
+        _layer_norm(mixed, 0, c_out, piece(weights, offsets, end),
+                    piece(weights, offsets, end + 1), mean, rstd, final)
         out[frame] = final.T
         frame = claim(counter)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from salmm.model.layer_cpu import pointwise, silu
+from salmm.model.layer_cpu import direction_pieces, piece, pointwise, silu, sweep
 from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
@@ -118,11 +118,6 @@ def _sum_rows(partial):
     return total
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _piece(weights, offsets, i):
-    return weights[offsets[i]:offsets[i + 1]]
-
-
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
 def _accumulate_outer(g, x, into):
     """into[o, i] += sum_t g[o, t] x[i, t]: a weight's gradient from rows g [O, L], x [I, L]."""
@@ -169,30 +164,6 @@ def _conv_shift(direction, k, taps):
     return k - (taps - 1) if direction == 0 else (taps - 1) - k
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _sweep_saving(delta_t, u_t, b_t, c_t, a, states, y_t, backward):
-    """The scan of one direction on time-major delta_t, u_t [L, d_inner], b_t, c_t [L, n]:
-    states[t] = h_t [d_inner, n] for every t, y_t[t, c] = C_t . h_t[c] (the D term is the
-    caller's). Time-major, so one step reads contiguous memory."""
-    length, d_inner = u_t.shape
-    n = a.shape[1]
-    f = y_t.dtype.type
-    prev = np.zeros((d_inner, n), dtype=y_t.dtype)
-    for step in range(length):
-        t = length - 1 - step if backward else step
-        h = states[t]
-        for c in range(d_inner):
-            dt = delta_t[t, c]
-            x = dt * u_t[t, c]
-            total = f(0.0)
-            for k in range(n):
-                v = decay(dt * a[c, k]) * prev[c, k] + x * b_t[t, k]
-                h[c, k] = v
-                total += c_t[t, k] * v
-            y_t[t, c] = total
-        prev = h
-
-
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
                     ysum, out, counter):
@@ -206,20 +177,14 @@ def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, del
     r = claim(counter)
     while r < hidden.shape[0]:
         s_t[r] = hidden[r].T
-        pointwise(s_t[r], _piece(weights, offsets, 0).reshape(2 * d_inner, d_model),
+        pointwise(s_t[r], piece(weights, offsets, 0).reshape(2 * d_inner, d_model),
                    np.zeros(2 * d_inner, dtype=dtype), xz[r], 0, False)
         gate = np.empty((d_inner, length), dtype=dtype)
         silu(xz[r, d_inner:].ravel(), gate.ravel())
         ysum[r] = 0.0
         for direction in range(2):
-            i = 1 + 7 * direction
-            conv_w = _piece(weights, offsets, i).reshape(d_inner, taps)
-            conv_b = _piece(weights, offsets, i + 1)
-            x_proj = _piece(weights, offsets, i + 2).reshape(rank + 2 * n, d_inner)
-            dt_proj = _piece(weights, offsets, i + 3).reshape(d_inner, rank)
-            dt_bias = _piece(weights, offsets, i + 4)
-            a_log = _piece(weights, offsets, i + 5).reshape(d_inner, n)
-            d = _piece(weights, offsets, i + 6)
+            conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d = direction_pieces(
+                weights, offsets, 1 + 7 * direction, d_inner, rank, n)
             for c in range(d_inner):
                 for k in range(n):
                     a[c, k] = -exp(a_log[c, k])
@@ -254,15 +219,16 @@ def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, del
             u_t[:] = ud.T
             b_t[:] = b[rank:rank + n].T
             c_t[:] = b[rank + n:].T
-            _sweep_saving(delta_t, u_t, b_t, c_t, a, states[r, direction], y_t, direction == 1)
+            sweep(delta_t, u_t, b_t, c_t, a, states[r, direction], y_t, direction == 1,
+                  True)
             yd[:] = y_t.T
             for c in range(d_inner):
                 for t in range(length):
                     yd[c, t] += d[c] * ud[c, t]
                     ysum[r, c, t] += yd[c, t] * gate[c, t]
         product = np.empty((d_model, length), dtype=dtype)
-        pointwise(ysum[r], _piece(weights, offsets, 15).reshape(d_model, d_inner),
-                   _piece(weights, offsets, 16), product, 0, False)
+        pointwise(ysum[r], piece(weights, offsets, 15).reshape(d_model, d_inner),
+                   piece(weights, offsets, 16), product, 0, False)
         out[r] = product.T
         r = claim(counter)
 
@@ -325,9 +291,9 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
     while r < gout.shape[0]:
         grads = partial[r]
         g_t = np.ascontiguousarray(gout[r].T)                      # [d_model, L]
-        out_w = _piece(weights, offsets, 15).reshape(d_model, d_inner)
-        _accumulate_outer(g_t, ysum[r], _piece(grads, offsets, 15).reshape(d_model, d_inner))
-        g_bias = _piece(grads, offsets, 16)
+        out_w = piece(weights, offsets, 15).reshape(d_model, d_inner)
+        _accumulate_outer(g_t, ysum[r], piece(grads, offsets, 15).reshape(d_model, d_inner))
+        g_bias = piece(grads, offsets, 16)
         for o in range(d_model):
             for t in range(length):
                 g_bias[o] += g_t[o, t]
@@ -345,17 +311,14 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
         ga = np.empty((d_inner, n), dtype=dtype)
         for direction in range(2):
             i = 1 + 7 * direction
-            conv_w = _piece(weights, offsets, i).reshape(d_inner, taps)
-            x_proj = _piece(weights, offsets, i + 2).reshape(rank + 2 * n, d_inner)
-            dt_proj = _piece(weights, offsets, i + 3).reshape(d_inner, rank)
-            a_log = _piece(weights, offsets, i + 5).reshape(d_inner, n)
-            d = _piece(weights, offsets, i + 6)
+            conv_w, _, x_proj, dt_proj, _, a_log, d = direction_pieces(
+                weights, offsets, i, d_inner, rank, n)
             for c in range(d_inner):
                 for k in range(n):
                     a[c, k] = -exp(a_log[c, k])
             ud, b, lin, dd, yd = u[r, direction], bc[r, direction], dl[r, direction], \
                 delta[r, direction], y[r, direction]
-            g_d = _piece(grads, offsets, i + 6)
+            g_d = piece(grads, offsets, i + 6)
             for c in range(d_inner):          # through ysum += y * SiLU(z)
                 into = gxz[d_inner + c]
                 for t in range(length):
@@ -374,7 +337,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
             gu[:] = gu_t.T
             gbc[rank:rank + n] = gb_t.T
             gbc[rank + n:] = gc_t.T
-            g_alog = _piece(grads, offsets, i + 5).reshape(d_inner, n)
+            g_alog = piece(grads, offsets, i + 5).reshape(d_inner, n)
             for c in range(d_inner):
                 for k in range(n):
                     g_alog[c, k] += ga[c, k] * a[c, k]               # dA / dA_log = A
@@ -382,26 +345,26 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                     gu[c, t] += d[c] * gy[c, t]
                     x = lin[c, t]                                    # through softplus
                     gdelta[c, t] *= one if x > threshold else sigmoid(x, dtype.type)[0]
-            g_dtb = _piece(grads, offsets, i + 4)
+            g_dtb = piece(grads, offsets, i + 4)
             for c in range(d_inner):
                 for t in range(length):
                     g_dtb[c] += gdelta[c, t]
-            _accumulate_outer(gdelta, b[:rank], _piece(grads, offsets, i + 3).reshape(d_inner, rank))
+            _accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
             for q in range(rank):
                 gbc[q] = 0.0
                 for c in range(d_inner):
                     weight = dt_proj[c, q]
                     for t in range(length):
                         gbc[q, t] += weight * gdelta[c, t]
-            _accumulate_outer(gbc, ud, _piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
+            _accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
             _transposed_product(x_proj, gbc, gback)
             p = pre[r, direction]
             _silu_slope(p.ravel(), slope.ravel())
             for c in range(d_inner):           # through u = SiLU(pre)
                 for t in range(length):
                     gback[c, t] = (gu[c, t] + gback[c, t]) * slope[c, t]
-            g_cb = _piece(grads, offsets, i + 1)
-            g_cw = _piece(grads, offsets, i).reshape(d_inner, taps)
+            g_cb = piece(grads, offsets, i + 1)
+            g_cw = piece(grads, offsets, i).reshape(d_inner, taps)
             for c in range(d_inner):           # through the depthwise conv
                 for t in range(length):
                     g_cb[c] += gback[c, t]
@@ -417,8 +380,8 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                         into[t] += weight * source[t]
                         total += source[t] * x_in[t]
                     g_cw[c, k] += total
-        _accumulate_outer(gxz, s_t[r], _piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
+        _accumulate_outer(gxz, s_t[r], piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
         gs = np.empty((d_model, length), dtype=dtype)
-        _transposed_product(_piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
+        _transposed_product(piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
         ghidden[r] = gs.T
         r = claim(counter)

@@ -6,6 +6,7 @@ only; float32 and float64."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -13,7 +14,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-__all__ = ["SOFTPLUS_THRESHOLD", "claim", "exp", "pow2", "sigmoid", "softplus"]
+__all__ = ["SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "pow2", "sigmoid", "softplus"]
+
+# numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
+# that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
+# several lines each, on a user's first run): that category is not shown
+warnings.filterwarnings("ignore", category=numba.core.errors.NumbaIRAssumptionWarning)
 
 LOG2_E = 1.4426950408889634
 SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: above it, x passes through
