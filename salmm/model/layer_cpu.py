@@ -41,7 +41,8 @@ from salmm.model.numba_math import claim, decay, exp, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = [
-    "Packed", "direction_pieces", "layer_forward", "pack", "piece", "pointwise", "silu", "sweep",
+    "Packed", "conv_shift", "direction_inputs", "direction_pieces", "layer_forward", "pack", "piece",
+    "pointwise", "silu", "sweep",
 ]
 
 
@@ -282,6 +283,51 @@ def _direction_pieces_overload(weights, offsets, first, d_inner, rank, n):
     return impl
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def conv_shift(direction, k, taps):
+    """Where tap k of the depthwise conv reads, relative to the output step: causal for
+    direction 0 (the block's conv1d, padded by taps - 1 and cut to L), anti-causal for 1 (the
+    same conv on the time-flipped sequence)."""
+    return k - (taps - 1) if direction == 0 else (taps - 1) - k
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def direction_inputs(x, conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, direction, pre, u, bc,
+                     lin, delta, a):
+    """One direction's scan inputs from x [d_inner, L] (in_proj's first half): pre = the
+    depthwise conv (causal for direction 0, anti-causal for 1) + bias, u = SiLU(pre),
+    bc = x_proj u ([dt; B; C], [rank + 2n, L]), lin = dt_proj dt + dt_bias, delta =
+    softplus(lin) ([d_inner, L]; separate arrays: aliased ones stop the loops vectorising),
+    and A = -exp(A_log) into a."""
+    d_inner, length = x.shape
+    rank, n = dt_proj.shape[1], a.shape[1]
+    taps = conv_w.shape[1]
+    for c in range(d_inner):
+        for k in range(n):
+            a[c, k] = -exp(a_log[c, k])  # A = -exp(A_log), as the block computes it
+        pre[c] = conv_b[c]
+        for k in range(taps):
+            shift = conv_shift(direction, k, taps)
+            t0, t1 = max(0, -shift), min(length, length - shift)
+            if t1 <= t0:  # (a negative slice end would count from the end)
+                continue
+            weight = conv_w[c, k]
+            into, source = pre[c, t0:t1], x[c, t0 + shift:t1 + shift]
+            for t in range(into.shape[0]):
+                into[t] += weight * source[t]
+    silu(pre.ravel(), u.ravel())
+    pointwise(u, x_proj, np.zeros(rank + 2 * n, dtype=x.dtype), bc, 0, False)
+    for c in range(d_inner):
+        lin[c] = 0.0
+        for q in range(rank):
+            weight = dt_proj[c, q]
+            for t in range(length):
+                lin[c, t] += weight * bc[q, t]
+        for t in range(length):
+            lin[c, t] += dt_bias[c]
+            delta[c, t] = softplus(lin[c, t])[0]
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     """The bidirectional Mamba block on s [d_model, L] into out[row:row + d_model]."""
@@ -293,7 +339,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     gate = np.empty((d_inner, length), dtype=dtype)
     silu(xz[d_inner:].ravel(), gate.ravel())
     u, pre = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
-    delta = np.empty((d_inner, length), dtype=dtype)
+    delta, lin = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     bc = np.empty((rank + 2 * n, length), dtype=dtype)
     delta_t, u_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
     b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
@@ -304,31 +350,8 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     for direction in range(2):
         conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d = direction_pieces(
             weights, offsets, base + 3 + 7 * direction, d_inner, rank, n)
-        for c in range(d_inner):
-            for k in range(n):
-                a[c, k] = -exp(a_log[c, k])  # A = -exp(A_log), as the block computes it
-        taps = conv_w.shape[1]
-        for c in range(d_inner):  # causal depthwise conv1d (anti-causal for the backward one)
-            pre[c] = conv_b[c]
-            for k in range(taps):
-                shift = k - (taps - 1) if direction == 0 else (taps - 1) - k
-                weight = conv_w[c, k]
-                t0, t1 = max(0, -shift), min(length, length - shift)
-                if t1 <= t0:
-                    continue
-                into, source = pre[c, t0:t1], xz[c, t0 + shift:t1 + shift]
-                for t in range(into.shape[0]):
-                    into[t] += weight * source[t]
-        silu(pre.ravel(), u.ravel())
-        pointwise(u, x_proj, np.zeros(rank + 2 * n, dtype=dtype), bc, 0, False)
-        for c in range(d_inner):
-            delta[c] = 0.0
-            for r in range(rank):
-                weight = dt_proj[c, r]
-                for t in range(length):
-                    delta[c, t] += weight * bc[r, t]
-            for t in range(length):
-                delta[c, t] = softplus(delta[c, t] + dt_bias[c])[0]
+        direction_inputs(xz[:d_inner], conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log,
+                         direction, pre, u, bc, lin, delta, a)
         delta_t[:] = delta.T
         u_t[:] = u.T
         b_t[:] = bc[rank:rank + n].T

@@ -30,8 +30,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from salmm.model.layer_cpu import direction_pieces, piece, pointwise, silu, sweep
-from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, sigmoid, softplus
+from salmm.model.layer_cpu import (
+    conv_shift,
+    direction_inputs,
+    direction_pieces,
+    piece,
+    pointwise,
+    silu,
+    sweep,
+)
+from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, sigmoid
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = ["mamba_forward"]
@@ -159,15 +167,9 @@ def _silu_slope(x, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _conv_shift(direction, k, taps):
-    """Offset of tap k's input for the causal (direction 0) or anti-causal (1) conv."""
-    return k - (taps - 1) if direction == 0 else (taps - 1) - k
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
                     ysum, out, counter):
-    d_model, d_inner, rank, n, taps = dims
+    d_model, d_inner, rank, n, _ = dims
     length = hidden.shape[1]
     dtype = out.dtype
     a = np.empty((d_inner, n), dtype=dtype)
@@ -185,35 +187,10 @@ def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, del
         for direction in range(2):
             conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d = direction_pieces(
                 weights, offsets, 1 + 7 * direction, d_inner, rank, n)
-            for c in range(d_inner):
-                for k in range(n):
-                    a[c, k] = -exp(a_log[c, k])
-            p = pre[r, direction]
-            for c in range(d_inner):
-                p[c] = conv_b[c]
-                for k in range(taps):
-                    shift = _conv_shift(direction, k, taps)
-                    t0, t1 = max(0, -shift), min(length, length - shift)
-                    if t1 <= t0:
-                        continue
-                    weight = conv_w[c, k]
-                    into, source = p[c, t0:t1], xz[r, c, t0 + shift:t1 + shift]
-                    for t in range(into.shape[0]):
-                        into[t] += weight * source[t]
-            ud = u[r, direction]
-            silu(p.ravel(), ud.ravel())
-            b = bc[r, direction]
-            pointwise(ud, x_proj, np.zeros(rank + 2 * n, dtype=dtype), b, 0, False)
-            lin, dd = dl[r, direction], delta[r, direction]
-            for c in range(d_inner):
-                lin[c] = 0.0
-                for q in range(rank):
-                    weight = dt_proj[c, q]
-                    for t in range(length):
-                        lin[c, t] += weight * b[q, t]
-                for t in range(length):
-                    lin[c, t] += dt_bias[c]
-                    dd[c, t] = softplus(lin[c, t])[0]
+            ud, b, lin, dd = u[r, direction], bc[r, direction], dl[r, direction], \
+                delta[r, direction]
+            direction_inputs(xz[r, :d_inner], conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log,
+                             direction, pre[r, direction], ud, b, lin, dd, a)
             yd = y[r, direction]
             delta_t[:] = dd.T
             u_t[:] = ud.T
@@ -369,7 +346,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                 for t in range(length):
                     g_cb[c] += gback[c, t]
                 for k in range(taps):
-                    shift = _conv_shift(direction, k, taps)
+                    shift = conv_shift(direction, k, taps)
                     t0, t1 = max(0, -shift), min(length, length - shift)
                     if t1 <= t0:
                         continue
