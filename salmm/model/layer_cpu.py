@@ -317,12 +317,8 @@ def direction_inputs(x, conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, directi
                 into[t] += weight * source[t]
     silu(pre.ravel(), u.ravel())
     pointwise(u, x_proj, np.zeros(rank + 2 * n, dtype=x.dtype), bc, 0, False)
+    pointwise(bc[:rank], dt_proj, np.zeros(d_inner, dtype=x.dtype), lin, 0, False)
     for c in range(d_inner):
-        lin[c] = 0.0
-        for q in range(rank):
-            weight = dt_proj[c, q]
-            for t in range(length):
-                lin[c, t] += weight * bc[q, t]
         for t in range(length):
             lin[c, t] += dt_bias[c]
             delta[c, t] = softplus(lin[c, t])[0]

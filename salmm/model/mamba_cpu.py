@@ -327,12 +327,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                 for t in range(length):
                     g_dtb[c] += gdelta[c, t]
             _accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
-            for q in range(rank):
-                gbc[q] = 0.0
-                for c in range(d_inner):
-                    weight = dt_proj[c, q]
-                    for t in range(length):
-                        gbc[q, t] += weight * gdelta[c, t]
+            _transposed_product(dt_proj, gdelta, gbc[:rank])
             _accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
             _transposed_product(x_proj, gbc, gback)
             p = pre[r, direction]

@@ -44,10 +44,10 @@ def group_norm(norm: nn.GroupNorm, x: Tensor, pool: bool = False) -> Tensor:
 
 
 def _affine(norm: nn.GroupNorm, dtype: torch.dtype, channels: int) -> tuple[np.ndarray, ...]:
+    """A GroupNorm's weight and bias in ``dtype`` (ones and zeros when it has none)."""
     if norm.affine:
         return tuple(t.detach().to(dtype).numpy() for t in (norm.weight, norm.bias))
-    return np.ones(channels, torch.empty(0, dtype=dtype).numpy().dtype), \
-        np.zeros(channels, torch.empty(0, dtype=dtype).numpy().dtype)
+    return torch.ones(channels, dtype=dtype).numpy(), torch.zeros(channels, dtype=dtype).numpy()
 
 
 def group_norm_autograd(norm: nn.GroupNorm, x: Tensor) -> Tensor:

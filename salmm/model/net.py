@@ -82,14 +82,19 @@ def _kernels():
     return layer_cpu, maps_cpu
 
 
-def fused(backend: str, x: Tensor, parameter: Tensor) -> bool:
-    """Whether a forward on x runs the fused CPU kernels: Mamba backend "auto", a float32 /
-    float64 CPU input, no autograd to record (``parameter``: one of the module's own) and
-    numba available. Backend "builtin" runs module by module: the kernels' ``_ref`` twin."""
+def cpu_kernels_apply(backend: str, x: Tensor) -> bool:
+    """Whether salmm's CPU kernels can take x: Mamba backend "auto", a float32 / float64 CPU
+    input and numba available. Backend "builtin" runs module by module: the kernels' ``_ref``
+    twin."""
     return (backend == "auto" and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and not (torch.is_grad_enabled() and (x.requires_grad or parameter.requires_grad))
-            and _kernels() is not None)
+            and x.dtype in (torch.float32, torch.float64) and _kernels() is not None)
+
+
+def fused(backend: str, x: Tensor, parameter: Tensor) -> bool:
+    """Whether a forward on x runs the fused inference kernels: :func:`cpu_kernels_apply` and
+    no autograd to record (``parameter``: one of the module's own)."""
+    return (cpu_kernels_apply(backend, x)
+            and not (torch.is_grad_enabled() and (x.requires_grad or parameter.requires_grad)))
 
 
 class BasicConv2d(nn.Module):
@@ -337,9 +342,8 @@ class SalMM(nn.Module):
         # [B, H*W, C] are then views, not copies.
         x = x.contiguous(memory_format=torch.channels_last)
         fast = fused(self.backend, x, self.final.weight)
-        training_cpu = (not fast and self.backend == "auto" and x.device.type == "cpu"
-                        and x.dtype in (torch.float32, torch.float64)
-                        and _kernels() is not None)  # GroupNorm on channels-last, with autograd
+        # training on a CPU: GroupNorm on channels-last memory, with its own backward
+        training_cpu = not fast and cpu_kernels_apply(self.backend, x)
 
         def norm(layer, inp, pool=False):  # GroupNorm, then a 2x2 max-pool if asked
             if fast:
