@@ -110,3 +110,26 @@ def test_a_second_derivative_is_refused_not_silently_zero():
     (grad,) = torch.autograd.grad(fast(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         torch.autograd.grad(grad.sum(), x)
+
+
+def test_cpu_autocast_runs_the_modules():
+    """Under CPU bf16 autocast (``--amp bf16`` on a CPU) the network's convolutions give bf16,
+    which the float kernels do not take: training and inference then run the modules as
+    autocast asks, the same numbers as backend "builtin", and the kernels are not called."""
+    torch.manual_seed(0)
+    fast = SalMM(backend="auto")
+    ref = SalMM(backend="builtin")
+    ref.load_state_dict(fast.state_dict())
+    x, e = torch.rand(2, 3, 32, 32), torch.randn(2, 512)
+    outs = []
+    for model in (fast, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, e)
+        out.float().mean().backward()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append((out.detach(), model(x, e)))
+    (train, infer), (train_ref, infer_ref) = outs
+    assert train.dtype == torch.bfloat16 and torch.equal(train, train_ref)
+    assert torch.equal(infer, infer_ref)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name

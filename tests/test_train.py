@@ -86,10 +86,12 @@ def test_tiny_run_learns_and_leaves_loadable_checkpoints_and_logs(prepared, refe
     assert all(int(r["valid_samples"]) == 9 for r in rows)
     assert (reference_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
-    assert f"epoch {EPOCHS}/{EPOCHS}" in (reference_run / "train.log").read_text()
+    log_text = (reference_run / "train.log").read_text()
+    assert f"epoch {EPOCHS}/{EPOCHS}" in log_text and "numba scan" in log_text
+    assert json.loads((reference_run / "config.json").read_text())["scan"] == "numba"
 
     last = torch.load(reference_run / "last.pt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == EPOCHS and last["step"] == EPOCHS * STEPS
+    assert last["epoch"] == EPOCHS and last["step"] == EPOCHS * STEPS and last["scan"] == "numba"
     assert {"state_dict", "optim_dict", "valid_loss", "rng", "config", "git_commit"} <= set(last)
     assert last["dataset_version"] == read_manifest(str(prepared))["version_id"]
     assert last["cache_identity"]["encoder"]["weights"] == "random-seed0"

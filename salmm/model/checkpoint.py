@@ -22,6 +22,8 @@ git_commit         the project's git commit (None outside a git checkout)
 world_size         training processes (1 without torchrun)
 threads            CPU intra-op threads the run used (None on CUDA), reused on resume
 stopped            None, or why the run stopped early (``{"reason", "epoch", "step"}``)
+scan               the selective scan the Mamba blocks ran (``salmm.model.mamba.scan_backend``:
+                   "mamba-ssm", "triton", "chunked", "numba"); absent in older checkpoints
 =================  ==========================================================================
 """
 
@@ -53,8 +55,8 @@ def training_checkpoint(state_dict: dict[str, torch.Tensor], optimizer: torch.op
                         valid_loss: float, best: dict[str, Any], history: list[dict[str, float]],
                         config: dict[str, Any], version: str,
                         cache_identity: dict[str, Any] | None, commit: str | None,
-                        threads: int | None = None, stopped: dict[str, Any] | None = None
-                        ) -> dict[str, Any]:
+                        threads: int | None = None, stopped: dict[str, Any] | None = None,
+                        scan: str | None = None) -> dict[str, Any]:
     """The checkpoint dict of a training run (the keys are the table above), with the
     generator states of this process and the process group's size."""
     return {
@@ -76,6 +78,7 @@ def training_checkpoint(state_dict: dict[str, torch.Tensor], optimizer: torch.op
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "threads": threads,
         "stopped": stopped,
+        "scan": scan,
     }
 
 

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salmm.model.scan import selective_scan, selective_scan_export
+from salmm.model.scan import resolve_impl, selective_scan, selective_scan_export
 
-__all__ = ["BACKENDS", "Mamba", "cuda_kernels_available"]
+__all__ = ["BACKENDS", "Mamba", "cuda_kernels_available", "mamba_ssm_scan", "scan_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,26 @@ def _mamba_cpu():
 def cuda_kernels_available() -> bool:
     """True when CUDA is present and mamba-ssm's selective scan kernel imports."""
     return torch.cuda.is_available() and "selective_scan_fn" in _load_kernels()
+
+
+def mamba_ssm_scan():
+    """mamba-ssm's ``selective_scan_fn`` (CUDA), or None where it does not import."""
+    return _load_kernels().get("selective_scan_fn")
+
+
+SCAN_NAMES = {"numba": "numba", "triton": "triton", "torch": "chunked"}
+
+
+def scan_backend(device: torch.device | str, backend: str = "auto") -> str:
+    """Which scan a Mamba block with ``backend`` runs on ``device``, for logs and records:
+    "mamba-ssm" (its CUDA kernels), "triton", "chunked" (the PyTorch scan), "numba" (the CPU
+    kernels) or "export". On CUDA, "auto" takes the first that is there in that order."""
+    device = torch.device(device)
+    if backend == "export":
+        return "export"
+    if backend in ("auto", "cuda") and device.type == "cuda" and cuda_kernels_available():
+        return "mamba-ssm"
+    return SCAN_NAMES[resolve_impl("auto", device)]
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -230,10 +250,12 @@ class Mamba(nn.Module):
 
     def _fused_cpu(self, x: Tensor) -> bool:
         """Whether this forward runs :mod:`salmm.model.mamba_cpu` (training on a CPU): backend
-        "auto", a float32 / float64 CPU input, autograd recording, no in_proj bias, numba.
+        "auto", a float32 / float64 CPU input, no CPU autocast, autograd recording, no in_proj
+        bias, numba.
         (CPU inference runs whole SCPMamba layers in :mod:`salmm.model.layer_cpu` instead.)"""
         return (self.backend == "auto" and x.device.type == "cpu" and torch.is_grad_enabled()
-                and x.dtype in (torch.float32, torch.float64) and self.in_proj.bias is None
+                and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled("cpu") and self.in_proj.bias is None
                 and _mamba_cpu() is not None)
 
     def _scan_args(self, kernels, x, conv1d, x_proj, dt_proj, A_log, D) -> tuple[Tensor, ...]:

@@ -84,10 +84,12 @@ def _kernels():
 
 def cpu_kernels_apply(backend: str, x: Tensor) -> bool:
     """Whether salmm's CPU kernels can take x: Mamba backend "auto", a float32 / float64 CPU
-    input and numba available. Backend "builtin" runs module by module: the kernels' ``_ref``
+    input, no CPU autocast (which changes the modules' dtypes; the modules then run as asked)
+    and numba available. Backend "builtin" runs module by module: the kernels' ``_ref``
     twin."""
     return (backend == "auto" and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64) and _kernels() is not None)
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu") and _kernels() is not None)
 
 
 def fused(backend: str, x: Tensor, parameter: Tensor) -> bool:

@@ -4,9 +4,10 @@ implementation for any device, and the sequential reference.
 All with the argument conventions of ``mamba_ssm.selective_scan_fn``:
 
 * :func:`selective_scan` - what the model calls. ``impl="auto"`` (the default) runs the
-  fused numba kernels of :mod:`salmm.model.scan_cpu` for CPU tensors when numba imports, and the
-  vectorised PyTorch scan otherwise (CUDA without mamba-ssm, or no numba); ``impl="numba"``
-  / ``"torch"`` pick one. The PyTorch scan has no Python loop over single time steps: time
+  fused numba kernels of :mod:`salmm.model.scan_cpu` for CPU tensors when numba imports, the
+  Triton kernels of :mod:`salmm.model.scan_triton` for CUDA tensors when Triton imports, and
+  the vectorised PyTorch scan otherwise; ``impl="numba"`` / ``"triton"`` / ``"torch"`` pick
+  one. The PyTorch scan has no Python loop over single time steps: time
   is cut into chunks of T = ``CHUNK_LEN`` steps and laid out chunk-interleaved ([T, K, ...]:
   slab t holds step t of all K chunks, one contiguous block), so the linear recurrence
   ``h_t = a_t * h_{t-1} + b_t`` runs as 2T + K in-place ops on whole slabs (see
@@ -48,17 +49,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CHUNK_LEN", "IMPLS", "resolve_impl", "selective_scan", "selective_scan_export",
-           "selective_scan_ref"]
+           "selective_scan_ref", "triton_interpreted"]
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "numba", "torch")
+IMPLS = ("auto", "numba", "triton", "torch")
 
 
 CHUNK_LEN = 32  # time steps per chunk (a constant: see selective_scan)
@@ -184,16 +186,39 @@ def _scan_cpu():
     return scan_cpu
 
 
+@functools.cache
+def _scan_triton():
+    """:mod:`salmm.model.scan_triton`, or None when Triton does not import (logged)."""
+    try:
+        from salmm.model import scan_triton  # lazy: Triton is optional and slow to import
+    except ImportError as exc:
+        log.info("Triton scan unavailable (%s: %s)", type(exc).__name__, exc)
+        return None
+    return scan_triton
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs its kernels on the CPU (``TRITON_INTERPRET=1``): tests only."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation :func:`selective_scan` runs for ``impl`` on ``device``:
-    "numba" or "torch" (see there); raises if "numba" is asked for where it cannot run."""
+    "numba", "triton" or "torch" (see there); raises where the one asked for cannot run."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     numba_ok = device.type == "cpu" and _scan_cpu() is not None
+    triton_ok = ((device.type == "cuda" or triton_interpreted() and device.type == "cpu")
+                 and _scan_triton() is not None)
     if impl == "auto":
+        if device.type == "cuda":
+            return "triton" if triton_ok else "torch"
         return "numba" if numba_ok else "torch"
     if impl == "numba" and not numba_ok:
         raise RuntimeError("impl='numba' needs CPU tensors and numba (see salmm.model.scan_cpu)")
+    if impl == "triton" and not triton_ok:
+        raise RuntimeError("impl='triton' needs CUDA tensors and Triton, or TRITON_INTERPRET=1 "
+                           "(see salmm.model.scan_triton)")
     return impl
 
 
@@ -235,16 +260,20 @@ def selective_scan(
     state) in the compute dtype.
 
     impl: ``"numba"`` - the fused CPU kernels of :mod:`salmm.model.scan_cpu` (CPU tensors only);
+    ``"triton"`` - the Triton kernels of :mod:`salmm.model.scan_triton` (CUDA tensors);
     ``"torch"`` - the chunked PyTorch scan below (any device); ``"auto"`` - numba for CPU
-    tensors when numba imports, else torch (see :func:`resolve_impl`). chunk_len (torch
+    tensors, Triton for CUDA tensors, torch where those do not import (:func:`resolve_impl`). chunk_len (torch
     only): time steps per chunk (default ``CHUNK_LEN``; a constant, so a sequence's output
     never depends on the batch it is computed in); the torch scan's saved buffers have l
     rounded up to a multiple of it (the padded steps have decay 1 and no drive, so they
     change no state)."""
-    if resolve_impl(impl, u.device) == "numba":
-        if chunk_len is not None:
-            raise ValueError("chunk_len applies to impl='torch' only")
+    chosen = resolve_impl(impl, u.device)
+    if chosen != "torch" and chunk_len is not None:
+        raise ValueError("chunk_len applies to impl='torch' only")
+    if chosen == "numba":
         return _scan_cpu().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if chosen == "triton":
+        return _scan_triton().scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype, dt = _prepare(u, delta, delta_bias, delta_softplus)
     uc = u.to(dtype)
     chunk_len = chunk_len or CHUNK_LEN

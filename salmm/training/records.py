@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from pipeline.core.fsio import Folder
 from pipeline.encoders.clip_spec import RANDOM_NOTE
 from salmm.model.checkpoint import git_commit, save_checkpoint, training_checkpoint
+from salmm.model.mamba import scan_backend
 from salmm.render.plots import plot_history
 from salmm.training.config import TrainConfig
 from salmm.training.inputs import Inputs
@@ -95,6 +96,7 @@ class Records:
                 {"config": cfg.as_dict(), "dataset_version": inputs.version,
                  "cache": inputs.cache_path, "cache_identity": inputs.cache_identity,
                  "git_commit": self.commit, "world_size": rt.world_size,
+                 "scan": scan_backend(rt.device),
                  "note": RANDOM_NOTE if cfg.clip.random else None}, indent=1).encode())
             # purge_step drops events a killed run wrote after its last checkpoint
             self._hook = threading.excepthook       # before the writer's thread starts
@@ -112,7 +114,7 @@ class Records:
                 model_state(state.model), state.optimizer, state.scaler, best=state.best,
                 history=state.history, config=self.cfg.as_dict(), version=self.inputs.version,
                 cache_identity=self.inputs.cache_identity, commit=self.commit,
-                threads=self.threads, **extra))
+                threads=self.threads, scan=scan_backend(self.rt.device), **extra))
 
     def epoch(self, state: State, row: dict[str, float]) -> None:
         """``metrics.csv``, ``curves.png`` and the epoch's TensorBoard scalars."""

@@ -35,6 +35,7 @@ from pipeline.core.fsio import Folder
 from pipeline.encoders.clip_spec import RANDOM_WARNING
 from salmm.data.stages import SaliencyShards, make_loader
 from salmm.model.checkpoint import check_state_dict, set_rng_state
+from salmm.model.mamba import scan_backend
 from salmm.model.net import build_model as model_factory
 from salmm.training.config import TrainConfig
 from salmm.training.inputs import Inputs, open_inputs, training_loader
@@ -187,9 +188,10 @@ def _train_into(cfg: TrainConfig, rt: Runtime, inputs: Inputs, run: Path) -> Pat
     loaders = {"train": training_loader(cfg, rt, inputs),
                "valid": make_loader(valid, cfg.workers, rt.device.type == "cuda", cfg.seed)}
     with Records(cfg, rt, run, inputs, threads, state.step) as records:
-        log.info("run %s: %s CLIP, %s order, %d process(es) on %s%s, %s, epochs %d..%d", run,
-                 "cached" if cfg.cached_clip else "inline", cfg.order, rt.world_size, rt.device,
-                 f" ({threads} intra-op thread(s))" if threads else "",
+        log.info("run %s: %s CLIP, %s order, %d process(es) on %s%s, %s scan, %s, epochs %d..%d",
+                 run, "cached" if cfg.cached_clip else "inline", cfg.order, rt.world_size,
+                 rt.device, f" ({threads} intra-op thread(s))" if threads else "",
+                 scan_backend(rt.device),
                  f"autocast {rt.autocast}" if rt.autocast else "float32", state.epoch + 1,
                  cfg.epochs)
         if cfg.clip.random:
