@@ -23,3 +23,13 @@ def test_without_cuda_one_line_and_status_2(capsys, argv):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA device" in lines[0]
     assert captured.out == ""
+
+
+def test_a_part_whose_package_is_missing_is_skipped_in_one_line(capsys, monkeypatch):
+    """On a GPU machine that lacks an optional package (its own torch, few wheels carried),
+    the parts that need it are skipped with one line naming it; the rest still run."""
+    monkeypatch.setitem(__import__("sys").modules, "open_clip", None)  # import now fails
+    monkeypatch.delitem(__import__("sys").modules, "pipeline.encoders.clip", raising=False)
+    assert gpu.part("CLIP cache", gpu.embedding_cache, torch.device("cpu"), gpu.SMALL, 1) is None
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("CLIP cache: skipped") and "'open_clip'" in line

@@ -23,13 +23,14 @@ between directions, are not used by SalMM; the vendored non-fast path, taken onl
 takes it.)
 
 Backends: ``"builtin"`` runs a depthwise ``conv1d`` and both directions as one grouped
-:func:`salmm.model.scan.selective_scan` call - salmm's own scan: the fused numba kernels on CPU, the
-chunked PyTorch scan on other devices; ``"export"`` the same call on
+:func:`salmm.model.scan.selective_scan` call - salmm's own scan: the fused numba kernels on CPU,
+the Triton kernels on CUDA (:mod:`salmm.model.scan_triton`), the chunked PyTorch scan where
+neither imports; ``"export"`` the same call on
 :func:`salmm.model.scan.selective_scan_export`, plain tensor operations a tracer can follow, for ONNX
 export (forward only); ``"cuda"`` runs mamba-ssm's
 ``selective_scan_fn`` once per direction and, when installed,
 ``causal_conv1d_fn`` (install the ``gpu`` extra); ``"auto"`` picks ``"cuda"`` for CUDA inputs
-when mamba-ssm imports, the fused CPU kernel pair of :mod:`salmm.model.mamba_cpu` for CPU
+when mamba-ssm imports (else Triton, else the chunked scan: :func:`scan_backend` names it), the fused CPU kernel pair of :mod:`salmm.model.mamba_cpu` for CPU
 training (autograd recording; ``"builtin"`` is its ``_ref`` twin), else ``"builtin"``.
 Parameters and state_dict are identical.
 """

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.core.cpu import adapt_threads
-from pipeline.encoders.clip import PUBLISHED, ClipSpec, cached_encoder
+from pipeline.encoders.clip_spec import PUBLISHED, ClipSpec
 from salmm.model.mamba import Mamba
 
 __all__ = ["CLIP_PREFIX", "CrossModelAtt", "SCPMambaLayer", "SalMM", "build_model"]
@@ -396,5 +396,7 @@ def build_model(
     """The one model factory: SalMM on ``device``, fed cached embeddings, or (cached_clip=False)
     with its own frozen CLIP encoder ``clip`` (:func:`pipeline.encoders.clip.cached_encoder`; one
     BadInputError line when its weights cannot be had)."""
-    encoder = None if cached_clip else cached_encoder(clip, str(device))
-    return SalMM(clip=encoder, backend=backend).to(device)
+    if cached_clip:
+        return SalMM(backend=backend).to(device)
+    from pipeline.encoders.clip import cached_encoder  # lazy: open_clip only when CLIP runs here
+    return SalMM(clip=cached_encoder(clip, str(device)), backend=backend).to(device)
