@@ -5,6 +5,9 @@
   made once per argument set. Shared: treat it as read-only.
 * ``trafficgaze_root``, ``drfixd_root``, ``bdda_root`` (session): the default 3-video x
   8-frame synthetic datasets (one video per split, frames 6..8 / 4..8 listed).
+* ``commands_prepared`` (session): a synthetic BDDA dataset prepared with the real commands
+  (:func:`tests._prepared.prepare_with_commands`: synth, normalize, embed), made once and
+  shared by the trainer's tests. Read-only: the session fails if a test changed it.
 * ``copy_dataset`` (function-scoped): ``copy_dataset(root)`` -> a private writable copy,
   for tests that damage files.
 * ``dask_cluster`` (module): an in-process Dask cluster to pass by address.
@@ -156,6 +159,22 @@ def drfixd_root(synth_dataset: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def bdda_root(synth_dataset: Callable[..., Path]) -> Path:
     return synth_dataset("bdda")
+
+
+def _tree_state(root: Path) -> list[tuple[str, int, int]]:
+    """(relative path, bytes, mtime ns) of every file under ``root``."""
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def commands_prepared(tmp_path_factory: pytest.TempPathFactory):
+    from tests._prepared import prepare_with_commands
+
+    prepared = prepare_with_commands(tmp_path_factory.mktemp("commands"))
+    before = _tree_state(prepared)
+    yield prepared
+    assert _tree_state(prepared) == before, f"a test changed the shared dataset {prepared}"
 
 
 @pytest.fixture

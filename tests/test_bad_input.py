@@ -324,13 +324,12 @@ def test_verify_reports_a_malformed_manifest_in_one_line(tmp_path, cluster, dama
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A prepared dataset and a one-epoch run on it (subprocesses, as a user runs them)."""
-    from tests._prepared import prepare_with_commands, run_module
+def trained(tmp_path_factory, commands_prepared):
+    """A prepared dataset and a one-epoch run on it (a subprocess, as a user runs it)."""
+    from tests._prepared import run_module
 
-    work = tmp_path_factory.mktemp("trained")
-    prepared = prepare_with_commands(work)
-    run = work / "run"
+    prepared = commands_prepared
+    run = tmp_path_factory.mktemp("trained") / "run"
     result = run_module("salmm.train", "--cached-clip", "--prepared", str(prepared),
                         "--clip-pretrained", "none", "--size", "64x64", "--batch-size", "4",
                         "--epochs", "1", "--workers", "0", "--out", str(run))

@@ -69,9 +69,10 @@ class _WellConditioned(SalMM):
                 module.eps = 0.1
 
 
-@pytest.mark.parametrize("size", [(256, 256), (192, 320)])
+@pytest.mark.parametrize("size", [(128, 128), (96, 160)])
 def test_exported_network_computes_the_network(size, tmp_path: Path, monkeypatch):
-    """At 256x256 and 192x320, batch 1 and 4: the float64 graph equals PyTorch to 1e-6 (this
+    """At 128x128 and 96x160 (square and not; no part of the graph is specific to a size, so
+    these stand for 256x256 at a quarter of the time), batch 1 and 4: the float64 graph equals PyTorch to 1e-6 (this
     is what tells a right graph from a wrong one), and where the network is well conditioned
     the float32 graph under onnxruntime is within 1e-4 of PyTorch float32 too."""
     monkeypatch.setattr(export_module, "SalMM", _WellConditioned)

@@ -23,7 +23,7 @@ from salmm.evaluation import evaluator
 from salmm.evaluation.options import EvalOptions
 from salmm.render.overlay import VideoWriter, write_animation
 from tests._inference_data import InferenceData, inference_data
-from tests._prepared import prepare_with_commands, write_prepared
+from tests._prepared import write_prepared
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,9 @@ def _refused(caplog, status: int) -> str:
     return errors[0]
 
 
-def test_a_second_trainer_on_one_folder_is_refused_in_one_line(tmp_path, caplog):
-    prepared = prepare_with_commands(tmp_path / "data")
+def test_a_second_trainer_on_one_folder_is_refused_in_one_line(tmp_path, caplog,
+                                                               commands_prepared):
+    prepared = commands_prepared
     out = tmp_path / "run"
     with Folder(out).lock(), caplog.at_level(logging.INFO):
         status = train.main(["--cached-clip", "--prepared", str(prepared), "--clip-pretrained",

@@ -34,7 +34,6 @@ from salmm.training import trainer as train_trainer
 from salmm.training.config import TrainConfig
 from tests._prepared import (
     REPO,
-    prepare_with_commands,
     subprocess_env,
     write_fake_cache,
     write_prepared,
@@ -46,8 +45,8 @@ STEPS = 5          # per epoch: 9 training samples in batches of 2
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    return prepare_with_commands(tmp_path_factory.mktemp("train"))
+def prepared(commands_prepared) -> Path:
+    return commands_prepared
 
 
 def args(prepared: Path, out: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:

@@ -23,7 +23,6 @@ import pytest
 from pipeline import cli as pipeline_cli
 from salmm import compare, evaluate, export, predict, train
 from tests._inference_data import InferenceData, inference_data, stand_in_graphs
-from tests._prepared import prepare_with_commands
 
 ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES]
 # a writer thread's traceback on stderr is a failure too
@@ -105,8 +104,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> InferenceData:
 
 
 @pytest.fixture(scope="module")
-def trainable(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepare_with_commands(tmp_path_factory.mktemp("faults"))
+def trainable(commands_prepared: Path) -> Path:
+    return commands_prepared
 
 
 # ---- python -m pipeline normalize | embed --------------------------------------------------------
