@@ -50,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("salmm.stream", "live attention on a video, camera, folder or MJPEG stream"),
     "export": ("salmm.export", "a checkpoint as ONNX graphs (SalM2 and CLIP)"),
     "official": ("salmm.official", "check an official model_best_*.tar checkpoint"),
+    "data": ("salmm.versions", "prepared data versions: list, diff, reproduce, which"),
 }
 """Command name -> (its module, the one-line help ``salmm --help`` shows without importing it)."""
 

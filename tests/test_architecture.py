@@ -137,7 +137,7 @@ def test_packages_import_in_one_direction():
 COMMAND_MODULES = {"pipeline.synth", "pipeline.normalize.command", "pipeline.verify",
                    "pipeline.embed", "flows.command", "salmm.train", "salmm.evaluate",
                    "salmm.compare", "salmm.certify", "salmm.predict", "salmm.stream",
-                   "salmm.export", "salmm.official"}
+                   "salmm.export", "salmm.official", "salmm.versions"}
 
 
 def test_the_command_list_is_the_dispatchers():
