@@ -77,7 +77,7 @@ def test_one_and_two_worker_processes_give_identical_bytes(tg_root, tmp_path):
                     progress=False)
     assert one["version_id"] == two["version_id"]
     first, second = outputs(tmp_path / "one"), outputs(tmp_path / "two")
-    assert list(first) == [INPUTS, MANIFEST, "test-index.npy", "train-000000.tar",
+    assert list(first) == ["README.md", INPUTS, MANIFEST, "test-index.npy", "train-000000.tar",
                            "train-000001.tar", "train-index.npy", "valid-000000.tar",
                            "valid-000001.tar", "valid-index.npy"]  # test split: empty
     assert first == second

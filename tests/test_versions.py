@@ -130,3 +130,30 @@ def test_a_root_that_is_not_a_folder_is_one_line_and_status_2(tmp_path, caplog):
         assert versions.main(["list", str(tmp_path / "nowhere")]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "nowhere: not a folder" in errors[0]
+
+
+def test_normalize_writes_a_dataset_card_whose_command_makes_the_same_version(made, tmp_path):
+    import shlex
+
+    import yaml
+
+    from pipeline.cli import main as pipeline_main
+
+    work, ids, *_ = made
+    prepared = work / "prepared" / "b"
+    card = (prepared / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["pretty_name"] == f"BDDA (salmm prepared, version {ids['b']})"
+    assert meta["size_categories"] == ["n<1K"] and "synthetic" in meta["tags"]
+    assert "**SYNTHETIC**" in body and "https://deepdrive.berkeley.edu/" in body
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    for split, entry in manifest["splits"].items():
+        assert (f"| {split} | {entry['samples']} | {len(entry['shards'])} |"
+                f" {len(entry['skipped'])} |") in body
+    made_with = body.split("**Made with**: `", 1)[1].split("`", 1)[0]
+    argv = shlex.split(made_with)[2:]                      # after "salmm normalize"
+    argv[argv.index("--root") + 1] = str(made[3])
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert pipeline_main(["normalize", *argv, "--dask-address", made[4]]) == 0
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["version_id"] == ids["b"]

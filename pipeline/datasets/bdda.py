@@ -15,4 +15,7 @@ GAZE_MAP_SIZE = (576, 1024)
 DATASET = Dataset(
     "bdda", "BDDA", "BDDA", ("camera_frames", "gazemap_frames"), "camera_frames",
     re.compile(r"(\d{4})/(\d{4})\.jpg"), "VVVV/FFFF.jpg", FRAME_SIZE, GAZE_MAP_SIZE,
-    "gaze_maps", GazeMapReader)
+    "gaze_maps", GazeMapReader,
+    source="https://deepdrive.berkeley.edu/",
+    terms="the Berkeley DeepDrive terms of use (https://bdd-data.berkeley.edu/)",
+    citation="Xia et al., Predicting Driver Attention in Critical Situations, ACCV 2018")

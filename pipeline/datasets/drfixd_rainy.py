@@ -9,4 +9,8 @@ from pipeline.datasets.trafficgaze import ENTRY
 
 DATASET = Dataset(
     "drfixd-rainy", "DrFixD-rainy", "DrFixD_rainy", ("trafficframe", "fixdata"),
-    "trafficframe", ENTRY, "VV/FFFFFF.jpg", FRAME_SIZE, FRAME_SIZE, "fixations", FixdataReader)
+    "trafficframe", ENTRY, "VV/FFFFFF.jpg", FRAME_SIZE, FRAME_SIZE, "fixations", FixdataReader,
+    source="https://github.com/taodeng/DrFixD-rainy",
+    terms="the original release's terms (https://github.com/taodeng/DrFixD-rainy); the SalM2"
+          " authors' copy: https://huggingface.co/datasets/springyu/DrFixD_rainy",
+    citation="the paper named on https://github.com/taodeng/DrFixD-rainy")

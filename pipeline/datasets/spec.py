@@ -63,7 +63,9 @@ class Dataset:
     frame_size: (height, width) every camera frame has (checked before decoding);
     source_size: (height, width) the ground truth refers to; ground_truth: "fixations"
     (points in ``fixdata`` files) or "gaze_maps" (greyscale images); reader: the class that
-    builds its frames (``reader(dataset, root, split)(name, video, frame) -> Frame``).
+    builds its frames (``reader(dataset, root, split)(name, video, frame) -> Frame``);
+    source: where the original release is (URL); terms: where its terms of use are stated
+    (a pointer, not a licence of ours); citation: the paper to cite for it.
     """
 
     name: str
@@ -77,6 +79,9 @@ class Dataset:
     source_size: tuple[int, int]
     ground_truth: str
     reader: Callable[..., Callable[[str, int, int], Frame]]
+    source: str = ""
+    terms: str = ""
+    citation: str = ""
 
     @property
     def has_fixations(self) -> bool:

@@ -13,4 +13,9 @@ ENTRY = re.compile(r"(\d{2})/(\d{6})\.jpg")
 
 DATASET = Dataset(
     "trafficgaze", "TrafficGaze", "TrafficGaze", ("trafficframe", "fixdata"), "trafficframe",
-    ENTRY, "VV/FFFFFF.jpg", FRAME_SIZE, FRAME_SIZE, "fixations", FixdataReader)
+    ENTRY, "VV/FFFFFF.jpg", FRAME_SIZE, FRAME_SIZE, "fixations", FixdataReader,
+    source="https://github.com/taodeng/CDNN-traffic-saliency",
+    terms="the original release's terms (https://github.com/taodeng/CDNN-traffic-saliency);"
+          " the SalM2 authors' copy: https://huggingface.co/datasets/springyu/TrafficGaze",
+    citation="Deng et al., How Do Drivers Allocate Their Potential Attention? Driving Fixation"
+             " Prediction via Convolutional Neural Networks, IEEE T-ITS 2020")

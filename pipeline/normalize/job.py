@@ -22,8 +22,9 @@ from pipeline.core.fsio import Folder
 from pipeline.core.progress import progress as progress_bar
 from pipeline.datasets import check_layout
 from pipeline.datasets import get as dataset_entry
-from pipeline.datasets.spec import Frame
+from pipeline.datasets.spec import SYNTHETIC_MARKER, Frame
 from pipeline.datasets.splits import SPLITS, split_path
+from pipeline.formats.card import CARD, dataset_card
 from pipeline.formats.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -192,6 +193,10 @@ def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, 
         "elapsed_s": round(elapsed, 3), "host": platform.node(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }) + b"\n")
+    folder.write_bytes(CARD, dataset_card(
+        dataset_entry(dataset), manifest, vid,
+        _command(dataset, options, skip_bad, max_bad_fraction),
+        synthetic=(root / SYNTHETIC_MARKER).exists()).encode())
     try:
         write_manifest(folder, manifest)    # last: its presence means the run finished
     except OutputError:
@@ -202,6 +207,20 @@ def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, 
     log.info("prepared %s into %s: %s samples in %d shards, %d frames skipped; version %s",
              dataset, folder.root, result["samples"], result["shards"], result["skipped"], vid)
     return result
+
+
+def _command(dataset: str, options: Options, skip_bad: bool, max_bad_fraction: float
+             ) -> list[str]:
+    """The command line that makes this version (for the dataset card), with RAW and OUT for
+    the folders: the card's bytes, like the shards', do not depend on where they are."""
+    height, width = options.size
+    command = ["salmm", "normalize", "--dataset", dataset, "--root", "RAW", "--out", "OUT",
+               "--size", f"{width}x{height}", "--shard-size",
+               str(options.shard_size), "--decode", options.decode, "--frame-codec",
+               options.frame_codec]
+    if skip_bad:
+        command += ["--skip-bad", "--max-bad-fraction", str(max_bad_fraction)]
+    return command
 
 
 def _header(dataset: str, root: Path, options: Options, plans: dict[str, SplitPlan],
@@ -271,7 +290,8 @@ def _prepare_output(folder: Folder, header: dict[str, Any], overwrite: bool) -> 
 
 def _clear(folder: Folder) -> None:
     """Delete the prepared-output files in ``folder`` (and nothing else)."""
-    ours = re.compile(rf"{MANIFEST}.*|{INPUTS}.*|{RUN}.*|({'|'.join(SPLITS)})-index\.npy.*")
+    ours = re.compile(rf"{MANIFEST}.*|{INPUTS}.*|{RUN}.*|{CARD}.*|"
+                      rf"({'|'.join(SPLITS)})-index\.npy.*")
     for name in folder.listdir():
         if ours.fullmatch(name) or SHARD_NAME.match(name):
             folder.remove(name)
