@@ -336,7 +336,7 @@ def test_unavailable_weights_fail_with_one_line_saying_what_to_do(monkeypatch):
         raise RuntimeError("Failed to download weights for tag 'openai': no network\nmore")
 
     monkeypatch.setattr("pipeline.encoders.clip._cached_weights", lambda cfg: False)
-    monkeypatch.setattr("pipeline.encoders.clip._reachable", lambda host, port: None)
+    monkeypatch.setattr("pipeline.core.network.reachable", lambda host, port: None)
     monkeypatch.setattr("open_clip.create_model_and_transforms", offline)
     with pytest.raises(BadInputError) as err:
         build_clip_encoder(pretrained="openai")

@@ -40,9 +40,6 @@ import contextlib
 import functools
 import logging
 import os
-import socket
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +50,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from pipeline.core import network
 from pipeline.core.cpu import intra_op_threads
 from pipeline.core.errors import BadInputError
 from pipeline.encoders.clip_spec import (  # the encoder's face: its spec names too
@@ -103,8 +101,6 @@ MICRO_BATCH = {"cpu": 8, "cuda": 64}
 CACHE_THREADS = 1
 """Intra-op threads of the encoder in :func:`embed_pairs` on CPU (parallelism comes from worker
 processes): one thread makes torch's matrix products independent of the machine's core count."""
-PROBE_TIMEOUT_S = 3.0
-"""How long the one reachability check of a weights host may take."""
 
 
 class ClipEncoder(nn.Module):
@@ -174,26 +170,12 @@ def _cached_weights(cfg: dict) -> bool:
     return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
 
 
-def _weights_host(cfg: dict) -> tuple[str, int]:
-    """(host, port) open_clip would download ``cfg``'s weights from: the Hugging Face endpoint
-    for hub weights, else the URL's host; a configured HTTPS proxy instead of either."""
-    proxy = urllib.request.getproxies().get("https")
+def _weights_url(cfg: dict) -> str:
+    """Where open_clip would download ``cfg``'s weights from: the Hugging Face endpoint for
+    hub weights, else the URL."""
     if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
-        url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    else:
-        url = cfg.get("url", "")
-    parsed = urllib.parse.urlsplit(proxy or url)
-    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
-
-
-def _reachable(host: str, port: int) -> str | None:
-    """None when a TCP connection to ``host:port`` opens within :data:`PROBE_TIMEOUT_S`,
-    else why not (one attempt, no retries)."""
-    try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
-            return None
-    except OSError as err:
-        return f"{host}:{port} cannot be reached: {err.strerror or err}"
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return cfg.get("url", "")
 
 
 @contextlib.contextmanager
@@ -227,7 +209,8 @@ def check_weights(spec: ClipSpec, option: str = OPTION) -> bool:
     """Whether ``spec``'s weights must be downloaded and are not on disk (False: random, a
     local file, a tag open_clip ships, or found in the local cache). BadInputError (one line;
     the hint spells the option as ``option``) when they would have to be downloaded and their
-    host does not answer within :data:`PROBE_TIMEOUT_S`: found out before any work."""
+    host does not answer within :data:`pipeline.core.network.PROBE_TIMEOUT_S`: found out
+    before any work."""
     if spec.pretrained is None or Path(spec.pretrained).exists():
         return False
     hub = spec.pretrained.startswith("hf-hub:")
@@ -235,7 +218,7 @@ def check_weights(spec: ClipSpec, option: str = OPTION) -> bool:
            else open_clip.get_pretrained_cfg(spec.model, spec.pretrained))
     if not cfg or "file" in cfg or _cached_weights(cfg):
         return False
-    if (why := _reachable(*_weights_host(cfg))) is not None:
+    if (why := network.reachable(*network.host_of(_weights_url(cfg)))) is not None:
         raise _weights_unavailable(spec, why, option)
     return True
 

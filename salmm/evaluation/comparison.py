@@ -39,7 +39,7 @@ from salmm.evaluation import metrics
 from salmm.evaluation.evaluator import evaluate
 from salmm.evaluation.options import CompareOptions, EvalOptions
 from salmm.evaluation.report import SUMMARY_NAME
-from salmm.model.loading import file_sha256
+from salmm.model import hub
 
 log = logging.getLogger("salmm.compare")
 
@@ -67,13 +67,12 @@ def _unique(name: str, used: set[str]) -> str:
 
 
 def predictors(opts: CompareOptions) -> list[Predictor]:
-    """The rows, checkpoints first (BadInputError for a missing file), folder names unique."""
+    """The rows, checkpoints first (files, Hub folders or Hub ids; BadInputError for one
+    that is not there), folder names unique."""
     rows, used = [], set()
     for path in opts.checkpoint:
-        if not Path(path).is_file():
-            raise BadInputError(path, "no such checkpoint file")
-        rows.append(Predictor(Path(path).name, _unique(Path(path).stem, used), path,
-                              file_sha256(path)))
+        sha = hub.weights_sha256(hub.resolve(path))
+        rows.append(Predictor(Path(path).name, _unique(Path(path).stem, used), path, sha))
     for name in opts.baseline:
         rows.append(Predictor(f"{name} baseline", f"baseline-{name}", baseline=name))
     return rows

@@ -20,6 +20,7 @@ from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
 from pipeline.encoders.clip import cached_encoder
 from pipeline.encoders.clip_spec import PUBLISHED, RANDOM_WARNING, ClipSpec
+from salmm.model import hub
 from salmm.model.checkpoint import FORMAT, load_checkpoint
 from salmm.model.devices import autocast, autocast_dtype, pick_device
 from salmm.model.net import SalMM
@@ -104,18 +105,65 @@ def resolve_clip(path: str, config: dict[str, Any] | None, given: dict[str, Any]
     return choice
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A checkpoint's trainable weights and what it says about itself, whatever its form.
+
+    ``path``: as the user named it; ``resolved``: the local file or Hub folder; ``config``:
+    the training options the CLIP choice and frame size come from (None: an official
+    checkpoint, trained with the published CLIP at 256x256); ``kind``: "salmm-train" or
+    "official" (where the weights came from); ``form``: "checkpoint" or "hub".
+    """
+
+    path: str
+    resolved: str
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any] | None
+    kind: str
+    form: str
+    sha256: str
+    epoch: int | None
+    valid_loss: float | None
+    dataset_version: str | None
+    git_commit: str | None
+    dataset: str | None = None
+
+
+def read_weights(path: str) -> Weights:
+    """The weights a ``--checkpoint`` names: our checkpoint file, an official one, a Hub folder
+    or a Hub id (:func:`salmm.model.hub.resolve`); every key checked. BadInputError in one
+    line naming it otherwise."""
+    resolved = hub.resolve(path)
+    if hub.is_pretrained_folder(resolved):
+        state, meta = hub.read_pretrained(resolved)
+        source = meta["source"]
+        config = {**meta["clip"], "size": meta["size"],
+                  "cached_clip": meta["trained_cached_clip"]}
+        return Weights(path, resolved, state, config, source["kind"], "hub",
+                       hub.weights_sha256(resolved), source.get("epoch"),
+                       source.get("valid_loss"), meta.get("dataset_version"),
+                       source.get("git_commit"), meta.get("dataset"))
+    raw = load_checkpoint(resolved)
+    weights = read_official(resolved)
+    config = checkpoint_config(raw)
+    return Weights(path, resolved, weights.state_dict, config,
+                   "salmm-train" if config is not None else "official", "checkpoint",
+                   file_sha256(resolved), weights.epoch, weights.valid_loss,
+                   raw.get("dataset_version"), raw.get("git_commit"))
+
+
 def load_model(path: str, *, inline_clip: bool, given_clip: dict[str, Any],
                device: str | None = None, amp: str = "off") -> LoadedModel:
-    """Load checkpoint ``path`` (ours or official; every key checked) into a SalMM on ``device``.
+    """Load the checkpoint ``path`` names (ours, official, a Hub folder or id; every key
+    checked: :func:`read_weights`) into a SalMM on ``device``.
 
     ``inline_clip``: attach the frozen CLIP encoder (built from :func:`resolve_clip`'s choice)
     so the model embeds frames itself; otherwise embeddings are passed in. BadInputError (one
     line naming the file) for a missing, unreadable or mismatching checkpoint.
     """
     path = str(path)
-    raw = load_checkpoint(path)
-    weights = read_official(path)
-    config = checkpoint_config(raw)
+    weights = read_weights(path)
+    config = weights.config
     clip = resolve_clip(path, config, given_clip)
     dev = pick_device(device)
     encoder = None
@@ -126,12 +174,13 @@ def load_model(path: str, *, inline_clip: bool, given_clip: dict[str, Any],
     model.to(dev).eval()
     info = {
         "path": path,
-        "sha256": file_sha256(path),
-        "kind": "salmm-train" if config is not None else "official",
+        "sha256": weights.sha256,
+        "kind": weights.kind,
+        "form": weights.form,
         "epoch": weights.epoch,
         "valid_loss": weights.valid_loss,
-        "dataset_version": raw.get("dataset_version"),
-        "git_commit": raw.get("git_commit"),
+        "dataset_version": weights.dataset_version,
+        "git_commit": weights.git_commit,
         "trained_cached_clip": config.get("cached_clip") if config else None,
     }
     size = tuple(config["size"]) if config is not None else (256, 256)

@@ -328,6 +328,47 @@ class SalMM(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    @classmethod
+    def from_pretrained(cls, ref: str, *, backend: str = "auto") -> SalMM:
+        """The SalMM (eval mode, CPU, no CLIP attached) of a Hub folder, a Hub id
+        ``owner/name[@revision]`` or a checkpoint file (ours or the authors'): every key
+        checked, no code from the download run (:mod:`salmm.model.hub`)."""
+        from salmm.model.loading import read_weights  # lazy: loading imports this module
+
+        model = cls(backend=backend)
+        model.load_state_dict(read_weights(ref).state_dict, strict=True)
+        return model.eval()
+
+    def save_pretrained(self, folder: str, *, size: tuple[int, int] = (256, 256),
+                        clip: ClipSpec = PUBLISHED, dataset: str | None = None,
+                        dataset_version: str | None = None,
+                        metrics: dict[str, float] | None = None) -> None:
+        """Write this model's weights as a Hub folder (model.safetensors, config.json, a model
+        card). ``size`` / ``clip``: what it was trained at and with (its users need the same
+        CLIP); ``dataset_version``: the prepared data it was trained on, if any. To convert a
+        checkpoint with all it records, use ``salmm export --hub-folder``."""
+        from salmm.model import hub  # lazy: hub reads weights back through this module
+
+        meta = hub.pretrained_config(
+            size=size, clip={"clip_model": clip.model, "clip_pretrained": clip.pretrained,
+                             "profile": clip.profile},
+            trained_cached_clip=None, kind="salmm-train", sha256="", epoch=None,
+            valid_loss=None, git_commit=None, dataset=dataset, dataset_version=dataset_version,
+            metrics=metrics, training=None, metrics_from="the values given to save_pretrained")
+        hub.write_pretrained(folder, self.state_dict(), meta, hub.model_card(meta))
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    **saved) -> str:
+        """:meth:`save_pretrained` (``saved``: its options) into a temporary folder, uploaded
+        to Hub model repository ``repo_id``; the commit's URL."""
+        import tempfile  # lazy: only for Hub folders
+
+        from salmm.model import hub  # lazy: as in save_pretrained
+
+        with tempfile.TemporaryDirectory(prefix="salmm-hub-") as folder:
+            self.save_pretrained(folder, **saved)
+            return hub.push_folder(folder, repo_id, private=private, token=token)
+
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         if x.ndim != 4 or x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(
