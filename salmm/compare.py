@@ -22,6 +22,7 @@ from salmm.evaluation.options import BASELINES, CompareOptions
 
 SUMMARY = ("Evaluate every checkpoint and baseline on every prepared split; one markdown/CSV/JSON"
            " table in the paper's column order.")
+CONFIG_FILE = True  # --config FILE / --print-config (pipeline.core.configfile)
 
 
 def options(args: argparse.Namespace) -> CompareOptions:

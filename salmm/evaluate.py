@@ -31,6 +31,7 @@ SUMMARY = ("Score a SalM2 checkpoint (or a baseline) on a prepared split with th
            " metrics (AUC_B, AUC_J, NSS, CC, SIM, KLD): per-frame and per-video CSV, summary"
            " JSON, markdown table, optionally .mat files for the official MATLAB scripts. "
            + MODEL_OPTIONS_NOTE)
+CONFIG_FILE = True  # --config FILE / --print-config (pipeline.core.configfile)
 
 
 options = functools.partial(model_options, EvalOptions)

@@ -24,6 +24,7 @@ from salmm.deploy.options import BACKENDS, EXPORT_CACHE, STREAM_FPS, StreamOptio
 
 SUMMARY = ("Live driver attention: predict each frame of a video, camera, folder or MJPEG stream"
            " as it comes, draw the overlay, report latency and fps. " + MODEL_OPTIONS_NOTE)
+CONFIG_FILE = True  # --config FILE / --print-config (pipeline.core.configfile)
 
 
 options = functools.partial(model_options, StreamOptions)

@@ -32,6 +32,7 @@ SUMMARY = ("Train SalM2 on a prepared dataset. With --cached-clip the CLIP embed
            " the cache `salmm embed` wrote; without it the model runs its frozen CLIP inline, as"
            " published. Defaults follow the published recipe.")
 log = logging.getLogger("salmm.train")
+CONFIG_FILE = True  # --config FILE / --print-config (pipeline.core.configfile)
 
 options = functools.partial(options_from, TrainConfig)
 parse_args = module_parse_args(__name__, options)

@@ -33,7 +33,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
 
-from pipeline.core.errors import run_reporting
+from pipeline.core.configfile import CONFIG_OPTION, add_config_options, config_text, with_config
+from pipeline.core.errors import BadInputError, run_reporting
 
 OWN_LOGGERS = ("pipeline", "salmm", "flows", "bench")
 """The loggers whose INFO lines a command shows; every other library's show from WARNING on,
@@ -46,6 +47,10 @@ class SizeError(argparse.ArgumentTypeError, ValueError):
     """A size that is not ``WIDTHxHEIGHT`` or ``N`` with positive numbers."""
 
 
+def _spell_size(size: tuple[int, int] | None) -> str | None:
+    return None if size is None else f"{size[1]}x{size[0]}"
+
+
 def parse_size(text: str | tuple[int, int]) -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` (as in ``1280x720``) or ``"N"`` (square) -> (height, width); a tuple
     is taken as (height, width). SizeError (an argparse type error and a ValueError) otherwise."""
@@ -56,6 +61,9 @@ def parse_size(text: str | tuple[int, int]) -> tuple[int, int]:
         raise SizeError(f"size must look like 256x256 (width x height) or 256, got {text!r}")
     width = int(match.group(1))
     return int(match.group(2) or width), width
+
+
+parse_size.spell = _spell_size  # (height, width) -> "WIDTHxHEIGHT", for configuration files
 
 
 def positive_int(text: str) -> int:
@@ -156,6 +164,8 @@ def command_parser(command: ModuleType, prog: str,
         parser = argparse.ArgumentParser(prog=prog, description=command.SUMMARY,
                                          formatter_class=HelpFormatter)
     command.add_arguments(parser)
+    if getattr(command, "CONFIG_FILE", False):
+        add_config_options(parser)
     add_verbosity(parser, suppress=True)
     # underscored: a command's own options (official's --check) cannot collide with them
     parser.set_defaults(_run=command.run, _logger=getattr(command, "LOGGER", command.__name__),
@@ -196,15 +206,37 @@ def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                   ) -> argparse.Namespace:
     """``argv`` (default ``sys.argv[1:]``) parsed, and the chosen command's usage checks made
     (argparse exits with a usage line and status 2 on a bad command line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, start = _command_of(parser, argv)
+    if any(word == CONFIG_OPTION or word.startswith(CONFIG_OPTION + "=") for word in argv):
+        try:
+            argv = with_config(command, argv, start)
+        except BadInputError as err:
+            parser.exit(2, f"{command.prog}: error: {err}\n")
     args = parser.parse_args(argv)
     if getattr(args, "_check", None) is not None:
         args._check(args._parser, args)
     return args
 
 
+def _command_of(parser: argparse.ArgumentParser, argv: Sequence[str]
+                ) -> tuple[argparse.ArgumentParser, int]:
+    """The parser of the command ``argv`` runs (a dispatcher's sub-parser, or ``parser``) and
+    where its options start in ``argv``."""
+    for action in parser._actions:          # argparse keeps no public list
+        if isinstance(action, argparse._SubParsersAction):
+            for i, word in enumerate(argv):
+                if word in action.choices:
+                    return action.choices[word], i + 1
+    return parser, 0
+
+
 def run_parsed(args: argparse.Namespace) -> int:
     """Configure logging from ``args`` and run the command's ``run(args)`` under the exit-code
-    policy."""
+    policy (``--print-config``: write the resolved configuration instead)."""
+    if getattr(args, "print_config", False):
+        sys.stdout.write(config_text(args._parser, args, args._parser.prog))
+        return 0
     configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     return run_reporting(lambda: args._run(args), logging.getLogger(args._logger))
 

@@ -40,6 +40,10 @@ def parse_weights(text: str | None) -> str | None:
     return str(text)
 
 
+parse_weights.spell = lambda weights: "none" if weights is None else str(weights)
+"""The weights as a configuration file writes them (None: random, "none")."""
+
+
 def random_weights(pretrained: str | None) -> bool:
     """Whether ``pretrained`` (as parsed) or a recorded weights identity means random weights."""
     return pretrained is None or str(pretrained).startswith("random")
