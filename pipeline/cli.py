@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from pipeline.core.commandline import dispatch, dispatcher_parser
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "check-layout": ("pipeline.check_layout",
+                     "check a raw dataset root against its split lists: missing and extra files"),
     "synth": ("pipeline.synth",
               "write a small SYNTHETIC raw dataset in a real download layout (tests, demos)"),
     "normalize": ("pipeline.normalize.command",

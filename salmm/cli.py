@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("flows.command",
                 "raw dataset -> shards, manifest, verify, CLIP cache (the prepare flow)"),
     "synth": ("pipeline.synth", "write a small SYNTHETIC raw dataset in a real download layout"),
+    "check-layout": ("pipeline.check_layout",
+                     "check a raw dataset root against its split lists before normalize"),
     "normalize": ("pipeline.normalize.command",
                   "raw dataset -> deterministic WebDataset shards + versioned manifest"),
     "verify": ("pipeline.verify", "re-hash a prepared dataset against its manifest"),
