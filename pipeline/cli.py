@@ -20,6 +20,8 @@ from pipeline.core.commandline import dispatch, dispatcher_parser
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-layout": ("pipeline.check_layout",
                      "check a raw dataset root against its split lists: missing and extra files"),
+    "download": ("pipeline.download",
+                 "fetch a dataset from the SalM2 authors' Hub mirror into the readers' layout"),
     "synth": ("pipeline.synth",
               "write a small SYNTHETIC raw dataset in a real download layout (tests, demos)"),
     "normalize": ("pipeline.normalize.command",

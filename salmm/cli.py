@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("flows.command",
                 "raw dataset -> shards, manifest, verify, CLIP cache (the prepare flow)"),
     "synth": ("pipeline.synth", "write a small SYNTHETIC raw dataset in a real download layout"),
+    "download": ("pipeline.download",
+                 "fetch a dataset from the SalM2 authors' Hub mirror (BDDA: the steps)"),
     "check-layout": ("pipeline.check_layout",
                      "check a raw dataset root against its split lists before normalize"),
     "normalize": ("pipeline.normalize.command",

@@ -4,7 +4,7 @@ It speaks the part of the Hub's HTTP protocol ``huggingface_hub`` downloads with
 its 2.x client): ``HEAD``/``GET /{repo}/resolve/{revision}/{file}`` (``/datasets/{repo}/...``
 for datasets) answering ``X-Repo-Commit``, ``ETag`` and ``Content-Length``, byte ranges
 (``Range: bytes=N-`` -> 206), and ``GET /api/{models|datasets}/{repo}/revision/{revision}``
-listing the files. Plain files are served at ``/files/{name}`` with ranges too. A file named in
+and ``.../tree/{revision or commit}`` listing the files. Plain files are served at ``/files/{name}`` with ranges too. A file named in
 ``cut_once`` is cut halfway through the first time it is sent (the connection closes), the way a
 flaky network cuts a download; every request is recorded.
 """
@@ -37,6 +37,15 @@ class FakeHub:
         parts = path.split("?", 1)[0].strip("/").split("/")
         if parts[0] == "files" and len(parts) == 2 and parts[1] in self.files:
             return self.files[parts[1]], {"ETag": f'"{hashlib.sha256(self.files[parts[1]]).hexdigest()}"'}, None
+        if parts[0] == "api" and len(parts) >= 6 and parts[4] == "tree":
+            kind, repo, wanted = parts[1], "/".join(parts[2:4]), parts[5]
+            for revision, files in self.repos.get((kind, repo), {}).items():
+                if wanted in (revision, self.commit(kind, repo, revision)):
+                    return None, {}, json.dumps(
+                        [{"type": "file", "path": name, "size": len(data),
+                          "oid": hashlib.sha1(data).hexdigest()}
+                         for name, data in sorted(files.items())])
+            return None, {}, None
         if parts[0] == "api" and len(parts) >= 6 and parts[4] == "revision":
             kind, repo, revision = parts[1], "/".join(parts[2:4]), "/".join(parts[5:])
             files = self.repos.get((kind, repo), {}).get(revision)
@@ -52,7 +61,10 @@ class FakeHub:
         if len(parts) < 5 or parts[2] != "resolve":
             return None, {}, None
         repo, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-        files = self.repos.get((kind, repo), {}).get(revision)
+        revisions = self.repos.get((kind, repo), {})
+        revision = next((r for r in revisions if self.commit(kind, repo, r) == revision),
+                        revision)                       # a commit names its revision
+        files = revisions.get(revision)
         if files is None or name not in files:
             return None, {"X-Error-Code": "EntryNotFound" if files is not None
                           else "RepoNotFound"}, None

@@ -134,7 +134,7 @@ def test_packages_import_in_one_direction():
     assert wrong == []
 
 
-COMMAND_MODULES = {"pipeline.synth", "pipeline.check_layout", "pipeline.normalize.command", "pipeline.verify",
+COMMAND_MODULES = {"pipeline.synth", "pipeline.check_layout", "pipeline.download", "pipeline.normalize.command", "pipeline.verify",
                    "pipeline.embed", "flows.command", "salmm.train", "salmm.evaluate",
                    "salmm.compare", "salmm.certify", "salmm.predict", "salmm.stream",
                    "salmm.export", "salmm.official", "salmm.versions"}

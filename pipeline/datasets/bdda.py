@@ -18,4 +18,13 @@ DATASET = Dataset(
     "gaze_maps", GazeMapReader,
     source="https://deepdrive.berkeley.edu/",
     terms="the Berkeley DeepDrive terms of use (https://bdd-data.berkeley.edu/)",
-    citation="Xia et al., Predicting Driver Attention in Critical Situations, ACCV 2018")
+    citation="Xia et al., Predicting Driver Attention in Critical Situations, ACCV 2018",
+    manual="BDDA has no Hugging Face mirror. (1) Download the SalM2 authors' copy from Baidu Pan"
+           " (the link is in https://github.com/zhao-chunyu/SaliencyMamba's README, extraction"
+           " code BDDA): its camera_frames/ and gazemap_frames/ are the frames the published"
+           " split files list. (2) Unpack it into a folder BDDA/ holding camera_frames/,"
+           " gazemap_frames/ and the split files (train.json, valid.json, test.json; also in"
+           " that repository's datasets/ folder). (3) Check it with `salmm check-layout"
+           " --dataset bdda --root BDDA`. The original BDD-A release"
+           " (https://bdd-data.berkeley.edu/, registration required) ships videos, not these"
+           " frames.")

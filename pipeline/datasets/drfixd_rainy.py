@@ -13,4 +13,5 @@ DATASET = Dataset(
     source="https://github.com/taodeng/DrFixD-rainy",
     terms="the original release's terms (https://github.com/taodeng/DrFixD-rainy); the SalM2"
           " authors' copy: https://huggingface.co/datasets/springyu/DrFixD_rainy",
-    citation="the paper named on https://github.com/taodeng/DrFixD-rainy")
+    citation="the paper named on https://github.com/taodeng/DrFixD-rainy",
+    mirror="springyu/DrFixD_rainy")

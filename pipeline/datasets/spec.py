@@ -65,7 +65,9 @@ class Dataset:
     (points in ``fixdata`` files) or "gaze_maps" (greyscale images); reader: the class that
     builds its frames (``reader(dataset, root, split)(name, video, frame) -> Frame``);
     source: where the original release is (URL); terms: where its terms of use are stated
-    (a pointer, not a licence of ours); citation: the paper to cite for it.
+    (a pointer, not a licence of ours); citation: the paper to cite for it; mirror: the
+    Hugging Face dataset repository ``salmm download`` fetches it from ("" when none);
+    manual: how to get it by hand where there is no mirror.
     """
 
     name: str
@@ -82,6 +84,8 @@ class Dataset:
     source: str = ""
     terms: str = ""
     citation: str = ""
+    mirror: str = ""
+    manual: str = ""
 
     @property
     def has_fixations(self) -> bool:

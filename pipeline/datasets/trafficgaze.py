@@ -18,4 +18,5 @@ DATASET = Dataset(
     terms="the original release's terms (https://github.com/taodeng/CDNN-traffic-saliency);"
           " the SalM2 authors' copy: https://huggingface.co/datasets/springyu/TrafficGaze",
     citation="Deng et al., How Do Drivers Allocate Their Potential Attention? Driving Fixation"
-             " Prediction via Convolutional Neural Networks, IEEE T-ITS 2020")
+             " Prediction via Convolutional Neural Networks, IEEE T-ITS 2020",
+    mirror="springyu/TrafficGaze")
