@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 
+from flows.config import deployment_parameters
 from pipeline.core.errors import BadInputError, OutputError
 from pipeline.core.fsio import Folder
 from pipeline.datasets import check_layout
@@ -207,8 +208,8 @@ def report_markdown(record: dict[str, Any]) -> str:
 @flow(name="prepare", log_prints=False)
 def prepare(
     dataset: str,
-    root: str,
-    out: str,
+    root: str | None = None,
+    out: str | None = None,
     size: str = "256x256",
     decode: str = "faithful",
     frame_codec: str = "png",
@@ -225,7 +226,10 @@ def prepare(
 
     Args:
         dataset: "bdda", "trafficgaze" or "drfixd-rainy". root: the raw download folder.
-        out: the prepared folder (local path or fsspec URL). size: frame size "WIDTHxHEIGHT".
+        out: the prepared folder (local path or fsspec URL). root / out None: the configured
+            defaults where the run executes (:mod:`flows.config`: ``.salmm/flows.toml``,
+            ``SALMM_DATA_ROOT``, ``SALMM_PREPARED_ROOT``; what ``flows/prefect.yaml``'s
+            deployments rely on, so a worker's machine decides where its data is). size: frame size "WIDTHxHEIGHT".
         decode: how frames and gaze maps are decoded, "faithful" (as the published loader) or
             "fast" (reduced-scale JPEG decoding; see ``python -m pipeline normalize --decode``).
         frame_codec: how frames are stored, "png" (lossless, the published loader's pixels) or
@@ -241,6 +245,9 @@ def prepare(
     started = time.perf_counter()
     logger = get_run_logger()
     try:
+        if root is None or out is None:
+            configured = deployment_parameters(dataset)
+            root, out = root or configured["root"], out or configured["out"]
         check_layout_task(dataset, root)
         check_weights_task(clip_model, clip_pretrained, profile)
         return _prepare(dataset, root, out, size, decode, frame_codec, clip_model,

@@ -277,3 +277,47 @@ def test_concurrent_runs_on_other_outputs_complete_and_a_held_output_is_refused_
                   if "another run is writing here" in line and "Error" not in line]
         assert len(reason) == 1, refused.stdout
         assert not (held / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_prefect_yaml_registers_on_a_process_pool_and_a_worker_runs_one(
+        tmp_path: Path, synth_dataset, clean_env) -> None:
+    """Prefect 3's documented path for teams: `prefect deploy --all` from flows/prefect.yaml
+    onto a process work pool, `prefect worker start`, a run to Completed; root and out come
+    from the worker's environment."""
+    import signal
+
+    shutil.copytree(synth_dataset("bdda", videos=3, frames=4), tmp_path / "BDDA")
+    with local_services(home=tmp_path / "prefect", port=4314, serve=False) as services:
+        env = {**services.env, "SALMM_DATA_ROOT": str(tmp_path), "COLUMNS": "400",
+               "SALMM_PREPARED_ROOT": str(tmp_path / "prepared"),
+               "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONPATH": str(REPO)}
+
+        def prefect(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO,
+                                  capture_output=True, text=True, check=False, timeout=300)
+
+        created = prefect("work-pool", "create", "salmm", "--type", "process")
+        assert created.returncode == 0, created.stdout + created.stderr
+        deployed = prefect("--no-prompt", "deploy", "--all", "--prefect-file",
+                           "flows/prefect.yaml")
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        listed = prefect("deployment", "ls")
+        assert all(name in listed.stdout for name in
+                   ("prepare/bdda", "prepare/trafficgaze", "prepare/drfixd-rainy"))
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool",
+                                   "salmm"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            run = prefect("deployment", "run", "prepare/bdda", "--watch", "--param",
+                          "clip_pretrained=none", "--param", "size=64x64", "--param",
+                          "workers=1")
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr
+    assert verify(str(tmp_path / "prepared" / "bdda")) == []
