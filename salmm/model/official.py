@@ -14,6 +14,7 @@ naming the file and every offender.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,9 +24,38 @@ from pipeline.core.errors import BadInputError
 from salmm.model.checkpoint import check_state_dict, load_checkpoint, save_checkpoint
 from salmm.model.net import CLIP_PREFIX, SalMM
 
-__all__ = ["OfficialCheckpoint", "load_official", "read_official", "save_official"]
+__all__ = ["RELEASES", "OfficialCheckpoint", "Release", "load_official", "read_official",
+           "release_url", "save_official"]
 
 log = logging.getLogger(__name__)
+
+
+class Release(NamedTuple):
+    """One released checkpoint: its file name under the release, and its sha256 (None where
+    salmm could not yet read it from the release: then ``salmm official fetch`` records the
+    hash it got, checks every key, and says the file is unpinned)."""
+
+    file: str
+    sha256: str | None
+
+
+RELEASE_BASE = "https://github.com/zhao-chunyu/SaliencyMamba/releases/download/supp"
+"""Where the authors' ``supp`` release keeps its files (deployment.md); ``SALMM_RELEASES_URL``
+replaces it (a mirror, or a local server in tests)."""
+RELEASES = {
+    "trafficgaze": Release("model_best_salmm_TrafficGaze_256x256_incomplete.tar", None),
+    "drfixd-rainy": Release("model_best_salmm_DrFixD_rainy_256x256_incomplete.tar", None),
+    "bdda": Release("model_best_salmm_BDDA_256x256_incomplete.tar", None),
+}
+"""The authors' released checkpoints by dataset (the files deployment.md links)."""
+
+
+def release_url(name: str) -> str:
+    """The download URL of release ``name`` (a key of :data:`RELEASES`)."""
+
+
+    base = os.environ.get("SALMM_RELEASES_URL") or RELEASE_BASE
+    return f"{base.rstrip('/')}/{RELEASES[name].file}"
 
 
 class OfficialCheckpoint(NamedTuple):
