@@ -514,6 +514,9 @@ def test_evaluate_says_how_many_frames_a_metric_skips(inference, tmp_path):
     table = (tmp_path / "results.md").read_text()
     for metric, count in skipped.items():
         assert f"{metric} on {count}" in table
-    assert "defined frames only" in table
+    assert "(defined frames; undefined: " in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "(" in line]
+    assert "defined frames" in rows[0] and "official mean: NaN as MATLAB" in rows[1]
+    assert "NaN" not in rows[0] and "NaN" in rows[1]
     assert json.loads((tmp_path / "summary.json").read_text())["nan_frames"] == \
         summary["nan_frames"]

@@ -179,6 +179,14 @@ def test_compare_table_every_predictor_on_every_dataset(prepared, data: Inferenc
     assert header.startswith("| | trafficgaze AUC_B | trafficgaze AUC_J | trafficgaze NSS |"
                              " trafficgaze CC | trafficgaze SIM | trafficgaze KLD | bdda CC |")
     assert "| uniform baseline | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.0000 | 0.0000 |" in table
+    assert "uniform baseline (a constant map: nothing fitted)" in table
+    assert "center baseline (fitted on each dataset's train labels)" in table
+    assert "AUC_B, AUC_J, NSS are left out of the columns of datasets without them" in table
+    undefined = {m for c in result["cells"] for m in c["undefined"]}
+    if undefined:                  # defined-frame means, starred, never a row of NaN
+        assert "\\* the mean over the frames where the metric is defined" in table
+    model_row = next(line for line in table.splitlines() if line.startswith("| last.pt |"))
+    assert "NaN" not in model_row
     with open(out / "comparison.csv") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == 3 * 6 + 3 * 3

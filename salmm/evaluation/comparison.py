@@ -125,7 +125,8 @@ def cell(predictor: Predictor, data: dict[str, Any], summary: dict[str, Any]) ->
     """What the tables keep of one evaluation."""
     spread = (summary.get("spread") or {}).get("metrics", {})
     intervals = (summary.get("bootstrap") or {}).get("intervals", {})
-    values = {m: summary["means"][m] for m in summary["metrics"]}
+    defined = summary.get("means_without_nan") or summary["means"]
+    values = {m: defined[m] for m in summary["metrics"]}
     values.update({m: v["mean"] for m, v in spread.items()})
     return {"predictor": predictor.label, "checkpoint_sha256": predictor.sha256,
             "baseline": predictor.baseline, "dataset": data["dataset"],
@@ -134,13 +135,22 @@ def cell(predictor: Predictor, data: dict[str, Any], summary: dict[str, Any]) ->
             "frames": summary["dataset"]["frames"], "values": values,
             "std": {m: v["std"] for m, v in spread.items()}, "bootstrap": intervals,
             "note": summary.get("note"), "baseline_fit": (summary.get("baseline") or {}).get(
-                "fit")}
+                "fit"), "official": {m: summary["means"][m] for m in summary["metrics"]},
+            "undefined": {m: k for m, k in (summary.get("nan_frames") or {}).items() if k}}
 
 
 def _number(value: float | None, std: float | None) -> str:
     if value is None:
         return "NaN"
     return f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+
+def _describe(p: Predictor) -> str:
+    if p.sha256:
+        return f"{p.label} = sha256 {p.sha256[:12]}"
+    if p.baseline == "uniform":
+        return f"{p.label} (a constant map: nothing fitted)"
+    return f"{p.label} (fitted on each dataset's train labels)"
 
 
 def table_text(cells: list[dict[str, Any]], data: list[dict[str, Any]],
@@ -154,18 +164,33 @@ def table_text(cells: list[dict[str, Any]], data: list[dict[str, Any]],
     by_key = {(c["predictor"], c["column"]): c for c in cells}
     lines = ["| | " + " | ".join(f"{folder} {m}" for folder, m in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
+    starred = dashed = False
     for p in rows:
         out = []
         for folder, m in columns:
             c = by_key.get((p.label, folder))
-            out.append("-" if c is None or m not in c["values"] else
-                       _number(c["values"][m], c["std"].get(m)))
+            if c is None or m not in c["values"]:
+                out.append("-")
+                dashed = True
+                continue
+            star = "*" if m in c["undefined"] else ""
+            starred = starred or bool(star)
+            out.append(_number(c["values"][m], c["std"].get(m)) + star)
         lines.append(f"| {p.label} | " + " | ".join(out) + " |")
     legend = ["", "Datasets (test split unless said): " + "; ".join(
         f"{d['folder']} = {d['prepared']} (data version {d['version_id']})" for d in data) + ".",
-              "", "Predictors: " + "; ".join(
-        f"{p.label} = sha256 {p.sha256[:12]}" if p.sha256 else
-        f"{p.label} (fitted on each dataset's train labels)" for p in rows) + "."]
+              "", "Predictors: " + "; ".join(_describe(p) for p in rows) + "."]
+    if starred:
+        legend += ["", ("\\* the mean over the frames where the metric is defined; its official"
+                        " mean (NaN as in MATLAB) and the frames left out are in"
+                        " comparison.json.")]
+    missing = sorted({m for d in data for m in metrics.METRIC_ORDER
+                      if (d["folder"], m) not in columns}, key=metrics.METRIC_ORDER.index)
+    if dashed or missing:
+        legend += ["", ("\"-\": not defined there - AUC_B, AUC_J and NSS need fixation points,"
+                        " and a gaze-map dataset (BDDA) has none"
+                        + (f"; {', '.join(missing)} are left out of the columns of datasets"
+                           " without them" if missing else "") + ".")]
     notes = sorted({c["note"] for c in cells if c["note"]})
     if notes:
         legend += ["", *(f"**{n}**" for n in notes)]

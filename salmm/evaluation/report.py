@@ -63,25 +63,42 @@ def video_csv_bytes(videos: Sequence[dict[str, Any]], metric_names: Sequence[str
     return buf.getvalue().encode()
 
 
+def undefined_note(means: dict[str, float]) -> str | None:
+    """The line under a table that explains its "-" cells (metrics the data cannot give)."""
+    missing = [m for m in metrics.METRIC_ORDER if m not in means]
+    if not missing:
+        return None
+    return (f"\"-\": {', '.join(missing)} need fixation points; this dataset records gaze maps"
+            " only (as BDDA does), so they cannot be computed - the paper's BDDA row has none"
+            " either.")
+
+
 def table_text(title: str, row_name: str, means: dict[str, float], note: str | None = None,
                undefined: dict[str, int] | None = None,
                defined_means: dict[str, float] | None = None,
                spread: dict[str, dict[str, float]] | None = None) -> str:
     """Markdown: a title line, the ``note`` (when given) as a bold line, and
-    :func:`salmm.evaluation.metrics.format_table` of one row - two when some metric is undefined (NaN) on
-    some frames (``undefined``: metric -> frames): the official means, NaN as in MATLAB, then
-    ``defined_means`` over the frames where each metric is defined, and a line saying how many
-    were left out."""
+    :func:`salmm.evaluation.metrics.format_table`. When some metric is undefined (NaN) on some
+    frames (``undefined``: metric -> frames), the first row is ``defined_means`` over the
+    frames where each metric is defined, named with how many were left out, and the second the
+    official means (NaN, as MATLAB's). A line under the table explains any "-"."""
     head = f"{title}\n\n**{note}**" if note else title
-    rows = {row_name: means}
     skipped = {m: k for m, k in (undefined or {}).items() if k}
     if skipped and defined_means is not None:
-        rows[f"{row_name}, defined frames only"] = defined_means
+        left_out = ", ".join(f"{m} {k}" for m, k in skipped.items())
+        rows = {f"{row_name} (defined frames; undefined: {left_out})": defined_means,
+                f"{row_name} (official mean: NaN as MATLAB)": means}
+        if spread:
+            spread = dict.fromkeys(rows, next(iter(spread.values())))
         head += ("\n\nUndefined on some frames (NaN: e.g. an all-zero label): "
                  + ", ".join(f"{m} on {k}" for m, k in skipped.items())
-                 + ". The first row is the official mean (NaN, as MATLAB's); the second leaves"
-                 " those frames out.")
-    return f"{head}\n\n{metrics.format_table(rows, spread=spread)}\n"
+                 + ". The first row leaves those frames out; the second is the official mean,"
+                 " NaN as in the MATLAB loops.")
+    else:
+        rows = {row_name: means}
+    below = undefined_note(means)
+    return (f"{head}\n\n{metrics.format_table(rows, spread=spread)}\n"
+            + (f"\n{below}\n" if below else ""))
 
 
 def extra_text(spread: dict[str, Any] | None, intervals: dict[str, Any] | None,
@@ -177,7 +194,7 @@ def write_outputs(opts: EvalOptions, inputs: Inputs, rows: list[dict[str, Any]]
                     "table": TABLE_NAME, "export_mat": opts.export_mat},
     }
     out.write_bytes(SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
-    log.info("results (%s):\n%s", out.url(TABLE_NAME), metrics.format_table({row_name: shown}))
+    log.info("results (%s):\n%s", out.url(TABLE_NAME), table)
     for name, count in scores.nan_frames.items():
         if count:
             log.warning("%s is NaN on %d of %d frames (so its mean is NaN, as in MATLAB)",
