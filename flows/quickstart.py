@@ -171,7 +171,7 @@ def quickstart(args: argparse.Namespace) -> Outcome:
         checkpoint = outcome.run / "best.pt"
         evaluation, predictions = outcome.run / "evaluation", outcome.run / "predictions"
         run_step("python -m salmm.evaluate",
-                 [py, "-m", "salmm.evaluate", "--checkpoint", str(checkpoint), "--prepared",
+                 [py, "-m", "salmm.evaluate", "-q", "--checkpoint", str(checkpoint), "--prepared",
                   str(outcome.prepared), "--split", "test", "--out", str(evaluation), *cached],
                  None, logs / "evaluate.log")
         run_step("python -m salmm.predict",

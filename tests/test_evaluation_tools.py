@@ -131,6 +131,7 @@ def test_per_video_scores_best_worst_and_bootstrap(prepared, tmp_path: Path):
     ccs = {v["video"]: float(v["CC"]) for v in videos}
     assert ranked["best"][0]["video"] == max(ccs, key=ccs.get)
     assert ranked["worst"][0]["video"] == min(ccs, key=ccs.get)
+    assert not {v["video"] for v in ranked["best"]} & {v["video"] for v in ranked["worst"]}
     interval = summary["bootstrap"]["intervals"]["CC"]
     ulp = 1e-12                       # a mean of three equal values may round one ulp away
     assert min(ccs.values()) - ulp <= interval[0] <= summary["means"]["CC"] <= interval[1] \
@@ -324,3 +325,18 @@ def test_certify_passes_paths_to_the_engine_as_data_never_as_source(
     want = f"{export}/certificate.md: cannot be written (No space left on device)"
     assert status == 1 and errors == [want]
     assert (export / "certificate.md").read_text() == before
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_best_and_worst_videos_never_overlap(count):
+    from salmm.evaluation.statistics import ranked_videos
+
+    videos = [{"video": str(k), "frames": 1, "CC": cc} for k, cc in
+              enumerate([0.3, 0.9, float("nan"), 0.1, 0.5, 0.7, 0.2][:count])]
+    ranked = ranked_videos(videos)
+    scored = sorted((v for v in videos if v["CC"] == v["CC"]), key=lambda v: -v["CC"])
+    best, worst = [v["video"] for v in ranked["best"]], [v["video"] for v in ranked["worst"]]
+    assert not set(best) & set(worst)
+    assert best == [v["video"] for v in scored[:len(best)]]
+    assert worst == [v["video"] for v in scored[::-1][:len(worst)]]
+    assert len(best) + len(worst) == min(len(scored), 6)

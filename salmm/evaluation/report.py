@@ -120,7 +120,8 @@ def extra_text(spread: dict[str, Any] | None, intervals: dict[str, Any] | None,
         def names(picked: list[dict[str, Any]]) -> str:
             return ", ".join(f"{v['video']} ({v['CC']:.4f})" for v in picked)
         lines.append(f"By CC over {ranked['videos']} videos: best {names(ranked['best'])};"
-                     f" worst {names(ranked['worst'])} ({VIDEO_CSV_NAME}).")
+                     f" worst {names(ranked['worst']) or 'none (one video)'}"
+                     f" ({VIDEO_CSV_NAME}).")
     return "".join(f"\n{line}\n" for line in lines)
 
 
@@ -199,7 +200,7 @@ def write_outputs(opts: EvalOptions, inputs: Inputs, rows: list[dict[str, Any]]
         if count:
             log.warning("%s is NaN on %d of %d frames (so its mean is NaN, as in MATLAB)",
                         name, count, scores.n_frames)
-    if ranked is not None and ranked["best"]:
+    if ranked is not None and ranked["worst"]:
         log.info("best video %s (CC %.4f), worst %s (CC %.4f) of %d", ranked["best"][0]["video"],
                  ranked["best"][0]["CC"], ranked["worst"][0]["video"],
                  ranked["worst"][0]["CC"], ranked["videos"])

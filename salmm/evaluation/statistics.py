@@ -49,12 +49,15 @@ def per_video(rows: Sequence[dict[str, Any]], metric_names: Sequence[str]
 
 def ranked_videos(videos: Sequence[dict[str, Any]], metric: str = "CC", count: int = 3
                   ) -> dict[str, Any]:
-    """The ``count`` best and worst videos by ``metric`` (higher is better; NaN left out)."""
+    """Up to ``count`` best and ``count`` worst videos by ``metric`` (higher is better; NaN
+    left out), never the same video in both: with fewer than 2 x ``count`` videos, the better
+    half are the best and the rest the worst (worst first)."""
     scored = sorted((v for v in videos if not math.isnan(v[metric])),
                     key=lambda v: (-v[metric], v["video"]))
     pick = [{"video": v["video"], "frames": v["frames"], metric: v[metric]} for v in scored]
-    return {"ranked_by": metric, "videos": len(videos), "best": pick[:count],
-            "worst": pick[::-1][:count]}
+    best = min(count, (len(pick) + 1) // 2)
+    return {"ranked_by": metric, "videos": len(videos), "best": pick[:best],
+            "worst": pick[best:][::-1][:count]}
 
 
 def seed_spread(rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any] | None:
