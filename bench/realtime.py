@@ -199,7 +199,7 @@ def refresh_accuracy(checkpoint: str, clip: dict, video: Path, frames: int) -> l
         capture, _, _ = open_video(str(video))
         maps: list[np.ndarray] = []
         stream_module.run_loop(runner, video_items(str(video), capture, SIZE), k,
-                               lambda item, saliency, out=maps: out.append(saliency),
+                               lambda item, saliency, status, out=maps: out.append(saliency),
                                limit=frames)
         capture.release()
         predictions[k] = maps

@@ -113,6 +113,61 @@ def test_mp4_frames_are_padded_to_macro_blocks(tmp_path: Path):
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
 
 
+def _banner(width: int) -> int:
+    """Rows of the banner a picture made with random CLIP weights gets."""
+    return overlay.banner(np.zeros((1, width, 3), np.uint8),
+                          "RANDOM CLIP WEIGHTS: a smoke run, not real results").shape[0] - 1
+
+
+def test_a_flat_prediction_is_drawn_on_its_own_scale():
+    """Values from the map's median (no colour) to its max (full colour): a prediction in
+    [0.49, 0.51] shows as clearly as a label in [0, 1]; the scale strip draws the colour map
+    between those two values."""
+    flat = 0.49 + 0.02 * np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    low, high = overlay.display_range(flat)
+    assert low == pytest.approx(float(np.median(flat))) and high == pytest.approx(0.51)
+    s = overlay.stretch(flat, (low, high))
+    assert s.min() == 0.0 and s.max() == 1.0 and (s == 0).sum() >= 64 * 64 // 2
+    frame = np.full((64, 64, 3), 100, np.uint8)
+    drawn = overlay.overlay(frame, flat, alpha=0.5, value_range=(low, high))
+    heat = overlay.colorize(s)
+    want = np.rint(frame * (1 - 0.5 * s[..., None]) + heat * (0.5 * s[..., None]))
+    assert np.abs(drawn.astype(float) - want).max() <= 1
+    assert overlay.display_range(np.full((4, 4), 0.3)) == (pytest.approx(0.3), pytest.approx(0.3))
+    strip = overlay.scale_strip(300, (low, high))
+    assert strip.shape[1] == 300 and strip.shape[0] < 40
+    row = strip[strip.shape[0] // 2]
+    bar = row[(row != 255).any(axis=1)]
+    ends = overlay.colorize(np.array([[0.0, 1.0]], np.float32))[0]
+    assert any(np.abs(bar.astype(int) - ends[0]).max(axis=1) <= 2)
+    assert any(np.abs(bar.astype(int) - ends[1]).max(axis=1) <= 2)
+
+
+def test_stamps_change_only_their_corner():
+    image = np.full((120, 400, 3), 90, np.uint8)
+    for corner in ("top-left", "top-right", "bottom-left", "bottom-right"):
+        out = overlay.stamp(image, "12.3 fps, 45 ms", corner=corner)
+        changed = np.argwhere((out != image).any(axis=2))
+        rows, cols = changed[:, 0], changed[:, 1]
+        assert len(changed) and rows.max() - rows.min() < 40
+        assert (rows.max() < 60) == corner.startswith("top")
+        assert (cols.max() < 200) == corner.endswith("left")
+
+
+def test_caveats_name_synthetic_data_and_random_clip():
+    from types import SimpleNamespace
+
+    from salmm.deploy.pictures import caveat_of
+
+    def made(synthetic, pretrained):
+        return caveat_of(SimpleNamespace(data=SimpleNamespace(synthetic=synthetic)),
+                         SimpleNamespace(clip=SimpleNamespace(pretrained=pretrained)))
+    assert made(True, None) == ("SYNTHETIC DATA / RANDOM CLIP WEIGHTS: a smoke run, not real"
+                                " results")
+    assert made(False, "openai") == ""
+    assert made(True, "openai").startswith("SYNTHETIC DATA:")
+
+
 # ---- predict -----------------------------------------------------------------------------------
 
 
@@ -153,10 +208,13 @@ def test_raw_frames_overlaid_at_their_resolution(data: InferenceData, tmp_path: 
                                          "animation.gif"]
     source = cv2.imread(str(frames / "000006.jpg")).shape
     assert source == (720, 1280, 3)
+    strip = overlay.scale_strip(1280, (0.0, 1.0)).shape[0]     # the colour scale under it
+    banner = _banner(1280)                                       # random CLIP weights, said
     for p in written[:3]:
-        assert png_shape(p) == source
+        assert png_shape(p) == (banner + 720 + strip, 1280, 3)
     animation = iio.imread(out / "animation.gif", index=None)
-    assert animation.shape == (3, 720 * ANIMATION_WIDTH // 1280, ANIMATION_WIDTH, 3)
+    assert animation.shape == (3, round((banner + 720 + strip) * ANIMATION_WIDTH / 1280),
+                               ANIMATION_WIDTH, 3)
 
 
 def test_video_and_single_frame(data: InferenceData, tmp_path: Path):
@@ -170,9 +228,11 @@ def test_video_and_single_frame(data: InferenceData, tmp_path: Path):
                                      out=str(tmp_path / "video"), limit=3))
     assert [p.name for p in written] == ["frame_000001.png", "frame_000002.png",
                                          "frame_000003.png", "animation.mp4"]
-    assert png_shape(written[0]) == (64, 96, 3)
+    height = _banner(96) + 64 + overlay.scale_strip(96, (0.0, 1.0)).shape[0]
+    assert png_shape(written[0]) == (height, 96, 3)
     count, fps, size = mp4_frames(written[-1])
-    assert count == 3 and fps == pytest.approx(5) and size == (64, 96)   # the video's 5 fps
+    assert count == 3 and fps == pytest.approx(5)                     # the video's 5 fps
+    assert size == (-(-height // 16) * 16, 96)                        # padded to macro blocks
     single = predict(PredictOptions(checkpoint=str(data.trainer), input=str(written[0]),
                                     out=str(tmp_path / "single")))
     assert [p.name for p in single] == ["frame_000001.png"]      # one frame: no animation

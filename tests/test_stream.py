@@ -18,6 +18,7 @@ from pipeline.core.errors import BadInputError
 from salmm.data.sources import image_items
 from salmm.deploy import live as stream_module
 from salmm.deploy.live import (
+    RANDOM_CAVEAT,
     OnnxRunner,
     Report,
     TorchRunner,
@@ -26,6 +27,7 @@ from salmm.deploy.live import (
 )
 from salmm.deploy.options import StreamOptions
 from salmm.model.loading import load_model
+from salmm.render import overlay
 from salmm.stream import main
 from tests._inference_data import InferenceData, inference_data, onnx_export
 
@@ -67,7 +69,11 @@ def test_video_to_overlay_video_and_report(data: InferenceData, tmp_path: Path):
     assert summary["fps"] > 0
     assert json.loads((tmp_path / "overlay.mp4.json").read_text()) == summary
     frames = list(iio.imiter(out))
-    assert len(frames) == 4 and frames[0].shape[:2] == (64, 96)     # drawn at the input's size
+    # drawn at the input's size, under the banner random CLIP weights get
+    banner = overlay.banner(np.zeros((1, 96, 3), np.uint8), RANDOM_CAVEAT).shape[0] - 1
+    assert len(frames) == 4 and frames[0].shape[:2] == (-(-(64 + banner) // 16) * 16, 96)
+    red = frames[0][: banner // 2, :8].reshape(-1, 3).mean(axis=0)
+    assert red[0] > 150 and red[1] < 80                               # the banner is there
     assert iio.immeta(out)["fps"] == pytest.approx(5)                # the input's frame rate
 
 
@@ -92,7 +98,8 @@ def test_refresh_every_k_reuses_the_last_embedding_exactly(data: InferenceData):
     runner = _Counting(TorchRunner(loaded))
     items = list(image_items(_frame_files(data) * 2, (64, 64)))
     got = []
-    report = run_loop(runner, iter(items), 3, lambda item, saliency: got.append(saliency))
+    report = run_loop(runner, iter(items), 3,
+                      lambda item, saliency, status: got.append(saliency))
     assert report.clip_frames == 3 and len(report.latency_ms) == 8
     assert [id(f) for f in runner.embedded] == [id(items[i].model_input) for i in (0, 3, 6)]
     for number, item in enumerate(items):

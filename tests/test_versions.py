@@ -148,6 +148,7 @@ def test_normalize_writes_a_dataset_card_whose_command_makes_the_same_version(ma
     assert meta["size_categories"] == ["n<1K"] and "synthetic" in meta["tags"]
     assert "**SYNTHETIC**" in body and "https://deepdrive.berkeley.edu/" in body
     manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["synthetic"] is True                   # part of the version, said on pictures
     for split, entry in manifest["splits"].items():
         assert (f"| {split} | {entry['samples']} | {len(entry['shards'])} |"
                 f" {len(entry['skipped'])} |") in body

@@ -15,6 +15,7 @@
                              "skipped": [{name, shard, file, problem}, ...],
                              "index": {name, sha256}}}  (member offsets: pipeline.formats.shard_index)
     absent_splits   splits whose split file does not exist in the raw root
+    synthetic       true when made from ``pipeline synth``'s generated data (absent otherwise)
     version_id      version_id(manifest): 16 hex of sha256 of the canonical JSON of all the above
 
 ``PREPARED/inputs.jsonl``: one canonical JSON line per raw frame / gaze-map file in shard order,

@@ -50,6 +50,11 @@ class PreparedDataset:
         return prepared_size(self.manifest)
 
     @property
+    def synthetic(self) -> bool:
+        """Whether it was made from ``pipeline synth``'s generated data (not recordings)."""
+        return bool(self.manifest.get("synthetic"))
+
+    @property
     def dataset(self) -> str:
         return str(self.manifest.get("dataset", "unknown"))
 

@@ -196,7 +196,7 @@ def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, 
     folder.write_bytes(CARD, dataset_card(
         dataset_entry(dataset), manifest, vid,
         _command(dataset, options, skip_bad, max_bad_fraction),
-        synthetic=(root / SYNTHETIC_MARKER).exists()).encode())
+        synthetic=bool(manifest.get("synthetic"))).encode())
     try:
         write_manifest(folder, manifest)    # last: its presence means the run finished
     except OutputError:
@@ -238,13 +238,16 @@ def _header(dataset: str, root: Path, options: Options, plans: dict[str, SplitPl
         futures = client.map(fingerprint_files, [[p] for p in paths], root=str(root), pure=False)
         for part in client.gather(futures):
             fixdata.update(part)
-    return {
+    header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "pipeline": pipeline_entry(),
         "dataset": dataset,
         "options": options.manifest_entry(),
         "inputs": {"split_files": split_files, "fixdata": fixdata},
     }
+    if (root / SYNTHETIC_MARKER).exists():
+        header["synthetic"] = True      # made from generated data: said on every picture
+    return header
 
 
 def _header_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +255,8 @@ def _header_of(manifest: dict[str, Any]) -> dict[str, Any]:
               ("format", "format_version", "pipeline", "dataset", "options")}
     inputs = manifest.get("inputs", {})
     header["inputs"] = {k: inputs.get(k) for k in ("split_files", "fixdata")}
+    if manifest.get("synthetic"):
+        header["synthetic"] = True
     return header
 
 

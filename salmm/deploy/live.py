@@ -253,9 +253,11 @@ class Report:
 def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: Any,
              limit: int | None = None, bar: Any = None) -> Report:
     """Predict every item in order: CLIP on items 0, K, 2K, ... (K = ``refresh_every``), SalMM
-    on all; ``draw(item, saliency)`` gets each prediction [h, w]. Ctrl-C ends the loop (logged)
-    with the frames done so far."""
-    latency, clip_frames = [], 0
+    on all; ``draw(item, saliency, status)`` gets each prediction [h, w] and the run so far
+    (``status``: "12.3 fps, 45 ms", the frames per second and the median latency of the last
+    30 frames; "" before the second frame). Ctrl-C ends the loop (logged) with the frames done
+    so far."""
+    latency, clip_frames, status = [], 0, ""
     embedding = None
     start = time.perf_counter()
     try:
@@ -266,9 +268,11 @@ def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: An
             if number % refresh_every == 0:
                 embedding = runner.embed(item.model_input)
                 clip_frames += 1
-            draw(item, runner.saliency(item.model_input, embedding))
+            draw(item, runner.saliency(item.model_input, embedding), status)
             done = time.perf_counter()
             latency.append(1e3 * (done - taken))
+            status = (f"{(number + 1) / (done - start):.1f} fps,"
+                      f" {np.median(latency[-30:]):.0f} ms")
             if bar is not None:
                 bar.update(1)
                 if number % 10 == 9:
@@ -279,11 +283,15 @@ def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: An
     return Report(latency, time.perf_counter() - start, clip_frames)
 
 
+RANDOM_CAVEAT = "RANDOM CLIP WEIGHTS: a smoke run, not real results"
+"""The banner of a stream whose CLIP has random weights."""
+
+
 class Display:
     """Where overlays go: the ``--out`` video and the ``--show`` window."""
 
-    def __init__(self, opts: StreamOptions, fps: float | None) -> None:
-        self.opts = opts
+    def __init__(self, opts: StreamOptions, fps: float | None, caveat: str = "") -> None:
+        self.opts, self.caveat = opts, caveat
         self.video = overlay.VideoWriter(opts.out, opts.fps or fps or STREAM_FPS,
                                          preset=ENCODER_PRESET) \
             if opts.out else None
@@ -296,9 +304,12 @@ class Display:
                                     " use --out") from None
         self.stopped = False
 
-    def __call__(self, item: Item, saliency: np.ndarray) -> None:
+    def __call__(self, item: Item, saliency: np.ndarray, status: str) -> None:
         shown = overlay.overlay(overlay.at_most_wide(item.frame, DISPLAY_WIDTH), saliency,
                                 colormap=self.opts.colormap, alpha=self.opts.alpha)
+        shown = overlay.stamp(shown, status or "starting", corner="top-right")
+        if self.caveat:
+            shown = overlay.banner(shown, self.caveat)
         if self.video is not None:
             self.video.write(shown)
         if self.opts.show:
@@ -355,7 +366,8 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
     runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), threads, loaded, size,
                                  int8=opts.clip_int8)
                       if opts.backend == "onnx" else TorchRunner(loaded))
-    display = Display(opts, source.fps)
+    display = Display(opts, source.fps,
+                      RANDOM_CAVEAT if loaded.clip.pretrained is None else "")
     completed = False
     total = source.total if opts.limit is None or source.total is None \
         else min(source.total, opts.limit)

@@ -46,6 +46,7 @@ from salmm.data.sources import (
 )
 from salmm.data.stages import EmbeddingTable
 from salmm.deploy.options import PICTURES_FPS, PredictOptions
+from salmm.evaluation import metrics
 from salmm.model.loading import LoadedModel, load_model, predict_batch
 from salmm.render import overlay
 
@@ -86,14 +87,44 @@ def limited(items: Iterator[Item], limit: int | None) -> Iterator[Item]:
 # ---- pictures ----------------------------------------------------------------------------------
 
 
-def picture(item: Item, pred: np.ndarray, colormap: str, alpha: float) -> np.ndarray:
-    """What is saved for one frame: the prediction over the frame, next to the frame and the
-    ground-truth overlay when there is a label."""
-    shown = overlay.overlay(item.frame, pred, colormap=colormap, alpha=alpha)
+def _heat_panel(frame: np.ndarray, saliency: np.ndarray, colormap: str, alpha: float
+                ) -> np.ndarray:
+    """``saliency`` over ``frame`` drawn on its own scale (:func:`overlay.display_range`), the
+    colour scale under it."""
+    shown_range = overlay.display_range(saliency)
+    panel = overlay.overlay(frame, saliency, colormap=colormap, alpha=alpha,
+                            value_range=shown_range)
+    return np.concatenate([panel, overlay.scale_strip(panel.shape[1], shown_range, colormap)])
+
+
+def picture(item: Item, pred: np.ndarray, colormap: str, alpha: float, caveat: str = ""
+            ) -> np.ndarray:
+    """What is saved for one frame: the prediction over the frame (its colour scale under it;
+    the frame's name, and with a label its CC, in a corner), next to the frame and the
+    ground-truth overlay when there is a label; ``caveat`` (e.g. synthetic data, random CLIP
+    weights) in a banner across the top."""
+    shown = _heat_panel(item.frame, pred, colormap, alpha)
+    corner = item.name if item.label is None else \
+        f"{item.name}  CC {metrics.cc(pred, item.label):.3f}"
+    shown = overlay.stamp(shown, corner)
     if item.label is None:
-        return shown
-    truth = overlay.overlay(item.frame, item.label, colormap=colormap, alpha=alpha)
-    return overlay.side_by_side([item.frame, shown, truth], titles=PANEL_TITLES)
+        return overlay.banner(shown, caveat) if caveat else shown
+    truth = _heat_panel(item.frame, item.label, colormap, alpha)
+    frame = np.concatenate([item.frame,
+                            np.full((truth.shape[0] - item.frame.shape[0], truth.shape[1], 3),
+                                    255, np.uint8)])
+    panels = overlay.side_by_side([frame, shown, truth], titles=PANEL_TITLES)
+    return overlay.banner(panels, caveat) if caveat else panels
+
+
+def caveat_of(source: Source, loaded: LoadedModel) -> str:
+    """What the pictures' numbers do not mean, in a few words ("" when nothing)."""
+    said = []
+    if source.data is not None and source.data.synthetic:
+        said.append("SYNTHETIC DATA")
+    if loaded.clip.pretrained is None:
+        said.append("RANDOM CLIP WEIGHTS")
+    return " / ".join(said) + (": a smoke run, not real results" if said else "")
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -158,6 +189,7 @@ def predict(opts: PredictOptions) -> list[Path]:
     total = source.total if opts.limit is None or source.total is None \
         else min(source.total, opts.limit)
     Folder(opts.out).makedirs()
+    caveat = caveat_of(source, loaded)
     written: list[Path] = []
     frames: list[np.ndarray] = []
     with progress(total=total, unit="frame", desc="predict") as bar:
@@ -167,7 +199,7 @@ def predict(opts: PredictOptions) -> list[Path]:
             emb = (torch.stack([torch.from_numpy(table.lookup(it.index, it.key, False))
                                 for it in batch]) if table is not None else None)
             for item, pred in zip(batch, predict_batch(loaded, x, emb)):
-                image = picture(item, pred, opts.colormap, opts.alpha)
+                image = picture(item, pred, opts.colormap, opts.alpha, caveat)
                 path = Path(opts.out) / f"{item.name}.png"
                 overlay.write_png(path, image)
                 written.append(path)

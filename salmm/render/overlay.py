@@ -50,9 +50,31 @@ def normalize(saliency: np.ndarray) -> np.ndarray:
     return (m - low) / (high - low)
 
 
-def _fit(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Normalised map resized (bicubic, clipped to [0, 1]) to ``size`` (height, width)."""
-    m = normalize(saliency)
+def display_range(saliency: np.ndarray) -> tuple[float, float]:
+    """(low, high) a map is drawn between in pictures: its median (drawn without colour) to its
+    maximum (full colour), so the upper half of its values - where a model puts its attention -
+    fills the scale even when the map is flat; min to max when the median is the maximum."""
+    m = np.asarray(saliency, dtype=np.float32)
+    low, high = float(np.median(m)), float(m.max())
+    return (float(m.min()), high) if high <= low else (low, high)
+
+
+def stretch(saliency: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """float32 [h, w] in [0, 1]: the map scaled so ``value_range`` becomes [0, 1], clipped."""
+    low, high = value_range
+    m = np.asarray(saliency, dtype=np.float32)
+    if not np.isfinite(m).all():
+        raise ValueError("saliency map contains NaN or inf")
+    if high <= low:
+        return np.zeros_like(m)
+    return np.clip((m - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+def _fit(saliency: np.ndarray, size: tuple[int, int],
+         value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """The map scaled to [0, 1] (min-max, or ``value_range``) and resized (bicubic, clipped to
+    [0, 1]) to ``size`` (height, width)."""
+    m = normalize(saliency) if value_range is None else stretch(saliency, value_range)
     if m.shape != tuple(size):
         m = np.clip(cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
     return m
@@ -67,15 +89,17 @@ def colorize(saliency: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarr
 
 
 def overlay(frame: np.ndarray, saliency: np.ndarray, *, colormap: str = DEFAULT_COLORMAP,
-            alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+            alpha: float = DEFAULT_ALPHA, value_range: tuple[float, float] | None = None
+            ) -> np.ndarray:
     """The heat map of ``saliency`` blended on ``frame`` (uint8 RGB [H, W, 3]) -> same shape.
 
-    The map is normalised and resized to the frame (bicubic); each pixel mixes in the colour
+    The map is scaled to [0, 1] (min-max, or from ``value_range``'s low to its high; see
+    :func:`display_range`) and resized to the frame (bicubic); each pixel mixes in the colour
     with weight ``alpha * s`` (s in [0, 1] its saliency), so non-salient areas show the frame
     unchanged and the most salient ones ``alpha`` parts colour.
     """
     frame = _as_rgb(frame)
-    s = _fit(saliency, frame.shape[:2])
+    s = _fit(saliency, frame.shape[:2], value_range)
     out = np.empty_like(frame)
     _blend(np.ascontiguousarray(frame), colorize(s, colormap), s, np.float32(alpha), out)
     return out
@@ -117,6 +141,62 @@ def caption(panel: np.ndarray, text: str, scale: float | None = None) -> np.ndar
     cv2.putText(strip, text, (max(2, (width - text_w) // 2), text_h + 4), CAPTION_FONT, scale,
                 (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([strip, panel], axis=0)
+
+
+CAVEAT_COLOUR = (200, 30, 30)
+"""Background of the stamps that say what a picture's numbers do not mean (synthetic data,
+random CLIP weights)."""
+
+
+def stamp(image: np.ndarray, text: str, *, corner: str = "top-left",
+          background: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """A copy of ``image`` (uint8 RGB) with ``text`` in white on a ``background`` box in a
+    ``corner`` ("top-left", "top-right", "bottom-left", "bottom-right"), sized to the image."""
+    out = _as_rgb(image).copy()
+    height, width = out.shape[:2]
+    scale = float(np.clip(width / 700, 0.35, 0.8))
+    (text_w, text_h), base = cv2.getTextSize(text, CAPTION_FONT, scale, 1)
+    text_w = min(text_w, width - 8)
+    x = 4 if corner.endswith("left") else width - text_w - 8
+    y = 4 if corner.startswith("top") else height - text_h - base - 8
+    cv2.rectangle(out, (x, y), (x + text_w + 4, y + text_h + base + 4), background, cv2.FILLED)
+    cv2.putText(out, text, (x + 2, y + text_h + 2), CAPTION_FONT, scale, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    return out
+
+
+def banner(image: np.ndarray, text: str,
+           background: tuple[int, int, int] = CAVEAT_COLOUR) -> np.ndarray:
+    """``image`` (uint8 RGB [H, W, 3]) under a ``background`` strip holding ``text`` in white,
+    scaled to fit the width: [H + strip, W, 3]."""
+    image = _as_rgb(image)
+    width = image.shape[1]
+    scale = caption_scale(text, width)
+    (text_w, _), _ = cv2.getTextSize(text, CAPTION_FONT, scale, 1)
+    (_, text_h), base = cv2.getTextSize("Hg", CAPTION_FONT, scale, 1)
+    strip = np.empty((text_h + base + 8, width, 3), np.uint8)
+    strip[:] = background
+    cv2.putText(strip, text, (max(2, (width - text_w) // 2), text_h + 4), CAPTION_FONT, scale,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    return np.concatenate([strip, image], axis=0)
+
+
+def scale_strip(width: int, value_range: tuple[float, float],
+                colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """uint8 RGB [h, width, 3]: the colour scale a heat map was drawn with - the colour map as a
+    bar between its two values (no colour below the low one)."""
+    low, high = value_range
+    labels = (f"{low:.3f}", f"{high:.3f}")
+    scale = float(np.clip(width / 700, 0.35, 0.6))
+    (left_w, text_h), base = cv2.getTextSize(labels[0], CAPTION_FONT, scale, 1)
+    (right_w, _), _ = cv2.getTextSize(labels[1], CAPTION_FONT, scale, 1)
+    strip = np.full((text_h + base + 8, width, 3), 255, np.uint8)
+    bar_from, bar_to = left_w + 8, max(left_w + 9, width - right_w - 8)
+    ramp = np.linspace(0.0, 1.0, bar_to - bar_from, dtype=np.float32)[None, :]
+    strip[3:-3, bar_from:bar_to] = colorize(np.repeat(ramp, strip.shape[0] - 6, 0), colormap)
+    for text, x in ((labels[0], 3), (labels[1], bar_to + 4)):
+        cv2.putText(strip, text, (x, text_h + 3), CAPTION_FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
 
 
 def at_most_wide(image: np.ndarray, width: int) -> np.ndarray:
