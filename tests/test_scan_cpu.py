@@ -296,7 +296,9 @@ def test_impl_switch(monkeypatch):
     with pytest.raises(RuntimeError, match="numba"):
         resolve_impl("numba", meta)
     with pytest.raises(ValueError, match="impl"):
-        resolve_impl("triton", cpu)
+        resolve_impl("cuda", cpu)
+    with pytest.raises(RuntimeError, match="impl='triton' needs CUDA"):
+        resolve_impl("triton", cpu)            # outside Triton's interpreter
     inputs = scan_inputs(1, None, 2, 4, 3, torch.float32, seed=9)
     with pytest.raises(ValueError, match="chunk_len"):
         selective_scan(**inputs, chunk_len=8, impl="numba")

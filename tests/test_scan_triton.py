@@ -1,27 +1,50 @@
 """The Triton selective scan (salmm.model.scan_triton) against a sequential loop written here,
-forward and backward, run on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set
-before the kernels are defined): the GPU kernels' logic, tested on every landing."""
+forward and backward, run on the CPU through Triton's interpreter: the GPU kernels' logic,
+tested on every landing.
+
+Triton decides at import whether its kernels are interpreted (``TRITON_INTERPRET=1``), for the
+whole process, so these tests run in a process of their own that starts with it set
+(:func:`test_the_kernels_in_an_interpreter_process`); in the main test process they are
+skipped, and nothing else there runs interpreted."""
 
 import functools
-import importlib
 import os
+import subprocess
 import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before salmm.model.scan_triton defines its kernels
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if "salmm.model.scan_triton" in sys.modules:  # defined compiled by an earlier import: redefine
-    importlib.reload(sys.modules["salmm.model.scan_triton"])
-
 import salmm.model.mamba as mamba_module
 from salmm.model import scan as scan_module
 from salmm.model.mamba import Mamba, scan_backend
 from salmm.model.scan import resolve_impl, selective_scan
-from salmm.model.scan_triton import BLOCK_L
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in its own process with"
+                                 " TRITON_INTERPRET=1 (test_the_kernels_in_an_interpreter_process)")
+BLOCK_L = 16  # salmm.model.scan_triton.BLOCK_L, checked in the interpreter process
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter process")
+def test_the_kernels_in_an_interpreter_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parents[1],
+        capture_output=True, text=True, check=False, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "10 passed, 1 skipped" in result.stdout, result.stdout[-2000:]
+
+
+@interpreted
+def test_block_length_is_the_kernels():
+    from salmm.model.scan_triton import BLOCK_L as kernels
+
+    assert kernels == BLOCK_L
+
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
@@ -73,6 +96,7 @@ def triton(values, softplus=True):
     return selective_scan(**values, delta_softplus=softplus, impl="triton")
 
 
+@interpreted
 @pytest.mark.parametrize("length", [1, 5, BLOCK_L + 1, 2 * BLOCK_L + 7])
 def test_triton_scan_matches_loop_float64(length):
     """Both directions (two groups) of an odd-width block, lengths within and across chunks."""
@@ -84,6 +108,7 @@ def test_triton_scan_matches_loop_float64(length):
         torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@interpreted
 def test_triton_scan_without_options_or_softplus():
     """No D, gate or bias; dt given directly (positive), several channel blocks (d = 20 > 16)."""
     values = inputs(1, 1, 20, 40, 2, torch.float64, seed=3, optional=False)
@@ -97,6 +122,7 @@ def test_triton_scan_without_options_or_softplus():
         torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@interpreted
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)],
                          ids=["float32", "bfloat16"])
 def test_triton_scan_low_precision_inputs(dtype, tol):
@@ -115,6 +141,7 @@ def test_triton_scan_low_precision_inputs(dtype, tol):
                                    atol=tol, msg=name)
 
 
+@interpreted
 def test_bidirectional_mamba_on_triton_equals_chunked_scan(monkeypatch):
     """A whole bidirectional Mamba block (the call SalM^2 makes: both directions as one
     grouped scan, the backward one on the flipped sequence) on the Triton scan equals the same
@@ -135,6 +162,7 @@ def test_bidirectional_mamba_on_triton_equals_chunked_scan(monkeypatch):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
 
 
+@interpreted
 def test_scan_choice_per_device(monkeypatch):
     """auto: numba on CPU; Triton on CUDA, the chunked scan where Triton does not import;
     mamba-ssm's kernels first where they are there. impl='triton' on a CPU outside the
