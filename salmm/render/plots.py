@@ -16,9 +16,11 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.core.fsio import Folder
 
 
-def plot_history(history: Sequence[Mapping[str, float]], path: str | Path) -> None:
+def plot_history(history: Sequence[Mapping[str, float]], path: str | Path,
+                 caveat: str = "") -> None:
     """Write the curves of ``history`` (one row per epoch with keys ``epoch``, ``train_loss``,
-    ``valid_loss``, ``CC``, ``SIM``, ``KLD``) to the PNG ``path``, atomically."""
+    ``valid_loss``, ``CC``, ``SIM``, ``KLD``) to the PNG ``path``, atomically; ``caveat``
+    (synthetic data, random CLIP weights) as a red title over them."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_sim, ax_kld) = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
@@ -34,6 +36,8 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | Path) -> No
     for ax in (ax_loss, ax_sim, ax_kld):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if caveat:
+        fig.suptitle(caveat, color="white", backgroundcolor="#c81e1e", fontweight="bold")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -120,7 +120,11 @@ class Records:
         """``metrics.csv``, ``curves.png`` and the epoch's TensorBoard scalars."""
         if self.rt.main:
             write_csv(self.run / "metrics.csv", state.history)
-            plot_history(state.history, self.run / "curves.png")
+            said = [text for flag, text in ((self.inputs.data.synthetic, "SYNTHETIC DATA"),
+                                            (self.cfg.clip.random, "RANDOM CLIP WEIGHTS"))
+                    if flag]
+            plot_history(state.history, self.run / "curves.png",
+                         " / ".join(said) + ": a smoke run, not real results" if said else "")
             for key in ("train_loss", "valid_loss", *VALID_METRICS, "train_samples_per_s"):
                 self.tb.add_scalar(f"epoch/{key}", row[key], state.step)
             self.tb.flush()
