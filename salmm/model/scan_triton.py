@@ -75,6 +75,22 @@ def _step_inputs(u_ptr, dl_ptr, b_ptr, row, t, d, n, bias, a, L, DIM, N,
 
 
 @triton.jit
+def _parameters(a_ptr, bias_ptr, dskip_ptr, g, d, n, DIM, N, HAS_BIAS: tl.constexpr,
+                HAS_D: tl.constexpr, ACC: tl.constexpr, BD: tl.constexpr):
+    """Group ``g``'s parameters for channels d and states n: the [BD, BN] mask of real
+    (channel, state) pairs, A [BD, BN], the dt bias [BD] and D [BD] (zeros when absent)."""
+    dn = (d < DIM)[:, None] & (n < N)[None, :]
+    a = tl.load(a_ptr + g * DIM * N + d[:, None] * N + n[None, :], mask=dn, other=0.0).to(ACC)
+    bias = tl.zeros([BD], ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * DIM + d, mask=d < DIM, other=0.0).to(ACC)
+    dskip = tl.zeros([BD], ACC)
+    if HAS_D:
+        dskip = tl.load(dskip_ptr + g * DIM + d, mask=d < DIM, other=0.0).to(ACC)
+    return dn, a, bias, dskip
+
+
+@triton.jit
 def _fwd_kernel(u_ptr, dl_ptr, a_ptr, b_ptr, c_ptr, dskip_ptr, z_ptr, bias_ptr, out_ptr,
                 keep_ptr, L, DIM, N, G, CHUNKS,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -84,15 +100,8 @@ def _fwd_kernel(u_ptr, dl_ptr, a_ptr, b_ptr, c_ptr, dskip_ptr, z_ptr, bias_ptr, 
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     n = tl.arange(0, BN)
     lane = tl.arange(0, BL)
-    g = row % G
-    dn = (d < DIM)[:, None] & (n < N)[None, :]
-    a = tl.load(a_ptr + g * DIM * N + d[:, None] * N + n[None, :], mask=dn, other=0.0).to(ACC)
-    bias = tl.zeros([BD], ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * DIM + d, mask=d < DIM, other=0.0).to(ACC)
-    dskip = tl.zeros([BD], ACC)
-    if HAS_D:
-        dskip = tl.load(dskip_ptr + g * DIM + d, mask=d < DIM, other=0.0).to(ACC)
+    dn, a, bias, dskip = _parameters(a_ptr, bias_ptr, dskip_ptr, row % G, d, n, DIM, N,
+                                     HAS_BIAS, HAS_D, ACC, BD)
     carry = tl.zeros([BD, BN], ACC)
     for chunk in range(CHUNKS):
         t = chunk * BL + lane
@@ -127,15 +136,8 @@ def _bwd_kernel(u_ptr, dl_ptr, a_ptr, b_ptr, c_ptr, dskip_ptr, z_ptr, bias_ptr, 
     d = block * BD + tl.arange(0, BD)
     n = tl.arange(0, BN)
     lane = tl.arange(0, BL)
-    g = row % G
-    dn = (d < DIM)[:, None] & (n < N)[None, :]
-    a = tl.load(a_ptr + g * DIM * N + d[:, None] * N + n[None, :], mask=dn, other=0.0).to(ACC)
-    bias = tl.zeros([BD], ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * DIM + d, mask=d < DIM, other=0.0).to(ACC)
-    dskip = tl.zeros([BD], ACC)
-    if HAS_D:
-        dskip = tl.load(dskip_ptr + g * DIM + d, mask=d < DIM, other=0.0).to(ACC)
+    dn, a, bias, dskip = _parameters(a_ptr, bias_ptr, dskip_ptr, row % G, d, n, DIM, N,
+                                     HAS_BIAS, HAS_D, ACC, BD)
     g_later = tl.zeros([BD, BN], ACC)  # the adjoint at the first step of the later chunk
     ga = tl.zeros([BD, BN], ACC)
     gd = tl.zeros([BD], ACC)
