@@ -86,70 +86,85 @@ def _flow_run_id(output: str) -> str:
     return found.group(1)
 
 
-@pytest.mark.slow
-def test_served_deployment_runs_and_fails_cleanly(tmp_path: Path, synth_dataset, clean_env) -> None:
-    raw = Path(shutil.copytree(synth_dataset("bdda", videos=3, frames=4), tmp_path / "BDDA"))
-    config = tmp_path / "flows.toml"
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, synth_dataset):
+    """One local Prefect server and `flows.serve` for the served-deployment tests, with the
+    three synthetic datasets under one data root (its flows.toml: random CLIP weights, 64x64,
+    one worker) and no CLIP weights host (a closed port on loopback, no proxy: the offline
+    case). Yields (data root, services); each test writes outputs of its own."""
+    from flows.config import RAW_DIRNAMES
+
+    root = tmp_path_factory.mktemp("served")
+    for dataset, dirname in RAW_DIRNAMES.items():
+        shutil.copytree(synth_dataset(dataset, videos=3, frames=8 if dataset != "bdda" else 5),
+                        root / dirname)
+    config = root / "flows.toml"
     config.write_text(
-        f'data_root = "{tmp_path}"\nprepared_root = "{tmp_path / "prepared"}"\n'
+        f'data_root = "{root}"\nprepared_root = "{root / "prepared"}"\n'
         'clip_pretrained = "none"\nsize = "64x64"\nworkers = 1\n'
     )
-    os.environ["SALMM_CONFIG"] = str(config)
-    # no weights host answers (a closed port on loopback, no proxy): the offline case
-    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
-    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        os.environ.pop(proxy, None)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "SALMM_"))
+           and k not in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
+    env.update(SALMM_CONFIG=str(config), HF_ENDPOINT="http://127.0.0.1:9")
+    with mock.patch.dict(os.environ, env, clear=True), \
+            local_services(home=root / "prefect", port=4311) as services:
+        yield root, services
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_and_fails_cleanly(served) -> None:
+    tmp_path, services = served
+    raw = tmp_path / "BDDA"
     out = tmp_path / "prepared" / "bdda"
+    run = _run_deployment(services.env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Completed" in run.stdout
+    
+    assert verify(str(out)) == []
+    manifest = read_manifest(str(out))
+    published = json.loads((out / "published.json").read_text())
+    assert published["version_id"] == version_id(manifest)
+    cache = open_cache(published["cache"]["path"], str(out))
+    assert cache.identity["prepared"]["version_id"] == version_id(manifest)
+    artifact = subprocess.run(
+        [sys.executable, "-m", "prefect", "artifact", "inspect", "prepare-bdda"],
+        env=services.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert published["version_id"] in artifact.stdout
+    
+    bad_root = Path(shutil.copytree(raw, tmp_path / "BDDA-bad"))
+    bad_name = _corrupt_first_test_frame(bad_root)
+    failed = _run_deployment(
+        services.env, f"root={bad_root}", f"out={tmp_path / 'prepared-bad'}"
+    )
+    assert failed.returncode != 0
+    assert "Failed" in failed.stdout + failed.stderr
+    logs = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "logs", _flow_run_id(failed.stdout)],
+        env=services.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    reason = [line for line in logs.stdout.splitlines() if bad_name in line]
+    assert reason, logs.stdout
+    assert not (tmp_path / "prepared-bad" / "manifest.json").exists()
+    # the reason is on the --watch screen too, as the flow's own one line
+    assert any(bad_name in line for line in failed.stdout.splitlines()), failed.stdout
 
-    with local_services(home=tmp_path / "prefect", port=4311) as services:
-        run = _run_deployment(services.env)
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert "Completed" in run.stdout
-
-        assert verify(str(out)) == []
-        manifest = read_manifest(str(out))
-        published = json.loads((out / "published.json").read_text())
-        assert published["version_id"] == version_id(manifest)
-        cache = open_cache(published["cache"]["path"], str(out))
-        assert cache.identity["prepared"]["version_id"] == version_id(manifest)
-        artifact = subprocess.run(
-            [sys.executable, "-m", "prefect", "artifact", "inspect", "prepare-bdda"],
-            env=services.env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert published["version_id"] in artifact.stdout
-
-        bad_root = Path(shutil.copytree(raw, tmp_path / "BDDA-bad"))
-        bad_name = _corrupt_first_test_frame(bad_root)
-        failed = _run_deployment(
-            services.env, f"root={bad_root}", f"out={tmp_path / 'prepared-bad'}"
-        )
-        assert failed.returncode != 0
-        assert "Failed" in failed.stdout + failed.stderr
-        logs = subprocess.run(
-            [sys.executable, "-m", "prefect", "flow-run", "logs", _flow_run_id(failed.stdout)],
-            env=services.env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        reason = [line for line in logs.stdout.splitlines() if bad_name in line]
-        assert reason, logs.stdout
-        assert not (tmp_path / "prepared-bad" / "manifest.json").exists()
-        # the reason is on the --watch screen too, as the flow's own one line
-        assert any(bad_name in line for line in failed.stdout.splitlines()), failed.stdout
-
-        offline = _run_deployment(services.env, f"out={tmp_path / 'prepared-offline'}",
-                                  "clip_pretrained=openai")
-        assert offline.returncode != 0
-        screen = [line for line in offline.stdout.splitlines()   # the flow's own one line
-                  if "could not get the ViT-B-32 weights" in line and "Error" not in line]
-        assert screen, offline.stdout
-        assert "--param clip_pretrained=none" in screen[0]
-        assert "--clip-pretrained" not in screen[0]
-        assert not (tmp_path / "prepared-offline").exists()      # checked before any work
+    offline = _run_deployment(services.env, f"out={tmp_path / 'prepared-offline'}",
+                              "clip_pretrained=openai")
+    assert offline.returncode != 0
+    screen = [line for line in offline.stdout.splitlines()   # the flow's own one line
+              if "could not get the ViT-B-32 weights" in line and "Error" not in line]
+    assert screen, offline.stdout
+    assert "--param clip_pretrained=none" in screen[0]
+    assert "--clip-pretrained" not in screen[0]
+    assert not (tmp_path / "prepared-offline").exists()      # checked before any work
 
 
 @pytest.mark.slow
@@ -245,38 +260,30 @@ def test_flows_local_stops_everything_it_started_on_a_stop_signal(tmp_path: Path
 
 @pytest.mark.slow
 def test_concurrent_runs_on_other_outputs_complete_and_a_held_output_is_refused_in_one_line(
-        tmp_path: Path, synth_dataset, clean_env) -> None:
+        served) -> None:
     from flows.config import RAW_DIRNAMES
     from pipeline.core.fsio import Folder
 
-    for dataset, dirname in RAW_DIRNAMES.items():
-        shutil.copytree(synth_dataset(dataset, videos=3, frames=8 if dataset != "bdda" else 5),
-                        tmp_path / dirname)
-    config = tmp_path / "flows.toml"
-    config.write_text(
-        f'data_root = "{tmp_path}"\nprepared_root = "{tmp_path / "prepared"}"\n'
-        'clip_pretrained = "none"\nsize = "64x64"\nworkers = 1\n'
-    )
-    os.environ["SALMM_CONFIG"] = str(config)
-    with local_services(home=tmp_path / "prefect", port=4313) as services:
-        runs = {dataset: subprocess.Popen(
-            [sys.executable, "-m", "prefect", "deployment", "run", f"prepare/{dataset}",
-             "--watch"], env={**services.env, "COLUMNS": "400"}, cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for dataset in RAW_DIRNAMES}
-        outputs = {dataset: run.communicate(timeout=600)[0] for dataset, run in runs.items()}
-        for dataset, run in runs.items():
-            assert run.returncode == 0, outputs[dataset]
-            assert verify(str(tmp_path / "prepared" / dataset)) == []
+    tmp_path, services = served
+    outs = {dataset: tmp_path / "side-by-side" / dataset for dataset in RAW_DIRNAMES}
+    runs = {dataset: subprocess.Popen(
+        [sys.executable, "-m", "prefect", "deployment", "run", f"prepare/{dataset}",
+         "--watch", "--param", f"out={outs[dataset]}"], env={**services.env, "COLUMNS": "400"},
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for dataset in RAW_DIRNAMES}
+    outputs = {dataset: run.communicate(timeout=600)[0] for dataset, run in runs.items()}
+    for dataset, run in runs.items():
+        assert run.returncode == 0, outputs[dataset]
+        assert verify(str(outs[dataset])) == []
 
-        held = tmp_path / "held"
-        with Folder(held).lock():                   # another run is writing there
-            refused = _run_deployment(services.env, f"out={held}")
-        assert refused.returncode != 0
-        reason = [line for line in refused.stdout.splitlines()
-                  if "another run is writing here" in line and "Error" not in line]
-        assert len(reason) == 1, refused.stdout
-        assert not (held / "manifest.json").exists()
+    held = tmp_path / "held"
+    with Folder(held).lock():                   # another run is writing there
+        refused = _run_deployment(services.env, f"out={held}")
+    assert refused.returncode != 0
+    reason = [line for line in refused.stdout.splitlines()
+              if "another run is writing here" in line and "Error" not in line]
+    assert len(reason) == 1, refused.stdout
+    assert not (held / "manifest.json").exists()
 
 
 @pytest.mark.slow
