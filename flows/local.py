@@ -232,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help="preferred server port (default %(default)s)"
     )
+    parser.add_argument(
+        "--no-serve", dest="serve", action="store_false",
+        help="the Prefect server only, without the deployment server: for deployments on a work"
+        " pool (flows/prefect.yaml) run by `prefect worker start`",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # `kill PID` (SIGTERM), a closed terminal (SIGHUP) and Ctrl-C (SIGINT) all stop the
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _stop_on_signal)
     try:
-        with local_services(args.home, args.port) as services:
+        with local_services(args.home, args.port, serve=args.serve) as services:
             log.info(
                 "ready: PREFECT_API_URL=%s — run e.g. `prefect deployment run prepare/bdda"
                 " --watch` with that variable set; Ctrl-C or `kill %d` stops everything",

@@ -71,6 +71,7 @@ def test_quickstart_smoke_run_leaves_every_promised_artifact(tmp_path: Path) -> 
 
     summary = output[output.index("salmm quickstart finished") :]
     assert "SYNTHETIC" in summary
+    assert output.count("| | AUC_B |") == 1, "the metrics table is printed once, at the end"
     fields = dict(
         re.findall(
             r"^  (raw data|Prefect UI|version id|prepared data|CLIP cache|run folder)\s+(\S+)",
