@@ -96,13 +96,21 @@ def test_salmm_prepare_runs_the_flow_to_the_bytes_normalize_writes(tmp_path):
 
     assert salmm("synth", "--dataset", "bdda", "--out", str(tmp_path / "raw"), "--videos", "3",
                  "--frames", "4").returncode == 0
-    flow = salmm("prepare", "--dataset", "bdda", "--root", str(tmp_path / "raw"), "--out",
-                 str(tmp_path / "flow"), "--size", "64x64", "--clip-pretrained", "none",
-                 "--workers", "1")
+    def prepare() -> subprocess.CompletedProcess:    # the flow, called as a plain function
+        return salmm("prepare", "--dataset", "bdda", "--root", str(tmp_path / "raw"), "--out",
+                     str(tmp_path / "flow"), "--size", "64x64", "--clip-pretrained", "none",
+                     "--workers", "1")
+
+    flow = prepare()
     direct = salmm("normalize", "--dataset", "bdda", "--root", str(tmp_path / "raw"), "--out",
                    str(tmp_path / "direct"), "--size", "64x64", "--workers", "1")
     assert flow.returncode == 0 and direct.returncode == 0, flow.stderr + direct.stderr
     assert not [line for line in flow.stderr.splitlines() if line.startswith("INFO")]   # -q
-    assert (tmp_path / "flow" / "manifest.json").read_bytes() == \
-        (tmp_path / "direct" / "manifest.json").read_bytes()
+    manifest = (tmp_path / "flow" / "manifest.json").read_bytes()
+    assert manifest == (tmp_path / "direct" / "manifest.json").read_bytes()
+    shards = {p.name: p.read_bytes() for p in (tmp_path / "flow").glob("*.tar")}
+    again = prepare()                 # idempotent: the finished output resumed, same bytes
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "flow" / "manifest.json").read_bytes() == manifest
+    assert {p.name: p.read_bytes() for p in (tmp_path / "flow").glob("*.tar")} == shards
     assert (tmp_path / "flow" / "clip" / "ViT-B-32-salmm-random-seed0.zarr").is_dir()

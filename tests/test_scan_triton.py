@@ -36,7 +36,7 @@ def test_the_kernels_in_an_interpreter_process():
         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parents[1],
         capture_output=True, text=True, check=False, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "10 passed, 1 skipped" in result.stdout, result.stdout[-2000:]
+    assert "9 passed, 1 skipped" in result.stdout, result.stdout[-2000:]
 
 
 @interpreted
@@ -97,7 +97,7 @@ def triton(values, softplus=True):
 
 
 @interpreted
-@pytest.mark.parametrize("length", [1, 5, BLOCK_L + 1, 2 * BLOCK_L + 7])
+@pytest.mark.parametrize("length", [1, BLOCK_L + 1, 2 * BLOCK_L + 7])
 def test_triton_scan_matches_loop_float64(length):
     """Both directions (two groups) of an odd-width block, lengths within and across chunks."""
     values = inputs(2, 2, 5, length, 3, torch.float64, seed=length)
