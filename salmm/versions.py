@@ -88,8 +88,8 @@ def list_versions(root: str, as_json: bool) -> int:
 
 
 def _examples(names: list[str] | dict[str, str]) -> str:
-    items = [f"{k} ({v})" if isinstance(names, dict) and v else k for k, v in
-             (names.items() if isinstance(names, dict) else ((n, "") for n in names))]
+    items = ([f"{k} ({v})" if v else k for k, v in names.items()]
+             if isinstance(names, dict) else list(names))
     more = f", … {len(items) - LISTED} more" if len(items) > LISTED else ""
     return ", ".join(items[:LISTED]) + more
 

@@ -146,14 +146,15 @@ def with_config(parser: argparse.ArgumentParser, argv: Sequence[str], start: int
     else:
         return argv
     words = config_argv(parser, path)
-    given = {a.dest for a in _options(parser).values()
-             if isinstance(a, argparse._AppendAction) and any(w in a.option_strings for w in rest)}
+    by_flag = {flag: a for a in _options(parser).values() for flag in a.option_strings}
+    given = {by_flag[w].dest for w in rest
+             if w in by_flag and isinstance(by_flag[w], argparse._AppendAction)}
     kept, skip = [], False
     for j, word in enumerate(words):        # drop the file's entries of lists the line gives
         if skip:
             skip = False
             continue
-        action = next((a for a in _options(parser).values() if word in a.option_strings), None)
+        action = by_flag.get(word)
         if action is not None and action.dest in given and j + 1 < len(words):
             skip = True
             continue

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0
 """Seconds one connection attempt may take."""
+HUB_ENDPOINT = "https://huggingface.co"
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face Hub a download goes to: ``HF_ENDPOINT`` (read at each call), else
+    :data:`HUB_ENDPOINT`."""
+    return os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
 
 
 def host_of(url: str) -> tuple[str, int]:

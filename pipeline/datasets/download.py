@@ -31,15 +31,10 @@ from pipeline.datasets import get
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 RECORD = "DOWNLOAD.json"
 STAGING, UNPACKED = ".download", ".unpacked"
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
 UNSUPPORTED = (".rar", ".7z", ".z01", ".001")
-
-
-def _endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
 
 
 def _fetch(repo: str, revision: str, staging: Path) -> str:
@@ -51,7 +46,7 @@ def _fetch(repo: str, revision: str, staging: Path) -> str:
         RevisionNotFoundError,
     )
 
-    endpoint = _endpoint()
+    endpoint = network.hub_endpoint()
     if (why := network.unreachable(endpoint)) is not None:
         raise BadInputError(repo, f"the Hub cannot be reached ({why}); download on a machine"
                             " with a network and copy the folder, then `salmm check-layout`")
@@ -151,7 +146,7 @@ def download(dataset: str, out: str | os.PathLike[str], revision: str = "main"
     shutil.move(str(found), str(root))
     shutil.rmtree(root / ".cache", ignore_errors=True)     # the client's own bookkeeping
     record = {"repository": entry.mirror, "repo_type": "dataset", "revision": revision,
-              "commit": commit, "endpoint": _endpoint(),
+              "commit": commit, "endpoint": network.hub_endpoint(),
               "files": {str(p.relative_to(staging)): p.stat().st_size for p in files}}
     write_atomic(root / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     for leftover in (staging, unpacked):

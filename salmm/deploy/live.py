@@ -283,7 +283,7 @@ def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: An
     return Report(latency, time.perf_counter() - start, clip_frames)
 
 
-RANDOM_CAVEAT = "RANDOM CLIP WEIGHTS: a smoke run, not real results"
+RANDOM_CAVEAT = overlay.caveat(synthetic=False, random_clip=True)
 """The banner of a stream whose CLIP has random weights."""
 
 

@@ -119,12 +119,8 @@ def picture(item: Item, pred: np.ndarray, colormap: str, alpha: float, caveat: s
 
 def caveat_of(source: Source, loaded: LoadedModel) -> str:
     """What the pictures' numbers do not mean, in a few words ("" when nothing)."""
-    said = []
-    if source.data is not None and source.data.synthetic:
-        said.append("SYNTHETIC DATA")
-    if loaded.clip.pretrained is None:
-        said.append("RANDOM CLIP WEIGHTS")
-    return " / ".join(said) + (": a smoke run, not real results" if said else "")
+    return overlay.caveat(source.data is not None and source.data.synthetic,
+                          loaded.clip.pretrained is None)
 
 
 # ---- the run -----------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ __all__ = ["CONFIG", "HUB_ID", "WEIGHTS", "is_pretrained_folder", "model_card",
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 FORMAT = "salmm-hub"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -86,7 +85,7 @@ def download(repo_id: str, revision: str | None = None) -> str:
     )
 
     where = f"{repo_id}@{revision}" if revision else repo_id
-    endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    endpoint = network.hub_endpoint()
     offline = ("HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
                else network.unreachable(endpoint))      # seconds, not the client's retries
     folder = None

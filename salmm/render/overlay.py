@@ -148,6 +148,14 @@ CAVEAT_COLOUR = (200, 30, 30)
 random CLIP weights)."""
 
 
+def caveat(synthetic: bool, random_clip: bool) -> str:
+    """What a picture's numbers do not mean, in a few words ("" when nothing): the one text
+    every picture, stream video and training plot carries."""
+    said = [text for flag, text in ((synthetic, "SYNTHETIC DATA"),
+                                    (random_clip, "RANDOM CLIP WEIGHTS")) if flag]
+    return " / ".join(said) + ": a smoke run, not real results" if said else ""
+
+
 def stamp(image: np.ndarray, text: str, *, corner: str = "top-left",
           background: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
     """A copy of ``image`` (uint8 RGB) with ``text`` in white on a ``background`` box in a

@@ -23,6 +23,7 @@ from pipeline.core.fsio import Folder
 from pipeline.encoders.clip_spec import RANDOM_NOTE
 from salmm.model.checkpoint import git_commit, save_checkpoint, training_checkpoint
 from salmm.model.mamba import scan_backend
+from salmm.render.overlay import caveat
 from salmm.render.plots import plot_history
 from salmm.training.config import TrainConfig
 from salmm.training.inputs import Inputs
@@ -120,11 +121,8 @@ class Records:
         """``metrics.csv``, ``curves.png`` and the epoch's TensorBoard scalars."""
         if self.rt.main:
             write_csv(self.run / "metrics.csv", state.history)
-            said = [text for flag, text in ((self.inputs.data.synthetic, "SYNTHETIC DATA"),
-                                            (self.cfg.clip.random, "RANDOM CLIP WEIGHTS"))
-                    if flag]
             plot_history(state.history, self.run / "curves.png",
-                         " / ".join(said) + ": a smoke run, not real results" if said else "")
+                         caveat(self.inputs.data.synthetic, self.cfg.clip.random))
             for key in ("train_loss", "valid_loss", *VALID_METRICS, "train_samples_per_s"):
                 self.tb.add_scalar(f"epoch/{key}", row[key], state.step)
             self.tb.flush()
