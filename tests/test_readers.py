@@ -294,7 +294,11 @@ def test_root_that_is_not_the_named_dataset(tiny_raw, tmp_path):
     with pytest.raises(BadInputError, match="does not exist"):
         check_layout("trafficgaze", tmp_path / "nowhere")
     with pytest.raises(ValueError):
+        check_layout("nosuch", traffic)
+    with pytest.raises(BadInputError) as info:
         check_layout("dreyeve", traffic)
+    _one_line(info.value, "not a DR(eye)VE root", "no dr(eye)ve_design.txt file",
+              "looks like a TrafficGaze root")
 
 
 def test_split_file_problems(tiny_raw):

@@ -161,7 +161,7 @@ def test_cli_synth(tmp_path, caplog):
     assert main(["synth", "--dataset", "bdda", "--out", str(out)]) == 2  # exists
     assert main(["synth", "--dataset", "bdda", "--out", str(tmp_path / "b"), "--frames", "3"]) == 2
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["synth", "--dataset", "dreyeve", "--out", "x"])
+        build_parser().parse_args(["synth", "--dataset", "nosuch", "--out", "x"])
 
 
 def test_python_dash_m_pipeline(tmp_path):

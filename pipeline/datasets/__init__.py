@@ -5,8 +5,9 @@ module each (:mod:`.trafficgaze`, :mod:`.drfixd_rainy`, :mod:`.bdda`): its names
 release unpacks to, the folders of its download layout, the form of its split entries, the size
 of its camera frames, what its ground truth is (fixation points or gaze maps), and the reader
 class (:mod:`.readers`) that turns a split entry into a :class:`~pipeline.datasets.spec.Frame`.
-Adding a dataset (DR(eye)VE, DADA-2000, ...) is one module with its entry, listed in
-:data:`REGISTRY`, plus a reader if no existing one fits.
+Adding a dataset is one module with its entry, listed in :data:`REGISTRY`, plus a reader if no
+existing one fits: DR(eye)VE and DADA-2000 (:mod:`.dreyeve`, :mod:`.dada`) list their splits
+from their own files and read frames out of videos.
 
 :func:`check_layout` and :func:`read_frames` work for any entry. A root that is not the named
 dataset, a missing or malformed split file, and split entries not of the dataset's naming form
@@ -23,18 +24,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.core.errors import BadInputError
-from pipeline.datasets import bdda, drfixd_rainy, trafficgaze
+from pipeline.datasets import bdda, dada, dreyeve, drfixd_rainy, trafficgaze
 from pipeline.datasets.spec import FRAME_SIZE, SYNTHETIC_MARKER, Dataset, Frame
 from pipeline.datasets.splits import SPLITS, read_split, split_path
 
 __all__ = ["DATASETS", "FRAME_SIZE", "REGISTRY", "SYNTHETIC_MARKER", "Dataset", "Frame",
-           "check_layout", "get", "read_frames"]
+           "check_layout", "get", "read_frames", "split_files"]
 
 log = logging.getLogger(__name__)
 
 
 REGISTRY: dict[str, Dataset] = {entry.name: entry for entry in (
-    trafficgaze.DATASET, drfixd_rainy.DATASET, bdda.DATASET)}
+    trafficgaze.DATASET, drfixd_rainy.DATASET, bdda.DATASET, dreyeve.DATASET, dada.DATASET)}
 DATASETS = tuple(REGISTRY)
 """The dataset names, in the order command lines list them."""
 
@@ -60,15 +61,16 @@ def check_layout(dataset: str, root: str | os.PathLike[str]) -> None:
     if not root.is_dir():
         raise BadInputError(root, "dataset root does not exist" if not root.exists()
                             else "dataset root is not a folder")
-    missing = [name for name in entry.folders if not (root / name).is_dir()]
+    missing = [f"{name}/ folder" for name in entry.folders if not (root / name).is_dir()]
+    missing += [f"{name} file" for name in entry.files if not (root / name).is_file()]
     if not missing:
         return
     looks_like = [other.display for other in REGISTRY.values()
-                  if other.folders != entry.folders
-                  and all((root / name).is_dir() for name in other.folders)]
+                  if (other.folders, other.files) != (entry.folders, entry.files)
+                  and all((root / name).is_dir() for name in other.folders)
+                  and all((root / name).is_file() for name in other.files)]
     hint = f" (it looks like a {looks_like[0]} root)" if looks_like else ""
-    folders = " and ".join(f"{name}/" for name in missing)
-    raise BadInputError(root, f"not a {entry.display} root: no {folders} folder{hint}")
+    raise BadInputError(root, f"not a {entry.display} root: no {' and no '.join(missing)}{hint}")
 
 
 def read_frames(
@@ -77,8 +79,9 @@ def read_frames(
     split: str,
     *,
     on_bad: Callable[[BadInputError], None] | None = None,
+    ground_truth: str | None = None,
 ) -> Iterator[Frame]:
-    """Frames of one split, in split-file order.
+    """Frames of one split, in split-file order (listed datasets: in their listing's order).
 
     The layout, the split file and its entries are checked when this is called; each frame's
     files are checked as it is yielded.
@@ -89,6 +92,8 @@ def read_frames(
         split: one of :data:`~pipeline.datasets.splits.SPLITS`.
         on_bad: called with the error of each bad frame, which is then skipped; without
             it the first bad frame raises.
+        ground_truth: for datasets with several, which (one of the entry's
+            ``ground_truths``; None: the default).
 
     Raises:
         ValueError: unknown ``dataset`` or ``split``.
@@ -103,17 +108,42 @@ def read_frames(
     if (root / SYNTHETIC_MARKER).exists():
         log.warning("%s: SYNTHETIC %s dataset (generated, not real recordings; see %s)",
                     root, entry.display, SYNTHETIC_MARKER)
-    list_file = split_path(root, split)
-    entries = []
-    for name in read_split(list_file):
-        match = entry.entry_pattern.fullmatch(name)
-        if match is None:
-            raise BadInputError(list_file, f"entry {name!r} is not of the form"
-                                f" {entry.entry_form!r}")
-        if int(match[2]) == 0:
-            raise BadInputError(list_file, f"entry {name!r}: frames are numbered from 1")
-        entries.append((name, int(match[1]), int(match[2])))
-    return _frames(entries, entry.reader(entry, root, split), on_bad)
+    if entry.listed:
+        names = split_names(entry, root, split)
+        entries = [(name, *entry.numbers(entry.entry_pattern.fullmatch(name))) for name in names]
+    else:
+        list_file = split_path(root, split)
+        entries = []
+        for name in read_split(list_file):
+            match = entry.entry_pattern.fullmatch(name)
+            if match is None:
+                raise BadInputError(list_file, f"entry {name!r} is not of the form"
+                                    f" {entry.entry_form!r}")
+            if int(match[2]) == 0:
+                raise BadInputError(list_file, f"entry {name!r}: frames are numbered from 1")
+            entries.append((name, int(match[1]), int(match[2])))
+    if entry.ground_truths:
+        reader = entry.reader(entry, root, split, ground_truth=ground_truth)
+    elif ground_truth is not None:
+        raise ValueError(f"{entry.display} has one ground truth; got ground_truth"
+                         f" {ground_truth!r}")
+    else:
+        reader = entry.reader(entry, root, split)
+    return _frames(entries, reader, on_bad)
+
+
+def split_names(entry: Dataset, root: Path, split: str) -> list[str]:
+    """A listed dataset's entries of ``split`` ([] when it has none)."""
+    return entry.splits(root, split) or []
+
+
+def split_files(dataset: str, root: str | os.PathLike[str], split: str) -> list[Path]:
+    """The files that define ``split`` of ``dataset`` under ``root``: its ``<split>.json``, or a
+    listed dataset's own files (DR(eye)VE's design file, DADA-2000's official split file)."""
+    entry = get(dataset)
+    if entry.listed:
+        return entry.split_sources(Path(root), split)
+    return [split_path(root, split)]
 
 
 def _frames(

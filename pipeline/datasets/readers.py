@@ -10,6 +10,9 @@ The facts it needs - folders, frame size - come from its :class:`~pipeline.datas
   file loaded once per reader.
 * :class:`GazeMapReader` - **BDDA**: ``camera_frames/VVVV/FFFF.jpg`` camera frames and
   ``gazemap_frames/VVVV/FFFF.jpg`` greyscale gaze maps of the same name.
+* :class:`VideoMapReader` - **DR(eye)VE**, **DADA-2000**: a camera video and a gaze-map video
+  per sequence or clip (where they are: the dataset's own subclass, in its module); a frame is
+  a video file and a frame index in it.
 
 Fixation points are kept as recorded: ``row = column 4``, ``col = column 3`` as float64,
 every one of them (the training label and the evaluation each pick theirs, see
@@ -20,9 +23,13 @@ every one of them (the training label and the evaluation each pick theirs, see
 * the video's ``fixdata`` file is missing, truncated or corrupt, or has fewer cells than
   the frame number needs, or the frame's cell has NaN/inf coordinates or < 4 columns;
 * a BDDA video whose ``camera_frames`` and ``gazemap_frames`` folders hold different
-  numbers of frames (every frame of that video is reported, with the same error object).
+  numbers of frames (every frame of that video is reported, with the same error object);
+* a DR(eye)VE / DADA-2000 camera or gaze-map video that is missing or cannot be opened, a
+  gaze-map video whose header announces another number of frames than the camera video's, or
+  a frame index past the camera video's frames (each frame of that video is reported).
 
-Readers check that files exist; they do not decode images (see :mod:`pipeline.formats.images`).
+Readers check that files exist (and read video headers); they do not decode images or video
+frames (see :mod:`pipeline.formats.images`, :mod:`pipeline.formats.video`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import numpy as np
 from pipeline.core.errors import BadInputError
 from pipeline.datasets.matfile import load_fixdata
 from pipeline.datasets.spec import FRAME_SIZE, Dataset, Frame
+from pipeline.formats.video import video_info
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +188,52 @@ class GazeMapReader:
 def _jpeg_names(folder: Path) -> set[str]:
     with os.scandir(folder) as entries:
         return {entry.name for entry in entries if entry.name.endswith(".jpg")}
+
+
+class VideoMapReader:
+    """Builds the frames of a video dataset, reading each video pair's headers once.
+
+    A subclass says where a split entry's videos are: :meth:`locate` ``(name, video, number) ->
+    (camera video, gaze-map video, 0-based frame index)``, for the ground truth
+    ``self.ground_truth`` (one of the dataset's ``ground_truths``).
+    """
+
+    def __init__(self, dataset: Dataset, root: Path, split: str,
+                 ground_truth: str | None = None) -> None:
+        self.dataset, self.root, self.split = dataset.name, root, split
+        self.ground_truth = ground_truth or dataset.ground_truths[0]
+        if self.ground_truth not in dataset.ground_truths:
+            raise ValueError(f"ground truth must be one of {dataset.ground_truths} for"
+                             f" {dataset.display}, got {self.ground_truth!r}")
+        self._pairs: dict[Path, tuple[int, tuple[int, int]] | BadInputError] = {}
+
+    def locate(self, name: str, video: int, number: int) -> tuple[Path, Path, int]:
+        raise NotImplementedError
+
+    def __call__(self, name: str, video: int, number: int) -> Frame:
+        camera, gaze_map, index = self.locate(name, video, number)
+        if camera not in self._pairs:
+            self._pairs[camera] = self._check_pair(camera, gaze_map)
+        pair = self._pairs[camera]
+        if isinstance(pair, BadInputError):
+            raise pair
+        frames, map_size = pair
+        if index >= frames:
+            raise BadInputError(camera, f"has {frames} frames; {name} (frame {index}, 0-based)"
+                                f" is listed in {self.split}")
+        return Frame(self.dataset, self.split, video, number, name, camera, _NO_POINTS,
+                     gaze_map, map_size, index)
+
+    @staticmethod
+    def _check_pair(camera: Path, gaze_map: Path) -> tuple[int, tuple[int, int]] | BadInputError:
+        """(frames, gaze-map size) of a camera / gaze-map video pair, or the error that makes
+        every frame of it unusable."""
+        try:
+            frames = video_info(camera).frames
+            maps = video_info(gaze_map)
+        except BadInputError as err:
+            return err
+        if maps.frames != frames:
+            return BadInputError(gaze_map, f"{maps.frames} gaze-map frames but {camera.name} has"
+                                 f" {frames} frames: the maps would not line up with the frames")
+        return frames, maps.size

@@ -1,4 +1,4 @@
-"""The road scenes, fixations and gaze maps of the synthetic datasets (:mod:`pipeline.synth`).
+"""The road scenes, fixations and gaze maps of the synthetic datasets (:mod:`pipeline.datasets.synthetic`).
 
 :class:`Scene` renders 1280x720 dashcam-like frames with a pinhole camera over a flat road (sky,
 skyline, verges, a three-lane road with markings in perspective, vehicles, poles and trees, lens

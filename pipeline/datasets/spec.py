@@ -1,9 +1,12 @@
 """What a driver-gaze dataset is: its :class:`Dataset` entry (names, layout, split-entry form,
 frame size, ground truth, reader) and the :class:`Frame` a reader yields.
 
-The camera frames of every dataset here are :data:`FRAME_SIZE`; the fixations of TrafficGaze and
-DrFixD-rainy are pixels of that frame. One entry per dataset lives in its own module
-(:mod:`.trafficgaze`, :mod:`.drfixd_rainy`, :mod:`.bdda`); :mod:`pipeline.datasets` collects them.
+The camera frames of the three datasets of the paper are :data:`FRAME_SIZE`; the fixations of
+TrafficGaze and DrFixD-rainy are pixels of that frame. DR(eye)VE (1920x1080) and DADA-2000
+(1584x660) ship their frames and gaze maps as videos: their frames name a video file and a
+frame index in it. One entry per dataset lives in its own module (:mod:`.trafficgaze`,
+:mod:`.drfixd_rainy`, :mod:`.bdda`, :mod:`.dreyeve`, :mod:`.dada`); :mod:`pipeline.datasets`
+collects them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ FRAME_SIZE = (720, 1280)
 """(height, width) of the camera frames of all three datasets, and of the pixel grid their
 fixations are recorded in."""
 SYNTHETIC_MARKER = "SYNTHETIC.txt"
-"""A file at the root of every dataset :mod:`pipeline.synth` made (it is not real data)."""
+"""A file at the root of every dataset :mod:`pipeline.datasets.synthetic` made (it is not real data)."""
 
 @dataclass(frozen=True)
 class Frame:
@@ -38,7 +41,11 @@ class Frame:
             BDDA.
         gaze_map_path: BDDA ``gazemap_frames/...`` file; ``None`` for the other datasets.
         source_size: (height, width) the ground truth refers to: (720, 1280) for
-            TrafficGaze / DrFixD-rainy, the nominal gaze-map size (576, 1024) for BDDA.
+            TrafficGaze / DrFixD-rainy, the nominal gaze-map size (576, 1024) for BDDA, the
+            frame size for DR(eye)VE and DADA-2000.
+        video_index: for the video datasets (DR(eye)VE, DADA-2000), the 0-based index of the
+            frame in ``image_path`` and ``gaze_map_path``, which are then video files; None
+            when they are image files.
     """
 
     dataset: str
@@ -50,6 +57,7 @@ class Frame:
     fixations: np.ndarray
     gaze_map_path: Path | None
     source_size: tuple[int, int]
+    video_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,15 @@ class Dataset:
     source: where the original release is (URL); terms: where its terms of use are stated
     (a pointer, not a licence of ours); citation: the paper to cite for it; mirror: the
     Hugging Face dataset repository ``salmm download`` fetches it from ("" when none);
-    manual: how to get it by hand where there is no mirror.
+    manual: how to get it by hand where there is no mirror; files: files the layout has at the
+    root (checked with the folders); splits: for datasets without one split file of frame
+    names per split, the function listing a split's entries (``splits(root, split) -> names``,
+    None for an absent split; BadInputError for a bad root) and the files that define them
+    (``split_sources(root, split) -> paths``); ground_truths: the ground truths a prepared
+    dataset can be made from, the default first (none for image datasets); entry_numbers:
+    (video, frame) of a split entry's match of ``entry_pattern`` (default: its groups 1 and 2);
+    map_conversion: the OpenCV colour conversion that turns a decoded gaze-map video frame
+    (BGR) into the dataset's greyscale map, as its authors' code does.
     """
 
     name: str
@@ -86,6 +102,23 @@ class Dataset:
     citation: str = ""
     mirror: str = ""
     manual: str = ""
+    files: tuple[str, ...] = ()
+    splits: Callable[[Path, str], list[str] | None] | None = None
+    split_sources: Callable[[Path, str], list[Path]] | None = None
+    ground_truths: tuple[str, ...] = ()
+    entry_numbers: Callable[[re.Match[str]], tuple[int, int]] | None = None
+    map_conversion: str = "BGR2GRAY"
+
+    def numbers(self, match: re.Match[str]) -> tuple[int, int]:
+        """(video, frame) of a split entry matched by ``entry_pattern``."""
+        if self.entry_numbers is not None:
+            return self.entry_numbers(match)
+        return int(match[1]), int(match[2])
+
+    @property
+    def listed(self) -> bool:
+        """Whether its splits come from :attr:`splits` rather than ``<split>.json`` files."""
+        return self.splits is not None
 
     @property
     def has_fixations(self) -> bool:

@@ -133,7 +133,14 @@ def check_size(data: bytes, where: str | os.PathLike[str], *,
     Raises:
         BadInputError: an unreadable header or a size out of line (naming both sizes).
     """
-    height, width = image_size(data, where)
+    return check_dimensions(image_size(data, where), where, expect=expect, bound=bound)
+
+
+def check_dimensions(size: tuple[int, int], where: str | os.PathLike[str], *,
+                     expect: tuple[int, int] | None = None,
+                     bound: tuple[int, int] | None = None) -> tuple[int, int]:
+    """:func:`check_size` of a (height, width) already read from a header (a video's)."""
+    height, width = size
     if expect is not None and (height, width) != tuple(expect):
         raise BadInputError(where, f"is {width}x{height}, expected {expect[1]}x{expect[0]}"
                             " (width x height)")

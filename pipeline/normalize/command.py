@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how frames are stored: png, lossless, exactly the published"
                              " loader's pixels (default); jpeg95, about 4x smaller, a few grey"
                              " levels off (recorded, changes the version)")
+    parser.add_argument("--ground-truth", choices=("saliency_fix", "saliency"),
+                        help="dreyeve: the gaze maps the labels are made from, saliency_fix"
+                             " (default; the TPAMI ground truth) or saliency (recorded,"
+                             " changes the version)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int,
                        help="local Dask worker processes (default: one per usable core)")
@@ -56,11 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``python -m pipeline normalize``: exit code (the version id is logged at the end)."""
-    from pipeline.normalize.job import normalize  # lazy: Dask loads after the options
+    from pipeline.normalize.job import (  # lazy: Dask loads after the options
+        check_options,
+        normalize,
+        resolve_ground_truth,
+    )
 
     try:
         options = Options(parse_size(args.size), args.shard_size, args.decode,
-                          args.frame_codec)
+                          args.frame_codec, resolve_ground_truth(args.dataset, args.ground_truth))
+        check_options(args.dataset, options)
         if args.workers is not None and args.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
         if not 0 <= args.max_bad_fraction <= 1:
@@ -70,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     normalize(args.dataset, args.root, args.out, size=options.size,
               shard_size=options.shard_size, decode=options.decode,
-              frame_codec=options.frame_codec, workers=args.workers,
+              frame_codec=options.frame_codec, ground_truth=options.ground_truth,
+              workers=args.workers,
               dask_address=args.dask_address, skip_bad=args.skip_bad,
               max_bad_fraction=args.max_bad_fraction, overwrite=args.overwrite)
     return 0

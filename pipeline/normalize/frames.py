@@ -16,7 +16,7 @@ from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import file_fingerprint, relative_to
 from pipeline.datasets import get as dataset_entry
 from pipeline.datasets.spec import Frame
-from pipeline.formats import images, labels
+from pipeline.formats import images, labels, video
 from pipeline.formats.shards import encode_sample, sample_key
 from pipeline.normalize.settings import Options
 
@@ -62,6 +62,27 @@ def raw_files(frame: Frame) -> list[Path]:
     return [frame.image_path] + ([frame.gaze_map_path] if frame.gaze_map_path else [])
 
 
+def decode_video_frame(frame: Frame, root: Path
+                       ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int, str]]]:
+    """A video dataset's frame (uint8 [H, W, 3] RGB), its gaze map (uint8 [h, w]) and their
+    fingerprints: ``"<video>#<index>"``, the decoded pixels' bytes and sha256 (the videos hold
+    thousands of frames each: a frame's input is its pixels, not the whole file). The frame
+    must be its dataset's frame size, the map at most that; BadInputError otherwise, or when
+    either cannot be decoded."""
+    entry = dataset_entry(frame.dataset)
+    images.check_dimensions(video.open_video(frame.image_path).info.size, frame.image_path,
+                            expect=entry.frame_size)     # from the headers, before decoding
+    images.check_dimensions(video.open_video(frame.gaze_map_path).info.size,
+                            frame.gaze_map_path, bound=entry.frame_size)
+    rgb = video.read_frame(frame.image_path, frame.video_index)
+    gray = video.read_map(frame.gaze_map_path, frame.video_index,
+                          getattr(cv2, f"COLOR_{entry.map_conversion}"))
+    inputs = [(f"{relative_to(path, root)}#{frame.video_index}", pixels.nbytes,
+               hashlib.sha256(np.ascontiguousarray(pixels).data).hexdigest())
+              for path, pixels in ((frame.image_path, rgb), (frame.gaze_map_path, gray))]
+    return rgb, gray, inputs
+
+
 def decode_raw(frame: Frame, options: Options, raw: dict[Path, bytes],
                ) -> tuple[np.ndarray, np.ndarray | None]:
     """The camera frame (uint8 [H, W, 3] RGB) and, for BDDA, the gaze map (uint8 [h, w]), decoded
@@ -89,8 +110,13 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
     Returns the sample (:func:`pipeline.formats.shards.encode_sample`); raises BadInputError for a
     missing, corrupt or wrongly sized file.
     """
-    raw = {path: images.read_image_bytes(path) for path in raw_files(frame)}
-    rgb, gray = decode_raw(frame, options, raw)
+    if frame.video_index is not None:
+        rgb, gray, inputs = decode_video_frame(frame, root)
+    else:
+        raw = {path: images.read_image_bytes(path) for path in raw_files(frame)}
+        rgb, gray = decode_raw(frame, options, raw)
+        inputs = [(relative_to(path, root), len(data), hashlib.sha256(data).hexdigest())
+                  for path, data in raw.items()]
     small = images.resize_frame(rgb, options.size)
     gaze = None
     if gray is None:
@@ -101,8 +127,8 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
         gaze = labels.gaze_map_resized(gray, size=options.size)
         files = {"image": relative_to(frame.image_path, root),
                  "gaze_map": relative_to(frame.gaze_map_path, root)}
-    inputs = [(relative_to(path, root), len(data), hashlib.sha256(data).hexdigest())
-              for path, data in raw.items()]
+        if frame.video_index is not None:
+            files["index"] = frame.video_index
     meta = {
         "dataset": frame.dataset, "split": frame.split, "video": frame.video,
         "frame": frame.frame, "name": frame.name,
@@ -133,6 +159,9 @@ def fingerprint_chunk(frames: list[Frame], root: str) -> list[list[tuple[str, in
     out: list[list[tuple[str, int, str]] | Bad] = []
     for frame in frames:
         try:
+            if frame.video_index is not None:
+                out.append(decode_video_frame(frame, Path(root))[2])
+                continue
             out.append([fingerprint(path, Path(root)) for path in raw_files(frame)])
         except BadInputError as err:
             out.append(Bad.from_error(frame.name, err, Path(root)))

@@ -20,10 +20,10 @@ from pipeline.core.dask_cluster import dask_client
 from pipeline.core.errors import BadInputError, OutputError
 from pipeline.core.fsio import Folder
 from pipeline.core.progress import progress as progress_bar
-from pipeline.datasets import check_layout
+from pipeline.datasets import check_layout, split_files
 from pipeline.datasets import get as dataset_entry
 from pipeline.datasets.spec import SYNTHETIC_MARKER, Frame
-from pipeline.datasets.splits import SPLITS, split_path
+from pipeline.datasets.splits import SPLITS
 from pipeline.formats.card import CARD, dataset_card
 from pipeline.formats.manifest import (
     FORMAT,
@@ -110,6 +110,7 @@ def normalize(
     shard_size: int = DEFAULT_SHARD_SIZE,
     decode: str = "faithful",
     frame_codec: str = DEFAULT_FRAME_CODEC,
+    ground_truth: str | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
     skip_bad: bool = False,
@@ -125,6 +126,7 @@ def normalize(
         size: prepared frame size "WIDTHxHEIGHT" (or a (height, width) tuple).
         shard_size: split entries per shard. decode: "faithful" or "fast"; frame_codec: "png"
             or "jpeg95" (see ``Options``).
+        ground_truth: for DR(eye)VE, "saliency_fix" (None: the default) or "saliency".
         workers / dask_address: local cluster size, or an existing Dask scheduler.
         skip_bad: skip-and-report bad frames instead of failing on the first one;
         max_bad_fraction: even so, fail if more than this fraction of entries is bad.
@@ -141,7 +143,9 @@ def normalize(
     dataset_entry(dataset)                  # ValueError for an unknown one
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-    options = Options(parse_size(size), shard_size, decode, frame_codec)
+    options = Options(parse_size(size), shard_size, decode, frame_codec,
+                      resolve_ground_truth(dataset, ground_truth))
+    check_options(dataset, options)
     root = Path(root).resolve()
     check_layout(dataset, root)
     folder = Folder(out)
@@ -152,12 +156,38 @@ def normalize(
                                progress=progress)
 
 
+def check_options(dataset: str, options: Options) -> None:
+    """ValueError when ``options`` do not apply to ``dataset`` (a reduced JPEG decode of frames
+    that come out of videos)."""
+    entry = dataset_entry(dataset)
+    if options.decode != "faithful" and entry.ground_truths:
+        raise ValueError(f"--decode {options.decode} is for JPEG frames; {entry.display}'s frames"
+                         " are decoded from videos (faithful)")
+
+
+def resolve_ground_truth(dataset: str, ground_truth: str | None) -> str | None:
+    """The ground truth a prepared ``dataset`` is made from: ``ground_truth``, or the dataset's
+    default; None for datasets without a choice. ValueError naming the choices otherwise."""
+    choices = dataset_entry(dataset).ground_truths
+    if not choices:
+        if ground_truth is not None:
+            raise ValueError(f"--ground-truth is for the video datasets; {dataset} has one"
+                             " ground truth")
+        return None
+    if ground_truth is None:
+        return choices[0]
+    if ground_truth not in choices:
+        raise ValueError(f"--ground-truth must be one of {', '.join(choices)} for {dataset},"
+                         f" got {ground_truth!r}")
+    return ground_truth
+
+
 def _normalize_into(folder: Folder, dataset: str, root: Path, options: Options, *,
                     workers: int | None, dask_address: str | None, skip_bad: bool,
                     max_bad_fraction: float, overwrite: bool, progress: bool) -> dict[str, Any]:
     """:func:`normalize` once it holds the output folder's lock."""
     started = time.perf_counter()
-    plans, absent = plan_splits(dataset, root)
+    plans, absent = plan_splits(dataset, root, options.ground_truth)
     total = sum(len(plan.names) for plan in plans.values())
     with dask_client(dask_address, workers) as client:
         header = _header(dataset, root, options, plans, client)
@@ -218,6 +248,8 @@ def _command(dataset: str, options: Options, skip_bad: bool, max_bad_fraction: f
                "--size", f"{width}x{height}", "--shard-size",
                str(options.shard_size), "--decode", options.decode, "--frame-codec",
                options.frame_codec]
+    if options.ground_truth is not None:
+        command += ["--ground-truth", options.ground_truth]
     if skip_bad:
         command += ["--skip-bad", "--max-bad-fraction", str(max_bad_fraction)]
     return command
@@ -226,10 +258,11 @@ def _command(dataset: str, options: Options, skip_bad: bool, max_bad_fraction: f
 def _header(dataset: str, root: Path, options: Options, plans: dict[str, SplitPlan],
             client: Any) -> dict[str, Any]:
     """The manifest fields known before any frame is processed (what a resume must match)."""
-    split_files = {}
+    sources = {}
     for split in plans:
-        rel, size, sha = fingerprint(split_path(root, split), root)
-        split_files[rel] = {"size": size, "sha256": sha}
+        for path in split_files(dataset, root, split):
+            rel, size, sha = fingerprint(path, root)
+            sources[rel] = {"size": size, "sha256": sha}
     fixdata: dict[str, dict[str, Any]] = {}
     if dataset_entry(dataset).has_fixations:
         videos = sorted({int(name.split("/")[0]) for plan in plans.values()
@@ -243,7 +276,7 @@ def _header(dataset: str, root: Path, options: Options, plans: dict[str, SplitPl
         "pipeline": pipeline_entry(),
         "dataset": dataset,
         "options": options.manifest_entry(),
-        "inputs": {"split_files": split_files, "fixdata": fixdata},
+        "inputs": {"split_files": sources, "fixdata": fixdata},
     }
     if (root / SYNTHETIC_MARKER).exists():
         header["synthetic"] = True      # made from generated data: said on every picture

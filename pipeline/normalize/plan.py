@@ -1,5 +1,5 @@
-"""The plan of a normalize run: per split whose split file exists, its entries in split-file
-order, each paired with its :class:`~pipeline.datasets.spec.Frame` or the reader's BadInputError, cut
+"""The plan of a normalize run: per split whose split file exists (a listed dataset: that its
+listing names), its entries in split-file order, each paired with its :class:`~pipeline.datasets.spec.Frame` or the reader's BadInputError, cut
 into shards of ``shard_size`` entries (boundaries depend on the split file only, so a bad frame
 shortens one shard instead of shifting all later ones)."""
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import BadInputError
+from pipeline.datasets import get as dataset_entry
 from pipeline.datasets import read_frames
 from pipeline.datasets.spec import Frame
 from pipeline.datasets.splits import SPLITS, check_disjoint, split_entries, split_path
@@ -26,12 +27,14 @@ class SplitPlan:
     root: Path
     split: str
     names: list[str]
+    ground_truth: str | None = None
 
     def entries(self) -> Iterator[tuple[str, Frame | BadInputError]]:
         """(split entry, Frame or the reader's error) for every entry, in order."""
         pending: list[BadInputError] = []
         position = 0
-        for frame in read_frames(self.dataset, self.root, self.split, on_bad=pending.append):
+        for frame in read_frames(self.dataset, self.root, self.split, on_bad=pending.append,
+                                 ground_truth=self.ground_truth):
             for err in pending:
                 yield self.names[position], err
                 position += 1
@@ -58,11 +61,22 @@ class SplitPlan:
             yield index, batch
 
 
-def plan_splits(dataset: str, root: Path) -> tuple[dict[str, SplitPlan], list[str]]:
+def plan_splits(dataset: str, root: Path, ground_truth: str | None = None
+                ) -> tuple[dict[str, SplitPlan], list[str]]:
     """Plans of the splits whose split file exists, and the names of the absent ones (logged).
     BadInputError (split file and line) for a repeated entry or a frame in two splits."""
     entries, absent = {}, []
+    entry = dataset_entry(dataset)
     for split in SPLITS:
+        if entry.listed:
+            names = entry.splits(root, split)
+            if names is None:
+                log.warning("%s: no %s entries in %s; split %s is absent", root, split,
+                            ", ".join(p.name for p in entry.split_sources(root, split)), split)
+                absent.append(split)
+            else:
+                entries[split] = list(enumerate(names, start=1))
+            continue
         path = split_path(root, split)
         if not path.exists():
             log.warning("%s: no %s split file; split %s is absent", path, split, split)
@@ -70,8 +84,10 @@ def plan_splits(dataset: str, root: Path) -> tuple[dict[str, SplitPlan], list[st
             continue
         entries[split] = split_entries(path)
     if not entries:
-        raise BadInputError(root, "no split file (train.json, valid.json, test.json) found")
+        files = sorted({p.name for split in SPLITS for p in (
+            entry.split_sources(root, split) if entry.listed else [split_path(root, split)])})
+        raise BadInputError(root, f"no split found ({', '.join(files)})")
     check_disjoint(entries, root)
-    plans = {split: SplitPlan(dataset, root, split, [name for _, name in lines])
+    plans = {split: SplitPlan(dataset, root, split, [name for _, name in lines], ground_truth)
              for split, lines in entries.items()}
     return plans, absent

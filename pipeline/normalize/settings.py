@@ -34,12 +34,15 @@ class Options:
     ``decode``: "faithful" decodes the full frame as the published loader does; "fast" lets the
     JPEG decoder downscale by a power of two (DCT scaling, Pillow draft mode) to no less than
     ``size`` first — faster, a few grey levels different (bench/prepare.py reports how much).
+    ``ground_truth``: for the datasets with a choice of gaze maps (DR(eye)VE, DADA-2000), the
+    one the labels are made from (recorded); None for the others.
     """
 
     size: tuple[int, int] = (256, 256)
     shard_size: int = DEFAULT_SHARD_SIZE
     decode: str = "faithful"
     frame_codec: str = DEFAULT_FRAME_CODEC
+    ground_truth: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.size) < 1:
@@ -71,7 +74,7 @@ class Options:
                 "gaze_map": "pipeline.labels.gaze_map_resized, 8-bit PNG; label = value / 255",
             },
             "key": "v{video:04d}_f{frame:06d}",
-        }
+        } | ({} if self.ground_truth is None else {"ground_truth": self.ground_truth})
 
 
 
