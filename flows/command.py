@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-codec", choices=FRAME_CODECS, default=DEFAULT_FRAME_CODEC,
                         help="png: lossless, the published loader's pixels; jpeg95: smaller,"
                              " lossy")
+    parser.add_argument("--ground-truth", choices=("saliency_fix", "saliency"),
+                        help="dreyeve: the gaze maps of the labels (default saliency_fix)")
     add_clip_options(parser)
     parser.add_argument("--device", default="cpu", help="device of the CLIP encoder")
     parser.add_argument("--workers", type=non_negative_int,
@@ -52,4 +54,4 @@ def run(args: argparse.Namespace) -> None:
             frame_codec=args.frame_codec, clip_model=args.clip_model,
             clip_pretrained=args.clip_pretrained, profile=args.profile, device=args.device,
             workers=args.workers, skip_bad=args.skip_bad,
-            max_bad_fraction=args.max_bad_fraction)
+            max_bad_fraction=args.max_bad_fraction, ground_truth=args.ground_truth)

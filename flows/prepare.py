@@ -82,6 +82,7 @@ def normalize_task(
     max_bad_fraction: float,
     decode: str = "faithful",
     frame_codec: str = "png",
+    ground_truth: str | None = None,
 ) -> dict[str, Any]:
     result = normalize(
         dataset,
@@ -90,6 +91,7 @@ def normalize_task(
         size=size,
         decode=decode,
         frame_codec=frame_codec,
+        ground_truth=ground_truth,
         workers=workers,
         dask_address=dask_address,
         skip_bad=skip_bad,
@@ -221,11 +223,13 @@ def prepare(
     workers: int | None = None,
     skip_bad: bool = False,
     max_bad_fraction: float = 0.01,
+    ground_truth: str | None = None,
 ) -> dict[str, Any]:
     """Prepare one dataset: check layout → normalise → embed → verify → publish.
 
     Args:
-        dataset: "bdda", "trafficgaze" or "drfixd-rainy". root: the raw download folder.
+        dataset: "trafficgaze", "drfixd-rainy", "bdda", "dreyeve" or "dada". root: the raw
+            download folder.
         out: the prepared folder (local path or fsspec URL). root / out None: the configured
             defaults where the run executes (:mod:`flows.config`: ``.salmm/flows.toml``,
             ``SALMM_DATA_ROOT``, ``SALMM_PREPARED_ROOT``; what ``flows/prefect.yaml``'s
@@ -238,6 +242,7 @@ def prepare(
             (clip_pretrained: "openai", a local weight file, "hf-hub:...", or "none" for random weights).
         dask_address: an existing Dask scheduler; None starts a local cluster of ``workers`` processes.
         skip_bad / max_bad_fraction: skip-and-report bad frames, failing above this fraction.
+        ground_truth: DR(eye)VE's gaze maps, "saliency_fix" (None: the default) or "saliency".
 
     Returns:
         The published record (also written to ``<out>/published.json``).
@@ -252,7 +257,7 @@ def prepare(
         check_weights_task(clip_model, clip_pretrained, profile)
         return _prepare(dataset, root, out, size, decode, frame_codec, clip_model,
                         clip_pretrained, profile, device, dask_address, workers, skip_bad,
-                        max_bad_fraction, started)
+                        max_bad_fraction, ground_truth, started)
     except (BadInputError, OutputError) as err:
         logger.error("%s", err)             # the reason, on the run's own log and --watch screen
         APILogHandler().flush()             # sent before the run turns Failed and --watch stops
@@ -262,10 +267,11 @@ def prepare(
 def _prepare(dataset: str, root: str, out: str, size: str, decode: str, frame_codec: str,
              clip_model: str, clip_pretrained: str | None, profile: str, device: str,
              dask_address: str | None, workers: int | None, skip_bad: bool,
-             max_bad_fraction: float, started: float) -> dict[str, Any]:
+             max_bad_fraction: float, ground_truth: str | None, started: float
+             ) -> dict[str, Any]:
     normalized = normalize_task(
         dataset, root, out, size, workers, dask_address, skip_bad, max_bad_fraction, decode,
-        frame_codec
+        frame_codec, ground_truth
     )
     cache = embed_task(out, clip_model, clip_pretrained, profile, device, dask_address, workers)
     verify_task(out)

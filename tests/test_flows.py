@@ -89,15 +89,15 @@ def _flow_run_id(output: str) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, synth_dataset):
     """One local Prefect server and `flows.serve` for the served-deployment tests, with the
-    three synthetic datasets under one data root (its flows.toml: random CLIP weights, 64x64,
+    five synthetic datasets under one data root (its flows.toml: random CLIP weights, 64x64,
     one worker) and no CLIP weights host (a closed port on loopback, no proxy: the offline
     case). Yields (data root, services); each test writes outputs of its own."""
     from flows.config import RAW_DIRNAMES
 
     root = tmp_path_factory.mktemp("served")
     for dataset, dirname in RAW_DIRNAMES.items():
-        shutil.copytree(synth_dataset(dataset, videos=3, frames=6 if dataset != "bdda" else 4),
-                        root / dirname)
+        frames = {"bdda": 4, "dreyeve": 17, "dada": 2}.get(dataset, 6)   # the fewest listed
+        shutil.copytree(synth_dataset(dataset, videos=3, frames=frames), root / dirname)
     config = root / "flows.toml"
     config.write_text(
         f'data_root = "{root}"\nprepared_root = "{root / "prepared"}"\n'
@@ -281,7 +281,8 @@ def test_prefect_yaml_registers_on_a_process_pool_and_a_worker_runs_one(
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         listed = prefect("deployment", "ls")
         assert all(name in listed.stdout for name in
-                   ("prepare/bdda", "prepare/trafficgaze", "prepare/drfixd-rainy"))
+                   ("prepare/bdda", "prepare/trafficgaze", "prepare/drfixd-rainy",
+                    "prepare/dreyeve", "prepare/dada"))
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool",
                                    "salmm"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)

@@ -102,8 +102,13 @@ def read_frames(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    check_layout(dataset, root)
     entry = get(dataset)
+    if ground_truth is not None and ground_truth not in entry.ground_truths:
+        raise ValueError(f"{entry.display} has one ground truth; got ground_truth"
+                         f" {ground_truth!r}" if not entry.ground_truths else
+                         f"ground truth must be one of {entry.ground_truths} for"
+                         f" {entry.display}, got {ground_truth!r}")
+    check_layout(dataset, root)
     root = Path(root)
     if (root / SYNTHETIC_MARKER).exists():
         log.warning("%s: SYNTHETIC %s dataset (generated, not real recordings; see %s)",
@@ -122,13 +127,8 @@ def read_frames(
             if int(match[2]) == 0:
                 raise BadInputError(list_file, f"entry {name!r}: frames are numbered from 1")
             entries.append((name, int(match[1]), int(match[2])))
-    if entry.ground_truths:
-        reader = entry.reader(entry, root, split, ground_truth=ground_truth)
-    elif ground_truth is not None:
-        raise ValueError(f"{entry.display} has one ground truth; got ground_truth"
-                         f" {ground_truth!r}")
-    else:
-        reader = entry.reader(entry, root, split)
+    reader = (entry.reader(entry, root, split, ground_truth=ground_truth)
+              if entry.ground_truths else entry.reader(entry, root, split))
     return _frames(entries, reader, on_bad)
 
 

@@ -96,6 +96,15 @@ def split_sources(root: Path, split: str) -> list[Path]:
     return [root / SPLIT_FILES[split]]
 
 
+def split_needs(root: Path, split: str) -> list[str] | None:
+    """The videos ``split`` needs, relative to the root (None without its split file)."""
+    path = root / SPLIT_FILES[split]
+    if not path.exists():
+        return None
+    return [p.relative_to(root).as_posix() for category, clip in read_clips(path)
+            for p in (camera_video(root, category, clip), map_video(root, category, clip))]
+
+
 def _numbers(match: re.Match[str]) -> tuple[int, int]:
     return int(match[1]) * CLIP_BASE + int(match[2]), int(match[3])
 
@@ -122,5 +131,6 @@ DATASET = Dataset(
            " and maps/ folders in one folder, DADA_dataset/, with train_file.json, val_file.json"
            " and test_file.json from that repository. (3) Check it with `salmm check-layout"
            " --dataset dada --root DADA_dataset`. No unrolling into frames is needed.",
-    splits=split_names, split_sources=split_sources, ground_truths=("maps",),
+    splits=split_names, split_sources=split_sources, split_needs=split_needs,
+    ground_truths=("maps",),
     entry_numbers=_numbers, map_conversion="RGB2GRAY")

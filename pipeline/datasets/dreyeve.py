@@ -86,11 +86,16 @@ def split_of(sequence: int, design_split: str) -> str:
     return "valid" if sequence in VALID_SEQUENCES else "train"
 
 
+def split_sequences(root: Path, split: str) -> list[int]:
+    """The sequences of ``split``, in order; BadInputError for a bad design file."""
+    return [s for s, kind in read_design(root).items() if split_of(s, kind) == split]
+
+
 def split_names(root: Path, split: str) -> list[str] | None:
     """The entries of ``split`` (None if no sequence of the design file belongs to it): every
     listed frame of its sequences, in sequence then frame order. BadInputError for a bad design
     file or a camera video that is missing or cannot be opened."""
-    sequences = [s for s, kind in read_design(root).items() if split_of(s, kind) == split]
+    sequences = split_sequences(root, split)
     if not sequences:
         return None
     names = []
@@ -103,6 +108,13 @@ def split_names(root: Path, split: str) -> list[str] | None:
 def split_sources(root: Path, split: str) -> list[Path]:
     """The files that define the splits: the design file."""
     return [root / DESIGN]
+
+
+def split_needs(root: Path, split: str) -> list[str] | None:
+    """The videos ``split`` needs (camera and default ground truth), relative to the root."""
+    sequences = split_sequences(root, split)
+    return [f"{s:02d}/{name}" for s in sequences
+            for name in (CAMERA, next(iter(MAPS.values())))] or None
 
 
 class Reader(VideoMapReader):
@@ -127,5 +139,5 @@ DATASET = Dataset(
            " the folders 01 .. 74, each with video_garmin.avi, video_saliency_fix.avi and"
            " video_saliency.avi. (3) Check it with `salmm check-layout --dataset dreyeve --root"
            " DREYEVE_DATA`. No unrolling into frames is needed.",
-    files=(DESIGN,), splits=split_names, split_sources=split_sources,
+    files=(DESIGN,), splits=split_names, split_sources=split_sources, split_needs=split_needs,
     ground_truths=tuple(MAPS))

@@ -1,6 +1,7 @@
 """What a raw dataset root holds against what its split lists need, before any normalize:
 per folder of the layout, the files the split entries name, how many are there, the first
-missing ones, and the files no split lists (``salmm check-layout``)."""
+missing ones, and the files no split lists (``salmm check-layout``). For DR(eye)VE and
+DADA-2000 the files are the videos of the splits' sequences or clips, counted per split."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class LayoutReport:
     root: Path
     splits: dict[str, int | None]
     folders: list[FolderCheck]
+    unit: str = "entries"
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -56,6 +59,8 @@ def layout_report(dataset: str, root: str | os.PathLike[str]) -> LayoutReport:
     entry = get(dataset)
     root = Path(root)
     check_layout(dataset, root)
+    if entry.listed:
+        return _listed_report(dataset, root)
     splits: dict[str, int | None] = {}
     names: list[str] = []
     for split in SPLITS:
@@ -83,10 +88,41 @@ def layout_report(dataset: str, root: str | os.PathLike[str]) -> LayoutReport:
     return LayoutReport(entry.display, root, splits, checks)
 
 
+def _listed_report(dataset: str, root: Path) -> LayoutReport:
+    """The report of a dataset that lists its splits itself: the videos each split needs."""
+    entry = get(dataset)
+    splits: dict[str, int | None] = {}
+    needed: set[str] = set()
+    for split in SPLITS:
+        files = entry.split_needs(root, split)
+        splits[split] = None if files is None else len(files)
+        needed.update(files or ())
+    sources = {split: ", ".join(p.name for p in entry.split_sources(root, split))
+               for split in SPLITS}
+    checks = []
+    for folder in entry.folders or ("",):
+        prefix = f"{folder}/" if folder else ""
+        mine = {name[len(prefix):] for name in needed if name.startswith(prefix)}
+        if folder:
+            present = _files(root / folder)
+        else:       # at the root: the files of the sequence folders the splits name
+            tops = sorted({name.split("/")[0] for name in mine})
+            present = {f"{top}/{name}" for top in tops if (root / top).is_dir()
+                       for name in _files(root / top)}
+        checks.append(FolderCheck(folder or ".", mine, sorted(mine - present),
+                                  sorted(present - mine)))
+    return LayoutReport(entry.display, root, splits, checks, "videos", sources)
+
+
 def report_lines(report: LayoutReport) -> list[str]:
     """The report in a few lines."""
-    listed = ", ".join(f"{split}.json {n} entries" if n is not None else f"no {split}.json"
-                       for split, n in report.splits.items())
+    if report.sources:
+        listed = ", ".join(f"{split} ({report.sources[split]}) {n} {report.unit}"
+                           if n is not None else f"no {split}"
+                           for split, n in report.splits.items())
+    else:
+        listed = ", ".join(f"{split}.json {n} entries" if n is not None else f"no {split}.json"
+                           for split, n in report.splits.items())
     lines = [f"{report.dataset} at {report.root}: {listed}"]
     for check in report.folders:
         line = (f"{check.name}/: {len(check.needed)} needed, "

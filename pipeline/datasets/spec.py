@@ -79,7 +79,9 @@ class Dataset:
     root (checked with the folders); splits: for datasets without one split file of frame
     names per split, the function listing a split's entries (``splits(root, split) -> names``,
     None for an absent split; BadInputError for a bad root) and the files that define them
-    (``split_sources(root, split) -> paths``); ground_truths: the ground truths a prepared
+    (``split_sources(root, split) -> paths``) and the files its entries need, relative to the
+    root, found without opening any (``split_needs(root, split) -> paths``, None for an absent
+    split; for ``salmm check-layout``); ground_truths: the ground truths a prepared
     dataset can be made from, the default first (none for image datasets); entry_numbers:
     (video, frame) of a split entry's match of ``entry_pattern`` (default: its groups 1 and 2);
     map_conversion: the OpenCV colour conversion that turns a decoded gaze-map video frame
@@ -105,6 +107,7 @@ class Dataset:
     files: tuple[str, ...] = ()
     splits: Callable[[Path, str], list[str] | None] | None = None
     split_sources: Callable[[Path, str], list[Path]] | None = None
+    split_needs: Callable[[Path, str], list[str] | None] | None = None
     ground_truths: tuple[str, ...] = ()
     entry_numbers: Callable[[re.Match[str]], tuple[int, int]] | None = None
     map_conversion: str = "BGR2GRAY"

@@ -10,7 +10,16 @@ decoding order) as BGR ``uint8 [H, W, 3]``:
   the backend reports afterwards is checked, so a frame is never silently another one;
 * a frame the file does not hold (``index`` at or past the frame count its container announces,
   or a file that ends early or is damaged there) raises :class:`~pipeline.core.errors.BadInputError`
-  naming the file and the frame.
+  naming the file and the frame;
+* **damaged data is refused, not concealed.** FFmpeg's decoders repair damaged data by
+  inventing pixels and say so only in their log, which OpenCV prints to the process's stderr.
+  So every read runs with file descriptor 2 caught (:func:`_ffmpeg_messages`) and one decoding
+  thread (messages then belong to the frame being decoded): a frame whose decoding - or the
+  decoding of the frames skipped on the way to it - logged an FFmpeg error is refused with
+  FFmpeg's words. The capture is then reopened; a later frame whose decoding passes through
+  the damaged data again is refused too (those that depend on it, and, as OpenCV's seek starts
+  decoding from the keyframe before a point up to 16 frames early, a second or so after it).
+  Other output caught on stderr meanwhile is written back.
 
 :func:`open_video` keeps the last few files of a process open (a Dask worker decodes shard after
 shard of the same sequence). :func:`video_info` reads a container's header only: frame count,
@@ -20,7 +29,12 @@ size and rate, without decoding.
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +59,37 @@ class VideoInfo:
     fps: float
 
 
+_FFMPEG_LINE = re.compile(rb"^\[[\w:-]+ @ (0x)?[0-9a-fA-F]+\] (.*)$", re.MULTILINE)
+
+
+@contextmanager
+def _ffmpeg_messages() -> Iterator[list[str]]:
+    """The FFmpeg log lines printed to file descriptor 2 during the block (filled in at its end,
+    without FFmpeg's ``[codec @ address]`` prefix); anything else printed there is written back."""
+    found: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield found
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            text = caught.read()
+            found += [m.group(2).decode(errors="replace").strip()
+                      for m in _FFMPEG_LINE.finditer(text)]
+            rest = _FFMPEG_LINE.sub(b"", text).strip()
+            if rest:
+                os.write(2, rest + b"\n")
+
+
 def _capture(path: Path) -> cv2.VideoCapture:
     if not path.is_file():
         raise BadInputError(path, "missing video" if not path.exists() else "not a file")
-    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    with _ffmpeg_messages():        # opening a damaged file logs too; isOpened() says enough
+        capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not capture.isOpened():
         raise BadInputError(path, "cannot be read as a video (corrupt, or not a video)")
     return capture
@@ -94,13 +135,18 @@ class VideoFile:
         if not 0 <= index < self.info.frames:
             raise BadInputError(self.path, f"has {self.info.frames} frames; frame {index}"
                                 " (0-based) is not one of them")
-        if not self._next <= index <= self._next + SEEK_AHEAD:
-            self._seek(index)
-        while self._next < index:
-            if not self._capture.grab():
-                self._fail(index)
-            self._next += 1
-        ok, frame = self._capture.read()
+        with _ffmpeg_messages() as messages:
+            if not self._next <= index <= self._next + SEEK_AHEAD:
+                self._seek(index)
+            while self._next < index:
+                if not self._capture.grab():
+                    break
+                self._next += 1
+            ok, frame = (self._capture.read() if self._next == index else (False, None))
+        if messages:
+            self._reopen()
+            raise BadInputError(self.path, f"frame {index} (0-based): damaged data, FFmpeg"
+                                f" reports: {'; '.join(messages[:2])}")
         if not ok or frame is None:
             self._fail(index)
         self._next = index + 1
