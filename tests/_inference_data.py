@@ -155,8 +155,10 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
     rng = np.random.default_rng(11)
     folder = Folder(root)
     folder.makedirs()
+    from pipeline.datasets import REGISTRY
+
     yy, xx = np.mgrid[0:SIZE[0], 0:SIZE[1]]
-    bdda = dataset == "bdda"
+    bdda = not REGISTRY[dataset].has_fixations      # gaze maps: BDDA, DR(eye)VE, DADA-2000
     entries, keys, cells = {}, {}, {}
     for split, videos in splits.items():
         samples = []

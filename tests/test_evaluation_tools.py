@@ -200,6 +200,43 @@ def test_compare_table_every_predictor_on_every_dataset(prepared, data: Inferenc
     assert json.loads((out / "comparison.json").read_text()) == result
 
 
+def test_compare_table_across_the_five_datasets(prepared, data: InferenceData, tmp_path: Path):
+    """The cross-dataset view: one checkpoint and the baselines on all five benchmarks."""
+    root, _ = prepared
+    # small video numbers: write_prepared's label blob moves with the video number
+    others = {"drfixd-rainy": [(7, 2)], "bdda": [(4, 2)], "dreyeve": [(5, 2)], "dada": [(6, 2)]}
+    argv = ["--checkpoint", str(data.trainer), "--baseline", "center", "--baseline", "uniform",
+            "--prepared", str(root)]
+    for dataset, test in others.items():
+        write_prepared(tmp_path / dataset, dataset, {"train": [(3, 2)], "test": test},
+                       cache_split="test")
+        argv += ["--prepared", str(tmp_path / dataset)]
+    out = tmp_path / "cmp"
+    assert compare_main([*argv, "--out", str(out), "--cached-clip", "--workers", "0"]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    names = ["trafficgaze", "drfixd-rainy", "bdda", "dreyeve", "dada"]
+    assert [d["dataset"] for d in result["datasets"]] == names
+    assert len(result["cells"]) == 3 * 5
+    table = (out / "comparison.md").read_text().splitlines()
+    header = table[2]
+    for dataset in names:
+        assert f"{dataset} CC" in header and f"{dataset} KLD" in header
+    for dataset in ("dreyeve", "dada"):         # gaze maps only: no fixation metrics
+        assert f"{dataset} NSS" not in header and f"{dataset} AUC_J" not in header
+    rows = [line for line in table if line.startswith(("| last.pt", "| center baseline",
+                                                       "| uniform baseline"))]
+    assert len(rows) == 3
+    columns = header.count("|") - 1
+    assert all(row.count("|") - 1 == columns for row in rows)
+    assert "NaN" not in "".join(rows)
+    cells = {(c["predictor"], c["dataset"]): c for c in result["cells"]}
+    for dataset in names:
+        values = cells[("uniform baseline", dataset)]["values"]
+        assert values["CC"] == 0.0 and values["KLD"] > 0
+        assert cells[("center baseline", dataset)]["values"]["CC"] > values["CC"] or \
+            dataset == "drfixd-rainy"       # its one training video sits off-centre
+
+
 def test_compare_bad_input_one_line(prepared, tmp_path: Path,
                                     caplog: pytest.LogCaptureFixture):
     root, _ = prepared

@@ -68,9 +68,9 @@ def undefined_note(means: dict[str, float]) -> str | None:
     missing = [m for m in metrics.METRIC_ORDER if m not in means]
     if not missing:
         return None
-    return (f"\"-\": {', '.join(missing)} need fixation points; this dataset records gaze maps"
-            " only (as BDDA does), so they cannot be computed - the paper's BDDA row has none"
-            " either.")
+    return (f"\"-\": {', '.join(missing)} need fixation points; this dataset's ground truth is"
+            " gaze maps only (as BDDA's, DR(eye)VE's and DADA-2000's is), so they cannot be"
+            " computed - the paper's BDDA row has none either.")
 
 
 def table_text(title: str, row_name: str, means: dict[str, float], note: str | None = None,
