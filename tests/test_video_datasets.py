@@ -110,7 +110,7 @@ def test_dreyeve_design_file_without_a_split_column_and_bad_ones(dreyeve_root, t
     design.write_text("01\tMorning\tSunny\tHighway\tD1\n04 Night Rainy Downtown D2\n"
                       "38\tEvening\tCloudy\tCountryside\tD3\n")
     assert dreyeve.read_design(root) == {1: "train", 4: "train", 38: "test"}
-    assert [f.name for f in read_frames("dreyeve", root, "valid")][0] == "04/000015"
+    assert next(f.name for f in read_frames("dreyeve", root, "valid")) == "04/000015"
     design.write_text("01 Morning\n75 Night\n")
     with pytest.raises(BadInputError, match=r"design\.txt: line 2: expected a sequence number"):
         read_frames("dreyeve", root, "train")

@@ -9,7 +9,8 @@
 3. Per frame, :func:`salmm.evaluation.metrics.evaluate_frame` (:mod:`.scoring`) - CC, SIM, KLD of
    the prediction against the label at the model's resolution; AUC-Borji, AUC-Judd and NSS
    against the 720x1280 binary map of the raw fixation points (TrafficGaze, DrFixD-rainy; BDDA
-   has CC, SIM, KLD only, as the official script), in a process pool.
+   has CC, SIM, KLD only, as the official script), in a process pool; where the dataset's
+   benchmark has metrics of its own (DR(eye)VE: :mod:`.protocols`), those too.
 4. Outputs (:mod:`.report`, statistics from :mod:`.statistics`): ``per_frame.csv``,
    ``per_video.csv``, ``results.md``, ``summary.json`` last; with ``export_mat``, ``pre/`` and
    ``tar/`` ``.mat`` files and the ``test.mat`` name list for the official MATLAB scripts
@@ -42,6 +43,7 @@ from salmm.data.stages import EmbeddingTable
 from salmm.evaluation import matlab_export
 from salmm.evaluation.baselines import Baseline, fit_baseline
 from salmm.evaluation.options import EvalOptions
+from salmm.evaluation.protocols import PROTOCOLS
 from salmm.evaluation.report import EXPORT_RECORD, SUMMARY_NAME, write_outputs
 from salmm.evaluation.scoring import FramePool
 from salmm.model.loading import LoadedModel, load_model, predict_batch
@@ -64,6 +66,13 @@ class Inputs:
     cache_identity: dict[str, Any] | None
     table: EmbeddingTable | None
     baseline: Baseline | None = None
+    protocol_base: np.ndarray | None = None
+
+    @property
+    def protocol(self) -> str | None:
+        """The dataset's own benchmark protocol (:data:`~salmm.evaluation.protocols.PROTOCOLS`),
+        or None."""
+        return self.dataset if self.dataset in PROTOCOLS else None
 
     @property
     def version(self) -> str:
@@ -83,9 +92,10 @@ def open_inputs(opts: EvalOptions) -> Inputs:
     frames = data.checked_split(opts.split)
     dataset = data.dataset
     fixations = dataset in REGISTRY and REGISTRY[dataset].has_fixations
+    base = _protocol_base(data) if dataset in PROTOCOLS else None
     if opts.baseline is not None:
         baseline = fit_baseline(opts.baseline, data)
-        return Inputs(data, frames, dataset, fixations, None, None, None, None, baseline)
+        return Inputs(data, frames, dataset, fixations, None, None, None, None, baseline, base)
     loaded = load_model(opts.checkpoint, inline_clip=not opts.cached_clip,
                         given_clip=dict(opts.clip), device=opts.device, amp=opts.amp)
     size = data.size
@@ -100,7 +110,19 @@ def open_inputs(opts: EvalOptions) -> Inputs:
         cache_path, cache_identity = data.clip_cache(opts.cache, loaded.clip.identity(),
                                                      [opts.split])
         table = EmbeddingTable(cache_path, opts.split)
-    return Inputs(data, frames, dataset, fixations, loaded, cache_path, cache_identity, table)
+    return Inputs(data, frames, dataset, fixations, loaded, cache_path, cache_identity, table,
+                  None, base)
+
+
+def _protocol_base(data: PreparedDataset) -> np.ndarray | None:
+    """The mean training label, the baseline of a protocol's information gain (None, and IG
+    left undefined, without a train split or with every train label zero)."""
+    try:
+        return fit_baseline("mean", data).map.astype(np.float32)
+    except BadInputError as err:
+        log.warning("%s: no mean training label (%s); the protocol's IG is left undefined",
+                    data.manifest_url, err.problem)
+        return None
 
 
 def score_split(opts: EvalOptions, inputs: Inputs) -> list[dict[str, Any]]:
@@ -139,7 +161,9 @@ def score_split(opts: EvalOptions, inputs: Inputs) -> list[dict[str, Any]]:
                                 "name": meta["name"], "video": meta.get("video"),
                                 "frame": meta.get("frame")})
                 fix = matlab_points(sample["fixations"]) if inputs.fixations else None
-                collect(pool.submit(pred, label, fix, seeds, key, opts.jitter))
+                protocol = (None if inputs.protocol is None
+                            else (inputs.protocol, inputs.protocol_base))
+                collect(pool.submit(pred, label, fix, seeds, key, opts.jitter, protocol))
         collect(pool.drain())
     if len(rows) != inputs.frames:
         raise BadInputError(opts.prepared, f"split {opts.split!r} has {len(rows)} readable"

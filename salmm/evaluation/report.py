@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.fsio import Folder
 from pipeline.encoders.clip_spec import RANDOM_NOTE
 from salmm.evaluation import metrics
+from salmm.evaluation.protocols import PROTOCOLS
+from salmm.evaluation.protocols import aggregate as protocol_means
 from salmm.evaluation.statistics import (
     bootstrap_intervals,
     finite_means,
@@ -129,11 +131,21 @@ def _jsonable(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def protocol_text(row_name: str, protocol: dict[str, Any]) -> str:
+    """The lines of a benchmark's own metrics under the main table."""
+    names = protocol["metrics"]
+    cells = " | ".join("NaN" if protocol["means"][m] is None else f"{protocol['means'][m]:.4f}"
+                       for m in names)
+    return (f"\n{protocol['name']} ({protocol['source']}; {protocol['videos']} videos):\n\n"
+            f"| | {' | '.join(names)} |\n|---|{'---|' * len(names)}\n| {row_name} | {cells} |\n")
+
+
 def write_outputs(opts: EvalOptions, inputs: Inputs, rows: list[dict[str, Any]]
                   ) -> dict[str, Any]:
     """``per_frame.csv``, ``per_video.csv``, ``results.md`` and ``summary.json`` (last); the
     summary."""
-    scores = metrics.aggregate([{m: r[m] for m in r if m not in (*ID_COLUMNS, "spread")}
+    scores = metrics.aggregate([{m: r[m] for m in r
+                                 if m not in (*ID_COLUMNS, "spread", "protocol")}
                                 for r in rows])
     names = list(scores.means)
     loaded, dataset, baseline = inputs.loaded, inputs.dataset, inputs.baseline
@@ -162,6 +174,14 @@ def write_outputs(opts: EvalOptions, inputs: Inputs, rows: list[dict[str, Any]]
                        spread=None if spread is None else {row_name: {
                            m: v["std"] for m, v in spread["metrics"].items()}})
     table += extra_text(spread, intervals, ranked)
+    protocol = None
+    if inputs.protocol is not None:
+        spec = PROTOCOLS[inputs.protocol]
+        protocol = {"name": spec.name, "source": spec.source, "metrics": list(spec.metrics),
+                    "means": {m: _jsonable(v) for m, v in
+                              protocol_means(rows, spec).items()},
+                    "videos": len({r["video"] for r in rows})}
+        table += protocol_text(row_name, protocol)
     out.write_bytes(TABLE_NAME, table.encode())
     summary = {
         "dataset": {"prepared": opts.prepared, "dataset": dataset,
@@ -189,6 +209,7 @@ def write_outputs(opts: EvalOptions, inputs: Inputs, rows: list[dict[str, Any]]
         "spread": spread,
         "bootstrap": intervals,
         "videos": ranked,
+        "protocol": protocol,
         "outputs": {"csv": {"name": CSV_NAME, "sha256": hashlib.sha256(data).hexdigest()},
                     "video_csv": {"name": VIDEO_CSV_NAME,
                                   "sha256": hashlib.sha256(video_data).hexdigest()},

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from salmm.evaluation import metrics
+from salmm.evaluation.protocols import PROTOCOLS
 
 
 def frame_seed(seed: int, key: str) -> list[int]:
@@ -29,11 +30,14 @@ SPREAD_METRICS = ("AUC_B", "AUC_J")
 
 
 def score_frame(pred: np.ndarray | None, label: np.ndarray, fixations: np.ndarray | None,
-                seeds: Sequence[int], key: str, jitter: bool) -> dict[str, Any]:
+                seeds: Sequence[int], key: str, jitter: bool,
+                protocol: tuple[str, np.ndarray | None] | None = None) -> dict[str, Any]:
     """One frame's scores (a pool task): :func:`salmm.evaluation.metrics.evaluate_frame` with the frame's
     own generator for the first seed, and with more than one seed a ``"spread"`` entry: for
     each of :data:`SPREAD_METRICS`, its score under every seed (the first's included). ``pred``
-    None is the uniform baseline (:func:`salmm.evaluation.metrics.uniform_scores`)."""
+    None is the uniform baseline (:func:`salmm.evaluation.metrics.uniform_scores`). ``protocol``
+    (a :data:`~salmm.evaluation.protocols.PROTOCOLS` name and its base map) adds a
+    ``"protocol"`` entry: that benchmark's own scores of the frame (IG NaN without a base)."""
     if pred is None:
         scores: dict[str, Any] = metrics.uniform_scores(label, fixations)
         extra = [scores] * (len(seeds) - 1) if fixations is not None else []
@@ -44,6 +48,11 @@ def score_frame(pred: np.ndarray | None, label: np.ndarray, fixations: np.ndarra
             frame_seed(seed, key))) for seed in seeds[1:]] if fixations is not None else []
     if extra:
         scores["spread"] = {m: [scores[m]] + [e[m] for e in extra] for m in SPREAD_METRICS}
+    if protocol is not None:
+        name, base = protocol
+        shown = np.ones_like(label) if pred is None else pred
+        scores["protocol"] = PROTOCOLS[name].score(
+            shown, label, np.full_like(label, np.nan) if base is None else base)
     return scores
 
 
