@@ -223,13 +223,23 @@ def test_compare_table_across_the_five_datasets(prepared, data: InferenceData, t
         assert f"{dataset} CC" in header and f"{dataset} KLD" in header
     for dataset in ("dreyeve", "dada"):         # gaze maps only: no fixation metrics
         assert f"{dataset} NSS" not in header and f"{dataset} AUC_J" not in header
+    # DR(eye)VE's own metrics beside the official six, explained under the table
+    assert "| dreyeve CC | dreyeve SIM | dreyeve KLD | dreyeve CC† | dreyeve KLD† | dreyeve IG† |" \
+        in header and "dada IG†" not in header
+    assert any(line.startswith("† the dataset's own benchmark metrics: dreyeve: DR(eye)VE")
+               for line in table)
     rows = [line for line in table if line.startswith(("| last.pt", "| center baseline",
                                                        "| uniform baseline"))]
     assert len(rows) == 3
     columns = header.count("|") - 1
     assert all(row.count("|") - 1 == columns for row in rows)
-    assert "NaN" not in "".join(rows)
+    assert "NaN" not in "".join(rows[:2])
+    # the authors' CC of a constant map is NaN (np.corrcoef's 0/0); the official six give 0
+    uniform = rows[2].split(" | ")
+    assert uniform[header.split(" | ").index("dreyeve CC†")] == "NaN"
     cells = {(c["predictor"], c["dataset"]): c for c in result["cells"]}
+    assert cells[("last.pt", "dreyeve")]["protocol"]["means"]["CC"] == pytest.approx(
+        cells[("last.pt", "dreyeve")]["values"]["CC"], abs=1e-3)    # one r, two conventions
     for dataset in names:
         values = cells[("uniform baseline", dataset)]["values"]
         assert values["CC"] == 0.0 and values["KLD"] > 0

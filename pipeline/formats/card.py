@@ -29,7 +29,9 @@ def _label(dataset: Dataset, options: dict[str, Any]) -> str:
                 f" [N, 2] (row, col) in {dataset.source_size[1]}x{dataset.source_size[0]} source"
                 f" pixels); the training label, a {size['width']}x{size['height']} map in [0, 1],"
                 " is computed from them when read, exactly as the SalM2 authors' loader does")
-    return (f"each sample stores the released gaze map resized to {size['width']}x"
+    which = (f" (ground truth `{options['ground_truth']}`, read out of the dataset's videos)"
+             if options.get("ground_truth") else "")
+    return (f"each sample stores the released gaze map{which} resized to {size['width']}x"
             f"{size['height']} as an 8-bit PNG (`gaze.png`); the label is value / 255")
 
 

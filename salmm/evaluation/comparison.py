@@ -136,7 +136,8 @@ def cell(predictor: Predictor, data: dict[str, Any], summary: dict[str, Any]) ->
             "std": {m: v["std"] for m, v in spread.items()}, "bootstrap": intervals,
             "note": summary.get("note"), "baseline_fit": (summary.get("baseline") or {}).get(
                 "fit"), "official": {m: summary["means"][m] for m in summary["metrics"]},
-            "undefined": {m: k for m, k in (summary.get("nan_frames") or {}).items() if k}}
+            "undefined": {m: k for m, k in (summary.get("nan_frames") or {}).items() if k},
+            "protocol": summary.get("protocol")}
 
 
 def _number(value: float | None, std: float | None) -> str:
@@ -157,10 +158,16 @@ def table_text(cells: list[dict[str, Any]], data: list[dict[str, Any]],
                rows: list[Predictor]) -> str:
     """``comparison.md``."""
     columns = []
+    protocols: dict[str, str] = {}
     for d in data:
         present = [m for m in metrics.METRIC_ORDER if any(
             m in c["values"] for c in cells if c["column"] == d["folder"])]
         columns += [(d["folder"], m) for m in present]
+        own = next((c["protocol"] for c in cells
+                    if c["column"] == d["folder"] and c.get("protocol")), None)
+        if own:             # the benchmark's own metrics, marked with a dagger
+            protocols[d["folder"]] = f"{own['name']} ({own['source']})"
+            columns += [(d["folder"], f"{m}†") for m in own["metrics"]]
     by_key = {(c["predictor"], c["column"]): c for c in cells}
     lines = ["| | " + " | ".join(f"{folder} {m}" for folder, m in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
@@ -169,6 +176,10 @@ def table_text(cells: list[dict[str, Any]], data: list[dict[str, Any]],
         out = []
         for folder, m in columns:
             c = by_key.get((p.label, folder))
+            if m.endswith("†"):
+                value = ((c or {}).get("protocol") or {}).get("means", {}).get(m[:-1])
+                out.append(_number(value, None))
+                continue
             if c is None or m not in c["values"]:
                 out.append("-")
                 dashed = True
@@ -191,6 +202,9 @@ def table_text(cells: list[dict[str, Any]], data: list[dict[str, Any]],
                         " and a gaze-map dataset (BDDA, DR(eye)VE, DADA-2000) has none"
                         + (f"; {', '.join(missing)} are left out of the columns of datasets"
                            " without them" if missing else "") + ".")]
+    if protocols:
+        legend += ["", "† the dataset's own benchmark metrics: " + "; ".join(
+            f"{folder}: {name}" for folder, name in protocols.items()) + "."]
     notes = sorted({c["note"] for c in cells if c["note"]})
     if notes:
         legend += ["", *(f"**{n}**" for n in notes)]
