@@ -4,7 +4,7 @@
 
     format          "salmm-prepared", format_version 2
     pipeline        {"name": "salmm", "version": ..., "encoders": {pillow, libjpeg, zlib, opencv, numpy}}
-    dataset         "trafficgaze" | "drfixd-rainy" | "bdda"
+    dataset         "trafficgaze" | "drfixd-rainy" | "bdda" | "dreyeve" | "dada"
     options         everything the bytes depend on: size {height, width}, shard_size, profile
                     (decode), frame codec and its encoder options, label method
     inputs          split_files {name: {size, sha256}} (absent splits are not listed),
