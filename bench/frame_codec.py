@@ -26,9 +26,9 @@ import numpy as np
 from matplotlib import cbook
 from PIL import Image
 
+from pipeline.datasets.synthetic import write_dataset
 from pipeline.formats.images import decode_rgb, decode_rgb_bytes
 from pipeline.formats.shards import encode_jpeg
-from pipeline.synth import write_dataset
 
 log = logging.getLogger("bench.frame_codec")
 BDDA_TRAIN = 286_251

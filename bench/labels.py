@@ -31,8 +31,8 @@ import numpy as np
 from pipeline.datasets import read_frames
 from pipeline.datasets.spec import FRAME_SIZE
 from pipeline.datasets.splits import SPLITS
+from pipeline.datasets.synthetic import write_dataset
 from pipeline.formats.labels import fixation_label, fixation_label_reference, label_operators
-from pipeline.synth import write_dataset
 
 log = logging.getLogger("bench.labels")
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from bench.timing import time_side_by_side
-from pipeline.synth import write_dataset
+from pipeline.datasets.synthetic import write_dataset
 from salmm import stream as stream_command
 from salmm.data.sources import open_video, video_items
 from salmm.deploy import live as stream_module

@@ -16,6 +16,9 @@ Sources, later ones winning:
        [bdda]
        root = "/mnt/bdda"                # overrides data_root for this dataset only
 
+       [dreyeve]
+       ground_truth = "saliency"         # its saliency maps instead of saliency_fix
+
 3. environment variables: ``SALMM_DATA_ROOT``, ``SALMM_PREPARED_ROOT``, ``SALMM_CLIP_PRETRAINED``,
    ``SALMM_DEVICE``, ``SALMM_DASK_ADDRESS``.
 
@@ -52,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "workers": None,
     "skip_bad": False,
     "max_bad_fraction": 0.01,
+    "ground_truth": None,       # DR(eye)VE: [dreyeve] ground_truth = "saliency" for the other maps
 }
 
 ENV_KEYS = {

@@ -34,7 +34,7 @@ from pipeline.encoders.clip import (
 from pipeline.encoders.embedding import Compute, embed_prepared
 from pipeline.formats.clip_cache import open_cache
 from pipeline.formats.prepared import PreparedDataset
-from pipeline.normalize import normalize
+from pipeline.normalize import normalize, resolve_ground_truth
 from pipeline.verify import verify
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -253,6 +253,11 @@ def prepare(
         if root is None or out is None:
             configured = deployment_parameters(dataset)
             root, out = root or configured["root"], out or configured["out"]
+            ground_truth = ground_truth or configured["ground_truth"]
+        try:
+            resolve_ground_truth(dataset, ground_truth)
+        except ValueError as err:
+            raise BadInputError("--param ground_truth", str(err)) from None
         check_layout_task(dataset, root)
         check_weights_task(clip_model, clip_pretrained, profile)
         return _prepare(dataset, root, out, size, decode, frame_codec, clip_model,

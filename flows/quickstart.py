@@ -32,6 +32,8 @@ from pathlib import Path
 from flows.config import RAW_DIRNAMES
 from flows.local import local_services
 from pipeline.core.errors import BadInputError
+from pipeline.datasets import SYNTHETIC_MARKER
+from pipeline.datasets.synthetic import write_dataset
 from pipeline.encoders.clip import (
     DEFAULT_MODEL,
     DEFAULT_WEIGHTS,
@@ -40,7 +42,6 @@ from pipeline.encoders.clip import (
     cached_encoder,
     parse_weights,
 )
-from pipeline.synth import SYNTHETIC_MARKER, write_dataset
 from salmm.evaluation.report import TABLE_NAME
 
 log = logging.getLogger("quickstart")

@@ -140,7 +140,8 @@ def reproduce(manifest: str, root: str, out: str, workers: int | None,
     size = options["size"]
     result = normalize(recorded.dataset, root, out, size=(size["height"], size["width"]),
                        shard_size=options["shard_size"], decode=options["profile"],
-                       frame_codec=options["frame"]["codec"], workers=workers,
+                       frame_codec=options["frame"]["codec"],
+                       ground_truth=options.get("ground_truth"), workers=workers,
                        dask_address=dask_address,
                        skip_bad=recorded.skipped > 0, max_bad_fraction=1.0)
     if result["version_id"] == recorded.version_id:

@@ -43,6 +43,7 @@ def test_deployment_defaults_come_from_config_file_and_environment(
     config = tmp_path / "flows.toml"
     config.write_text(
         'data_root = "/data/gaze"\nclip_pretrained = "/models/vit.pt"\n[bdda]\nroot = "/mnt/bdda"\n'
+        '[dreyeve]\nground_truth = "saliency"\n'
     )
     os.environ["SALMM_CONFIG"] = str(config)
     os.environ["SALMM_PREPARED_ROOT"] = "/fast/prepared"
@@ -53,6 +54,10 @@ def test_deployment_defaults_come_from_config_file_and_environment(
     traffic = deployment_parameters("trafficgaze")
     assert traffic["root"] == "/data/gaze/TrafficGaze"
     assert traffic["dataset"] == "trafficgaze"
+    assert traffic["ground_truth"] is None and bdda["ground_truth"] is None
+    dreyeve = deployment_parameters("dreyeve")
+    assert dreyeve["root"] == "/data/gaze/DREYEVE_DATA"
+    assert dreyeve["ground_truth"] == "saliency"
 
 
 def test_unknown_config_key_is_refused_naming_the_file(tmp_path: Path, clean_env) -> None:

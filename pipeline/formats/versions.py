@@ -95,7 +95,8 @@ def describe_options(options: dict[str, Any]) -> str:
     size = options.get("size", {})
     frame = options.get("frame", {}).get("codec", "?")
     return (f"{size.get('width', '?')}x{size.get('height', '?')} {frame},"
-            f" {options.get('profile', '?')} decode, {options.get('shard_size', '?')} a shard")
+            f" {options.get('profile', '?')} decode, {options.get('shard_size', '?')} a shard"
+            + (f", {options['ground_truth']} maps" if options.get("ground_truth") else ""))
 
 
 def raw_files(version: Version) -> dict[str, str]:

@@ -29,13 +29,14 @@ Modules: :mod:`~pipeline.normalize.settings` (the options the bytes depend on),
 
 import importlib
 
-__all__ = ["Options", "normalize"]
+__all__ = ["Options", "normalize", "resolve_ground_truth"]
 
-_HOMES = {"normalize": "pipeline.normalize.job", "Options": "pipeline.normalize.settings"}
+_HOMES = {"normalize": "pipeline.normalize.job", "Options": "pipeline.normalize.settings",
+          "resolve_ground_truth": "pipeline.normalize.job"}
 
 
 def __getattr__(name: str):
-    """``normalize`` and ``Options``, imported on first use (the command line does not need
+    """``normalize``, ``resolve_ground_truth`` and ``Options``, imported on first use (the command line does not need
     the job's imports to show its options)."""
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name]), name)
