@@ -320,3 +320,30 @@ def test_synth_refuses_what_cannot_be_listed(tmp_path):
     with pytest.raises(ValueError, match="videos must be in 1..20 for dreyeve"):
         write_dataset("dreyeve", tmp_path / "many", videos=21)
     assert not os.path.exists(tmp_path / "short")
+
+
+def test_ffmpeg_messages_are_caught_per_read_and_everything_else_is_written_back(capfd):
+    import threading
+
+    from pipeline.formats import video
+
+    before = os.fstat(2)
+    found_by_thread: dict[int, list[str]] = {}
+
+    def work(n: int) -> None:
+        with video._ffmpeg_messages() as found:
+            os.write(2, f"[mpeg4 @ 0x55d{n}] damaged block {n}\nplain line {n}\n".encode())
+        found_by_thread[n] = found
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found_by_thread == {n: [f"damaged block {n}"] for n in range(8)}
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)   # fd 2 restored
+    err = capfd.readouterr().err
+    assert sorted(line for line in err.splitlines() if line.startswith("plain")) == \
+        sorted(f"plain line {n}" for n in range(8))
+    assert "damaged block" not in err

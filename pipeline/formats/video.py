@@ -19,7 +19,9 @@ decoding order) as BGR ``uint8 [H, W, 3]``:
   FFmpeg's words. The capture is then reopened; a later frame whose decoding passes through
   the damaged data again is refused too (those that depend on it, and, as OpenCV's seek starts
   decoding from the keyframe before a point up to 16 frames early, a second or so after it).
-  Other output caught on stderr meanwhile is written back.
+  Other output caught on stderr meanwhile is written back. File descriptor 2 belongs to the
+  whole process, so reads are serialised by a lock: a Dask worker with several threads decodes
+  one frame at a time (the local cluster runs one thread a worker process).
 
 :func:`open_video` keeps the last few files of a process open (a Dask worker decodes shard after
 shard of the same sequence). :func:`video_info` reads a container's header only: frame count,
@@ -32,6 +34,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +62,8 @@ class VideoInfo:
     fps: float
 
 
+_STDERR = threading.Lock()
+"""Held while file descriptor 2 is redirected (it is the process's, not a thread's)."""
 _FFMPEG_LINE = re.compile(rb"^\[[\w:-]+ @ (0x)?[0-9a-fA-F]+\] (.*)$", re.MULTILINE)
 
 
@@ -68,8 +73,8 @@ def _ffmpeg_messages() -> Iterator[list[str]]:
     without FFmpeg's ``[codec @ address]`` prefix); anything else printed there is written back."""
     found: list[str] = []
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
+    with _STDERR, tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
         os.dup2(caught.fileno(), 2)
         try:
             yield found
