@@ -79,7 +79,11 @@ def test_undefined_cases():
     gt = np.zeros((8, 8))
     gt[3, 3] = 255
     assert math.isnan(dreyeve_cc(flat, gt))             # np.corrcoef of a constant: NaN
-    assert math.isnan(dreyeve_ig(flat, np.zeros((8, 8)), flat))   # no fixated pixel
+    assert math.isnan(dreyeve_ig(flat, np.zeros((8, 8)), gt))     # no fixated pixel
+    with np.errstate(invalid="ignore"):                            # the script: 0 / 0
+        assert math.isnan(script_ig(gt, flat, gt))
+    assert math.isnan(dreyeve_ig(flat, gt, gt))                    # a constant prediction
+    assert math.isnan(dreyeve_ig(gt, gt, flat))                    # a constant baseline
     assert dreyeve_kld(flat, gt) > 0
 
 

@@ -347,3 +347,21 @@ def test_ffmpeg_messages_are_caught_per_read_and_everything_else_is_written_back
     assert sorted(line for line in err.splitlines() if line.startswith("plain")) == \
         sorted(f"plain line {n}" for n in range(8))
     assert "damaged block" not in err
+
+
+def test_what_is_not_a_usable_video_is_refused_in_one_line(dreyeve_root, tmp_path, monkeypatch):
+    from pipeline.formats import video
+
+    garbage = tmp_path / "garbage.avi"
+    garbage.write_bytes(b"RIFF" + bytes(range(256)) * 40)
+    folder = tmp_path / "folder.avi"
+    folder.mkdir()
+    for path, problem in ((garbage, "cannot be read as a video"), (folder, "not a file"),
+                          (tmp_path / "none.avi", "missing video")):
+        with pytest.raises(BadInputError) as info:
+            video_info(path)
+        _one_line(info.value, str(path), problem)
+    monkeypatch.setattr(video, "MAX_FRAMES", 20)        # a header announcing too many frames
+    with pytest.raises(BadInputError) as info:
+        video_info(dreyeve_root / "38" / "video_garmin.avi")
+    _one_line(info.value, "announces 27 frames, more than the 20")

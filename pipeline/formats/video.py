@@ -50,6 +50,9 @@ SEEK_AHEAD = 64
 """Frames ahead of the last one read beyond which a seek is cheaper than decoding forward."""
 OPEN_FILES = 4
 """Video files a process keeps open (:func:`open_video`)."""
+MAX_FRAMES = 1_000_000
+"""Most frames a header may announce (11 hours at 25 fps): a damaged header claiming billions
+would otherwise have a split listed frame by frame into memory."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ def _info(capture: cv2.VideoCapture, path: Path) -> VideoInfo:
     if frames <= 0 or min(size) <= 0:
         raise BadInputError(path, "the video's header announces no frames (corrupt, or not a"
                             " video)")
+    if frames > MAX_FRAMES:
+        raise BadInputError(path, f"the video's header announces {frames} frames, more than the"
+                            f" {MAX_FRAMES} salmm reads from one video (a damaged header?)")
     fps = float(capture.get(cv2.CAP_PROP_FPS))
     return VideoInfo(frames, size, fps if fps > 0 else 0.0)
 

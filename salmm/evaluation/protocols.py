@@ -75,18 +75,23 @@ def dreyeve_kld(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def dreyeve_ig(pred: np.ndarray, fixated: np.ndarray, base: np.ndarray) -> float:
     """DR(eye)VE's information gain (bits) of ``pred`` over ``base`` at the pixels where
-    ``fixated`` is positive; NaN when there are none (the mean of nothing)."""
+    ``fixated`` is positive; NaN when there are none (the mean of nothing) or when ``pred`` or
+    ``base`` is constant (the script divides by its zero range)."""
     mask = np.asarray(fixated) > 0
     if not mask.any():
         return math.nan
 
-    def distribution(x: np.ndarray) -> np.ndarray:
+    def distribution(x: np.ndarray) -> np.ndarray | None:
         x = np.asarray(x, dtype=np.float32)
         x = x - x.min()
-        x = x / x.max() if x.max() > 0 else x
+        if not x.max() > 0:
+            return None                     # the script's 0 / 0: NaN everywhere
+        x = x / x.max()
         return x / np.float32(EPS32 + x.sum(dtype=np.float32))
 
     p, b = distribution(pred), distribution(base)
+    if p is None or b is None:
+        return math.nan
     gain = np.log2(np.float32(EPS32) + p[mask]) - np.log2(np.float32(EPS32) + b[mask])
     return float(np.mean(gain, dtype=np.float32))
 
