@@ -159,6 +159,8 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
 
     yy, xx = np.mgrid[0:SIZE[0], 0:SIZE[1]]
     bdda = not REGISTRY[dataset].has_fixations      # gaze maps: BDDA, DR(eye)VE, DADA-2000
+    scored = REGISTRY[dataset].scores_fixations     # points for AUC / NSS (and DADA-2000's)
+    source = REGISTRY[dataset].source_size
     entries, keys, cells = {}, {}, {}
     for split, videos in splits.items():
         samples = []
@@ -167,10 +169,11 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
                 cy, cx = 24 + 3 * video + number, 20 + 5 * number + 2 * video
                 label = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 80.0)
                 points = np.zeros((0, 2))
-                if not bdda:
-                    centre = np.array([cy * 720 / SIZE[0], cx * 1280 / SIZE[1]])
+                if scored:
+                    centre = np.array([cy * source[0] / SIZE[0], cx * source[1] / SIZE[1]])
                     points = np.clip(rng.normal(centre, 25, (12, 2)), 1,
-                                     [719, 1279]).astype(np.int32).astype(np.float64)
+                                     [source[0] - 1, source[1] - 1]
+                                     ).astype(np.int32).astype(np.float64)
                     if edge_points is not None:
                         points = np.concatenate([points, edge_points])
                     cells.setdefault(video, {})[number] = np.column_stack(
@@ -184,8 +187,7 @@ def write_prepared(root: Path, dataset: str, splits: dict[str, list[tuple[int, i
                     "fixations.npy": encode_npy(points),
                     "json": canonical_json({"dataset": dataset, "split": split,
                                             "video": video, "frame": number, "name": name,
-                                            "source_size": [720, 1280] if not bdda
-                                            else [576, 1024]})}
+                                            "source_size": list(source)})}
                 if bdda:
                     sample["gaze.png"] = encode_png(np.round(label * 255).astype(np.uint8))
                 samples.append(sample)

@@ -23,6 +23,7 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import scipy.io
 from PIL import Image
 
 from pipeline.core.errors import BadInputError
@@ -135,6 +136,9 @@ def test_dada_layout_and_official_split_files(dada_root, tmp_path):
         assert frames[0].video == category * 1000 + clip
         assert frames[0].image_path == dada_root / "videos" / f"images_{category}_{clip:03d}.avi"
         assert frames[0].gaze_map_path == dada_root / "maps" / f"maps_{category}_{clip:03d}.avi"
+        assert [f.fixation_path for f in frames] == [
+            dada_root / str(category) / f"{clip:03d}" / "fixation" / "maps" / f"{n:04d}.mat"
+            for n in range(1, 6)]
         assert video_info(frames[0].image_path).size == (660, 1584)
     root = Path(shutil.copytree(dada_root, tmp_path / "d"))
     test = root / "test_file.json"
@@ -197,10 +201,24 @@ def test_prepared_samples_equal_a_reference_decoded_and_resized_here(
                               interpolation=cv2.INTER_CUBIC)
             assert np.array_equal(gaze, want), key
             assert meta["image_size"] == list(video_info(camera).size)
+            points = np.load(io.BytesIO(sample["fixations.npy"]))
+            if dataset == "dada":       # the fixated pixels of the frame's map, 1-based
+                fixated = scipy.io.loadmat(root / meta["files"]["fixations"])["I"]
+                assert fixated.shape == (660, 1584) and fixated.any()
+                rows, cols = np.nonzero(fixated)
+                assert points.tolist() == np.column_stack([rows + 1, cols + 1]).tolist()
+            else:
+                assert points.shape == (0, 2)
     # a frame's inputs are its decoded pixels ("<video>#<index>", bytes, sha256 of the pixels)
+    # and, for DADA-2000, its fixation map file
     inputs = [json.loads(line) for line in (out / "inputs.jsonl").read_text().splitlines()]
-    assert len(inputs) == 2 * sum(result["samples"].values())
+    files = 3 if dataset == "dada" else 2
+    assert len(inputs) == files * sum(result["samples"].values())
     for entry in inputs:
+        if entry["path"].endswith(".mat"):
+            data = (root / entry["path"]).read_bytes()
+            assert (entry["size"], entry["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+            continue
         video, index = entry["path"].rsplit("#", 1)
         pixels = decoded[root / video][int(index)]
         if "garmin" not in video and "images_" not in video:
@@ -365,3 +383,29 @@ def test_what_is_not_a_usable_video_is_refused_in_one_line(dreyeve_root, tmp_pat
     with pytest.raises(BadInputError) as info:
         video_info(dreyeve_root / "38" / "video_garmin.avi")
     _one_line(info.value, "announces 27 frames, more than the 20")
+
+
+def test_dada_fixation_maps_missing_or_bad_are_refused_and_a_clip_without_them_has_none(
+        dada_root, tmp_path):
+    root = Path(shutil.copytree(dada_root, tmp_path / "raw"))
+    (category, clip), = dada.read_clips(root / "test_file.json")
+    folder = dada.fixation_folder(root, category, clip)
+    (folder / "0002.mat").unlink()
+    (folder / "0003.mat").write_bytes(b"MATLAB 5.0 MAT-file, truncated")
+    scipy.io.savemat(folder / "0004.mat", {"I": np.ones((10, 10), np.uint8)})
+    (train_category, train_clip), = dada.read_clips(root / "train_file.json")
+    shutil.rmtree(dada.fixation_folder(root, train_category, train_clip).parent)
+    close_videos()
+    normalize("dada", root, str(tmp_path / "p"), size=SIZE, workers=1, skip_bad=True,
+              max_bad_fraction=1.0, progress=False)
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    skipped = {s["name"]: s for split in manifest["splits"].values() for s in split["skipped"]}
+    name = f"{category}/{clip:03d}/"
+    assert skipped[name + "0002"]["problem"].startswith("missing fixation map of")
+    assert skipped[name + "0003"]["problem"].startswith("corrupt or truncated MATLAB v5 file")
+    assert skipped[name + "0004"]["problem"] == "'I' is 10x10, not the frame's 1584x660"
+    assert all("\n" not in s["problem"] for s in skipped.values())
+    assert len(skipped) == 3
+    train = _samples(tmp_path / "p", "train")            # its clip has no fixation/maps/
+    assert len(train) == 5
+    assert all(np.load(io.BytesIO(s["fixations.npy"])).shape == (0, 2) for s in train.values())

@@ -10,31 +10,41 @@ Layout as downloaded (``DADA_dataset/``; what the authors' ``python/extract_imag
     train_file.json               the official split, from that repository (copy the three
     val_file.json                 files to the root): a JSON list of [[category, clip],
     test_file.json                index] - the index only numbers the clip in the split
+    C/CCC/fixation/maps/NNNN.mat  the frame's fixation map (``I``: non-zero where a driver
+                                  fixated), where the release has it (the authors' loader)
 
 The frames are decoded from the videos as they are read (the authors' script unrolls them into
 ``C/CCC/images/NNNN.png`` first; no such step here). A gaze-map frame becomes greyscale as
 that script makes it: ``cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)`` on OpenCV's BGR frame (the
 weights of R and B swapped; the same for grey videos). **Frames**: every frame of a clip.
 Split entries are ``"C/CCC/NNNN"``: category, clip and the 1-based frame number of the
-unrolled files (frame ``NNNN - 1`` of the videos). The fixation points per frame are not read:
-their file format is not documented in the release.
+unrolled files (frame ``NNNN - 1`` of the videos). **Fixations**: a clip with a
+``fixation/maps/`` folder has one ``.mat`` per frame (missing one is a bad frame); its fixated
+pixels are the frame's fixation points (1-based (row, col)), which the AUC and NSS metrics use;
+the labels stay the gaze maps. A clip without that folder has no points: its AUC and NSS are
+undefined (NaN, left out of the defined-frame means).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.core.errors import BadInputError
 from pipeline.datasets.readers import VideoMapReader
-from pipeline.datasets.spec import Dataset
+from pipeline.datasets.spec import Dataset, Frame
 from pipeline.formats.video import video_info
 
 SPLIT_FILES = {"train": "train_file.json", "valid": "val_file.json", "test": "test_file.json"}
 FRAME_SIZE = (660, 1584)
 CLIP_BASE = 1000
 """A clip's video number: ``category * CLIP_BASE + clip`` (category 1, clip 22 -> 1022)."""
+
+
+def fixation_folder(root: Path, category: int, clip: int) -> Path:
+    return root / str(category) / f"{clip:03d}" / "fixation" / "maps"
 
 
 def camera_video(root: Path, category: int, clip: int) -> Path:
@@ -110,12 +120,24 @@ def _numbers(match: re.Match[str]) -> tuple[int, int]:
 
 
 class Reader(VideoMapReader):
-    """DADA-2000 frames: ``videos/images_C_CCC.avi`` and ``maps/maps_C_CCC.avi``."""
+    """DADA-2000 frames: ``videos/images_C_CCC.avi``, ``maps/maps_C_CCC.avi`` and, where the
+    clip has them, ``C/CCC/fixation/maps/NNNN.mat``."""
 
     def locate(self, name: str, video: int, number: int) -> tuple[Path, Path, int]:
         category, clip = divmod(video, CLIP_BASE)
         return (camera_video(self.root, category, clip), map_video(self.root, category, clip),
                 number - 1)
+
+    def __call__(self, name: str, video: int, number: int) -> Frame:
+        frame = super().__call__(name, video, number)
+        folder = fixation_folder(self.root, *divmod(video, CLIP_BASE))
+        if not folder.is_dir():
+            return frame
+        path = folder / f"{number:04d}.mat"
+        if not path.is_file():
+            raise BadInputError(path, f"missing fixation map of {name} (its clip has"
+                                " fixation/maps/)")
+        return replace(frame, fixation_path=path)
 
 
 DATASET = Dataset(
@@ -133,4 +155,4 @@ DATASET = Dataset(
            " --dataset dada --root DADA_dataset`. No unrolling into frames is needed.",
     splits=split_names, split_sources=split_sources, split_needs=split_needs,
     ground_truths=("maps",),
-    entry_numbers=_numbers, map_conversion="RGB2GRAY")
+    entry_numbers=_numbers, map_conversion="RGB2GRAY", fixation_files=True)

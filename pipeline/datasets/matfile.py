@@ -1,4 +1,5 @@
-"""Read and write the ``fixdata`` cell arrays of TrafficGaze and DrFixD-rainy.
+"""Read and write the ``fixdata`` cell arrays of TrafficGaze and DrFixD-rainy, and the per-frame
+fixation maps of DADA-2000.
 
 Each video ``V`` of those datasets has ``fixdata/fixdata{V}.mat`` holding one MATLAB
 variable, ``fixdata``: a cell array with one cell per frame, each cell an ``N x k``
@@ -15,6 +16,11 @@ column 4 the y / row coordinate, 1-based as in the source, in pixels of the
 :func:`load_fixdata` turns either into a list of ``float64 [N, k]`` arrays.
 :func:`write_fixdata` writes either format (used by the synthetic datasets and tests),
 byte-for-byte deterministic for the same cells.
+
+DADA-2000 keeps one MATLAB v5 file per frame, ``C/CCC/fixation/maps/NNNN.mat``, whose variable
+``I`` is the frame's binary fixation map (non-zero at every fixated pixel; the authors' loader
+reads it with ``scipy.io.loadmat(path)["I"]``). :func:`load_fixation_map` gives its points,
+:func:`write_fixation_map` writes one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ MatFormat = Literal["v5", "v7.3"]
 MAT_FORMATS: tuple[MatFormat, ...] = ("v5", "v7.3")
 
 VARIABLE = "fixdata"
+_MAT_ERRORS = (MatReadError, ValueError, TypeError, IndexError, KeyError, OSError, EOFError,
+               zlib.error)
+"""What SciPy's MAT reader raises on damaged files (a header cut short raises IndexError)."""
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HEADER_LEN = 128
 _USERBLOCK = 512
@@ -88,7 +97,7 @@ def load_fixdata(path: str | os.PathLike[str]) -> list[np.ndarray]:
 def _load_v5(path: Path) -> list[np.ndarray]:
     try:
         contents = scipy.io.loadmat(path, variable_names=[VARIABLE])
-    except (MatReadError, ValueError, TypeError, OSError, EOFError, zlib.error) as err:
+    except _MAT_ERRORS as err:
         raise BadInputError(path, f"corrupt or truncated MATLAB v5 file ({err})") from None
     if VARIABLE not in contents:
         raise BadInputError(path, f"no '{VARIABLE}' variable")
@@ -187,6 +196,49 @@ def write_char_rows(path: str | os.PathLike[str], variable: str, rows: Sequence[
     data = bytearray(buf.getvalue())
     data[:116] = _header_text("5.0")
     write_atomic(path, bytes(data))
+
+
+FIXATION_MAP_VARIABLE = "I"
+
+
+def load_fixation_map(path: str | os.PathLike[str], size: tuple[int, int]) -> np.ndarray:
+    """The fixated pixels of a DADA-2000 fixation map: float64 ``[N, 2]`` (row, col), 1-based
+    (as ``fixdata`` points are), in row-major order.
+
+    Raises:
+        BadInputError: the file is missing, not a MATLAB v5 file, or its ``I`` is absent, not
+            a numeric ``size`` (height, width) matrix, or not finite.
+    """
+    path = Path(path)
+    try:
+        contents = scipy.io.loadmat(path, variable_names=[FIXATION_MAP_VARIABLE])
+    except FileNotFoundError:
+        raise BadInputError(path, "missing fixation map") from None
+    except _MAT_ERRORS as err:
+        raise BadInputError(path, f"corrupt or truncated MATLAB v5 file ({err})") from None
+    matrix = contents.get(FIXATION_MAP_VARIABLE)
+    if matrix is None:
+        raise BadInputError(path, f"no '{FIXATION_MAP_VARIABLE}' variable")
+    if matrix.dtype == object or matrix.dtype.kind not in "biuf" or matrix.ndim != 2:
+        raise BadInputError(path, f"'{FIXATION_MAP_VARIABLE}' is a {matrix.dtype}"
+                            f" {matrix.shape} array, not a numeric map")
+    if matrix.shape != tuple(size):
+        raise BadInputError(path, f"'{FIXATION_MAP_VARIABLE}' is {matrix.shape[1]}x"
+                            f"{matrix.shape[0]}, not the frame's {size[1]}x{size[0]}")
+    if matrix.dtype.kind == "f" and not np.isfinite(matrix).all():
+        raise BadInputError(path, f"'{FIXATION_MAP_VARIABLE}' has NaN/inf values")
+    return np.argwhere(matrix != 0).astype(np.float64) + 1
+
+
+def write_fixation_map(path: str | os.PathLike[str], fixated: np.ndarray) -> None:
+    """Write a DADA-2000-style fixation map (``I``: uint8, 1 where ``fixated``), atomically and
+    byte-for-byte deterministic."""
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {FIXATION_MAP_VARIABLE: (np.asarray(fixated) != 0).astype(np.uint8)},
+                     do_compression=True)
+    data = bytearray(buf.getvalue())
+    data[:116] = _header_text("5.0")
+    write_atomic(Path(path), bytes(data))
 
 
 def _header_text(version: str) -> bytes:

@@ -46,6 +46,8 @@ class Frame:
         video_index: for the video datasets (DR(eye)VE, DADA-2000), the 0-based index of the
             frame in ``image_path`` and ``gaze_map_path``, which are then video files; None
             when they are image files.
+        fixation_path: DADA-2000's per-frame fixation file (``fixation/maps/NNNN.mat``), read
+            when the frame is prepared (its points then replace ``fixations``); None otherwise.
     """
 
     dataset: str
@@ -58,6 +60,7 @@ class Frame:
     gaze_map_path: Path | None
     source_size: tuple[int, int]
     video_index: int | None = None
+    fixation_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ class Dataset:
     dataset can be made from, the default first (none for image datasets); entry_numbers:
     (video, frame) of a split entry's match of ``entry_pattern`` (default: its groups 1 and 2);
     map_conversion: the OpenCV colour conversion that turns a decoded gaze-map video frame
-    (BGR) into the dataset's greyscale map, as its authors' code does.
+    (BGR) into the dataset's greyscale map, as its authors' code does; fixation_files: whether
+    a gaze-map dataset also has per-frame fixation points for the AUC and NSS metrics
+    (DADA-2000's fixation maps).
     """
 
     name: str
@@ -111,6 +116,7 @@ class Dataset:
     ground_truths: tuple[str, ...] = ()
     entry_numbers: Callable[[re.Match[str]], tuple[int, int]] | None = None
     map_conversion: str = "BGR2GRAY"
+    fixation_files: bool = False
 
     def numbers(self, match: re.Match[str]) -> tuple[int, int]:
         """(video, frame) of a split entry matched by ``entry_pattern``."""
@@ -125,8 +131,15 @@ class Dataset:
 
     @property
     def has_fixations(self) -> bool:
-        """Whether it records fixation points (the AUC and NSS metrics need them)."""
+        """Whether its ground truth is fixation points (TrafficGaze, DrFixD-rainy: the labels
+        are made from them)."""
         return self.ground_truth == "fixations"
+
+    @property
+    def scores_fixations(self) -> bool:
+        """Whether its frames carry fixation points for the AUC and NSS metrics (the fixation
+        datasets, and DADA-2000's fixation maps beside its gaze maps)."""
+        return self.has_fixations or self.fixation_files
 
     def fixdata_file(self, root: Path, video: int) -> Path:
         """The file holding a video's fixations (fixation datasets)."""

@@ -29,7 +29,8 @@ What is imitated, and how (the scenes, fixations and gaze maps: :mod:`pipeline.d
   videos are 01, 02, ...; BDDA videos are sparse 4-digit numbers.
 * **DR(eye)VE** (``dr(eye)ve_design.txt``, ``SS/video_garmin.avi``,
   ``SS/video_saliency_fix.avi``, ``SS/video_saliency.avi``) and **DADA-2000**
-  (``videos/images_C_CCC.avi``, ``maps/maps_C_CCC.avi``, the three official split files):
+  (``videos/images_C_CCC.avi``, ``maps/maps_C_CCC.avi``, ``C/CCC/fixation/maps/NNNN.mat``
+  binary fixation maps of simulated fixations, the three official split files):
   the same scenes resized to 1920x1080 / 1584x660, MPEG-4 Part 2 AVI at 25 fps (keyframe every
   12 frames, so reading a frame exercises seeking); ``saliency_fix`` maps are blurred
   simulated fixations, ``saliency`` and DADA maps blurred blobs, as grey frames. Sequences
@@ -59,7 +60,13 @@ from pipeline.core.errors import BadInputError, OutputError
 from pipeline.core.fsio import fsync_dir
 from pipeline.core.progress import progress
 from pipeline.datasets import DATASETS, FRAME_SIZE, REGISTRY, SYNTHETIC_MARKER, dada, dreyeve, scene
-from pipeline.datasets.matfile import MAT_FORMATS, MatFormat, write_char_rows, write_fixdata
+from pipeline.datasets.matfile import (
+    MAT_FORMATS,
+    MatFormat,
+    write_char_rows,
+    write_fixation_map,
+    write_fixdata,
+)
 from pipeline.datasets.splits import SPLITS, write_split
 
 log = logging.getLogger("pipeline.synth")
@@ -231,6 +238,10 @@ def _write_videos(dataset: str, root: Path, videos: int, frames: int, seed: int)
                     maps = [_fixation_map(video_rng, targets, size)] if dataset == "dreyeve" else []
                     maps.append(cv2.resize(scene.gaze_map(video_rng, targets), size[::-1],
                                            interpolation=cv2.INTER_LINEAR))
+                    if dataset == "dada":
+                        dada.fixation_folder(root, *key).mkdir(parents=True, exist_ok=True)
+                        write_fixation_map(dada.fixation_folder(root, *key) / f"{number + 1:04d}.mat",
+                                           _fixated(scene.fixations(video_rng, targets, None), size))
                     for writer, gray in zip(writers[1:], maps):
                         writer.write(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
                     bar.update()
@@ -259,6 +270,17 @@ def _design_text(rng: np.random.Generator, sequences: list[int]) -> bytes:
                   "train" if sequence in dreyeve.TRAIN_SEQUENCES else "test"]
         lines.append("\t".join(fields))
     return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def _fixated(cell: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A binary map of ``size`` marking a ``fixdata``-style cell's points (x, y 1-based on the
+    1280x720 frame), scaled to ``size``; points off the frame are left out."""
+    fixated = np.zeros(size, dtype=np.uint8)
+    rows = ((cell[:, 3] - 1) * size[0] / FRAME_SIZE[0]).astype(int)
+    cols = ((cell[:, 2] - 1) * size[1] / FRAME_SIZE[1]).astype(int)
+    keep = (rows >= 0) & (rows < size[0]) & (cols >= 0) & (cols < size[1])
+    fixated[rows[keep], cols[keep]] = 1
+    return fixated
 
 
 def _fixation_map(rng: np.random.Generator, targets: list[scene.Target],

@@ -31,8 +31,10 @@ def _label(dataset: Dataset, options: dict[str, Any]) -> str:
                 " is computed from them when read, exactly as the SalM2 authors' loader does")
     which = (f" (ground truth `{options['ground_truth']}`, read out of the dataset's videos)"
              if options.get("ground_truth") else "")
+    points = ("; `fixations.npy` holds the fixated pixels of the frame's fixation map (1-based"
+              " (row, col)), which the AUC and NSS metrics use" if dataset.fixation_files else "")
     return (f"each sample stores the released gaze map{which} resized to {size['width']}x"
-            f"{size['height']} as an 8-bit PNG (`gaze.png`); the label is value / 255")
+            f"{size['height']} as an 8-bit PNG (`gaze.png`); the label is value / 255{points}")
 
 
 def dataset_card(dataset: Dataset, manifest: dict[str, Any], version: str,

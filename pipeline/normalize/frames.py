@@ -15,6 +15,7 @@ from pipeline.core.cpu import reuse_freed_memory
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import file_fingerprint, relative_to
 from pipeline.datasets import get as dataset_entry
+from pipeline.datasets.matfile import load_fixation_map
 from pipeline.datasets.spec import Frame
 from pipeline.formats import images, labels, video
 from pipeline.formats.shards import encode_sample, sample_key
@@ -117,6 +118,10 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
         rgb, gray = decode_raw(frame, options, raw)
         inputs = [(relative_to(path, root), len(data), hashlib.sha256(data).hexdigest())
                   for path, data in raw.items()]
+    points = frame.fixations
+    if frame.fixation_path is not None:      # DADA-2000: the frame's fixation map
+        points = load_fixation_map(frame.fixation_path, dataset_entry(frame.dataset).frame_size)
+        inputs.append(fingerprint(frame.fixation_path, root))
     small = images.resize_frame(rgb, options.size)
     gaze = None
     if gray is None:
@@ -129,13 +134,15 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
                  "gaze_map": relative_to(frame.gaze_map_path, root)}
         if frame.video_index is not None:
             files["index"] = frame.video_index
+        if frame.fixation_path is not None:
+            files["fixations"] = relative_to(frame.fixation_path, root)
     meta = {
         "dataset": frame.dataset, "split": frame.split, "video": frame.video,
         "frame": frame.frame, "name": frame.name,
         "source_size": list(frame.source_size), "image_size": list(rgb.shape[:2]),
         "files": files,
     }
-    sample = encode_sample(sample_key(frame.video, frame.frame), small, frame.fixations, meta,
+    sample = encode_sample(sample_key(frame.video, frame.frame), small, points, meta,
                            gaze=gaze, codec=options.frame_codec)
     return Prepared(sample, inputs)
 
@@ -160,7 +167,10 @@ def fingerprint_chunk(frames: list[Frame], root: str) -> list[list[tuple[str, in
     for frame in frames:
         try:
             if frame.video_index is not None:
-                out.append(decode_video_frame(frame, Path(root))[2])
+                found = decode_video_frame(frame, Path(root))[2]
+                if frame.fixation_path is not None:
+                    found.append(fingerprint(frame.fixation_path, Path(root)))
+                out.append(found)
                 continue
             out.append([fingerprint(path, Path(root)) for path in raw_files(frame)])
         except BadInputError as err:

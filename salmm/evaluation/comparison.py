@@ -199,7 +199,7 @@ def table_text(cells: list[dict[str, Any]], data: list[dict[str, Any]],
                       if (d["folder"], m) not in columns}, key=metrics.METRIC_ORDER.index)
     if dashed or missing:
         legend += ["", ("\"-\": not defined there - AUC_B, AUC_J and NSS need fixation points,"
-                        " and a gaze-map dataset (BDDA, DR(eye)VE, DADA-2000) has none"
+                        " and a gaze-map dataset without them (BDDA, DR(eye)VE) has none"
                         + (f"; {', '.join(missing)} are left out of the columns of datasets"
                            " without them" if missing else "") + ".")]
     if protocols:

@@ -8,8 +8,9 @@
 2. The model over the split in shard order, no flip (``frame / 255`` as in training).
 3. Per frame, :func:`salmm.evaluation.metrics.evaluate_frame` (:mod:`.scoring`) - CC, SIM, KLD of
    the prediction against the label at the model's resolution; AUC-Borji, AUC-Judd and NSS
-   against the 720x1280 binary map of the raw fixation points (TrafficGaze, DrFixD-rainy; BDDA
-   has CC, SIM, KLD only, as the official script), in a process pool; where the dataset's
+   against the binary map of the raw fixation points at the frame's size (TrafficGaze,
+   DrFixD-rainy 720x1280; DADA-2000 660x1584, from its fixation maps; BDDA and DR(eye)VE have
+   CC, SIM, KLD only, as the official script), in a process pool; where the dataset's
    benchmark has metrics of its own (DR(eye)VE: :mod:`.protocols`), those too.
 4. Outputs (:mod:`.report`, statistics from :mod:`.statistics`): ``per_frame.csv``,
    ``per_video.csv``, ``results.md``, ``summary.json`` last; with ``export_mat``, ``pre/`` and
@@ -35,7 +36,7 @@ from pipeline.core.dask_cluster import dask_client
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
 from pipeline.core.progress import progress
-from pipeline.datasets import REGISTRY
+from pipeline.datasets import FRAME_SIZE, REGISTRY
 from pipeline.formats.labels import matlab_points
 from pipeline.formats.prepared import PreparedDataset
 from salmm.data.samples import batched, iter_samples
@@ -91,7 +92,7 @@ def open_inputs(opts: EvalOptions) -> Inputs:
     data = PreparedDataset.open(opts.prepared)
     frames = data.checked_split(opts.split)
     dataset = data.dataset
-    fixations = dataset in REGISTRY and REGISTRY[dataset].has_fixations
+    fixations = dataset in REGISTRY and REGISTRY[dataset].scores_fixations
     base = _protocol_base(data) if dataset in PROTOCOLS else None
     if opts.baseline is not None:
         baseline = fit_baseline(opts.baseline, data)
@@ -160,10 +161,11 @@ def score_split(opts: EvalOptions, inputs: Inputs) -> list[dict[str, Any]]:
                 waiting.append({"index": len(rows) + len(waiting), "key": key,
                                 "name": meta["name"], "video": meta.get("video"),
                                 "frame": meta.get("frame")})
-                fix = matlab_points(sample["fixations"]) if inputs.fixations else None
+                source = tuple(meta.get("source_size") or FRAME_SIZE)
+                fix = matlab_points(sample["fixations"], source) if inputs.fixations else None
                 protocol = (None if inputs.protocol is None
                             else (inputs.protocol, inputs.protocol_base))
-                collect(pool.submit(pred, label, fix, seeds, key, opts.jitter, protocol))
+                collect(pool.submit(pred, label, fix, seeds, key, opts.jitter, protocol, source))
         collect(pool.drain())
     if len(rows) != inputs.frames:
         raise BadInputError(opts.prepared, f"split {opts.split!r} has {len(rows)} readable"

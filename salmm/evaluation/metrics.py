@@ -424,16 +424,18 @@ def evaluate_frame(
     *,
     rng: np.random.Generator,
     jitter: bool = True,
+    shape: tuple[int, int] = FIXATION_SHAPE,
 ) -> dict[str, float]:
     """Scores of one frame, as one iteration of the official ``calcFor*.m`` loop.
 
     ``pred`` [H, W] and ``label`` [H, W]: prediction and ground-truth map at the model's
     resolution, any range (each is min-max normalised first; a constant one gives NaN).
     CC, SIM and KLD compare the two at that resolution.
-    ``fixations``: int [N, 2] 0-based (row, col) fixation points on the 720x1280 frame
-    (TrafficGaze, DrFixD-rainy); AUC_B, AUC_J and NSS compare the prediction (bicubic
-    resized, nearest for NSS) with the binary fixation map built from them. ``None`` (BDDA,
-    whose official script reports CC, SIM and KLD only) leaves those three keys out.
+    ``fixations``: int [N, 2] 0-based (row, col) fixation points on the ``shape`` frame
+    (TrafficGaze, DrFixD-rainy: 720x1280; DADA-2000: 660x1584); AUC_B, AUC_J and NSS compare
+    the prediction (bicubic resized, nearest for NSS) with the binary fixation map built from
+    them. ``None`` (BDDA, whose official script reports CC, SIM and KLD only) leaves those
+    three keys out.
 
     Draws from ``rng`` in the official order: AUC-Borji's samples, then AUC-Judd's jitter
     (skipped with ``jitter=False``). Returns ``{metric: score}`` in :data:`METRIC_ORDER`.
@@ -442,7 +444,7 @@ def evaluate_frame(
     f = minmax_normalize(_as_finite_map("label", label))
     scores: dict[str, float] = {}
     if fixations is not None:
-        fix = fixation_map(fixations, FIXATION_SHAPE)
+        fix = fixation_map(fixations, shape)
         scores.update(_aucs(p, fix, rng, jitter))
         scores["NSS"] = nss(p, fix)
     scores["CC"] = cc(p, f)
@@ -454,18 +456,19 @@ def evaluate_frame(
 def _aucs(p: np.ndarray, fix: np.ndarray, rng: np.random.Generator, jitter: bool
           ) -> dict[str, float]:
     # Both AUCs resize the same map bicubically to the fixation map's size: do it once.
-    big = imresize(p, FIXATION_SHAPE)
+    big = imresize(p, fix.shape)
     return {"AUC_B": auc_borji(big, fix, rng=rng),
             "AUC_J": auc_judd(big, fix, rng=rng, jitter=jitter)}
 
 
 def frame_aucs(pred: np.ndarray, fixations: np.ndarray, *, rng: np.random.Generator,
-               jitter: bool = True) -> dict[str, float]:
+               jitter: bool = True, shape: tuple[int, int] = FIXATION_SHAPE
+               ) -> dict[str, float]:
     """AUC_B and AUC_J of one frame exactly as :func:`evaluate_frame` computes them (same
     draws from ``rng``, same order): the random metrics alone, to score them under more
     seeds."""
     p = minmax_normalize(_as_finite_map("pred", pred))
-    return _aucs(p, fixation_map(fixations, FIXATION_SHAPE), rng, jitter)
+    return _aucs(p, fixation_map(fixations, shape), rng, jitter)
 
 
 def uniform_scores(label: np.ndarray, fixations: np.ndarray | None) -> dict[str, float]:

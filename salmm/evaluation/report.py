@@ -71,7 +71,7 @@ def undefined_note(means: dict[str, float]) -> str | None:
     if not missing:
         return None
     return (f"\"-\": {', '.join(missing)} need fixation points; this dataset's ground truth is"
-            " gaze maps only (as BDDA's, DR(eye)VE's and DADA-2000's is), so they cannot be"
+            " gaze maps only (as BDDA's and DR(eye)VE's is), so they cannot be"
             " computed - the paper's BDDA row has none either.")
 
 

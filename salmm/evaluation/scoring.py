@@ -31,21 +31,25 @@ SPREAD_METRICS = ("AUC_B", "AUC_J")
 
 def score_frame(pred: np.ndarray | None, label: np.ndarray, fixations: np.ndarray | None,
                 seeds: Sequence[int], key: str, jitter: bool,
-                protocol: tuple[str, np.ndarray | None] | None = None) -> dict[str, Any]:
+                protocol: tuple[str, np.ndarray | None] | None = None,
+                shape: tuple[int, int] = metrics.FIXATION_SHAPE) -> dict[str, Any]:
     """One frame's scores (a pool task): :func:`salmm.evaluation.metrics.evaluate_frame` with the frame's
     own generator for the first seed, and with more than one seed a ``"spread"`` entry: for
     each of :data:`SPREAD_METRICS`, its score under every seed (the first's included). ``pred``
     None is the uniform baseline (:func:`salmm.evaluation.metrics.uniform_scores`). ``protocol``
     (a :data:`~salmm.evaluation.protocols.PROTOCOLS` name and its base map) adds a
-    ``"protocol"`` entry: that benchmark's own scores of the frame (IG NaN without a base)."""
+    ``"protocol"`` entry: that benchmark's own scores of the frame (IG NaN without a base).
+    ``shape``: (height, width) of the frame the ``fixations`` are on."""
     if pred is None:
         scores: dict[str, Any] = metrics.uniform_scores(label, fixations)
         extra = [scores] * (len(seeds) - 1) if fixations is not None else []
     else:
         rng = np.random.default_rng(frame_seed(seeds[0], key))
-        scores = metrics.evaluate_frame(pred, label, fixations, rng=rng, jitter=jitter)
-        extra = [metrics.frame_aucs(pred, fixations, jitter=jitter, rng=np.random.default_rng(
-            frame_seed(seed, key))) for seed in seeds[1:]] if fixations is not None else []
+        scores = metrics.evaluate_frame(pred, label, fixations, rng=rng, jitter=jitter,
+                                        shape=shape)
+        extra = [metrics.frame_aucs(pred, fixations, jitter=jitter, shape=shape,
+                                    rng=np.random.default_rng(frame_seed(seed, key)))
+                 for seed in seeds[1:]] if fixations is not None else []
     if extra:
         scores["spread"] = {m: [scores[m]] + [e[m] for e in extra] for m in SPREAD_METRICS}
     if protocol is not None:
