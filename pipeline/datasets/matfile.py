@@ -7,7 +7,9 @@ double matrix of the fixations recorded on that frame (column 3 is the x / colum
 column 4 the y / row coordinate, 1-based as in the source, in pixels of the
 1280x720 frame). Downloads come in both MATLAB file formats:
 
-* **v5** (``save -v7`` and older): read with :func:`scipy.io.loadmat`.
+* **v5** (``save -v7`` and older): read with :func:`scipy.io.loadmat`, once
+  :func:`~pipeline.datasets.matcheck.check_v5` found its structure sound (SciPy can crash the
+  process on a damaged file).
 * **v7.3**: an HDF5 file behind a 512-byte MATLAB header. The cell is a dataset of
   object references into ``#refs#``; each referenced matrix is stored transposed
   (``k x N``) with a ``MATLAB_class`` attribute, and an empty cell is a small uint64
@@ -39,6 +41,7 @@ from scipy.io.matlab import MatReadError
 
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import write_atomic
+from pipeline.datasets.matcheck import check_v5
 
 MatFormat = Literal["v5", "v7.3"]
 MAT_FORMATS: tuple[MatFormat, ...] = ("v5", "v7.3")
@@ -94,11 +97,24 @@ def load_fixdata(path: str | os.PathLike[str]) -> list[np.ndarray]:
     return _load_v5(path)
 
 
-def _load_v5(path: Path) -> list[np.ndarray]:
+def _read_v5(path: Path, variable: str) -> dict[str, object]:
+    """``scipy.io.loadmat`` of ``variable``, given only a file whose structure
+    :func:`~pipeline.datasets.matcheck.check_v5` found sound (SciPy can crash the process on a
+    damaged one); BadInputError for a damaged file (FileNotFoundError passes through)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    check_v5(data, str(path))
     try:
-        contents = scipy.io.loadmat(path, variable_names=[VARIABLE])
+        return scipy.io.loadmat(io.BytesIO(data), variable_names=[variable])
     except _MAT_ERRORS as err:
         raise BadInputError(path, f"corrupt or truncated MATLAB v5 file ({err})") from None
+
+
+def _load_v5(path: Path) -> list[np.ndarray]:
+    try:
+        contents = _read_v5(path, VARIABLE)
+    except OSError as err:
+        raise BadInputError(path, f"cannot read file ({err.strerror})") from None
     if VARIABLE not in contents:
         raise BadInputError(path, f"no '{VARIABLE}' variable")
     cells = contents[VARIABLE]
@@ -211,11 +227,11 @@ def load_fixation_map(path: str | os.PathLike[str], size: tuple[int, int]) -> np
     """
     path = Path(path)
     try:
-        contents = scipy.io.loadmat(path, variable_names=[FIXATION_MAP_VARIABLE])
+        contents = _read_v5(path, FIXATION_MAP_VARIABLE)
     except FileNotFoundError:
         raise BadInputError(path, "missing fixation map") from None
-    except _MAT_ERRORS as err:
-        raise BadInputError(path, f"corrupt or truncated MATLAB v5 file ({err})") from None
+    except OSError as err:
+        raise BadInputError(path, f"cannot read file ({err.strerror})") from None
     matrix = contents.get(FIXATION_MAP_VARIABLE)
     if matrix is None:
         raise BadInputError(path, f"no '{FIXATION_MAP_VARIABLE}' variable")
