@@ -64,12 +64,12 @@ def test_what_scipy_would_crash_on_is_refused_and_what_passes_loads(tmp_path: Pa
         passed.append(path)
     assert refused > 200 and len(passed) > 100
     # every file the check lets through, read by SciPy in a process of its own: it survives
-    child = subprocess.run(
-        [sys.executable, "-c", "import sys, scipy.io\n"
-         "for path in sys.argv[1:]:\n"
-         "    try:\n        scipy.io.loadmat(path)\n    except Exception:\n        pass\n"
-         "print('survived')", *map(str, passed)],
-        capture_output=True, text=True, timeout=300, check=False)
+    reader = ("import sys, scipy.io\n"
+              "for path in sys.argv[1:]:\n"
+              "    try:\n        scipy.io.loadmat(path)\n    except Exception:\n        pass\n"
+              "print('survived')")
+    child = subprocess.run([sys.executable, "-c", reader, *map(str, passed)],
+                           capture_output=True, text=True, timeout=300, check=False)
     assert child.returncode == 0 and child.stdout.strip() == "survived", child.stderr[-500:]
 
 
