@@ -114,7 +114,7 @@ def read_frames(
         log.warning("%s: SYNTHETIC %s dataset (generated, not real recordings; see %s)",
                     root, entry.display, SYNTHETIC_MARKER)
     if entry.listed:
-        names = split_names(entry, root, split)
+        names = entry.splits(root, split) or []
         entries = [(name, *entry.numbers(entry.entry_pattern.fullmatch(name))) for name in names]
     else:
         list_file = split_path(root, split)
@@ -130,11 +130,6 @@ def read_frames(
     reader = (entry.reader(entry, root, split, ground_truth=ground_truth)
               if entry.ground_truths else entry.reader(entry, root, split))
     return _frames(entries, reader, on_bad)
-
-
-def split_names(entry: Dataset, root: Path, split: str) -> list[str]:
-    """A listed dataset's entries of ``split`` ([] when it has none)."""
-    return entry.splits(root, split) or []
 
 
 def split_files(dataset: str, root: str | os.PathLike[str], split: str) -> list[Path]:

@@ -201,10 +201,7 @@ class VideoMapReader:
     def __init__(self, dataset: Dataset, root: Path, split: str,
                  ground_truth: str | None = None) -> None:
         self.dataset, self.root, self.split = dataset.name, root, split
-        self.ground_truth = ground_truth or dataset.ground_truths[0]
-        if self.ground_truth not in dataset.ground_truths:
-            raise ValueError(f"ground truth must be one of {dataset.ground_truths} for"
-                             f" {dataset.display}, got {self.ground_truth!r}")
+        self.ground_truth = ground_truth or dataset.ground_truths[0]   # checked by read_frames
         self._pairs: dict[Path, tuple[int, tuple[int, int]] | BadInputError] = {}
 
     def locate(self, name: str, video: int, number: int) -> tuple[Path, Path, int]:

@@ -65,11 +65,11 @@ def raw_files(frame: Frame) -> list[Path]:
 
 def decode_video_frame(frame: Frame, root: Path
                        ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int, str]]]:
-    """A video dataset's frame (uint8 [H, W, 3] RGB), its gaze map (uint8 [h, w]) and their
-    fingerprints: ``"<video>#<index>"``, the decoded pixels' bytes and sha256 (the videos hold
-    thousands of frames each: a frame's input is its pixels, not the whole file). The frame
-    must be its dataset's frame size, the map at most that; BadInputError otherwise, or when
-    either cannot be decoded."""
+    """A video dataset's frame (uint8 [H, W, 3] RGB), its gaze map (uint8 [h, w]) and the
+    frame's input fingerprints: ``"<video>#<index>"``, the decoded pixels' bytes and sha256 (the
+    videos hold thousands of frames each: a frame's input is its pixels, not the whole file),
+    then DADA-2000's fixation-map file, if any. The frame must be its dataset's frame size, the
+    map at most that; BadInputError otherwise, or when either cannot be decoded."""
     entry = dataset_entry(frame.dataset)
     images.check_dimensions(video.open_video(frame.image_path).info.size, frame.image_path,
                             expect=entry.frame_size)     # from the headers, before decoding
@@ -81,6 +81,8 @@ def decode_video_frame(frame: Frame, root: Path
     inputs = [(f"{relative_to(path, root)}#{frame.video_index}", pixels.nbytes,
                hashlib.sha256(np.ascontiguousarray(pixels).data).hexdigest())
               for path, pixels in ((frame.image_path, rgb), (frame.gaze_map_path, gray))]
+    if frame.fixation_path is not None:
+        inputs.append(fingerprint(frame.fixation_path, root))
     return rgb, gray, inputs
 
 
@@ -121,7 +123,6 @@ def prepare_frame(frame: Frame, root: Path, options: Options) -> Prepared:
     points = frame.fixations
     if frame.fixation_path is not None:      # DADA-2000: the frame's fixation map
         points = load_fixation_map(frame.fixation_path, dataset_entry(frame.dataset).frame_size)
-        inputs.append(fingerprint(frame.fixation_path, root))
     small = images.resize_frame(rgb, options.size)
     gaze = None
     if gray is None:
@@ -167,10 +168,7 @@ def fingerprint_chunk(frames: list[Frame], root: str) -> list[list[tuple[str, in
     for frame in frames:
         try:
             if frame.video_index is not None:
-                found = decode_video_frame(frame, Path(root))[2]
-                if frame.fixation_path is not None:
-                    found.append(fingerprint(frame.fixation_path, Path(root)))
-                out.append(found)
+                out.append(decode_video_frame(frame, Path(root))[2])
                 continue
             out.append([fingerprint(path, Path(root)) for path in raw_files(frame)])
         except BadInputError as err:
