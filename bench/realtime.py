@@ -162,9 +162,12 @@ def alone(checkpoint: str, clip: dict, folder: Path, video: Path, repeats: int) 
 
 
 def train_step(repeats: int, batch: int = 8) -> dict:
-    """One cached-CLIP training step (forward, BCE, backward, Adam) on the training path and
-    on the module path, the same weights and batch, in turn; the trainer's one thread."""
+    """One cached-CLIP training step (forward, BCE, backward, the trainer's fused Adam with the
+    default learning rate and weight decay) on the training path and on the module path, the
+    same weights and batch, in turn; the trainer's one thread."""
+    from salmm.training.config import TrainConfig
     from salmm.training.loop import bce_loss
+    from salmm.training.trainer import build_optimizer
     torch.manual_seed(0)
     models = {"training": SalMM(backend="auto"), "modules": SalMM(backend="builtin")}
     models["modules"].load_state_dict(models["training"].state_dict())
@@ -172,7 +175,7 @@ def train_step(repeats: int, batch: int = 8) -> dict:
     labels = torch.rand(batch, 1, *SIZE)
 
     def stepper(model):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = build_optimizer(TrainConfig(prepared=""), model)
 
         def step():
             loss = bce_loss(model(frames, emb), labels)

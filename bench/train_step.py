@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         frames, labels, emb = batch["frame"].float() / 255, batch["label"], batch["emb"]
 
         def stepper(model, with_emb):
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                         lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+            optimizer = train_trainer.build_optimizer(cfg, model)
 
             def step():
                 loss = train_loop.bce_loss(model(frames, emb if with_emb else None), labels)
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         # ---- throughput: data pipeline alone vs the full cached loop ----
         loader = make_loader(data, opts.workers, pin_memory=False, seed=cfg.seed)
         rt = train_runtime.Runtime(rank=0, world_size=1, device=cpu, autocast=None)
-        optimizer = torch.optim.Adam(cached.parameters(), lr=cfg.lr, fused=True)
+        optimizer = train_trainer.build_optimizer(cfg, cached)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         data_rates, loop_rates = [], []
         epochs = max(2, opts.repeats // 2)
