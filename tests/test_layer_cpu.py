@@ -120,6 +120,39 @@ def test_spatial_attention_equals_the_bridge_in_float64(models):
     torch.testing.assert_close(pooled, (a * x + x).mean((2, 3)), rtol=0, atol=1e-12)
 
 
+def test_the_bridge_for_training_equals_the_modules_with_gradients_in_float64():
+    """The whole SCAttBridge on the kernels (spatial attention forward and backward in numba)
+    against the modules: outputs and the gradients of the maps and of every bridge parameter,
+    with a tie for the channel maximum (its gradient is split, as torch's amax splits it)."""
+    torch.manual_seed(0)
+    bridges = {backend: net.SCAttBridge(list(net.CHANNELS), backend).double()
+               for backend in ("auto", "builtin")}
+    with torch.no_grad():
+        for p in bridges["auto"].parameters():
+            p.normal_(0.0, 0.3)
+    bridges["builtin"].load_state_dict(bridges["auto"].state_dict())
+    maps = [torch.randn(2, c, side, side + 1, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last) for c, side in zip(net.CHANNELS, (10, 8, 6, 4, 2))]
+    maps[1][0, 3, 2, 2] = maps[1][0, 5, 2, 2] = maps[1][0, :, 2, 2].max() + 1.0  # a tie
+    weights = [torch.randn(m.shape, dtype=torch.float64) for m in maps]
+    results = {}
+    for backend, bridge in bridges.items():
+        leaves = [m.clone().requires_grad_(True) for m in maps]
+        outs = bridge(*leaves)
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        results[backend] = ([o.detach() for o in outs] + [leaf.grad for leaf in leaves]
+                            + [p.grad for p in bridge.parameters()])
+    assert len(results["auto"]) == 10 + len(list(bridges["auto"].parameters()))
+    for got, want in zip(results["auto"], results["builtin"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    conv = bridges["auto"].satt.shared_conv2d[0]
+    x = maps[2][:1, :5, :5, :6].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t, w, b: maps_cpu._SpatialAttention.apply(t, w, b, 3, 9, True),
+        (x, conv.weight.detach().clone().requires_grad_(True),
+         conv.bias.detach().clone().requires_grad_(True)))
+
+
 def test_weights_changed_in_place_are_seen(models):
     """The packed weights follow load_state_dict and in-place updates (version counters)."""
     fast, ref = models

@@ -1,5 +1,6 @@
 """Per-map CPU kernels on channels-last maps, one numba call each: GroupNorm (optionally followed
-by a 2x2 max-pool) and the spatial attention bridge, for CPU inference (no autograd).
+by a 2x2 max-pool; inference, and training with its own backward) and the spatial attention
+bridge (inference and training).
 
 ``group_norm``: what SalMM's ``GroupNorm`` (then ``F.max_pool2d(., 2, 2)`` in the encoder)
 computes. PyTorch's channels-first GroupNorm needs the map copied to channels-first memory and
@@ -13,7 +14,11 @@ PyTorch applies), and the 2x2 maximum of y (NaN propagates) when pooling.
 ``spatial_attention``: the bridge's [channel mean, channel max] planes, its dilated 7x7
 two-channel convolution written out over whole rows (PyTorch runs it as a slow im2col), the
 sigmoid, and the products the bridge makes of it, with the channel means its channel attention
-needs. The modules' own forward is the ``_ref`` twin (``tests/test_layer_cpu.py``).
+needs; for training, its backward in one kernel too (some 15 operators and their backward per
+map become one call each way: a third less time for the bridge in a training step). Its sums
+are reassociated to vectorise (``fastmath={"reassoc"}``): a fixed order for a given build,
+whatever the thread count. The modules' own forward and backward are the ``_ref`` twin
+(``tests/test_layer_cpu.py``).
 """
 
 from __future__ import annotations
@@ -184,29 +189,77 @@ def spatial_attention(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tenso
     """SalMM's spatial attention bridge on one map x [B, C, H, W] (CPU, channels-last or not):
     a = sigmoid(conv([channel mean, channel max])) with ``conv`` the shared dilated 2 -> 1
     convolution, then (s, mixed, pooled) = (a * x, a * x + x, the channel means of mixed
-    [B, C]); s and mixed [B, C, H, W] in channels-last memory. No autograd."""
-    batch, channels = x.shape[:2]
-    pixels = x.permute(0, 2, 3, 1).contiguous()
-    s, mixed = torch.empty_like(pixels), torch.empty_like(pixels)
-    pooled = torch.empty(batch, channels, dtype=x.dtype)
-    weight = conv.weight.detach().to(x.dtype)[0].contiguous().numpy()  # [2, k, k]
-    bias = conv.bias.detach().to(x.dtype).numpy()
-    _spatial_attention_kernel(pixels.numpy(), weight, bias[0], conv.dilation[0], conv.padding[0],
-                              s.numpy(), mixed.numpy(), pooled.numpy())
-    return s.permute(0, 3, 1, 2), mixed.permute(0, 3, 1, 2), pooled
+    [B, C]); s and mixed [B, C, H, W] in channels-last memory. Differentiable in x and the
+    convolution's weight and bias when autograd records (training)."""
+    record = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, conv.weight, conv.bias))
+    return _SpatialAttention.apply(x, conv.weight, conv.bias, conv.dilation[0], conv.padding[0],
+                                   record)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pooled):
-    """x, s, mixed [B, H, W, C]; weight [2, k, k]; pooled [B, C] (see spatial_attention)."""
+class _SpatialAttention(torch.autograd.Function):
+    """Forward: :func:`_spatial_attention_kernel`. Backward, with gm = dL/dmixed + dL/dpooled /
+    (H W): dL/dx = (a + 1) gm + a gs + the planes' share, dL/da = sum_c x (gm + gs), through
+    the sigmoid and the convolution (its weight and bias gradients summed in float64); the
+    channel mean passes 1 / C of its gradient to every channel, the channel max all of it to
+    the channels that hold the maximum, split evenly among ties (as torch's amax does)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation, padding, keep):
+        batch, channels, height, width = x.shape
+        pixels = x.detach().permute(0, 2, 3, 1).contiguous()
+        s, mixed = torch.empty_like(pixels), torch.empty_like(pixels)
+        pooled = torch.empty(batch, channels, dtype=x.dtype)
+        gates = torch.empty(batch, height, width, dtype=x.dtype)
+        planes = torch.empty(batch, 2, height, width, dtype=x.dtype)
+        w = weight.detach().to(x.dtype)[0].contiguous()  # [2, k, k]
+        b = bias.detach().to(x.dtype)
+        _spatial_attention_kernel(pixels.numpy(), w.numpy(), b.numpy()[0], dilation, padding,
+                                  s.numpy(), mixed.numpy(), pooled.numpy(), gates.numpy(),
+                                  planes.numpy())
+        if keep:
+            ctx.save_for_backward(pixels, gates, planes, w)
+            ctx.conv = (dilation, padding, weight.dtype, weight.shape, bias.dtype)
+        return s.permute(0, 3, 1, 2), mixed.permute(0, 3, 1, 2), pooled
+
+    @staticmethod
+    @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
+    def backward(ctx, gs, gmixed, gpooled):
+        pixels, gates, planes, w = ctx.saved_tensors
+        dilation, padding, w_dtype, w_shape, b_dtype = ctx.conv
+        dtype = pixels.dtype
+
+        def channels_last(g):  # [B, C, H, W] gradient -> [B, H, W, C] array (zeros if unused)
+            if g is None:
+                return np.zeros(pixels.shape, dtype=pixels.numpy().dtype)
+            return g.permute(0, 2, 3, 1).contiguous().to(dtype).numpy()
+
+        gp = (np.zeros((pixels.shape[0], pixels.shape[3]), dtype=pixels.numpy().dtype)
+              if gpooled is None
+              else gpooled.contiguous().to(dtype).numpy())
+        gx = torch.empty_like(pixels)
+        gweight = np.zeros(w.shape)
+        gbias = np.zeros(1)
+        _spatial_attention_backward_kernel(pixels.numpy(), gates.numpy(), planes.numpy(),
+                                           w.numpy(), dilation, padding, channels_last(gs),
+                                           channels_last(gmixed), gp, gx.numpy(), gweight,
+                                           gbias)
+        return (gx.permute(0, 3, 1, 2), torch.from_numpy(gweight).reshape(w_shape).to(w_dtype),
+                torch.from_numpy(gbias).to(b_dtype), None, None, None)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pooled, gates,
+                              planes):
+    """x, s, mixed [B, H, W, C]; weight [2, k, k]; pooled [B, C]; gates [B, H, W] (a);
+    planes [B, 2, H, W] (channel mean, channel max); see spatial_attention."""
     batch, height, width, channels = x.shape
     f = x.dtype.type
     taps = weight.shape[1]
-    planes = np.empty((2, height, width), dtype=x.dtype)
-    logits = np.empty((height, width), dtype=x.dtype)
     sums = np.empty(channels, dtype=np.float64)
     for b in range(batch):
-        frame, means, maxima = x[b].reshape(-1, channels), planes[0].ravel(), planes[1].ravel()
+        frame, means, maxima = x[b].reshape(-1, channels), planes[b, 0].ravel(), \
+            planes[b, 1].ravel()
         for p in range(means.shape[0]):
             total, best = f(0.0), frame[p, 0]
             for c in range(channels):
@@ -215,6 +268,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
                 best = v if v > best or np.isnan(v) else best
             means[p] = total / f(channels)
             maxima[p] = best
+        logits = gates[b]
         logits[:] = bias
         for plane in range(2):
             for ky in range(taps):
@@ -226,23 +280,81 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
                         continue
                     for py in range(max(0, -dy), min(height, height - dy)):
                         target = logits[py, x0:x1]  # slices: a computed (possibly negative)
-                        source = planes[plane, py + dy, x0 + dx:x1 + dx]  # index would not
-                        for i in range(target.shape[0]):  # vectorise (numba's wraparound)
+                        source = planes[b, plane, py + dy, x0 + dx:x1 + dx]  # index would
+                        for i in range(target.shape[0]):  # not vectorise (numba's wraparound)
                             target[i] += w * source[i]
-        gates = logits.ravel()
-        for p in range(gates.shape[0]):
-            gates[p] = sigmoid(gates[p], f)[0]
-        frame, weighted, both = (x[b].reshape(-1, channels), s[b].reshape(-1, channels),
-                                 mixed[b].reshape(-1, channels))
+        flat = logits.ravel()
+        for p in range(flat.shape[0]):
+            flat[p] = sigmoid(flat[p], f)[0]
+        weighted, both = s[b].reshape(-1, channels), mixed[b].reshape(-1, channels)
         sums[:] = 0.0
-        for p in range(gates.shape[0]):
+        for p in range(flat.shape[0]):
             for c in range(channels):
                 v = frame[p, c]
-                weighted[p, c] = gates[p] * v
-                both[p, c] = gates[p] * v + v
+                weighted[p, c] = flat[p] * v
+                both[p, c] = flat[p] * v + v
                 sums[c] += both[p, c]
         for c in range(channels):
             pooled[b, c] = sums[c] / (height * width)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, padding, gs, gmixed,
+                                       gpooled, gx, gweight, gbias):
+    """x, gs, gmixed, gx [B, H, W, C]; gates [B, H, W]; planes [B, 2, H, W]; weight [2, k, k];
+    gpooled [B, C]; gweight [2, k, k] and gbias [1] accumulated in float64 (see
+    _SpatialAttention)."""
+    batch, height, width, channels = x.shape
+    f = x.dtype.type
+    taps = weight.shape[1]
+    glogit = np.empty((height, width), dtype=x.dtype)
+    gplanes = np.empty((2, height, width), dtype=x.dtype)
+    gm = np.empty(channels, dtype=x.dtype)
+    for b in range(batch):
+        frame, grad_s, grad_m, into = (x[b].reshape(-1, channels), gs[b].reshape(-1, channels),
+                                       gmixed[b].reshape(-1, channels),
+                                       gx[b].reshape(-1, channels))
+        a, gl = gates[b].ravel(), glogit.ravel()
+        share = gpooled[b] / f(height * width)
+        for p in range(a.shape[0]):
+            total = f(0.0)
+            for c in range(channels):
+                gm[c] = grad_m[p, c] + share[c]
+                total += frame[p, c] * (gm[c] + grad_s[p, c])
+                into[p, c] = (a[p] + f(1.0)) * gm[c] + a[p] * grad_s[p, c]
+            gl[p] = total * a[p] * (f(1.0) - a[p])           # through the sigmoid
+        gbias[0] += np.sum(gl.astype(np.float64))
+        gplanes[:] = 0.0
+        for plane in range(2):
+            for ky in range(taps):
+                dy = ky * dilation - padding
+                for kx in range(taps):
+                    w, dx = weight[plane, ky, kx], kx * dilation - padding
+                    x0, x1 = max(0, -dx), min(width, width - dx)
+                    if x1 <= x0:
+                        continue
+                    total64 = 0.0
+                    for py in range(max(0, -dy), min(height, height - dy)):
+                        source = glogit[py, x0:x1]
+                        seen = planes[b, plane, py + dy, x0 + dx:x1 + dx]
+                        into_plane = gplanes[plane, py + dy, x0 + dx:x1 + dx]
+                        row = 0.0
+                        for i in range(source.shape[0]):
+                            into_plane[i] += w * source[i]
+                            row += np.float64(source[i]) * np.float64(seen[i])
+                        total64 += row
+                    gweight[plane, ky, kx] += total64
+        mean_share, max_share = gplanes[0].ravel(), gplanes[1].ravel()
+        maxima = planes[b, 1].ravel()
+        for p in range(a.shape[0]):
+            ties = 0
+            for c in range(channels):
+                ties += 1 if frame[p, c] == maxima[p] else 0
+            per_tie = max_share[p] / f(max(ties, 1))
+            for c in range(channels):
+                into[p, c] += mean_share[p] / f(channels)
+                if frame[p, c] == maxima[p]:
+                    into[p, c] += per_tie
 
 
 def saliency_head(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -232,10 +232,10 @@ class SCAttBridge(nn.Module):
         super().__init__()
         self.catt = ChannelAttBridge(c_list)
         self.satt = SpatialAttBridge()
-        self.backend = backend  # "auto": the fused CPU kernels where they apply (see fused)
+        self.backend = backend  # "auto": the CPU kernels where they apply (cpu_kernels_apply)
 
     def forward(self, *ts: Tensor) -> list[Tensor]:
-        if fused(self.backend, ts[0], self.catt.att1.weight):
+        if cpu_kernels_apply(self.backend, ts[0]):  # inference, or training with its backward
             parts = [_kernels()[1].spatial_attention(self.satt.shared_conv2d[0], t) for t in ts]
             c_att = self.catt.attention([pooled[..., None, None] for _, _, pooled in parts])
             return [torch.addcmul(s, a, m) for a, (s, m, _) in zip(c_att, parts)]
