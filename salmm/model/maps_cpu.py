@@ -248,6 +248,23 @@ class _SpatialAttention(torch.autograd.Function):
                 torch.from_numpy(gbias).to(b_dtype), None, None, None)
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _taps(taps, dilation, padding, height, width):
+    """The taps of a ``taps`` x ``taps`` convolution (``dilation``, zero ``padding``) that reach
+    into an H x W map, as rows (ky, kx, dy, dx, x0, x1): tap (ky, kx) reads the input at
+    (y + dy, x + dx) for the output columns x0 <= x < x1."""
+    rows = np.empty((taps * taps, 6), dtype=np.int64)
+    count = 0
+    for ky in range(taps):
+        for kx in range(taps):
+            dy, dx = ky * dilation - padding, kx * dilation - padding
+            x0, x1 = max(0, -dx), min(width, width - dx)
+            if x1 > x0:  # (a negative slice end would count from the end)
+                rows[count] = (ky, kx, dy, dx, x0, x1)
+                count += 1
+    return rows[:count]
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pooled, gates,
                               planes):
@@ -271,18 +288,13 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
         logits = gates[b]
         logits[:] = bias
         for plane in range(2):
-            for ky in range(taps):
-                dy = ky * dilation - padding
-                for kx in range(taps):
-                    w, dx = weight[plane, ky, kx], kx * dilation - padding
-                    x0, x1 = max(0, -dx), min(width, width - dx)
-                    if x1 <= x0:  # (a negative slice end would count from the end)
-                        continue
-                    for py in range(max(0, -dy), min(height, height - dy)):
-                        target = logits[py, x0:x1]  # slices: a computed (possibly negative)
-                        source = planes[b, plane, py + dy, x0 + dx:x1 + dx]  # index would
-                        for i in range(target.shape[0]):  # not vectorise (numba's wraparound)
-                            target[i] += w * source[i]
+            for ky, kx, dy, dx, x0, x1 in _taps(taps, dilation, padding, height, width):
+                w = weight[plane, ky, kx]
+                for py in range(max(0, -dy), min(height, height - dy)):
+                    target = logits[py, x0:x1]  # slices: a computed (possibly negative) index
+                    source = planes[b, plane, py + dy, x0 + dx:x1 + dx]  # would not vectorise
+                    for i in range(target.shape[0]):  # (numba's wraparound)
+                        target[i] += w * source[i]
         flat = logits.ravel()
         for p in range(flat.shape[0]):
             flat[p] = sigmoid(flat[p], f)[0]
@@ -326,24 +338,18 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
         gbias[0] += np.sum(gl.astype(np.float64))
         gplanes[:] = 0.0
         for plane in range(2):
-            for ky in range(taps):
-                dy = ky * dilation - padding
-                for kx in range(taps):
-                    w, dx = weight[plane, ky, kx], kx * dilation - padding
-                    x0, x1 = max(0, -dx), min(width, width - dx)
-                    if x1 <= x0:
-                        continue
-                    total64 = 0.0
-                    for py in range(max(0, -dy), min(height, height - dy)):
-                        source = glogit[py, x0:x1]
-                        seen = planes[b, plane, py + dy, x0 + dx:x1 + dx]
-                        into_plane = gplanes[plane, py + dy, x0 + dx:x1 + dx]
-                        row = 0.0
-                        for i in range(source.shape[0]):
-                            into_plane[i] += w * source[i]
-                            row += np.float64(source[i]) * np.float64(seen[i])
-                        total64 += row
-                    gweight[plane, ky, kx] += total64
+            for ky, kx, dy, dx, x0, x1 in _taps(taps, dilation, padding, height, width):
+                w, total = weight[plane, ky, kx], 0.0
+                for py in range(max(0, -dy), min(height, height - dy)):
+                    source = glogit[py, x0:x1]
+                    seen = planes[b, plane, py + dy, x0 + dx:x1 + dx]
+                    into_plane = gplanes[plane, py + dy, x0 + dx:x1 + dx]
+                    row = 0.0
+                    for i in range(source.shape[0]):
+                        into_plane[i] += w * source[i]
+                        row += np.float64(source[i]) * np.float64(seen[i])
+                    total += row
+                gweight[plane, ky, kx] += total
         mean_share, max_share = gplanes[0].ravel(), gplanes[1].ravel()
         maxima = planes[b, 1].ravel()
         for p in range(a.shape[0]):
