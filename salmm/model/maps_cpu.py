@@ -272,7 +272,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
     planes [B, 2, H, W] (channel mean, channel max); see spatial_attention."""
     batch, height, width, channels = x.shape
     f = x.dtype.type
-    taps = weight.shape[1]
+    reach = _taps(weight.shape[1], dilation, padding, height, width)
     sums = np.empty(channels, dtype=np.float64)
     for b in range(batch):
         frame, means, maxima = x[b].reshape(-1, channels), planes[b, 0].ravel(), \
@@ -288,7 +288,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
         logits = gates[b]
         logits[:] = bias
         for plane in range(2):
-            for ky, kx, dy, dx, x0, x1 in _taps(taps, dilation, padding, height, width):
+            for ky, kx, dy, dx, x0, x1 in reach:
                 w = weight[plane, ky, kx]
                 for py in range(max(0, -dy), min(height, height - dy)):
                     target = logits[py, x0:x1]  # slices: a computed (possibly negative) index
@@ -318,7 +318,7 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
     _SpatialAttention)."""
     batch, height, width, channels = x.shape
     f = x.dtype.type
-    taps = weight.shape[1]
+    reach = _taps(weight.shape[1], dilation, padding, height, width)
     glogit = np.empty((height, width), dtype=x.dtype)
     gplanes = np.empty((2, height, width), dtype=x.dtype)
     gm = np.empty(channels, dtype=x.dtype)
@@ -328,6 +328,7 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
                                        gx[b].reshape(-1, channels))
         a, gl = gates[b].ravel(), glogit.ravel()
         share = gpooled[b] / f(height * width)
+        bias_total = 0.0
         for p in range(a.shape[0]):
             total = f(0.0)
             for c in range(channels):
@@ -335,10 +336,11 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
                 total += frame[p, c] * (gm[c] + grad_s[p, c])
                 into[p, c] = (a[p] + f(1.0)) * gm[c] + a[p] * grad_s[p, c]
             gl[p] = total * a[p] * (f(1.0) - a[p])           # through the sigmoid
-        gbias[0] += np.sum(gl.astype(np.float64))
+            bias_total += np.float64(gl[p])
+        gbias[0] += bias_total
         gplanes[:] = 0.0
         for plane in range(2):
-            for ky, kx, dy, dx, x0, x1 in _taps(taps, dilation, padding, height, width):
+            for ky, kx, dy, dx, x0, x1 in reach:
                 w, total = weight[plane, ky, kx], 0.0
                 for py in range(max(0, -dy), min(height, height - dy)):
                     source = glogit[py, x0:x1]
