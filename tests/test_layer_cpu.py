@@ -236,24 +236,32 @@ def test_saliency_head_equals_conv_upsample_sigmoid_in_float64(models):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_group_norm_for_training_equals_the_module_with_gradients_in_float64():
+@pytest.mark.parametrize("pool", [False, True])
+def test_group_norm_for_training_equals_the_module_with_gradients_in_float64(pool):
+    """GroupNorm (then the 2x2 max-pool) on the kernels against the modules: output and the
+    gradients of the map and of the affine parameters; a constant patch makes every window
+    over it a tie, which max-pool's backward gives to the window's first pixel."""
     torch.manual_seed(0)
     norm = net.GroupNorm(4, 12).double()
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
-    x = torch.randn(3, 12, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(3, 12, 5, 6, dtype=torch.float64)
+    x = torch.randn(3, 12, 6, 7, dtype=torch.float64)  # an odd width: a column no window covers
+    x[0, :, :4, :4] = 0.5
+    x = x.contiguous(memory_format=torch.channels_last)
+    reference = (lambda t: F.max_pool2d(norm(t), 2, 2)) if pool else norm
     results = []
-    for fn in (lambda t: maps_cpu.group_norm_autograd(norm, t), norm):
+    for fn in (lambda t: maps_cpu.group_norm_autograd(norm, t, pool), reference):
         leaf = x.clone().requires_grad_(True)
         norm.zero_grad()
         out = fn(leaf)
+        weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64).view(out.shape)
         (out * weight).sum().backward()
         results.append((out.detach(), leaf.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
     assert results[0][0].is_contiguous(memory_format=torch.channels_last)
-    assert torch.autograd.gradcheck(lambda t, w, b: maps_cpu._GroupNorm.apply(t, w, b, 4, 1e-5),
-                                    (x[:1, :, :3, :3].clone().requires_grad_(True),
-                                     norm.weight.detach().clone().requires_grad_(True),
-                                     norm.bias.detach().clone().requires_grad_(True)))
+    assert torch.autograd.gradcheck(  # away from the ties, where max-pool has no derivative
+        lambda t, w, b: maps_cpu._GroupNorm.apply(t, w, b, 4, 1e-5, pool),
+        (x[1:2, :, :4, :5].clone().requires_grad_(True),
+         norm.weight.detach().clone().requires_grad_(True),
+         norm.bias.detach().clone().requires_grad_(True)))

@@ -36,16 +36,23 @@ __all__ = ["group_norm", "group_norm_autograd", "saliency_head", "spatial_attent
 
 def group_norm(norm: nn.GroupNorm, x: Tensor, pool: bool = False) -> Tensor:
     """``norm`` on x [B, C, H, W] (CPU, float32 / float64), then a 2x2 max-pool when ``pool``
-    (H, W even) -> [B, C, H', W'] in channels-last memory, x's dtype. No autograd."""
+    -> [B, C, H', W'] in channels-last memory, x's dtype. No autograd."""
+    weight, bias = _affine(norm, x.dtype, x.shape[1])
+    out, _, _ = _group_norm_forward(x, norm.num_groups, norm.eps, weight, bias, pool)
+    return out
+
+
+def _group_norm_forward(x: Tensor, groups: int, eps: float, weight: np.ndarray,
+                        bias: np.ndarray, pool: bool) -> tuple[Tensor, Tensor, np.ndarray]:
+    """(out [B, C, H', W'] channels-last, the pixels [B, H, W, C] read, stats [2, B, groups]
+    (mean, rstd))."""
     batch, channels, height, width = x.shape
-    pixels = x.permute(0, 2, 3, 1).contiguous()  # a view for channels-last x
+    pixels = x.detach().permute(0, 2, 3, 1).contiguous()  # a view for channels-last x
     scale = 2 if pool else 1
     out = torch.empty(batch, height // scale, width // scale, channels, dtype=x.dtype)
-    weight, bias = _affine(norm, x.dtype, channels)
-    stats = np.empty((2, batch, norm.num_groups))
-    _group_norm_kernel(pixels.numpy(), norm.num_groups, norm.eps, weight, bias, pool, out.numpy(),
-                       stats)
-    return out.permute(0, 3, 1, 2)
+    stats = np.empty((2, batch, groups))
+    _group_norm_kernel(pixels.numpy(), groups, eps, weight, bias, pool, out.numpy(), stats)
+    return out.permute(0, 3, 1, 2), pixels, stats
 
 
 def _affine(norm: nn.GroupNorm, dtype: torch.dtype, channels: int) -> tuple[np.ndarray, ...]:
@@ -55,30 +62,31 @@ def _affine(norm: nn.GroupNorm, dtype: torch.dtype, channels: int) -> tuple[np.n
     return torch.ones(channels, dtype=dtype).numpy(), torch.zeros(channels, dtype=dtype).numpy()
 
 
-def group_norm_autograd(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    """``norm`` on x [B, C, H, W] (CPU, float32 / float64) for training: differentiable in x
-    and the affine parameters, computed on channels-last memory where PyTorch copies to
-    channels-first and back (forward and backward) -> [B, C, H, W] channels-last."""
-    return _GroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+def group_norm_autograd(norm: nn.GroupNorm, x: Tensor, pool: bool = False) -> Tensor:
+    """``norm`` on x [B, C, H, W] (CPU, float32 / float64), then a 2x2 max-pool when ``pool``,
+    for training: differentiable in x and the affine parameters, computed on channels-last
+    memory where PyTorch copies to channels-first and back (forward and backward) ->
+    [B, C, H', W'] channels-last. With the pool, the normalised map is never stored: the
+    backward finds each window's choice again from x (which the convolution before keeps
+    anyway) and the saved statistics."""
+    return _GroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, pool)
 
 
 class _GroupNorm(torch.autograd.Function):
-    """y = (x - mean_g) * rstd_g * weight_c + bias_c; backward: gbias = sum gy,
-    gweight = sum gy * xhat, gx = rstd (g - mean_g(g) - xhat mean_g(g xhat)) with g = gy weight,
-    every sum in float64."""
+    """y = (x - mean_g) * rstd_g * weight_c + bias_c, then the 2x2 maximum if pooling;
+    backward: with g = dL/dy (with the pool: the pooled gradient at each window's chosen
+    pixel, 0 elsewhere, as max-pool's backward gives), gbias = sum g, gweight = sum g xhat,
+    gx = rstd (g weight - mean_g(g weight) - xhat mean_g(g weight xhat)), every sum in float64;
+    with the pool the sums run over the chosen pixels only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        batch, channels, height, width = x.shape
-        pixels = x.detach().permute(0, 2, 3, 1).contiguous()
-        out = torch.empty(batch, height, width, channels, dtype=x.dtype)
-        w = weight.detach().to(x.dtype).numpy()
-        stats = np.empty((2, batch, groups))
-        _group_norm_kernel(pixels.numpy(), groups, eps, w, bias.detach().to(x.dtype).numpy(),
-                           False, out.numpy(), stats)
+    def forward(ctx, x, weight, bias, groups, eps, pool):
+        w, b = weight.detach().to(x.dtype).numpy(), bias.detach().to(x.dtype).numpy()
+        out, pixels, stats = _group_norm_forward(x, groups, eps, w, b, pool)
         ctx.save_for_backward(pixels)
-        ctx.stats, ctx.weight, ctx.dtypes = stats, w, (weight.dtype, bias.dtype)
-        return out.permute(0, 3, 1, 2)
+        ctx.stats, ctx.weight, ctx.bias = stats, w, b
+        ctx.pool, ctx.dtypes = pool, (weight.dtype, bias.dtype)
+        return out
 
     @staticmethod
     @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
@@ -88,10 +96,38 @@ class _GroupNorm(torch.autograd.Function):
         gx = torch.empty_like(pixels)
         channels = pixels.shape[-1]
         gweight, gbias = np.zeros(channels), np.zeros(channels)
-        _group_norm_backward_kernel(pixels.numpy(), g.numpy(), ctx.weight, ctx.stats,
-                                    gx.numpy(), gweight, gbias)
+        if ctx.pool:
+            _group_norm_pool_backward_kernel(pixels.numpy(), g.numpy(), ctx.weight, ctx.bias,
+                                             ctx.stats, gx.numpy(), gweight, gbias)
+        else:
+            _group_norm_backward_kernel(pixels.numpy(), g.numpy(), ctx.weight, ctx.stats,
+                                        gx.numpy(), gweight, gbias)
         return (gx.permute(0, 3, 1, 2), torch.from_numpy(gweight).to(ctx.dtypes[0]),
-                torch.from_numpy(gbias).to(ctx.dtypes[1]), None, None)
+                torch.from_numpy(gbias).to(ctx.dtypes[1]), None, None, None)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _backward_coefficients(stats, b, weight, count, sums, products, gweight, gbias, alpha, beta,
+                           gamma):
+    """From frame b's per-channel sums of g and g x (float64, [C]): gweight and gbias
+    accumulated, and gx = alpha g - beta x + gamma per channel."""
+    groups = stats.shape[2]
+    per_group = sums.shape[0] // groups
+    for group in range(groups):
+        mean, rstd = stats[0, b, group], stats[1, b, group]
+        mean_g, mean_gx = 0.0, 0.0
+        for c in range(group * per_group, (group + 1) * per_group):
+            # sum over the group of g * w and g * w * xhat (xhat = (x - mean) rstd)
+            gbias[c] += sums[c]
+            gweight[c] += (products[c] - mean * sums[c]) * rstd
+            mean_g += sums[c] * weight[c]
+            mean_gx += (products[c] - mean * sums[c]) * rstd * weight[c]
+        mean_g /= count
+        mean_gx /= count
+        for c in range(group * per_group, (group + 1) * per_group):
+            alpha[c] = rstd * weight[c]
+            beta[c] = rstd * rstd * mean_gx
+            gamma[c] = rstd * rstd * mean_gx * mean - rstd * mean_g
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -99,41 +135,125 @@ def _group_norm_backward_kernel(x, g, weight, stats, gx, gweight, gbias):
     """x, g (dL/dy), gx [B, H, W, C]; stats [2, B, groups] (mean, rstd); gweight, gbias [C]
     accumulated in float64."""
     batch, height, width, channels = x.shape
-    groups = stats.shape[2]
-    per_group = channels // groups
-    count = height * width * per_group
-    sums = np.empty(channels)
-    products = np.empty(channels)
+    count = height * width * (channels // stats.shape[2])
+    sums, products = np.empty(channels), np.empty(channels)
     alpha, beta, gamma = np.empty(channels), np.empty(channels), np.empty(channels)
     for b in range(batch):
         frame, grad, into = (x[b].reshape(-1, channels), g[b].reshape(-1, channels),
                              gx[b].reshape(-1, channels))
-        sums[:] = 0.0
-        products[:] = 0.0
-        for p in range(frame.shape[0]):
-            for c in range(channels):
-                gy = np.float64(grad[p, c])
-                sums[c] += gy
-                products[c] += gy * frame[p, c]
-        for group in range(groups):
-            mean, rstd = stats[0, b, group], stats[1, b, group]
-            mean_g, mean_gx = 0.0, 0.0
-            for c in range(group * per_group, (group + 1) * per_group):
-                # sum over the group of gy * w and gy * w * xhat (xhat = (x - mean) rstd)
-                gbias[c] += sums[c]
-                gweight[c] += (products[c] - mean * sums[c]) * rstd
-                mean_g += sums[c] * weight[c]
-                mean_gx += (products[c] - mean * sums[c]) * rstd * weight[c]
-            mean_g /= count
-            mean_gx /= count
-            for c in range(group * per_group, (group + 1) * per_group):
-                # gx = rstd (gy w - mean_g - (x - mean) rstd mean_gx) = alpha gy - beta x + gamma
-                alpha[c] = rstd * weight[c]
-                beta[c] = rstd * rstd * mean_gx
-                gamma[c] = rstd * rstd * mean_gx * mean - rstd * mean_g
+        _channel_sums(grad.ravel(), frame.ravel(), sums, products)
+        _backward_coefficients(stats, b, weight, count, sums, products, gweight, gbias, alpha,
+                               beta, gamma)
         for p in range(frame.shape[0]):
             for c in range(channels):
                 into[p, c] = alpha[c] * grad[p, c] - beta[c] * frame[p, c] + gamma[c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _group_norm_pool_backward_kernel(x, g, weight, bias, stats, gx, gweight, gbias):
+    """x, gx [B, H, W, C]; g (dL/d pooled) [B, H // 2, W // 2, C]; the rest as
+    :func:`_group_norm_backward_kernel`. Each window's choice is found again as the forward
+    made it (:func:`_scale_shift`, :func:`_window_choice`); dL/dy is g at the chosen pixels and
+    0 elsewhere, so the sums run over the pooled map, and gx is alpha g - beta x + gamma at the
+    chosen pixels, - beta x + gamma elsewhere (a row or column of an odd-sized map that no
+    window covers included)."""
+    batch, height, width, channels = x.shape
+    count = height * width * (channels // stats.shape[2])
+    sums, products = np.empty(channels), np.empty(channels)
+    alpha, beta, gamma = np.empty(channels), np.empty(channels), np.empty(channels)
+    scale, shift = np.empty(channels, dtype=x.dtype), np.empty(channels, dtype=x.dtype)
+    chosen = np.empty(g.shape[1:], dtype=np.uint8)
+    picked = np.empty(g.shape[1:], dtype=x.dtype)
+    for b in range(batch):
+        _scale_shift(stats, b, weight, bias, scale, shift)
+        for oy in range(g.shape[1]):
+            top, bottom, choice, value = x[b, 2 * oy], x[b, 2 * oy + 1], chosen[oy], picked[oy]
+            for ox in range(g.shape[2]):
+                for c in range(channels):
+                    choice[ox, c], value[ox, c] = _window_choice(
+                        top[2 * ox, c], top[2 * ox + 1, c], bottom[2 * ox, c],
+                        bottom[2 * ox + 1, c], scale[c], shift[c])
+        _channel_sums(g[b].ravel(), picked.ravel(), sums, products)
+        _backward_coefficients(stats, b, weight, count, sums, products, gweight, gbias, alpha,
+                               beta, gamma)
+        for oy in range(g.shape[1]):
+            top, bottom, grad, choice = x[b, 2 * oy], x[b, 2 * oy + 1], g[b, oy], chosen[oy]
+            into_top, into_bottom = gx[b, 2 * oy], gx[b, 2 * oy + 1]
+            for ox in range(g.shape[2]):
+                for c in range(channels):  # selects, no branches: the loop vectorises
+                    k, extra = choice[ox, c], alpha[c] * grad[ox, c]
+                    into_top[2 * ox, c] = (gamma[c] - beta[c] * top[2 * ox, c]
+                                           + (extra if k == 0 else 0.0))
+                    into_top[2 * ox + 1, c] = (gamma[c] - beta[c] * top[2 * ox + 1, c]
+                                               + (extra if k == 1 else 0.0))
+                    into_bottom[2 * ox, c] = (gamma[c] - beta[c] * bottom[2 * ox, c]
+                                              + (extra if k == 2 else 0.0))
+                    into_bottom[2 * ox + 1, c] = (gamma[c] - beta[c] * bottom[2 * ox + 1, c]
+                                                  + (extra if k == 3 else 0.0))
+        for py in range(height):  # what no window covers: the last row, column of odd sizes
+            for px in range(2 * g.shape[2] if py < 2 * g.shape[1] else 0, width):
+                for c in range(channels):
+                    gx[b, py, px, c] = gamma[c] - beta[c] * x[b, py, px, c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _window_choice(p, q, r, s, scale, shift):
+    """(which of a 2x2 window's pixels max-pool takes after the normalisation
+    y = v * scale + shift, 0..3: top-left, top-right, bottom-left, bottom-right; that pixel's
+    v): the first maximum, or the last NaN. The maximum as the forward takes it, then the
+    first pixel equal to it, with selects, not branches (so the loop vectorises:
+    data-dependent branches cost 20x here)."""
+    yp, yq, yr, ys = p * scale + shift, q * scale + shift, r * scale + shift, s * scale + shift
+    best = yp
+    for v in (yq, yr, ys):
+        best = v if v > best or np.isnan(v) else best
+    if np.isnan(best):
+        k = 3 if np.isnan(ys) else (2 if np.isnan(yr) else (1 if np.isnan(yq) else 0))
+    else:
+        k = np.int64(yp != best) * (1 + np.int64(yq != best) * (1 + np.int64(yr != best)))
+    top = p if k == 0 else q
+    bottom = r if k == 2 else s
+    return k, top if k < 2 else bottom
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _channel_sums(a, v, sums, products):
+    """sums[c] = sum of a, products[c] = sum of a * v over the pixels of flat channels-last
+    rows a, v [P * C], in float64. Over 16 pixels at a time, each lane its own partial sum
+    (a loop that long vectorises; one over the C channels does not), the partial sums added in
+    pixel order at the end: a fixed order, whatever the thread count."""
+    channels = sums.shape[0]
+    width = 16 * channels
+    first, second = np.zeros(width), np.zeros(width)
+    blocks = a.shape[0] // width
+    for i in range(blocks):
+        block_a, block_v = a[i * width:(i + 1) * width], v[i * width:(i + 1) * width]
+        for j in range(width):
+            x = np.float64(block_a[j])
+            first[j] += x
+            second[j] += x * block_v[j]
+    rest_a, rest_v = a[blocks * width:], v[blocks * width:]
+    for j in range(rest_a.shape[0]):
+        x = np.float64(rest_a[j])
+        first[j] += x
+        second[j] += x * rest_v[j]
+    sums[:] = 0.0
+    products[:] = 0.0
+    for j in range(width):
+        sums[j % channels] += first[j]
+        products[j % channels] += second[j]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _scale_shift(stats, b, weight, bias, scale, shift):
+    """Frame b's y = x * scale[c] + shift[c] from its groups' (mean, rstd) in stats."""
+    groups = stats.shape[2]
+    per_group = scale.shape[0] // groups
+    for g in range(groups):
+        mean, rstd = stats[0, b, g], stats[1, b, g]
+        for c in range(g * per_group, (g + 1) * per_group):
+            scale[c] = rstd * weight[c]
+            shift[c] = bias[c] - mean * rstd * weight[c]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -149,13 +269,7 @@ def _group_norm_kernel(x, groups, eps, weight, bias, pool, out, stats):
     shift = np.empty(channels, dtype=x.dtype)
     for b in range(batch):
         frame = x[b].reshape(height * width, channels)
-        sums[:] = 0.0
-        squares[:] = 0.0
-        for p in range(height * width):
-            for c in range(channels):
-                v = np.float64(frame[p, c])
-                sums[c] += v
-                squares[c] += v * v
+        _channel_sums(frame.ravel(), frame.ravel(), sums, squares)
         for g in range(groups):
             total, total2 = 0.0, 0.0
             for c in range(g * per_group, (g + 1) * per_group):
@@ -164,9 +278,7 @@ def _group_norm_kernel(x, groups, eps, weight, bias, pool, out, stats):
             mean = total / count
             rstd = 1.0 / np.sqrt(max(total2 / count - mean * mean, 0.0) + eps)
             stats[0, b, g], stats[1, b, g] = mean, rstd
-            for c in range(g * per_group, (g + 1) * per_group):
-                scale[c] = rstd * weight[c]
-                shift[c] = bias[c] - mean * rstd * weight[c]
+        _scale_shift(stats, b, weight, bias, scale, shift)
         if not pool:
             target = out[b].reshape(height * width, channels)
             for p in range(height * width):

@@ -391,8 +391,9 @@ class SalMM(nn.Module):
         def norm(layer, inp, pool=False):  # GroupNorm, then a 2x2 max-pool if asked
             if fast:
                 return _kernels()[1].group_norm(layer, inp, pool)
-            out = _kernels()[1].group_norm_autograd(layer, inp) if training_cpu else layer(inp)
-            return F.max_pool2d(out, 2, 2) if pool else out
+            if training_cpu:
+                return _kernels()[1].group_norm_autograd(layer, inp, pool)
+            return F.max_pool2d(layer(inp), 2, 2) if pool else layer(inp)
 
         def down(conv, gn, inp):  # conv, GroupNorm, 2x2 max-pool, GELU
             return F.gelu(norm(gn, conv(inp), pool=True))
