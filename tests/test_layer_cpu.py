@@ -223,17 +223,29 @@ def test_weights_updated_by_a_fused_optimiser_are_seen(models):
     assert (after - want).abs().max() < 1e-4
 
 
-def test_saliency_head_equals_conv_upsample_sigmoid_in_float64(models):
+def test_saliency_head_equals_conv_upsample_sigmoid_with_gradients_in_float64(models):
     fast, _ = models
     conv = fast.final.double()
     x = torch.randn(2, 8, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        want = torch.sigmoid(F.interpolate(conv(x), scale_factor=2, mode="bilinear",
-                                           align_corners=True))
-        got = maps_cpu.saliency_head(conv, x)
+    results = []
+    for head in (lambda t: maps_cpu.saliency_head(conv, t),
+                 lambda t: torch.sigmoid(F.interpolate(conv(t), scale_factor=2, mode="bilinear",
+                                                       align_corners=True))):
+        leaf = x.clone().requires_grad_(True)
+        conv.zero_grad()
+        out = head(leaf)
+        weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64).view(out.shape)
+        (out * weight).sum().backward()
+        results.append((out.detach(), leaf.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
     fast.float()
-    assert got.shape == want.shape == (2, 1, 10, 14)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert results[0][0].shape == (2, 1, 10, 14)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda t, w, b: maps_cpu._SaliencyHead.apply(t, w, b),
+        (x[:1, :, :3, :4].clone().requires_grad_(True),
+         conv.weight.detach().double().clone().requires_grad_(True),
+         conv.bias.detach().double().clone().requires_grad_(True)))
 
 
 @pytest.mark.parametrize("pool", [False, True])

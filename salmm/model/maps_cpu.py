@@ -480,14 +480,91 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
 def saliency_head(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """SalMM's last step on x [B, C, h, w] (CPU, any memory format): sigmoid of the 2x bilinear
     upsampling (align_corners=True) of the 1x1 convolution ``conv`` (C -> 1) -> [B, 1, 2h, 2w]
-    in x's dtype. No autograd."""
-    batch, channels, height, width = x.shape
-    pixels = x.permute(0, 2, 3, 1).contiguous()
-    out = torch.empty(batch, 1, 2 * height, 2 * width, dtype=x.dtype)
-    weight = conv.weight.detach().to(x.dtype).reshape(channels).numpy()
-    bias = conv.bias.detach().to(x.dtype).numpy()
-    _saliency_head_kernel(pixels.numpy(), weight, bias[0], out.numpy())
-    return out
+    in x's dtype, in (0, 1). Differentiable in x and the convolution's parameters (its
+    backward is one numba kernel too)."""
+    return _SaliencyHead.apply(x, conv.weight, conv.bias)
+
+
+class _SaliencyHead(torch.autograd.Function):
+    """Forward: :func:`_saliency_head_kernel`. Backward: through the sigmoid (g (1 - y) y, as
+    torch's), the upsampling's adjoint (each output pixel's gradient back to its four source
+    pixels with the same weights, rows then columns), and the 1x1 convolution (its weight and
+    bias gradients summed in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        batch, channels, height, width = x.shape
+        pixels = x.detach().permute(0, 2, 3, 1).contiguous()
+        out = torch.empty(batch, 1, 2 * height, 2 * width, dtype=x.dtype)
+        w = weight.detach().to(x.dtype).reshape(channels)
+        _saliency_head_kernel(pixels.numpy(), w.numpy(), bias.detach().to(x.dtype).numpy()[0],
+                              out.numpy())
+        ctx.save_for_backward(pixels, w, out)
+        ctx.dtypes = (weight.dtype, weight.shape, bias.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
+    def backward(ctx, gout):
+        pixels, w, out = ctx.saved_tensors
+        w_dtype, w_shape, b_dtype = ctx.dtypes
+        gx = torch.empty_like(pixels)
+        gweight, gbias = np.zeros(w.shape[0]), np.zeros(1)
+        _saliency_head_backward_kernel(pixels.numpy(), w.numpy(), out.numpy(),
+                                       gout.contiguous().to(out.dtype).numpy(), gx.numpy(),
+                                       gweight, gbias)
+        return (gx.permute(0, 3, 1, 2), torch.from_numpy(gweight).reshape(w_shape).to(w_dtype),
+                torch.from_numpy(gbias).to(b_dtype))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _upsample_taps(size, out_size, f):
+    """Bilinear 2x upsampling (align_corners=True) along one axis: for each of ``out_size``
+    output pixels the source pixels (i0, i1) and the weight l of i1 (1 - l of i0), the source
+    coordinate i * (size - 1) / (out_size - 1) in the map's dtype ``f``, as PyTorch computes it."""
+    scale = f(size - 1) / f(out_size - 1) if out_size > 1 else f(0.0)
+    i0, i1 = np.empty(out_size, dtype=np.int64), np.empty(out_size, dtype=np.int64)
+    weight = np.empty(out_size, dtype=f)
+    for j in range(out_size):
+        source = scale * f(j)
+        i0[j] = min(int(source), size - 1)
+        i1[j] = i0[j] + (1 if i0[j] < size - 1 else 0)
+        weight[j] = source - f(i0[j])
+    return i0, i1, weight
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _saliency_head_backward_kernel(x, weight, out, gout, gx, gweight, gbias):
+    """x, gx [B, h, w, C]; weight [C]; out (the sigmoid), gout [B, 1, 2h, 2w]; gweight [C],
+    gbias [1] accumulated in float64."""
+    batch, height, width, channels = x.shape
+    f = out.dtype.type
+    rows, cols = out.shape[2], out.shape[3]
+    y0, y1, ly = _upsample_taps(height, rows, f)
+    x0, x1, lx = _upsample_taps(width, cols, f)
+    plane = np.empty((height, width), dtype=x.dtype)  # dL/d(the convolution's output)
+    line = np.empty(width, dtype=x.dtype)
+    for b in range(batch):
+        plane[:] = 0.0
+        for i in range(rows):
+            y, g = out[b, 0, i], gout[b, 0, i]
+            line[:] = 0.0
+            for j in range(cols):
+                grad = g[j] * (f(1.0) - y[j]) * y[j]  # through the sigmoid
+                line[x0[j]] += (f(1.0) - lx[j]) * grad
+                line[x1[j]] += lx[j] * grad
+            top, bottom, share = plane[y0[i]], plane[y1[i]], ly[i]
+            for k in range(width):
+                top[k] += (f(1.0) - share) * line[k]
+                bottom[k] += share * line[k]
+        frame, into = x[b].reshape(-1, channels), gx[b].reshape(-1, channels)
+        flat = plane.ravel()
+        for p in range(flat.shape[0]):
+            gp = flat[p]
+            gbias[0] += gp
+            for c in range(channels):
+                into[p, c] = weight[c] * gp
+                gweight[c] += np.float64(gp) * frame[p, c]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -499,16 +576,8 @@ def _saliency_head_kernel(x, weight, bias, out):
     f = out.dtype.type
     plane = np.empty((height, width), dtype=x.dtype)
     rows, cols = out.shape[2], out.shape[3]
-    scale_y = f(height - 1) / f(rows - 1) if rows > 1 else f(0.0)
-    scale_x = f(width - 1) / f(cols - 1) if cols > 1 else f(0.0)
-    x0 = np.empty(cols, dtype=np.int64)
-    x1 = np.empty(cols, dtype=np.int64)
-    lx = np.empty(cols, dtype=x.dtype)
-    for j in range(cols):
-        source = scale_x * f(j)
-        x0[j] = min(int(source), width - 1)
-        x1[j] = x0[j] + (1 if x0[j] < width - 1 else 0)
-        lx[j] = source - f(x0[j])
+    y0, y1, ly = _upsample_taps(height, rows, f)
+    x0, x1, lx = _upsample_taps(width, cols, f)
     for b in range(batch):
         frame = x[b].reshape(-1, channels)
         flat = plane.ravel()
@@ -518,14 +587,10 @@ def _saliency_head_kernel(x, weight, bias, out):
                 total += weight[c] * frame[p, c]
             flat[p] = total
         for i in range(rows):
-            source = scale_y * f(i)
-            y0 = min(int(source), height - 1)
-            y1 = y0 + (1 if y0 < height - 1 else 0)
-            ly = source - f(y0)
-            top, bottom, target = plane[y0], plane[y1], out[b, 0, i]
+            top, bottom, target, share = plane[y0[i]], plane[y1[i]], out[b, 0, i], ly[i]
             for j in range(cols):
                 a = (f(1.0) - lx[j]) * top[x0[j]] + lx[j] * top[x1[j]]
                 c = (f(1.0) - lx[j]) * bottom[x0[j]] + lx[j] * bottom[x1[j]]
-                target[j] = (f(1.0) - ly) * a + ly * c
+                target[j] = (f(1.0) - share) * a + share * c
             for j in range(cols):
                 target[j] = sigmoid(target[j], f)[0]

@@ -423,7 +423,7 @@ class SalMM(nn.Module):
         out2 = self.conv2(torch.cat([out2, t2], dim=1))  # [B, 24 -> 12, H/4, W/4]
         out1 = up(self.decoder5, self.dbn5, out2)  # [B, 8, H/2, W/2]
         out1 = self.conv1(torch.cat([out1, t1], dim=1))  # [B, 16 -> 8, H/2, W/2]
-        if fast:  # the 1x1 conv, 2x upsample and sigmoid in one kernel
+        if fast or training_cpu:  # the 1x1 conv, 2x upsample and sigmoid in one kernel
             return _kernels()[1].saliency_head(self.final, out1)
         out0 = F.interpolate(self.final(out1.contiguous()), scale_factor=2, mode="bilinear", align_corners=True)
         return torch.sigmoid(out0)  # [B, 1, H, W]
