@@ -1,15 +1,18 @@
-"""Per-map CPU kernels on channels-last maps, one numba call each: GroupNorm (optionally followed
-by a 2x2 max-pool; inference, and training with its own backward) and the spatial attention
-bridge (inference and training).
+"""Per-map CPU kernels on channels-last maps, one numba call each, for inference and, with
+their own backward, for training: GroupNorm (optionally followed by a 2x2 max-pool), the
+spatial attention bridge, and the saliency head.
 
-``group_norm``: what SalMM's ``GroupNorm`` (then ``F.max_pool2d(., 2, 2)`` in the encoder)
-computes. PyTorch's channels-first GroupNorm needs the map copied to channels-first memory and
-back (its channels-last kernel is far less accurate), and max-pool computes indices nobody
-uses. Here the map is read where it lies: per (frame, group) the mean and the biased variance
-come from the per-channel sums of x and x^2 in float64 (one pass, a fixed order: no
-dependence on threads), then
-y = x * scale[c] + shift[c] with scale = rstd * weight, shift = bias - mean * scale (the form
-PyTorch applies), and the 2x2 maximum of y (NaN propagates) when pooling.
+``group_norm`` / ``group_norm_autograd``: what SalMM's ``GroupNorm`` (then
+``F.max_pool2d(., 2, 2)`` in the encoder) computes. PyTorch's channels-first GroupNorm needs the
+map copied to channels-first memory and back (its channels-last kernel is far less accurate),
+and max-pool computes indices nobody uses. Here the map is read where it lies: per (frame,
+group) the mean and the biased variance come from the per-channel sums of x and x^2 in float64
+(one pass, a fixed order: no dependence on threads), then y = x * scale[c] + shift[c] with
+scale = rstd * weight, shift = bias - mean * scale (the form PyTorch applies), and the 2x2
+maximum of y (NaN propagates) when pooling. The pooled backward finds each window's choice
+again (max-pool's: the first maximum, or the last NaN), so only the pooled map is kept. At
+[8, 8, 256, 256] (the encoder's first stage at batch 8), forward + backward: 15 ms, against 27
+for the unpooled kernel followed by PyTorch's max-pool and 52 for the modules.
 
 ``spatial_attention``: the bridge's [channel mean, channel max] planes, its dilated 7x7
 two-channel convolution written out over whole rows (PyTorch runs it as a slow im2col), the
@@ -17,8 +20,12 @@ sigmoid, and the products the bridge makes of it, with the channel means its cha
 needs; for training, its backward in one kernel too (some 15 operators and their backward per
 map become one call each way: a third less time for the bridge in a training step). Its sums
 are reassociated to vectorise (``fastmath={"reassoc"}``): a fixed order for a given build,
-whatever the thread count. The modules' own forward and backward are the ``_ref`` twin
-(``tests/test_layer_cpu.py``).
+whatever the thread count.
+
+``saliency_head``: the final 1x1 convolution, the 2x bilinear upsampling (align_corners) and
+the sigmoid, and their backward.
+
+The modules' own forward and backward are the ``_ref`` twin (``tests/test_layer_cpu.py``).
 """
 
 from __future__ import annotations
