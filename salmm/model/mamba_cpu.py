@@ -17,7 +17,8 @@ Per batch row, channel-major [C, L] inside (L the sequence length):
               the forward pass and the decays recomputed.
 
 Every sum runs in a fixed order (the n-long sums of the scan reassociated to vectorise, as in
-:mod:`salmm.model.scan_cpu`); each row's parameter gradients go to their own buffer and are
+:mod:`salmm.model.scan_cpu`; a * b + c may be one fused multiply-add, as in
+:mod:`salmm.model.layer_cpu`); each row's parameter gradients go to their own buffer and are
 summed over rows in row order, so results do not depend on the thread count. float32, or
 float64 for float64 inputs.
 """
@@ -44,7 +45,8 @@ from salmm.model.scan_cpu import run_jobs
 
 __all__ = ["mamba_forward"]
 
-_REASSOC = {"reassoc"}
+_CONTRACT = {"contract"}  # a * b + c as one FMA (one rounding): no sum reordered
+_REASSOC = {"reassoc", "contract"}  # and the n-long sums of the scan reassociated to vectorise
 _PIECES = 17  # in_proj, 7 per direction (conv w, conv b, x_proj, dt_proj w, b, A_log, D), out_proj w, b
 
 
@@ -137,7 +139,7 @@ def _accumulate_outer(g, x, into):
             into[o, i] += total
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
 def _transposed_product(w, g, out):
     """out = w^T g (w [O, I], g [O, L], out [I, L]): the gradient a Linear passes back."""
     out[:] = 0.0
@@ -157,7 +159,7 @@ def _dot(a, b):
     return total
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
 def _silu_slope(x, out):
     """out = d SiLU / dx = sigmoid(x) (1 + x (1 - sigmoid(x))), elementwise over flat rows."""
     f = out.dtype.type
@@ -166,7 +168,7 @@ def _silu_slope(x, out):
         out[i] = sig * (f(1.0) + x[i] * (f(1.0) - sig))
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
 def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
                     ysum, out, counter):
     d_model, d_inner, rank, n, _ = dims
@@ -249,7 +251,7 @@ def _scan_backward(gy_t, delta_t, u_t, b_t, c_t, a, states, backward, gdelta_t, 
         a_next[:] = a_now
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
 def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
                      ysum, ghidden, partial, counter):
     d_model, d_inner, rank, n, taps = dims
