@@ -40,14 +40,14 @@ from salmm.model.layer_cpu import (
     silu,
     sweep,
 )
-from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, sigmoid
+from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, prefetch, sigmoid
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = ["mamba_forward"]
 
 _CONTRACT = {"contract"}  # a * b + c as one FMA (one rounding): no sum reordered
 _REASSOC = {"reassoc", "contract"}  # and the n-long sums of the scan reassociated to vectorise
-_PIECES = 17  # in_proj, 7 per direction (conv w, conv b, x_proj, dt_proj w, b, A_log, D), out_proj w, b
+_AHEAD = 8  # how many steps ahead the scan's adjoint asks for the states it will read
 
 
 def _parameters(mamba) -> list[Tensor]:
@@ -228,12 +228,15 @@ def _scan_backward(gy_t, delta_t, u_t, b_t, c_t, a, states, backward, gdelta_t, 
     for step in range(length):
         t = step if backward else length - 1 - step          # against the direction's time
         before = t + 1 if backward else t - 1                # the step the state came from
+        ahead = t + _AHEAD if backward else t - _AHEAD       # the states read _AHEAD steps on
         prev = states[before] if 0 <= before < length else zero
         h = states[t]
         gb, gc = gb_t[t], gc_t[t]
         gb[:] = 0.0
         gc[:] = 0.0
         for c in range(d_inner):
+            if 0 <= ahead < length:  # the forward wrote them long ago: out of cache by now
+                prefetch(states, (ahead * d_inner + c) * n)
             dt, g, x = delta_t[t, c], gy_t[t, c], u_t[t, c]
             total_delta, total_u = f(0.0), f(0.0)
             for k in range(n):

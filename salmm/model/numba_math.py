@@ -1,6 +1,6 @@
 """Scalar math for the numba CPU kernels (:mod:`salmm.model.scan_cpu`,
 :mod:`salmm.model.layer_cpu`): a vectorisable exp within 2 ulp, sigmoid and softplus as torch
-computes them, 2**k from bits, and an atomic job counter. Usable inside ``numba.njit`` code
+computes them, 2**k from bits, an atomic job counter and a prefetch hint. Usable inside ``numba.njit`` code
 only; float32 and float64."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-__all__ = ["SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "pow2", "sigmoid", "softplus"]
+__all__ = ["SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "pow2", "prefetch", "sigmoid", "softplus"]
 
 # numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
 # that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
@@ -53,6 +53,26 @@ def claim(typingctx, counter):
         return builder.atomic_rmw("add", data, ir.IntType(64)(1), "monotonic")
 
     return types.int64(counter), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """A hint to bring the cache line of ``array.flat[index]`` (a C-contiguous array) in for
+    reading, soon; no effect on results, nothing read or checked (an index past the end is
+    harmless: a prefetch never faults)."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        hint = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), ir.IntType(32),
+                                               ir.IntType(32), ir.IntType(32)])
+        function = builder.module.declare_intrinsic("llvm.prefetch", [address.type], hint)
+        builder.call(function, [address, ir.IntType(32)(0), ir.IntType(32)(3), ir.IntType(32)(1)])
+        return context.get_dummy_value()
+
+    return types.none(array, index), codegen
 
 
 def _reduced(x):
