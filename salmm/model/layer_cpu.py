@@ -239,29 +239,31 @@ def silu(x, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def sweep(delta_t, u_t, b_t, c_t, a, states, y_t, backward, keep):
-    """The selective scan's recurrence over time-major delta_t, u_t [L, d_inner] and B, C
-    (b_t, c_t [L, n]): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t from h = 0,
-    y_t[t, c] = C_t . h_t[c]; time runs downwards when ``backward``. ``keep``: states
-    [L, d_inner, n] receives every h_t (what training's backward needs); else states
-    [2, d_inner, n] holds the last two (two buffers, so that a step's reads and writes do not
-    overlap and the n-long loop vectorises)."""
-    length, d_inner = u_t.shape
+def sweep(delta, u, b_t, c_t, a, states, y, backward, keep):
+    """The selective scan's recurrence over channel-major delta, u [d_inner, L] and time-major
+    B, C (b_t, c_t [L, n]): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t from h = 0,
+    y[c, t] = C_t . h_t[c] (channel-major [d_inner, L]); time runs downwards when
+    ``backward``. ``keep``: states [L, d_inner, n] receives every h_t (what training's backward
+    needs); else states [2, d_inner, n] holds the last two (two buffers, so that a step's reads
+    and writes do not overlap and the n-long loop vectorises). The scalars of each step are
+    read and written where they lie (a step touches one value per channel row: no transposed
+    copies)."""
+    d_inner, length = u.shape
     n = a.shape[1]
-    f = y_t.dtype.type
-    prev = np.zeros((d_inner, n), dtype=y_t.dtype)
+    f = y.dtype.type
+    prev = np.zeros((d_inner, n), dtype=y.dtype)
     for step in range(length):
         t = length - 1 - step if backward else step
         h = states[t] if keep else states[step % 2]
         for c in range(d_inner):
-            dt = delta_t[t, c]
-            x = dt * u_t[t, c]
+            dt = delta[c, t]
+            x = dt * u[c, t]
             total = f(0.0)
             for k in range(n):
                 v = decay(dt * a[c, k]) * prev[c, k] + x * b_t[t, k]
                 h[c, k] = v
                 total += c_t[t, k] * v
-            y_t[t, c] = total
+            y[c, t] = total
         prev = h
 
 
@@ -340,9 +342,8 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     u, pre = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     delta, lin = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     bc = np.empty((rank + 2 * n, length), dtype=dtype)
-    delta_t, u_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
     b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
-    state, y_t = np.empty((2, d_inner, n), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
+    state = np.empty((2, d_inner, n), dtype=dtype)
     acc = np.empty((d_inner, length), dtype=dtype)
     y = np.zeros((d_inner, length), dtype=dtype)
     a = np.empty((d_inner, n), dtype=dtype)
@@ -351,12 +352,9 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
             weights, offsets, base + 3 + 7 * direction, d_inner, rank, n)
         direction_inputs(xz[:d_inner], conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log,
                          direction, pre, u, bc, lin, delta, a)
-        delta_t[:] = delta.T
-        u_t[:] = u.T
         b_t[:] = bc[rank:rank + n].T
         c_t[:] = bc[rank + n:].T
-        sweep(delta_t, u_t, b_t, c_t, a, state, y_t, direction == 1, False)
-        acc[:] = y_t.T
+        sweep(delta, u, b_t, c_t, a, state, acc, direction == 1, False)
         for c in range(d_inner):
             for t in range(length):
                 y[c, t] += (acc[c, t] + d[c] * u[c, t]) * gate[c, t]

@@ -88,7 +88,8 @@ class _FusedMamba(torch.autograd.Function):
 
         saved = (empty(d_model, length), empty(2 * d_inner, length),          # s^T, xz
                  empty(2, d_inner, length), empty(2, d_inner, length),        # pre, u
-                 empty(2, rank + 2 * n, length), empty(2, d_inner, length),   # bc, dl
+                 empty(2, rank + 2 * n, length), empty(2, 2, length, n),      # bc, B C^T
+                 empty(2, d_inner, length),                                   # dl
                  empty(2, d_inner, length), empty(2, length, d_inner, n),     # delta, states
                  empty(2, d_inner, length), empty(d_inner, length))           # y, ysum
         out = torch.empty(batch, length, d_model, dtype=dtype)
@@ -169,15 +170,12 @@ def _silu_slope(x, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
-def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
-                    ysum, out, counter):
+def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl, delta, states,
+                    y, ysum, out, counter):
     d_model, d_inner, rank, n, _ = dims
     length = hidden.shape[1]
     dtype = out.dtype
     a = np.empty((d_inner, n), dtype=dtype)
-    delta_t, u_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
-    b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
-    y_t = np.empty((length, d_inner), dtype=dtype)
     r = claim(counter)
     while r < hidden.shape[0]:
         s_t[r] = hidden[r].T
@@ -193,14 +191,10 @@ def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, del
                 delta[r, direction]
             direction_inputs(xz[r, :d_inner], conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log,
                              direction, pre[r, direction], ud, b, lin, dd, a)
-            yd = y[r, direction]
-            delta_t[:] = dd.T
-            u_t[:] = ud.T
+            yd, b_t, c_t = y[r, direction], bct[r, direction, 0], bct[r, direction, 1]
             b_t[:] = b[rank:rank + n].T
             c_t[:] = b[rank + n:].T
-            sweep(delta_t, u_t, b_t, c_t, a, states[r, direction], y_t, direction == 1,
-                  True)
-            yd[:] = y_t.T
+            sweep(dd, ud, b_t, c_t, a, states[r, direction], yd, direction == 1, True)
             for c in range(d_inner):
                 for t in range(length):
                     yd[c, t] += d[c] * ud[c, t]
@@ -213,31 +207,31 @@ def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, dl, del
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _scan_backward(gy_t, delta_t, u_t, b_t, c_t, a, states, backward, gdelta_t, gu_t, gb_t,
-                   gc_t, ga):
-    """The adjoint of one direction's scan (see the module docstring), all time-major: from
-    gy_t [L, d_inner] (dL/dy before the D term) into gdelta_t, gu_t [L, d_inner], gb_t, gc_t
-    [L, n] and ga [d_inner, n] (dL/dA, accumulated)."""
-    length, d_inner = u_t.shape
+def _scan_backward(gy, delta, u, b_t, c_t, a, states, backward, gdelta, gu, gb, gc, ga):
+    """The adjoint of one direction's scan (see the module docstring): from gy [d_inner, L]
+    (dL/dy before the D term), delta and u [d_inner, L] and B, C time-major (b_t, c_t [L, n])
+    into gdelta, gu [d_inner, L], gb, gc [n, L] and ga [d_inner, n] (dL/dA, accumulated). A
+    step's scalars are read and written where they lie, its n-vectors summed in gb_t, gc_t."""
+    d_inner, length = u.shape
     n = a.shape[1]
-    f = gy_t.dtype.type
-    lam = np.zeros((d_inner, n), dtype=gy_t.dtype)
-    a_next = np.zeros((d_inner, n), dtype=gy_t.dtype)
-    a_now = np.empty((d_inner, n), dtype=gy_t.dtype)
-    zero = np.zeros((d_inner, n), dtype=gy_t.dtype)
+    f = gy.dtype.type
+    lam = np.zeros((d_inner, n), dtype=gy.dtype)
+    a_next = np.zeros((d_inner, n), dtype=gy.dtype)
+    a_now = np.empty((d_inner, n), dtype=gy.dtype)
+    zero = np.zeros((d_inner, n), dtype=gy.dtype)
+    gb_t, gc_t = np.empty(n, dtype=gy.dtype), np.empty(n, dtype=gy.dtype)
     for step in range(length):
         t = step if backward else length - 1 - step          # against the direction's time
         before = t + 1 if backward else t - 1                # the step the state came from
         ahead = t + _AHEAD if backward else t - _AHEAD       # the states read _AHEAD steps on
         prev = states[before] if 0 <= before < length else zero
         h = states[t]
-        gb, gc = gb_t[t], gc_t[t]
-        gb[:] = 0.0
-        gc[:] = 0.0
+        gb_t[:] = 0.0
+        gc_t[:] = 0.0
         for c in range(d_inner):
             if 0 <= ahead < length:  # the forward wrote them long ago: out of cache by now
                 prefetch(states, (ahead * d_inner + c) * n)
-            dt, g, x = delta_t[t, c], gy_t[t, c], u_t[t, c]
+            dt, g, x = delta[c, t], gy[c, t], u[c, t]
             total_delta, total_u = f(0.0), f(0.0)
             for k in range(n):
                 lam[c, k] = c_t[t, k] * g + a_next[c, k] * lam[c, k]
@@ -247,25 +241,23 @@ def _scan_backward(gy_t, delta_t, u_t, b_t, c_t, a, states, backward, gdelta_t, 
                 total_u += lam[c, k] * b_t[t, k]
                 ga[c, k] += through * dt
             for k in range(n):
-                gb[k] += lam[c, k] * dt * x
-                gc[k] += g * h[c, k]
-            gdelta_t[t, c] = total_delta
-            gu_t[t, c] = dt * total_u
+                gb_t[k] += lam[c, k] * dt * x
+                gc_t[k] += g * h[c, k]
+            gdelta[c, t] = total_delta
+            gu[c, t] = dt * total_u
+        for k in range(n):
+            gb[k, t] = gb_t[k]
+            gc[k, t] = gc_t[k]
         a_next[:] = a_now
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
-def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delta, states, y,
-                     ysum, ghidden, partial, counter):
+def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl, delta, states,
+                     y, ysum, ghidden, partial, counter):
     d_model, d_inner, rank, n, taps = dims
     length = gout.shape[1]
     dtype = ghidden.dtype
     a = np.empty((d_inner, n), dtype=dtype)
-    gy_t, delta_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
-    u_t, gdelta_t = np.empty((length, d_inner), dtype=dtype), np.empty((length, d_inner), dtype=dtype)
-    gu_t = np.empty((length, d_inner), dtype=dtype)
-    b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
-    gb_t, gc_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
     gate, gate_slope = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     slope = np.empty((d_inner, length), dtype=dtype)
     one, threshold = dtype.type(1.0), dtype.type(SOFTPLUS_THRESHOLD)
@@ -308,25 +300,18 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, dl, delt
                     into[t] += gys[c, t] * yd[c, t] * gate_slope[c, t]
                 g_d[c] += _dot(gy[c], ud[c])
             ga[:] = 0.0
-            gy_t[:] = gy.T
-            delta_t[:] = dd.T
-            u_t[:] = ud.T
-            b_t[:] = b[rank:rank + n].T
-            c_t[:] = b[rank + n:].T
-            _scan_backward(gy_t, delta_t, u_t, b_t, c_t, a, states[r, direction], direction == 1,
-                           gdelta_t, gu_t, gb_t, gc_t, ga)
-            gdelta[:] = gdelta_t.T
-            gu[:] = gu_t.T
-            gbc[rank:rank + n] = gb_t.T
-            gbc[rank + n:] = gc_t.T
+            _scan_backward(gy, dd, ud, bct[r, direction, 0], bct[r, direction, 1], a,
+                           states[r, direction], direction == 1, gdelta, gu, gbc[rank:rank + n],
+                           gbc[rank + n:], ga)
             g_alog = piece(grads, offsets, i + 5).reshape(d_inner, n)
             for c in range(d_inner):
                 for k in range(n):
                     g_alog[c, k] += ga[c, k] * a[c, k]               # dA / dA_log = A
                 for t in range(length):
                     gu[c, t] += d[c] * gy[c, t]
-                    x = lin[c, t]                                    # through softplus
-                    gdelta[c, t] *= one if x > threshold else sigmoid(x, dtype.type)[0]
+                    x = lin[c, t]                 # through softplus (a select: it vectorises)
+                    slope_t = sigmoid(x, dtype.type)[0]
+                    gdelta[c, t] *= one if x > threshold else slope_t
             g_dtb = piece(grads, offsets, i + 4)
             for c in range(d_inner):
                 for t in range(length):
