@@ -203,20 +203,37 @@ def test_numba_scan_gradcheck():
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@numba.njit
-def _exp_array(x, out):
-    for i in range(x.shape[0]):
-        out[i] = numba_math.exp(x[i])
+def _elementwise(function, fastmath):
+    """A numba loop applying ``function`` elementwise, compiled as the kernels are: with and
+    without fused multiply-adds (the fused layer and training kernels allow "contract")."""
+    @numba.njit(fastmath=fastmath)
+    def loop(x, out):
+        for i in range(x.shape[0]):
+            out[i] = function(x[i])
+    return loop
 
 
-@numba.njit
-def _decay_array(x, out):
-    for i in range(x.shape[0]):
-        out[i] = numba_math.decay(x[i])
+_FASTMATH = pytest.mark.parametrize("fastmath", [False, {"contract"}], ids=["plain", "fma"])
 
 
+@numba.njit(inline="always")
+def _exp(x):
+    return numba_math.exp(x)
+
+
+@numba.njit(inline="always")
+def _decay(x):
+    return numba_math.decay(x)
+
+
+@numba.njit(inline="always")
+def _softplus(x):
+    return numba_math.softplus(x)[0]
+
+
+@_FASTMATH
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernel_decay_within_2_ulp_and_zero_below_the_normal_range(dtype):
+def test_kernel_decay_within_2_ulp_and_zero_below_the_normal_range(dtype, fastmath):
     """The decay factor exp(x), x <= 0, of the fused layer's scan: 2 ulp wherever exp(x) is a
     normal number, 0 (not a subnormal) below, NaN kept, exp(0) = 1."""
     info = np.finfo(dtype)
@@ -224,7 +241,7 @@ def test_kernel_decay_within_2_ulp_and_zero_below_the_normal_range(dtype):
                         -np.abs(np.random.default_rng(0).standard_normal(50_000)) * 5,
                         [np.nan, -np.inf, 0.0, -0.0]]).astype(dtype)
     got = np.empty_like(x)
-    _decay_array(x, got)
+    _elementwise(_decay, fastmath)(x, got)
     with np.errstate(under="ignore"):
         want = np.exp(x.astype(np.longdouble))
     normal = want >= info.tiny
@@ -235,8 +252,9 @@ def test_kernel_decay_within_2_ulp_and_zero_below_the_normal_range(dtype):
     assert np.isnan(got[-4]) and got[-3] == 0 and got[-2] == got[-1] == 1
 
 
+@_FASTMATH
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernel_exp_within_2_ulp(dtype):
+def test_kernel_exp_within_2_ulp(dtype, fastmath):
     """The polynomial exp behind softplus and SiLU, over the whole range, subnormal results,
     overflow and the special values."""
     info = np.finfo(dtype)
@@ -249,7 +267,7 @@ def test_kernel_exp_within_2_ulp(dtype):
         ]
     ).astype(dtype)
     got = np.empty_like(x)
-    _exp_array(x, got)
+    _elementwise(_exp, fastmath)(x, got)
     with np.errstate(over="ignore", under="ignore"):
         want = np.exp(x.astype(np.longdouble))
     normal = (want >= info.tiny) & (want <= info.max)
@@ -259,6 +277,27 @@ def test_kernel_exp_within_2_ulp(dtype):
     assert (np.abs(got[subnormal] - want[subnormal]) <= 2 * info.smallest_subnormal).all()
     assert (got[want > info.max] == np.inf).all()
     assert np.isnan(got[-5]) and got[-4] == np.inf and got[-3] == 0 and got[-2] == got[-1] == 1
+
+
+@_FASTMATH
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_softplus_within_4_ulp_and_passes_through_above_the_threshold(dtype, fastmath):
+    """softplus of the kernels (its series cut per type) against log1p(exp(x)) in long double:
+    4 ulp over [-40, 40] (float32 as torch's own: 3), x itself above 20 as torch, and the
+    special values."""
+    x = np.concatenate([np.linspace(-40.0, 40.0, 400_001),
+                        np.random.default_rng(0).standard_normal(50_000) * 4,
+                        [np.nan, np.inf, -np.inf, 0.0]]).astype(dtype)
+    got = np.empty_like(x)
+    _elementwise(_softplus, fastmath)(x, got)
+    exact = x.astype(np.longdouble)
+    with np.errstate(over="ignore"):
+        want = np.where(exact > numba_math.SOFTPLUS_THRESHOLD, exact, np.log1p(np.exp(exact)))
+    finite = np.isfinite(want)
+    ulp = np.spacing(want[finite].astype(dtype)).astype(np.longdouble)
+    assert (np.abs(got[finite] - want[finite]) <= 4 * ulp).all()
+    assert np.isnan(got[-4]) and got[-3] == np.inf and got[-2] == 0
+    assert abs(got[-1] - dtype(math.log(2))) <= np.spacing(dtype(math.log(2)))
 
 
 def test_workspace_reuses_only_buffers_nothing_refers_to():

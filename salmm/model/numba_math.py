@@ -140,20 +140,37 @@ def sigmoid(x, f):
     return (f(1.0) if x >= f(0.0) else e) / (f(1.0) + e), e
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def softplus(x):
-    """(softplus(x) as torch computes it, its derivative sigmoid(x)) for a float32 / float64 x."""
-    f = type(x)
-    sig, e = sigmoid(x, f)
-    # softplus(x) = max(x, 0) + log1p(e), log1p(e) = 2 atanh(s) = 2 s sum_j s**2j / (2j+1)
-    s = e / (f(2.0) + e)  # <= 1/3: 17 terms reach float64 precision
-    q = s * s
-    series = f(1.0 / 33.0)
-    for j in range(15, -1, -1):
-        series = series * q + f(1.0 / (2 * j + 1))
-    if x > f(SOFTPLUS_THRESHOLD):
-        return x, f(1.0)
-    return max(x, f(0.0)) + f(2.0) * s * series, sig
+    """(softplus(x) as torch computes it, its derivative sigmoid(x)) for a float32 / float64 x;
+    implemented for numba only (see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(softplus, inline="always")
+def _softplus_overload(x):
+    """softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|), log1p(e) = 2 atanh(s) =
+    2 s sum_j s**2j / (2j + 1) with s = e / (2 + e) <= 1/3: the series cut where its next term
+    is below the type's precision (float32: 8 terms, under 2e-9 relative; float64: 17); x
+    above torch's threshold passes through."""
+    if x not in (types.float32, types.float64):
+        return None
+    f = np.float32 if x == types.float32 else np.float64
+    terms = 8 if x == types.float32 else 17
+    coefficients = tuple(f(1.0 / (2 * j + 1)) for j in range(terms - 2, -1, -1))
+    last, threshold = f(1.0 / (2 * terms - 1)), f(SOFTPLUS_THRESHOLD)
+
+    def impl(x):
+        sig, e = sigmoid(x, f)
+        s = e / (f(2.0) + e)
+        q = s * s
+        series = last
+        for coefficient in coefficients:
+            series = series * q + coefficient
+        if x > threshold:
+            return x, f(1.0)
+        return max(x, f(0.0)) + f(2.0) * s * series, sig
+
+    return impl
 
 
 def decay(x):
