@@ -319,7 +319,8 @@ def spatial_attention(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tenso
 class _SpatialAttention(torch.autograd.Function):
     """Forward: :func:`_spatial_attention_kernel`. Backward, with gm = dL/dmixed + dL/dpooled /
     (H W): dL/dx = (a + 1) gm + a gs + the planes' share, dL/da = sum_c x (gm + gs), through
-    the sigmoid and the convolution (its weight and bias gradients summed in float64); the
+    the sigmoid and the convolution (its weight gradient summed per map row in the map's type,
+    the rows in float64; its bias gradient in float64); the
     channel mean passes 1 / C of its gradient to every channel, the channel max all of it to
     the channels that hold the maximum, split evenly among ties (as torch's amax does)."""
 
@@ -392,7 +393,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
     batch, height, width, channels = x.shape
     f = x.dtype.type
     reach = _taps(weight.shape[1], dilation, padding, height, width)
-    sums = np.empty(channels, dtype=np.float64)
+    sums, squares = np.empty(channels), np.empty(channels)  # (squares: unused)
     for b in range(batch):
         frame, means, maxima = x[b].reshape(-1, channels), planes[b, 0].ravel(), \
             planes[b, 1].ravel()
@@ -418,13 +419,12 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
         for p in range(flat.shape[0]):
             flat[p] = sigmoid(flat[p], f)[0]
         weighted, both = s[b].reshape(-1, channels), mixed[b].reshape(-1, channels)
-        sums[:] = 0.0
         for p in range(flat.shape[0]):
             for c in range(channels):
                 v = frame[p, c]
                 weighted[p, c] = flat[p] * v
                 both[p, c] = flat[p] * v + v
-                sums[c] += both[p, c]
+        _channel_sums(both.ravel(), both.ravel(), sums, squares)
         for c in range(channels):
             pooled[b, c] = sums[c] / (height * width)
 
@@ -433,7 +433,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
 def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, padding, gs, gmixed,
                                        gpooled, gx, gweight, gbias):
     """x, gs, gmixed, gx [B, H, W, C]; gates [B, H, W]; planes [B, 2, H, W]; weight [2, k, k];
-    gpooled [B, C]; gweight [2, k, k] and gbias [1] accumulated in float64 (see
+    gpooled [B, C]; gweight [2, k, k] and gbias [1] accumulated in float64 over rows (see
     _SpatialAttention)."""
     batch, height, width, channels = x.shape
     f = x.dtype.type
@@ -465,23 +465,21 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
                     source = glogit[py, x0:x1]
                     seen = planes[b, plane, py + dy, x0 + dx:x1 + dx]
                     into_plane = gplanes[plane, py + dy, x0 + dx:x1 + dx]
-                    row = 0.0
+                    row = f(0.0)  # a row's sum in the map's type, the rows' in float64
                     for i in range(source.shape[0]):
                         into_plane[i] += w * source[i]
-                        row += np.float64(source[i]) * np.float64(seen[i])
-                    total += row
+                        row += source[i] * seen[i]
+                    total += np.float64(row)
                 gweight[plane, ky, kx] += total
         mean_share, max_share = gplanes[0].ravel(), gplanes[1].ravel()
         maxima = planes[b, 1].ravel()
-        for p in range(a.shape[0]):
+        for p in range(a.shape[0]):  # selects, not branches: the loops vectorise
             ties = 0
             for c in range(channels):
-                ties += 1 if frame[p, c] == maxima[p] else 0
-            per_tie = max_share[p] / f(max(ties, 1))
+                ties += np.int64(frame[p, c] == maxima[p])
+            per_tie, per_channel = max_share[p] / f(max(ties, 1)), mean_share[p] / f(channels)
             for c in range(channels):
-                into[p, c] += mean_share[p] / f(channels)
-                if frame[p, c] == maxima[p]:
-                    into[p, c] += per_tie
+                into[p, c] += per_channel + (per_tie if frame[p, c] == maxima[p] else f(0.0))
 
 
 def saliency_head(conv: nn.Conv2d, x: Tensor) -> Tensor:
