@@ -223,20 +223,25 @@ def test_weights_updated_by_a_fused_optimiser_are_seen(models):
     assert (after - want).abs().max() < 1e-4
 
 
+def outputs_and_gradients(fn, module, x):
+    """(fn(x), and the gradients of x, module.weight and module.bias) of the loss
+    sum(fn(x) * w), w a fixed ramp over [-1, 2]."""
+    leaf = x.clone().requires_grad_(True)
+    module.zero_grad()
+    out = fn(leaf)
+    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view(out.shape)
+    (out * weight).sum().backward()
+    return out.detach(), leaf.grad, module.weight.grad.clone(), module.bias.grad.clone()
+
+
 def test_saliency_head_equals_conv_upsample_sigmoid_with_gradients_in_float64(models):
     fast, _ = models
     conv = fast.final.double()
     x = torch.randn(2, 8, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    results = []
-    for head in (lambda t: maps_cpu.saliency_head(conv, t),
-                 lambda t: torch.sigmoid(F.interpolate(conv(t), scale_factor=2, mode="bilinear",
-                                                       align_corners=True))):
-        leaf = x.clone().requires_grad_(True)
-        conv.zero_grad()
-        out = head(leaf)
-        weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64).view(out.shape)
-        (out * weight).sum().backward()
-        results.append((out.detach(), leaf.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    results = [outputs_and_gradients(head, conv, x) for head in (
+        lambda t: maps_cpu.saliency_head(conv, t),
+        lambda t: torch.sigmoid(F.interpolate(conv(t), scale_factor=2, mode="bilinear",
+                                              align_corners=True)))]
     fast.float()
     assert results[0][0].shape == (2, 1, 10, 14)
     for got, want in zip(*results):
@@ -261,14 +266,8 @@ def test_group_norm_for_training_equals_the_module_with_gradients_in_float64(poo
     x[0, :, :4, :4] = 0.5
     x = x.contiguous(memory_format=torch.channels_last)
     reference = (lambda t: F.max_pool2d(norm(t), 2, 2)) if pool else norm
-    results = []
-    for fn in (lambda t: maps_cpu.group_norm_autograd(norm, t, pool), reference):
-        leaf = x.clone().requires_grad_(True)
-        norm.zero_grad()
-        out = fn(leaf)
-        weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=torch.float64).view(out.shape)
-        (out * weight).sum().backward()
-        results.append((out.detach(), leaf.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    results = [outputs_and_gradients(fn, norm, x) for fn in (
+        lambda t: maps_cpu.group_norm_autograd(norm, t, pool), reference)]
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
     assert results[0][0].is_contiguous(memory_format=torch.channels_last)
