@@ -257,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class Stopped(Exception):
-    """A stop signal arrived (its name is the message)."""
+class Stopped(BaseException):
+    """A stop signal arrived (its name is the message). A BaseException, as KeyboardInterrupt
+    is: the signal can land inside code that catches Exception (logging's handlers do, to
+    print a logging error and go on), which must not swallow it."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)

@@ -196,6 +196,38 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def test_a_stop_signal_during_a_log_line_still_stops_flows_local() -> None:
+    """The signal lands while logging writes a line (the "ready:" line a test or a supervisor
+    waits for): logging's handlers catch Exception to report their own errors and carry on,
+    which must not swallow the stop and leave flows.local running with the signals ignored."""
+    import logging
+    import signal
+
+    from flows import local
+
+    class SignalOnEmit(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                os.kill(os.getpid(), signal.SIGHUP)
+                for _ in range(1000):  # the handler runs between two bytecodes in here
+                    pass
+            except Exception:  # what logging.Handler.handleError's callers do
+                self.handleError(record)
+
+    previous = {number: signal.getsignal(number) for number in local.STOP_SIGNALS}
+    logger = logging.getLogger("test-stop-signal")
+    logger.addHandler(SignalOnEmit())
+    logger.propagate = False
+    try:
+        for number in local.STOP_SIGNALS:
+            signal.signal(number, local._stop_on_signal)
+        with pytest.raises(local.Stopped, match="SIGHUP"):
+            logger.warning("ready: ...")
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_flows_local_stops_everything_it_started_on_a_stop_signal(tmp_path: Path, clean_env,
