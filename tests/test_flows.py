@@ -211,7 +211,7 @@ def test_a_stop_signal_during_a_log_line_still_stops_flows_local() -> None:
                 os.kill(os.getpid(), signal.SIGHUP)
                 for _ in range(1000):  # the handler runs between two bytecodes in here
                     pass
-            except Exception:  # what logging.Handler.handleError's callers do
+            except Exception:  # noqa: BLE001 (what logging.StreamHandler.emit does)
                 self.handleError(record)
 
     previous = {number: signal.getsignal(number) for number in local.STOP_SIGNALS}
