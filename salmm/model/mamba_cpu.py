@@ -161,12 +161,14 @@ def _dot(a, b):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
-def _silu_slope(x, out):
-    """out = d SiLU / dx = sigmoid(x) (1 + x (1 - sigmoid(x))), elementwise over flat rows."""
+def _silu_slope(x, out, value):
+    """out = d SiLU / dx = sigmoid(x) (1 + x (1 - sigmoid(x))) and value = SiLU(x) = x sigmoid(x),
+    elementwise over flat rows (one exp for both)."""
     f = out.dtype.type
     for i in range(x.shape[0]):
         sig = sigmoid(x[i], f)[0]
         out[i] = sig * (f(1.0) + x[i] * (f(1.0) - sig))
+        value[i] = x[i] * sig
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
@@ -259,7 +261,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl,
     dtype = ghidden.dtype
     a = np.empty((d_inner, n), dtype=dtype)
     gate, gate_slope = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
-    slope = np.empty((d_inner, length), dtype=dtype)
+    slope, spare = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     one, threshold = dtype.type(1.0), dtype.type(SOFTPLUS_THRESHOLD)
     r = claim(counter)
     while r < gout.shape[0]:
@@ -274,8 +276,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl,
         gys = np.empty((d_inner, length), dtype=dtype)
         _transposed_product(out_w, g_t, gys)
         z_all = xz[r, d_inner:]
-        silu(z_all.ravel(), gate.ravel())
-        _silu_slope(z_all.ravel(), gate_slope.ravel())
+        _silu_slope(z_all.ravel(), gate_slope.ravel(), gate.ravel())
         gxz = np.zeros((2 * d_inner, length), dtype=dtype)
         gy = np.empty((d_inner, length), dtype=dtype)
         gdelta = np.empty((d_inner, length), dtype=dtype)
@@ -293,12 +294,14 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl,
             ud, b, lin, dd, yd = u[r, direction], bc[r, direction], dl[r, direction], \
                 delta[r, direction], y[r, direction]
             g_d = piece(grads, offsets, i + 6)
-            for c in range(d_inner):          # through ysum += y * SiLU(z)
-                into = gxz[d_inner + c]
+            for c in range(d_inner):          # through ysum += y * SiLU(z); rows, two loops:
+                g_row, ys_row, gate_row = gy[c], gys[c], gate[c]  # they vectorise
+                y_row, slope_row, into = yd[c], gate_slope[c], gxz[d_inner + c]
                 for t in range(length):
-                    gy[c, t] = gys[c, t] * gate[c, t]
-                    into[t] += gys[c, t] * yd[c, t] * gate_slope[c, t]
-                g_d[c] += _dot(gy[c], ud[c])
+                    g_row[t] = ys_row[t] * gate_row[t]
+                for t in range(length):
+                    into[t] += ys_row[t] * y_row[t] * slope_row[t]
+                g_d[c] += _dot(g_row, ud[c])
             ga[:] = 0.0
             _scan_backward(gy, dd, ud, bct[r, direction, 0], bct[r, direction, 1], a,
                            states[r, direction], direction == 1, gdelta, gu, gbc[rank:rank + n],
@@ -321,7 +324,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl,
             _accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
             _transposed_product(x_proj, gbc, gback)
             p = pre[r, direction]
-            _silu_slope(p.ravel(), slope.ravel())
+            _silu_slope(p.ravel(), slope.ravel(), spare.ravel())  # (SiLU(pre) is u, saved)
             for c in range(d_inner):           # through u = SiLU(pre)
                 for t in range(length):
                     gback[c, t] = (gu[c, t] + gback[c, t]) * slope[c, t]
