@@ -262,7 +262,7 @@ def test_group_norm_for_training_equals_the_module_with_gradients_in_float64(poo
     norm = net.GroupNorm(4, 12).double()
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
-    x = torch.randn(3, 12, 6, 7, dtype=torch.float64)  # an odd width: a column no window covers
+    x = torch.randn(3, 12, 7, 7, dtype=torch.float64)  # odd sizes: a row and a column no window covers
     x[0, :, :4, :4] = 0.5
     x = x.contiguous(memory_format=torch.channels_last)
     reference = (lambda t: F.max_pool2d(norm(t), 2, 2)) if pool else norm
