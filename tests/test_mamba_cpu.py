@@ -3,6 +3,11 @@ the block's own modules (backend "builtin"): outputs and every gradient in float
 gradcheck against finite differences, float32 within rounding, and the whole network's
 gradients."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +138,48 @@ def test_cpu_autocast_runs_the_modules():
     assert torch.equal(infer, infer_ref)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+_TRAIN_THREE_STEPS = """
+import hashlib, torch
+from pipeline.core import cpu
+from salmm.model.net import SalMM
+from salmm.training.config import TrainConfig
+from salmm.training.loop import bce_loss
+from salmm.training.trainer import build_optimizer
+cpu.set_threads(1)
+torch.manual_seed(0)
+model = SalMM(backend="auto")
+g = torch.Generator().manual_seed(1)
+frames, emb = torch.rand(2, 3, 64, 64, generator=g), torch.randn(2, 512, generator=g)
+labels = torch.rand(2, 1, 64, 64, generator=g)
+optimizer = build_optimizer(TrainConfig(prepared=""), model)
+for _ in range(3):
+    loss = bce_loss(model(frames, emb), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+with torch.inference_mode():
+    prediction = model.eval()(frames, emb)
+digest = hashlib.sha256(prediction.numpy().tobytes())
+for value in model.state_dict().values():
+    digest.update(value.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_results_do_not_depend_on_whether_this_process_compiled_the_kernels(tmp_path):
+    """Three training steps and a prediction, in a process that compiles every numba kernel
+    (an empty cache) and in one that loads them from the cache it wrote: the same bytes. (With
+    fused multiply-adds allowed, numba's in-process code and its cached code fused differently,
+    and a resumed run's weights differed from an uninterrupted one's.)"""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    runs = [subprocess.run([sys.executable, "-c", _TRAIN_THREE_STEPS], cwd=repo, env=env,
+                           capture_output=True, text=True, check=False) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert any((tmp_path / "numba").rglob("*.nbc")), "the first process wrote no cache"
+    compiled, cached = (run.stdout.strip().splitlines()[-1] for run in runs)
+    assert compiled == cached

@@ -19,10 +19,11 @@ computation from rounding: 1e-12 there). Inside, rows are channel-major [C, L]: 
 convolutions are loops over whole pixel rows (slices, never computed indices, which numba's
 wraparound check keeps from vectorising), so they vectorise without reordering any sum; only
 the n-long sum C . h of the scan is reassociated (``fastmath={"reassoc"}``), as in
-:mod:`salmm.model.scan_cpu`, and its decay exp(delta A) is :func:`numba_math.decay`. Every
-kernel here lets a * b + c be one fused multiply-add (``"contract"``: one rounding instead of
-two; SalM² at batch 1 about 15% faster, the training kernels' scans about 10%). Results
-are the same on every call and do not depend on the thread count. The batch's frames are
+:mod:`salmm.model.scan_cpu`, and its decay exp(delta A) is :func:`numba_math.decay`. No fused
+multiply-adds (fastmath ``"contract"``): numba's in-process compile and its cached machine code
+fuse differently, so results would depend on whether this process compiled the kernel (measured:
+a training run's weights differed from a resumed one's). Results are the same on every call,
+in every process, and do not depend on the thread count. The batch's frames are
 claimed by up to ``torch.get_num_threads()`` threads, so batch 1 runs on one.
 
 A layer's weights live in one flat buffer (``Packed``) in their modules' own layouts, copied
@@ -48,8 +49,7 @@ __all__ = [
 ]
 
 
-_CONTRACT = {"contract"}  # a * b + c as one FMA (one rounding): no sum reordered
-_REASSOC = {"reassoc", "contract"}  # and the n-long sums of the scan reassociated to vectorise
+_REASSOC = {"reassoc"}
 _EPS = 1e-5  # nn.LayerNorm's default, which every SCPMamba LayerNorm keeps
 _INCEPTION = 12  # packed pieces of the Inception (weights and biases of its six convolutions)
 _PER_GROUP = 19  # packed pieces of one group: LayerNorm, in_proj, 2 x 7 per direction, out_proj
@@ -144,7 +144,7 @@ def piece(weights, offsets, i):
     return weights[offsets[i]:offsets[i + 1]]
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def pointwise(x, w, b, out, row, relu):
     """out[row:row + c_out] = w x + b (x [c_in, L], w [c_out, c_in]), through ReLU if asked:
     a 1x1 convolution or a Linear layer on channel-major rows."""
@@ -161,7 +161,7 @@ def pointwise(x, w, b, out, row, relu):
                 target[p] = max(target[p], 0.0)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _spatial(x, w, b, height, width, out, row):
     """ReLU(k x k convolution of x [c_in, H*W] by w [c_out, c_in, k, k], zero padding k // 2,
     plus b) into out[row:row + c_out]."""
@@ -207,7 +207,7 @@ def _max_pool3(x, height, width, out):
                         into[i] = v if v > into[i] or np.isnan(v) else into[i]
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _layer_norm(x, row, width, g, b, mean, rstd, out):
     """out[c] = (x[row + c] - mean) * rstd * g[c] + b[c] over the ``width`` channel rows of x
     [C, L] at each pixel (biased variance, eps 1e-5); ``mean``, ``rstd`` [L] scratch."""
@@ -230,7 +230,7 @@ def _layer_norm(x, row, width, g, b, mean, rstd, out):
             out[c, p] = (x[row + c, p] - mean[p]) * rstd[p] * g[c] + b[c]
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def silu(x, out):
     """out = x * sigmoid(x), elementwise over flat arrays."""
     f = out.dtype.type
@@ -296,7 +296,7 @@ def conv_shift(direction, k, taps):
     return k - (taps - 1) if direction == 0 else (taps - 1) - k
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def direction_inputs(x, conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, direction, pre, u, bc,
                      lin, delta, a):
     """One direction's scan inputs from x [d_inner, L] (in_proj's first half): pre = the
@@ -329,7 +329,7 @@ def direction_inputs(x, conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, directi
             delta[c, t] = softplus(lin[c, t])[0]
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     """The bidirectional Mamba block on s [d_model, L] into out[row:row + d_model]."""
     length = s.shape[1]
@@ -362,7 +362,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
                piece(weights, offsets, base + 18), out, row, False)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _layer_kernel(x, weights, offsets, dims, out, counter):
     """Frames claimed from ``counter``: x [B, L, C_in] -> out [B, L, C_out] (module docstring);
     inside, channel-major [C, L] rows."""

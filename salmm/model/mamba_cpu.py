@@ -17,13 +17,15 @@ Per batch row, channel-major [C, L] inside (L the sequence length):
               the forward pass and the decays recomputed.
 
 Every sum runs in a fixed order (the n-long sums of the scan reassociated to vectorise, as in
-:mod:`salmm.model.scan_cpu`; a * b + c may be one fused multiply-add, as in
-:mod:`salmm.model.layer_cpu`); each row's parameter gradients go to their own buffer and are
+:mod:`salmm.model.scan_cpu`; no fused multiply-adds, see :mod:`salmm.model.layer_cpu`);
+each row's parameter gradients go to their own buffer and are
 summed over rows in row order, so results do not depend on the thread count. float32, or
 float64 for float64 inputs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -45,22 +47,52 @@ from salmm.model.scan_cpu import run_jobs
 
 __all__ = ["mamba_forward"]
 
-_CONTRACT = {"contract"}  # a * b + c as one FMA (one rounding): no sum reordered
-_REASSOC = {"reassoc", "contract"}  # and the n-long sums of the scan reassociated to vectorise
+_REASSOC = {"reassoc"}
 _AHEAD = 8  # how many steps ahead the scan's adjoint asks for the states it will read
 
 
-def _parameters(mamba) -> list[Tensor]:
-    """The block's tensors in the kernels' order (an absent out_proj bias: zeros)."""
+@dataclass(frozen=True)
+class _Layout:
+    """A block's weights as the kernels read them: one flat buffer (``flat``, one dtype) of
+    every piece in the kernels' order (``sizes``; ``offsets`` [pieces + 1] where each starts),
+    ``views`` of it for the module's tensors ``sources`` (an absent out_proj bias stays
+    zeros), refreshed from them by one ``torch._foreach_copy_`` on every call (an optimiser that
+    updates in place without bumping version counters, PyTorch's fused Adam, is seen)."""
+
+    flat: Tensor
+    views: list[Tensor]
+    sources: list[Tensor]
+    sizes: list[int]
+    offsets: np.ndarray
+    dims: tuple[int, ...]
+
+
+def _layout(mamba, dtype: torch.dtype) -> _Layout:
+    """``mamba``'s weights in ``dtype``, refreshed (built once per block and dtype)."""
     out_bias = mamba.out_proj.bias
-    if out_bias is None:
-        out_bias = torch.zeros(mamba.d_model, dtype=mamba.out_proj.weight.dtype)
-    return [mamba.in_proj.weight,
-            mamba.conv1d.weight, mamba.conv1d.bias, mamba.x_proj.weight, mamba.dt_proj.weight,
-            mamba.dt_proj.bias, mamba.A_log, mamba.D,
-            mamba.conv1d_b.weight, mamba.conv1d_b.bias, mamba.x_proj_b.weight,
-            mamba.dt_proj_b.weight, mamba.dt_proj_b.bias, mamba.A_b_log, mamba.D_b,
-            mamba.out_proj.weight, out_bias]
+    pieces = [mamba.in_proj.weight,
+              mamba.conv1d.weight, mamba.conv1d.bias, mamba.x_proj.weight, mamba.dt_proj.weight,
+              mamba.dt_proj.bias, mamba.A_log, mamba.D,
+              mamba.conv1d_b.weight, mamba.conv1d_b.bias, mamba.x_proj_b.weight,
+              mamba.dt_proj_b.weight, mamba.dt_proj_b.bias, mamba.A_b_log, mamba.D_b,
+              mamba.out_proj.weight, mamba.d_model if out_bias is None else out_bias]
+    sources = [p for p in pieces if isinstance(p, Tensor)]
+    layout = getattr(mamba, "_training_layout", None)
+    if (layout is None or layout.flat.dtype != dtype or len(layout.sources) != len(sources)
+            or any(a is not b for a, b in zip(layout.sources, sources))):
+        sizes = [p.numel() if isinstance(p, Tensor) else p for p in pieces]
+        offsets = np.cumsum([0] + sizes).astype(np.int64)
+        with torch.inference_mode(False):  # a normal tensor: refreshed in any mode
+            flat = torch.zeros(int(offsets[-1]), dtype=dtype)
+            views = [part.view(p.shape) for part, p in zip(flat.split(sizes), pieces)
+                     if isinstance(p, Tensor)]
+        layout = _Layout(flat, views, sources, sizes, offsets,
+                         (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state,
+                          mamba.d_conv))
+        mamba._training_layout = layout
+    with torch.no_grad():
+        torch._foreach_copy_(layout.views, layout.sources)
+    return layout
 
 
 def mamba_forward(mamba, hidden: Tensor) -> Tensor:
@@ -68,19 +100,17 @@ def mamba_forward(mamba, hidden: Tensor) -> Tensor:
     or float64), differentiable in hidden and every parameter -> [b, l, d_model]."""
     if mamba.in_proj.bias is not None:
         raise ValueError("the fused CPU Mamba supports blocks without in_proj bias")
-    dims = (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state, mamba.d_conv)
-    return _FusedMamba.apply(dims, hidden, *_parameters(mamba))
+    layout = _layout(mamba, hidden.dtype)
+    return _FusedMamba.apply(layout, hidden, *layout.sources)
 
 
 class _FusedMamba(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dims, hidden, *params):
-        d_model, d_inner, rank, n, _ = dims
+    def forward(ctx, layout, hidden, *params):
+        d_model, d_inner, rank, n, _ = layout.dims
         dtype = hidden.dtype
         batch, length, _ = hidden.shape
-        sizes = [p.numel() for p in params]
-        offsets = np.cumsum([0] + sizes).astype(np.int64)
-        weights = torch.cat([p.detach().to(dtype).reshape(-1) for p in params]).numpy()
+        weights = layout.flat.numpy().copy()  # this call's weights, for its backward too
         x = hidden.detach().contiguous()
 
         def empty(*shape):
@@ -93,31 +123,31 @@ class _FusedMamba(torch.autograd.Function):
                  empty(2, d_inner, length), empty(2, length, d_inner, n),     # delta, states
                  empty(2, d_inner, length), empty(d_inner, length))           # y, ysum
         out = torch.empty(batch, length, d_model, dtype=dtype)
-        dimensions = np.asarray(dims, dtype=np.int64)
-        run_jobs(_forward_kernel, (x.numpy(), weights, offsets, dimensions, *saved, out.numpy()),
-                 batch)
-        ctx.saved = (weights, offsets, dimensions, saved)
-        ctx.shapes = [p.shape for p in params]
+        dimensions = np.asarray(layout.dims, dtype=np.int64)
+        run_jobs(_forward_kernel, (x.numpy(), weights, layout.offsets, dimensions, *saved,
+                                   out.numpy()), batch)
+        ctx.saved = (weights, layout, dimensions, saved)
         ctx.dtypes = [p.dtype for p in params]
         return out
 
     @staticmethod
     @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
     def backward(ctx, gout):
-        weights, offsets, dimensions, saved = ctx.saved
+        weights, layout, dimensions, saved = ctx.saved
         batch, length = saved[0].shape[0], saved[0].shape[2]
-        d_model = int(dimensions[0])
-        ghidden = torch.empty(batch, length, d_model, dtype=gout.dtype)
+        ghidden = torch.empty(batch, length, layout.dims[0], dtype=gout.dtype)
         partial = np.zeros((batch, weights.shape[0]), dtype=weights.dtype)
         run_jobs(_backward_kernel, (gout.detach().contiguous().to(ghidden.dtype).numpy(),
-                                    weights, offsets, dimensions, *saved, ghidden.numpy(),
-                                    partial), batch)
-        total = torch.from_numpy(_sum_rows(partial))
-        grads = [total[int(a):int(b)].view(shape).to(dtype) for a, b, shape, dtype in
-                 zip(offsets[:-1], offsets[1:], ctx.shapes, ctx.dtypes)]
+                                    weights, layout.offsets, dimensions, *saved,
+                                    ghidden.numpy(), partial), batch)
+        parts = torch.from_numpy(_sum_rows(partial)).split(layout.sizes)
+        # the pieces that are the block's tensors (an absent out_proj bias has no gradient)
+        grads = [part.view(view.shape) for part, view in
+                 zip((p for p, size in zip(parts, layout.sizes) if size), layout.views)]
         needs = ctx.needs_input_grad
         return (None, ghidden if needs[1] else None,
-                *(g if need else None for g, need in zip(grads, needs[2:])))
+                *(g.to(dtype) if need else None
+                  for g, dtype, need in zip(grads, ctx.dtypes, needs[2:])))
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -140,7 +170,7 @@ def _accumulate_outer(g, x, into):
             into[o, i] += total
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _transposed_product(w, g, out):
     """out = w^T g (w [O, I], g [O, L], out [I, L]): the gradient a Linear passes back."""
     out[:] = 0.0
@@ -160,7 +190,7 @@ def _dot(a, b):
     return total
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _silu_slope(x, out, value):
     """out = d SiLU / dx = sigmoid(x) (1 + x (1 - sigmoid(x))) and value = SiLU(x) = x sigmoid(x),
     elementwise over flat rows (one exp for both)."""
@@ -171,7 +201,7 @@ def _silu_slope(x, out, value):
         value[i] = x[i] * sig
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl, delta, states,
                     y, ysum, out, counter):
     d_model, d_inner, rank, n, _ = dims
@@ -253,7 +283,7 @@ def _scan_backward(gy, delta, u, b_t, c_t, a, states, backward, gdelta, gu, gb, 
         a_next[:] = a_now
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl, delta, states,
                      y, ysum, ghidden, partial, counter):
     d_model, d_inner, rank, n, taps = dims
