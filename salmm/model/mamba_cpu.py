@@ -55,14 +55,15 @@ _AHEAD = 8  # how many steps ahead the scan's adjoint asks for the states it wil
 class _Layout:
     """A block's weights as the kernels read them: one flat buffer (``flat``, one dtype) of
     every piece in the kernels' order (``sizes``; ``offsets`` [pieces + 1] where each starts),
-    ``views`` of it for the module's tensors ``sources`` (an absent out_proj bias stays
-    zeros), refreshed from them by one ``torch._foreach_copy_`` on every call (an optimiser that
+    ``views`` of it for the module's tensors ``sources``, which are the pieces numbered
+    ``tensors`` (an absent out_proj bias stays zeros), refreshed from them by one ``torch._foreach_copy_`` on every call (an optimiser that
     updates in place without bumping version counters, PyTorch's fused Adam, is seen)."""
 
     flat: Tensor
     views: list[Tensor]
     sources: list[Tensor]
     sizes: list[int]
+    tensors: list[int]
     offsets: np.ndarray
     dims: tuple[int, ...]
 
@@ -81,12 +82,13 @@ def _layout(mamba, dtype: torch.dtype) -> _Layout:
     if (layout is None or layout.flat.dtype != dtype or len(layout.sources) != len(sources)
             or any(a is not b for a, b in zip(layout.sources, sources))):
         sizes = [p.numel() if isinstance(p, Tensor) else p for p in pieces]
+        tensors = [i for i, p in enumerate(pieces) if isinstance(p, Tensor)]
         offsets = np.cumsum([0] + sizes).astype(np.int64)
         with torch.inference_mode(False):  # a normal tensor: refreshed in any mode
             flat = torch.zeros(int(offsets[-1]), dtype=dtype)
-            views = [part.view(p.shape) for part, p in zip(flat.split(sizes), pieces)
-                     if isinstance(p, Tensor)]
-        layout = _Layout(flat, views, sources, sizes, offsets,
+            parts = flat.split(sizes)
+            views = [parts[i].view(pieces[i].shape) for i in tensors]
+        layout = _Layout(flat, views, sources, sizes, tensors, offsets,
                          (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state,
                           mamba.d_conv))
         mamba._training_layout = layout
@@ -141,9 +143,7 @@ class _FusedMamba(torch.autograd.Function):
                                     weights, layout.offsets, dimensions, *saved,
                                     ghidden.numpy(), partial), batch)
         parts = torch.from_numpy(_sum_rows(partial)).split(layout.sizes)
-        # the pieces that are the block's tensors (an absent out_proj bias has no gradient)
-        grads = [part.view(view.shape) for part, view in
-                 zip((p for p, size in zip(parts, layout.sizes) if size), layout.views)]
+        grads = [parts[i].view(view.shape) for i, view in zip(layout.tensors, layout.views)]
         needs = ctx.needs_input_grad
         return (None, ghidden if needs[1] else None,
                 *(g.to(dtype) if need else None
@@ -191,14 +191,15 @@ def _dot(a, b):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _silu_slope(x, out, value):
-    """out = d SiLU / dx = sigmoid(x) (1 + x (1 - sigmoid(x))) and value = SiLU(x) = x sigmoid(x),
-    elementwise over flat rows (one exp for both)."""
+def _silu_slope(x, out, value=None):
+    """out = d SiLU / dx = sigmoid(x) (1 + x (1 - sigmoid(x))) and, unless value is None,
+    value = SiLU(x) = x sigmoid(x), elementwise over flat rows (one exp for both)."""
     f = out.dtype.type
     for i in range(x.shape[0]):
         sig = sigmoid(x[i], f)[0]
         out[i] = sig * (f(1.0) + x[i] * (f(1.0) - sig))
-        value[i] = x[i] * sig
+        if value is not None:  # (a branch numba prunes when value is None)
+            value[i] = x[i] * sig
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -291,7 +292,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl,
     dtype = ghidden.dtype
     a = np.empty((d_inner, n), dtype=dtype)
     gate, gate_slope = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
-    slope, spare = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
+    slope = np.empty((d_inner, length), dtype=dtype)
     one, threshold = dtype.type(1.0), dtype.type(SOFTPLUS_THRESHOLD)
     r = claim(counter)
     while r < gout.shape[0]:
@@ -354,7 +355,7 @@ def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl,
             _accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
             _transposed_product(x_proj, gbc, gback)
             p = pre[r, direction]
-            _silu_slope(p.ravel(), slope.ravel(), spare.ravel())  # (SiLU(pre) is u, saved)
+            _silu_slope(p.ravel(), slope.ravel())  # (SiLU(pre) is u, saved)
             for c in range(d_inner):           # through u = SiLU(pre)
                 for t in range(length):
                     gback[c, t] = (gu[c, t] + gback[c, t]) * slope[c, t]

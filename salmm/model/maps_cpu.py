@@ -148,7 +148,7 @@ def _group_norm_backward_kernel(x, g, weight, stats, gx, gweight, gbias):
     for b in range(batch):
         frame, grad, into = (x[b].reshape(-1, channels), g[b].reshape(-1, channels),
                              gx[b].reshape(-1, channels))
-        _channel_sums(grad.ravel(), frame.ravel(), sums, products)
+        _channel_sums(grad.ravel(), sums, frame.ravel(), products)
         _backward_coefficients(stats, b, weight, count, sums, products, gweight, gbias, alpha,
                                beta, gamma)
         for p in range(frame.shape[0]):
@@ -180,7 +180,7 @@ def _group_norm_pool_backward_kernel(x, g, weight, bias, stats, gx, gweight, gbi
                     choice[ox, c], value[ox, c] = _window_choice(
                         top[2 * ox, c], top[2 * ox + 1, c], bottom[2 * ox, c],
                         bottom[2 * ox + 1, c], scale[c], shift[c])
-        _channel_sums(g[b].ravel(), picked.ravel(), sums, products)
+        _channel_sums(g[b].ravel(), sums, picked.ravel(), products)
         _backward_coefficients(stats, b, weight, count, sums, products, gweight, gbias, alpha,
                                beta, gamma)
         for oy in range(g.shape[1]):
@@ -224,9 +224,9 @@ def _window_choice(p, q, r, s, scale, shift):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _channel_sums(a, v, sums, products):
-    """sums[c] = sum of a, products[c] = sum of a * v over the pixels of flat channels-last
-    rows a, v [P * C], in float64. Over 16 pixels at a time, each lane its own partial sum
+def _channel_sums(a, sums, v=None, products=None):
+    """sums[c] = sum of a and, unless v is None, products[c] = sum of a * v over the pixels of
+    flat channels-last rows a, v [P * C], in float64. Over 16 pixels at a time, each lane its own partial sum
     (a loop that long vectorises; one over the C channels does not), the partial sums added in
     pixel order at the end: a fixed order, whatever the thread count."""
     channels = sums.shape[0]
@@ -234,21 +234,28 @@ def _channel_sums(a, v, sums, products):
     first, second = np.zeros(width), np.zeros(width)
     blocks = a.shape[0] // width
     for i in range(blocks):
-        block_a, block_v = a[i * width:(i + 1) * width], v[i * width:(i + 1) * width]
-        for j in range(width):
-            x = np.float64(block_a[j])
-            first[j] += x
-            second[j] += x * block_v[j]
-    rest_a, rest_v = a[blocks * width:], v[blocks * width:]
-    for j in range(rest_a.shape[0]):
-        x = np.float64(rest_a[j])
+        block_a = a[i * width:(i + 1) * width]
+        if v is None:  # (branches numba prunes when v is None)
+            for j in range(width):
+                first[j] += np.float64(block_a[j])
+        else:
+            block_v = v[i * width:(i + 1) * width]
+            for j in range(width):
+                x = np.float64(block_a[j])
+                first[j] += x
+                second[j] += x * block_v[j]
+    for j in range(a.shape[0] - blocks * width):
+        x = np.float64(a[blocks * width + j])
         first[j] += x
-        second[j] += x * rest_v[j]
+        if v is not None:
+            second[j] += x * v[blocks * width + j]
     sums[:] = 0.0
-    products[:] = 0.0
     for j in range(width):
         sums[j % channels] += first[j]
-        products[j % channels] += second[j]
+    if products is not None:
+        products[:] = 0.0
+        for j in range(width):
+            products[j % channels] += second[j]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -276,7 +283,7 @@ def _group_norm_kernel(x, groups, eps, weight, bias, pool, out, stats):
     shift = np.empty(channels, dtype=x.dtype)
     for b in range(batch):
         frame = x[b].reshape(height * width, channels)
-        _channel_sums(frame.ravel(), frame.ravel(), sums, squares)
+        _channel_sums(frame.ravel(), sums, frame.ravel(), squares)
         for g in range(groups):
             total, total2 = 0.0, 0.0
             for c in range(g * per_group, (g + 1) * per_group):
@@ -393,7 +400,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
     batch, height, width, channels = x.shape
     f = x.dtype.type
     reach = _taps(weight.shape[1], dilation, padding, height, width)
-    sums, squares = np.empty(channels), np.empty(channels)  # (squares: unused)
+    sums = np.empty(channels)
     for b in range(batch):
         frame, means, maxima = x[b].reshape(-1, channels), planes[b, 0].ravel(), \
             planes[b, 1].ravel()
@@ -424,7 +431,7 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
                 v = frame[p, c]
                 weighted[p, c] = flat[p] * v
                 both[p, c] = flat[p] * v + v
-        _channel_sums(both.ravel(), both.ravel(), sums, squares)
+        _channel_sums(both.ravel(), sums)
         for c in range(channels):
             pooled[b, c] = sums[c] / (height * width)
 

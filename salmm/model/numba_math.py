@@ -1,7 +1,7 @@
 """Scalar math for the numba CPU kernels (:mod:`salmm.model.scan_cpu`,
 :mod:`salmm.model.layer_cpu`): a vectorisable exp within 2 ulp, sigmoid and softplus as torch
-computes them, 2**k from bits, an atomic job counter and a prefetch hint. Usable inside ``numba.njit`` code
-only; float32 and float64."""
+computes them, 2**k from bits, an atomic job counter and a prefetch hint. Usable inside
+``numba.njit`` code only; float32 and float64."""
 
 from __future__ import annotations
 
