@@ -40,7 +40,7 @@ import torch
 from numba.extending import overload
 from torch import Tensor
 
-from salmm.model.numba_math import claim, decay, exp, sigmoid, softplus
+from salmm.model.numba_math import claim, decay, exp, fma, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = [
@@ -260,7 +260,7 @@ def sweep(delta, u, b_t, c_t, a, states, y, backward, keep):
             x = dt * u[c, t]
             total = f(0.0)
             for k in range(n):
-                v = decay(dt * a[c, k]) * prev[c, k] + x * b_t[t, k]
+                v = fma(decay(dt * a[c, k]), prev[c, k], x * b_t[t, k])
                 h[c, k] = v
                 total += c_t[t, k] * v
             y[c, t] = total

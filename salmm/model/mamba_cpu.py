@@ -42,7 +42,7 @@ from salmm.model.layer_cpu import (
     silu,
     sweep,
 )
-from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, prefetch, sigmoid
+from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, prefetch, sigmoid
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = ["mamba_forward"]
@@ -266,16 +266,17 @@ def _scan_backward(gy, delta, u, b_t, c_t, a, states, backward, gdelta, gu, gb, 
                 prefetch(states, (ahead * d_inner + c) * n)
             dt, g, x = delta[c, t], gy[c, t], u[c, t]
             total_delta, total_u = f(0.0), f(0.0)
+            dtx = dt * x
             for k in range(n):
-                lam[c, k] = c_t[t, k] * g + a_next[c, k] * lam[c, k]
+                lam[c, k] = fma(a_next[c, k], lam[c, k], c_t[t, k] * g)
                 a_now[c, k] = decay(dt * a[c, k])
                 through = lam[c, k] * prev[c, k] * a_now[c, k]
                 total_delta += through * a[c, k] + lam[c, k] * x * b_t[t, k]
                 total_u += lam[c, k] * b_t[t, k]
-                ga[c, k] += through * dt
+                ga[c, k] = fma(through, dt, ga[c, k])
             for k in range(n):
-                gb_t[k] += lam[c, k] * dt * x
-                gc_t[k] += g * h[c, k]
+                gb_t[k] = fma(lam[c, k], dtx, gb_t[k])
+                gc_t[k] = fma(g, h[c, k], gc_t[k])
             gdelta[c, t] = total_delta
             gu[c, t] = dt * total_u
         for k in range(n):

@@ -1,7 +1,12 @@
 """Scalar math for the numba CPU kernels (:mod:`salmm.model.scan_cpu`,
 :mod:`salmm.model.layer_cpu`): a vectorisable exp within 2 ulp, sigmoid and softplus as torch
-computes them, 2**k from bits, an atomic job counter and a prefetch hint. Usable inside
-``numba.njit`` code only; float32 and float64."""
+computes them, 2**k from bits, a fused multiply-add, an atomic job counter and a prefetch hint.
+Usable inside ``numba.njit`` code only; float32 and float64.
+
+Fused multiply-adds are only ever asked for by name (:func:`fma`), never left to the compiler
+(fastmath ``"contract"``): numba's in-process compile and its cached machine code fuse
+differently, so results would depend on whether a process compiled the kernels; an explicit
+``llvm.fma`` is one rounding wherever and however it is compiled."""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-__all__ = ["SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "pow2", "prefetch", "sigmoid", "softplus"]
+__all__ = ["SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "fma", "pow2", "prefetch", "sigmoid",
+           "softplus"]
 
 # numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
 # that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
@@ -40,6 +46,22 @@ def pow2(typingctx, k):
         return builder.bitcast(builder.shl(exponent, int_type(shift)), float_type)
 
     return k(k), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c rounded once (``llvm.fma``: one instruction on AVX2 / AVX-512 machines, and it
+    vectorises); a, b, c all float32 or all float64."""
+    if not (a == b == c and a in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        kind = args[0].type
+        function = builder.module.declare_intrinsic("llvm.fma", [kind],
+                                                    ir.FunctionType(kind, [kind, kind, kind]))
+        return builder.call(function, args)
+
+    return a(a, b, c), codegen
 
 
 @intrinsic
@@ -83,7 +105,8 @@ def _reduced(x):
 @overload(_reduced, inline="always")
 def _reduced_overload(x):
     """Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, and a polynomial for exp(r)
-    (float32: Cephes' expf; float64: Taylor to r**13), for x inside exp's range."""
+    (float32: Cephes' expf; float64: Taylor to r**13), for x inside exp's range; the reduction
+    and Horner's steps are fused multiply-adds."""
     if x == types.float32:
         f, ln2_hi, ln2_lo = np.float32, 0.693359375, -2.12194440e-4
         coefficients = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
@@ -93,17 +116,17 @@ def _reduced_overload(x):
         coefficients = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
     else:
         return None
-    ln2_hi, ln2_lo, log2_e = f(ln2_hi), f(ln2_lo), f(LOG2_E)
+    minus_ln2_hi, minus_ln2_lo, log2_e = f(-ln2_hi), f(-ln2_lo), f(LOG2_E)
     coefficients = tuple(f(c) for c in coefficients)
     one, half = f(1.0), f(0.5)
 
     def impl(x):
         k = np.floor(x * log2_e + half)
-        r = x - k * ln2_hi - k * ln2_lo
+        r = fma(k, minus_ln2_lo, fma(k, minus_ln2_hi, x))
         p = coefficients[0]
         for c in coefficients[1:]:
-            p = p * r + c
-        return p * r * r + r + one, k
+            p = fma(p, r, c)
+        return fma(p * r, r, r) + one, k
 
     return impl
 
