@@ -44,29 +44,32 @@ from salmm.model.numba_math import claim, decay, exp, fma, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = [
-    "Packed", "conv_shift", "direction_inputs", "direction_pieces", "layer_forward", "pack", "piece",
+    "DIMS", "EPS", "GROUPS", "GROUP_PIECES", "INCEPTION_PIECES", "Packed", "conv_shift",
+    "direction_inputs", "direction_pieces", "layer_forward", "normalise", "pack", "piece",
     "pointwise", "silu", "sweep",
 ]
 
 
 _REASSOC = {"reassoc"}
-_EPS = 1e-5  # nn.LayerNorm's default, which every SCPMamba LayerNorm keeps
-_INCEPTION = 12  # packed pieces of the Inception (weights and biases of its six convolutions)
-_PER_GROUP = 19  # packed pieces of one group: LayerNorm, in_proj, 2 x 7 per direction, out_proj
-_GROUPS = 4
-_DIMS = 10  # c_in, c1x1, c3x3red, c3x3, c5x5red, c5x5, pool_proj, H, W, d_state
+EPS = 1e-5  # nn.LayerNorm's default, which every SCPMamba LayerNorm keeps
+INCEPTION_PIECES = 12  # packed pieces of the Inception (weights and biases of its six convolutions)
+GROUP_PIECES = 19  # packed pieces of one group: LayerNorm, in_proj, 2 x 7 per direction, out_proj
+GROUPS = 4
+DIMS = 10  # c_in, c1x1, c3x3red, c3x3, c5x5red, c5x5, pool_proj, H, W, d_state
 
 
 @dataclass(frozen=True)
 class Packed:
     """One layer's weights for the kernel in one flat buffer: ``weights`` (one dtype), views of
-    it (``views``) that each call refreshes from the module's tensors (``sources``) in one
-    ``torch._foreach_copy_``, ``offsets`` [pieces + 1] where each piece starts, ``dims`` (see
-    :data:`_DIMS`, then d_model, d_inner and dt_rank of each group)."""
+    it (``views``) that each call refreshes from the module's tensors (``sources``, the pieces
+    numbered ``tensors``) in one ``torch._foreach_copy_``, ``offsets`` [pieces + 1] where each
+    piece starts, ``dims`` (see :data:`DIMS`, then d_model, d_inner and dt_rank of each
+    group)."""
 
     weights: Tensor
     views: list[Tensor]
     sources: list[Tensor]
+    tensors: list[int]
     offsets: np.ndarray
     dims: np.ndarray
 
@@ -117,7 +120,8 @@ def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
                 width, layer.mamba1.d_state]
         for mamba in (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4):
             dims += [mamba.d_model, mamba.d_inner, mamba.dt_rank]
-        packed = Packed(weights, views, sources, offsets,
+        packed = Packed(weights, views, sources,
+                        [i for i, p in enumerate(pieces) if isinstance(p, Tensor)], offsets,
                         np.asarray(dims, dtype=np.int64))
         layer._packed = packed
     with torch.no_grad():
@@ -147,15 +151,26 @@ def piece(weights, offsets, i):
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def pointwise(x, w, b, out, row, relu):
     """out[row:row + c_out] = w x + b (x [c_in, L], w [c_out, c_in]), through ReLU if asked:
-    a 1x1 convolution or a Linear layer on channel-major rows."""
+    a 1x1 convolution or a Linear layer on channel-major rows. Each output starts at its bias
+    and adds the inputs in order, four at a time as a chain of fused multiply-adds (one pass
+    over the output row per four inputs)."""
     c_out, c_in = w.shape
     for o in range(c_out):
         target = out[row + o]
         target[:] = b[o]
-        for i in range(c_in):
+        i = 0
+        while i + 4 <= c_in:
+            w0, w1, w2, w3 = w[o, i], w[o, i + 1], w[o, i + 2], w[o, i + 3]
+            s0, s1, s2, s3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            for p in range(target.shape[0]):
+                target[p] = fma(w3, s3[p], fma(w2, s2[p], fma(w1, s1[p],
+                                                              fma(w0, s0[p], target[p]))))
+            i += 4
+        while i < c_in:
             weight, source = w[o, i], x[i]
-            for p in range(source.shape[0]):
-                target[p] += weight * source[p]
+            for p in range(target.shape[0]):
+                target[p] = fma(weight, source[p], target[p])
+            i += 1
         if relu:
             for p in range(target.shape[0]):
                 target[p] = max(target[p], 0.0)
@@ -208,10 +223,11 @@ def _max_pool3(x, height, width, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _layer_norm(x, row, width, g, b, mean, rstd, out):
-    """out[c] = (x[row + c] - mean) * rstd * g[c] + b[c] over the ``width`` channel rows of x
-    [C, L] at each pixel (biased variance, eps 1e-5); ``mean``, ``rstd`` [L] scratch."""
-    f = out.dtype.type
+def normalise(x, row, width, mean, rstd, xhat):
+    """LayerNorm without its affine part over the ``width`` channel rows of x [C, L] from
+    ``row`` on, at each pixel: mean [L], rstd = 1 / sqrt(biased variance + 1e-5) [L] and
+    xhat[c] = (x[row + c] - mean) * rstd [width, L]."""
+    f = xhat.dtype.type
     mean[:] = 0.0
     for c in range(width):
         for p in range(mean.shape[0]):
@@ -224,10 +240,20 @@ def _layer_norm(x, row, width, g, b, mean, rstd, out):
             d = x[row + c, p] - mean[p]
             rstd[p] += d * d
     for p in range(mean.shape[0]):
-        rstd[p] = f(1.0) / np.sqrt(rstd[p] / f(width) + f(_EPS))
+        rstd[p] = f(1.0) / np.sqrt(rstd[p] / f(width) + f(EPS))
     for c in range(width):
         for p in range(mean.shape[0]):
-            out[c, p] = (x[row + c, p] - mean[p]) * rstd[p] * g[c] + b[c]
+            xhat[c, p] = (x[row + c, p] - mean[p]) * rstd[p]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _layer_norm(x, row, width, g, b, mean, rstd, out):
+    """out[c] = (x[row + c] - mean) * rstd * g[c] + b[c] over the ``width`` channel rows of x
+    [C, L] at each pixel (:func:`normalise`; ``mean``, ``rstd`` [L] scratch)."""
+    normalise(x, row, width, mean, rstd, out)
+    for c in range(width):
+        for p in range(mean.shape[0]):
+            out[c, p] = out[c, p] * g[c] + b[c]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -366,12 +392,12 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
 def _layer_kernel(x, weights, offsets, dims, out, counter):
     """Frames claimed from ``counter``: x [B, L, C_in] -> out [B, L, C_out] (module docstring);
     inside, channel-major [C, L] rows."""
-    c_in, c1, c2r, c2, c3r, c3, c4, height, width, n = dims[:_DIMS]
+    c_in, c1, c2r, c2, c3r, c3, c4, height, width, n = dims[:DIMS]
     length = x.shape[1]
     widths = (c1, c2, c3, c4)
     c_out = c1 + c2 + c3 + c4
     dtype = out.dtype
-    end = _INCEPTION + _GROUPS * _PER_GROUP
+    end = INCEPTION_PIECES + GROUPS * GROUP_PIECES
     skip = piece(weights, offsets, end + 2)[0]
     planes = np.empty((c_in, length), dtype=dtype)
     branches = np.empty((c_out, length), dtype=dtype)
@@ -396,9 +422,9 @@ def _layer_kernel(x, weights, offsets, dims, out, counter):
         pointwise(hidden[:c_in], piece(weights, offsets, 10).reshape(c4, c_in),
                    piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
         row = 0
-        for g in range(_GROUPS):
-            d_model, d_inner, rank = dims[_DIMS + 3 * g: _DIMS + 3 * g + 3]
-            base = _INCEPTION + g * _PER_GROUP
+        for g in range(GROUPS):
+            d_model, d_inner, rank = dims[DIMS + 3 * g: DIMS + 3 * g + 3]
+            base = INCEPTION_PIECES + g * GROUP_PIECES
             s = np.empty((d_model, length), dtype=dtype)
             _layer_norm(branches, row, d_model, piece(weights, offsets, base),
                         piece(weights, offsets, base + 1), mean, rstd, s)

@@ -45,7 +45,7 @@ from salmm.model.layer_cpu import (
 from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, prefetch, sigmoid
 from salmm.model.scan_cpu import run_jobs
 
-__all__ = ["mamba_forward"]
+__all__ = ["block_backward", "block_forward", "mamba_forward", "saved_length", "sum_rows"]
 
 _REASSOC = {"reassoc"}
 _AHEAD = 8  # how many steps ahead the scan's adjoint asks for the states it will read
@@ -109,24 +109,15 @@ def mamba_forward(mamba, hidden: Tensor) -> Tensor:
 class _FusedMamba(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layout, hidden, *params):
-        d_model, d_inner, rank, n, _ = layout.dims
+        d_model = layout.dims[0]
         dtype = hidden.dtype
         batch, length, _ = hidden.shape
         weights = layout.flat.numpy().copy()  # this call's weights, for its backward too
         x = hidden.detach().contiguous()
-
-        def empty(*shape):
-            return np.empty((batch, *shape), dtype=weights.dtype)
-
-        saved = (empty(d_model, length), empty(2 * d_inner, length),          # s^T, xz
-                 empty(2, d_inner, length), empty(2, d_inner, length),        # pre, u
-                 empty(2, rank + 2 * n, length), empty(2, 2, length, n),      # bc, B C^T
-                 empty(2, d_inner, length),                                   # dl
-                 empty(2, d_inner, length), empty(2, length, d_inner, n),     # delta, states
-                 empty(2, d_inner, length), empty(d_inner, length))           # y, ysum
-        out = torch.empty(batch, length, d_model, dtype=dtype)
         dimensions = np.asarray(layout.dims, dtype=np.int64)
-        run_jobs(_forward_kernel, (x.numpy(), weights, layout.offsets, dimensions, *saved,
+        saved = np.empty((batch, saved_length(layout.dims, length)), dtype=weights.dtype)
+        out = torch.empty(batch, length, d_model, dtype=dtype)
+        run_jobs(_forward_kernel, (x.numpy(), weights, layout.offsets, dimensions, saved,
                                    out.numpy()), batch)
         ctx.saved = (weights, layout, dimensions, saved)
         ctx.dtypes = [p.dtype for p in params]
@@ -136,13 +127,13 @@ class _FusedMamba(torch.autograd.Function):
     @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
     def backward(ctx, gout):
         weights, layout, dimensions, saved = ctx.saved
-        batch, length = saved[0].shape[0], saved[0].shape[2]
+        batch, length = gout.shape[0], gout.shape[1]
         ghidden = torch.empty(batch, length, layout.dims[0], dtype=gout.dtype)
         partial = np.zeros((batch, weights.shape[0]), dtype=weights.dtype)
         run_jobs(_backward_kernel, (gout.detach().contiguous().to(ghidden.dtype).numpy(),
-                                    weights, layout.offsets, dimensions, *saved,
+                                    weights, layout.offsets, dimensions, saved,
                                     ghidden.numpy(), partial), batch)
-        parts = torch.from_numpy(_sum_rows(partial)).split(layout.sizes)
+        parts = torch.from_numpy(sum_rows(partial)).split(layout.sizes)
         grads = [parts[i].view(view.shape) for i, view in zip(layout.tensors, layout.views)]
         needs = ctx.needs_input_grad
         return (None, ghidden if needs[1] else None,
@@ -151,7 +142,7 @@ class _FusedMamba(torch.autograd.Function):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _sum_rows(partial):
+def sum_rows(partial):
     """The rows of ``partial`` summed in row order."""
     total = partial[0].copy()
     for r in range(1, partial.shape[0]):
@@ -161,24 +152,35 @@ def _sum_rows(partial):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
 def _accumulate_outer(g, x, into):
-    """into[o, i] += sum_t g[o, t] x[i, t]: a weight's gradient from rows g [O, L], x [I, L]."""
-    for o in range(g.shape[0]):
-        for i in range(x.shape[0]):
-            total = g.dtype.type(0.0)
-            for t in range(g.shape[1]):
-                total += g[o, t] * x[i, t]
-            into[o, i] += total
+    """into[o, i] += sum_t g[o, t] x[i, t]: a weight's gradient from rows g [O, L], x [I, L];
+    two rows of each at a time (four sums in one pass; an odd last row is paired with itself
+    and its spare sums dropped)."""
+    rows, columns, length = g.shape[0], x.shape[0], g.shape[1]
+    zero = g.dtype.type(0.0)
+    for o in range(0, rows, 2):
+        o1 = min(o + 1, rows - 1)
+        for i in range(0, columns, 2):
+            i1 = min(i + 1, columns - 1)
+            g0, g1, x0, x1 = g[o], g[o1], x[i], x[i1]
+            t00, t01, t10, t11 = zero, zero, zero, zero
+            for t in range(length):
+                t00 += g0[t] * x0[t]
+                t01 += g0[t] * x1[t]
+                t10 += g1[t] * x0[t]
+                t11 += g1[t] * x1[t]
+            into[o, i] += t00
+            if i1 != i:
+                into[o, i1] += t01
+            if o1 != o:
+                into[o1, i] += t10
+                if i1 != i:
+                    into[o1, i1] += t11
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _transposed_product(w, g, out):
     """out = w^T g (w [O, I], g [O, L], out [I, L]): the gradient a Linear passes back."""
-    out[:] = 0.0
-    for o in range(w.shape[0]):
-        for i in range(w.shape[1]):
-            weight, source, target = w[o, i], g[o], out[i]
-            for t in range(target.shape[0]):
-                target[t] += weight * source[t]
+    pointwise(g, w.T, np.zeros(w.shape[1], dtype=out.dtype), out, 0, False)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
@@ -202,39 +204,85 @@ def _silu_slope(x, out, value=None):
             value[i] = x[i] * sig
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _forward_kernel(hidden, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl, delta, states,
-                    y, ysum, out, counter):
+def saved_length(dims, length: int) -> int:
+    """How many values one sequence's forward saves for its backward (:func:`block_forward`):
+    dims = (d_model, d_inner, dt_rank, d_state, d_conv), ``length`` steps."""
+    d_model, d_inner, rank, n, _ = (int(v) for v in dims)
+    return length * (d_model + 13 * d_inner + 2 * rank + 8 * n + 2 * d_inner * n)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _carve(row, dims, length):
+    """The arrays a sequence's forward saves, as views of its flat buffer ``row``
+    (:func:`saved_length` values): s [d_model, L], xz [2 d_inner, L], per direction pre, u, dl,
+    delta, y [2, d_inner, L], bc [2, rank + 2n, L], B and C time-major [2, 2, L, n], the states
+    [2, L, d_inner, n], and the gated sum ysum [d_inner, L]."""
     d_model, d_inner, rank, n, _ = dims
-    length = hidden.shape[1]
+    sizes = (d_model * length, 2 * d_inner * length, 2 * d_inner * length,
+             2 * d_inner * length, 2 * (rank + 2 * n) * length, 4 * length * n,
+             2 * d_inner * length, 2 * d_inner * length, 2 * length * d_inner * n,
+             2 * d_inner * length, d_inner * length)
+    at = np.zeros(len(sizes) + 1, dtype=np.int64)
+    for i in range(len(sizes)):
+        at[i + 1] = at[i] + sizes[i]
+    return (row[at[0]:at[1]].reshape(d_model, length),
+            row[at[1]:at[2]].reshape(2 * d_inner, length),
+            row[at[2]:at[3]].reshape(2, d_inner, length),
+            row[at[3]:at[4]].reshape(2, d_inner, length),
+            row[at[4]:at[5]].reshape(2, rank + 2 * n, length),
+            row[at[5]:at[6]].reshape(2, 2, length, n),
+            row[at[6]:at[7]].reshape(2, d_inner, length),
+            row[at[7]:at[8]].reshape(2, d_inner, length),
+            row[at[8]:at[9]].reshape(2, length, d_inner, n),
+            row[at[9]:at[10]].reshape(2, d_inner, length),
+            row[at[10]:at[11]].reshape(d_inner, length))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def block_forward(s, weights, offsets, dims, row, out):
+    """The block on one sequence, channel-major: s [d_model, L] -> out [d_model, L]; saves
+    what :func:`block_backward` needs into ``row`` (:func:`saved_length` values). The block's
+    17 weight pieces are ``piece(weights, offsets, 0..16)`` (the :class:`_Layout` order)."""
+    d_model, d_inner, rank, n, _ = dims
+    length = s.shape[1]
     dtype = out.dtype
+    s_t, xz, pre, u, bc, bct, dl, delta, states, y, ysum = _carve(row, dims, length)
+    s_t[:] = s
     a = np.empty((d_inner, n), dtype=dtype)
+    pointwise(s_t, piece(weights, offsets, 0).reshape(2 * d_inner, d_model),
+              np.zeros(2 * d_inner, dtype=dtype), xz, 0, False)
+    gate = np.empty((d_inner, length), dtype=dtype)
+    silu(xz[d_inner:].ravel(), gate.ravel())
+    ysum[:] = 0.0
+    for direction in range(2):
+        conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d = direction_pieces(
+            weights, offsets, 1 + 7 * direction, d_inner, rank, n)
+        ud, b, lin, dd = u[direction], bc[direction], dl[direction], delta[direction]
+        direction_inputs(xz[:d_inner], conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log,
+                         direction, pre[direction], ud, b, lin, dd, a)
+        yd, b_t, c_t = y[direction], bct[direction, 0], bct[direction, 1]
+        b_t[:] = b[rank:rank + n].T
+        c_t[:] = b[rank + n:].T
+        sweep(dd, ud, b_t, c_t, a, states[direction], yd, direction == 1, True)
+        for c in range(d_inner):
+            for t in range(length):
+                yd[c, t] += d[c] * ud[c, t]
+                ysum[c, t] += yd[c, t] * gate[c, t]
+    pointwise(ysum, piece(weights, offsets, 15).reshape(d_model, d_inner),
+              piece(weights, offsets, 16), out, 0, False)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _forward_kernel(hidden, weights, offsets, dims, saved, out, counter):
+    """Rows claimed from counter: hidden [B, L, d_model] -> out [B, L, d_model], saving into
+    saved [B, saved_length]."""
+    d_model, length = dims[0], hidden.shape[1]
+    s = np.empty((d_model, length), dtype=out.dtype)
+    product = np.empty((d_model, length), dtype=out.dtype)
     r = claim(counter)
     while r < hidden.shape[0]:
-        s_t[r] = hidden[r].T
-        pointwise(s_t[r], piece(weights, offsets, 0).reshape(2 * d_inner, d_model),
-                   np.zeros(2 * d_inner, dtype=dtype), xz[r], 0, False)
-        gate = np.empty((d_inner, length), dtype=dtype)
-        silu(xz[r, d_inner:].ravel(), gate.ravel())
-        ysum[r] = 0.0
-        for direction in range(2):
-            conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d = direction_pieces(
-                weights, offsets, 1 + 7 * direction, d_inner, rank, n)
-            ud, b, lin, dd = u[r, direction], bc[r, direction], dl[r, direction], \
-                delta[r, direction]
-            direction_inputs(xz[r, :d_inner], conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log,
-                             direction, pre[r, direction], ud, b, lin, dd, a)
-            yd, b_t, c_t = y[r, direction], bct[r, direction, 0], bct[r, direction, 1]
-            b_t[:] = b[rank:rank + n].T
-            c_t[:] = b[rank + n:].T
-            sweep(dd, ud, b_t, c_t, a, states[r, direction], yd, direction == 1, True)
-            for c in range(d_inner):
-                for t in range(length):
-                    yd[c, t] += d[c] * ud[c, t]
-                    ysum[r, c, t] += yd[c, t] * gate[c, t]
-        product = np.empty((d_model, length), dtype=dtype)
-        pointwise(ysum[r], piece(weights, offsets, 15).reshape(d_model, d_inner),
-                   piece(weights, offsets, 16), product, 0, False)
+        s[:] = hidden[r].T
+        block_forward(s, weights, offsets, dims, saved[r], product)
         out[r] = product.T
         r = claim(counter)
 
@@ -286,99 +334,109 @@ def _scan_backward(gy, delta, u, b_t, c_t, a, states, backward, gdelta, gu, gb, 
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _backward_kernel(gout, weights, offsets, dims, s_t, xz, pre, u, bc, bct, dl, delta, states,
-                     y, ysum, ghidden, partial, counter):
+def block_backward(g_t, weights, offsets, dims, row, grads, gs):
+    """The block's backward on one sequence: g_t = dL/dout [d_model, L] and what
+    :func:`block_forward` saved in ``row`` -> gs = dL/ds [d_model, L]; each weight's gradient
+    added into ``grads`` (a flat buffer laid out as ``weights``: ``piece(grads, offsets, i)``)."""
     d_model, d_inner, rank, n, taps = dims
-    length = gout.shape[1]
-    dtype = ghidden.dtype
+    length = g_t.shape[1]
+    dtype = gs.dtype
+    s_t, xz, pre, u, bc, bct, dl, delta, states, y, ysum = _carve(row, dims, length)
     a = np.empty((d_inner, n), dtype=dtype)
     gate, gate_slope = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     slope = np.empty((d_inner, length), dtype=dtype)
     one, threshold = dtype.type(1.0), dtype.type(SOFTPLUS_THRESHOLD)
+    out_w = piece(weights, offsets, 15).reshape(d_model, d_inner)
+    _accumulate_outer(g_t, ysum, piece(grads, offsets, 15).reshape(d_model, d_inner))
+    g_bias = piece(grads, offsets, 16)
+    for o in range(d_model):
+        for t in range(length):
+            g_bias[o] += g_t[o, t]
+    gys = np.empty((d_inner, length), dtype=dtype)
+    _transposed_product(out_w, g_t, gys)
+    z_all = xz[d_inner:]
+    _silu_slope(z_all.ravel(), gate_slope.ravel(), gate.ravel())
+    gxz = np.zeros((2 * d_inner, length), dtype=dtype)
+    gy = np.empty((d_inner, length), dtype=dtype)
+    gdelta = np.empty((d_inner, length), dtype=dtype)
+    gu = np.empty((d_inner, length), dtype=dtype)
+    gbc = np.empty((rank + 2 * n, length), dtype=dtype)
+    gback = np.empty((d_inner, length), dtype=dtype)
+    ga = np.empty((d_inner, n), dtype=dtype)
+    for direction in range(2):
+        i = 1 + 7 * direction
+        conv_w, _, x_proj, dt_proj, _, a_log, d = direction_pieces(
+            weights, offsets, i, d_inner, rank, n)
+        for c in range(d_inner):
+            for k in range(n):
+                a[c, k] = -exp(a_log[c, k])
+        ud, b, lin, dd, yd = u[direction], bc[direction], dl[direction], delta[direction], \
+            y[direction]
+        g_d = piece(grads, offsets, i + 6)
+        for c in range(d_inner):          # through ysum += y * SiLU(z); rows, two loops:
+            g_row, ys_row, gate_row = gy[c], gys[c], gate[c]  # they vectorise
+            y_row, slope_row, into = yd[c], gate_slope[c], gxz[d_inner + c]
+            for t in range(length):
+                g_row[t] = ys_row[t] * gate_row[t]
+            for t in range(length):
+                into[t] += ys_row[t] * y_row[t] * slope_row[t]
+            g_d[c] += _dot(g_row, ud[c])
+        ga[:] = 0.0
+        _scan_backward(gy, dd, ud, bct[direction, 0], bct[direction, 1], a, states[direction],
+                       direction == 1, gdelta, gu, gbc[rank:rank + n], gbc[rank + n:], ga)
+        g_alog = piece(grads, offsets, i + 5).reshape(d_inner, n)
+        for c in range(d_inner):
+            for k in range(n):
+                g_alog[c, k] += ga[c, k] * a[c, k]               # dA / dA_log = A
+            for t in range(length):
+                gu[c, t] += d[c] * gy[c, t]
+                x = lin[c, t]                 # through softplus (a select: it vectorises)
+                slope_t = sigmoid(x, dtype.type)[0]
+                gdelta[c, t] *= one if x > threshold else slope_t
+        g_dtb = piece(grads, offsets, i + 4)
+        for c in range(d_inner):
+            for t in range(length):
+                g_dtb[c] += gdelta[c, t]
+        _accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
+        _transposed_product(dt_proj, gdelta, gbc[:rank])
+        _accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
+        _transposed_product(x_proj, gbc, gback)
+        p = pre[direction]
+        _silu_slope(p.ravel(), slope.ravel())  # (SiLU(pre) is u, saved)
+        for c in range(d_inner):           # through u = SiLU(pre)
+            for t in range(length):
+                gback[c, t] = (gu[c, t] + gback[c, t]) * slope[c, t]
+        g_cb = piece(grads, offsets, i + 1)
+        g_cw = piece(grads, offsets, i).reshape(d_inner, taps)
+        for c in range(d_inner):           # through the depthwise conv
+            for t in range(length):
+                g_cb[c] += gback[c, t]
+            for k in range(taps):
+                shift = conv_shift(direction, k, taps)
+                t0, t1 = max(0, -shift), min(length, length - shift)
+                if t1 <= t0:
+                    continue
+                weight, total = conv_w[c, k], dtype.type(0.0)
+                source, into = gback[c, t0:t1], gxz[c, t0 + shift:t1 + shift]
+                x_in = xz[c, t0 + shift:t1 + shift]
+                for t in range(source.shape[0]):
+                    into[t] += weight * source[t]
+                    total += source[t] * x_in[t]
+                g_cw[c, k] += total
+    _accumulate_outer(gxz, s_t, piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
+    _transposed_product(piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _backward_kernel(gout, weights, offsets, dims, saved, ghidden, partial, counter):
+    """Rows claimed from counter: gout [B, L, d_model] -> ghidden [B, L, d_model], each row's
+    weight gradients into partial[r]."""
+    d_model, length = dims[0], gout.shape[1]
+    g_t = np.empty((d_model, length), dtype=ghidden.dtype)
+    gs = np.empty((d_model, length), dtype=ghidden.dtype)
     r = claim(counter)
     while r < gout.shape[0]:
-        grads = partial[r]
-        g_t = np.ascontiguousarray(gout[r].T)                      # [d_model, L]
-        out_w = piece(weights, offsets, 15).reshape(d_model, d_inner)
-        _accumulate_outer(g_t, ysum[r], piece(grads, offsets, 15).reshape(d_model, d_inner))
-        g_bias = piece(grads, offsets, 16)
-        for o in range(d_model):
-            for t in range(length):
-                g_bias[o] += g_t[o, t]
-        gys = np.empty((d_inner, length), dtype=dtype)
-        _transposed_product(out_w, g_t, gys)
-        z_all = xz[r, d_inner:]
-        _silu_slope(z_all.ravel(), gate_slope.ravel(), gate.ravel())
-        gxz = np.zeros((2 * d_inner, length), dtype=dtype)
-        gy = np.empty((d_inner, length), dtype=dtype)
-        gdelta = np.empty((d_inner, length), dtype=dtype)
-        gu = np.empty((d_inner, length), dtype=dtype)
-        gbc = np.empty((rank + 2 * n, length), dtype=dtype)
-        gback = np.empty((d_inner, length), dtype=dtype)
-        ga = np.empty((d_inner, n), dtype=dtype)
-        for direction in range(2):
-            i = 1 + 7 * direction
-            conv_w, _, x_proj, dt_proj, _, a_log, d = direction_pieces(
-                weights, offsets, i, d_inner, rank, n)
-            for c in range(d_inner):
-                for k in range(n):
-                    a[c, k] = -exp(a_log[c, k])
-            ud, b, lin, dd, yd = u[r, direction], bc[r, direction], dl[r, direction], \
-                delta[r, direction], y[r, direction]
-            g_d = piece(grads, offsets, i + 6)
-            for c in range(d_inner):          # through ysum += y * SiLU(z); rows, two loops:
-                g_row, ys_row, gate_row = gy[c], gys[c], gate[c]  # they vectorise
-                y_row, slope_row, into = yd[c], gate_slope[c], gxz[d_inner + c]
-                for t in range(length):
-                    g_row[t] = ys_row[t] * gate_row[t]
-                for t in range(length):
-                    into[t] += ys_row[t] * y_row[t] * slope_row[t]
-                g_d[c] += _dot(g_row, ud[c])
-            ga[:] = 0.0
-            _scan_backward(gy, dd, ud, bct[r, direction, 0], bct[r, direction, 1], a,
-                           states[r, direction], direction == 1, gdelta, gu, gbc[rank:rank + n],
-                           gbc[rank + n:], ga)
-            g_alog = piece(grads, offsets, i + 5).reshape(d_inner, n)
-            for c in range(d_inner):
-                for k in range(n):
-                    g_alog[c, k] += ga[c, k] * a[c, k]               # dA / dA_log = A
-                for t in range(length):
-                    gu[c, t] += d[c] * gy[c, t]
-                    x = lin[c, t]                 # through softplus (a select: it vectorises)
-                    slope_t = sigmoid(x, dtype.type)[0]
-                    gdelta[c, t] *= one if x > threshold else slope_t
-            g_dtb = piece(grads, offsets, i + 4)
-            for c in range(d_inner):
-                for t in range(length):
-                    g_dtb[c] += gdelta[c, t]
-            _accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
-            _transposed_product(dt_proj, gdelta, gbc[:rank])
-            _accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
-            _transposed_product(x_proj, gbc, gback)
-            p = pre[r, direction]
-            _silu_slope(p.ravel(), slope.ravel())  # (SiLU(pre) is u, saved)
-            for c in range(d_inner):           # through u = SiLU(pre)
-                for t in range(length):
-                    gback[c, t] = (gu[c, t] + gback[c, t]) * slope[c, t]
-            g_cb = piece(grads, offsets, i + 1)
-            g_cw = piece(grads, offsets, i).reshape(d_inner, taps)
-            for c in range(d_inner):           # through the depthwise conv
-                for t in range(length):
-                    g_cb[c] += gback[c, t]
-                for k in range(taps):
-                    shift = conv_shift(direction, k, taps)
-                    t0, t1 = max(0, -shift), min(length, length - shift)
-                    if t1 <= t0:
-                        continue
-                    weight, total = conv_w[c, k], dtype.type(0.0)
-                    source, into = gback[c, t0:t1], gxz[c, t0 + shift:t1 + shift]
-                    x_in = xz[r, c, t0 + shift:t1 + shift]
-                    for t in range(source.shape[0]):
-                        into[t] += weight * source[t]
-                        total += source[t] * x_in[t]
-                    g_cw[c, k] += total
-        _accumulate_outer(gxz, s_t[r], piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
-        gs = np.empty((d_model, length), dtype=dtype)
-        _transposed_product(piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
+        g_t[:] = gout[r].T
+        block_backward(g_t, weights, offsets, dims, saved[r], partial[r], gs)
         ghidden[r] = gs.T
         r = claim(counter)
