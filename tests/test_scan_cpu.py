@@ -296,7 +296,7 @@ def test_kernel_softplus_within_4_ulp_and_passes_through_above_the_threshold(dty
 def test_workspace_reuses_only_buffers_nothing_refers_to():
     """decay / state buffers: not handed out twice while a tensor, a view or an autograd
     graph still holds them; unused ones dropped beyond the budget."""
-    workspace = scan_cpu._Workspace(budget=100)
+    workspace = scan_cpu.Workspace(budget=100)
     a = workspace.take((2, 3), torch.float32)
     b = workspace.take((2, 3), torch.float32)
     assert a.data_ptr() != b.data_ptr() and a.dtype == torch.float32

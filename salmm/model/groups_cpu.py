@@ -39,7 +39,7 @@ from salmm.model.layer_cpu import (
 )
 from salmm.model.mamba_cpu import block_backward, block_forward, saved_length, sum_rows
 from salmm.model.numba_math import claim
-from salmm.model.scan_cpu import run_jobs
+from salmm.model.scan_cpu import run_jobs, workspace
 
 __all__ = ["groups_forward"]
 
@@ -66,7 +66,9 @@ class _FusedGroups(torch.autograd.Function):
         length = height * width
         weights = packed.weights.numpy().copy()  # this call's weights, for its backward too
         starts = np.cumsum([0] + [saved_length(b, length) for b in blocks]).astype(np.int64)
-        saved = np.empty((batch, int(starts[-1])), dtype=weights.dtype)
+        # (reused across steps: a fresh buffer this size costs as much in page faults as the
+        # forward's writes into it)
+        saved = workspace.take((batch, int(starts[-1])), branches.dtype).numpy()
         norms = np.empty((batch, 2 * channels + GROUPS + 1, length), dtype=weights.dtype)
         out = torch.empty(batch, height, width, channels, dtype=branches.dtype)
         x = branches.detach().contiguous().numpy().reshape(batch, channels, length)

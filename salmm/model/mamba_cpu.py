@@ -43,7 +43,7 @@ from salmm.model.layer_cpu import (
     sweep,
 )
 from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, prefetch, sigmoid
-from salmm.model.scan_cpu import run_jobs
+from salmm.model.scan_cpu import run_jobs, workspace
 
 __all__ = ["block_backward", "block_forward", "mamba_forward", "saved_length", "sum_rows"]
 
@@ -115,7 +115,7 @@ class _FusedMamba(torch.autograd.Function):
         weights = layout.flat.numpy().copy()  # this call's weights, for its backward too
         x = hidden.detach().contiguous()
         dimensions = np.asarray(layout.dims, dtype=np.int64)
-        saved = np.empty((batch, saved_length(layout.dims, length)), dtype=weights.dtype)
+        saved = workspace.take((batch, saved_length(layout.dims, length)), dtype).numpy()
         out = torch.empty(batch, length, d_model, dtype=dtype)
         run_jobs(_forward_kernel, (x.numpy(), weights, layout.offsets, dimensions, saved,
                                    out.numpy()), batch)

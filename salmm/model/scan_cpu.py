@@ -26,7 +26,7 @@ as zero-copy numpy views::
     copies of B, C, gB, gC: [R, l, n]
     decay, state:         [R, l, d, n]   time-major: one step of all channels is one
                                          contiguous block; saved for the backward pass,
-                                         in buffers reused across calls (``_Workspace``)
+                                         in buffers reused across calls (``Workspace``)
 
 Time-major blocks make consecutive channels independent work (the sequential dependence of
 the recurrence is one block away), and no sweep walks the [d, l] rows across channels at a
@@ -65,7 +65,7 @@ from salmm.model.numba_math import claim as _claim
 from salmm.model.numba_math import sigmoid as _sigmoid
 from salmm.model.numba_math import softplus as _softplus
 
-__all__ = ["scan"]
+__all__ = ["Workspace", "run_jobs", "scan", "workspace"]
 
 _PREFETCH_STEPS = 4  # the backward sweep asks for decay and state this many steps ahead
 _REASSOC = {"reassoc"}  # vectorised n-long sums in the sweeps; no other rewrite
@@ -322,7 +322,7 @@ def run_jobs(kernel, args: tuple, jobs: int) -> None:
             future.result()
 
 
-class _Workspace:
+class Workspace:
     """Reusable buffers for the saved decay and state tensors.
 
     PyTorch does not cache CPU memory, so each fresh multi-MB buffer costs one page fault per
@@ -367,7 +367,7 @@ class _Workspace:
             return torch.from_numpy(self.arrays[-1])
 
 
-_workspace = _Workspace(_WORKSPACE_BUDGET)
+workspace = Workspace(_WORKSPACE_BUDGET)
 
 
 def _numpy(*tensors: Tensor) -> tuple[np.ndarray, ...]:
@@ -389,13 +389,13 @@ class _FusedScan(torch.autograd.Function):
         args = _numpy(delta, delta_bias) + (softplus,) + _numpy(u, B, C, dt_t, dsp, u_t, b_t, c_t)
         run_jobs(_prepare_kernel, args, rows)
 
-        decay = _workspace.take((rows, length, dim, n), u.dtype)
+        decay = workspace.take((rows, length, dim, n), u.dtype)
         torch.mul(
             dt_t.view(-1, groups, length, dim, 1),
             (A * LOG2_E).unsqueeze(-3),
             out=decay.view(-1, groups, length, dim, n),
         ).exp2_()
-        state = _workspace.take((rows, length, dim, n), u.dtype)
+        state = workspace.take((rows, length, dim, n), u.dtype)
         y = torch.empty_like(u)
         gated = z is not None
         out = torch.empty_like(u) if gated else y
