@@ -44,9 +44,10 @@ from salmm.model.numba_math import claim, decay, exp, fma, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = [
-    "DIMS", "EPS", "GROUPS", "GROUP_PIECES", "INCEPTION_PIECES", "Packed", "conv_shift",
-    "direction_inputs", "direction_pieces", "layer_forward", "normalise", "pack", "piece",
-    "pointwise", "silu", "sweep",
+    "DIMS", "EPS", "GROUPS", "GROUP_PIECES", "INCEPTION_PIECES", "Packed", "column_ok",
+    "conv_shift", "direction_inputs", "direction_pieces", "inception", "layer_forward",
+    "max_pool3", "normalise", "pack", "piece", "pointwise", "silu", "spatial", "sweep",
+    "tap_range",
 ]
 
 
@@ -177,49 +178,71 @@ def pointwise(x, w, b, out, row, relu):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _spatial(x, w, b, height, width, out, row):
+def column_ok(k, height, width):
+    """[k, H*W] uint8: whether the pixel a tap at column offset kx - k // 2 reads from pixel p
+    of a map is in p's row (else it lies past the left or right edge: zero padding)."""
+    pad = k // 2
+    ok = np.zeros((k, height * width), dtype=np.uint8)
+    for kx in range(k):
+        for p in range(height * width):
+            column = p % width + kx - pad
+            ok[kx, p] = 0 <= column < width
+    return ok
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def tap_range(ky, kx, pad, height, width):
+    """(first, last, shift): the output pixels [first, last) of a flat H*W map whose tap
+    (ky, kx) reads inside the map's rows, and where it reads (pixel + shift); columns past the
+    edges are :func:`column_ok`'s."""
+    dy, dx = ky - pad, kx - pad
+    shift = dy * width + dx
+    first = max(max(0, -dy) * width, -shift)
+    last = min(min(height, height - dy) * width, height * width - shift)
+    return first, max(first, last), shift
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def spatial(x, w, b, height, width, out, row):
     """ReLU(k x k convolution of x [c_in, H*W] by w [c_out, c_in, k, k], zero padding k // 2,
-    plus b) into out[row:row + c_out]."""
+    plus b) into out[row:row + c_out]. Each tap is one loop over the whole flat map (slices,
+    not computed indices, which numba's wraparound check keeps from vectorising; a row of a
+    small map is too short to), the taps past a row's ends masked out."""
     c_out, c_in, k, _ = w.shape
     pad = k // 2
+    ok = column_ok(k, height, width)
+    zero = out.dtype.type(0.0)
     for o in range(c_out):
         target = out[row + o]
         target[:] = b[o]
         for i in range(c_in):
             for ky in range(k):
                 for kx in range(k):
-                    weight, shift = w[o, i, ky, kx], kx - pad
-                    x0, x1 = max(0, -shift), min(width, width - shift)
-                    if x1 <= x0:  # (a negative slice end would count from the end)
-                        continue
-                    for py in range(max(0, pad - ky), min(height, height + pad - ky)):
-                        line, start = py * width, (py + ky - pad) * width + shift
-                        into = target[line + x0:line + x1]  # slices, not computed indices:
-                        source = x[i, start + x0:start + x1]  # those do not vectorise
-                        for px in range(into.shape[0]):
-                            into[px] += weight * source[px]
+                    first, last, shift = tap_range(ky, kx, pad, height, width)
+                    weight, inside = w[o, i, ky, kx], ok[kx, first:last]
+                    into, source = target[first:last], x[i, first + shift:last + shift]
+                    for p in range(into.shape[0]):
+                        into[p] += weight * source[p] if inside[p] else zero
         for p in range(target.shape[0]):
             target[p] = max(target[p], 0.0)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _max_pool3(x, height, width, out):
-    """3x3 max-pool, stride 1, border ignored (NaN propagates): x, out [C, H*W]. Row slices
-    shifted by -1, 0, +1 pixels, so that the loops vectorise."""
+def max_pool3(x, height, width, out):
+    """3x3 max-pool, stride 1, border ignored (NaN propagates): x, out [C, H*W]. The
+    window's taps as shifted slices of the flat map (selects: the loops vectorise)."""
+    ok = column_ok(3, height, width)
     for c in range(x.shape[0]):
-        for py in range(height):
-            target = out[c, py * width:(py + 1) * width]
-            target[:] = x[c, py * width:(py + 1) * width]
-            for qy in range(max(py - 1, 0), min(py + 2, height)):
-                for shift in range(-1, 2):
-                    x0, x1 = max(0, -shift), min(width, width - shift)
-                    if x1 <= x0:
-                        continue
-                    into = target[x0:x1]
-                    source = x[c, qy * width + x0 + shift:qy * width + x1 + shift]
-                    for i in range(into.shape[0]):
-                        v = source[i]
-                        into[i] = v if v > into[i] or np.isnan(v) else into[i]
+        target = out[c]
+        target[:] = x[c]
+        for ky in range(3):
+            for kx in range(3):
+                first, last, shift = tap_range(ky, kx, 1, height, width)
+                inside, into = ok[kx, first:last], target[first:last]
+                source = x[c, first + shift:last + shift]
+                for p in range(into.shape[0]):
+                    v = source[p]
+                    into[p] = v if inside[p] and (v > into[p] or np.isnan(v)) else into[p]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -389,10 +412,32 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def inception(planes, weights, offsets, dims, branches, reduced3, reduced5, pooled):
+    """The Inception on planes [c_in, L] (a frame, channel-major) -> branches [c_out, L], the
+    four branches' outputs after their ReLU; also the 1x1 reductions before the 3x3 and the
+    5x5 convolution (after their ReLU) into reduced3 [c3x3red, L] and reduced5 [c5x5red, L],
+    and the max-pooled planes into pooled [c_in, L]. ``dims``: see :data:`DIMS`."""
+    c_in, c1, c2r, c2, c3r, c3, c4, height, width = dims[:DIMS - 1]
+    pointwise(planes, piece(weights, offsets, 0).reshape(c1, c_in),
+              piece(weights, offsets, 1), branches, 0, True)
+    pointwise(planes, piece(weights, offsets, 2).reshape(c2r, c_in),
+              piece(weights, offsets, 3), reduced3, 0, True)
+    spatial(reduced3, piece(weights, offsets, 4).reshape(c2, c2r, 3, 3),
+            piece(weights, offsets, 5), height, width, branches, c1)
+    pointwise(planes, piece(weights, offsets, 6).reshape(c3r, c_in),
+              piece(weights, offsets, 7), reduced5, 0, True)
+    spatial(reduced5, piece(weights, offsets, 8).reshape(c3, c3r, 5, 5),
+            piece(weights, offsets, 9), height, width, branches, c1 + c2)
+    max_pool3(planes, height, width, pooled)
+    pointwise(pooled, piece(weights, offsets, 10).reshape(c4, c_in),
+              piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _layer_kernel(x, weights, offsets, dims, out, counter):
     """Frames claimed from ``counter``: x [B, L, C_in] -> out [B, L, C_out] (module docstring);
     inside, channel-major [C, L] rows."""
-    c_in, c1, c2r, c2, c3r, c3, c4, height, width, n = dims[:DIMS]
+    c_in, c1, c2r, c2, c3r, c3, c4, _, _, n = dims[:DIMS]
     length = x.shape[1]
     widths = (c1, c2, c3, c4)
     c_out = c1 + c2 + c3 + c4
@@ -401,26 +446,15 @@ def _layer_kernel(x, weights, offsets, dims, out, counter):
     skip = piece(weights, offsets, end + 2)[0]
     planes = np.empty((c_in, length), dtype=dtype)
     branches = np.empty((c_out, length), dtype=dtype)
-    hidden = np.empty((max(c2r, c3r, c_in), length), dtype=dtype)
+    reduced3, reduced5 = np.empty((c2r, length), dtype=dtype), np.empty((c3r, length), dtype=dtype)
+    pooled = np.empty((c_in, length), dtype=dtype)
     mixed = np.empty((c_out, length), dtype=dtype)
     final = np.empty((c_out, length), dtype=dtype)
     mean, rstd = np.empty(length, dtype=dtype), np.empty(length, dtype=dtype)
     frame = claim(counter)
     while frame < x.shape[0]:
         planes[:] = x[frame].T
-        pointwise(planes, piece(weights, offsets, 0).reshape(c1, c_in),
-                   piece(weights, offsets, 1), branches, 0, True)
-        pointwise(planes, piece(weights, offsets, 2).reshape(c2r, c_in),
-                   piece(weights, offsets, 3), hidden, 0, True)
-        _spatial(hidden, piece(weights, offsets, 4).reshape(c2, c2r, 3, 3),
-                 piece(weights, offsets, 5), height, width, branches, c1)
-        pointwise(planes, piece(weights, offsets, 6).reshape(c3r, c_in),
-                   piece(weights, offsets, 7), hidden, 0, True)
-        _spatial(hidden, piece(weights, offsets, 8).reshape(c3, c3r, 5, 5),
-                 piece(weights, offsets, 9), height, width, branches, c1 + c2)
-        _max_pool3(planes, height, width, hidden)
-        pointwise(hidden[:c_in], piece(weights, offsets, 10).reshape(c4, c_in),
-                   piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
+        inception(planes, weights, offsets, dims, branches, reduced3, reduced5, pooled)
         row = 0
         for g in range(GROUPS):
             d_model, d_inner, rank = dims[DIMS + 3 * g: DIMS + 3 * g + 3]

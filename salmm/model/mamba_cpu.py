@@ -45,7 +45,8 @@ from salmm.model.layer_cpu import (
 from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, prefetch, sigmoid
 from salmm.model.scan_cpu import run_jobs, workspace
 
-__all__ = ["block_backward", "block_forward", "mamba_forward", "saved_length", "sum_rows"]
+__all__ = ["accumulate_outer", "block_backward", "block_forward", "mamba_forward", "saved_length",
+           "sum_rows", "transposed_product"]
 
 _REASSOC = {"reassoc"}
 _AHEAD = 8  # how many steps ahead the scan's adjoint asks for the states it will read
@@ -151,7 +152,7 @@ def sum_rows(partial):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _accumulate_outer(g, x, into):
+def accumulate_outer(g, x, into):
     """into[o, i] += sum_t g[o, t] x[i, t]: a weight's gradient from rows g [O, L], x [I, L];
     two rows of each at a time (four sums in one pass; an odd last row is paired with itself
     and its spare sums dropped)."""
@@ -178,7 +179,7 @@ def _accumulate_outer(g, x, into):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _transposed_product(w, g, out):
+def transposed_product(w, g, out):
     """out = w^T g (w [O, I], g [O, L], out [I, L]): the gradient a Linear passes back."""
     pointwise(g, w.T, np.zeros(w.shape[1], dtype=out.dtype), out, 0, False)
 
@@ -347,13 +348,13 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
     slope = np.empty((d_inner, length), dtype=dtype)
     one, threshold = dtype.type(1.0), dtype.type(SOFTPLUS_THRESHOLD)
     out_w = piece(weights, offsets, 15).reshape(d_model, d_inner)
-    _accumulate_outer(g_t, ysum, piece(grads, offsets, 15).reshape(d_model, d_inner))
+    accumulate_outer(g_t, ysum, piece(grads, offsets, 15).reshape(d_model, d_inner))
     g_bias = piece(grads, offsets, 16)
     for o in range(d_model):
         for t in range(length):
             g_bias[o] += g_t[o, t]
     gys = np.empty((d_inner, length), dtype=dtype)
-    _transposed_product(out_w, g_t, gys)
+    transposed_product(out_w, g_t, gys)
     z_all = xz[d_inner:]
     _silu_slope(z_all.ravel(), gate_slope.ravel(), gate.ravel())
     gxz = np.zeros((2 * d_inner, length), dtype=dtype)
@@ -397,10 +398,10 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
         for c in range(d_inner):
             for t in range(length):
                 g_dtb[c] += gdelta[c, t]
-        _accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
-        _transposed_product(dt_proj, gdelta, gbc[:rank])
-        _accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
-        _transposed_product(x_proj, gbc, gback)
+        accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
+        transposed_product(dt_proj, gdelta, gbc[:rank])
+        accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
+        transposed_product(x_proj, gbc, gback)
         p = pre[direction]
         _silu_slope(p.ravel(), slope.ravel())  # (SiLU(pre) is u, saved)
         for c in range(d_inner):           # through u = SiLU(pre)
@@ -423,8 +424,8 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
                     into[t] += weight * source[t]
                     total += source[t] * x_in[t]
                 g_cw[c, k] += total
-    _accumulate_outer(gxz, s_t, piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
-    _transposed_product(piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
+    accumulate_outer(gxz, s_t, piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
+    transposed_product(piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

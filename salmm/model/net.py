@@ -73,14 +73,14 @@ class CrossModelAtt(nn.Module):
 @functools.cache
 def _kernels():
     """(:mod:`salmm.model.layer_cpu`, :mod:`salmm.model.maps_cpu`,
-    :mod:`salmm.model.groups_cpu`), or None when numba does not import (the reason is
+    :mod:`salmm.model.layer_train_cpu`), or None when numba does not import (the reason is
     logged)."""
     try:
-        from salmm.model import groups_cpu, layer_cpu, maps_cpu  # lazy: numba may be missing
+        from salmm.model import layer_cpu, layer_train_cpu, maps_cpu  # lazy: numba may be missing
     except ImportError as exc:
         log.info("fused CPU inference kernels unavailable (%s: %s)", type(exc).__name__, exc)
         return None
-    return layer_cpu, maps_cpu, groups_cpu
+    return layer_cpu, maps_cpu, layer_train_cpu
 
 
 def cpu_kernels_apply(backend: str, x: Tensor) -> bool:
@@ -176,8 +176,8 @@ class SCPMambaLayer(nn.Module):
             x = x.float()
         if fused(self.backend, x, self.skip_scale):
             return _kernels()[0].layer_forward(self, x)
-        if cpu_kernels_apply(self.backend, x):  # training on a CPU: the groups in one kernel
-            return _kernels()[2].groups_forward(self, torch.cat(self.Inception(x), dim=1))
+        if cpu_kernels_apply(self.backend, x):  # training on a CPU: one kernel pair
+            return _kernels()[2].layer_forward(self, x)
         B, C, H, W = x.shape
         assert C == self.input_dim, f"expected {self.input_dim} channels, got {C}"
         groups = []

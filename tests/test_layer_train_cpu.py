@@ -1,12 +1,13 @@
-"""The fused CPU kernel of an SCPMamba layer's Mamba groups for training
-(salmm.model.groups_cpu) against its ``_ref`` twin, the layer's own modules (backend
-"builtin"): the output and every gradient in float64 for each layer of the network, gradcheck
-against finite differences, float32 within rounding, threads, and when the kernel runs."""
+"""The fused CPU kernel of a whole SCPMamba layer for training (salmm.model.layer_train_cpu)
+against its ``_ref`` twin, the layer's own modules (backend "builtin"): the output and every
+gradient in float64 for each layer of the network, ties and NaN in the Inception's max-pool,
+gradcheck against finite differences, float32 within rounding, threads, and when the kernel
+runs."""
 
 import pytest
 import torch
 
-from salmm.model import groups_cpu
+from salmm.model import layer_train_cpu
 from salmm.model.net import SalMM, SCPMambaLayer
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
@@ -42,8 +43,8 @@ def gradients(layer, x: torch.Tensor, weight: torch.Tensor):
 def test_output_and_every_gradient_equal_the_modules_in_float64(name, monkeypatch):
     fast, ref = jittered_layer(name)
     calls = []
-    forward = groups_cpu.groups_forward
-    monkeypatch.setattr(groups_cpu, "groups_forward", lambda *a: calls.append(1) or forward(*a))
+    forward = layer_train_cpu.layer_forward
+    monkeypatch.setattr(layer_train_cpu, "layer_forward", lambda *a: calls.append(1) or forward(*a))
     x = torch.randn(3, LAYERS[name][0], 5, 7, dtype=torch.float64)  # odd, not square
     weight = torch.randn(3, LAYERS[name][1], 5, 7, dtype=torch.float64)
     got, want = gradients(fast, x, weight), gradients(ref, x, weight)
@@ -56,16 +57,35 @@ def test_output_and_every_gradient_equal_the_modules_in_float64(name, monkeypatc
         assert (got[2][key] - want[2][key]).abs().max() < 1e-9, key
 
 
+def test_max_pool_ties_and_nan_route_the_gradient_as_torch_does():
+    """A constant patch (every window tied) and a NaN in the input: the Inception's max-pool
+    sends each window's gradient where PyTorch's does (first maximum in raster order, last
+    NaN), which the pool branch's weight gradient shows."""
+    fast, ref = jittered_layer("encoder4")
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    x[0, :, 1:5, 1:5] = 0.5
+    weight = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    got, want = gradients(fast, x, weight), gradients(ref, x, weight)
+    key = "Inception.branch4.1.conv.weight"
+    assert (got[1] - want[1]).abs().max() < 1e-10
+    assert (got[2][key] - want[2][key]).abs().max() < 1e-9
+    x[1, 3, 2, 2] = float("nan")
+    got, want = gradients(fast, x, weight), gradients(ref, x, weight)
+    assert torch.equal(got[1][0].isnan(), want[1][0].isnan())
+    assert (got[1][0] - want[1][0]).abs().max() < 1e-10  # the frame without NaN is unharmed
+    assert got[1][1].isnan().any() and want[1][1].isnan().any()
+
+
 def test_gradcheck_against_finite_differences():
     fast, _ = jittered_layer("encoder4", seed=3)
-    params = {k: p for k, p in fast.named_parameters() if "Inception" not in k}
-    branches = torch.randn(2, 16, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = dict(fast.named_parameters())
+    x = torch.randn(2, 16, 3, 4, dtype=torch.float64, requires_grad=True)
 
-    def fn(b, *tensors):
+    def fn(inp, *tensors):
         with torch.nn.utils.stateless._reparametrize_module(fast, dict(zip(params, tensors))):
-            return groups_cpu.groups_forward(fast, b)
+            return layer_train_cpu.layer_forward(fast, inp)
 
-    assert torch.autograd.gradcheck(fn, (branches, *params.values()), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (x, *params.values()), eps=1e-6, atol=1e-6)
 
 
 def test_float32_within_rounding():
@@ -81,39 +101,30 @@ def test_float32_within_rounding():
 
 def test_results_do_not_depend_on_threads():
     """Frames are claimed by up to torch.get_num_threads() threads; each frame's weight
-    gradients have their own buffer, summed in frame order. (The kernel alone: the Inception's
-    oneDNN convolutions before it round differently with the thread count.)"""
+    gradients have their own buffer, summed in frame order."""
     fast, _ = jittered_layer("encoder6", dtype=torch.float32)
-    branches, weight = torch.randn(5, 32, 4, 4), torch.randn(5, 32, 4, 4)
-
-    def run():
-        b = branches.clone().requires_grad_(True)
-        fast.zero_grad()
-        out = groups_cpu.groups_forward(fast, b)
-        (out * weight).sum().backward()
-        return [out.detach(), b.grad] + [p.grad.clone() for p in fast.parameters()
-                                         if p.grad is not None]
-
-    one = run()
+    x, weight = torch.randn(5, 24, 4, 4), torch.randn(5, 32, 4, 4)
+    one = gradients(fast, x, weight)
     torch.set_num_threads(2)
     try:
-        two = run()
+        two = gradients(fast, x, weight)
     finally:
         torch.set_num_threads(1)
-    assert len(one) == len(two) > 2 and all(torch.equal(a, b) for a, b in zip(one, two))
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert all(torch.equal(one[2][k], two[2][k]) for k in one[2])
 
 
 def test_a_second_derivative_is_refused_not_silently_zero():
     fast, _ = jittered_layer("decoder1")
-    branches = torch.randn(1, 24, 2, 2, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(groups_cpu.groups_forward(fast, branches).sum(), branches,
+    x = torch.randn(1, 32, 2, 2, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer_train_cpu.layer_forward(fast, x).sum(), x,
                                   create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        torch.autograd.grad(grad.sum(), branches)
+        torch.autograd.grad(grad.sum(), x)
 
 
 def test_inference_and_the_builtin_backend_do_not_run_it(monkeypatch):
-    monkeypatch.setattr(groups_cpu, "groups_forward", lambda *a: pytest.fail("kernel ran"))
+    monkeypatch.setattr(layer_train_cpu, "layer_forward", lambda *a: pytest.fail("kernel ran"))
     model = SalMM(backend="auto").eval()
     x, e = torch.rand(1, 3, 32, 32), torch.randn(1, 512)
     with torch.no_grad():
