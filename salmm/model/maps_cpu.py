@@ -414,10 +414,12 @@ def _spatial_attention_kernel(x, weight, bias, dilation, padding, s, mixed, pool
             maxima[p] = best
         logits = gates[b]
         logits[:] = bias
-        for plane in range(2):
-            for ky, kx, dy, dx, x0, x1 in reach:
-                w = weight[plane, ky, kx]
-                for py in range(max(0, -dy), min(height, height - dy)):
+        for py in range(height):  # a row at a time, all its taps (it stays in L1)
+            for plane in range(2):
+                for ky, kx, dy, dx, x0, x1 in reach:
+                    if not 0 <= py + dy < height:
+                        continue
+                    w = weight[plane, ky, kx]
                     target = logits[py, x0:x1]  # slices: a computed (possibly negative) index
                     source = planes[b, plane, py + dy, x0 + dx:x1 + dx]  # would not vectorise
                     for i in range(target.shape[0]):  # (numba's wraparound)
@@ -447,6 +449,7 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
     reach = _taps(weight.shape[1], dilation, padding, height, width)
     glogit = np.empty((height, width), dtype=x.dtype)
     gplanes = np.empty((2, height, width), dtype=x.dtype)
+    totals = np.empty((2, reach.shape[0]))  # each tap's weight gradient, rows in order
     gm = np.empty(channels, dtype=x.dtype)
     for b in range(batch):
         frame, grad_s, grad_m, into = (x[b].reshape(-1, channels), gs[b].reshape(-1, channels),
@@ -465,19 +468,26 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
             bias_total += np.float64(gl[p])
         gbias[0] += bias_total
         gplanes[:] = 0.0
-        for plane in range(2):
-            for ky, kx, dy, dx, x0, x1 in reach:
-                w, total = weight[plane, ky, kx], 0.0
-                for py in range(max(0, -dy), min(height, height - dy)):
+        totals[:] = 0.0
+        for q in range(height):  # a row of the planes at a time, all its taps (it stays in L1)
+            for plane in range(2):
+                for tap in range(reach.shape[0]):
+                    ky, kx, dy, dx, x0, x1 = reach[tap]
+                    py = q - dy
+                    if not 0 <= py < height:
+                        continue
+                    w = weight[plane, ky, kx]
                     source = glogit[py, x0:x1]
-                    seen = planes[b, plane, py + dy, x0 + dx:x1 + dx]
-                    into_plane = gplanes[plane, py + dy, x0 + dx:x1 + dx]
+                    seen = planes[b, plane, q, x0 + dx:x1 + dx]
+                    into_plane = gplanes[plane, q, x0 + dx:x1 + dx]
                     row = f(0.0)  # a row's sum in the map's type, the rows' in float64
                     for i in range(source.shape[0]):
                         into_plane[i] += w * source[i]
                         row += source[i] * seen[i]
-                    total += np.float64(row)
-                gweight[plane, ky, kx] += total
+                    totals[plane, tap] += np.float64(row)
+        for plane in range(2):
+            for tap in range(reach.shape[0]):
+                gweight[plane, reach[tap, 0], reach[tap, 1]] += totals[plane, tap]
         mean_share, max_share = gplanes[0].ravel(), gplanes[1].ravel()
         maxima = planes[b, 1].ravel()
         for p in range(a.shape[0]):  # selects, not branches: the loops vectorise
