@@ -52,6 +52,8 @@ from salmm.model.mamba_cpu import (
     accumulate_outer,
     block_backward,
     block_forward,
+    dot,
+    row_sum,
     saved_length,
     sum_rows,
     transposed_product,
@@ -191,16 +193,12 @@ def _normalise_backward(gy, xhat, rstd, gain, g_gain, g_bias, gx, row):
     m1, m2 = np.zeros(length, dtype=gy.dtype), np.zeros(length, dtype=gy.dtype)
     gxhat = np.empty((width, length), dtype=gy.dtype)
     for c in range(width):
-        total_gain, total_bias = f(0.0), f(0.0)
         for p in range(length):
             gxhat[c, p] = gy[c, p] * gain[c]
             m1[p] += gxhat[c, p]
             m2[p] += gxhat[c, p] * xhat[c, p]
-        for p in range(length):
-            total_gain += gy[c, p] * xhat[c, p]
-            total_bias += gy[c, p]
-        g_gain[c] += total_gain
-        g_bias[c] += total_bias
+        g_gain[c] += dot(gy[c], xhat[c])
+        g_bias[c] += row_sum(gy[c])
     for p in range(length):
         m1[p] /= f(width)
         m2[p] /= f(width)
@@ -215,11 +213,9 @@ def _relu_backward(g, out, into, g_bias):
     accumulates the sums of into (the bias before the ReLU)."""
     f = g.dtype.type
     for c in range(g.shape[0]):
-        total = f(0.0)
         for p in range(g.shape[1]):
             into[c, p] = g[c, p] if out[c, p] > 0.0 else f(0.0)
-            total += into[c, p]
-        g_bias[c] += total
+        g_bias[c] += row_sum(into[c])
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -323,8 +319,7 @@ def _backward_kernel(gout, x, weights, offsets, dims, blocks, starts, saved, row
                     s[c, p] = xhat[row + c, p] * gain[c] + bias[c]
                     g_product[c, p] = g_mixed[row + c, p]
             for c in range(width_g):
-                for p in range(length):
-                    g_skip += g_product[c, p] * s[c, p]
+                g_skip += dot(g_product[c], s[c])
             gs = np.empty((width_g, length), dtype=dtype)
             block_backward(g_product, weights, _block_offsets(offsets, g), blocks[g],
                            saved[r, starts[g]:starts[g + 1]], grads, gs)

@@ -45,8 +45,8 @@ from salmm.model.layer_cpu import (
 from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, prefetch, sigmoid
 from salmm.model.scan_cpu import run_jobs, workspace
 
-__all__ = ["accumulate_outer", "block_backward", "block_forward", "mamba_forward", "saved_length",
-           "sum_rows", "transposed_product"]
+__all__ = ["accumulate_outer", "block_backward", "block_forward", "dot", "mamba_forward", "row_sum",
+           "saved_length", "sum_rows", "transposed_product"]
 
 _REASSOC = {"reassoc"}
 _AHEAD = 8  # how many steps ahead the scan's adjoint asks for the states it will read
@@ -185,11 +185,21 @@ def transposed_product(w, g, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _dot(a, b):
-    """sum a * b over two rows."""
+def dot(a, b):
+    """sum a * b over two rows (reassociated to vectorise: a sum in order is a chain of
+    dependent additions, four cycles each)."""
     total = a.dtype.type(0.0)
     for t in range(a.shape[0]):
         total += a[t] * b[t]
+    return total
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def row_sum(a):
+    """sum of a row (reassociated to vectorise, as :func:`dot`)."""
+    total = a.dtype.type(0.0)
+    for t in range(a.shape[0]):
+        total += a[t]
     return total
 
 
@@ -351,8 +361,7 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
     accumulate_outer(g_t, ysum, piece(grads, offsets, 15).reshape(d_model, d_inner))
     g_bias = piece(grads, offsets, 16)
     for o in range(d_model):
-        for t in range(length):
-            g_bias[o] += g_t[o, t]
+        g_bias[o] += row_sum(g_t[o])
     gys = np.empty((d_inner, length), dtype=dtype)
     transposed_product(out_w, g_t, gys)
     z_all = xz[d_inner:]
@@ -381,7 +390,7 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
                 g_row[t] = ys_row[t] * gate_row[t]
             for t in range(length):
                 into[t] += ys_row[t] * y_row[t] * slope_row[t]
-            g_d[c] += _dot(g_row, ud[c])
+            g_d[c] += dot(g_row, ud[c])
         ga[:] = 0.0
         _scan_backward(gy, dd, ud, bct[direction, 0], bct[direction, 1], a, states[direction],
                        direction == 1, gdelta, gu, gbc[rank:rank + n], gbc[rank + n:], ga)
@@ -396,8 +405,7 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
                 gdelta[c, t] *= one if x > threshold else slope_t
         g_dtb = piece(grads, offsets, i + 4)
         for c in range(d_inner):
-            for t in range(length):
-                g_dtb[c] += gdelta[c, t]
+            g_dtb[c] += row_sum(gdelta[c])
         accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
         transposed_product(dt_proj, gdelta, gbc[:rank])
         accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
@@ -410,20 +418,17 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
         g_cb = piece(grads, offsets, i + 1)
         g_cw = piece(grads, offsets, i).reshape(d_inner, taps)
         for c in range(d_inner):           # through the depthwise conv
-            for t in range(length):
-                g_cb[c] += gback[c, t]
+            g_cb[c] += row_sum(gback[c])
             for k in range(taps):
                 shift = conv_shift(direction, k, taps)
                 t0, t1 = max(0, -shift), min(length, length - shift)
                 if t1 <= t0:
                     continue
-                weight, total = conv_w[c, k], dtype.type(0.0)
+                weight = conv_w[c, k]
                 source, into = gback[c, t0:t1], gxz[c, t0 + shift:t1 + shift]
-                x_in = xz[c, t0 + shift:t1 + shift]
                 for t in range(source.shape[0]):
                     into[t] += weight * source[t]
-                    total += source[t] * x_in[t]
-                g_cw[c, k] += total
+                g_cw[c, k] += dot(source, xz[c, t0 + shift:t1 + shift])
     accumulate_outer(gxz, s_t, piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
     transposed_product(piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
 
