@@ -183,3 +183,30 @@ def test_results_do_not_depend_on_whether_this_process_compiled_the_kernels(tmp_
     assert any((tmp_path / "numba").rglob("*.nbc")), "the first process wrote no cache"
     compiled, cached = (run.stdout.strip().splitlines()[-1] for run in runs)
     assert compiled == cached
+
+
+def test_cached_kernels_are_keyed_on_every_kernel_source():
+    """A kernel's cached machine code includes the numba functions it calls from other files,
+    so its cache stamp covers all kernel modules (salmm.model.numba_cache): the list names
+    every module of the package that caches kernels, the stamp is the sha256 of their
+    sources, and every cached kernel of theirs is located with it."""
+    import hashlib
+
+    import numba
+
+    from salmm.model import layer_cpu, layer_train_cpu, maps_cpu, numba_cache, numba_math, scan_cpu
+
+    folder = Path(numba_cache.__file__).parent
+    caching = {p.stem for p in folder.glob("*.py") if "cache=True" in p.read_text()}
+    assert caching == set(numba_cache.KERNEL_MODULES)
+    digest = hashlib.sha256()
+    for name in numba_cache.KERNEL_MODULES:
+        digest.update((folder / f"{name}.py").read_bytes())
+    assert numba_cache.kernel_sources_stamp() == digest.digest()
+    modules = (numba_math, scan_cpu, layer_cpu, mamba_cpu, layer_train_cpu, maps_cpu)
+    kernels = [f for m in modules for f in vars(m).values()
+               if isinstance(f, numba.core.registry.CPUDispatcher) and f._cache._impl is not None
+               and f.__module__ == m.__name__]
+    assert len(kernels) > 40
+    for kernel in kernels:
+        assert kernel._cache._impl.locator.get_source_stamp() == digest.digest(), kernel

@@ -16,13 +16,15 @@ channels-last memory the model keeps):
 
 Arithmetic: float32 (float64 for a float64 model, which the parity tests use to tell a wrong
 computation from rounding: 1e-12 there). Inside, rows are channel-major [C, L]: products and
-convolutions are loops over whole pixel rows (slices, never computed indices, which numba's
-wraparound check keeps from vectorising), so they vectorise without reordering any sum; only
-the n-long sum C . h of the scan is reassociated (``fastmath={"reassoc"}``), as in
-:mod:`salmm.model.scan_cpu`, and its decay exp(delta A) is :func:`numba_math.decay`. No fused
-multiply-adds (fastmath ``"contract"``): numba's in-process compile and its cached machine code
-fuse differently, so results would depend on whether this process compiled the kernel (measured:
-a training run's weights differed from a resumed one's). Results are the same on every call,
+convolutions are loops over whole pixel rows or whole flat maps (slices, never computed
+indices, which numba's wraparound check keeps from vectorising; a k x k convolution's taps past
+a row's ends masked), so they vectorise without reordering any sum; only the n-long sum C . h
+of the scan is reassociated (``fastmath={"reassoc"}``), as in :mod:`salmm.model.scan_cpu`, and
+its decay exp(delta A) is :func:`numba_math.decay`. Fused multiply-adds only where asked for
+by name (:func:`numba_math.fma`: the scan's state update, the 1x1 products' chains of four),
+never left to the compiler (fastmath ``"contract"``): numba's in-process compile and its
+cached machine code fuse differently, so results would depend on whether this process
+compiled the kernel (measured: a training run's weights differed from a resumed one's). Results are the same on every call,
 in every process, and do not depend on the thread count. The batch's frames are
 claimed by up to ``torch.get_num_threads()`` threads, so batch 1 runs on one.
 
@@ -288,22 +290,23 @@ def silu(x, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def sweep(delta, u, b_t, c_t, a, states, y, backward, keep):
+def sweep(delta, u, b_t, c_t, a, y, backward, every, checkpoints):
     """The selective scan's recurrence over channel-major delta, u [d_inner, L] and time-major
     B, C (b_t, c_t [L, n]): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t from h = 0,
     y[c, t] = C_t . h_t[c] (channel-major [d_inner, L]); time runs downwards when
-    ``backward``. ``keep``: states [L, d_inner, n] receives every h_t (what training's backward
-    needs); else states [2, d_inner, n] holds the last two (two buffers, so that a step's reads
-    and writes do not overlap and the n-long loop vectorises). The scalars of each step are
-    read and written where they lie (a step touches one value per channel row: no transposed
-    copies)."""
+    ``backward``. ``every`` > 0: checkpoints [ceil(L / every), d_inner, n] receives the state
+    after every ``every``-th step (what training's backward recomputes the states from); 0:
+    none kept. The scalars of each step are read and written where they lie (a step touches
+    one value per channel row: no transposed copies); two state buffers in turn, so that a
+    step's reads and writes do not overlap and the n-long loop vectorises."""
     d_inner, length = u.shape
     n = a.shape[1]
     f = y.dtype.type
+    ring = np.empty((2, d_inner, n), dtype=y.dtype)
     prev = np.zeros((d_inner, n), dtype=y.dtype)
     for step in range(length):
         t = length - 1 - step if backward else step
-        h = states[t] if keep else states[step % 2]
+        h = ring[step % 2]
         for c in range(d_inner):
             dt = delta[c, t]
             x = dt * u[c, t]
@@ -313,6 +316,8 @@ def sweep(delta, u, b_t, c_t, a, states, y, backward, keep):
                 h[c, k] = v
                 total += c_t[t, k] * v
             y[c, t] = total
+        if every > 0 and (step + 1) % every == 0:
+            checkpoints[step // every] = h
         prev = h
 
 
@@ -392,7 +397,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
     delta, lin = np.empty((d_inner, length), dtype=dtype), np.empty((d_inner, length), dtype=dtype)
     bc = np.empty((rank + 2 * n, length), dtype=dtype)
     b_t, c_t = np.empty((length, n), dtype=dtype), np.empty((length, n), dtype=dtype)
-    state = np.empty((2, d_inner, n), dtype=dtype)
+    state = np.empty((0, d_inner, n), dtype=dtype)  # (no checkpoints)
     acc = np.empty((d_inner, length), dtype=dtype)
     y = np.zeros((d_inner, length), dtype=dtype)
     a = np.empty((d_inner, n), dtype=dtype)
@@ -403,7 +408,7 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
                          direction, pre, u, bc, lin, delta, a)
         b_t[:] = bc[rank:rank + n].T
         c_t[:] = bc[rank + n:].T
-        sweep(delta, u, b_t, c_t, a, state, acc, direction == 1, False)
+        sweep(delta, u, b_t, c_t, a, acc, direction == 1, 0, state)
         for c in range(d_inner):
             for t in range(length):
                 y[c, t] += (acc[c, t] + d[c] * u[c, t]) * gate[c, t]

@@ -13,14 +13,20 @@ Per batch row, channel-major [C, L] inside (L the sequence length):
               h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,  y = C . h + D u;
               ysum = sum of y * SiLU(z) over the directions; out = W_out ysum + b_out
     backward  the same steps in reverse: the scan's adjoint runs against the direction's time,
-              lambda_t = C_t gy_t + exp(delta_{t+1} A) lambda_{t+1}, with the states h saved by
-              the forward pass and the decays recomputed.
+              lambda_t = C_t gy_t + exp(delta_{t+1} A) lambda_{t+1}, segment by segment of
+              EVERY steps: the forward keeps the state after each segment only, and the
+              backward recomputes a segment's states and decays from it (bit for bit, into
+              buffers that stay in cache) before running the adjoint over them.
 
-Every sum runs in a fixed order (the n-long sums of the scan reassociated to vectorise, as in
-:mod:`salmm.model.scan_cpu`; no fused multiply-adds, see :mod:`salmm.model.layer_cpu`);
-each row's parameter gradients go to their own buffer and are
-summed over rows in row order, so results do not depend on the thread count. float32, or
-float64 for float64 inputs.
+:func:`block_forward` / :func:`block_backward` are the block on one sequence (what
+:mod:`salmm.model.layer_train_cpu` calls per group of a layer), saving into one flat buffer per
+sequence (:func:`saved_length`), taken from :data:`salmm.model.scan_cpu.workspace`.
+
+Every sum runs in a fixed order (the n-long sums of the scan and the weight gradients' row sums
+reassociated to vectorise, as in :mod:`salmm.model.scan_cpu`); fused multiply-adds only where
+asked for (:func:`salmm.model.numba_math.fma`); each row's parameter gradients go to their own
+buffer and are summed over rows in row order, so results do not depend on the thread count.
+float32, or float64 for float64 inputs.
 """
 
 from __future__ import annotations
@@ -42,14 +48,14 @@ from salmm.model.layer_cpu import (
     silu,
     sweep,
 )
-from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, prefetch, sigmoid
+from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, sigmoid
 from salmm.model.scan_cpu import run_jobs, workspace
 
 __all__ = ["accumulate_outer", "block_backward", "block_forward", "dot", "mamba_forward", "row_sum",
            "saved_length", "sum_rows", "transposed_product"]
 
 _REASSOC = {"reassoc"}
-_AHEAD = 8  # how many steps ahead the scan's adjoint asks for the states it will read
+EVERY = 16  # the forward keeps every EVERY-th state; the backward recomputes the others
 
 
 @dataclass(frozen=True)
@@ -219,19 +225,22 @@ def saved_length(dims, length: int) -> int:
     """How many values one sequence's forward saves for its backward (:func:`block_forward`):
     dims = (d_model, d_inner, dt_rank, d_state, d_conv), ``length`` steps."""
     d_model, d_inner, rank, n, _ = (int(v) for v in dims)
-    return length * (d_model + 13 * d_inner + 2 * rank + 8 * n + 2 * d_inner * n)
+    return (length * (d_model + 13 * d_inner + 2 * rank + 8 * n)
+            + 2 * -(-length // EVERY) * d_inner * n)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _carve(row, dims, length):
     """The arrays a sequence's forward saves, as views of its flat buffer ``row``
     (:func:`saved_length` values): s [d_model, L], xz [2 d_inner, L], per direction pre, u, dl,
-    delta, y [2, d_inner, L], bc [2, rank + 2n, L], B and C time-major [2, 2, L, n], the states
-    [2, L, d_inner, n], and the gated sum ysum [d_inner, L]."""
+    delta, y [2, d_inner, L], bc [2, rank + 2n, L], B and C time-major [2, 2, L, n], the state
+    after every EVERY-th step [2, ceil(L / EVERY), d_inner, n], and the gated sum ysum
+    [d_inner, L]."""
     d_model, d_inner, rank, n, _ = dims
+    segments = -(-length // EVERY)
     sizes = (d_model * length, 2 * d_inner * length, 2 * d_inner * length,
              2 * d_inner * length, 2 * (rank + 2 * n) * length, 4 * length * n,
-             2 * d_inner * length, 2 * d_inner * length, 2 * length * d_inner * n,
+             2 * d_inner * length, 2 * d_inner * length, 2 * segments * d_inner * n,
              2 * d_inner * length, d_inner * length)
     at = np.zeros(len(sizes) + 1, dtype=np.int64)
     for i in range(len(sizes)):
@@ -244,7 +253,7 @@ def _carve(row, dims, length):
             row[at[5]:at[6]].reshape(2, 2, length, n),
             row[at[6]:at[7]].reshape(2, d_inner, length),
             row[at[7]:at[8]].reshape(2, d_inner, length),
-            row[at[8]:at[9]].reshape(2, length, d_inner, n),
+            row[at[8]:at[9]].reshape(2, segments, d_inner, n),
             row[at[9]:at[10]].reshape(2, d_inner, length),
             row[at[10]:at[11]].reshape(d_inner, length))
 
@@ -274,7 +283,7 @@ def block_forward(s, weights, offsets, dims, row, out):
         yd, b_t, c_t = y[direction], bct[direction, 0], bct[direction, 1]
         b_t[:] = b[rank:rank + n].T
         c_t[:] = b[rank + n:].T
-        sweep(dd, ud, b_t, c_t, a, states[direction], yd, direction == 1, True)
+        sweep(dd, ud, b_t, c_t, a, yd, direction == 1, EVERY, states[direction])
         for c in range(d_inner):
             for t in range(length):
                 yd[c, t] += d[c] * ud[c, t]
@@ -299,49 +308,63 @@ def _forward_kernel(hidden, weights, offsets, dims, saved, out, counter):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _scan_backward(gy, delta, u, b_t, c_t, a, states, backward, gdelta, gu, gb, gc, ga):
+def _scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu, gb, gc, ga):
     """The adjoint of one direction's scan (see the module docstring): from gy [d_inner, L]
-    (dL/dy before the D term), delta and u [d_inner, L] and B, C time-major (b_t, c_t [L, n])
-    into gdelta, gu [d_inner, L], gb, gc [n, L] and ga [d_inner, n] (dL/dA, accumulated). A
-    step's scalars are read and written where they lie, its n-vectors summed in gb_t, gc_t."""
+    (dL/dy before the D term), delta and u [d_inner, L], B, C time-major (b_t, c_t [L, n]) and
+    the forward's state after every EVERY-th step (checkpoints) into gdelta, gu [d_inner, L],
+    gb, gc [n, L] and ga [d_inner, n] (dL/dA, accumulated). Segment by segment against the
+    direction's time: the segment's states and decays recomputed from its checkpoint as the
+    forward made them (bit for bit) into buffers that stay in cache, then the adjoint over
+    them. A step's scalars are read and written where they lie, its n-vectors summed in gb_t,
+    gc_t."""
     d_inner, length = u.shape
     n = a.shape[1]
     f = gy.dtype.type
     lam = np.zeros((d_inner, n), dtype=gy.dtype)
     a_next = np.zeros((d_inner, n), dtype=gy.dtype)
-    a_now = np.empty((d_inner, n), dtype=gy.dtype)
     zero = np.zeros((d_inner, n), dtype=gy.dtype)
+    states = np.empty((EVERY, d_inner, n), dtype=gy.dtype)
+    decays = np.empty((EVERY, d_inner, n), dtype=gy.dtype)
     gb_t, gc_t = np.empty(n, dtype=gy.dtype), np.empty(n, dtype=gy.dtype)
-    for step in range(length):
-        t = step if backward else length - 1 - step          # against the direction's time
-        before = t + 1 if backward else t - 1                # the step the state came from
-        ahead = t + _AHEAD if backward else t - _AHEAD       # the states read _AHEAD steps on
-        prev = states[before] if 0 <= before < length else zero
-        h = states[t]
-        gb_t[:] = 0.0
-        gc_t[:] = 0.0
-        for c in range(d_inner):
-            if 0 <= ahead < length:  # the forward wrote them long ago: out of cache by now
-                prefetch(states, (ahead * d_inner + c) * n)
-            dt, g, x = delta[c, t], gy[c, t], u[c, t]
-            total_delta, total_u = f(0.0), f(0.0)
-            dtx = dt * x
+    for segment in range(-(-length // EVERY) - 1, -1, -1):
+        first, last = segment * EVERY, min((segment + 1) * EVERY, length)  # steps, forward order
+        start = checkpoints[segment - 1] if segment > 0 else zero
+        prev = start
+        for step in range(first, last):                    # the forward's states, again
+            t = length - 1 - step if backward else step
+            h, dec = states[step - first], decays[step - first]
+            for c in range(d_inner):
+                dt = delta[c, t]
+                x = dt * u[c, t]
+                for k in range(n):
+                    dec[c, k] = decay(dt * a[c, k])
+                    h[c, k] = fma(dec[c, k], prev[c, k], x * b_t[t, k])
+            prev = h
+        for step in range(last - 1, first - 1, -1):       # the adjoint, against time
+            t = length - 1 - step if backward else step
+            h, a_now = states[step - first], decays[step - first]
+            prev = states[step - first - 1] if step > first else start
+            gb_t[:] = 0.0
+            gc_t[:] = 0.0
+            for c in range(d_inner):
+                dt, g, x = delta[c, t], gy[c, t], u[c, t]
+                total_delta, total_u = f(0.0), f(0.0)
+                dtx = dt * x
+                for k in range(n):
+                    lam[c, k] = fma(a_next[c, k], lam[c, k], c_t[t, k] * g)
+                    through = lam[c, k] * prev[c, k] * a_now[c, k]
+                    total_delta += through * a[c, k] + lam[c, k] * x * b_t[t, k]
+                    total_u += lam[c, k] * b_t[t, k]
+                    ga[c, k] = fma(through, dt, ga[c, k])
+                for k in range(n):
+                    gb_t[k] = fma(lam[c, k], dtx, gb_t[k])
+                    gc_t[k] = fma(g, h[c, k], gc_t[k])
+                gdelta[c, t] = total_delta
+                gu[c, t] = dt * total_u
             for k in range(n):
-                lam[c, k] = fma(a_next[c, k], lam[c, k], c_t[t, k] * g)
-                a_now[c, k] = decay(dt * a[c, k])
-                through = lam[c, k] * prev[c, k] * a_now[c, k]
-                total_delta += through * a[c, k] + lam[c, k] * x * b_t[t, k]
-                total_u += lam[c, k] * b_t[t, k]
-                ga[c, k] = fma(through, dt, ga[c, k])
-            for k in range(n):
-                gb_t[k] = fma(lam[c, k], dtx, gb_t[k])
-                gc_t[k] = fma(g, h[c, k], gc_t[k])
-            gdelta[c, t] = total_delta
-            gu[c, t] = dt * total_u
-        for k in range(n):
-            gb[k, t] = gb_t[k]
-            gc[k, t] = gc_t[k]
-        a_next[:] = a_now
+                gb[k, t] = gb_t[k]
+                gc[k, t] = gc_t[k]
+            a_next[:] = a_now
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -19,6 +19,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from salmm.model import numba_cache  # noqa: F401 (before any kernel: caches keyed on all sources)
+
 __all__ = ["SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "fma", "pow2", "prefetch", "sigmoid",
            "softplus"]
 
