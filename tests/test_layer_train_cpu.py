@@ -9,6 +9,7 @@ import torch
 
 from salmm.model import layer_train_cpu
 from salmm.model.net import SalMM, SCPMambaLayer
+from tests._gradients import assert_same_on_two_threads, gradients
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 LAYERS = {  # name: (input channels, output channels, the published Inception widths)
@@ -29,14 +30,6 @@ def jittered_layer(name: str, dtype=torch.float64, seed: int = 0):
     ref = SCPMambaLayer(cin, cout, dims, backend="builtin").to(dtype)
     ref.load_state_dict(fast.state_dict())
     return fast, ref
-
-
-def gradients(layer, x: torch.Tensor, weight: torch.Tensor):
-    x = x.clone().requires_grad_(True)
-    layer.zero_grad()
-    out = layer(x)
-    (out * weight).sum().backward()
-    return out.detach(), x.grad, {k: p.grad.clone() for k, p in layer.named_parameters()}
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -104,14 +97,7 @@ def test_results_do_not_depend_on_threads():
     gradients have their own buffer, summed in frame order."""
     fast, _ = jittered_layer("encoder6", dtype=torch.float32)
     x, weight = torch.randn(5, 24, 4, 4), torch.randn(5, 32, 4, 4)
-    one = gradients(fast, x, weight)
-    torch.set_num_threads(2)
-    try:
-        two = gradients(fast, x, weight)
-    finally:
-        torch.set_num_threads(1)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-    assert all(torch.equal(one[2][k], two[2][k]) for k in one[2])
+    assert_same_on_two_threads(fast, x, weight)
 
 
 def test_a_second_derivative_is_refused_not_silently_zero():

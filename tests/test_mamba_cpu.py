@@ -14,6 +14,7 @@ import torch
 from salmm.model import mamba_cpu
 from salmm.model.mamba import Mamba
 from salmm.model.net import SalMM
+from tests._gradients import assert_same_on_two_threads, gradients
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -28,14 +29,6 @@ def jittered_block(d_model: int, seed: int = 0, dtype=torch.float64) -> tuple[Ma
     ref = Mamba(d_model, backend="builtin").to(dtype)
     ref.load_state_dict(fast.state_dict())
     return fast, ref
-
-
-def gradients(block: Mamba, x: torch.Tensor, weight: torch.Tensor):
-    x = x.clone().requires_grad_(True)
-    block.zero_grad()
-    out = block(x)
-    (out * weight).sum().backward()
-    return out.detach(), x.grad, {k: p.grad.clone() for k, p in block.named_parameters()}
 
 
 @pytest.mark.parametrize("d_model, length", [(6, 17), (2, 5), (4, 1)])
@@ -99,14 +92,7 @@ def test_results_do_not_depend_on_threads():
     gradients have their own buffer, summed in row order."""
     fast, _ = jittered_block(4, dtype=torch.float32)
     x, weight = torch.randn(5, 33, 4), torch.randn(5, 33, 4)
-    one = gradients(fast, x, weight)
-    torch.set_num_threads(2)
-    try:
-        two = gradients(fast, x, weight)
-    finally:
-        torch.set_num_threads(1)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-    assert all(torch.equal(one[2][k], two[2][k]) for k in one[2])
+    assert_same_on_two_threads(fast, x, weight)
 
 
 def test_a_second_derivative_is_refused_not_silently_zero():
