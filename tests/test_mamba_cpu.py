@@ -196,3 +196,24 @@ def test_cached_kernels_are_keyed_on_every_kernel_source():
     assert len(kernels) > 40
     for kernel in kernels:
         assert kernel._cache._impl.locator.get_source_stamp() == digest.digest(), kernel
+
+
+def test_every_cache_location_is_keyed_on_all_kernel_sources(tmp_path, monkeypatch):
+    """numba's three places for a module's cache - NUMBA_CACHE_DIR, __pycache__, the user's
+    cache folder for a read-only install - each stamp the kernels with all kernel sources,
+    and leave other modules' functions to numba."""
+    import inspect
+
+    import numba
+
+    from salmm.model import numba_cache
+
+    kernel = mamba_cpu.block_forward.py_func
+    source = inspect.getfile(kernel)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "given"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))  # (the user-wide folder)
+    for locator in (numba_cache._UserProvided, numba_cache._InTree, numba_cache._UserWide):
+        found = locator.from_function(kernel, source)
+        assert found is not None, locator
+        assert found.get_source_stamp() == numba_cache.kernel_sources_stamp()
+        assert locator.from_function(gradients, inspect.getfile(gradients)) is None

@@ -7,7 +7,8 @@ not :mod:`salmm.model.layer_train_cpu` (a ``git pull`` in an editable install), 
 cached kernels would still run the old code - against the new callers' data layout. The
 locators here stamp every kernel of :data:`KERNEL_MODULES` with one hash of all their source
 files, so any change to any of them recompiles them all (once; the first run's cost, see the
-README). Cache files stay where numba puts them (``__pycache__``, or ``NUMBA_CACHE_DIR``).
+README). Cache files stay where numba puts them (``NUMBA_CACHE_DIR`` when set, else
+``__pycache__``, else the user's cache folder when the install is read-only).
 Imported by :mod:`salmm.model.numba_math`, which every kernel module imports before it defines
 a kernel.
 """
@@ -17,7 +18,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from numba.core.caching import CacheImpl, InTreeCacheLocator, UserProvidedCacheLocator
+from numba.core.caching import (
+    CacheImpl,
+    InTreeCacheLocator,
+    UserProvidedCacheLocator,
+    UserWideCacheLocator,
+)
 
 __all__ = ["KERNEL_MODULES", "kernel_sources_stamp"]
 
@@ -63,6 +69,10 @@ class _InTree(_Sources, InTreeCacheLocator):
     """``__pycache__`` beside the module."""
 
 
-for _locator in (_InTree, _UserProvided):  # tried before numba's own, user-provided first
+class _UserWide(_Sources, UserWideCacheLocator):
+    """The user's cache folder, where ``__pycache__`` is not writable (a read-only install)."""
+
+
+for _locator in (_UserWide, _InTree, _UserProvided):  # before numba's own, in numba's order
     if _locator not in CacheImpl._locator_classes:
         CacheImpl._locator_classes.insert(0, _locator)
