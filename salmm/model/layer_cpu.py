@@ -48,8 +48,8 @@ from salmm.model.scan_cpu import run_jobs
 __all__ = [
     "DIMS", "EPS", "GROUPS", "GROUP_PIECES", "INCEPTION_PIECES", "Packed", "column_ok",
     "conv_shift", "direction_inputs", "direction_pieces", "inception", "layer_forward",
-    "max_pool3", "normalise", "pack", "piece", "pointwise", "silu", "spatial", "sweep",
-    "tap_range",
+    "mamba_pieces", "max_pool3", "normalise", "pack", "pack_pieces", "piece", "pointwise",
+    "silu", "spatial", "sweep", "tap_range",
 ]
 
 
@@ -63,11 +63,11 @@ DIMS = 10  # c_in, c1x1, c3x3red, c3x3, c5x5red, c5x5, pool_proj, H, W, d_state
 
 @dataclass(frozen=True)
 class Packed:
-    """One layer's weights for the kernel in one flat buffer: ``weights`` (one dtype), views of
-    it (``views``) that each call refreshes from the module's tensors (``sources``, the pieces
+    """Weights for the kernels in one flat buffer: ``weights`` (one dtype), views of it
+    (``views``) that each call refreshes from the module's tensors (``sources``, the pieces
     numbered ``tensors``) in one ``torch._foreach_copy_``, ``offsets`` [pieces + 1] where each
-    piece starts, ``dims`` (see :data:`DIMS`, then d_model, d_inner and dt_rank of each
-    group)."""
+    piece starts, ``dims`` (the kernels' int64 dimensions: a layer's are :data:`DIMS`, then
+    d_model, d_inner and dt_rank of each group)."""
 
     weights: Tensor
     views: list[Tensor]
@@ -77,38 +77,32 @@ class Packed:
     dims: np.ndarray
 
 
-def _pieces(layer) -> list[Tensor | int]:
-    """The layer's tensors in the kernel's order, in their own layouts (an int: the size of an
-    absent bias, zeros)."""
-    inc = layer.Inception
-    convs = (inc.branch1.conv, inc.branch2[0].conv, inc.branch2[1].conv, inc.branch3[0].conv,
-             inc.branch3[1].conv, inc.branch4[1].conv)
-    pieces = [t for conv in convs for t in (conv.weight, conv.bias)]
-    norms = (layer.norm1, layer.norm2, layer.norm3, layer.norm4)
-    mambas = (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4)
-    for norm, mamba in zip(norms, mambas):
-        if mamba.in_proj.bias is not None:
-            raise ValueError("the fused SCPMamba layer supports Mamba blocks without in_proj bias")
-        pieces += [norm.weight, norm.bias, mamba.in_proj.weight,
-                   mamba.conv1d.weight, mamba.conv1d.bias, mamba.x_proj.weight,
-                   mamba.dt_proj.weight, mamba.dt_proj.bias, mamba.A_log, mamba.D,
-                   mamba.conv1d_b.weight, mamba.conv1d_b.bias, mamba.x_proj_b.weight,
-                   mamba.dt_proj_b.weight, mamba.dt_proj_b.bias, mamba.A_b_log, mamba.D_b,
-                   mamba.out_proj.weight,
-                   mamba.d_model if mamba.out_proj.bias is None else mamba.out_proj.bias]
-    return pieces + [layer.norm.weight, layer.norm.bias, layer.skip_scale]
+def mamba_pieces(mamba) -> list[Tensor | int]:
+    """A Mamba block's 17 tensors in the kernels' order (in_proj; per direction the depthwise
+    conv's weight and bias, x_proj, dt_proj's weight and bias, A_log, D; out_proj's weight and
+    bias), in their own layouts; an absent out_proj bias is its size (zeros)."""
+    if mamba.in_proj.bias is not None:
+        raise ValueError("the fused CPU kernels support Mamba blocks without in_proj bias")
+    return [mamba.in_proj.weight,
+            mamba.conv1d.weight, mamba.conv1d.bias, mamba.x_proj.weight, mamba.dt_proj.weight,
+            mamba.dt_proj.bias, mamba.A_log, mamba.D,
+            mamba.conv1d_b.weight, mamba.conv1d_b.bias, mamba.x_proj_b.weight,
+            mamba.dt_proj_b.weight, mamba.dt_proj_b.bias, mamba.A_b_log, mamba.D_b,
+            mamba.out_proj.weight,
+            mamba.d_model if mamba.out_proj.bias is None else mamba.out_proj.bias]
 
 
-def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
-    """``layer``'s weights in ``dtype`` for frames of ``height`` x ``width`` pixels. The
-    buffer is made once per dtype and refreshed from the module's tensors on every call
-    (one operator): an optimiser that updates weights in place without bumping their version
-    counters (PyTorch's fused Adam) cannot leave the kernel with stale weights."""
-    pieces = _pieces(layer)
-    packed = getattr(layer, "_packed", None)
+def pack_pieces(owner, pieces: list[Tensor | int], dtype: torch.dtype, dims) -> Packed:
+    """``pieces`` (tensors in their own layouts; an int: the size of an absent piece, zeros) in
+    one flat buffer of ``dtype``, kept on ``owner`` (made again when the dtype, the dims or the
+    tensors change) and refreshed from the tensors on every call (one operator): an optimiser
+    that updates weights in place without bumping their version counters (PyTorch's fused
+    Adam) cannot leave the kernels with stale weights."""
+    dims = np.asarray(dims, dtype=np.int64)
     sources = [p for p in pieces if isinstance(p, Tensor)]
-    if (packed is None or packed.weights.dtype != dtype or packed.dims[7] != height
-            or packed.dims[8] != width or len(packed.sources) != len(sources)
+    packed = getattr(owner, "_packed", None)
+    if (packed is None or packed.weights.dtype != dtype or not np.array_equal(packed.dims, dims)
+            or len(packed.sources) != len(sources)
             or any(a is not b for a, b in zip(packed.sources, sources))):
         sizes = [p.numel() if isinstance(p, Tensor) else p for p in pieces]
         offsets = np.cumsum([0] + sizes).astype(np.int64)
@@ -116,20 +110,33 @@ def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
             weights = torch.zeros(int(offsets[-1]), dtype=dtype)
             views = [weights[int(a):int(b)].view(p.shape) for a, b, p in
                      zip(offsets[:-1], offsets[1:], pieces) if isinstance(p, Tensor)]
-        inc = layer.Inception
-        dims = [layer.input_dim, inc.branch1.conv.out_channels, inc.branch2[0].conv.out_channels,
-                inc.branch2[1].conv.out_channels, inc.branch3[0].conv.out_channels,
-                inc.branch3[1].conv.out_channels, inc.branch4[1].conv.out_channels, height,
-                width, layer.mamba1.d_state]
-        for mamba in (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4):
-            dims += [mamba.d_model, mamba.d_inner, mamba.dt_rank]
         packed = Packed(weights, views, sources,
-                        [i for i, p in enumerate(pieces) if isinstance(p, Tensor)], offsets,
-                        np.asarray(dims, dtype=np.int64))
-        layer._packed = packed
+                        [i for i, p in enumerate(pieces) if isinstance(p, Tensor)], offsets, dims)
+        owner._packed = packed
     with torch.no_grad():
         torch._foreach_copy_(packed.views, packed.sources)
     return packed
+
+
+def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
+    """``layer``'s weights in ``dtype`` for frames of ``height`` x ``width`` pixels
+    (:func:`pack_pieces`): the Inception's six convolutions (weight, bias), per group its
+    LayerNorm (weight, bias) and :func:`mamba_pieces`, then the last LayerNorm and
+    skip_scale."""
+    inc = layer.Inception
+    convs = (inc.branch1.conv, inc.branch2[0].conv, inc.branch2[1].conv, inc.branch3[0].conv,
+             inc.branch3[1].conv, inc.branch4[1].conv)
+    pieces = [t for conv in convs for t in (conv.weight, conv.bias)]
+    norms = (layer.norm1, layer.norm2, layer.norm3, layer.norm4)
+    mambas = (layer.mamba1, layer.mamba2, layer.mamba3, layer.mamba4)
+    for norm, mamba in zip(norms, mambas):
+        pieces += [norm.weight, norm.bias, *mamba_pieces(mamba)]
+    pieces += [layer.norm.weight, layer.norm.bias, layer.skip_scale]
+    dims = [layer.input_dim, *(conv.out_channels for conv in convs), height, width,
+            layer.mamba1.d_state]
+    for mamba in mambas:
+        dims += [mamba.d_model, mamba.d_inner, mamba.dt_rank]
+    return pack_pieces(layer, pieces, dtype, dims)
 
 
 def layer_forward(layer, x: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ from salmm.model.mamba_cpu import (
     block_backward,
     block_forward,
     dot,
+    packed_gradients,
     row_sum,
     saved_length,
     sum_rows,
@@ -113,13 +114,9 @@ class _FusedLayer(torch.autograd.Function):
         run_jobs(_backward_kernel, (g, pixels.numpy().reshape(batch, length, c_in), weights,
                                     packed.offsets, packed.dims, blocks, starts, saved, rows,
                                     gx.numpy().reshape(batch, length, c_in), partial), batch)
-        total = torch.from_numpy(sum_rows(partial))
-        offsets = packed.offsets
-        grads = [total[offsets[number]:offsets[number + 1]].view(source.shape).to(dtype)
-                 for number, source, dtype in zip(packed.tensors, packed.sources, ctx.dtypes)]
         needs = ctx.needs_input_grad
         return (None, None, gx.permute(0, 3, 1, 2) if needs[2] else None,
-                *(g if need else None for g, need in zip(grads, needs[3:])))
+                *packed_gradients(packed, sum_rows(partial), ctx.dtypes, needs[3:]))
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")

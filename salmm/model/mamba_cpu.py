@@ -31,8 +31,6 @@ float32, or float64 for float64 inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numba
 import numpy as np
 import torch
@@ -40,9 +38,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from salmm.model.layer_cpu import (
+    Packed,
     conv_shift,
     direction_inputs,
     direction_pieces,
+    mamba_pieces,
+    pack_pieces,
     piece,
     pointwise,
     silu,
@@ -51,101 +52,61 @@ from salmm.model.layer_cpu import (
 from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, sigmoid
 from salmm.model.scan_cpu import run_jobs, workspace
 
-__all__ = ["accumulate_outer", "block_backward", "block_forward", "dot", "mamba_forward", "row_sum",
-           "saved_length", "sum_rows", "transposed_product"]
+__all__ = ["accumulate_outer", "block_backward", "block_forward", "dot", "mamba_forward",
+           "packed_gradients", "row_sum", "saved_length", "sum_rows", "transposed_product"]
 
 _REASSOC = {"reassoc"}
 EVERY = 16  # the forward keeps every EVERY-th state; the backward recomputes the others
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """A block's weights as the kernels read them: one flat buffer (``flat``, one dtype) of
-    every piece in the kernels' order (``sizes``; ``offsets`` [pieces + 1] where each starts),
-    ``views`` of it for the module's tensors ``sources``, which are the pieces numbered
-    ``tensors`` (an absent out_proj bias stays zeros), refreshed from them by one ``torch._foreach_copy_`` on every call (an optimiser that
-    updates in place without bumping version counters, PyTorch's fused Adam, is seen)."""
-
-    flat: Tensor
-    views: list[Tensor]
-    sources: list[Tensor]
-    sizes: list[int]
-    tensors: list[int]
-    offsets: np.ndarray
-    dims: tuple[int, ...]
-
-
-def _layout(mamba, dtype: torch.dtype) -> _Layout:
-    """``mamba``'s weights in ``dtype``, refreshed (built once per block and dtype)."""
-    out_bias = mamba.out_proj.bias
-    pieces = [mamba.in_proj.weight,
-              mamba.conv1d.weight, mamba.conv1d.bias, mamba.x_proj.weight, mamba.dt_proj.weight,
-              mamba.dt_proj.bias, mamba.A_log, mamba.D,
-              mamba.conv1d_b.weight, mamba.conv1d_b.bias, mamba.x_proj_b.weight,
-              mamba.dt_proj_b.weight, mamba.dt_proj_b.bias, mamba.A_b_log, mamba.D_b,
-              mamba.out_proj.weight, mamba.d_model if out_bias is None else out_bias]
-    sources = [p for p in pieces if isinstance(p, Tensor)]
-    layout = getattr(mamba, "_training_layout", None)
-    if (layout is None or layout.flat.dtype != dtype or len(layout.sources) != len(sources)
-            or any(a is not b for a, b in zip(layout.sources, sources))):
-        sizes = [p.numel() if isinstance(p, Tensor) else p for p in pieces]
-        tensors = [i for i, p in enumerate(pieces) if isinstance(p, Tensor)]
-        offsets = np.cumsum([0] + sizes).astype(np.int64)
-        with torch.inference_mode(False):  # a normal tensor: refreshed in any mode
-            flat = torch.zeros(int(offsets[-1]), dtype=dtype)
-            parts = flat.split(sizes)
-            views = [parts[i].view(pieces[i].shape) for i in tensors]
-        layout = _Layout(flat, views, sources, sizes, tensors, offsets,
-                         (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state,
-                          mamba.d_conv))
-        mamba._training_layout = layout
-    with torch.no_grad():
-        torch._foreach_copy_(layout.views, layout.sources)
-    return layout
-
-
 def mamba_forward(mamba, hidden: Tensor) -> Tensor:
     """``mamba`` (a Mamba block without in_proj bias) on hidden [b, l, d_model] (CPU, float32
-    or float64), differentiable in hidden and every parameter -> [b, l, d_model]."""
-    if mamba.in_proj.bias is not None:
-        raise ValueError("the fused CPU Mamba supports blocks without in_proj bias")
-    layout = _layout(mamba, hidden.dtype)
-    return _FusedMamba.apply(layout, hidden, *layout.sources)
+    or float64), differentiable in hidden and every parameter -> [b, l, d_model]. Its weights
+    packed as :func:`salmm.model.layer_cpu.mamba_pieces` orders them (the kernels' order)."""
+    packed = pack_pieces(mamba, mamba_pieces(mamba), hidden.dtype,
+                         (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state,
+                          mamba.d_conv))
+    return _FusedMamba.apply(packed, hidden, *packed.sources)
 
 
 class _FusedMamba(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layout, hidden, *params):
-        d_model = layout.dims[0]
+    def forward(ctx, packed, hidden, *params):
         dtype = hidden.dtype
-        batch, length, _ = hidden.shape
-        weights = layout.flat.numpy().copy()  # this call's weights, for its backward too
+        batch, length, d_model = hidden.shape
+        weights = packed.weights.numpy().copy()  # this call's weights, for its backward too
         x = hidden.detach().contiguous()
-        dimensions = np.asarray(layout.dims, dtype=np.int64)
-        saved = workspace.take((batch, saved_length(layout.dims, length)), dtype).numpy()
+        saved = workspace.take((batch, saved_length(packed.dims, length)), dtype).numpy()
         out = torch.empty(batch, length, d_model, dtype=dtype)
-        run_jobs(_forward_kernel, (x.numpy(), weights, layout.offsets, dimensions, saved,
+        run_jobs(_forward_kernel, (x.numpy(), weights, packed.offsets, packed.dims, saved,
                                    out.numpy()), batch)
-        ctx.saved = (weights, layout, dimensions, saved)
+        ctx.saved = (weights, packed, saved)
         ctx.dtypes = [p.dtype for p in params]
         return out
 
     @staticmethod
     @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
     def backward(ctx, gout):
-        weights, layout, dimensions, saved = ctx.saved
-        batch, length = gout.shape[0], gout.shape[1]
-        ghidden = torch.empty(batch, length, layout.dims[0], dtype=gout.dtype)
+        weights, packed, saved = ctx.saved
+        batch, length, d_model = gout.shape
+        ghidden = torch.empty(batch, length, d_model, dtype=gout.dtype)
         partial = np.zeros((batch, weights.shape[0]), dtype=weights.dtype)
         run_jobs(_backward_kernel, (gout.detach().contiguous().to(ghidden.dtype).numpy(),
-                                    weights, layout.offsets, dimensions, saved,
+                                    weights, packed.offsets, packed.dims, saved,
                                     ghidden.numpy(), partial), batch)
-        parts = torch.from_numpy(sum_rows(partial)).split(layout.sizes)
-        grads = [parts[i].view(view.shape) for i, view in zip(layout.tensors, layout.views)]
         needs = ctx.needs_input_grad
         return (None, ghidden if needs[1] else None,
-                *(g.to(dtype) if need else None
-                  for g, dtype, need in zip(grads, ctx.dtypes, needs[2:])))
+                *packed_gradients(packed, sum_rows(partial), ctx.dtypes, needs[2:]))
+
+
+def packed_gradients(packed: Packed, total: np.ndarray, dtypes, needs) -> list[Tensor | None]:
+    """The gradients of ``packed``'s sources from ``total`` (laid out as its weights), each in
+    its source's shape and ``dtypes``; None where ``needs`` says it is not needed."""
+    total = torch.from_numpy(total)
+    offsets = packed.offsets
+    return [total[offsets[number]:offsets[number + 1]].view(source.shape).to(dtype)
+            if need else None
+            for number, source, dtype, need in zip(packed.tensors, packed.sources, dtypes, needs)]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -262,7 +223,8 @@ def _carve(row, dims, length):
 def block_forward(s, weights, offsets, dims, row, out):
     """The block on one sequence, channel-major: s [d_model, L] -> out [d_model, L]; saves
     what :func:`block_backward` needs into ``row`` (:func:`saved_length` values). The block's
-    17 weight pieces are ``piece(weights, offsets, 0..16)`` (the :class:`_Layout` order)."""
+    17 weight pieces are ``piece(weights, offsets, 0..16)`` (the
+    :func:`salmm.model.layer_cpu.mamba_pieces` order)."""
     d_model, d_inner, rank, n, _ = dims
     length = s.shape[1]
     dtype = out.dtype
