@@ -102,11 +102,13 @@ class _FusedMamba(torch.autograd.Function):
 def packed_gradients(packed: Packed, total: np.ndarray, dtypes, needs) -> list[Tensor | None]:
     """The gradients of ``packed``'s sources from ``total`` (laid out as its weights), each in
     its source's shape and ``dtypes``; None where ``needs`` says it is not needed."""
-    total = torch.from_numpy(total)
-    offsets = packed.offsets
-    return [total[offsets[number]:offsets[number + 1]].view(source.shape).to(dtype)
-            if need else None
-            for number, source, dtype, need in zip(packed.tensors, packed.sources, dtypes, needs)]
+    parts = torch.from_numpy(total).split(np.diff(packed.offsets).tolist())
+    gradients = []
+    for number, source, dtype, need in zip(packed.tensors, packed.sources, dtypes, needs):
+        gradient = parts[number].view(source.shape) if need else None
+        gradients.append(gradient if gradient is None or gradient.dtype == dtype
+                         else gradient.to(dtype))
+    return gradients
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
