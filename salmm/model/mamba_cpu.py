@@ -279,8 +279,10 @@ def _scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu,
     gb, gc [n, L] and ga [d_inner, n] (dL/dA, accumulated). Segment by segment against the
     direction's time: the segment's states and decays recomputed from its checkpoint as the
     forward made them (bit for bit) into buffers that stay in cache, then the adjoint over
-    them. A step's scalars are read and written where they lie, its n-vectors summed in gb_t,
-    gc_t."""
+    them. A step's scalars are read and written where they lie; its n-vectors are summed in
+    a step-major buffer, written into gb, gc when the segment ends (a step's column of 2n rows
+    L values apart falls, at L = 1024, into one L1 cache set: stored step by step, the adjoint
+    took a quarter longer)."""
     d_inner, length = u.shape
     n = a.shape[1]
     f = gy.dtype.type
@@ -289,7 +291,7 @@ def _scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu,
     zero = np.zeros((d_inner, n), dtype=gy.dtype)
     states = np.empty((EVERY, d_inner, n), dtype=gy.dtype)
     decays = np.empty((EVERY, d_inner, n), dtype=gy.dtype)
-    gb_t, gc_t = np.empty(n, dtype=gy.dtype), np.empty(n, dtype=gy.dtype)
+    sums = np.empty((EVERY, 2, n), dtype=gy.dtype)  # per step of a segment: its gb, gc
     for segment in range(-(-length // EVERY) - 1, -1, -1):
         first, last = segment * EVERY, min((segment + 1) * EVERY, length)  # steps, forward order
         start = checkpoints[segment - 1] if segment > 0 else zero
@@ -308,6 +310,7 @@ def _scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu,
             t = length - 1 - step if backward else step
             h, a_now = states[step - first], decays[step - first]
             prev = states[step - first - 1] if step > first else start
+            gb_t, gc_t = sums[step - first, 0], sums[step - first, 1]
             gb_t[:] = 0.0
             gc_t[:] = 0.0
             for c in range(d_inner):
@@ -325,10 +328,13 @@ def _scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu,
                     gc_t[k] = fma(g, h[c, k], gc_t[k])
                 gdelta[c, t] = total_delta
                 gu[c, t] = dt * total_u
-            for k in range(n):
-                gb[k, t] = gb_t[k]
-                gc[k, t] = gc_t[k]
             a_next[:] = a_now
+        for k in range(n):
+            b_row, c_row = gb[k], gc[k]
+            for step in range(first, last):
+                t = length - 1 - step if backward else step
+                b_row[t] = sums[step - first, 0, k]
+                c_row[t] = sums[step - first, 1, k]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
