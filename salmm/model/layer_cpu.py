@@ -24,9 +24,10 @@ its decay exp(delta A) is :func:`numba_math.decay`. Fused multiply-adds only whe
 by name (:func:`numba_math.fma`: the scan's state update, the 1x1 products' chains of four),
 never left to the compiler (fastmath ``"contract"``): numba's in-process compile and its
 cached machine code fuse differently, so results would depend on whether this process
-compiled the kernel (measured: a training run's weights differed from a resumed one's). Results are the same on every call,
-in every process, and do not depend on the thread count. The batch's frames are
-claimed by up to ``torch.get_num_threads()`` threads, so batch 1 runs on one.
+compiled the kernel (measured: a training run's weights differed from a resumed one's).
+Results are the same on every call, in every process, and do not depend on the thread count.
+The batch's frames are claimed by up to ``torch.get_num_threads()`` threads, so batch 1 runs
+on one.
 
 A layer's weights live in one flat buffer (``Packed``) in their modules' own layouts, copied
 from the modules by one operator on every call (so no update can go unseen).
@@ -46,7 +47,7 @@ from salmm.model.numba_math import claim, decay, exp, fma, sigmoid, softplus
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = [
-    "DIMS", "EPS", "GROUPS", "GROUP_PIECES", "INCEPTION_PIECES", "Packed", "column_ok",
+    "DIMS", "EPS", "GROUPS", "GROUP_PIECES", "INCEPTION_PIECES", "Packed", "affine", "column_ok",
     "conv_shift", "direction_inputs", "direction_pieces", "inception", "layer_forward",
     "mamba_pieces", "max_pool3", "normalise", "pack", "pack_pieces", "piece", "pointwise",
     "silu", "spatial", "sweep", "tap_range",
@@ -189,7 +190,8 @@ def pointwise(x, w, b, out, row, relu):
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def column_ok(k, height, width):
     """[k, H*W] uint8: whether the pixel a tap at column offset kx - k // 2 reads from pixel p
-    of a map is in p's row (else it lies past the left or right edge: zero padding)."""
+    of a map is in p's row (else it lies past the left or right edge: zero padding). Made once
+    per kernel call and handed to the convolutions and max-pools of every frame."""
     pad = k // 2
     ok = np.zeros((k, height * width), dtype=np.uint8)
     for kx in range(k):
@@ -212,14 +214,14 @@ def tap_range(ky, kx, pad, height, width):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def spatial(x, w, b, height, width, out, row):
+def spatial(x, w, b, height, width, ok, out, row):
     """ReLU(k x k convolution of x [c_in, H*W] by w [c_out, c_in, k, k], zero padding k // 2,
     plus b) into out[row:row + c_out]. Each tap is one loop over the whole flat map (slices,
     not computed indices, which numba's wraparound check keeps from vectorising; a row of a
-    small map is too short to), the taps past a row's ends masked out."""
+    small map is too short to), the taps past a row's ends masked out (ok:
+    :func:`column_ok` for k)."""
     c_out, c_in, k, _ = w.shape
     pad = k // 2
-    ok = column_ok(k, height, width)
     zero = out.dtype.type(0.0)
     for o in range(c_out):
         target = out[row + o]
@@ -237,10 +239,10 @@ def spatial(x, w, b, height, width, out, row):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def max_pool3(x, height, width, out):
+def max_pool3(x, height, width, ok, out):
     """3x3 max-pool, stride 1, border ignored (NaN propagates): x, out [C, H*W]. The
-    window's taps as shifted slices of the flat map (selects: the loops vectorise)."""
-    ok = column_ok(3, height, width)
+    window's taps as shifted slices of the flat map (selects: the loops vectorise; ok:
+    :func:`column_ok` for 3)."""
     for c in range(x.shape[0]):
         target = out[c]
         target[:] = x[c]
@@ -283,9 +285,16 @@ def _layer_norm(x, row, width, g, b, mean, rstd, out):
     """out[c] = (x[row + c] - mean) * rstd * g[c] + b[c] over the ``width`` channel rows of x
     [C, L] at each pixel (:func:`normalise`; ``mean``, ``rstd`` [L] scratch)."""
     normalise(x, row, width, mean, rstd, out)
-    for c in range(width):
-        for p in range(mean.shape[0]):
-            out[c, p] = out[c, p] * g[c] + b[c]
+    affine(out, g, b, out)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def affine(xhat, gain, bias, out):
+    """LayerNorm's affine part: out[c] = xhat[c] * gain[c] + bias[c] (rows [w, L]; out may be
+    xhat)."""
+    for c in range(out.shape[0]):
+        for p in range(out.shape[1]):
+            out[c, p] = xhat[c, p] * gain[c] + bias[c]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -424,23 +433,24 @@ def _mamba(s, weights, offsets, base, d_model, d_inner, rank, n, out, row):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def inception(planes, weights, offsets, dims, branches, reduced3, reduced5, pooled):
+def inception(planes, weights, offsets, dims, ok3, ok5, branches, reduced3, reduced5, pooled):
     """The Inception on planes [c_in, L] (a frame, channel-major) -> branches [c_out, L], the
     four branches' outputs after their ReLU; also the 1x1 reductions before the 3x3 and the
     5x5 convolution (after their ReLU) into reduced3 [c3x3red, L] and reduced5 [c5x5red, L],
-    and the max-pooled planes into pooled [c_in, L]. ``dims``: see :data:`DIMS`."""
+    and the max-pooled planes into pooled [c_in, L]. ``dims``: see :data:`DIMS`; ok3, ok5:
+    :func:`column_ok` for 3 and 5."""
     c_in, c1, c2r, c2, c3r, c3, c4, height, width = dims[:DIMS - 1]
     pointwise(planes, piece(weights, offsets, 0).reshape(c1, c_in),
               piece(weights, offsets, 1), branches, 0, True)
     pointwise(planes, piece(weights, offsets, 2).reshape(c2r, c_in),
               piece(weights, offsets, 3), reduced3, 0, True)
     spatial(reduced3, piece(weights, offsets, 4).reshape(c2, c2r, 3, 3),
-            piece(weights, offsets, 5), height, width, branches, c1)
+            piece(weights, offsets, 5), height, width, ok3, branches, c1)
     pointwise(planes, piece(weights, offsets, 6).reshape(c3r, c_in),
               piece(weights, offsets, 7), reduced5, 0, True)
     spatial(reduced5, piece(weights, offsets, 8).reshape(c3, c3r, 5, 5),
-            piece(weights, offsets, 9), height, width, branches, c1 + c2)
-    max_pool3(planes, height, width, pooled)
+            piece(weights, offsets, 9), height, width, ok5, branches, c1 + c2)
+    max_pool3(planes, height, width, ok3, pooled)
     pointwise(pooled, piece(weights, offsets, 10).reshape(c4, c_in),
               piece(weights, offsets, 11), branches, c1 + c2 + c3, True)
 
@@ -449,7 +459,7 @@ def inception(planes, weights, offsets, dims, branches, reduced3, reduced5, pool
 def _layer_kernel(x, weights, offsets, dims, out, counter):
     """Frames claimed from ``counter``: x [B, L, C_in] -> out [B, L, C_out] (module docstring);
     inside, channel-major [C, L] rows."""
-    c_in, c1, c2r, c2, c3r, c3, c4, _, _, n = dims[:DIMS]
+    c_in, c1, c2r, c2, c3r, c3, c4, height, width, n = dims[:DIMS]
     length = x.shape[1]
     widths = (c1, c2, c3, c4)
     c_out = c1 + c2 + c3 + c4
@@ -463,10 +473,12 @@ def _layer_kernel(x, weights, offsets, dims, out, counter):
     mixed = np.empty((c_out, length), dtype=dtype)
     final = np.empty((c_out, length), dtype=dtype)
     mean, rstd = np.empty(length, dtype=dtype), np.empty(length, dtype=dtype)
+    ok3, ok5 = column_ok(3, height, width), column_ok(5, height, width)
     frame = claim(counter)
     while frame < x.shape[0]:
         planes[:] = x[frame].T
-        inception(planes, weights, offsets, dims, branches, reduced3, reduced5, pooled)
+        inception(planes, weights, offsets, dims, ok3, ok5, branches, reduced3, reduced5,
+                  pooled)
         row = 0
         for g in range(GROUPS):
             d_model, d_inner, rank = dims[DIMS + 3 * g: DIMS + 3 * g + 3]

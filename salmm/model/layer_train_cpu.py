@@ -40,6 +40,7 @@ from salmm.model.layer_cpu import (
     GROUP_PIECES,
     GROUPS,
     INCEPTION_PIECES,
+    affine,
     column_ok,
     inception,
     max_pool3,
@@ -150,11 +151,13 @@ def _forward_kernel(x, weights, offsets, dims, blocks, starts, saved, rows, out,
     mean = np.empty(length, dtype=dtype)
     mixed = np.empty((channels, length), dtype=dtype)
     final = np.empty((channels, length), dtype=dtype)
+    ok3, ok5 = column_ok(3, dims[7], dims[8]), column_ok(5, dims[7], dims[8])
     r = claim(counter)
     while r < x.shape[0]:
         branches, reduced3, reduced5, xhat, rstd = _frame_rows(rows[r], dims)
         planes[:] = x[r].T
-        inception(planes, weights, offsets, dims, branches, reduced3, reduced5, pooled)
+        inception(planes, weights, offsets, dims, ok3, ok5, branches, reduced3, reduced5,
+                  pooled)
         row = 0
         for g in range(GROUPS):
             width = blocks[g, 0]
@@ -162,9 +165,7 @@ def _forward_kernel(x, weights, offsets, dims, blocks, starts, saved, rows, out,
             gain, bias = piece(weights, offsets, base), piece(weights, offsets, base + 1)
             normalise(branches, row, width, mean, rstd[g], xhat[row:row + width])
             s = np.empty((width, length), dtype=dtype)
-            for c in range(width):
-                for p in range(length):
-                    s[c, p] = xhat[row + c, p] * gain[c] + bias[c]
+            affine(xhat[row:row + width], gain, bias, s)
             product = np.empty((width, length), dtype=dtype)
             block_forward(s, weights, _block_offsets(offsets, g), blocks[g],
                           saved[r, starts[g]:starts[g + 1]], product)
@@ -174,9 +175,7 @@ def _forward_kernel(x, weights, offsets, dims, blocks, starts, saved, rows, out,
             row += width
         normalise(mixed, 0, channels, mean, rstd[GROUPS], xhat[channels:])
         gain, bias = piece(weights, offsets, end), piece(weights, offsets, end + 1)
-        for c in range(channels):
-            for p in range(length):
-                final[c, p] = xhat[channels + c, p] * gain[c] + bias[c]
+        affine(xhat[channels:], gain, bias, final)
         out[r] = final.T
         r = claim(counter)
 
@@ -228,13 +227,13 @@ def _pointwise_backward(g, x, w, gw, gx):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
-def _spatial_backward(x, w, height, width, g, gx, gw):
+def _spatial_backward(x, w, height, width, ok, g, gx, gw):
     """Through a k x k convolution (zero padding k // 2) of x [c_in, H*W] by w [c_out, c_in, k,
     k], g = dL/d(its output) [c_out, H*W]: gx = dL/dx [c_in, H*W] (set), gw accumulated (its
-    sums reassociated to vectorise); the taps as :func:`salmm.model.layer_cpu.spatial`'s."""
+    sums reassociated to vectorise); the taps (and ok) as
+    :func:`salmm.model.layer_cpu.spatial`'s."""
     c_out, c_in, k, _ = w.shape
     pad = k // 2
-    ok = column_ok(k, height, width)
     zero = g.dtype.type(0.0)
     gx[:] = 0.0
     for o in range(c_out):
@@ -243,7 +242,8 @@ def _spatial_backward(x, w, height, width, g, gx, gw):
                 for kx in range(k):
                     first, last, shift = tap_range(ky, kx, pad, height, width)
                     weight, inside, grad = w[o, i, ky, kx], ok[kx, first:last], g[o, first:last]
-                    source, into = x[i, first + shift:last + shift], gx[i, first + shift:last + shift]
+                    source = x[i, first + shift:last + shift]
+                    into = gx[i, first + shift:last + shift]
                     total = zero
                     for p in range(grad.shape[0]):
                         into[p] += weight * grad[p] if inside[p] else zero
@@ -252,13 +252,13 @@ def _spatial_backward(x, w, height, width, g, gx, gw):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _max_pool3_backward(x, height, width, g, gx):
+def _max_pool3_backward(x, height, width, ok, g, gx):
     """Through the 3x3 max-pool (stride 1, border ignored) of x [C, H*W]: gx += each pixel's
     gradient g [C, H*W] at the pixel PyTorch's max-pool takes, the first maximum of the window
     in raster order or its last NaN. The taps in raster order as shifted slices of the flat
-    map (selects: the loops vectorise), then one scatter."""
+    map (selects: the loops vectorise; ok: :func:`salmm.model.layer_cpu.column_ok` for 3),
+    then one scatter."""
     length = height * width
-    ok = column_ok(3, height, width)
     best, at = np.empty(length, dtype=x.dtype), np.empty(length, dtype=np.int32)
     for c in range(x.shape[0]):
         best[:] = -np.inf
@@ -294,8 +294,10 @@ def _backward_kernel(gout, x, weights, offsets, dims, blocks, starts, saved, row
     g_branches = np.empty((channels, length), dtype=dtype)
     g_relu = np.empty((channels, length), dtype=dtype)
     planes, pooled = np.empty((c_in, length), dtype=dtype), np.empty((c_in, length), dtype=dtype)
-    g_planes, g_pooled = np.empty((c_in, length), dtype=dtype), np.zeros((c_in, length), dtype=dtype)
+    g_planes = np.empty((c_in, length), dtype=dtype)
+    g_pooled = np.zeros((c_in, length), dtype=dtype)
     g_reduced = np.empty((max(c2r, c3r), length), dtype=dtype)
+    ok3, ok5 = column_ok(3, height, width), column_ok(5, height, width)
     r = claim(counter)
     while r < gout.shape[0]:
         grads = partial[r]
@@ -311,10 +313,8 @@ def _backward_kernel(gout, x, weights, offsets, dims, blocks, starts, saved, row
             gain, bias = piece(weights, offsets, base), piece(weights, offsets, base + 1)
             s = np.empty((width_g, length), dtype=dtype)  # as the forward made it
             g_product = np.empty((width_g, length), dtype=dtype)
-            for c in range(width_g):
-                for p in range(length):
-                    s[c, p] = xhat[row + c, p] * gain[c] + bias[c]
-                    g_product[c, p] = g_mixed[row + c, p]
+            affine(xhat[row:row + width_g], gain, bias, s)
+            g_product[:] = g_mixed[row:row + width_g]
             for c in range(width_g):
                 g_skip += dot(g_product[c], s[c])
             gs = np.empty((width_g, length), dtype=dtype)
@@ -334,13 +334,14 @@ def _backward_kernel(gout, x, weights, offsets, dims, blocks, starts, saved, row
         _relu_backward(g_branches[:c1], branches[:c1], g_relu[:c1], piece(grads, offsets, 1))
         _pointwise_backward(g_relu[:c1], planes, piece(weights, offsets, 0).reshape(c1, c_in),
                             piece(grads, offsets, 0).reshape(c1, c_in), g_planes)
-        for first, mid, size, reduced, k, i in ((c1, c2r, c2, reduced3, 3, 2),
-                                                (c1 + c2, c3r, c3, reduced5, 5, 6)):
+        for first, mid, size, reduced, ok, i in ((c1, c2r, c2, reduced3, ok3, 2),
+                                                 (c1 + c2, c3r, c3, reduced5, ok5, 6)):
+            k = ok.shape[0]
             _relu_backward(g_branches[first:first + size], branches[first:first + size],
                            g_relu[:size], piece(grads, offsets, i + 3))
             g_mid = g_reduced[:mid]
             _spatial_backward(reduced, piece(weights, offsets, i + 2).reshape(size, mid, k, k),
-                              height, width, g_relu[:size], g_mid,
+                              height, width, ok, g_relu[:size], g_mid,
                               piece(grads, offsets, i + 2).reshape(size, mid, k, k))
             _relu_backward(g_mid, reduced, g_mid, piece(grads, offsets, i + 1))
             _pointwise_backward(g_mid, planes, piece(weights, offsets, i).reshape(mid, c_in),
@@ -348,10 +349,10 @@ def _backward_kernel(gout, x, weights, offsets, dims, blocks, starts, saved, row
         first = c1 + c2 + c3
         _relu_backward(g_branches[first:first + c4], branches[first:first + c4], g_relu[:c4],
                        piece(grads, offsets, 11))
-        max_pool3(planes, height, width, pooled)
+        max_pool3(planes, height, width, ok3, pooled)
         g_pooled[:] = 0.0
         _pointwise_backward(g_relu[:c4], pooled, piece(weights, offsets, 10).reshape(c4, c_in),
                             piece(grads, offsets, 10).reshape(c4, c_in), g_pooled)
-        _max_pool3_backward(planes, height, width, g_pooled, g_planes)
+        _max_pool3_backward(planes, height, width, ok3, g_pooled, g_planes)
         gx[r] = g_planes.T
         r = claim(counter)

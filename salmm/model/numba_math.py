@@ -89,7 +89,8 @@ def prefetch(typingctx, array, index):
 
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        address = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
         hint = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), ir.IntType(32),
                                                ir.IntType(32), ir.IntType(32)])
         function = builder.module.declare_intrinsic("llvm.prefetch", [address.type], hint)

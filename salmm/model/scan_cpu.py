@@ -55,13 +55,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 from torch import Tensor
 
 from salmm.model.numba_math import LOG2_E
 from salmm.model.numba_math import claim as _claim
+from salmm.model.numba_math import prefetch as _prefetch
 from salmm.model.numba_math import sigmoid as _sigmoid
 from salmm.model.numba_math import softplus as _softplus
 
@@ -72,27 +70,6 @@ _REASSOC = {"reassoc"}  # vectorised n-long sums in the sweeps; no other rewrite
 _WORKSPACE_BUDGET = 256 << 20  # bytes of unused decay / state buffers kept for reuse
 _pool: ThreadPoolExecutor | None = None
 _pool_owner = (0, 0)  # (pid, workers) of _pool: a forked child makes its own
-
-
-@intrinsic
-def _prefetch(typingctx, array, index):
-    """Cache hint for ``array.flat[index]`` (C-contiguous array); changes no result. The
-    backward sweep walks time downwards, which the hardware prefetcher follows poorly."""
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        offset = context.cast(builder, args[1], signature.args[1], types.intp)
-        byte_ptr = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
-        fn = builder.module.declare_intrinsic("llvm.prefetch", [byte_ptr], fnty)
-        address = builder.bitcast(builder.gep(data, [offset]), byte_ptr)
-        builder.call(fn, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
-        return context.get_dummy_value()
-
-    return types.none(array, index), codegen
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
