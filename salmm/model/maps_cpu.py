@@ -161,9 +161,9 @@ def _group_norm_pool_backward_kernel(x, g, weight, bias, stats, gx, gweight, gbi
     """x, gx [B, H, W, C]; g (dL/d pooled) [B, H // 2, W // 2, C]; the rest as
     :func:`_group_norm_backward_kernel`. Each window's choice is found again as the forward
     made it (:func:`_scale_shift`, :func:`_window_choice`); dL/dy is g at the chosen pixels and
-    0 elsewhere, so the sums run over the pooled map, and gx is alpha g - beta x + gamma at the
-    chosen pixels, - beta x + gamma elsewhere (a row or column of an odd-sized map that no
-    window covers included)."""
+    0 elsewhere, so the sums run over the pooled map, and gx is - beta x + gamma at every pixel
+    (a row or column of an odd-sized map that no window covers included) with alpha g then
+    added at the chosen ones."""
     batch, height, width, channels = x.shape
     count = height * width * (channels // stats.shape[2])
     sums, products = np.empty(channels), np.empty(channels)
@@ -171,6 +171,7 @@ def _group_norm_pool_backward_kernel(x, g, weight, bias, stats, gx, gweight, gbi
     scale, shift = np.empty(channels, dtype=x.dtype), np.empty(channels, dtype=x.dtype)
     chosen = np.empty(g.shape[1:], dtype=np.uint8)
     picked = np.empty(g.shape[1:], dtype=x.dtype)
+    tiled_beta, tiled_gamma = np.empty(width * channels), np.empty(width * channels)
     for b in range(batch):
         _scale_shift(stats, b, weight, bias, scale, shift)
         for oy in range(g.shape[1]):
@@ -183,24 +184,22 @@ def _group_norm_pool_backward_kernel(x, g, weight, bias, stats, gx, gweight, gbi
         _channel_sums(g[b].ravel(), sums, picked.ravel(), products)
         _backward_coefficients(stats, b, weight, count, sums, products, gweight, gbias, alpha,
                                beta, gamma)
-        for oy in range(g.shape[1]):
-            top, bottom, grad, choice = x[b, 2 * oy], x[b, 2 * oy + 1], g[b, oy], chosen[oy]
-            into_top, into_bottom = gx[b, 2 * oy], gx[b, 2 * oy + 1]
+        # - beta x + gamma at every pixel a row at a time, the coefficients tiled along it (a
+        # long loop vectorises; one over a pixel's few channels does not), then alpha g added
+        # at each window's chosen pixel
+        for j in range(width * channels):
+            tiled_beta[j], tiled_gamma[j] = beta[j % channels], gamma[j % channels]
+        for py in range(height):
+            source, target = x[b, py].ravel(), gx[b, py].ravel()
+            for j in range(source.shape[0]):
+                target[j] = tiled_gamma[j] - tiled_beta[j] * source[j]
+            if py % 2 == 0 or py >= 2 * g.shape[1]:
+                continue
+            oy = py // 2
             for ox in range(g.shape[2]):
-                for c in range(channels):  # selects, no branches: the loop vectorises
-                    k, extra = choice[ox, c], alpha[c] * grad[ox, c]
-                    into_top[2 * ox, c] = (gamma[c] - beta[c] * top[2 * ox, c]
-                                           + (extra if k == 0 else 0.0))
-                    into_top[2 * ox + 1, c] = (gamma[c] - beta[c] * top[2 * ox + 1, c]
-                                               + (extra if k == 1 else 0.0))
-                    into_bottom[2 * ox, c] = (gamma[c] - beta[c] * bottom[2 * ox, c]
-                                              + (extra if k == 2 else 0.0))
-                    into_bottom[2 * ox + 1, c] = (gamma[c] - beta[c] * bottom[2 * ox + 1, c]
-                                                  + (extra if k == 3 else 0.0))
-        for py in range(height):  # what no window covers: the last row, column of odd sizes
-            for px in range(2 * g.shape[2] if py < 2 * g.shape[1] else 0, width):
                 for c in range(channels):
-                    gx[b, py, px, c] = gamma[c] - beta[c] * x[b, py, px, c]
+                    k = chosen[oy, ox, c]
+                    gx[b, 2 * oy + (k >> 1), 2 * ox + (k & 1), c] += alpha[c] * g[b, oy, ox, c]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
