@@ -153,6 +153,32 @@ def test_the_bridge_for_training_equals_the_modules_with_gradients_in_float64():
          conv.bias.detach().clone().requires_grad_(True)))
 
 
+def test_the_bridge_output_backward_equals_addcmul_for_a_gradient_in_any_strides():
+    """The bridge's last step s + a * m: its one-kernel backward against torch.addcmul's, for
+    the gradient a fusion convolution hands back (a channel slice of its input's gradient,
+    through torch.cat) and for a dense one; and gradcheck in float64."""
+    torch.manual_seed(0)
+    s, m = (torch.randn(2, 5, 4, 3, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last) for _ in range(2))
+    a = torch.rand(2, 5, 1, 1, dtype=torch.float64)
+    other = torch.randn(2, 3, 4, 3, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    weight = torch.randn(2, 8, 4, 3, dtype=torch.float64)
+    for sliced in (True, False):
+        grads = []
+        for fn in (maps_cpu.bridge_output, torch.addcmul):
+            leaves = [t.clone().requires_grad_(True) for t in (s, a, m)]
+            out = fn(*leaves)
+            total = torch.cat([out, other], 1) if sliced else out
+            (total * (weight if sliced else weight[:, :5])).sum().backward()
+            grads.append([out.detach()] + [leaf.grad for leaf in leaves])
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+        assert grads[0][1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(maps_cpu.bridge_output, tuple(
+        t.clone().requires_grad_(True) for t in (s, a, m)))
+
+
 def test_weights_changed_in_place_are_seen(models):
     """The packed weights follow load_state_dict and in-place updates (version counters)."""
     fast, ref = models

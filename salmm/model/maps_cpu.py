@@ -38,7 +38,8 @@ from torch.autograd.function import once_differentiable
 
 from salmm.model.numba_math import sigmoid
 
-__all__ = ["group_norm", "group_norm_autograd", "saliency_head", "spatial_attention"]
+__all__ = ["bridge_output", "group_norm", "group_norm_autograd", "saliency_head",
+           "spatial_attention"]
 
 
 def group_norm(norm: nn.GroupNorm, x: Tensor, pool: bool = False) -> Tensor:
@@ -496,6 +497,62 @@ def _spatial_attention_backward_kernel(x, gates, planes, weight, dilation, paddi
             per_tie, per_channel = max_share[p] / f(max(ties, 1)), mean_share[p] / f(channels)
             for c in range(channels):
                 into[p, c] += per_channel + (per_tie if frame[p, c] == maxima[p] else f(0.0))
+
+
+def bridge_output(s: Tensor, a: Tensor, m: Tensor) -> Tensor:
+    """The bridge's last step, s + a * m (``torch.addcmul``) with s, m [B, C, H, W] (the
+    spatial-attended map and the mixed map, channels-last) and a [B, C, 1, 1] (the channel
+    attention); under autograd, its backward is one kernel: dL/ds (the incoming gradient in
+    dense channels-last memory, whatever its strides: it usually arrives as a channel slice of
+    the fusion convolution's input gradient), dL/dm = dL/dout * a and dL/da = the sum over the
+    map of dL/dout * m (in float64) in one pass, where PyTorch's addcmul backward makes two
+    products and a sum, and the spatial attention's backward a copy."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (s, a, m)):
+        return _BridgeOutput.apply(s, a, m)
+    return torch.addcmul(s, a, m)
+
+
+class _BridgeOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, a, m):
+        ctx.save_for_backward(a, m)
+        return torch.addcmul(s, a, m)
+
+    @staticmethod
+    @once_differentiable  # the backward is numba: a second derivative must raise, not be 0
+    def backward(ctx, gout):
+        a, m = ctx.saved_tensors
+        mixed = m.permute(0, 2, 3, 1).contiguous()  # a view for channels-last m
+        g = gout.permute(0, 2, 3, 1).to(mixed.dtype)
+        if g.stride(3) != 1:  # the kernel reads any strides whose channels are adjacent
+            g = g.contiguous()
+        gs, gm = torch.empty_like(mixed), torch.empty_like(mixed)
+        ga = np.zeros(a.shape[:2])
+        _bridge_output_backward_kernel(g.numpy(), a.detach().reshape(a.shape[:2]).to(
+            mixed.dtype).numpy(), mixed.numpy(), gs.numpy(), gm.numpy(), ga)
+        return (gs.permute(0, 3, 1, 2), torch.from_numpy(ga).to(a.dtype).reshape(a.shape),
+                gm.permute(0, 3, 1, 2))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _bridge_output_backward_kernel(g, a, m, gs, gm, ga):
+    """g (dL/dout, any strides), m, gs, gm [B, H, W, C]; a [B, C]; ga [B, C] (float64): gs = g,
+    gm = g * a, ga = the sum of g * m over the pixels (:func:`_channel_sums`' order)."""
+    batch, height, width, channels = g.shape
+    sums = np.empty(channels)
+    tiled = np.empty(width * channels, dtype=gm.dtype)
+    for b in range(batch):
+        for j in range(width * channels):
+            tiled[j] = a[b, j % channels]
+        for y in range(height):
+            source, dense = g[b, y], gs[b, y]
+            for x in range(width):
+                for c in range(channels):
+                    dense[x, c] = source[x, c]
+            row, into = dense.ravel(), gm[b, y].ravel()
+            for j in range(row.shape[0]):  # the whole row: a long loop that vectorises
+                into[j] = row[j] * tiled[j]
+        _channel_sums(gs[b].ravel(), sums, m[b].ravel(), ga[b])
 
 
 def saliency_head(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -245,7 +245,7 @@ class SCAttBridge(nn.Module):
         if cpu_kernels_apply(self.backend, ts[0]):  # inference, or training with its backward
             parts = [_kernels()[1].spatial_attention(self.satt.shared_conv2d[0], t) for t in ts]
             c_att = self.catt.attention([pooled[..., None, None] for _, _, pooled in parts])
-            return [torch.addcmul(s, a, m) for a, (s, m, _) in zip(c_att, parts)]
+            return [_kernels()[1].bridge_output(s, a, m) for a, (s, m, _) in zip(c_att, parts)]
         s_att = [a * t for a, t in zip(self.satt(*ts), ts)]
         mixed = [s + t for s, t in zip(s_att, ts)]
         c_att = self.catt(*mixed)
