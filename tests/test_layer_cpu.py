@@ -194,6 +194,45 @@ def test_weights_changed_in_place_are_seen(models):
     assert (after - want).abs().max() < 1e-3
 
 
+def test_parameters_and_modules_replaced_or_moved_are_seen():
+    """The packed weights are reused without looking the layer's tensors up again only while
+    nothing is registered and the tensors' memory stays put: a parameter assigned anew, a
+    submodule replaced, a parameter's memory swapped (``.data =``, what ``.to`` does) are all
+    seen by the next call; an untouched layer reuses its buffer. In float64 against the
+    modules."""
+    torch.manual_seed(0)
+    layer = jittered("auto").encoder5[0].double()
+    twin = jittered("builtin").encoder5[0].double()
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+
+    def both():
+        with torch.inference_mode():
+            got, want = layer_cpu.layer_forward(layer, x), twin(x)
+        assert (got - want).abs().max() < 1e-10
+        return got
+
+    before = both()
+    first = layer_cpu.pack(layer, torch.float64, 4, 4)
+    assert layer_cpu.pack(layer, torch.float64, 4, 4) is first  # reused
+    with torch.no_grad():
+        for block in (layer, twin):
+            block.mamba2.D = torch.nn.Parameter(block.mamba2.D + 0.5)
+        proj = torch.nn.Linear(layer.mamba3.out_proj.in_features,
+                               layer.mamba3.out_proj.out_features, dtype=torch.float64)
+        layer.mamba3.out_proj = proj
+        twin.mamba3.out_proj = torch.nn.Linear(proj.in_features, proj.out_features,
+                                               dtype=torch.float64)
+        twin.mamba3.out_proj.load_state_dict(proj.state_dict())
+    replaced = both()
+    assert (replaced - before).abs().max() > 1e-3
+    for block in (layer, twin):
+        block.mamba1.in_proj.weight.data = 3.0 * block.mamba1.in_proj.weight.data
+    moved = both()
+    assert (moved - replaced).abs().max() > 1e-3
+
+
 def test_layer_results_do_not_depend_on_threads(models):
     """Frames are claimed by up to torch.get_num_threads() threads; each is computed alike.
     (The network's PyTorch convolutions themselves round differently with the thread count.)"""

@@ -49,8 +49,8 @@ from salmm.model.scan_cpu import run_jobs
 __all__ = [
     "DIMS", "EPS", "GROUPS", "GROUP_PIECES", "INCEPTION_PIECES", "Packed", "affine", "column_ok",
     "conv_shift", "direction_inputs", "direction_pieces", "inception", "layer_forward",
-    "mamba_pieces", "max_pool3", "normalise", "pack", "pack_pieces", "piece", "pointwise",
-    "silu", "spatial", "sweep", "tap_range",
+    "mamba_pieces", "max_pool3", "normalise", "pack", "pack_pieces", "packed_for", "piece",
+    "pointwise", "silu", "spatial", "sweep", "tap_range",
 ]
 
 
@@ -62,13 +62,31 @@ GROUPS = 4
 DIMS = 10  # c_in, c1x1, c3x3red, c3x3, c5x5red, c5x5, pool_proj, H, W, d_state
 
 
-@dataclass(frozen=True)
+_GENERATION = [0]
+"""Counts parameter and submodule registrations anywhere in the process (an assignment,
+``load_state_dict(assign=True)``, a new module): a layer's packed weights are reused without
+looking its tensors up again only while it stands still."""
+
+
+def _registered(*_) -> None:  # a registration hook: returns None, so nothing is replaced
+    _GENERATION[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
+torch.nn.modules.module.register_module_module_registration_hook(_registered)
+
+
+@dataclass
 class Packed:
-    """Weights for the kernels in one flat buffer: ``weights`` (one dtype), views of it
-    (``views``) that each call refreshes from the module's tensors (``sources``, the pieces
-    numbered ``tensors``) in one ``torch._foreach_copy_``, ``offsets`` [pieces + 1] where each
-    piece starts, ``dims`` (the kernels' int64 dimensions: a layer's are :data:`DIMS`, then
-    d_model, d_inner and dt_rank of each group)."""
+    """Weights for the kernels in one flat buffer: ``weights`` (one dtype), refreshed on each
+    call from the module's tensors (``sources``, the pieces numbered ``tensors``, whose memory
+    was at ``pointers``), ``offsets`` [pieces + 1] where each piece starts, ``dims`` (the
+    kernels' int64 dimensions: a layer's are :data:`DIMS`, then d_model, d_inner and dt_rank of
+    each group), ``key`` (what it was made for, with the :data:`_GENERATION` it was looked up
+    in). The refresh is one operator: ``torch.cat`` of ``flat`` (1-D views of the sources and
+    zeros for absent pieces) into the buffer or, when the sources are not all contiguous in
+    the buffer's dtype, ``torch._foreach_copy_`` from the sources into ``views`` (the buffer's
+    pieces in the sources' shapes)."""
 
     weights: Tensor
     views: list[Tensor]
@@ -76,6 +94,30 @@ class Packed:
     tensors: list[int]
     offsets: np.ndarray
     dims: np.ndarray
+    flat: list[Tensor] | None
+    pointers: list[int]
+    key: tuple
+
+
+def _refresh(packed: Packed) -> Packed:
+    with torch.no_grad():
+        if packed.flat is not None:
+            torch.cat(packed.flat, out=packed.weights)
+        else:
+            torch._foreach_copy_(packed.views, packed.sources)
+    return packed
+
+
+def packed_for(owner, key: tuple) -> Packed | None:
+    """``owner``'s packed weights, refreshed, when they were made for ``key`` and nothing was
+    registered since (:data:`_GENERATION`) and their tensors' memory has not moved (``.to``,
+    ``.double()``); else None (make them with :func:`pack_pieces`). Skips looking up some 90
+    tensors through the modules' attributes on every call."""
+    packed = owner.__dict__.get("_packed")
+    if (packed is None or packed.key != (_GENERATION[0], *key)
+            or [p.data_ptr() for p in packed.sources] != packed.pointers):
+        return None
+    return _refresh(packed)
 
 
 def mamba_pieces(mamba) -> list[Tensor | int]:
@@ -93,30 +135,35 @@ def mamba_pieces(mamba) -> list[Tensor | int]:
             mamba.d_model if mamba.out_proj.bias is None else mamba.out_proj.bias]
 
 
-def pack_pieces(owner, pieces: list[Tensor | int], dtype: torch.dtype, dims) -> Packed:
+def pack_pieces(owner, pieces: list[Tensor | int], dtype: torch.dtype, dims,
+                key: tuple) -> Packed:
     """``pieces`` (tensors in their own layouts; an int: the size of an absent piece, zeros) in
-    one flat buffer of ``dtype``, kept on ``owner`` (made again when the dtype, the dims or the
-    tensors change) and refreshed from the tensors on every call (one operator): an optimiser
-    that updates weights in place without bumping their version counters (PyTorch's fused
-    Adam) cannot leave the kernels with stale weights."""
+    one flat buffer of ``dtype``, kept on ``owner`` for ``key`` (:func:`packed_for`; made again
+    when the dtype, the dims, the tensors or their memory change) and refreshed from the tensors
+    on every call: an optimiser that updates weights in place without bumping their version
+    counters (PyTorch's fused Adam) cannot leave the kernels with stale weights."""
     dims = np.asarray(dims, dtype=np.int64)
     sources = [p for p in pieces if isinstance(p, Tensor)]
-    packed = getattr(owner, "_packed", None)
+    pointers = [p.data_ptr() for p in sources]
+    packed = owner.__dict__.get("_packed")
     if (packed is None or packed.weights.dtype != dtype or not np.array_equal(packed.dims, dims)
-            or len(packed.sources) != len(sources)
+            or len(packed.sources) != len(sources) or packed.pointers != pointers
             or any(a is not b for a, b in zip(packed.sources, sources))):
         sizes = [p.numel() if isinstance(p, Tensor) else p for p in pieces]
         offsets = np.cumsum([0] + sizes).astype(np.int64)
-        with torch.inference_mode(False):  # a normal tensor: refreshed in any mode
+        with torch.inference_mode(False):  # normal tensors: refreshed in any mode
             weights = torch.zeros(int(offsets[-1]), dtype=dtype)
             views = [weights[int(a):int(b)].view(p.shape) for a, b, p in
                      zip(offsets[:-1], offsets[1:], pieces) if isinstance(p, Tensor)]
+            contiguous = all(p.is_contiguous() and p.dtype == dtype for p in sources)
+            flat = [p.detach().view(-1) if isinstance(p, Tensor) else torch.zeros(p, dtype=dtype)
+                    for p in pieces] if contiguous else None
         packed = Packed(weights, views, sources,
-                        [i for i, p in enumerate(pieces) if isinstance(p, Tensor)], offsets, dims)
+                        [i for i, p in enumerate(pieces) if isinstance(p, Tensor)], offsets, dims,
+                        flat, pointers, ())
         owner._packed = packed
-    with torch.no_grad():
-        torch._foreach_copy_(packed.views, packed.sources)
-    return packed
+    packed.key = (_GENERATION[0], *key)
+    return _refresh(packed)
 
 
 def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
@@ -124,6 +171,9 @@ def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
     (:func:`pack_pieces`): the Inception's six convolutions (weight, bias), per group its
     LayerNorm (weight, bias) and :func:`mamba_pieces`, then the last LayerNorm and
     skip_scale."""
+    packed = packed_for(layer, (dtype, height, width))
+    if packed is not None:
+        return packed
     inc = layer.Inception
     convs = (inc.branch1.conv, inc.branch2[0].conv, inc.branch2[1].conv, inc.branch3[0].conv,
              inc.branch3[1].conv, inc.branch4[1].conv)
@@ -137,7 +187,7 @@ def pack(layer, dtype: torch.dtype, height: int, width: int) -> Packed:
             layer.mamba1.d_state]
     for mamba in mambas:
         dims += [mamba.d_model, mamba.d_inner, mamba.dt_rank]
-    return pack_pieces(layer, pieces, dtype, dims)
+    return pack_pieces(layer, pieces, dtype, dims, (dtype, height, width))
 
 
 def layer_forward(layer, x: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ from salmm.model.layer_cpu import (
     direction_pieces,
     mamba_pieces,
     pack_pieces,
+    packed_for,
     piece,
     pointwise,
     silu,
@@ -63,9 +64,10 @@ def mamba_forward(mamba, hidden: Tensor) -> Tensor:
     """``mamba`` (a Mamba block without in_proj bias) on hidden [b, l, d_model] (CPU, float32
     or float64), differentiable in hidden and every parameter -> [b, l, d_model]. Its weights
     packed as :func:`salmm.model.layer_cpu.mamba_pieces` orders them (the kernels' order)."""
-    packed = pack_pieces(mamba, mamba_pieces(mamba), hidden.dtype,
-                         (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state,
-                          mamba.d_conv))
+    key = (hidden.dtype,)
+    packed = packed_for(mamba, key) or pack_pieces(
+        mamba, mamba_pieces(mamba), hidden.dtype,
+        (mamba.d_model, mamba.d_inner, mamba.dt_rank, mamba.d_state, mamba.d_conv), key)
     return _FusedMamba.apply(packed, hidden, *packed.sources)
 
 
