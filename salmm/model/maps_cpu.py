@@ -22,6 +22,8 @@ map become one call each way: a third less time for the bridge in a training ste
 are reassociated to vectorise (``fastmath={"reassoc"}``): a fixed order for a given build,
 whatever the thread count.
 
+``bridge_output``: the bridge's last step, s + a * m, with a one-kernel backward for training.
+
 ``saliency_head``: the final 1x1 convolution, the 2x bilinear upsampling (align_corners) and
 the sigmoid, and their backward.
 
