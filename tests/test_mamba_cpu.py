@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,46 @@ def test_output_and_every_gradient_equal_the_modules_in_float64(d_model, length)
     assert got[2].keys() == want[2].keys() and len(got[2]) == 16  # out_proj has no bias
     for name in want[2]:
         assert (got[2][name] - want[2][name]).abs().max() < 1e-9, name
+
+
+@pytest.mark.parametrize("d_state", [8, 20])
+def test_other_state_sizes_equal_the_modules_in_float64(d_state):
+    """A state size other than 16 runs the adjoint's general kernel (vectors in a loop, the last
+    one masked) instead of the one-vector kernel SalM² uses."""
+    torch.manual_seed(2)
+    fast = Mamba(4, d_state=d_state, backend="auto").double()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ref = Mamba(4, d_state=d_state, backend="builtin").double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 19, 4, dtype=torch.float64)
+    weight = torch.randn(2, 19, 4, dtype=torch.float64)
+    got, want = gradients(fast, x, weight), gradients(ref, x, weight)
+    assert (got[0] - want[0]).abs().max() < 1e-10
+    assert (got[1] - want[1]).abs().max() < 1e-10
+    for name in want[2]:
+        assert (got[2][name] - want[2][name]).abs().max() < 1e-9, name
+
+
+def test_the_one_vector_adjoint_equals_the_general_one_bit_for_bit():
+    """For 16 states the one-vector kernel and the general one compute the same bits."""
+    d, length, n = 6, 37, mamba_cpu.LANES
+
+    def arguments():
+        r = np.random.default_rng(1)
+        rows = lambda *shape: r.random(shape).astype(np.float32)
+        return (rows(d, length), 0.1 * rows(d, length), rows(d, length), rows(length, n),
+                rows(length, n), -rows(d, n), rows(-(-length // mamba_cpu.EVERY), d, n), True,
+                *(np.zeros(shape, dtype=np.float32) for shape in
+                  ((d, length), (d, length), (n, length), (n, length))), rows(d, n))
+
+    one, general = arguments(), arguments()
+    mamba_cpu._scan_backward_lanes(*one)
+    mamba_cpu._scan_backward(*general)
+    for got, want in zip(one[8:], general[8:]):
+        assert np.array_equal(got, want)
+        assert np.abs(got).max() > 0
 
 
 def test_gradcheck_against_finite_differences():
