@@ -340,14 +340,7 @@ def _adjoint_channel(straight: bool):
             def at(i, k):  # element alignment only: a row need not start on a vector's
                 return builder.bitcast(builder.gep(rows[i], [k]), vector.as_pointer())
 
-            def splat(scalar):
-                one = builder.insert_element(ir.Constant(vector, ir.Undefined), scalar,
-                                             ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined),
-                                              ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                          [0] * LANES))
-
-            def splat_index(value):
+            def splat(value):  # a scalar (a float, or an index) in every lane
                 wide = ir.VectorType(value.type, LANES)
                 one = builder.insert_element(ir.Constant(wide, ir.Undefined), value,
                                              ir.Constant(ir.IntType(32), 0))
@@ -379,7 +372,7 @@ def _adjoint_channel(straight: bool):
                 left = builder.sub(n, k)
                 mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(n.type, LANES),
                                                               list(range(LANES))),
-                                             splat_index(left))
+                                             splat(left))
                 terms = step(lambda i, k: builder.call(masked_load, [at(i, k), align, mask,
                                                                      ir.Constant(vector, None)]),
                              lambda v, i, k: builder.call(masked_store, [v, at(i, k), align,
