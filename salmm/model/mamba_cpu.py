@@ -31,6 +31,8 @@ float32, or float64 for float64 inputs.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
@@ -54,7 +56,7 @@ from salmm.model.layer_cpu import (
     silu,
     sweep,
 )
-from salmm.model.numba_math import SOFTPLUS_THRESHOLD, claim, decay, exp, fma, sigmoid
+from salmm.model.numba_math import LOG2_E, SOFTPLUS_THRESHOLD, claim, exp, sigmoid
 from salmm.model.scan_cpu import run_jobs, workspace
 
 __all__ = ["accumulate_outer", "block_backward", "block_forward", "dot", "mamba_forward",
@@ -282,116 +284,190 @@ LANES = 16
 channel's states are one LLVM vector."""
 
 
-def _adjoint_channel(straight: bool):
-    """The intrinsic for channel c's share of one step of the scan's adjoint
-    (:func:`_scan_backward`), over its n states: lam[c] = a_next[c] lam[c] + c_row g (fused),
-    through = lam[c] prev[c] a_now[c], ga[c] += through dt, gb += lam[c] dt x and gc += g h[c]
-    (fused); it returns (the sum of through a[c] + lam[c] x b_row, the sum of lam[c] b_row).
-    2-D arguments are [*, n] and 1-D ones [n], all C-contiguous, one float type. LLVM vector
-    code, :data:`LANES` states a vector, the sums reassociated: ``straight``, n must be
-    :data:`LANES` (one vector, no loop); else any n (vectors in a loop, the last one masked). As numba loops each channel paid some 40 scalar instructions of address
-    bookkeeping (about 20 rows live at once, spilled to the stack)."""
+def _state_typing(body, arrays: int, sums: int, straight: bool, args: tuple):
+    """The typing and code of a numba intrinsic running ``body`` over one channel's n states as
+    LLVM vector code, :data:`LANES` states a vector: ``straight``, n must be :data:`LANES` (one
+    vector, no loop); else any n (vectors in a loop, the last one masked to n). Its arguments
+    ``args``: ``arrays`` arrays, all C-contiguous and of one float type (2-D ones [*, n], read
+    at row c; 1-D ones [n]), then c, then float scalars. ``body(ops, k, scalars)`` builds one
+    vector's work with ``ops`` (:class:`_StateOps`) and returns ``sums`` vectors, whose lanes
+    the intrinsic adds up (reassociated) and returns. Written so because numba's loops over the
+    states paid some 40 scalar instructions of address bookkeeping per channel (about 20 rows
+    live at once, spilled to the stack)."""
+    kind = args[0].dtype if isinstance(args[0], types.Array) else None
+    if kind not in (types.float32, types.float64) or not all(
+            isinstance(t, types.Array) and t.dtype == kind and t.layout == "C"
+            for t in args[:arrays]):
+        return None
+    lane = ir.FloatType() if kind == types.float32 else ir.DoubleType()
+    element = 4 if kind == types.float32 else 8
+    vector = ir.VectorType(lane, LANES)
+    signature = (types.UniTuple(kind, sums) if sums else types.void)(*args)
 
-    @intrinsic
-    def adjoint(typingctx, lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h, c, g, x,
-                dt):
-        arrays = (lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h)
-        kind = lam.dtype if isinstance(lam, types.Array) else None
-        if kind not in (types.float32, types.float64) or not all(
-                isinstance(t, types.Array) and t.dtype == kind and t.layout == "C"
-                for t in arrays):
-            return None
-        lane = ir.FloatType() if kind == types.float32 else ir.DoubleType()
-        element = 4 if kind == types.float32 else 8
-        vector = ir.VectorType(lane, LANES)
-        signature = types.UniTuple(kind, 2)(*arrays, c, g, x, dt)
+    def codegen(context, builder, sig, values):
+        index = context.cast(builder, values[arrays], sig.args[arrays], types.intp)
+        scalars = [context.cast(builder, v, t, kind)
+                   for v, t in zip(values[arrays + 1:], sig.args[arrays + 1:])]
+        views = [context.make_array(t)(context, builder, v)
+                 for t, v in zip(sig.args[:arrays], values)]
+        n = cgutils.unpack_tuple(builder, views[0].shape)[1]
+        rows = [builder.gep(view.data, [builder.mul(index, n)]) if t.ndim == 2
+                else view.data for t, view in zip(sig.args[:arrays], views)]
+        suffix = f"v{LANES}f{8 * element}"
 
-        def codegen(context, builder, sig, args):
-            index = context.cast(builder, args[11], sig.args[11], types.intp)
-            g_, x_, dt_ = (context.cast(builder, args[i], sig.args[i], kind)
-                           for i in (12, 13, 14))
-            views = [context.make_array(t)(context, builder, v)
-                     for t, v in zip(sig.args[:11], args)]
-            n = cgutils.unpack_tuple(builder, views[0].shape)[1]
-            rows = [builder.gep(view.data, [builder.mul(index, n)]) if t.ndim == 2
-                    else view.data for t, view in zip(sig.args[:11], views)]
+        def declared(name, returned, operands):
+            return cgutils.get_or_insert_function(builder.module,
+                                                  ir.FunctionType(returned, operands), name)
 
-            def declared(name, result, operands):
-                return cgutils.get_or_insert_function(builder.module,
-                                                      ir.FunctionType(result, operands), name)
+        fused = declared(f"llvm.fma.{suffix}", vector, [vector] * 3)
+        total = declared(f"llvm.vector.reduce.fadd.{suffix}", lane, [lane, vector])
 
-            suffix = f"v{LANES}f{8 * element}"
-            fma_v = declared(f"llvm.fma.{suffix}", vector, [vector] * 3)
-            total = declared(f"llvm.vector.reduce.fadd.{suffix}", lane, [lane, vector])
-            zero = ir.Constant(lane, 0.0)
+        def at(i, k):  # element alignment only: a row need not start on a vector's
+            return builder.bitcast(builder.gep(rows[i], [k]), vector.as_pointer())
 
-            def step(load, store, fused, splat, k):  # the loops' body, a vector or a scalar
-                lam_k = fused(load(1, k), load(0, k), builder.fmul(load(2, k), splat(g_)))
-                store(lam_k, 0, k)
-                through = builder.fmul(builder.fmul(lam_k, load(3, k)), load(4, k))
-                b_k = load(6, k)
-                delta_terms = builder.fadd(builder.fmul(through, load(5, k)),
-                                           builder.fmul(builder.fmul(lam_k, splat(x_)), b_k))
-                store(fused(through, splat(dt_), load(7, k)), 7, k)
-                store(fused(lam_k, splat(builder.fmul(dt_, x_)), load(8, k)), 8, k)
-                store(fused(splat(g_), load(10, k), load(9, k)), 9, k)
-                return delta_terms, builder.fmul(lam_k, b_k)
+        def splat(value):  # a scalar (a float, or an index) in every lane
+            wide = ir.VectorType(value.type, LANES)
+            one = builder.insert_element(ir.Constant(wide, ir.Undefined), value,
+                                         ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(one, ir.Constant(wide, ir.Undefined),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                      [0] * LANES))
 
-            def at(i, k):  # element alignment only: a row need not start on a vector's
-                return builder.bitcast(builder.gep(rows[i], [k]), vector.as_pointer())
+        def ops(load, store):
+            return _StateOps(load, store, lambda *v: builder.call(fused, v), splat,
+                             lambda value: ir.Constant(vector, [value] * LANES), builder,
+                             kind, declared, suffix)
 
-            def splat(value):  # a scalar (a float, or an index) in every lane
-                wide = ir.VectorType(value.type, LANES)
-                one = builder.insert_element(ir.Constant(wide, ir.Undefined), value,
-                                             ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(one, ir.Constant(wide, ir.Undefined),
-                                              ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                          [0] * LANES))
+        def reduce(terms):
+            return builder.call(total, [ir.Constant(lane, 0.0), terms],
+                                fastmath=("reassoc",))
 
-            def reduce(terms):
-                return builder.call(total, [zero, terms], fastmath=("reassoc",))
-
-            vector_step = (lambda i, k: builder.load(at(i, k), align=element),
-                           lambda v, i, k: builder.store(v, at(i, k), align=element),
-                           lambda *v: builder.call(fma_v, v), splat)
-            if straight:
-                results = [reduce(t) for t in step(*vector_step, ir.Constant(n.type, 0))]
-                return context.make_tuple(builder, sig.return_type, results)
+        if straight:
+            terms = body(ops(lambda i, k: builder.load(at(i, k), align=element),
+                             lambda v, i, k: builder.store(v, at(i, k), align=element)),
+                         ir.Constant(n.type, 0), scalars)
+            results = [reduce(t) for t in terms]
+        else:
             mask_type = ir.VectorType(ir.IntType(1), LANES)
             masked_load = declared(f"llvm.masked.load.{suffix}.p0", vector,
                                    [vector.as_pointer(), ir.IntType(32), mask_type, vector])
             masked_store = declared(f"llvm.masked.store.{suffix}.p0", ir.VoidType(),
-                                    [vector, vector.as_pointer(), ir.IntType(32), mask_type])
+                                    [vector, vector.as_pointer(), ir.IntType(32),
+                                     mask_type])
             align = ir.Constant(ir.IntType(32), element)
-            sums = [cgutils.alloca_once_value(builder, ir.Constant(vector, None))
-                    for _ in range(2)]
+            totals = [cgutils.alloca_once_value(builder, ir.Constant(vector, None))
+                      for _ in range(sums)]
             chunks = builder.udiv(builder.add(n, ir.Constant(n.type, LANES - 1)),
                                   ir.Constant(n.type, LANES))
             with cgutils.for_range(builder, chunks) as loop:  # the last one masked to n
                 k = builder.mul(loop.index, ir.Constant(n.type, LANES))
-                left = builder.sub(n, k)
-                mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(n.type, LANES),
-                                                              list(range(LANES))),
-                                             splat(left))
-                terms = step(lambda i, k: builder.call(masked_load, [at(i, k), align, mask,
-                                                                     ir.Constant(vector, None)]),
-                             lambda v, i, k: builder.call(masked_store, [v, at(i, k), align,
-                                                                         mask]),
-                             lambda *v: builder.call(fma_v, v), splat, k)
-                for into, term in zip(sums, terms):
+                mask = builder.icmp_unsigned(
+                    "<", ir.Constant(ir.VectorType(n.type, LANES), list(range(LANES))),
+                    splat(builder.sub(n, k)))
+                terms = body(ops(
+                    lambda i, k: builder.call(masked_load, [at(i, k), align, mask,
+                                                            ir.Constant(vector, None)]),
+                    lambda v, i, k: builder.call(masked_store,
+                                                 [v, at(i, k), align, mask])),
+                    k, scalars)
+                for into, term in zip(totals, terms):
                     builder.store(builder.fadd(builder.load(into), term), into)
-            results = [reduce(builder.load(whole)) for whole in sums]
-            return context.make_tuple(builder, sig.return_type, results)
+            results = [reduce(builder.load(into)) for into in totals]
+        if not sums:
+            return context.get_dummy_value()
+        return context.make_tuple(builder, sig.return_type, results)
 
-        return signature, codegen
-
-    return adjoint
+    return signature, codegen
 
 
-def _scan_backward_kernel(channel):
-    """The scan's adjoint kernel with ``channel`` (an intrinsic of :func:`_adjoint_channel`)
-    as each channel's step: one kernel per intrinsic, since code for the other case in the same
-    kernel, even a branch never taken, made it spill as before."""
+class _StateOps:
+    """What a :func:`_state_typing` body builds with: ``load(i, k)`` and ``store(value, i,
+    k)`` of one vector of array i's states from state k, ``fma``, ``splat``, ``const`` (a
+    vector constant), the IR ``builder``, and :meth:`decay`."""
+
+    def __init__(self, load, store, fused, splat, const, builder, kind, declared, suffix):
+        self.load, self.store, self.fma, self.splat, self.const = load, store, fused, splat, const
+        self.builder, self.kind, self.declared, self.suffix = builder, kind, declared, suffix
+
+    def decay(self, x):
+        """:func:`salmm.model.numba_math.decay` on a vector, operation for operation: the
+        Cody-Waite reduction, the polynomial by fused multiply-adds, 2**k from bits, 0 below
+        the least normal's log (numba's max and min keep a NaN first argument: so do these
+        selects)."""
+        b, c = self.builder, self.const
+        if self.kind == types.float32:
+            lo, ln2_hi, ln2_lo, coefficients = (-87.33654, 0.693359375, -2.12194440e-4,
+                                                _SINGLE)
+            bits, bias, shift = ir.IntType(32), 127, 23
+        else:
+            lo, ln2_hi, ln2_lo, coefficients = (-708.3964185322641, 6.93145751953125e-1,
+                                                1.42860682030941723212e-6, _DOUBLE)
+            bits, bias, shift = ir.IntType(64), 1023, 52
+        floor = self.declared(f"llvm.floor.{self.suffix}", x.type, [x.type])
+        kept = b.select(b.fcmp_unordered("uge", x, c(lo)), x, c(lo))
+        kept = b.select(b.fcmp_unordered("ule", kept, c(0.0)), kept, c(0.0))
+        k = b.call(floor, [b.fadd(b.fmul(kept, c(LOG2_E)), c(0.5))])
+        r = self.fma(k, c(-ln2_lo), self.fma(k, c(-ln2_hi), kept))
+        p = c(coefficients[0])
+        for coefficient in coefficients[1:]:
+            p = self.fma(p, r, c(coefficient))
+        e = b.fadd(self.fma(b.fmul(p, r), r, r), c(1.0))
+        wide = ir.VectorType(bits, LANES)
+        power = b.bitcast(b.shl(b.add(b.fptosi(k, wide), ir.Constant(wide, [bias] * LANES)),
+                                ir.Constant(wide, [shift] * LANES)), x.type)
+        return b.select(b.fcmp_ordered("olt", x, c(lo)), c(0.0), b.fmul(e, power))
+
+
+_SINGLE = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+           5.0000001201e-1)
+"""numba_math's float32 exp polynomial (Cephes' expf), highest power first."""
+_DOUBLE = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
+"""numba_math's float64 exp polynomial (Taylor to r**13), highest power first."""
+
+
+def _adjoint_body(ops, k, scalars):
+    """The adjoint's per-channel loops (:func:`_scan_backward`) on one vector of states.
+    Arrays: lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h; scalars: g, x, dt.
+    lam = a_next lam + c_row g (fused), through = lam prev a_now, ga += through dt,
+    gb += lam dt x, gc += g h (fused); sums: through a + lam x b_row, lam b_row."""
+    b, (g, x, dt) = ops.builder, scalars
+    lam = ops.fma(ops.load(1, k), ops.load(0, k), b.fmul(ops.load(2, k), ops.splat(g)))
+    ops.store(lam, 0, k)
+    through = b.fmul(b.fmul(lam, ops.load(3, k)), ops.load(4, k))
+    b_k = ops.load(6, k)
+    delta_terms = b.fadd(b.fmul(through, ops.load(5, k)), b.fmul(b.fmul(lam, ops.splat(x)), b_k))
+    ops.store(ops.fma(through, ops.splat(dt), ops.load(7, k)), 7, k)
+    ops.store(ops.fma(lam, ops.splat(b.fmul(dt, x)), ops.load(8, k)), 8, k)
+    ops.store(ops.fma(ops.splat(g), ops.load(10, k), ops.load(9, k)), 9, k)
+    return delta_terms, b.fmul(lam, b_k)
+
+
+def _refresh_body(ops, k, scalars):
+    """The recomputed forward's per-channel loop on one vector of states. Arrays: h, dec,
+    prev, a, b_row; scalars: dt, x (= dt u). dec = decay(dt a), h = dec prev + x b_row
+    (fused), as the forward sweep made them."""
+    b, (dt, x) = ops.builder, scalars
+    dec = ops.decay(b.fmul(ops.splat(dt), ops.load(3, k)))
+    ops.store(dec, 1, k)
+    ops.store(ops.fma(dec, ops.load(2, k), b.fmul(ops.splat(x), ops.load(4, k))), 0, k)
+    return ()
+
+
+def _scan_backward_kernel(straight: bool):
+    """The scan's adjoint kernel (:func:`_scan_backward`) whose per-channel steps are
+    :func:`_state_typing` code, ``straight`` or general: one kernel each, since code for the
+    other case in the same kernel, even a branch never taken, made it spill as before."""
+
+    @intrinsic
+    def refresh(typingctx, h, dec, prev, a, b_row, c, dt, x):
+        return _state_typing(_refresh_body, 5, 0, straight, (h, dec, prev, a, b_row, c, dt, x))
+
+    @intrinsic
+    def channel(typingctx, lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h, c, g, x,
+                dt):
+        return _state_typing(_adjoint_body, 11, 2, straight,
+                             (lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h, c, g, x,
+                              dt))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
     def scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu, gb, gc, ga):
@@ -420,12 +496,10 @@ def _scan_backward_kernel(channel):
             for step in range(first, last):                    # the forward's states, again
                 t = length - 1 - step if backward else step
                 h, dec = states[step - first], decays[step - first]
+                b_row = b_t[t]
                 for c in range(d_inner):
                     dt = delta[c, t]
-                    x = dt * u[c, t]
-                    for k in range(n):
-                        dec[c, k] = decay(dt * a[c, k])
-                        h[c, k] = fma(dec[c, k], prev[c, k], x * b_t[t, k])
+                    refresh(h, dec, prev, a, b_row, c, dt, dt * u[c, t])
                 prev = h
             for step in range(last - 1, first - 1, -1):       # the adjoint, against time
                 t = length - 1 - step if backward else step
@@ -453,9 +527,9 @@ def _scan_backward_kernel(channel):
     return scan_backward
 
 
-_scan_backward = _scan_backward_kernel(_adjoint_channel(False))
+_scan_backward = _scan_backward_kernel(False)
 """The scan's adjoint for any state size n."""
-_scan_backward_lanes = _scan_backward_kernel(_adjoint_channel(True))
+_scan_backward_lanes = _scan_backward_kernel(True)
 """The scan's adjoint for n = :data:`LANES` (SalM²'s): 1.7 -> 1.4 ns a state-step."""
 
 
