@@ -31,8 +31,6 @@ float32, or float64 for float64 inputs.
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 import torch
@@ -56,7 +54,15 @@ from salmm.model.layer_cpu import (
     silu,
     sweep,
 )
-from salmm.model.numba_math import LOG2_E, SOFTPLUS_THRESHOLD, claim, exp, sigmoid
+from salmm.model.numba_math import (
+    DECAY_FLOOR,
+    EXP_REDUCTION,
+    LOG2_E,
+    SOFTPLUS_THRESHOLD,
+    claim,
+    exp,
+    sigmoid,
+)
 from salmm.model.scan_cpu import run_jobs, workspace
 
 __all__ = ["accumulate_outer", "block_backward", "block_forward", "dot", "mamba_forward",
@@ -395,14 +401,9 @@ class _StateOps:
         the least normal's log (numba's max and min keep a NaN first argument: so do these
         selects)."""
         b, c = self.builder, self.const
-        if self.kind == types.float32:
-            lo, ln2_hi, ln2_lo, coefficients = (-87.33654, 0.693359375, -2.12194440e-4,
-                                                _SINGLE)
-            bits, bias, shift = ir.IntType(32), 127, 23
-        else:
-            lo, ln2_hi, ln2_lo, coefficients = (-708.3964185322641, 6.93145751953125e-1,
-                                                1.42860682030941723212e-6, _DOUBLE)
-            bits, bias, shift = ir.IntType(64), 1023, 52
+        lo, (ln2_hi, ln2_lo, coefficients) = DECAY_FLOOR[self.kind], EXP_REDUCTION[self.kind]
+        bits, bias, shift = ((ir.IntType(32), 127, 23) if self.kind == types.float32
+                             else (ir.IntType(64), 1023, 52))
         floor = self.declared(f"llvm.floor.{self.suffix}", x.type, [x.type])
         kept = b.select(b.fcmp_unordered("uge", x, c(lo)), x, c(lo))
         kept = b.select(b.fcmp_unordered("ule", kept, c(0.0)), kept, c(0.0))
@@ -416,13 +417,6 @@ class _StateOps:
         power = b.bitcast(b.shl(b.add(b.fptosi(k, wide), ir.Constant(wide, [bias] * LANES)),
                                 ir.Constant(wide, [shift] * LANES)), x.type)
         return b.select(b.fcmp_ordered("olt", x, c(lo)), c(0.0), b.fmul(e, power))
-
-
-_SINGLE = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-           5.0000001201e-1)
-"""numba_math's float32 exp polynomial (Cephes' expf), highest power first."""
-_DOUBLE = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
-"""numba_math's float64 exp polynomial (Taylor to r**13), highest power first."""
 
 
 def _adjoint_body(ops, k, scalars):
@@ -512,8 +506,7 @@ def _scan_backward_kernel(straight: bool):
                 for c in range(d_inner):
                     dt = delta[c, t]
                     total_delta, total_u = channel(lam, a_next, c_row, prev, a_now, a, b_row,
-                                                           ga, gb_t, gc_t, h, c, gy[c, t], u[c, t],
-                                                           dt)
+                                                   ga, gb_t, gc_t, h, c, gy[c, t], u[c, t], dt)
                     gdelta[c, t] = total_delta
                     gu[c, t] = dt * total_u
                 a_next[:] = a_now

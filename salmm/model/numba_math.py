@@ -21,8 +21,8 @@ from numba.extending import intrinsic, overload
 
 from salmm.model import numba_cache  # noqa: F401 (before any kernel: caches keyed on all sources)
 
-__all__ = ["SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "fma", "pow2", "prefetch", "sigmoid",
-           "softplus"]
+__all__ = ["DECAY_FLOOR", "EXP_REDUCTION", "SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "fma",
+           "pow2", "prefetch", "sigmoid", "softplus"]
 
 # numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
 # that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
@@ -105,20 +105,28 @@ def _reduced(x):
     raise NotImplementedError
 
 
+EXP_REDUCTION = {
+    types.float32: (0.693359375, -2.12194440e-4,
+                    (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                     1.6666665459e-1, 5.0000001201e-1)),
+    types.float64: (6.93145751953125e-1, 1.42860682030941723212e-6,
+                    tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))),
+}
+"""Per float type, exp's (ln2 = hi + lo split, polynomial for exp(r) highest power first):
+float32 Cephes' expf, float64 Taylor to r**13."""
+DECAY_FLOOR = {types.float32: -87.33654, types.float64: -708.3964185322641}
+"""Per float type, the log of the least normal number: below it :func:`decay` gives 0."""
+
+
 @overload(_reduced, inline="always")
 def _reduced_overload(x):
     """Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, and a polynomial for exp(r)
-    (float32: Cephes' expf; float64: Taylor to r**13), for x inside exp's range; the reduction
-    and Horner's steps are fused multiply-adds."""
-    if x == types.float32:
-        f, ln2_hi, ln2_lo = np.float32, 0.693359375, -2.12194440e-4
-        coefficients = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                        1.6666665459e-1, 5.0000001201e-1)
-    elif x == types.float64:
-        f, ln2_hi, ln2_lo = np.float64, 6.93145751953125e-1, 1.42860682030941723212e-6
-        coefficients = tuple(1.0 / math.factorial(j) for j in range(13, 1, -1))
-    else:
+    (:data:`EXP_REDUCTION`), for x inside exp's range; the reduction and Horner's steps are
+    fused multiply-adds."""
+    if x not in EXP_REDUCTION:
         return None
+    f = np.float32 if x == types.float32 else np.float64
+    ln2_hi, ln2_lo, coefficients = EXP_REDUCTION[x]
     minus_ln2_hi, minus_ln2_lo, log2_e = f(-ln2_hi), f(-ln2_lo), f(LOG2_E)
     coefficients = tuple(f(c) for c in coefficients)
     one, half = f(1.0), f(0.5)
@@ -214,8 +222,7 @@ def _decay_overload(x):
     if x not in (types.float32, types.float64):
         return None
     f = np.float32 if x == types.float32 else np.float64
-    lo = f(-87.33654) if x == types.float32 else f(-708.3964185322641)  # log of the least normal
-    zero = f(0.0)
+    lo, zero = f(DECAY_FLOOR[x]), f(0.0)
 
     def impl(x):
         p, k = _reduced(min(max(x, lo), zero))  # numba's max / min return a NaN first argument
