@@ -4,6 +4,7 @@ is 1e-12 and a wrong computation shows; in float32 within float32 rounding of th
 reference; every SCPMamba layer of the network, odd sizes, NaN, weights changed in place,
 threads, and when the kernels run at all."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -341,3 +342,45 @@ def test_group_norm_for_training_equals_the_module_with_gradients_in_float64(poo
         (x[1:2, :, :4, :5].clone().requires_grad_(True),
          norm.weight.detach().clone().requires_grad_(True),
          norm.bias.detach().clone().requires_grad_(True)))
+
+
+def _scan_reference(delta, u, b_t, c_t, a, backward):
+    """The selective scan written out in float64 numpy, step by step: (y [d, L], the state
+    after every step [L, d, n], in the direction's step order)."""
+    d, length = u.shape
+    h = np.zeros((d, a.shape[1]))
+    y, states = np.empty((d, length)), []
+    for step in range(length):
+        t = length - 1 - step if backward else step
+        h = np.exp(delta[:, t, None] * a) * h + (delta[:, t] * u[:, t])[:, None] * b_t[t]
+        y[:, t] = h @ c_t[t]
+        states.append(h)
+    return y, np.stack(states)
+
+
+@pytest.mark.parametrize("n", [8, 16, 20])
+@pytest.mark.parametrize("backward", [False, True])
+def test_the_scan_sweep_equals_the_recurrence_written_out(n, backward):
+    """The forward sweep (one-vector kernel for 16 states, the general masked one otherwise)
+    against the recurrence in float64 numpy: its output, and the states it keeps for training's
+    backward; for 16 states the general kernel gives the same bits as the one-vector one."""
+    d, length, every = 5, 37, 4
+    r = np.random.default_rng(n)
+    rows = lambda *shape: r.random(shape)  # noqa: E731
+    args = (0.2 * rows(d, length), rows(d, length) - 0.5, rows(length, n) - 0.5,
+            rows(length, n) - 0.5, -3 * rows(d, n))
+    want_y, want_states = _scan_reference(*args, backward)
+    kept = np.zeros((-(-length // every), d, n))
+    got_y = np.empty((d, length))
+    layer_cpu.sweep(*args, got_y, backward, every, kept)
+    assert np.abs(got_y - want_y).max() < 1e-12 * np.abs(want_y).max()
+    assert np.abs(kept[:length // every] - want_states[every - 1::every]).max() < 1e-13
+    if n == layer_cpu.LANES:
+        for dtype in (np.float32, np.float64):
+            one = [np.empty((d, length), dtype), np.zeros(kept.shape, dtype)]
+            general = [np.empty((d, length), dtype), np.zeros(kept.shape, dtype)]
+            cast = [x.astype(dtype) for x in args]
+            layer_cpu._sweep_lanes(*cast, one[0], backward, every, one[1])
+            layer_cpu._sweep(*cast, general[0], backward, every, general[1])
+            assert np.array_equal(one[1], general[1]) and np.abs(one[1]).max() > 0
+            assert np.array_equal(one[0], general[0])

@@ -20,7 +20,8 @@ convolutions are loops over whole pixel rows or whole flat maps (slices, never c
 indices, which numba's wraparound check keeps from vectorising; a k x k convolution's taps past
 a row's ends masked), so they vectorise without reordering any sum; only the n-long sum C . h
 of the scan is reassociated (``fastmath={"reassoc"}``), as in :mod:`salmm.model.scan_cpu`, and
-its decay exp(delta A) is :func:`numba_math.decay`. Fused multiply-adds only where asked for
+its decay exp(delta A) is :func:`numba_math.decay`'s, in vector code
+(:func:`numba_math.state_vectors`). Fused multiply-adds only where asked for
 by name (:func:`numba_math.fma`: the scan's state update, the 1x1 products' chains of four),
 never left to the compiler (fastmath ``"contract"``): numba's in-process compile and its
 cached machine code fuse differently, so results would depend on whether this process
@@ -40,10 +41,18 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from salmm.model.numba_math import claim, decay, exp, fma, sigmoid, softplus
+from salmm.model.numba_math import (
+    LANES,
+    claim,
+    exp,
+    fma,
+    sigmoid,
+    softplus,
+    state_vectors,
+)
 from salmm.model.scan_cpu import run_jobs
 
 __all__ = [
@@ -380,36 +389,58 @@ def silu(x, out):
         out[i] = x[i] * sigmoid(x[i], f)[0]
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _sweep_body(ops, k, scalars):
+    """The forward sweep's step for one channel on one vector of states: arrays h (the state,
+    updated in place), a, b_row, c_row; scalars dt, x = dt u; the sum: c_row . h."""
+    _, h = ops.advance(*scalars, ops.load(1, k), ops.load(0, k), ops.load(2, k))
+    ops.store(h, 0, k)
+    return (ops.builder.fmul(ops.load(3, k), h),)
+
+
+def _sweep_kernel(straight: bool):
+    """:func:`sweep`'s kernel, its channel steps :func:`~salmm.model.numba_math.state_vectors`
+    code: ``straight`` for n = :data:`~salmm.model.numba_math.LANES`, else general (one kernel
+    each, as the scan's adjoint: the general case's code beside the straight one spills)."""
+
+    @intrinsic
+    def step(typingctx, h, a, b_row, c_row, c, dt, x):
+        return state_vectors(_sweep_body, 4, 1, straight, (h, a, b_row, c_row, c, dt, x))
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def sweep_kernel(delta, u, b_t, c_t, a, y, backward, every, checkpoints):
+        d_inner, length = u.shape
+        h = np.zeros((d_inner, a.shape[1]), dtype=y.dtype)
+        for s in range(length):
+            t = length - 1 - s if backward else s
+            b_row, c_row = b_t[t], c_t[t]
+            for c in range(d_inner):
+                dt = delta[c, t]
+                y[c, t] = step(h, a, b_row, c_row, c, dt, dt * u[c, t])[0]
+            if every > 0 and (s + 1) % every == 0:
+                checkpoints[s // every] = h
+
+    return sweep_kernel
+
+
+_sweep = _sweep_kernel(False)
+_sweep_lanes = _sweep_kernel(True)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def sweep(delta, u, b_t, c_t, a, y, backward, every, checkpoints):
     """The selective scan's recurrence over channel-major delta, u [d_inner, L] and time-major
-    B, C (b_t, c_t [L, n]): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t from h = 0,
-    y[c, t] = C_t . h_t[c] (channel-major [d_inner, L]); time runs downwards when
-    ``backward``. ``every`` > 0: checkpoints [ceil(L / every), d_inner, n] receives the state
-    after every ``every``-th step (what training's backward recomputes the states from); 0:
-    none kept. The scalars of each step are read and written where they lie (a step touches
-    one value per channel row: no transposed copies); two state buffers in turn, so that a
-    step's reads and writes do not overlap and the n-long loop vectorises."""
-    d_inner, length = u.shape
-    n = a.shape[1]
-    f = y.dtype.type
-    ring = np.empty((2, d_inner, n), dtype=y.dtype)
-    prev = np.zeros((d_inner, n), dtype=y.dtype)
-    for step in range(length):
-        t = length - 1 - step if backward else step
-        h = ring[step % 2]
-        for c in range(d_inner):
-            dt = delta[c, t]
-            x = dt * u[c, t]
-            total = f(0.0)
-            for k in range(n):
-                v = fma(decay(dt * a[c, k]), prev[c, k], x * b_t[t, k])
-                h[c, k] = v
-                total += c_t[t, k] * v
-            y[c, t] = total
-        if every > 0 and (step + 1) % every == 0:
-            checkpoints[step // every] = h
-        prev = h
+    B, C (b_t, c_t [L, n]; all C-contiguous): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
+    from h = 0, y[c, t] = C_t . h_t[c] (channel-major [d_inner, L]; the n-long sum
+    reassociated); time runs downwards when ``backward``. ``every`` > 0: checkpoints
+    [ceil(L / every), d_inner, n] receives the state after every ``every``-th step (what
+    training's backward recomputes the states from); 0: none kept. A step's scalars are read
+    and written where they lie (one value per channel row: no transposed copies); a channel's
+    n states are LLVM vectors (:func:`~salmm.model.numba_math.state_vectors`), updated in
+    place."""
+    if a.shape[1] == LANES:
+        _sweep_lanes(delta, u, b_t, c_t, a, y, backward, every, checkpoints)
+    else:
+        _sweep(delta, u, b_t, c_t, a, y, backward, every, checkpoints)
 
 
 def direction_pieces(weights, offsets, first, d_inner, rank, n):

@@ -34,9 +34,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -55,13 +52,12 @@ from salmm.model.layer_cpu import (
     sweep,
 )
 from salmm.model.numba_math import (
-    DECAY_FLOOR,
-    EXP_REDUCTION,
-    LOG2_E,
+    LANES,
     SOFTPLUS_THRESHOLD,
     claim,
     exp,
     sigmoid,
+    state_vectors,
 )
 from salmm.model.scan_cpu import run_jobs, workspace
 
@@ -285,140 +281,6 @@ def _forward_kernel(hidden, weights, offsets, dims, saved, out, counter):
         r = claim(counter)
 
 
-LANES = 16
-"""Lanes of the scan adjoint's explicit vector code: SalM²'s and Mamba's default d_state, so a
-channel's states are one LLVM vector."""
-
-
-def _state_typing(body, arrays: int, sums: int, straight: bool, args: tuple):
-    """The typing and code of a numba intrinsic running ``body`` over one channel's n states as
-    LLVM vector code, :data:`LANES` states a vector: ``straight``, n must be :data:`LANES` (one
-    vector, no loop); else any n (vectors in a loop, the last one masked to n). Its arguments
-    ``args``: ``arrays`` arrays, all C-contiguous and of one float type (2-D ones [*, n], read
-    at row c; 1-D ones [n]), then c, then float scalars. ``body(ops, k, scalars)`` builds one
-    vector's work with ``ops`` (:class:`_StateOps`) and returns ``sums`` vectors, whose lanes
-    the intrinsic adds up (reassociated) and returns. Written so because numba's loops over the
-    states paid some 40 scalar instructions of address bookkeeping per channel (about 20 rows
-    live at once, spilled to the stack)."""
-    kind = args[0].dtype if isinstance(args[0], types.Array) else None
-    if kind not in (types.float32, types.float64) or not all(
-            isinstance(t, types.Array) and t.dtype == kind and t.layout == "C"
-            for t in args[:arrays]):
-        return None
-    lane = ir.FloatType() if kind == types.float32 else ir.DoubleType()
-    element = 4 if kind == types.float32 else 8
-    vector = ir.VectorType(lane, LANES)
-    signature = (types.UniTuple(kind, sums) if sums else types.void)(*args)
-
-    def codegen(context, builder, sig, values):
-        index = context.cast(builder, values[arrays], sig.args[arrays], types.intp)
-        scalars = [context.cast(builder, v, t, kind)
-                   for v, t in zip(values[arrays + 1:], sig.args[arrays + 1:])]
-        views = [context.make_array(t)(context, builder, v)
-                 for t, v in zip(sig.args[:arrays], values)]
-        n = cgutils.unpack_tuple(builder, views[0].shape)[1]
-        rows = [builder.gep(view.data, [builder.mul(index, n)]) if t.ndim == 2
-                else view.data for t, view in zip(sig.args[:arrays], views)]
-        suffix = f"v{LANES}f{8 * element}"
-
-        def declared(name, returned, operands):
-            return cgutils.get_or_insert_function(builder.module,
-                                                  ir.FunctionType(returned, operands), name)
-
-        fused = declared(f"llvm.fma.{suffix}", vector, [vector] * 3)
-        total = declared(f"llvm.vector.reduce.fadd.{suffix}", lane, [lane, vector])
-
-        def at(i, k):  # element alignment only: a row need not start on a vector's
-            return builder.bitcast(builder.gep(rows[i], [k]), vector.as_pointer())
-
-        def splat(value):  # a scalar (a float, or an index) in every lane
-            wide = ir.VectorType(value.type, LANES)
-            one = builder.insert_element(ir.Constant(wide, ir.Undefined), value,
-                                         ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(one, ir.Constant(wide, ir.Undefined),
-                                          ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                      [0] * LANES))
-
-        def ops(load, store):
-            return _StateOps(load, store, lambda *v: builder.call(fused, v), splat,
-                             lambda value: ir.Constant(vector, [value] * LANES), builder,
-                             kind, declared, suffix)
-
-        def reduce(terms):
-            return builder.call(total, [ir.Constant(lane, 0.0), terms],
-                                fastmath=("reassoc",))
-
-        if straight:
-            terms = body(ops(lambda i, k: builder.load(at(i, k), align=element),
-                             lambda v, i, k: builder.store(v, at(i, k), align=element)),
-                         ir.Constant(n.type, 0), scalars)
-            results = [reduce(t) for t in terms]
-        else:
-            mask_type = ir.VectorType(ir.IntType(1), LANES)
-            masked_load = declared(f"llvm.masked.load.{suffix}.p0", vector,
-                                   [vector.as_pointer(), ir.IntType(32), mask_type, vector])
-            masked_store = declared(f"llvm.masked.store.{suffix}.p0", ir.VoidType(),
-                                    [vector, vector.as_pointer(), ir.IntType(32),
-                                     mask_type])
-            align = ir.Constant(ir.IntType(32), element)
-            totals = [cgutils.alloca_once_value(builder, ir.Constant(vector, None))
-                      for _ in range(sums)]
-            chunks = builder.udiv(builder.add(n, ir.Constant(n.type, LANES - 1)),
-                                  ir.Constant(n.type, LANES))
-            with cgutils.for_range(builder, chunks) as loop:  # the last one masked to n
-                k = builder.mul(loop.index, ir.Constant(n.type, LANES))
-                mask = builder.icmp_unsigned(
-                    "<", ir.Constant(ir.VectorType(n.type, LANES), list(range(LANES))),
-                    splat(builder.sub(n, k)))
-                terms = body(ops(
-                    lambda i, k: builder.call(masked_load, [at(i, k), align, mask,
-                                                            ir.Constant(vector, None)]),
-                    lambda v, i, k: builder.call(masked_store,
-                                                 [v, at(i, k), align, mask])),
-                    k, scalars)
-                for into, term in zip(totals, terms):
-                    builder.store(builder.fadd(builder.load(into), term), into)
-            results = [reduce(builder.load(into)) for into in totals]
-        if not sums:
-            return context.get_dummy_value()
-        return context.make_tuple(builder, sig.return_type, results)
-
-    return signature, codegen
-
-
-class _StateOps:
-    """What a :func:`_state_typing` body builds with: ``load(i, k)`` and ``store(value, i,
-    k)`` of one vector of array i's states from state k, ``fma``, ``splat``, ``const`` (a
-    vector constant), the IR ``builder``, and :meth:`decay`."""
-
-    def __init__(self, load, store, fused, splat, const, builder, kind, declared, suffix):
-        self.load, self.store, self.fma, self.splat, self.const = load, store, fused, splat, const
-        self.builder, self.kind, self.declared, self.suffix = builder, kind, declared, suffix
-
-    def decay(self, x):
-        """:func:`salmm.model.numba_math.decay` on a vector, operation for operation: the
-        Cody-Waite reduction, the polynomial by fused multiply-adds, 2**k from bits, 0 below
-        the least normal's log (numba's max and min keep a NaN first argument: so do these
-        selects)."""
-        b, c = self.builder, self.const
-        lo, (ln2_hi, ln2_lo, coefficients) = DECAY_FLOOR[self.kind], EXP_REDUCTION[self.kind]
-        bits, bias, shift = ((ir.IntType(32), 127, 23) if self.kind == types.float32
-                             else (ir.IntType(64), 1023, 52))
-        floor = self.declared(f"llvm.floor.{self.suffix}", x.type, [x.type])
-        kept = b.select(b.fcmp_unordered("uge", x, c(lo)), x, c(lo))
-        kept = b.select(b.fcmp_unordered("ule", kept, c(0.0)), kept, c(0.0))
-        k = b.call(floor, [b.fadd(b.fmul(kept, c(LOG2_E)), c(0.5))])
-        r = self.fma(k, c(-ln2_lo), self.fma(k, c(-ln2_hi), kept))
-        p = c(coefficients[0])
-        for coefficient in coefficients[1:]:
-            p = self.fma(p, r, c(coefficient))
-        e = b.fadd(self.fma(b.fmul(p, r), r, r), c(1.0))
-        wide = ir.VectorType(bits, LANES)
-        power = b.bitcast(b.shl(b.add(b.fptosi(k, wide), ir.Constant(wide, [bias] * LANES)),
-                                ir.Constant(wide, [shift] * LANES)), x.type)
-        return b.select(b.fcmp_ordered("olt", x, c(lo)), c(0.0), b.fmul(e, power))
-
-
 def _adjoint_body(ops, k, scalars):
     """The adjoint's per-channel loops (:func:`_scan_backward`) on one vector of states.
     Arrays: lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h; scalars: g, x, dt.
@@ -437,29 +299,28 @@ def _adjoint_body(ops, k, scalars):
 
 
 def _refresh_body(ops, k, scalars):
-    """The recomputed forward's per-channel loop on one vector of states. Arrays: h, dec,
-    prev, a, b_row; scalars: dt, x (= dt u). dec = decay(dt a), h = dec prev + x b_row
-    (fused), as the forward sweep made them."""
-    b, (dt, x) = ops.builder, scalars
-    dec = ops.decay(b.fmul(ops.splat(dt), ops.load(3, k)))
+    """The recomputed forward's per-channel step on one vector of states
+    (:meth:`~salmm.model.numba_math.StateOps.advance`, as the forward sweep made them). Arrays:
+    h, dec, prev, a, b_row; scalars: dt, x (= dt u)."""
+    dec, h = ops.advance(*scalars, ops.load(3, k), ops.load(2, k), ops.load(4, k))
     ops.store(dec, 1, k)
-    ops.store(ops.fma(dec, ops.load(2, k), b.fmul(ops.splat(x), ops.load(4, k))), 0, k)
+    ops.store(h, 0, k)
     return ()
 
 
 def _scan_backward_kernel(straight: bool):
     """The scan's adjoint kernel (:func:`_scan_backward`) whose per-channel steps are
-    :func:`_state_typing` code, ``straight`` or general: one kernel each, since code for the
+    :func:`state_vectors` code, ``straight`` or general: one kernel each, since code for the
     other case in the same kernel, even a branch never taken, made it spill as before."""
 
     @intrinsic
     def refresh(typingctx, h, dec, prev, a, b_row, c, dt, x):
-        return _state_typing(_refresh_body, 5, 0, straight, (h, dec, prev, a, b_row, c, dt, x))
+        return state_vectors(_refresh_body, 5, 0, straight, (h, dec, prev, a, b_row, c, dt, x))
 
     @intrinsic
     def channel(typingctx, lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h, c, g, x,
                 dt):
-        return _state_typing(_adjoint_body, 11, 2, straight,
+        return state_vectors(_adjoint_body, 11, 2, straight,
                              (lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h, c, g, x,
                               dt))
 

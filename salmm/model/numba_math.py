@@ -1,7 +1,8 @@
-"""Scalar math for the numba CPU kernels (:mod:`salmm.model.scan_cpu`,
-:mod:`salmm.model.layer_cpu`): a vectorisable exp within 2 ulp, sigmoid and softplus as torch
-computes them, 2**k from bits, a fused multiply-add, an atomic job counter and a prefetch hint.
-Usable inside ``numba.njit`` code only; float32 and float64.
+"""Math for the numba CPU kernels (:mod:`salmm.model.scan_cpu`, :mod:`salmm.model.layer_cpu`,
+:mod:`salmm.model.mamba_cpu`): a vectorisable exp within 2 ulp, sigmoid and softplus as torch
+computes them, 2**k from bits, a fused multiply-add, an atomic job counter, a prefetch hint,
+and the scans' per-channel steps over the states as explicit LLVM vector code
+(:func:`state_vectors`). Usable inside ``numba.njit`` code only; float32 and float64.
 
 Fused multiply-adds are only ever asked for by name (:func:`fma`), never left to the compiler
 (fastmath ``"contract"``): numba's in-process compile and its cached machine code fuse
@@ -17,12 +18,13 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from salmm.model import numba_cache  # noqa: F401 (before any kernel: caches keyed on all sources)
 
-__all__ = ["DECAY_FLOOR", "EXP_REDUCTION", "SOFTPLUS_THRESHOLD", "claim", "decay", "exp", "fma",
-           "pow2", "prefetch", "sigmoid", "softplus"]
+__all__ = ["DECAY_FLOOR", "EXP_REDUCTION", "LANES", "SOFTPLUS_THRESHOLD", "StateOps", "claim",
+           "decay", "exp", "fma", "pow2", "prefetch", "sigmoid", "softplus", "state_vectors"]
 
 # numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
 # that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
@@ -229,3 +231,144 @@ def _decay_overload(x):
         return zero if x < lo else p * pow2(k)
 
     return impl
+
+
+LANES = 16
+"""Lanes of the scans' explicit vector code: SalM²'s and Mamba's default d_state, so a channel's
+states are one LLVM vector."""
+
+
+def state_vectors(body, arrays: int, sums: int, straight: bool, args: tuple):
+    """The typing and code of a numba intrinsic running ``body`` over one channel's n states as
+    LLVM vector code, :data:`LANES` states a vector: ``straight``, n must be :data:`LANES` (one
+    vector, no loop); else any n (vectors in a loop, the last one masked to n). Its arguments
+    ``args``: ``arrays`` arrays, all C-contiguous and of one float type (2-D ones [*, n], read
+    at row c; 1-D ones [n]), then c, then float scalars. ``body(ops, k, scalars)`` builds one
+    vector's work with ``ops`` (:class:`StateOps`) and returns ``sums`` vectors, whose lanes
+    the intrinsic adds up (reassociated) and returns. Written so because numba's loops over the
+    states paid some 40 scalar instructions of address bookkeeping per channel (about 20 rows
+    live at once, spilled to the stack)."""
+    kind = args[0].dtype if isinstance(args[0], types.Array) else None
+    if kind not in (types.float32, types.float64) or not all(
+            isinstance(t, types.Array) and t.dtype == kind and t.layout == "C"
+            for t in args[:arrays]):
+        return None
+    lane = ir.FloatType() if kind == types.float32 else ir.DoubleType()
+    element = 4 if kind == types.float32 else 8
+    vector = ir.VectorType(lane, LANES)
+    signature = (types.UniTuple(kind, sums) if sums else types.void)(*args)
+
+    def codegen(context, builder, sig, values):
+        index = context.cast(builder, values[arrays], sig.args[arrays], types.intp)
+        scalars = [context.cast(builder, v, t, kind)
+                   for v, t in zip(values[arrays + 1:], sig.args[arrays + 1:])]
+        views = [context.make_array(t)(context, builder, v)
+                 for t, v in zip(sig.args[:arrays], values)]
+        n = cgutils.unpack_tuple(builder, views[0].shape)[1]
+        rows = [builder.gep(view.data, [builder.mul(index, n)]) if t.ndim == 2
+                else view.data for t, view in zip(sig.args[:arrays], views)]
+        suffix = f"v{LANES}f{8 * element}"
+
+        def declared(name, returned, operands):
+            return cgutils.get_or_insert_function(builder.module,
+                                                  ir.FunctionType(returned, operands), name)
+
+        fused = declared(f"llvm.fma.{suffix}", vector, [vector] * 3)
+        total = declared(f"llvm.vector.reduce.fadd.{suffix}", lane, [lane, vector])
+
+        def at(i, k):  # element alignment only: a row need not start on a vector's
+            return builder.bitcast(builder.gep(rows[i], [k]), vector.as_pointer())
+
+        def splat(value):  # a scalar (a float, or an index) in every lane
+            wide = ir.VectorType(value.type, LANES)
+            one = builder.insert_element(ir.Constant(wide, ir.Undefined), value,
+                                         ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(one, ir.Constant(wide, ir.Undefined),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                      [0] * LANES))
+
+        def ops(load, store):
+            return StateOps(load, store, lambda *v: builder.call(fused, v), splat,
+                             lambda value: ir.Constant(vector, [value] * LANES), builder,
+                             kind, declared, suffix)
+
+        def reduce(terms):
+            return builder.call(total, [ir.Constant(lane, 0.0), terms],
+                                fastmath=("reassoc",))
+
+        if straight:
+            terms = body(ops(lambda i, k: builder.load(at(i, k), align=element),
+                             lambda v, i, k: builder.store(v, at(i, k), align=element)),
+                         ir.Constant(n.type, 0), scalars)
+            results = [reduce(t) for t in terms]
+        else:
+            mask_type = ir.VectorType(ir.IntType(1), LANES)
+            masked_load = declared(f"llvm.masked.load.{suffix}.p0", vector,
+                                   [vector.as_pointer(), ir.IntType(32), mask_type, vector])
+            masked_store = declared(f"llvm.masked.store.{suffix}.p0", ir.VoidType(),
+                                    [vector, vector.as_pointer(), ir.IntType(32),
+                                     mask_type])
+            align = ir.Constant(ir.IntType(32), element)
+            totals = [cgutils.alloca_once_value(builder, ir.Constant(vector, None))
+                      for _ in range(sums)]
+            chunks = builder.udiv(builder.add(n, ir.Constant(n.type, LANES - 1)),
+                                  ir.Constant(n.type, LANES))
+            with cgutils.for_range(builder, chunks) as loop:  # the last one masked to n
+                k = builder.mul(loop.index, ir.Constant(n.type, LANES))
+                mask = builder.icmp_unsigned(
+                    "<", ir.Constant(ir.VectorType(n.type, LANES), list(range(LANES))),
+                    splat(builder.sub(n, k)))
+                terms = body(ops(
+                    lambda i, k: builder.call(masked_load, [at(i, k), align, mask,
+                                                            ir.Constant(vector, None)]),
+                    lambda v, i, k: builder.call(masked_store,
+                                                 [v, at(i, k), align, mask])),
+                    k, scalars)
+                for into, term in zip(totals, terms):
+                    builder.store(builder.fadd(builder.load(into), term), into)
+            results = [reduce(builder.load(into)) for into in totals]
+        if not sums:
+            return context.get_dummy_value()
+        return context.make_tuple(builder, sig.return_type, results)
+
+    return signature, codegen
+
+
+class StateOps:
+    """What a :func:`state_vectors` body builds with: ``load(i, k)`` and ``store(value, i,
+    k)`` of one vector of array i's states from state k, ``fma``, ``splat``, ``const`` (a
+    vector constant), the IR ``builder``, and :meth:`decay`."""
+
+    def __init__(self, load, store, fused, splat, const, builder, kind, declared, suffix):
+        self.load, self.store, self.fma, self.splat, self.const = load, store, fused, splat, const
+        self.builder, self.kind, self.declared, self.suffix = builder, kind, declared, suffix
+
+    def advance(self, dt, x, a, prev, b_row):
+        """The scan's state step on one vector of states: (dec, h) with dec = decay(dt a) and
+        h = dec prev + x b_row rounded once (x = dt u; dt, x scalars, the others vectors), the
+        one code of the forward sweep and of the backward's recomputed states (bit for bit)."""
+        dec = self.decay(self.builder.fmul(self.splat(dt), a))
+        return dec, self.fma(dec, prev, self.builder.fmul(self.splat(x), b_row))
+
+    def decay(self, x):
+        """:func:`salmm.model.numba_math.decay` on a vector, operation for operation: the
+        Cody-Waite reduction, the polynomial by fused multiply-adds, 2**k from bits, 0 below
+        the least normal's log (numba's max and min keep a NaN first argument: so do these
+        selects)."""
+        b, c = self.builder, self.const
+        lo, (ln2_hi, ln2_lo, coefficients) = DECAY_FLOOR[self.kind], EXP_REDUCTION[self.kind]
+        bits, bias, shift = ((ir.IntType(32), 127, 23) if self.kind == types.float32
+                             else (ir.IntType(64), 1023, 52))
+        floor = self.declared(f"llvm.floor.{self.suffix}", x.type, [x.type])
+        kept = b.select(b.fcmp_unordered("uge", x, c(lo)), x, c(lo))
+        kept = b.select(b.fcmp_unordered("ule", kept, c(0.0)), kept, c(0.0))
+        k = b.call(floor, [b.fadd(b.fmul(kept, c(LOG2_E)), c(0.5))])
+        r = self.fma(k, c(-ln2_lo), self.fma(k, c(-ln2_hi), kept))
+        p = c(coefficients[0])
+        for coefficient in coefficients[1:]:
+            p = self.fma(p, r, c(coefficient))
+        e = b.fadd(self.fma(b.fmul(p, r), r, r), c(1.0))
+        wide = ir.VectorType(bits, LANES)
+        power = b.bitcast(b.shl(b.add(b.fptosi(k, wide), ir.Constant(wide, [bias] * LANES)),
+                                ir.Constant(wide, [shift] * LANES)), x.type)
+        return b.select(b.fcmp_ordered("olt", x, c(lo)), c(0.0), b.fmul(e, power))
