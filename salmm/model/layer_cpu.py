@@ -391,7 +391,7 @@ def silu(x, out):
 
 def _sweep_body(ops, k, scalars):
     """The forward sweep's step for one channel on one vector of states: arrays h (the state,
-    updated in place), a, b_row, c_row; scalars dt, x = dt u; the sum: c_row . h."""
+    updated in place), a, B, C (at the step's row); scalars dt, x = dt u; the sum: C . h."""
     _, h = ops.advance(*scalars, ops.load(1, k), ops.load(0, k), ops.load(2, k))
     ops.store(h, 0, k)
     return (ops.builder.fmul(ops.load(3, k), h),)
@@ -403,8 +403,8 @@ def _sweep_kernel(straight: bool):
     each, as the scan's adjoint: the general case's code beside the straight one spills)."""
 
     @intrinsic
-    def step(typingctx, h, a, b_row, c_row, c, dt, x):
-        return state_vectors(_sweep_body, 4, 1, straight, (h, a, b_row, c_row, c, dt, x))
+    def step(typingctx, h, a, b_t, c_t, rows, dt, x):
+        return state_vectors(_sweep_body, 4, 1, straight, (h, a, b_t, c_t, rows, dt, x))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
     def sweep_kernel(delta, u, b_t, c_t, a, y, backward, every, checkpoints):
@@ -412,10 +412,9 @@ def _sweep_kernel(straight: bool):
         h = np.zeros((d_inner, a.shape[1]), dtype=y.dtype)
         for s in range(length):
             t = length - 1 - s if backward else s
-            b_row, c_row = b_t[t], c_t[t]
             for c in range(d_inner):
                 dt = delta[c, t]
-                y[c, t] = step(h, a, b_row, c_row, c, dt, dt * u[c, t])[0]
+                y[c, t] = step(h, a, b_t, c_t, (c, c, t, t), dt, dt * u[c, t])[0]
             if every > 0 and (s + 1) % every == 0:
                 checkpoints[s // every] = h
 

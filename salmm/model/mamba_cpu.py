@@ -283,9 +283,9 @@ def _forward_kernel(hidden, weights, offsets, dims, saved, out, counter):
 
 def _adjoint_body(ops, k, scalars):
     """The adjoint's per-channel loops (:func:`_scan_backward`) on one vector of states.
-    Arrays: lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h; scalars: g, x, dt.
-    lam = a_next lam + c_row g (fused), through = lam prev a_now, ga += through dt,
-    gb += lam dt x, gc += g h (fused); sums: through a + lam x b_row, lam b_row."""
+    Arrays (each at its row): lam, a_next, C, prev, a_now, a, B, ga, gb, gc, h; scalars: g,
+    x, dt. lam = a_next lam + C g (fused), through = lam prev a_now, ga += through dt,
+    gb += lam dt x, gc += g h (fused); sums: through a + lam x B, lam B."""
     b, (g, x, dt) = ops.builder, scalars
     lam = ops.fma(ops.load(1, k), ops.load(0, k), b.fmul(ops.load(2, k), ops.splat(g)))
     ops.store(lam, 0, k)
@@ -301,7 +301,7 @@ def _adjoint_body(ops, k, scalars):
 def _refresh_body(ops, k, scalars):
     """The recomputed forward's per-channel step on one vector of states
     (:meth:`~salmm.model.numba_math.StateOps.advance`, as the forward sweep made them). Arrays:
-    h, dec, prev, a, b_row; scalars: dt, x (= dt u)."""
+    h, dec, prev, a, B (each at its row); scalars: dt, x (= dt u)."""
     dec, h = ops.advance(*scalars, ops.load(3, k), ops.load(2, k), ops.load(4, k))
     ops.store(dec, 1, k)
     ops.store(h, 0, k)
@@ -314,14 +314,14 @@ def _scan_backward_kernel(straight: bool):
     other case in the same kernel, even a branch never taken, made it spill as before."""
 
     @intrinsic
-    def refresh(typingctx, h, dec, prev, a, b_row, c, dt, x):
-        return state_vectors(_refresh_body, 5, 0, straight, (h, dec, prev, a, b_row, c, dt, x))
+    def refresh(typingctx, h, dec, prev, a, b_t, rows, dt, x):
+        return state_vectors(_refresh_body, 5, 0, straight, (h, dec, prev, a, b_t, rows, dt, x))
 
     @intrinsic
-    def channel(typingctx, lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h, c, g, x,
+    def channel(typingctx, lam, a_next, c_t, prev, a_now, a, b_t, ga, gb, gc, h, rows, g, x,
                 dt):
         return state_vectors(_adjoint_body, 11, 2, straight,
-                             (lam, a_next, c_row, prev, a_now, a, b_row, ga, gb, gc, h, c, g, x,
+                             (lam, a_next, c_t, prev, a_now, a, b_t, ga, gb, gc, h, rows, g, x,
                               dt))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
@@ -332,51 +332,53 @@ def _scan_backward_kernel(straight: bool):
         gb, gc [n, L] and ga [d_inner, n] (dL/dA, accumulated). Segment by segment against the
         direction's time: the segment's states and decays recomputed from its checkpoint as the
         forward made them (bit for bit) into buffers that stay in cache, then the adjoint over
-        them. A step's scalars are read and written where they lie; its n-vectors are summed in
-        a step-major buffer, written into gb, gc when the segment ends (a step's column of 2n rows
-        L values apart falls, at L = 1024, into one L1 cache set: stored step by step, the adjoint
-        took a quarter longer)."""
+        them. A step's scalars are read and written where they lie, its rows addressed by
+        number (no views: each would cost atomic reference counts, a step's worth of work for
+        a few channels); its n-vectors are summed in a step-major buffer, written into gb, gc
+        when the segment ends (a step's column of 2n rows L values apart falls, at L = 1024,
+        into one L1 cache set: stored step by step, the adjoint took a quarter longer)."""
         d_inner, length = u.shape
         n = a.shape[1]
         lam = np.zeros((d_inner, n), dtype=gy.dtype)
-        a_next = np.zeros((d_inner, n), dtype=gy.dtype)
-        zero = np.zeros((d_inner, n), dtype=gy.dtype)
-        states = np.empty((EVERY, d_inner, n), dtype=gy.dtype)
-        decays = np.empty((EVERY, d_inner, n), dtype=gy.dtype)
-        sums = np.empty((EVERY, 2, n), dtype=gy.dtype)  # per step of a segment: its gb, gc
+        # slot i of a segment (rows i d_inner .. (i + 1) d_inner - 1): states, the state after
+        # its step i - 1 (slot 0: the one before it); decays, its step i's decay (slot EVERY:
+        # the following segment's first, which the segment's last adjoint step reads; 0 past
+        # the sequence's end)
+        states = np.empty(((EVERY + 1) * d_inner, n), dtype=gy.dtype)
+        decays = np.zeros(((EVERY + 1) * d_inner, n), dtype=gy.dtype)
+        sums = np.empty((2 * EVERY, n), dtype=gy.dtype)  # rows 2i, 2i + 1: step i's gb, gc
         for segment in range(-(-length // EVERY) - 1, -1, -1):
             first, last = segment * EVERY, min((segment + 1) * EVERY, length)  # steps, forward order
-            start = checkpoints[segment - 1] if segment > 0 else zero
-            prev = start
+            if segment > 0:
+                states[:d_inner] = checkpoints[segment - 1]
+            else:
+                states[:d_inner] = 0.0
             for step in range(first, last):                    # the forward's states, again
                 t = length - 1 - step if backward else step
-                h, dec = states[step - first], decays[step - first]
-                b_row = b_t[t]
+                row = (step - first) * d_inner
                 for c in range(d_inner):
                     dt = delta[c, t]
-                    refresh(h, dec, prev, a, b_row, c, dt, dt * u[c, t])
-                prev = h
+                    refresh(states, decays, states, a, b_t,
+                            (row + d_inner + c, row + c, row + c, c, t), dt, dt * u[c, t])
+            sums[:] = 0.0
             for step in range(last - 1, first - 1, -1):       # the adjoint, against time
                 t = length - 1 - step if backward else step
-                h, a_now = states[step - first], decays[step - first]
-                prev = states[step - first - 1] if step > first else start
-                gb_t, gc_t = sums[step - first, 0], sums[step - first, 1]
-                gb_t[:] = 0.0
-                gc_t[:] = 0.0
-                c_row, b_row = c_t[t], b_t[t]
+                i = step - first
+                row = i * d_inner
                 for c in range(d_inner):
                     dt = delta[c, t]
-                    total_delta, total_u = channel(lam, a_next, c_row, prev, a_now, a, b_row,
-                                                   ga, gb_t, gc_t, h, c, gy[c, t], u[c, t], dt)
+                    total_delta, total_u = channel(
+                        lam, decays, c_t, states, decays, a, b_t, ga, sums, sums, states,
+                        (c, row + d_inner + c, t, row + c, row + c, c, t, c, 2 * i, 2 * i + 1,
+                         row + d_inner + c), gy[c, t], u[c, t], dt)
                     gdelta[c, t] = total_delta
                     gu[c, t] = dt * total_u
-                a_next[:] = a_now
+            decays[EVERY * d_inner:] = decays[:d_inner]
             for k in range(n):
-                b_row, c_row = gb[k], gc[k]
                 for step in range(first, last):
                     t = length - 1 - step if backward else step
-                    b_row[t] = sums[step - first, 0, k]
-                    c_row[t] = sums[step - first, 1, k]
+                    gb[k, t] = sums[2 * (step - first), k]
+                    gc[k, t] = sums[2 * (step - first) + 1, k]
 
     return scan_backward
 

@@ -242,16 +242,21 @@ def state_vectors(body, arrays: int, sums: int, straight: bool, args: tuple):
     """The typing and code of a numba intrinsic running ``body`` over one channel's n states as
     LLVM vector code, :data:`LANES` states a vector: ``straight``, n must be :data:`LANES` (one
     vector, no loop); else any n (vectors in a loop, the last one masked to n). Its arguments
-    ``args``: ``arrays`` arrays, all C-contiguous and of one float type (2-D ones [*, n], read
-    at row c; 1-D ones [n]), then c, then float scalars. ``body(ops, k, scalars)`` builds one
-    vector's work with ``ops`` (:class:`StateOps`) and returns ``sums`` vectors, whose lanes
-    the intrinsic adds up (reassociated) and returns. Written so because numba's loops over the
-    states paid some 40 scalar instructions of address bookkeeping per channel (about 20 rows
-    live at once, spilled to the stack)."""
+    ``args``: ``arrays`` arrays [*, n], all C-contiguous and of one float type, then a tuple of
+    ``arrays`` integers, the row each array is read and written at, then float scalars. (Rows by
+    number, not row views: a view made in a loop costs two atomic reference-count updates.)
+    ``body(ops, k, scalars)`` builds one vector's work with ``ops`` (:class:`StateOps`) and
+    returns ``sums`` vectors, whose lanes the intrinsic adds up (reassociated) and returns.
+    Written so because numba's loops over the states paid some 40 scalar instructions of
+    address bookkeeping per channel (about 20 rows live at once, spilled to the stack)."""
     kind = args[0].dtype if isinstance(args[0], types.Array) else None
     if kind not in (types.float32, types.float64) or not all(
-            isinstance(t, types.Array) and t.dtype == kind and t.layout == "C"
+            isinstance(t, types.Array) and t.dtype == kind and t.layout == "C" and t.ndim == 2
             for t in args[:arrays]):
+        return None
+    where = args[arrays]
+    if not (isinstance(where, types.BaseTuple) and len(where) == arrays
+            and all(isinstance(t, types.Integer) for t in where)):
         return None
     lane = ir.FloatType() if kind == types.float32 else ir.DoubleType()
     element = 4 if kind == types.float32 else 8
@@ -259,14 +264,15 @@ def state_vectors(body, arrays: int, sums: int, straight: bool, args: tuple):
     signature = (types.UniTuple(kind, sums) if sums else types.void)(*args)
 
     def codegen(context, builder, sig, values):
-        index = context.cast(builder, values[arrays], sig.args[arrays], types.intp)
+        indices = [context.cast(builder, v, t, types.intp) for v, t in
+                   zip(cgutils.unpack_tuple(builder, values[arrays]), sig.args[arrays])]
         scalars = [context.cast(builder, v, t, kind)
                    for v, t in zip(values[arrays + 1:], sig.args[arrays + 1:])]
         views = [context.make_array(t)(context, builder, v)
                  for t, v in zip(sig.args[:arrays], values)]
         n = cgutils.unpack_tuple(builder, views[0].shape)[1]
-        rows = [builder.gep(view.data, [builder.mul(index, n)]) if t.ndim == 2
-                else view.data for t, view in zip(sig.args[:arrays], views)]
+        rows = [builder.gep(view.data, [builder.mul(index, n)])
+                for view, index in zip(views, indices)]
         suffix = f"v{LANES}f{8 * element}"
 
         def declared(name, returned, operands):
