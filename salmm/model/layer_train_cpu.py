@@ -53,9 +53,9 @@ from salmm.model.mamba_cpu import (
     accumulate_outer,
     block_backward,
     block_forward,
-    dot,
     packed_gradients,
-    row_sum,
+    row_dots,
+    row_totals,
     saved_length,
     sum_rows,
     transposed_product,
@@ -193,8 +193,8 @@ def _normalise_backward(gy, xhat, rstd, gain, g_gain, g_bias, gx, row):
             gxhat[c, p] = gy[c, p] * gain[c]
             m1[p] += gxhat[c, p]
             m2[p] += gxhat[c, p] * xhat[c, p]
-        g_gain[c] += dot(gy[c], xhat[c])
-        g_bias[c] += row_sum(gy[c])
+    row_dots(gy, xhat, g_gain)
+    row_totals(gy, g_bias)
     for p in range(length):
         m1[p] /= f(width)
         m2[p] /= f(width)
@@ -211,7 +211,7 @@ def _relu_backward(g, out, into, g_bias):
     for c in range(g.shape[0]):
         for p in range(g.shape[1]):
             into[c, p] = g[c, p] if out[c, p] > 0.0 else f(0.0)
-        g_bias[c] += row_sum(into[c])
+    row_totals(into, g_bias)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -315,8 +315,10 @@ def _backward_kernel(gout, x, weights, offsets, dims, blocks, starts, saved, row
             g_product = np.empty((width_g, length), dtype=dtype)
             affine(xhat[row:row + width_g], gain, bias, s)
             g_product[:] = g_mixed[row:row + width_g]
+            per_channel = np.zeros(width_g, dtype=dtype)
+            row_dots(g_product, s, per_channel)
             for c in range(width_g):
-                g_skip += dot(g_product[c], s[c])
+                g_skip += per_channel[c]
             gs = np.empty((width_g, length), dtype=dtype)
             block_backward(g_product, weights, _block_offsets(offsets, g), blocks[g],
                            saved[r, starts[g]:starts[g + 1]], grads, gs)

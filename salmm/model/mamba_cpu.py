@@ -61,8 +61,9 @@ from salmm.model.numba_math import (
 )
 from salmm.model.scan_cpu import run_jobs, workspace
 
-__all__ = ["accumulate_outer", "block_backward", "block_forward", "dot", "mamba_forward",
-           "packed_gradients", "row_sum", "saved_length", "sum_rows", "transposed_product"]
+__all__ = ["accumulate_outer", "block_backward", "block_forward", "mamba_forward",
+           "packed_gradients", "row_dots", "row_totals", "saved_length", "sum_rows",
+           "transposed_product"]
 
 _REASSOC = {"reassoc"}
 EVERY = 16  # the forward keeps every EVERY-th state; the backward recomputes the others
@@ -164,22 +165,52 @@ def transposed_product(w, g, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def dot(a, b):
-    """sum a * b over two rows (reassociated to vectorise: a sum in order is a chain of
-    dependent additions, four cycles each)."""
-    total = a.dtype.type(0.0)
-    for t in range(a.shape[0]):
-        total += a[t] * b[t]
-    return total
+def row_dots(a, b, into):
+    """into[r] += sum_t a[r, t] b[r, t] for every row r of a, b [R, L] (each row's sum
+    reassociated to vectorise: a sum in order is a chain of dependent additions, four cycles
+    each). All rows in one call: a call per row paid four atomic reference counts, as long as
+    a short row's sum."""
+    for r in range(a.shape[0]):
+        first, second = a[r], b[r]
+        total = a.dtype.type(0.0)
+        for t in range(first.shape[0]):
+            total += first[t] * second[t]
+        into[r] += total
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def row_sum(a):
-    """sum of a row (reassociated to vectorise, as :func:`dot`)."""
-    total = a.dtype.type(0.0)
-    for t in range(a.shape[0]):
-        total += a[t]
-    return total
+def row_totals(a, into):
+    """into[r] += sum_t a[r, t] for every row r of a [R, L] (reassociated, as :func:`row_dots`)."""
+    for r in range(a.shape[0]):
+        row = a[r]
+        total = a.dtype.type(0.0)
+        for t in range(row.shape[0]):
+            total += row[t]
+        into[r] += total
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _conv_backward(g, x, conv_w, direction, g_w, gx):
+    """Through a direction's causal depthwise convolution (:func:`conv_shift`'s taps) on rows
+    x [C, L]: gx [C, L] += its input's gradient from g = dL/d(its output), g_w [C, taps] += the
+    taps' (each a reassociated sum, as :func:`row_dots`)."""
+    channels, length = g.shape
+    taps = conv_w.shape[1]
+    for c in range(channels):
+        for k in range(taps):
+            shift = conv_shift(direction, k, taps)
+            t0, t1 = max(0, -shift), min(length, length - shift)
+            if t1 <= t0:
+                continue
+            weight = conv_w[c, k]
+            source, into, seen = g[c, t0:t1], gx[c, t0 + shift:t1 + shift], \
+                x[c, t0 + shift:t1 + shift]
+            total = g.dtype.type(0.0)
+            for t in range(source.shape[0]):
+                into[t] += weight * source[t]
+            for t in range(source.shape[0]):
+                total += source[t] * seen[t]
+            g_w[c, k] += total
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -404,9 +435,7 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
     one, threshold = dtype.type(1.0), dtype.type(SOFTPLUS_THRESHOLD)
     out_w = piece(weights, offsets, 15).reshape(d_model, d_inner)
     accumulate_outer(g_t, ysum, piece(grads, offsets, 15).reshape(d_model, d_inner))
-    g_bias = piece(grads, offsets, 16)
-    for o in range(d_model):
-        g_bias[o] += row_sum(g_t[o])
+    row_totals(g_t, piece(grads, offsets, 16))
     gys = np.empty((d_inner, length), dtype=dtype)
     transposed_product(out_w, g_t, gys)
     z_all = xz[d_inner:]
@@ -435,7 +464,7 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
                 g_row[t] = ys_row[t] * gate_row[t]
             for t in range(length):
                 into[t] += ys_row[t] * y_row[t] * slope_row[t]
-            g_d[c] += dot(g_row, ud[c])
+        row_dots(gy, ud, g_d)
         ga[:] = 0.0
         scan = (gy, dd, ud, bct[direction, 0], bct[direction, 1], a, states[direction],
                 direction == 1, gdelta, gu, gbc[rank:rank + n], gbc[rank + n:], ga)
@@ -452,9 +481,7 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
                 x = lin[c, t]                 # through softplus (a select: it vectorises)
                 slope_t = sigmoid(x, dtype.type)[0]
                 gdelta[c, t] *= one if x > threshold else slope_t
-        g_dtb = piece(grads, offsets, i + 4)
-        for c in range(d_inner):
-            g_dtb[c] += row_sum(gdelta[c])
+        row_totals(gdelta, piece(grads, offsets, i + 4))
         accumulate_outer(gdelta, b[:rank], piece(grads, offsets, i + 3).reshape(d_inner, rank))
         transposed_product(dt_proj, gdelta, gbc[:rank])
         accumulate_outer(gbc, ud, piece(grads, offsets, i + 2).reshape(rank + 2 * n, d_inner))
@@ -464,20 +491,9 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
         for c in range(d_inner):           # through u = SiLU(pre)
             for t in range(length):
                 gback[c, t] = (gu[c, t] + gback[c, t]) * slope[c, t]
-        g_cb = piece(grads, offsets, i + 1)
-        g_cw = piece(grads, offsets, i).reshape(d_inner, taps)
-        for c in range(d_inner):           # through the depthwise conv
-            g_cb[c] += row_sum(gback[c])
-            for k in range(taps):
-                shift = conv_shift(direction, k, taps)
-                t0, t1 = max(0, -shift), min(length, length - shift)
-                if t1 <= t0:
-                    continue
-                weight = conv_w[c, k]
-                source, into = gback[c, t0:t1], gxz[c, t0 + shift:t1 + shift]
-                for t in range(source.shape[0]):
-                    into[t] += weight * source[t]
-                g_cw[c, k] += dot(source, xz[c, t0 + shift:t1 + shift])
+        row_totals(gback, piece(grads, offsets, i + 1))  # through the depthwise conv
+        _conv_backward(gback, xz[:d_inner], conv_w, direction,
+                       piece(grads, offsets, i).reshape(d_inner, taps), gxz[:d_inner])
     accumulate_outer(gxz, s_t, piece(grads, offsets, 0).reshape(2 * d_inner, d_model))
     transposed_product(piece(weights, offsets, 0).reshape(2 * d_inner, d_model), gxz, gs)
 
