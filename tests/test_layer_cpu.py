@@ -366,7 +366,7 @@ def test_the_scan_sweep_equals_the_recurrence_written_out(n, backward):
     backward; for 16 states the general kernel gives the same bits as the one-vector one."""
     d, length, every = 5, 37, 4
     r = np.random.default_rng(n)
-    rows = lambda *shape: r.random(shape)  # noqa: E731
+    rows = lambda *shape: r.random(shape)
     args = (0.2 * rows(d, length), rows(d, length) - 0.5, rows(length, n) - 0.5,
             rows(length, n) - 0.5, -3 * rows(d, n))
     want_y, want_states = _scan_reference(*args, backward)

@@ -10,6 +10,7 @@ import numba
 import numpy as np
 import pytest
 import torch
+from numba.extending import intrinsic
 
 import salmm.model.mamba
 import salmm.model.scan
@@ -217,9 +218,23 @@ def _exp(x):
     return numba_math.exp(x)
 
 
-@numba.njit(inline="always")
-def _decay(x):
-    return numba_math.decay(x)
+def _decay_body(ops, k, scalars):
+    ops.store(ops.decay(ops.load(0, k)), 1, k)
+    return ()
+
+
+def _vector_decay(straight: bool):
+    """A numba loop applying the scans' vector decay (:meth:`numba_math.StateOps.decay`) to
+    every row of x [R, n] into out: n = 16 in one vector (``straight``), else masked vectors."""
+    @intrinsic
+    def decay_row(typingctx, x, out, rows):
+        return numba_math.state_vectors(_decay_body, 2, 0, straight, (x, out, rows))
+
+    @numba.njit
+    def loop(x, out):
+        for r in range(x.shape[0]):
+            decay_row(x, out, (r, r))
+    return loop
 
 
 @numba.njit(inline="always")
@@ -228,15 +243,20 @@ def _softplus(x):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernel_decay_within_2_ulp_and_zero_below_the_normal_range(dtype):
-    """The decay factor exp(x), x <= 0, of the fused layer's scan: 2 ulp wherever exp(x) is a
-    normal number, 0 (not a subnormal) below, NaN kept, exp(0) = 1."""
+@pytest.mark.parametrize("states", [16, 20])
+def test_kernel_decay_within_2_ulp_and_zero_below_the_normal_range(dtype, states):
+    """The decay factor exp(x), x <= 0, of the scans' vector code (one vector of 16 states, or
+    masked vectors for 20): 2 ulp wherever exp(x) is a normal number, 0 (not a subnormal)
+    below, NaN kept, exp(0) = 1."""
     info = np.finfo(dtype)
     x = np.concatenate([np.linspace(math.log(info.smallest_subnormal) - 5, 0.0, 200_001),
                         -np.abs(np.random.default_rng(0).standard_normal(50_000)) * 5,
                         [np.nan, -np.inf, 0.0, -0.0]]).astype(dtype)
-    got = np.empty_like(x)
-    _elementwise(_decay)(x, got)
+    rows = np.zeros(-(-x.shape[0] // states) * states, dtype=dtype)
+    rows[:x.shape[0]] = x
+    out = np.full_like(rows, 7.0)
+    _vector_decay(states == numba_math.LANES)(rows.reshape(-1, states), out.reshape(-1, states))
+    got = out[:x.shape[0]]
     with np.errstate(under="ignore"):
         want = np.exp(x.astype(np.longdouble))
     normal = want >= info.tiny

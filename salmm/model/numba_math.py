@@ -24,7 +24,7 @@ from numba.extending import intrinsic, overload
 from salmm.model import numba_cache  # noqa: F401 (before any kernel: caches keyed on all sources)
 
 __all__ = ["DECAY_FLOOR", "EXP_REDUCTION", "LANES", "SOFTPLUS_THRESHOLD", "StateOps", "claim",
-           "decay", "exp", "fma", "pow2", "prefetch", "sigmoid", "softplus", "state_vectors"]
+           "exp", "fma", "pow2", "prefetch", "sigmoid", "softplus", "state_vectors"]
 
 # numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
 # that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
@@ -117,7 +117,7 @@ EXP_REDUCTION = {
 """Per float type, exp's (ln2 = hi + lo split, polynomial for exp(r) highest power first):
 float32 Cephes' expf, float64 Taylor to r**13."""
 DECAY_FLOOR = {types.float32: -87.33654, types.float64: -708.3964185322641}
-"""Per float type, the log of the least normal number: below it :func:`decay` gives 0."""
+"""Per float type, the log of the least normal number: below it :meth:`StateOps.decay` gives 0."""
 
 
 @overload(_reduced, inline="always")
@@ -205,30 +205,6 @@ def _softplus_overload(x):
         if x > threshold:
             return x, f(1.0)
         return max(x, f(0.0)) + f(2.0) * s * series, sig
-
-    return impl
-
-
-def decay(x):
-    """exp(x) for x <= 0 (a decay factor), vectorisable and cheaper than :func:`exp`;
-    implemented for numba only (see the overload below)."""
-    raise NotImplementedError
-
-
-@overload(decay, inline="always")
-def _decay_overload(x):
-    """:func:`_reduced` with one 2**k: within 2 ulp of exp(x) where the result is a normal
-    number, 0 below that (exp(x) < 1.2e-38 in float32, 2.3e-308 in float64: a factor that has
-    already wiped the state out). x > 0 is outside the contract (it gives exp(0) = 1); NaN
-    stays NaN."""
-    if x not in (types.float32, types.float64):
-        return None
-    f = np.float32 if x == types.float32 else np.float64
-    lo, zero = f(DECAY_FLOOR[x]), f(0.0)
-
-    def impl(x):
-        p, k = _reduced(min(max(x, lo), zero))  # numba's max / min return a NaN first argument
-        return zero if x < lo else p * pow2(k)
 
     return impl
 
@@ -357,10 +333,12 @@ class StateOps:
         return dec, self.fma(dec, prev, self.builder.fmul(self.splat(x), b_row))
 
     def decay(self, x):
-        """:func:`salmm.model.numba_math.decay` on a vector, operation for operation: the
-        Cody-Waite reduction, the polynomial by fused multiply-adds, 2**k from bits, 0 below
-        the least normal's log (numba's max and min keep a NaN first argument: so do these
-        selects)."""
+        """exp(x) for x <= 0 (a decay factor) on a vector, cheaper than :func:`exp`: its
+        Cody-Waite reduction and polynomial (:data:`EXP_REDUCTION`) by fused multiply-adds,
+        then one 2**k from bits; within 2 ulp of exp(x) where the result is a normal number, 0
+        below that (exp(x) < 1.2e-38 in float32, 2.3e-308 in float64: a factor that has
+        already wiped the state out); x > 0 is outside the contract (it gives 1), NaN stays
+        NaN (the clamps are selects that keep a NaN, as numba's max and min do)."""
         b, c = self.builder, self.const
         lo, (ln2_hi, ln2_lo, coefficients) = DECAY_FLOOR[self.kind], EXP_REDUCTION[self.kind]
         bits, bias, shift = ((ir.IntType(32), 127, 23) if self.kind == types.float32
