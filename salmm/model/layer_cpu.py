@@ -20,7 +20,7 @@ convolutions are loops over whole pixel rows or whole flat maps (slices, never c
 indices, which numba's wraparound check keeps from vectorising; a k x k convolution's taps past
 a row's ends masked), so they vectorise without reordering any sum; only the n-long sum C . h
 of the scan is reassociated (``fastmath={"reassoc"}``), as in :mod:`salmm.model.scan_cpu`, and
-its decay exp(delta A) is :func:`numba_math.decay`'s, in vector code
+its decay exp(delta A) is :meth:`numba_math.StateOps.decay`, in vector code
 (:func:`numba_math.state_vectors`). Fused multiply-adds only where asked for
 by name (:func:`numba_math.fma`: the scan's state update, the 1x1 products' chains of four),
 never left to the compiler (fastmath ``"contract"``): numba's in-process compile and its
