@@ -62,8 +62,8 @@ from salmm.model.numba_math import (
 from salmm.model.scan_cpu import run_jobs, workspace
 
 __all__ = ["accumulate_outer", "block_backward", "block_forward", "mamba_forward",
-           "packed_gradients", "row_dots", "row_totals", "saved_length", "sum_rows",
-           "transposed_product"]
+           "packed_gradients", "row_dots", "row_totals", "saved_length", "scan_backward",
+           "sum_rows", "transposed_product"]
 
 _REASSOC = {"reassoc"}
 EVERY = 16  # the forward keeps every EVERY-th state; the backward recomputes the others
@@ -417,7 +417,18 @@ def _scan_backward_kernel(straight: bool):
 _scan_backward = _scan_backward_kernel(False)
 """The scan's adjoint for any state size n."""
 _scan_backward_lanes = _scan_backward_kernel(True)
-"""The scan's adjoint for n = :data:`LANES` (SalM²'s): 1.7 -> 1.4 ns a state-step."""
+"""The scan's adjoint for n = :data:`LANES` (SalM²'s): 0.9-1.25 ns a state-step."""
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu, gb, gc, ga):
+    """The adjoint of one direction's scan (arguments as :func:`_scan_backward_kernel`'s
+    kernel): the one-vector kernel for n = :data:`LANES` states, the general one otherwise."""
+    if a.shape[1] == LANES:
+        _scan_backward_lanes(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu, gb,
+                             gc, ga)
+    else:
+        _scan_backward(gy, delta, u, b_t, c_t, a, checkpoints, backward, gdelta, gu, gb, gc, ga)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -466,12 +477,8 @@ def block_backward(g_t, weights, offsets, dims, row, grads, gs):
                 into[t] += ys_row[t] * y_row[t] * slope_row[t]
         row_dots(gy, ud, g_d)
         ga[:] = 0.0
-        scan = (gy, dd, ud, bct[direction, 0], bct[direction, 1], a, states[direction],
-                direction == 1, gdelta, gu, gbc[rank:rank + n], gbc[rank + n:], ga)
-        if n == LANES:
-            _scan_backward_lanes(*scan)
-        else:
-            _scan_backward(*scan)
+        scan_backward(gy, dd, ud, bct[direction, 0], bct[direction, 1], a, states[direction],
+                      direction == 1, gdelta, gu, gbc[rank:rank + n], gbc[rank + n:], ga)
         g_alog = piece(grads, offsets, i + 5).reshape(d_inner, n)
         for c in range(d_inner):
             for k in range(n):
