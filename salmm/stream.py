@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--show", action="store_true",
                        help="show the overlays in a window (q or Esc stops)")
     group.add_argument("--threads", type=positive_int,
-                       help="intra-op threads (default: torch's, adapted to the load)")
+                       help="intra-op threads (default: one for a file or folder, whose stages share the"
+                            " cores; torch's, adapted to the load, for a live source)")
     add_picture_options(group, STREAM_FPS)
 
 

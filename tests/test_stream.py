@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -109,6 +110,58 @@ def test_refresh_every_k_reuses_the_last_embedding_exactly(data: InferenceData):
     assert not np.array_equal(got[1], runner.runner.saliency(items[1].model_input,
                                                              runner.runner.embed(
                                                                  items[1].model_input)))
+
+
+def test_reading_ahead_predicts_what_the_plain_loop_predicts(data: InferenceData):
+    """CLIP in two threads up to 4 items ahead (K = 3 over 8 frames, and K = 1): the same
+    frames embedded, the same predictions bit for bit, as CLIP in the loop."""
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    items = list(image_items(_frame_files(data) * 2, (64, 64)))
+    for k in (3, 1):
+        runs = []
+        for ahead, workers in ((0, 1), (4, 2)):
+            runner, got = _Counting(TorchRunner(loaded)), []
+            report = run_loop(runner, iter(items), k,
+                              lambda item, saliency, status, out=got: out.append(saliency),
+                              ahead=ahead, clip_workers=workers)
+            assert report.clip_frames == len(range(0, 8, k)) and len(report.latency_ms) == 8
+            assert sorted(id(f) for f in runner.embedded) == sorted(
+                id(items[i].model_input) for i in range(0, 8, k))
+            runs.append(got)
+        for plain, ahead in zip(*runs):
+            np.testing.assert_array_equal(plain, ahead)
+
+
+def test_reading_ahead_ends_as_the_plain_loop_ends(data: InferenceData):
+    """A source that fails after 5 frames: the 5 are drawn, then its error; CLIP failing on a
+    frame: the frames before it are drawn, then CLIP's error; ``stopped`` ends the loop before
+    the next frame; no CLIP thread is left running."""
+    loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
+    items = list(image_items(_frame_files(data) * 2, (64, 64)))
+
+    def failing(after: int):
+        yield from items[:after]
+        raise BadInputError("drive.avi", "frame 5 cannot be decoded")
+
+    class Refusing(_Counting):
+        def embed(self, frame: np.ndarray) -> np.ndarray:
+            if frame is items[6].model_input:
+                raise RuntimeError("CLIP failed")
+            return super().embed(frame)
+
+    for source, runner, error in ((failing(5), TorchRunner(loaded), BadInputError),
+                                  (iter(items), Refusing(TorchRunner(loaded)), RuntimeError)):
+        drawn = []
+        with pytest.raises(error):
+            run_loop(runner, source, 2, lambda item, saliency, status: drawn.append(item),
+                     ahead=4, clip_workers=2)
+        assert drawn == items[:5] if error is BadInputError else drawn == items[:6]
+    drawn = []
+    report = run_loop(TorchRunner(loaded), iter(items), 2,
+                      lambda item, saliency, status: drawn.append(item), ahead=4,
+                      stopped=lambda: len(drawn) == 3)
+    assert drawn == items[:3] and len(report.latency_ms) == 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("clip")]
 
 
 def test_onnx_backend_matches_torch(data: InferenceData, tmp_path_factory, tmp_path: Path):

@@ -16,8 +16,9 @@ count is chosen from what is actually free, and follows the load:
   thread count to the cores left free, never above the count torch started with (which
   honours ``OMP_NUM_THREADS``). It lowers the count at once and raises it only when two looks
   in a row agree; it stops adapting when someone else calls ``torch.set_num_threads``;
-* :func:`intra_op_threads` - a fixed count for a block (the CLIP cache pins one thread, so its
-  numbers do not depend on the machine);
+* :func:`intra_op_threads` - a fixed count for a block, the governor standing down meanwhile
+  (the CLIP cache pins one thread, so its numbers do not depend on the machine; a stream of a
+  file shares the cores among its stages, one thread each);
 * the trainer takes none of these: torch's reductions round differently with the thread
   count, so its count is fixed (one thread unless ``--threads``), never taken from the load.
 
@@ -253,10 +254,14 @@ def set_threads(count: int) -> None:
 
 @contextlib.contextmanager
 def intra_op_threads(count: int) -> Iterator[None]:
-    """Run the block with torch's intra-op thread count set to ``count``, restored after."""
+    """Run the block with torch's intra-op thread count fixed at ``count``: the governor stands
+    down meanwhile (:func:`adapt_threads` changes nothing); the count and the governor are as
+    they were after."""
     import torch  # lazy: the core imports without torch
 
-    before = torch.get_num_threads()
+    governor = _process_governor()
+    enabled, before = governor.enabled, torch.get_num_threads()
+    governor.enabled = False
     if before != count:
         torch.set_num_threads(count)
     try:
@@ -264,3 +269,4 @@ def intra_op_threads(count: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+        governor.enabled = enabled

@@ -28,20 +28,31 @@ and the fused kernels is faster here, timed at start-up: the summary's ``salmm_e
 checkpoint's CLIP options are checked as evaluate checks them.
 
 Decoding and resizing run in a background thread (a camera's in :class:`~pipeline.core.pipes.Latest`),
-overlapping the model. At the end (and live in the progress bar) it reports per-frame latency -
-from the loop taking the decoded frame to its overlay handed to the writer: CLIP when it runs,
-SalM², drawing - as p50 / p95 / max, and the sustained frame rate: frames over the wall time
-of the whole loop, decoding and writing included. Ctrl-C ends a stream normally (the video
-keeps what was drawn); any other failure removes the unfinished video.
+overlapping the model. On a file or a folder CLIP runs ahead too, in a thread a core, on each
+refreshed frame as soon as it is decoded (:func:`run_loop`'s ``ahead``): SalM² and drawing then
+rarely wait for it, and every stage runs on one intra-op thread (``--threads`` says otherwise),
+the cores shared by the stages instead of by each operator's threads; the predictions are those
+of the plain loop. A live source (a camera, standard input) cannot be read ahead: there CLIP
+runs in the loop, on the thread governor's count. On a CPU the torch backend's CLIP runs on
+weights packed once (:mod:`pipeline.encoders.clip_packed`). At the end (and live in the
+progress bar) it reports per-frame latency - from the loop taking the decoded frame to its
+overlay handed to the writer: CLIP when the loop waited for it, SalM², drawing - as p50 / p95 /
+max, and the sustained frame rate: frames over the wall time of the whole loop, decoding and
+writing included. Ctrl-C ends a stream normally (the video keeps what was drawn); any other
+failure removes the unfinished video.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,11 +61,12 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.core.cpu import intra_op_threads, usable_cores
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
 from pipeline.core.pipes import Latest, prefetch
 from pipeline.core.progress import progress
-from pipeline.encoders.clip import cached_encoder
+from pipeline.encoders.clip_packed import inference_encoder
 from salmm.data.sources import (
     Item,
     folder_images,
@@ -81,6 +93,9 @@ ENCODER_PRESET = "ultrafast"
 (end to end at K=8 on 2 cores: 28-29 fps against 24.5 with ``veryfast``, 13 ms of CPU a 768x432
 frame, and far less than ``medium``'s 43 ms; the file is about twice ``veryfast``'s)."""
 WINDOW = "salmm.stream"
+CLIP_WORKERS = 4
+"""At most this many CLIP threads read a file ahead (one a core): enough for CLIP on every frame
+to keep up with SalM² and drawing, without holding many decoded frames."""
 
 
 # ---- the two backends ----------------------------------------------------------------------------
@@ -96,11 +111,13 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """Eager PyTorch: the checkpoint's SalMM and its CLIP encoder on the checkpoint's device."""
+    """Eager PyTorch: the checkpoint's SalMM and its CLIP encoder on the checkpoint's device
+    (on a CPU, its transformer on weights packed for one frame a call:
+    :mod:`pipeline.encoders.clip_packed`)."""
 
     def __init__(self, loaded: LoadedModel, encoder: bool = True) -> None:
         self.loaded = loaded
-        self.encoder = cached_encoder(loaded.clip, str(loaded.device)) if encoder else None
+        self.encoder = inference_encoder(loaded.clip, str(loaded.device)) if encoder else None
 
     def _tensor(self, frame: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(network_input(frame)).to(self.loaded.device)
@@ -251,21 +268,36 @@ class Report:
 
 
 def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: Any,
-             limit: int | None = None, bar: Any = None) -> Report:
+             limit: int | None = None, bar: Any = None, ahead: int = 0, clip_workers: int = 1,
+             stopped: Callable[[], bool] = lambda: False) -> Report:
     """Predict every item in order: CLIP on items 0, K, 2K, ... (K = ``refresh_every``), SalMM
     on all; ``draw(item, saliency, status)`` gets each prediction [h, w] and the run so far
     (``status``: "12.3 fps, 45 ms", the frames per second and the median latency of the last
-    30 frames; "" before the second frame). Ctrl-C ends the loop (logged) with the frames done
-    so far."""
+    30 frames; "" before the second frame). The loop ends after ``limit`` items, when
+    ``stopped()`` says so (asked before each item), or on Ctrl-C (logged), with the frames done
+    so far.
+
+    ``ahead`` > 0 (a file or a folder, whose later frames are already there): CLIP runs in
+    ``clip_workers`` threads of its own, on each refreshed item as soon as it is read, up to
+    ``ahead`` items before the one being predicted, so SalMM and drawing rarely wait for it
+    (and at K = 1 several frames are embedded at once); 0 (a live source): CLIP runs in the
+    loop. The predictions are the same either way: each item's embedding is CLIP's of the same
+    refreshed item. A frame's latency runs from the loop taking it to its overlay drawn (CLIP
+    included when the loop waited for it)."""
     latency, clip_frames, status = [], 0, ""
     embedding = None
+    items = items if limit is None else itertools.islice(items, limit)
+    clip = ThreadPoolExecutor(clip_workers, thread_name_prefix="clip") if ahead > 0 else None
     start = time.perf_counter()
     try:
-        for number, item in enumerate(items):
-            if limit is not None and number >= limit:
+        for number, item, future in _refreshed(items, refresh_every, ahead, clip, runner):
+            if stopped():
                 break
             taken = time.perf_counter()
-            if number % refresh_every == 0:
+            if future is not None:
+                embedding = future.result()
+                clip_frames += 1
+            elif number % refresh_every == 0:
                 embedding = runner.embed(item.model_input)
                 clip_frames += 1
             draw(item, runner.saliency(item.model_input, embedding), status)
@@ -280,7 +312,32 @@ def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: An
                                     ms=f"{np.median(latency[-30:]):.0f}")
     except KeyboardInterrupt:
         log.info("stopped (Ctrl-C) after %d frames", len(latency))
+    finally:
+        if clip is not None:
+            clip.shutdown(wait=True, cancel_futures=True)   # at most the CLIP call under way
     return Report(latency, time.perf_counter() - start, clip_frames)
+
+
+def _refreshed(items: Iterable[Item], refresh_every: int, ahead: int,
+               clip: ThreadPoolExecutor | None, runner: Runner
+               ) -> Iterator[tuple[int, Item, Future | None]]:
+    """(number, item, CLIP's embedding of it under way or None) in order, each item read up to
+    ``ahead`` items before it is handed out and, when its number is a multiple of
+    ``refresh_every``, given to ``clip`` as it is read. A failure to read an item re-raises
+    after the items read before it are handed out, as without reading ahead."""
+    window: deque[tuple[int, Item, Future | None]] = deque()
+    try:
+        for number, item in enumerate(items):
+            refresh = clip is not None and number % refresh_every == 0
+            window.append((number, item,
+                           clip.submit(runner.embed, item.model_input) if refresh else None))
+            if len(window) > ahead:
+                yield window.popleft()
+    except Exception:
+        while window:
+            yield window.popleft()
+        raise
+    yield from window
 
 
 RANDOM_CAVEAT = overlay.caveat(synthetic=False, random_clip=True)
@@ -360,25 +417,32 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
         raise BadInputError(opts.input, f"frames would be fed at {size[1]}x{size[0]}; SalMM needs"
                             " width and height that are multiples of 32 (see --size)")
     source = open_source(opts, size)
-    threads = opts.threads or torch.get_num_threads()
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
-    runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), threads, loaded, size,
-                                 int8=opts.clip_int8)
-                      if opts.backend == "onnx" else TorchRunner(loaded))
-    display = Display(opts, source.fps,
-                      RANDOM_CAVEAT if loaded.clip.pretrained is None else "")
-    completed = False
-    total = source.total if opts.limit is None or source.total is None \
-        else min(source.total, opts.limit)
-    items = source.items if source.live is not None else prefetch(source.items, 2)
-    watched = _until_stopped(items, display)
-    try:
-        with progress(total=total, unit="frame", desc="stream") as bar:
-            report = run_loop(runner, watched, opts.refresh_every, display, opts.limit, bar)
-        completed = True
-    finally:
-        display.finish(completed)
+    # a file or folder: CLIP reads ahead in threads of its own, one a core, and the stages,
+    # not the operators, share the cores (one intra-op thread each unless --threads); a live
+    # source (camera, stdin) cannot be read ahead: CLIP runs in the loop, on the governor's
+    # threads unless --threads
+    workers = min(usable_cores(), CLIP_WORKERS)
+    ahead = 0 if source.live is not None or opts.input == "-" else \
+        max(opts.refresh_every, workers)
+    with (intra_op_threads(opts.threads or 1) if ahead or opts.threads
+          else contextlib.nullcontext()):
+        runner: Runner = (OnnxRunner(onnx_folder(opts, loaded, size), torch.get_num_threads(),
+                                     loaded, size, int8=opts.clip_int8)
+                          if opts.backend == "onnx" else TorchRunner(loaded))
+        display = Display(opts, source.fps,
+                          RANDOM_CAVEAT if loaded.clip.pretrained is None else "")
+        completed = False
+        total = source.total if opts.limit is None or source.total is None \
+            else min(source.total, opts.limit)
+        items = source.items if source.live is not None else prefetch(source.items, 2)
+        try:
+            with progress(total=total, unit="frame", desc="stream") as bar:
+                report = run_loop(runner, items, opts.refresh_every, display, opts.limit, bar,
+                                  ahead=ahead, clip_workers=workers,
+                                  stopped=lambda: display.stopped)
+            completed = True
+        finally:
+            display.finish(completed)
     report.dropped = source.live.dropped if source.live is not None else 0
     summary = {"input": opts.input, "backend": opts.backend,
                "salmm_engine": getattr(runner, "engine", "torch"), "clip_int8": opts.clip_int8,
@@ -400,10 +464,3 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
         Folder(out.parent).write_bytes(out.name + ".json",
                                        (json.dumps(summary, indent=1) + "\n").encode())
     return summary
-
-
-def _until_stopped(items: Iterator[Item], display: Display) -> Iterator[Item]:
-    for item in items:
-        if display.stopped:
-            return
-        yield item
