@@ -13,8 +13,9 @@ TrafficGaze frames, MJPG AVI at 30 fps). Measured side by side in one run:
   matrix products, counted by torch's FLOP counter: 172 MFLOP) / this process's float32
   matmul rate on one thread;
 * end to end - ``salmm stream`` on the video (decode, resize, CLIP every K-th frame, SalMM,
-  overlay drawn and encoded into an MP4), torch and onnx backends, K in 1, 8, 16, torch's
-  default threads: sustained frames per second and latency p50 / p95;
+  overlay drawn and encoded into an MP4), torch and onnx backends, K in 1, 8, 16, the
+  command's own threads (a file: CLIP read ahead in a thread a core, one intra-op thread a
+  stage): sustained frames per second and latency p50 / p95;
 * SalMM and CLIP alone per backend, one thread and the default (onnx: SalMM on the engine the
   runner chose; onnxruntime's own graph beside it);
 * the training step (cached CLIP, batch 8, forward + BCE + backward + Adam): the training path
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from bench.timing import time_side_by_side
+from pipeline.core.cpu import intra_op_threads
 from pipeline.datasets.synthetic import write_dataset
 from salmm import stream as stream_command
 from salmm.data.sources import open_video, video_items
@@ -116,16 +118,12 @@ def salmm_alone(checkpoint: str, clip: dict, repeats: int) -> dict:
     eager = SalMM(backend="builtin").eval()
     eager.load_state_dict(fused.state_dict())
     frame, emb = torch.rand(1, 3, *SIZE), torch.randn(1, 512)
-    default = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         with torch.inference_mode():
             times = time_side_by_side({"fused": lambda: fused(frame, emb),
                                        "eager": lambda: eager(frame, emb)}, repeats)
             difference = float((fused(frame, emb) - eager(frame, emb)).abs().max())
         gflops = matmul_gflops(repeats)
-    finally:
-        torch.set_num_threads(default)
     flops = network_flops(eager, frame, emb)
     return {"fused_ms": 1e3 * times["fused"][1], "eager_ms": 1e3 * times["eager"][1],
             "flops": flops, "matmul_gflops": gflops, "floor_ms": flops / gflops / 1e6,
@@ -138,27 +136,30 @@ def alone(checkpoint: str, clip: dict, folder: Path, video: Path, repeats: int) 
     capture, _, _ = open_video(str(video))
     frame = next(video_items(str(video), capture, SIZE)).model_input
     capture.release()
-    default = torch.get_num_threads()
     rows = []
-    for threads in sorted({1, default}):
-        torch.set_num_threads(threads)
-        onnx = stream_module.OnnxRunner(folder, threads, loaded, SIZE)
-        runners = {"torch": stream_module.TorchRunner(loaded), "onnx": onnx}
-        steps = {}
-        for name, runner in runners.items():
-            embedding = runner.embed(frame)
-            steps[f"{name} salmm"] = lambda r=runner, e=embedding: r.saliency(frame, e)
-            steps[f"{name} clip"] = lambda r=runner: r.embed(frame)
-        steps["onnxruntime graph"] = lambda o=onnx, e=embedding: o._onnx_saliency(frame, e)
-        times = time_side_by_side(steps, repeats)
-        for name, runner in runners.items():
-            rows.append({"backend": name, "threads": threads,
-                         "salmm_ms": 1e3 * times[f"{name} salmm"][1],
-                         "clip_ms": 1e3 * times[f"{name} clip"][1],
-                         "engine": getattr(runner, "engine", "torch"),
-                         "graph_ms": 1e3 * times["onnxruntime graph"][1]})
-    torch.set_num_threads(default)
+    for threads in sorted({1, torch.get_num_threads()}):
+        with intra_op_threads(threads):
+            rows += _alone_rows(loaded, folder, frame, threads, repeats)
     return rows
+
+
+def _alone_rows(loaded, folder: Path, frame: np.ndarray, threads: int, repeats: int
+                ) -> list[dict]:
+    """:func:`alone`'s rows at ``threads`` intra-op threads."""
+    onnx = stream_module.OnnxRunner(folder, threads, loaded, SIZE)
+    runners = {"torch": stream_module.TorchRunner(loaded), "onnx": onnx}
+    steps = {}
+    for name, runner in runners.items():
+        embedding = runner.embed(frame)
+        steps[f"{name} salmm"] = lambda r=runner, e=embedding: r.saliency(frame, e)
+        steps[f"{name} clip"] = lambda r=runner: r.embed(frame)
+    steps["onnxruntime graph"] = lambda o=onnx, e=embedding: o._onnx_saliency(frame, e)
+    times = time_side_by_side(steps, repeats)
+    return [{"backend": name, "threads": threads,
+             "salmm_ms": 1e3 * times[f"{name} salmm"][1],
+             "clip_ms": 1e3 * times[f"{name} clip"][1],
+             "engine": getattr(runner, "engine", "torch"),
+             "graph_ms": 1e3 * times["onnxruntime graph"][1]} for name, runner in runners.items()]
 
 
 def train_step(repeats: int, batch: int = 8) -> dict:
@@ -184,12 +185,8 @@ def train_step(repeats: int, batch: int = 8) -> dict:
             optimizer.step()
         return step
 
-    default = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         times = time_side_by_side({name: stepper(m) for name, m in models.items()}, repeats)
-    finally:
-        torch.set_num_threads(default)
     return {name: 1e3 * t[1] for name, t in times.items()}
 
 

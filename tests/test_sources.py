@@ -1,5 +1,7 @@
 """Frame sources of predict and stream (:mod:`salmm.data.sources`), the live-source stage
-(:class:`pipeline.core.pipes.Latest`) and the streaming MP4 writer (:class:`salmm.render.overlay.VideoWriter`)."""
+(:class:`pipeline.core.pipes.Latest`), the background consumer
+(:class:`~pipeline.core.pipes.Sink`) and the streaming MP4 writer
+(:class:`salmm.render.overlay.VideoWriter`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core.errors import BadInputError
-from pipeline.core.pipes import Latest
+from pipeline.core.pipes import Latest, Sink
 from salmm.data.sources import mjpeg_items, split_mjpeg
 from salmm.render import overlay
 from tests.test_bad_input import corrupt_scan, refused
@@ -135,6 +137,43 @@ def test_leaving_a_latest_loop_stops_its_thread():
         if item > 5:
             break
     assert threading.active_count() == before
+
+
+def test_a_sink_consumes_in_order_in_its_thread_and_waits_at_the_end():
+    consumed, threads = [], set()
+
+    def consume(item):
+        time.sleep(0.002)
+        threads.add(threading.current_thread().name)
+        consumed.append(item)
+
+    before = threading.active_count()
+    with Sink(consume, depth=1) as sink:
+        for i in range(20):
+            sink.put(i)
+    assert consumed == list(range(20)) and threads == {"sink"}
+    assert threading.active_count() == before
+
+
+def test_a_sinks_failure_reraises_and_stops_consuming():
+    consumed = []
+
+    def consume(item):
+        if item == 3:
+            raise ValueError("disk full")
+        consumed.append(item)
+
+    with pytest.raises(ValueError, match="disk full"), Sink(consume, depth=2) as sink:
+        for i in range(10):
+            sink.put(i)
+    assert consumed == [0, 1, 2]
+    # the producer's own failure wins; what was put before is still consumed
+    consumed.clear()
+    with pytest.raises(KeyboardInterrupt), Sink(consumed.append, depth=4) as sink:
+        sink.put(1)
+        sink.put(2)
+        raise KeyboardInterrupt
+    assert consumed == [1, 2]
 
 
 # ---- the streaming writer ------------------------------------------------------------------------

@@ -113,17 +113,18 @@ def test_refresh_every_k_reuses_the_last_embedding_exactly(data: InferenceData):
 
 
 def test_reading_ahead_predicts_what_the_plain_loop_predicts(data: InferenceData):
-    """CLIP in two threads up to 4 items ahead (K = 3 over 8 frames, and K = 1): the same
-    frames embedded, the same predictions bit for bit, as CLIP in the loop."""
+    """CLIP in two threads up to 4 items ahead and drawing in a thread of its own (K = 3 over 8
+    frames, and K = 1): the same frames embedded, the same predictions bit for bit, in the
+    same order, as CLIP and drawing in the loop."""
     loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
     items = list(image_items(_frame_files(data) * 2, (64, 64)))
     for k in (3, 1):
         runs = []
-        for ahead, workers in ((0, 1), (4, 2)):
+        for ahead, workers, behind in ((0, 1, False), (4, 2, True)):
             runner, got = _Counting(TorchRunner(loaded)), []
             report = run_loop(runner, iter(items), k,
                               lambda item, saliency, status, out=got: out.append(saliency),
-                              ahead=ahead, clip_workers=workers)
+                              ahead=ahead, clip_workers=workers, behind=behind)
             assert report.clip_frames == len(range(0, 8, k)) and len(report.latency_ms) == 8
             assert sorted(id(f) for f in runner.embedded) == sorted(
                 id(items[i].model_input) for i in range(0, 8, k))
@@ -134,8 +135,9 @@ def test_reading_ahead_predicts_what_the_plain_loop_predicts(data: InferenceData
 
 def test_reading_ahead_ends_as_the_plain_loop_ends(data: InferenceData):
     """A source that fails after 5 frames: the 5 are drawn, then its error; CLIP failing on a
-    frame: the frames before it are drawn, then CLIP's error; ``stopped`` ends the loop before
-    the next frame; no CLIP thread is left running."""
+    frame: the frames before it are drawn, then CLIP's error; drawing failing (in its thread)
+    on a frame: its error, the frames before drawn; ``stopped`` ends the loop before the next
+    frame; no CLIP or drawing thread is left running."""
     loaded = load_model(str(data.trainer), inline_clip=False, given_clip={}, device="cpu")
     items = list(image_items(_frame_files(data) * 2, (64, 64)))
 
@@ -153,15 +155,26 @@ def test_reading_ahead_ends_as_the_plain_loop_ends(data: InferenceData):
                                   (iter(items), Refusing(TorchRunner(loaded)), RuntimeError)):
         drawn = []
         with pytest.raises(error):
-            run_loop(runner, source, 2, lambda item, saliency, status: drawn.append(item),
+            run_loop(runner, source, 2,
+                     lambda item, saliency, status, out=drawn: out.append(item),
                      ahead=4, clip_workers=2)
         assert drawn == items[:5] if error is BadInputError else drawn == items[:6]
+
+    def failing_draw(item, saliency, status):
+        if item is items[3]:
+            raise OSError("disk full")
+        drawn.append(item)
+    drawn = []
+    with pytest.raises(OSError, match="disk full"):
+        run_loop(TorchRunner(loaded), iter(items), 2, failing_draw, ahead=4, clip_workers=2,
+                 behind=True)
+    assert drawn == items[:3]
     drawn = []
     report = run_loop(TorchRunner(loaded), iter(items), 2,
                       lambda item, saliency, status: drawn.append(item), ahead=4,
                       stopped=lambda: len(drawn) == 3)
     assert drawn == items[:3] and len(report.latency_ms) == 3
-    assert not [t for t in threading.enumerate() if t.name.startswith("clip")]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("clip", "sink"))]
 
 
 def test_onnx_backend_matches_torch(data: InferenceData, tmp_path_factory, tmp_path: Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 _DONE = object()
 JOIN_S = 2.0
@@ -46,6 +46,43 @@ def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join()
+
+
+class Sink:
+    """``consume(item)`` for each item given to :meth:`put`, in order, in a background thread,
+    at most ``depth`` items waiting (``put`` blocks beyond). Used as a ``with`` block: leaving
+    it waits until every item put before is consumed. The consumer's first failure re-raises
+    from the next ``put``, or on leaving the block when nothing else is raised there; the items
+    put after the failure are not consumed."""
+
+    def __init__(self, consume: Any, depth: int) -> None:
+        self._consume = consume
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._work, name="sink", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not _DONE:
+            if self._error is None:
+                try:
+                    self._consume(item)
+                except Exception as err:  # noqa: BLE001 -- handed to the producer, which re-raises it
+                    self._error = err
+
+    def put(self, item: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self._queue.put(_DONE)
+        self._thread.join()
+        if self._error is not None and kind is None:
+            raise self._error
 
 
 class Latest:

@@ -33,7 +33,9 @@ refreshed frame as soon as it is decoded (:func:`run_loop`'s ``ahead``): SalM² 
 rarely wait for it, and every stage runs on one intra-op thread (``--threads`` says otherwise),
 the cores shared by the stages instead of by each operator's threads; the predictions are those
 of the plain loop. A live source (a camera, standard input) cannot be read ahead: there CLIP
-runs in the loop, on the thread governor's count. On a CPU the torch backend's CLIP runs on
+runs in the loop, on the thread governor's count. Overlays are drawn and handed to the encoder
+in a thread of their own too, in order, while SalM² predicts the next frame (in the loop with
+``--show``, whose window belongs to it). On a CPU the torch backend's CLIP runs on
 weights packed once (:mod:`pipeline.encoders.clip_packed`). At the end (and live in the
 progress bar) it reports per-frame latency - from the loop taking the decoded frame to its
 overlay handed to the writer: CLIP when the loop waited for it, SalM², drawing - as p50 / p95 /
@@ -64,7 +66,7 @@ import torch
 from pipeline.core.cpu import intra_op_threads, usable_cores
 from pipeline.core.errors import BadInputError
 from pipeline.core.fsio import Folder
-from pipeline.core.pipes import Latest, prefetch
+from pipeline.core.pipes import Latest, Sink, prefetch
 from pipeline.core.progress import progress
 from pipeline.encoders.clip_packed import inference_encoder
 from salmm.data.sources import (
@@ -93,6 +95,9 @@ ENCODER_PRESET = "ultrafast"
 (end to end at K=8 on 2 cores: 28-29 fps against 24.5 with ``veryfast``, 13 ms of CPU a 768x432
 frame, and far less than ``medium``'s 43 ms; the file is about twice ``veryfast``'s)."""
 WINDOW = "salmm.stream"
+DRAWN_BEHIND = 1
+"""Frames that may wait for drawing while SalM² predicts the next one (``run_loop``'s
+``behind``)."""
 CLIP_WORKERS = 4
 """At most this many CLIP threads read a file ahead (one a core): enough for CLIP on every frame
 to keep up with SalM² and drawing, without holding many decoded frames."""
@@ -269,52 +274,63 @@ class Report:
 
 def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: Any,
              limit: int | None = None, bar: Any = None, ahead: int = 0, clip_workers: int = 1,
-             stopped: Callable[[], bool] = lambda: False) -> Report:
+             behind: bool = False, stopped: Callable[[], bool] = lambda: False) -> Report:
     """Predict every item in order: CLIP on items 0, K, 2K, ... (K = ``refresh_every``), SalMM
     on all; ``draw(item, saliency, status)`` gets each prediction [h, w] and the run so far
     (``status``: "12.3 fps, 45 ms", the frames per second and the median latency of the last
-    30 frames; "" before the second frame). The loop ends after ``limit`` items, when
-    ``stopped()`` says so (asked before each item), or on Ctrl-C (logged), with the frames done
-    so far.
+    30 frames; "" for the first frame). The loop ends after ``limit`` items, when ``stopped()``
+    says so (asked before each item), or on Ctrl-C (logged), with the frames done so far.
 
     ``ahead`` > 0 (a file or a folder, whose later frames are already there): CLIP runs in
     ``clip_workers`` threads of its own, on each refreshed item as soon as it is read, up to
-    ``ahead`` items before the one being predicted, so SalMM and drawing rarely wait for it
-    (and at K = 1 several frames are embedded at once); 0 (a live source): CLIP runs in the
-    loop. The predictions are the same either way: each item's embedding is CLIP's of the same
-    refreshed item. A frame's latency runs from the loop taking it to its overlay drawn (CLIP
-    included when the loop waited for it)."""
-    latency, clip_frames, status = [], 0, ""
-    embedding = None
+    ``ahead`` items before the one being predicted, so SalMM rarely waits for it (and at K = 1
+    several frames are embedded at once); 0 (a live source): CLIP runs in the loop. ``behind``:
+    drawing runs in a thread of its own, at most :data:`DRAWN_BEHIND` frames behind SalMM, in
+    order. The predictions are the same either way: each item's embedding is CLIP's of the
+    same refreshed item. A frame's latency runs from the loop taking it to its overlay drawn
+    (CLIP included when the loop waited for it)."""
+    latency: list[float] = []
+    clip_frames, status, embedding = 0, "", None
     items = items if limit is None else itertools.islice(items, limit)
     clip = ThreadPoolExecutor(clip_workers, thread_name_prefix="clip") if ahead > 0 else None
     start = time.perf_counter()
+
+    def finish(frame: tuple[int, Item, np.ndarray, float]) -> None:
+        nonlocal status
+        number, item, saliency, taken = frame
+        draw(item, saliency, status)
+        done = time.perf_counter()
+        latency.append(1e3 * (done - taken))
+        status = f"{(number + 1) / (done - start):.1f} fps, {np.median(latency[-30:]):.0f} ms"
+        if bar is not None:
+            bar.update(1)
+            if number % 10 == 9:
+                bar.set_postfix(fps=f"{(number + 1) / (done - start):.1f}",
+                                ms=f"{np.median(latency[-30:]):.0f}")
+
+    drawing = Sink(finish, DRAWN_BEHIND) if behind else None
     try:
-        for number, item, future in _refreshed(items, refresh_every, ahead, clip, runner):
-            if stopped():
-                break
-            taken = time.perf_counter()
-            if future is not None:
-                embedding = future.result()
-                clip_frames += 1
-            elif number % refresh_every == 0:
-                embedding = runner.embed(item.model_input)
-                clip_frames += 1
-            draw(item, runner.saliency(item.model_input, embedding), status)
-            done = time.perf_counter()
-            latency.append(1e3 * (done - taken))
-            status = (f"{(number + 1) / (done - start):.1f} fps,"
-                      f" {np.median(latency[-30:]):.0f} ms")
-            if bar is not None:
-                bar.update(1)
-                if number % 10 == 9:
-                    bar.set_postfix(fps=f"{(number + 1) / (done - start):.1f}",
-                                    ms=f"{np.median(latency[-30:]):.0f}")
+        with drawing or contextlib.nullcontext():
+            for number, item, future in _refreshed(items, refresh_every, ahead, clip, runner):
+                if stopped():
+                    break
+                taken = time.perf_counter()
+                if future is not None:
+                    embedding = future.result()
+                    clip_frames += 1
+                elif number % refresh_every == 0:
+                    embedding = runner.embed(item.model_input)
+                    clip_frames += 1
+                frame = (number, item, runner.saliency(item.model_input, embedding), taken)
+                if drawing is not None:
+                    drawing.put(frame)
+                else:
+                    finish(frame)
     except KeyboardInterrupt:
         log.info("stopped (Ctrl-C) after %d frames", len(latency))
     finally:
         if clip is not None:
-            clip.shutdown(wait=True, cancel_futures=True)   # at most the CLIP call under way
+            clip.shutdown(wait=True, cancel_futures=True)   # at most the CLIP calls under way
     return Report(latency, time.perf_counter() - start, clip_frames)
 
 
@@ -438,7 +454,7 @@ def stream(opts: StreamOptions) -> dict[str, Any]:
         try:
             with progress(total=total, unit="frame", desc="stream") as bar:
                 report = run_loop(runner, items, opts.refresh_every, display, opts.limit, bar,
-                                  ahead=ahead, clip_workers=workers,
+                                  ahead=ahead, clip_workers=workers, behind=not opts.show,
                                   stopped=lambda: display.stopped)
             completed = True
         finally:
