@@ -311,9 +311,10 @@ def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: An
                                 ms=f"{np.median(latency[-30:]):.0f}")
 
     drawing = Sink(finish, DRAWN_BEHIND) if behind else None
+    refreshed = _refreshed(items, refresh_every, ahead, clip, runner)
     try:
         with drawing or contextlib.nullcontext():
-            for number, item, future in _refreshed(items, refresh_every, ahead, clip, runner):
+            for number, item, future in refreshed:
                 if stopped():
                     break
                 taken = time.perf_counter()
@@ -331,6 +332,7 @@ def run_loop(runner: Runner, items: Iterator[Item], refresh_every: int, draw: An
     except KeyboardInterrupt:
         log.info("stopped (Ctrl-C) after %d frames", len(latency))
     finally:
+        refreshed.close()                                   # the source's reading stops now
         if clip is not None:
             clip.shutdown(wait=True, cancel_futures=True)   # at most the CLIP calls under way
     return Report(latency, time.perf_counter() - start, clip_frames)
