@@ -20,11 +20,16 @@ class FakeMachine:
         self.elsewhere = 0     # threads of other processes running at this instant
         monkeypatch.setattr(cpu, "time", types.SimpleNamespace(
             monotonic=lambda: self.now, sleep=lambda s: None))
-        monkeypatch.setattr(cpu, "_cpu_ticks", lambda cpus: self.busy)
+        self.reads = 0         # /proc/stat readings
+        monkeypatch.setattr(cpu, "_cpu_ticks", self._cpu_ticks)
         monkeypatch.setattr(cpu, "_own_ticks", lambda: self.own_ticks)
         monkeypatch.setattr(cpu, "_running_elsewhere", lambda: self.elsewhere)
         monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1})
         monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+
+    def _cpu_ticks(self, cpus) -> int:
+        self.reads += 1
+        return self.busy
 
     def run(self, seconds: float, others: float, own: float) -> None:
         ticks = cpu._TICKS * seconds
@@ -76,7 +81,9 @@ def test_quiet_machine_keeps_torch_count_and_calls_between_looks_change_nothing(
     governor = cpu.ThreadGovernor()
     assert governor.adapt() == 2
     machine.run(0.2, others=2.0, own=0.0)                # inside the interval: not measured
+    reads = machine.reads
     assert governor.adapt() == 2
+    assert machine.reads == reads                        # nor read: a forward costs no /proc
 
 
 def test_never_more_threads_than_torch_started_with(monkeypatch):

@@ -157,8 +157,10 @@ class ThreadGovernor:
     def free_cores(self) -> float | None:
         """Cores of this process's affinity not used by other processes since the last call
         (None when the window is shorter than :attr:`interval_s`, or /proc is unreadable)."""
+        if self._sample is None or time.monotonic() - self._sample[0] < self.interval_s:
+            return None                         # nothing read: a forward costs no /proc reads
         now = self._take_sample()
-        if now is None or self._sample is None or now[0] - self._sample[0] < self.interval_s:
+        if now is None:
             return None
         (t0, busy0, own0), (t1, busy1, own1) = self._sample, now
         self._sample = now
