@@ -70,7 +70,7 @@ class Sink:
             if self._error is None:
                 try:
                     self._consume(item)
-                except Exception as err:  # noqa: BLE001 -- handed to the producer, which re-raises it
+                except Exception as err:  # noqa: BLE001 -- the producer re-raises it
                     self._error = err
 
     def put(self, item: Any) -> None:

@@ -27,23 +27,24 @@ the checkpoint is exported once into :data:`EXPORT_CACHE`; SalM² runs on whiche
 and the fused kernels is faster here, timed at start-up: the summary's ``salmm_engine``). The
 checkpoint's CLIP options are checked as evaluate checks them.
 
-Decoding and resizing run in a background thread (a camera's in :class:`~pipeline.core.pipes.Latest`),
-overlapping the model. On a file or a folder CLIP runs ahead too, in a thread a core, on each
-refreshed frame as soon as it is decoded (:func:`run_loop`'s ``ahead``): SalM² and drawing then
-rarely wait for it, and every stage runs on one intra-op thread (``--threads`` says otherwise),
-the cores shared by the stages instead of by each operator's threads; the predictions are those
-of the plain loop. A live source (a camera, standard input) cannot be read ahead: there CLIP
-runs in the loop, on the thread governor's count. On a file or a folder, overlays are drawn and
-handed to the encoder in a thread of their own too, in order, while SalM² predicts the next
-frame (more frames a second, each a little later: K=8 on 2 cores, 30.0-33.6 against 27.2-27.5
-fps, latency p50 53-55 against 31-32 ms); a live source keeps drawing in the loop, for the lower latency, and so does
-``--show``, whose window belongs to the loop. On a CPU the torch backend's CLIP runs on
-weights packed once (:mod:`pipeline.encoders.clip_packed`). At the end (and live in the
-progress bar) it reports per-frame latency - from the loop taking the decoded frame to its
-overlay handed to the writer: CLIP when the loop waited for it, SalM², drawing - as p50 / p95 /
-max, and the sustained frame rate: frames over the wall time of the whole loop, decoding and
-writing included. Ctrl-C ends a stream normally (the video keeps what was drawn); any other
-failure removes the unfinished video.
+Decoding and resizing run in a background thread (a camera's in
+:class:`~pipeline.core.pipes.Latest`), overlapping the model. On a file or a folder the other
+stages run beside the model too (:func:`run_loop`'s ``ahead`` and ``behind``): CLIP runs ahead, in
+a thread a core, on each refreshed frame as soon as it is decoded, and the overlays are drawn and
+handed to the encoder in a thread of their own, one frame behind; every stage runs on one
+intra-op thread (``--threads`` says otherwise), so the stages share the cores instead of each
+operator's thread team waiting for them. The predictions are those of the plain loop. More frames
+a second, each a little later (K=8 on 2 cores: drawing behind gave 30.0-33.6 against 27.2-27.5
+fps, latency p50 53-55 against 31-32 ms). A live source (a camera, standard input) cannot be read
+ahead and wants the lowest latency: CLIP and drawing stay in the loop, on the thread governor's
+count; so does drawing with ``--show``, whose window belongs to the loop. On a CPU the torch
+backend's CLIP runs on weights packed once (:mod:`pipeline.encoders.clip_packed`).
+
+At the end (and live in the progress bar) it reports per-frame latency - from the loop taking
+the decoded frame to its overlay handed to the writer: CLIP when the loop waited for it, SalM²,
+drawing - as p50 / p95 / max, and the sustained frame rate: frames over the wall time of the
+whole loop, decoding and writing included. Ctrl-C ends a stream normally (the video keeps what
+was drawn); any other failure removes the unfinished video.
 """
 
 from __future__ import annotations
