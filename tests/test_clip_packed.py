@@ -75,7 +75,7 @@ def test_packed_linear_falls_back_exactly():
     """Another row count, float64, or gradients needed: F.linear's own result (and gradient)."""
     torch.manual_seed(0)
     linear = nn.Linear(32, 48)
-    ours = PackedLinear(linear, rows=6)
+    ours = PackedLinear(linear.weight, linear.bias, rows=6)
     x = torch.randn(3, 2, 32)
     with torch.no_grad():
         assert ours.packed is not None
@@ -84,8 +84,9 @@ def test_packed_linear_falls_back_exactly():
         other = torch.randn(5, 32)
         assert torch.equal(ours(other), linear(other))
         wide = nn.Linear(32, 48).double()
-        assert PackedLinear(wide, rows=6).packed is None
-        assert torch.equal(PackedLinear(wide, rows=6)(x.double()), wide(x.double()))
+        assert PackedLinear(wide.weight, wide.bias, rows=6).packed is None
+        assert torch.equal(PackedLinear(wide.weight, wide.bias, rows=6)(x.double()),
+                           wide(x.double()))
     x.requires_grad_(True)
     twin = x.detach().clone().requires_grad_(True)
     ours(x).sum().backward()

@@ -48,15 +48,15 @@ def packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``F.linear(x, weight, bias)`` of an ``nn.Linear`` (whose tensors it shares), on a copy
+    """``F.linear(x, weight, bias)`` (weight [out, in] and bias shared, not copied) on a copy
     of the weight packed for MKL's GEMM at ``rows`` rows: x [..., in] -> [..., out], where the
     leading dimensions multiply to ``rows``; any other x (rows, dtype, device, or gradients
     needed), or a weight that is not float32 on the CPU, runs ``F.linear`` itself."""
 
-    def __init__(self, linear: nn.Linear, rows: int) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         super().__init__()
-        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
-        weight = linear.weight.detach()
+        self.weight, self.bias, self.rows = weight, bias, rows
+        weight = weight.detach()
         packable = (packing_available() and weight.dtype == torch.float32
                     and weight.device.type == "cpu")
         with torch.no_grad():
@@ -95,9 +95,8 @@ class PackedSelfAttention(nn.Module):
         super().__init__()
         self.attention = attention
         self.heads, self.batch_first = attention.num_heads, attention.batch_first
-        self.in_proj = PackedLinear(_as_linear(attention.in_proj_weight,
-                                               attention.in_proj_bias), rows)
-        self.out_proj = PackedLinear(attention.out_proj, rows)
+        self.in_proj = PackedLinear(attention.in_proj_weight, attention.in_proj_bias, rows)
+        self.out_proj = PackedLinear(attention.out_proj.weight, attention.out_proj.bias, rows)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Any = None,
                 need_weights: bool = True, attn_mask: Any = None, **rest: Any
@@ -115,13 +114,6 @@ class PackedSelfAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
-def _as_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight`` [out, in] and ``bias`` (shared, not copied)."""
-    linear = nn.Linear(1, 1, bias=bias is not None)
-    linear.weight, linear.bias = weight, bias
-    return linear
-
-
 def _pack(module: nn.Module, rows: int) -> int:
     """Swap, below ``module``, each self-attention and each linear layer for its packed twin;
     returns how many were swapped."""
@@ -131,7 +123,7 @@ def _pack(module: nn.Module, rows: int) -> int:
             setattr(module, name, PackedSelfAttention(child, rows))
             swapped += 1
         elif type(child) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
-            setattr(module, name, PackedLinear(child, rows))
+            setattr(module, name, PackedLinear(child.weight, child.bias, rows))
             swapped += 1
         else:
             swapped += _pack(child, rows)
