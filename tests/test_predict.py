@@ -302,3 +302,16 @@ def test_pictures_wider_than_the_limit_are_shrunk_keeping_the_aspect():
     assert small[:, :380].max() == 0 and small[:, 388:].min() == 200    # halves stay halves
     narrow = np.zeros((10, 500, 3), np.uint8)
     assert overlay.at_most_wide(narrow, 768) is narrow
+
+
+def test_stream_frames_are_binned_by_a_whole_factor_into_block_means():
+    frame = np.random.default_rng(0).integers(0, 256, (72, 132, 3), dtype=np.uint8)
+    assert overlay.binned_to_width(frame, 132) is frame
+    for width, factor in ((131, 2), (66, 2), (65, 3), (44, 3), (40, 4)):
+        binned = overlay.binned_to_width(frame, width)
+        assert binned.shape == (72 // factor, 132 // factor, 3)
+        blocks = frame.reshape(72 // factor, factor, 132 // factor, factor, 3)
+        means = blocks.astype(np.float64).mean(axis=(1, 3))       # each pixel an f x f block
+        assert np.abs(binned - means).max() <= 0.5 + 1e-9, width
+    odd = overlay.binned_to_width(frame[:71, :131], 65)               # no whole blocks: 3
+    assert odd.shape == (24, 44, 3) and odd.shape[1] <= 65

@@ -217,6 +217,20 @@ def at_most_wide(image: np.ndarray, width: int) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
+def binned_to_width(image: np.ndarray, width: int) -> np.ndarray:
+    """``image`` [H, W, ...] shrunk by the smallest whole factor f that brings it to at most
+    ``width`` pixels wide: INTER_AREA to round(H / f) x round(W / f), so where f divides both
+    sides each pixel is the mean of an f x f block (1280x720 at 768: 640x360, 2x2 blocks); itself
+    when it is not wider. OpenCV bins by a whole factor some 10x faster than it shrinks by an
+    uneven one (1280x720: 0.26 against 3.4 ms to 768x432, one thread)."""
+    height, wide = image.shape[:2]
+    factor = -(-wide // width)
+    if factor <= 1:
+        return image
+    return cv2.resize(image, (round(wide / factor), max(1, round(height / factor))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def side_by_side(panels: Sequence[np.ndarray], gap: int = 4,
                  titles: Sequence[str] | None = None) -> np.ndarray:
     """Panels (uint8 RGB, equal heights) left to right with ``gap`` white columns between, each
