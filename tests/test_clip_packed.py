@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.core.cpu import intra_op_threads
 from pipeline.encoders.clip import build_clip_encoder
 from pipeline.encoders.clip_packed import (
     PackedLinear,
@@ -78,13 +79,13 @@ def test_packed_linear_falls_back_exactly():
     ours = PackedLinear(linear.weight, linear.bias, rows=6)
     x = torch.randn(3, 2, 32)
     with torch.no_grad():
-        assert ours.packed is not None
+        assert ours.packable and ours.packings
         exact = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
         torch.testing.assert_close(ours(x).double(), exact, rtol=0, atol=1e-5)   # packed rows
         other = torch.randn(5, 32)
         assert torch.equal(ours(other), linear(other))
         wide = nn.Linear(32, 48).double()
-        assert PackedLinear(wide.weight, wide.bias, rows=6).packed is None
+        assert not PackedLinear(wide.weight, wide.bias, rows=6).packings
         assert torch.equal(PackedLinear(wide.weight, wide.bias, rows=6)(x.double()),
                            wide(x.double()))
     x.requires_grad_(True)
@@ -92,6 +93,23 @@ def test_packed_linear_falls_back_exactly():
     ours(x).sum().backward()
     linear(twin).sum().backward()
     assert x.grad is not None and torch.equal(x.grad, twin.grad)
+
+
+@needs_mkl
+def test_weights_are_packed_for_the_thread_count_of_the_call():
+    """MKL splits a packed product among the threads it was packed for: each intra-op thread
+    count gets its own packing (the last two kept), and every one computes the product."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48)
+    x = torch.randn(6, 32)
+    exact = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    with torch.no_grad(), intra_op_threads(1):
+        ours = PackedLinear(linear.weight, linear.bias, rows=6)
+        assert list(ours.packings) == [1]
+    for threads, kept in ((2, [1, 2]), (1, [1, 2]), (3, [2, 3])):
+        with torch.no_grad(), intra_op_threads(threads):
+            torch.testing.assert_close(ours(x).double(), exact, rtol=0, atol=1e-5)
+        assert sorted(ours.packings) == kept, threads
 
 
 def test_packing_leaves_other_encoders_alone(encoder):

@@ -18,7 +18,8 @@ embedding differs from the encoder's by float32 rounding (a few 1e-6 on ViT-B/32
 its ``_ref`` twin: ``tests/test_clip_packed.py`` holds both against the tower in float64). The
 cache (:func:`~pipeline.encoders.clip.embed_pairs`) never uses it: its bytes stay those of the
 encoder. The packed weights are a second copy of the tower's linear weights in memory (about
-340 MB for ViT-B/32).
+340 MB for ViT-B/32), a third once it has run at a second intra-op thread count
+(:class:`PackedLinear` packs for the count of the call).
 
 Without MKL (``torch._C.has_mkl`` false, e.g. ARM), or off the CPU, :func:`packed_encoder`
 returns the encoder itself.
@@ -51,26 +52,46 @@ class PackedLinear(nn.Module):
     """``F.linear(x, weight, bias)`` (weight [out, in] and bias shared, not copied) on a copy
     of the weight packed for MKL's GEMM at ``rows`` rows: x [..., in] -> [..., out], where the
     leading dimensions multiply to ``rows``; any other x (rows, dtype, device, or gradients
-    needed), or a weight that is not float32 on the CPU, runs ``F.linear`` itself."""
+    needed), or a weight that is not float32 on the CPU, runs ``F.linear`` itself.
+
+    MKL fixes how a product is split among threads when it packs the weight, by the thread
+    count in force then: weights packed on one thread ran on one thread only (a ViT-B/32 frame
+    on two threads: 91 against 58 ms). So the weight is packed for the intra-op thread count
+    of the call (``torch.get_num_threads()``), once per count, keeping its copies for the last
+    :data:`KEEP_PACKINGS` counts it packed for."""
+
+    KEEP_PACKINGS = 2
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         super().__init__()
         self.weight, self.bias, self.rows = weight, bias, rows
-        weight = weight.detach()
-        packable = (packing_available() and weight.dtype == torch.float32
-                    and weight.device.type == "cpu")
-        with torch.no_grad():
-            self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(
-                weight, rows) if packable else None, persistent=False)
+        self.packable = (packing_available() and weight.dtype == torch.float32
+                         and weight.device.type == "cpu")
+        self.packings: dict[int, Tensor] = {}  # intra-op threads -> the weight packed for them
+        if self.packable:
+            self.packed_for(torch.get_num_threads())
+
+    def packed_for(self, threads: int) -> Tensor:
+        """The weight packed for ``threads`` intra-op threads (packed now, on this thread's
+        count, if it was not; calls from several threads at once each get a whole copy)."""
+        packed = self.packings.get(threads)
+        if packed is None:
+            with torch.no_grad():
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), self.rows)
+            kept = list(self.packings.items())
+            kept = kept[max(0, len(kept) - self.KEEP_PACKINGS + 1):]
+            self.packings = {**dict(kept), threads: packed}   # one assignment: no torn dict
+        return packed
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.packed is None or x.dtype != torch.float32 or x.device.type != "cpu"
+        if (not self.packable or x.dtype != torch.float32 or x.device.type != "cpu"
                 or x.numel() == 0
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 or x.numel() // x.shape[-1] != self.rows):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(self.rows, x.shape[-1])
-        out = torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, self.bias, self.rows)
+        out = torch.ops.mkl._mkl_linear(flat, self.packed_for(torch.get_num_threads()),
+                                        self.weight, self.bias, self.rows)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
