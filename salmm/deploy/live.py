@@ -6,8 +6,8 @@ K] [--backend torch|onnx] [--out overlay.mp4] [--show]``
 
 Each frame is decoded, resized to the model's size as the pipeline does (``cv2.resize``
 INTER_CUBIC), embedded by the frozen CLIP encoder, run through SalM², and drawn as a heat map
-over the frame (binned to at most :data:`DISPLAY_WIDTH` pixels wide) into ``--out`` (MP4, H.264; written
-atomically) and a window with ``--show``. Inputs:
+over the frame (binned to at most :data:`DISPLAY_WIDTH` pixels wide) into ``--out`` (MP4, H.264;
+written atomically) and a window with ``--show``. Inputs:
 
 * a video file (anything OpenCV's ffmpeg backend reads; a file that ends before the frames it
   announces is refused unless ``--allow-short-video``), a folder of frames (name order), a

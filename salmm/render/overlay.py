@@ -109,9 +109,10 @@ def overlay(frame: np.ndarray, saliency: np.ndarray, *, colormap: str = DEFAULT_
 def _blend(frame, heat, s, alpha, out):
     """out = round(frame * (1 - w) + heat * w), w = alpha * s, in float32 and rounded half to
     even, clipped to [0, 255] (what the numpy expression computes, in one pass); uint8 RGB
-    frame, heat, out [H, W, 3], s float32 [H, W], all C-contiguous. A row at a time, its weights first repeated
-    for the three channels, so the blend is one loop over the row's W * 3 values, which
-    vectorises (a 640x360 frame: 0.29 against 1.05 ms looping over the channels of a pixel)."""
+    frame, heat, out [H, W, 3], s float32 [H, W], all C-contiguous. A row at a time, its
+    weights first repeated for the three channels, so the blend is one loop over the row's
+    W * 3 values, which vectorises (a 640x360 frame: 0.29 against 1.05 ms looping over the
+    channels of a pixel)."""
     one = np.float32(1.0)
     height, width = s.shape
     weights = np.empty(3 * width, dtype=np.float32)
