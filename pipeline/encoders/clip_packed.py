@@ -9,11 +9,9 @@ swaps, inside ``visual.transformer``, every ``nn.Linear`` for a :class:`PackedLi
 self-attention ``nn.MultiheadAttention`` for a :class:`PackedSelfAttention`: the same functions
 (in-projection, scaled dot-product attention per head, out-projection; the MLP's two products),
 whose products run on weights packed by ``cblas_sgemm_pack`` for a fixed number of rows (the
-tokens of ``batch`` frames); and the patch embedding, a convolution whose stride is its kernel,
-for a :class:`PackedPatchEmbedding`: the frame's patches as rows times the packed weight (1.7
-against 3.5 ms for ViT-B/32's, one thread). A call with another number of rows, in another dtype,
-on another device or needing gradients runs PyTorch's own product instead, so the copy is correct
-for any input and only fast for the one it was packed for.
+tokens of ``batch`` frames). A call with another number of rows, in another dtype, on another
+device or needing gradients runs PyTorch's own product instead, so the copy is correct for any
+input and only fast for the one it was packed for.
 
 Numbers: float32, the same operations as the encoder; the products sum in another order, so the
 embedding differs from the encoder's by float32 rounding (a few 1e-6 on ViT-B/32; the encoder is
@@ -40,8 +38,7 @@ from torch import Tensor, nn
 
 from pipeline.encoders.clip import ClipEncoder, ClipSpec, cached_encoder
 
-__all__ = ["PackedLinear", "PackedPatchEmbedding", "PackedSelfAttention", "inference_encoder",
-           "packed_encoder"]
+__all__ = ["PackedLinear", "PackedSelfAttention", "inference_encoder", "packed_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -138,38 +135,6 @@ class PackedSelfAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
-class PackedPatchEmbedding(nn.Module):
-    """A ViT's patch embedding ``conv`` (an ``nn.Conv2d`` whose stride is its kernel, p x p,
-    no padding, no dilation or groups) as one product on packed weights: x [N, C, H, W] -> its
-    non-overlapping p x p patches as rows [N * H/p * W/p, C * p * p] (channel, then patch row,
-    then column: the weight's own order) -> :class:`PackedLinear` ([rows, out]) -> [N, out,
-    H/p, W/p], a view of channels-last memory. Any other x runs the convolution itself: another
-    size, dtype or device, gradients needed (:class:`PackedLinear`'s own fallback)."""
-
-    def __init__(self, conv: nn.Conv2d, rows: int) -> None:
-        super().__init__()
-        self.conv, self.patch = conv, conv.kernel_size
-        self.product = PackedLinear(conv.weight.view(conv.out_channels, -1), conv.bias, rows)
-
-    def forward(self, x: Tensor) -> Tensor:
-        (p, q), (n, c, h, w) = self.patch, x.shape
-        if (not self.product.packable or h % p or w % q or x.dtype != torch.float32
-                or x.device.type != "cpu" or n * (h // p) * (w // q) != self.product.rows
-                or (torch.is_grad_enabled()
-                    and (x.requires_grad or self.conv.weight.requires_grad))):
-            return self.conv(x)
-        rows = (x.reshape(n, c, h // p, p, w // q, q).permute(0, 2, 4, 1, 3, 5)
-                .reshape(n * (h // p) * (w // q), c * p * q))
-        return self.product(rows).view(n, h // p, w // q, -1).permute(0, 3, 1, 2)
-
-
-def _patch_embedding_only(conv: Any) -> bool:
-    """Whether ``conv`` is what :class:`PackedPatchEmbedding` computes."""
-    return (type(conv) is nn.Conv2d and conv.stride == conv.kernel_size and conv.groups == 1
-            and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid")
-            and conv.padding_mode == "zeros")
-
-
 def _pack(module: nn.Module, rows: int) -> int:
     """Swap, below ``module``, each self-attention and each linear layer for its packed twin;
     returns how many were swapped."""
@@ -199,10 +164,6 @@ def packed_encoder(encoder: ClipEncoder, batch: int = 1) -> ClipEncoder:
     shared = {id(t): t for t in [*encoder.parameters(), *encoder.buffers()]}
     packed = copy.deepcopy(encoder, memo=shared)
     swapped = _pack(packed.visual.transformer, batch * tokens.shape[0])
-    grid = getattr(visual, "grid_size", None)
-    if grid is not None and _patch_embedding_only(getattr(visual, "conv1", None)):
-        packed.visual.conv1 = PackedPatchEmbedding(visual.conv1, batch * grid[0] * grid[1])
-        swapped += 1
     log.debug("CLIP tower packed for MKL: %d layers, %d rows a call", swapped,
               batch * tokens.shape[0])
     return packed
