@@ -76,6 +76,26 @@ def test_overlay_is_the_float32_blend_to_the_bit():
                               want), trial
 
 
+def test_colour_levels_are_the_numpy_expression_to_the_bit():
+    """The one-pass levels against min-max scaling, * 255 and rounding half to even in numpy,
+    written out here: maps whose levels fall exactly on halves, tiny and huge ranges, float64
+    input, a constant map; NaN and inf refused."""
+    rng = np.random.default_rng(0)
+    maps = [np.linspace(0, 1, 511, dtype=np.float32).reshape(7, 73),      # 0.5, 2.5, ... exactly
+            rng.random((36, 64)).astype(np.float32), rng.random((31, 17)),
+            (rng.random((20, 20)) * 1e-6 + 0.5).astype(np.float32),
+            rng.standard_normal((16, 16)) * 1e30]
+    for m in maps:
+        m32 = m.astype(np.float32)
+        low, high = float(m32.min()), float(m32.max())
+        want = np.round((m32 - low) / (high - low) * 255).astype(np.uint8)
+        assert np.array_equal(overlay.levels(m), want), m.shape
+    assert not overlay.levels(np.full((3, 4), 2.0)).any()
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            overlay.levels(np.array([[0.0, bad]]))
+
+
 def test_colorize_and_side_by_side():
     heat = overlay.colorize(np.linspace(0, 1, 64).reshape(8, 8), "jet")
     assert heat.shape == (8, 8, 3)
