@@ -96,6 +96,15 @@ def test_colour_levels_are_the_numpy_expression_to_the_bit():
             overlay.levels(np.array([[0.0, bad]]))
 
 
+@pytest.mark.parametrize("colormap", sorted(overlay.COLORMAPS))
+def test_heat_maps_are_opencvs_colour_maps_to_the_bit(colormap: str):
+    """Each level's colour looked up against OpenCV's applyColorMap on the whole map."""
+    m = np.random.default_rng(0).random((37, 53))
+    want = cv2.cvtColor(cv2.applyColorMap(overlay.levels(m), overlay.COLORMAPS[colormap]),
+                        cv2.COLOR_BGR2RGB)
+    assert np.array_equal(overlay.colorize(m, colormap), want)
+
+
 def test_colorize_and_side_by_side():
     heat = overlay.colorize(np.linspace(0, 1, 64).reshape(8, 8), "jet")
     assert heat.shape == (8, 8, 3)
