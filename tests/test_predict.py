@@ -74,6 +74,9 @@ def test_overlay_is_the_float32_blend_to_the_bit():
         want = np.clip(np.round(mixed), 0, 255).astype(np.uint8)
         assert np.array_equal(overlay.overlay(frame, saliency, colormap="jet", alpha=alpha),
                               want), trial
+        transposed = np.ascontiguousarray(frame.transpose(1, 0, 2)).transpose(1, 0, 2)
+        assert np.array_equal(overlay.overlay(transposed, saliency, colormap="jet",
+                                              alpha=alpha), want), trial     # other layouts
 
 
 def test_colour_levels_are_the_numpy_expression_to_the_bit():

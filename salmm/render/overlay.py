@@ -149,10 +149,10 @@ def overlay(frame: np.ndarray, saliency: np.ndarray, *, colormap: str = DEFAULT_
     with weight ``alpha * s`` (s in [0, 1] its saliency), so non-salient areas show the frame
     unchanged and the most salient ones ``alpha`` parts colour.
     """
-    frame = _as_rgb(frame)
-    s = _fit(saliency, frame.shape[:2], value_range)
+    frame = np.ascontiguousarray(_as_rgb(frame))  # (the blend's rows are flat)
+    s = np.ascontiguousarray(_fit(saliency, frame.shape[:2], value_range))
     out = np.empty_like(frame)
-    _blend(np.ascontiguousarray(frame), colorize(s, colormap), s, np.float32(alpha), out)
+    _blend(frame, colorize(s, colormap), s, np.float32(alpha), out)
     return out
 
 
