@@ -1,5 +1,5 @@
 """CLIP's image tower for one frame at a time on a CPU: its transformer's matrix products on
-weights packed once for Intel MKL's GEMM, instead of packed again on every call.
+weights packed for Intel MKL's GEMM once per thread count, instead of again on every call.
 
 At batch 1 each ViT-B/32 product multiplies 50 tokens by a weight of up to 768 x 3072, and MKL's
 ``sgemm`` first copies the whole weight into its panel layout: in a ``salmm stream`` run that copy

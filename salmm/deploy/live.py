@@ -38,7 +38,7 @@ a second, each a little later (K=8 on 2 cores: drawing behind gave 30.0-33.6 aga
 fps, latency p50 53-55 against 31-32 ms). A live source (a camera, standard input) cannot be read
 ahead and wants the lowest latency: CLIP and drawing stay in the loop, on the thread governor's
 count; so does drawing with ``--show``, whose window belongs to the loop. On a CPU the torch
-backend's CLIP runs on weights packed once (:mod:`pipeline.encoders.clip_packed`).
+backend's CLIP runs on packed weights (:mod:`pipeline.encoders.clip_packed`).
 
 At the end (and live in the progress bar) it reports per-frame latency - from the loop taking
 the decoded frame to its overlay handed to the writer: CLIP when the loop waited for it, SalM²,
