@@ -68,7 +68,9 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
 
     The local cluster has ``workers`` processes (default: ``usable_cores()``), one thread each
     (the per-frame work is CPU-bound Python/C that holds the GIL in places), no dashboard, and
-    its log noise silenced below ERROR. ``workers`` must not be combined with ``address``.
+    its log noise silenced: this process's below ERROR, the workers' below CRITICAL (a worker
+    whose heartbeat meets a scheduler already closed, as on Ctrl-C, logs that as an ERROR with
+    a traceback; a task's failure reaches the caller as its exception). ``workers`` must not be combined with ``address``.
     An address nobody answers on is a BadInputError naming it.
     """
     if address is not None:
@@ -94,7 +96,7 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    dashboard_address=None,
                                    scheduler_kwargs={"dashboard_address": ":0"},
-                                   silence_logs=logging.ERROR)
+                                   silence_logs=logging.CRITICAL)
         with cluster, Client(cluster) as client:
             log.info("started a local Dask cluster: %d worker processes", n)
             yield client
