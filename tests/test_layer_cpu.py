@@ -4,6 +4,9 @@ is 1e-12 and a wrong computation shows; in float32 within float32 rounding of th
 reference; every SCPMamba layer of the network, odd sizes, NaN, weights changed in place,
 threads, and when the kernels run at all."""
 
+import math
+
+import numba
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 
 from salmm.model import layer_cpu, maps_cpu, net
 from salmm.model.net import SalMM
+from salmm.model.numba_math import gelu
 from tests._single_thread import single_thread  # noqa: F401 (autouse fixture)
 
 LAYERS = {  # name: (input channels, side of its map for a 64x64 frame)
@@ -91,21 +95,59 @@ def test_smallest_frames_and_batch_of_one(models):
     assert (got - want).abs().max() < 1e-10
 
 
-def test_group_norm_and_pool_and_nan_propagate_as_torch_does():
+@pytest.mark.parametrize("resize", [None, "pool", "upsample"])
+def test_group_norm_then_resize_then_gelu_and_nan_propagate_as_torch_does(resize):
+    """GELU(resize(GroupNorm(x))) against the modules in float64, odd sizes (the pool drops
+    the last row and column), a NaN, and written into a channel slice of a wider tensor (what
+    the decoder writes into a fusion convolution's input), the other channels untouched."""
     torch.manual_seed(0)
     norm = net.GroupNorm(4, 8).double()
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
-    x = torch.randn(2, 8, 6, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    x[1, 3, 2, 5] = float("nan")
+    x = torch.randn(2, 8, 7, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x[1, 3, 2, 4] = float("nan")
     with torch.inference_mode():
-        for pool in (False, True):
-            want = norm(x)
-            want = F.max_pool2d(want, 2, 2) if pool else want
-            got = maps_cpu.group_norm(norm, x, pool)
-            assert torch.equal(got.isnan(), want.isnan())
-            assert got.isnan().any()
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
+        want = norm(x)
+        if resize == "pool":
+            want = F.max_pool2d(want, 2, 2)
+        if resize == "upsample":
+            want = F.interpolate(want, scale_factor=2, mode="bilinear", align_corners=True)
+        want = F.gelu(want)
+        got = maps_cpu.group_norm_gelu(norm, x, resize)
+        wide = torch.full((2, want.shape[2], want.shape[3], 11), 7.0, dtype=torch.float64)
+        into = wide.permute(0, 3, 1, 2)[:, 2:10]
+        written = maps_cpu.group_norm_gelu(norm, x, resize, into)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert written.data_ptr() == into.data_ptr()
+    for result in (got, written):
+        assert torch.equal(result.isnan(), want.isnan())
+        assert result.isnan().any() and not result[0].isnan().any()
+        torch.testing.assert_close(result, want, rtol=0, atol=1e-12, equal_nan=True)
+    assert (wide[..., :2] == 7.0).all() and (wide[..., 10:] == 7.0).all()
+
+
+def test_float32_gelu_is_within_its_rounding_of_the_exact_one():
+    """The kernels' float32 GELU against x Phi(x) in float64 (Phi from erfc, which keeps the
+    negative side's small values exact), on a dense grid and the specials: within 2 ulp of
+    the result plus 2.5e-7 (the erfc approximation's part), and within 0.3% of it on the
+    negative side down to -5 (1 + erf is not formed there, so the small values keep their
+    digits: torch's float32 GELU is 0 or 100% off below -5.3); NaN stays NaN, +inf is
+    +inf."""
+    @numba.njit(error_model="numpy")
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = gelu(x[i])
+
+    x = np.concatenate([np.linspace(-12.0, 12.0, 240_001), [0.0, -0.0, 1e-30, -1e-30, 1e30,
+                                                             np.nan, np.inf]]).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    exact = np.array([0.5 * v * math.erfc(-v / math.sqrt(2.0)) for v in x[:-3].astype(np.float64)])
+    error = np.abs(out[:-3] - exact)
+    assert (error <= 2 * np.spacing(np.abs(exact).astype(np.float32)) + 2.5e-7).all()
+    negative = (x[:-3] < 0) & (x[:-3] > -5)
+    assert (error[negative] <= 3e-3 * np.abs(exact[negative])).all()
+    assert out[-3] == x[-3] and np.isnan(out[-2]) and out[-1] == np.inf
 
 
 def test_spatial_attention_equals_the_bridge_in_float64(models):
@@ -119,6 +161,37 @@ def test_spatial_attention_equals_the_bridge_in_float64(models):
     torch.testing.assert_close(s, a * x, rtol=0, atol=1e-12)
     torch.testing.assert_close(mixed, a * x + x, rtol=0, atol=1e-12)
     torch.testing.assert_close(pooled, (a * x + x).mean((2, 3)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sides", [(10, 8, 6, 4, 2), (16, 8, 4, 2, 1)])
+def test_the_bridge_in_one_kernel_equals_the_modules_in_float64(sides):
+    """The inference bridge (one kernel for the five maps) against the modules, into new
+    tensors and into the last channels of fusion inputs (the decoder's channels untouched),
+    batch 3 on two threads, down to 1x1 maps."""
+    torch.manual_seed(0)
+    bridges = {backend: net.SCAttBridge(list(net.CHANNELS), backend).double()
+               for backend in ("auto", "builtin")}
+    with torch.no_grad():
+        for p in bridges["auto"].parameters():
+            p.normal_(0.0, 0.3)
+    bridges["builtin"].load_state_dict(bridges["auto"].state_dict())
+    maps = [torch.randn(3, c, side, side + 1, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last) for c, side in zip(net.CHANNELS, sides)]
+    fusion = [torch.full((3, side, side + 1, 2 * c), 7.0, dtype=torch.float64).permute(
+        0, 3, 1, 2) for c, side in zip(net.CHANNELS, sides)]
+    with torch.inference_mode():
+        want = bridges["builtin"](*maps)
+        torch.set_num_threads(2)
+        try:
+            got = bridges["auto"](*maps)
+            written = bridges["auto"](*maps, fusion=fusion)
+        finally:
+            torch.set_num_threads(1)
+    for g, w, f, out in zip(got, want, fusion, written):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out, w, rtol=0, atol=1e-12)
+        assert out.data_ptr() == f[:, w.shape[1]:].data_ptr()
+        assert (f[:, :w.shape[1]] == 7.0).all()
 
 
 def test_the_bridge_for_training_equals_the_modules_with_gradients_in_float64():

@@ -241,15 +241,28 @@ class SCAttBridge(nn.Module):
         self.satt = SpatialAttBridge()
         self.backend = backend  # "auto": the CPU kernels where they apply (cpu_kernels_apply)
 
-    def forward(self, *ts: Tensor) -> list[Tensor]:
-        if cpu_kernels_apply(self.backend, ts[0]):  # inference, or training with its backward
+    def forward(self, *ts: Tensor, fusion: list[Tensor] | None = None) -> list[Tensor]:
+        """ts: the five maps [B, C_i, H_i, W_i] -> the five attention-weighted maps (the same
+        shapes). ``fusion``: channels-last tensors [B, K_i + C_i, H_i, W_i] (the fusion
+        convolutions' inputs) whose last C_i channels receive the results, returned as views
+        of them."""
+        if fused(self.backend, ts[0], self.catt.att1.weight):  # inference: one kernel call
+            return _kernels()[1].bridge(self.satt.shared_conv2d[0], self.catt, ts, fusion)
+        if cpu_kernels_apply(self.backend, ts[0]):  # training, with the kernels' backward
             parts = [_kernels()[1].spatial_attention(self.satt.shared_conv2d[0], t) for t in ts]
             c_att = self.catt.attention([pooled[..., None, None] for _, _, pooled in parts])
-            return [_kernels()[1].bridge_output(s, a, m) for a, (s, m, _) in zip(c_att, parts)]
-        s_att = [a * t for a, t in zip(self.satt(*ts), ts)]
-        mixed = [s + t for s, t in zip(s_att, ts)]
-        c_att = self.catt(*mixed)
-        return [a * m + s for a, m, s in zip(c_att, mixed, s_att)]
+            outs = [_kernels()[1].bridge_output(s, a, m) for a, (s, m, _) in zip(c_att, parts)]
+        else:
+            s_att = [a * t for a, t in zip(self.satt(*ts), ts)]
+            mixed = [s + t for s, t in zip(s_att, ts)]
+            c_att = self.catt(*mixed)
+            outs = [a * m + s for a, m, s in zip(c_att, mixed, s_att)]
+        if fusion is None:
+            return outs
+        views = [f[:, f.shape[1] - o.shape[1]:] for f, o in zip(fusion, outs)]
+        for view, out in zip(views, outs):
+            view.copy_(out)
+        return views
 
 
 class _DenseGradient(torch.autograd.Function):
@@ -408,24 +421,23 @@ class SalMM(nn.Module):
         # training on a CPU: GroupNorm on channels-last memory, with its own backward
         training_cpu = not fast and cpu_kernels_apply(self.backend, x)
 
-        def norm(layer, inp, pool=False):  # GroupNorm, then a 2x2 max-pool if asked
-            if fast:
-                return _kernels()[1].group_norm(layer, inp, pool)
+        def after(gn, inp, resize=None, into=None):  # GELU(resize(GroupNorm(inp)))
+            if fast:  # one kernel, written into `into` when given
+                return _kernels()[1].group_norm_gelu(gn, inp, resize, into)
             if training_cpu:
-                return _kernels()[1].group_norm_autograd(layer, inp, pool)
-            return F.max_pool2d(layer(inp), 2, 2) if pool else layer(inp)
-
-        def down(conv, gn, inp):  # conv, GroupNorm, 2x2 max-pool, GELU
-            return F.gelu(norm(gn, conv(inp), pool=True))
-
-        def up(block, gn, inp):  # block, GroupNorm, 2x bilinear upsample, GELU
-            out = F.interpolate(norm(gn, block(inp)), scale_factor=2, mode="bilinear",
-                                align_corners=True)
-            out = F.gelu(out)
+                out = _kernels()[1].group_norm_autograd(gn, inp, pool=resize == "pool")
+            else:
+                out = F.max_pool2d(gn(inp), 2, 2) if resize == "pool" else gn(inp)
+            if resize != "upsample":
+                return F.gelu(out)
+            out = F.gelu(F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True))
             # its gradient comes back as a channel slice of the fusion conv's (torch.cat's
             # backward); GELU's backward on such strides beside a channels-last input runs 9x
             # slower than on dense memory
             return _DenseGradient.apply(out) if training_cpu else out
+
+        def down(conv, gn, inp):  # conv, GroupNorm, 2x2 max-pool, GELU
+            return after(gn, conv(inp), "pool")
 
         t1 = down(self.encoder1, self.ebn1, x)  # [B, 8, H/2, W/2]
         t2 = down(self.encoder2, self.ebn2, t1)  # [B, 12, H/4, W/4]
@@ -433,20 +445,30 @@ class SalMM(nn.Module):
         t4 = down(self.encoder4, self.ebn4, t3)  # [B, 16, H/16, W/16]  (Mamba on H/8 x W/8)
         t5 = down(self.encoder5, self.ebn5, t4)  # [B, 24, H/32, W/32]
         out = F.gelu(self.encoder6(t5))  # [B, 32, H/32, W/32], from t5 before the bridge
-        t1, t2, t3, t4, t5 = self.scab(t1, t2, t3, t4, t5)  # same shapes, attention-weighted
+        skips = (t1, t2, t3, t4, t5)
+        if fast:  # each fusion convolution's input [B, 2 C_i, h_i, w_i] made once, the bridge
+            # and the decoder writing their halves into it where torch.cat would copy both
+            fusion = [torch.empty(t.shape[0], t.shape[2], t.shape[3], 2 * t.shape[1],
+                                  dtype=t.dtype).permute(0, 3, 1, 2) for t in skips]
+            skips = self.scab(*skips, fusion=fusion)
+        else:
+            skips = self.scab(*skips)  # same shapes, attention-weighted
+
+        def decode(block, gn, inp, level, resize="upsample"):
+            # block, GroupNorm, 2x bilinear upsample (if asked), GELU, beside the bridge's map
+            # of the same level: the fusion convolution's input
+            if fast:
+                after(gn, block(inp), resize, into=fusion[level][:, :skips[level].shape[1]])
+                return fusion[level]
+            return torch.cat([after(gn, block(inp), resize), skips[level]], dim=1)
 
         out = self.CrossModelAtt(emb, out)  # [B, 32, H/32, W/32]
 
-        out5 = F.gelu(norm(self.dbn1, self.decoder1(out)))  # [B, 24, H/32, W/32]
-        out5 = self.conv5(torch.cat([out5, t5], dim=1))  # [B, 48 -> 24, H/32, W/32]
-        out4 = up(self.decoder2, self.dbn2, out5)  # [B, 16, H/16, W/16]
-        out4 = self.conv4(torch.cat([out4, t4], dim=1))  # [B, 32 -> 16, H/16, W/16]
-        out3 = up(self.decoder3, self.dbn3, out4)  # [B, 16, H/8, W/8]
-        out3 = self.conv3(torch.cat([out3, t3], dim=1))  # [B, 32 -> 16, H/8, W/8]
-        out2 = up(self.decoder4, self.dbn4, out3)  # [B, 12, H/4, W/4]
-        out2 = self.conv2(torch.cat([out2, t2], dim=1))  # [B, 24 -> 12, H/4, W/4]
-        out1 = up(self.decoder5, self.dbn5, out2)  # [B, 8, H/2, W/2]
-        out1 = self.conv1(torch.cat([out1, t1], dim=1))  # [B, 16 -> 8, H/2, W/2]
+        out5 = self.conv5(decode(self.decoder1, self.dbn1, out, 4, None))  # [B, 24+24 -> 24, H/32]
+        out4 = self.conv4(decode(self.decoder2, self.dbn2, out5, 3))  # [B, 16+16 -> 16, H/16]
+        out3 = self.conv3(decode(self.decoder3, self.dbn3, out4, 2))  # [B, 16+16 -> 16, H/8]
+        out2 = self.conv2(decode(self.decoder4, self.dbn4, out3, 1))  # [B, 12+12 -> 12, H/4]
+        out1 = self.conv1(decode(self.decoder5, self.dbn5, out2, 0))  # [B, 8+8 -> 8, H/2]
         if fast or training_cpu:  # the 1x1 conv, 2x upsample and sigmoid in one kernel
             return _kernels()[1].saliency_head(self.final, out1)
         out0 = F.interpolate(self.final(out1.contiguous()), scale_factor=2, mode="bilinear", align_corners=True)

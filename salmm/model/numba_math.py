@@ -1,6 +1,6 @@
 """Math for the numba CPU kernels (:mod:`salmm.model.scan_cpu`, :mod:`salmm.model.layer_cpu`,
 :mod:`salmm.model.mamba_cpu`): a vectorisable exp within 2 ulp, sigmoid and softplus as torch
-computes them, 2**k from bits, a fused multiply-add, an atomic job counter, a prefetch hint,
+computes them, GELU, 2**k from bits, a fused multiply-add, an atomic job counter, a prefetch hint,
 and the scans' per-channel steps over the states as explicit LLVM vector code
 (:func:`state_vectors`). Usable inside ``numba.njit`` code only; float32 and float64.
 
@@ -23,8 +23,8 @@ from numba.extending import intrinsic, overload
 
 from salmm.model import numba_cache  # noqa: F401 (before any kernel: caches keyed on all sources)
 
-__all__ = ["DECAY_FLOOR", "EXP_REDUCTION", "LANES", "SOFTPLUS_THRESHOLD", "StateOps", "claim",
-           "exp", "fma", "pow2", "prefetch", "sigmoid", "softplus", "state_vectors"]
+__all__ = ["DECAY_FLOOR", "ERF_TAIL", "EXP_REDUCTION", "LANES", "SOFTPLUS_THRESHOLD", "StateOps",
+           "claim", "exp", "fma", "gelu", "pow2", "prefetch", "sigmoid", "softplus", "state_vectors"]
 
 # numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
 # that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
@@ -174,6 +174,48 @@ def sigmoid(x, f):
     """sigmoid(x) for a float32 / float64 x of type f, and exp(-|x|)."""
     e = exp(-abs(x))
     return (f(1.0) if x >= f(0.0) else e) / (f(1.0) + e), e
+
+
+ERF_TAIL = (0.3275911, (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
+"""Abramowitz and Stegun's 7.1.26 (the handbook's formula, whose form torch's float32 vector
+GELU uses): erfc(z) ~= t (a1 + t (a2 + ... + t a5)) exp(-z**2) with t = 1 / (1 + p z), z >= 0,
+within 1.5e-7 of the exact value: (p, (a5 .. a1))."""
+
+
+def gelu(x):
+    """GELU(x) = x (1 + erf(x / sqrt 2)) / 2, the exact form (not the tanh approximation), for
+    a float32 / float64 x; implemented for numba only (see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(gelu, inline="always")
+def _gelu_overload(x):
+    """float32: with c = erfc(|x| / sqrt 2) from :data:`ERF_TAIL` (vectorisable: one division,
+    :func:`exp`), 1 + erf(x / sqrt 2) is 2 - c for x >= 0 and c itself below, which keeps the
+    negative side's small values relative (torch's 1 + (c - 1) cancels there); within 1e-7 of
+    the exact GELU plus a few ulp. float64: ``math.erf`` (scalar: float64 models are for
+    checks)."""
+    if x == types.float64:
+        def exact(x):
+            return 0.5 * x * (1.0 + math.erf(x * 0.7071067811865476))
+
+        return exact
+    if x != types.float32:
+        return None
+    f = np.float32
+    p, coefficients = f(ERF_TAIL[0]), tuple(f(c) for c in ERF_TAIL[1])
+    one, two, half, root_half = f(1.0), f(2.0), f(0.5), f(0.7071067811865476)
+
+    def impl(x):
+        z = abs(x) * root_half
+        t = one / fma(p, z, one)
+        poly = coefficients[0]
+        for c in coefficients[1:]:
+            poly = fma(poly, t, c)
+        tail = poly * t * exp(-(z * z))
+        return x * half * (two - tail if x >= f(0.0) else tail)
+
+    return impl
 
 
 def softplus(x):
