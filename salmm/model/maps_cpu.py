@@ -438,24 +438,24 @@ def bridge(conv: nn.Conv2d, attention: nn.Module, maps: list[Tensor],
                  for f in fusion):
         raise ValueError("the bridge writes into channels-last tensors of its maps' dtype")
     heads = [getattr(attention, f"att{i + 1}") for i in range(len(maps))]
-    with torch.no_grad():
-        weight = conv.weight.to(dtype)[0].contiguous().numpy()  # [2, 7, 7]
-        mix = attention.get_all_att.weight.to(dtype).reshape(-1).contiguous().numpy()
-        heads_w = torch.cat([h.weight for h in heads]).to(dtype).numpy()  # [sum C_i, sum C_i]
-        heads_b = torch.cat([h.bias for h in heads]).to(dtype).numpy()
-        bias = conv.bias.to(dtype).numpy()[0]
+    with torch.no_grad():  # (copies on every call: no update to the weights goes unseen)
+        heads_w = torch.cat([h.weight for h in heads]).to(dtype)  # [sum C_i, sum C_i]
+        heads_b = torch.cat([h.bias for h in heads]).to(dtype)
+    weight, bias, mix = (t.detach().to(dtype).numpy() for t in (
+        conv.weight, conv.bias, attention.get_all_att.weight))
     run_jobs(_bridge_kernel, (pixels, tuple(f.permute(0, 2, 3, 1).numpy() for f in fusion),
                               weight, bias, *_gate_geometry(conv), mix,
-                              attention.get_all_att.padding[0], heads_w, heads_b),
-             maps[0].shape[0])
-    return [f[:, f.shape[1] - t.shape[1]:] for f, t in zip(fusion, maps)]
+                              attention.get_all_att.padding[0], heads_w.numpy(),
+                              heads_b.numpy()), maps[0].shape[0])
+    return [f.narrow(1, f.shape[1] - t.shape[1], t.shape[1]) for f, t in zip(fusion, maps)]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _bridge_kernel(maps, outs, weight, bias, dilation, padding, mix, mix_padding, heads_w,
                    heads_b, counter):
     """Frames claimed from ``counter``: maps (a tuple of [B, H_i, W_i, C_i]) -> the last C_i
-    channels of outs ([B, H_i, W_i, K_i + C_i]); see :func:`bridge`. Per frame: each
+    channels of outs ([B, H_i, W_i, K_i + C_i]); weight [1, 2, 7, 7], bias [1] and mix
+    [1, 1, taps]: the convolutions' own; see :func:`bridge`. Per frame: each
     map's gate (:func:`_gate_map`, kept) and the channel means of m (float64 sums, in
     :func:`_channel_sums`' order, rounded to the map's type); the channel attention from all
     of them (its sums in float64); then every output pixel."""
@@ -478,7 +478,7 @@ def _bridge_kernel(maps, outs, weight, bias, dilation, padding, mix, mix_padding
             pixels = maps[i][frame].reshape(-1, channels)
             planes = np.empty((2, height, width), dtype=dtype)
             _channel_planes(pixels, planes[0].ravel(), planes[1].ravel())
-            _gate_map(planes, weight, bias, dilation, padding, gates[i])
+            _gate_map(planes, weight[0], bias[0], dilation, padding, gates[i])
             gate, m = gates[i].ravel(), both[:pixels.size].reshape(-1, channels)
             for p in range(gate.shape[0]):
                 for c in range(channels):
@@ -487,13 +487,13 @@ def _bridge_kernel(maps, outs, weight, bias, dilation, padding, mix, mix_padding
             for c in range(channels):
                 pooled[row + c] = sums[c] / (height * width)
             row += channels
-        taps = mix.shape[0]
+        taps = mix.shape[2]
         for j in range(total):  # get_all_att: a 1-channel convolution along the channels
             value = 0.0
             for k in range(taps):
                 source = j + k - mix_padding
                 if 0 <= source < total:
-                    value += np.float64(mix[k]) * pooled[source]
+                    value += np.float64(mix[0, 0, k]) * pooled[source]
             mixed[j] = f(value)
         for o in range(total):  # the heads, then their sigmoid
             value = np.float64(heads_b[o])
@@ -865,11 +865,14 @@ def _saliency_head_backward_kernel(x, weight, out, gout, gx, gweight, gbias):
 def _saliency_head_kernel(x, weight, bias, out):
     """x [B, h, w, C], weight [C] -> out [B, 1, 2h, 2w] (see saliency_head). The source
     coordinate of output pixel i is i * (h - 1) / (2h - 1) in float32, as PyTorch computes it
-    for float32 maps, and the corner weights (1 - l, l)."""
+    for float32 maps, and the corner weights (1 - l, l): each row of the convolution's plane
+    interpolated along x first, then every output row from two of those (whole rows: the
+    loops vectorise), as PyTorch combines them."""
     batch, height, width, channels = x.shape
     f = out.dtype.type
     plane = np.empty((height, width), dtype=x.dtype)
     rows, cols = out.shape[2], out.shape[3]
+    across = np.empty((height, cols), dtype=x.dtype)
     y0, y1, ly = _upsample_taps(height, rows, f)
     x0, x1, lx = _upsample_taps(width, cols, f)
     for b in range(batch):
@@ -880,11 +883,11 @@ def _saliency_head_kernel(x, weight, bias, out):
             for c in range(channels):
                 total += weight[c] * frame[p, c]
             flat[p] = total
+        for y in range(height):
+            source, into = plane[y], across[y]
+            for j in range(cols):
+                into[j] = (f(1.0) - lx[j]) * source[x0[j]] + lx[j] * source[x1[j]]
         for i in range(rows):
-            top, bottom, target, share = plane[y0[i]], plane[y1[i]], out[b, 0, i], ly[i]
+            top, bottom, target, share = across[y0[i]], across[y1[i]], out[b, 0, i], ly[i]
             for j in range(cols):
-                a = (f(1.0) - lx[j]) * top[x0[j]] + lx[j] * top[x1[j]]
-                c = (f(1.0) - lx[j]) * bottom[x0[j]] + lx[j] * bottom[x1[j]]
-                target[j] = (f(1.0) - share) * a + share * c
-            for j in range(cols):
-                target[j] = sigmoid(target[j], f)[0]
+                target[j] = sigmoid((f(1.0) - share) * top[j] + share * bottom[j], f)[0]

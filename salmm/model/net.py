@@ -458,7 +458,7 @@ class SalMM(nn.Module):
             # block, GroupNorm, 2x bilinear upsample (if asked), GELU, beside the bridge's map
             # of the same level: the fusion convolution's input
             if fast:
-                after(gn, block(inp), resize, into=fusion[level][:, :skips[level].shape[1]])
+                after(gn, block(inp), resize, into=fusion[level].narrow(1, 0, skips[level].shape[1]))
                 return fusion[level]
             return torch.cat([after(gn, block(inp), resize), skips[level]], dim=1)
 
