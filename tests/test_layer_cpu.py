@@ -194,6 +194,28 @@ def test_the_bridge_in_one_kernel_equals_the_modules_in_float64(sides):
         assert (f[:, :w.shape[1]] == 7.0).all()
 
 
+def test_cross_attention_in_one_kernel_equals_the_module_in_float64():
+    """The CLIP cross-attention kernel against CrossModelAtt's module path: batch 2, a map
+    that is not square, channels-last or not, and a NaN in the embedding (amax propagates it
+    to its frame only)."""
+    torch.manual_seed(0)
+    modules = {backend: net.CrossModelAtt(backend=backend).double()
+               for backend in ("auto", "builtin")}
+    for module in modules.values():
+        with torch.no_grad():
+            module.gamma.fill_(0.37)
+    emb = torch.randn(2, 512, dtype=torch.float64)
+    emb[1, 100] = float("nan")
+    feature = torch.randn(2, 32, 3, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        want = modules["builtin"](emb, feature)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = modules["auto"](emb, feature.contiguous(memory_format=layout))
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert not got[0].isnan().any() and got[1].isnan().any()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
+
+
 def test_the_bridge_for_training_equals_the_modules_with_gradients_in_float64():
     """The whole SCAttBridge on the kernels (spatial attention forward and backward in numba)
     against the modules: outputs and the gradients of the maps and of every bridge parameter,

@@ -55,12 +55,15 @@ class CrossModelAtt(nn.Module):
     export's graph check runs).
     """
 
-    def __init__(self, clip: nn.Module | None = None):
+    def __init__(self, clip: nn.Module | None = None, backend: str = "auto"):
         super().__init__()
         self.model = clip
         self.gamma = nn.Parameter(torch.zeros(1))
+        self.backend = backend  # "auto": the CPU kernel for inference where it applies (fused)
 
     def forward(self, emb: Tensor, feature: Tensor) -> Tensor:
+        if fused(self.backend, feature, self.gamma):  # CPU inference: one kernel call
+            return _kernels()[1].cross_attention(self, emb, feature)
         b, c, h, w = feature.shape
         dtype = torch.promote_types(feature.dtype, torch.float32)  # float32, or float64 checks
         q = emb.to(dtype).reshape(b, c, -1)  # [B, C, 512/C]
@@ -336,7 +339,7 @@ class SalMM(nn.Module):
         )
         self.final = nn.Conv2d(c[0], num_classes, kernel_size=1)
         self.apply(self._init_weights)  # as published: before CrossModelAtt and conv1..5,
-        self.CrossModelAtt = CrossModelAtt(clip)  # which keep PyTorch's default init
+        self.CrossModelAtt = CrossModelAtt(clip, backend)  # which keep PyTorch's default init
         self.conv5 = nn.Conv2d(48, 24, kernel_size=3, padding=1)
         self.conv4 = nn.Conv2d(32, 16, kernel_size=3, padding=1)
         self.conv3 = nn.Conv2d(32, 16, kernel_size=3, padding=1)
