@@ -736,29 +736,39 @@ def cross_attention(attention: nn.Module, emb: Tensor, feature: Tensor) -> Tenso
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _cross_attention_kernel(q, v, gamma, out):
-    """q [B, C, K]; v, out [B, P, C] (pixels, channels innermost); gamma [1]."""
+    """q [B, C, K]; v, out [B, P, C] (pixels, channels innermost); gamma [1]. Every sum runs
+    over its terms in order into float64 accumulators, one per output channel, so the loops
+    run across the channels and vectorise without reordering a sum."""
     batch, channels, length = q.shape
     f = out.dtype.type
-    perception = np.empty((channels, channels), dtype=out.dtype)
+    across = np.empty((length, channels))  # q transposed, in float64
+    perception = np.empty((channels, channels), dtype=out.dtype)  # [j, i]: P_ij, transposed
+    total = np.empty(channels)
     for b in range(batch):
         for i in range(channels):
-            for j in range(channels):
-                total = 0.0
-                for k in range(length):
-                    total += np.float64(q[b, i, k]) * q[b, j, k]
-                perception[i, j] = f(total)
-            best = perception[i, 0]
+            for k in range(length):
+                across[k, i] = q[b, i, k]
+        for i in range(channels):
+            total[:] = 0.0
+            for k in range(length):
+                qi, row = across[k, i], across[k]
+                for j in range(channels):
+                    total[j] += qi * row[j]
+            best = f(total[0])
             for j in range(channels):  # the row's maximum (NaN propagates, as amax)
-                value = perception[i, j]
+                value = f(total[j])
                 best = value if value > best or np.isnan(value) else best
             for j in range(channels):
-                perception[i, j] = best - perception[i, j]
+                perception[j, i] = best - f(total[j])
         for p in range(v.shape[1]):
+            pixel, target = v[b, p], out[b, p]
+            total[:] = 0.0
+            for j in range(channels):
+                vj, row = np.float64(pixel[j]), perception[j]
+                for i in range(channels):
+                    total[i] += row[i] * vj
             for i in range(channels):
-                total = 0.0
-                for j in range(channels):
-                    total += np.float64(perception[i, j]) * v[b, p, j]
-                out[b, p, i] = gamma[0] * f(total) + v[b, p, i]
+                target[i] = gamma[0] * f(total[i]) + pixel[i]
 
 
 def bridge_output(s: Tensor, a: Tensor, m: Tensor) -> Tensor:
