@@ -166,8 +166,8 @@ def test_spatial_attention_equals_the_bridge_in_float64(models):
 @pytest.mark.parametrize("sides", [(10, 8, 6, 4, 2), (16, 8, 4, 2, 1)])
 def test_the_bridge_in_one_kernel_equals_the_modules_in_float64(sides):
     """The inference bridge (one kernel for the five maps) against the modules, into new
-    tensors and into the last channels of fusion inputs (the decoder's channels untouched),
-    batch 3 on two threads, down to 1x1 maps."""
+    tensors and into the last channels of fusion inputs (the decoder's channels untouched; the
+    modules write there too when asked), batch 3 on two threads, down to 1x1 maps."""
     torch.manual_seed(0)
     bridges = {backend: net.SCAttBridge(list(net.CHANNELS), backend).double()
                for backend in ("auto", "builtin")}
@@ -179,19 +179,23 @@ def test_the_bridge_in_one_kernel_equals_the_modules_in_float64(sides):
         memory_format=torch.channels_last) for c, side in zip(net.CHANNELS, sides)]
     fusion = [torch.full((3, side, side + 1, 2 * c), 7.0, dtype=torch.float64).permute(
         0, 3, 1, 2) for c, side in zip(net.CHANNELS, sides)]
+    modules_into = [f.clone() for f in fusion]  # (clones keep the channels-last strides)
     with torch.inference_mode():
         want = bridges["builtin"](*maps)
+        written_by_modules = bridges["builtin"](*maps, fusion=modules_into)
         torch.set_num_threads(2)
         try:
             got = bridges["auto"](*maps)
             written = bridges["auto"](*maps, fusion=fusion)
         finally:
             torch.set_num_threads(1)
-    for g, w, f, out in zip(got, want, fusion, written):
+    for g, w, f, out, f_mod, out_mod in zip(got, want, fusion, written, modules_into,
+                                            written_by_modules):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
-        torch.testing.assert_close(out, w, rtol=0, atol=1e-12)
-        assert out.data_ptr() == f[:, w.shape[1]:].data_ptr()
-        assert (f[:, :w.shape[1]] == 7.0).all()
+        for into, result in ((f, out), (f_mod, out_mod)):
+            torch.testing.assert_close(result, w, rtol=0, atol=1e-12)
+            assert result.data_ptr() == into[:, w.shape[1]:].data_ptr()
+            assert (into[:, :w.shape[1]] == 7.0).all()
 
 
 def test_cross_attention_in_one_kernel_equals_the_module_in_float64():

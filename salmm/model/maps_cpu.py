@@ -118,7 +118,8 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, pool):
         w, b = weight.detach().to(x.dtype).numpy(), bias.detach().to(x.dtype).numpy()
-        out, pixels, stats = _group_norm_forward(x, groups, eps, w, b, RESIZE["pool" if pool else None], False)
+        out, pixels, stats = _group_norm_forward(x, groups, eps, w, b,
+                                                 RESIZE["pool" if pool else None], False)
         ctx.save_for_backward(pixels)
         ctx.stats, ctx.weight, ctx.bias = stats, w, b
         ctx.pool, ctx.dtypes = pool, (weight.dtype, bias.dtype)
@@ -313,7 +314,8 @@ def _group_norm_kernel(x, groups, eps, weight, bias, mode, gelu, out, stats):
     scale = np.empty(channels, dtype=x.dtype)
     shift = np.empty(channels, dtype=x.dtype)
     row = np.empty(out.shape[2] * channels, dtype=x.dtype)
-    tiled_scale, tiled_shift = np.empty(width * channels, x.dtype), np.empty(width * channels, x.dtype)
+    tiled_scale = np.empty(width * channels, dtype=x.dtype)
+    tiled_shift = np.empty(width * channels, dtype=x.dtype)
     for b in range(batch):
         frame = x[b].reshape(height * width, channels)
         _channel_sums(frame.ravel(), sums, frame.ravel(), squares)

@@ -262,7 +262,7 @@ class SCAttBridge(nn.Module):
             outs = [a * m + s for a, m, s in zip(c_att, mixed, s_att)]
         if fusion is None:
             return outs
-        views = [f[:, f.shape[1] - o.shape[1]:] for f, o in zip(fusion, outs)]
+        views = [f.narrow(1, f.shape[1] - o.shape[1], o.shape[1]) for f, o in zip(fusion, outs)]
         for view, out in zip(views, outs):
             view.copy_(out)
         return views
@@ -461,7 +461,8 @@ class SalMM(nn.Module):
             # block, GroupNorm, 2x bilinear upsample (if asked), GELU, beside the bridge's map
             # of the same level: the fusion convolution's input
             if fast:
-                after(gn, block(inp), resize, into=fusion[level].narrow(1, 0, skips[level].shape[1]))
+                half = fusion[level].narrow(1, 0, skips[level].shape[1])
+                after(gn, block(inp), resize, into=half)
                 return fusion[level]
             return torch.cat([after(gn, block(inp), resize), skips[level]], dim=1)
 

@@ -24,7 +24,8 @@ from numba.extending import intrinsic, overload
 from salmm.model import numba_cache  # noqa: F401 (before any kernel: caches keyed on all sources)
 
 __all__ = ["DECAY_FLOOR", "ERF_TAIL", "EXP_REDUCTION", "LANES", "SOFTPLUS_THRESHOLD", "StateOps",
-           "claim", "exp", "fma", "gelu", "pow2", "prefetch", "sigmoid", "softplus", "state_vectors"]
+           "claim", "exp", "fma", "gelu", "pow2", "prefetch", "sigmoid", "softplus",
+           "state_vectors"]
 
 # numba's pedantic IR check trips over the inlined overloads below when it compiles the kernels
 # that use them (a harmless "variable ... is not in scope", raised from numba's own modules and
