@@ -163,11 +163,9 @@ def test_spatial_attention_equals_the_bridge_in_float64(models):
     torch.testing.assert_close(pooled, (a * x + x).mean((2, 3)), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("sides", [(10, 8, 6, 4, 2), (16, 8, 4, 2, 1)])
-def test_the_bridge_in_one_kernel_equals_the_modules_in_float64(sides):
-    """The inference bridge (one kernel for the five maps) against the modules, into new
-    tensors and into the last channels of fusion inputs (the decoder's channels untouched; the
-    modules write there too when asked), batch 3 on two threads, down to 1x1 maps."""
+def bridge_pair(batch, sides):
+    """({"auto": bridge, "builtin": its twin with the same random weights}, five float64 maps
+    [batch, C_i, side, side + 1] in channels-last memory)."""
     torch.manual_seed(0)
     bridges = {backend: net.SCAttBridge(list(net.CHANNELS), backend).double()
                for backend in ("auto", "builtin")}
@@ -175,8 +173,17 @@ def test_the_bridge_in_one_kernel_equals_the_modules_in_float64(sides):
         for p in bridges["auto"].parameters():
             p.normal_(0.0, 0.3)
     bridges["builtin"].load_state_dict(bridges["auto"].state_dict())
-    maps = [torch.randn(3, c, side, side + 1, dtype=torch.float64).contiguous(
+    maps = [torch.randn(batch, c, side, side + 1, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last) for c, side in zip(net.CHANNELS, sides)]
+    return bridges, maps
+
+
+@pytest.mark.parametrize("sides", [(10, 8, 6, 4, 2), (16, 8, 4, 2, 1)])
+def test_the_bridge_in_one_kernel_equals_the_modules_in_float64(sides):
+    """The inference bridge (one kernel for the five maps) against the modules, into new
+    tensors and into the last channels of fusion inputs (the decoder's channels untouched; the
+    modules write there too when asked), batch 3 on two threads, down to 1x1 maps."""
+    bridges, maps = bridge_pair(3, sides)
     fusion = [torch.full((3, side, side + 1, 2 * c), 7.0, dtype=torch.float64).permute(
         0, 3, 1, 2) for c, side in zip(net.CHANNELS, sides)]
     modules_into = [f.clone() for f in fusion]  # (clones keep the channels-last strides)
@@ -224,15 +231,7 @@ def test_the_bridge_for_training_equals_the_modules_with_gradients_in_float64():
     """The whole SCAttBridge on the kernels (spatial attention forward and backward in numba)
     against the modules: outputs and the gradients of the maps and of every bridge parameter,
     with a tie for the channel maximum (its gradient is split, as torch's amax splits it)."""
-    torch.manual_seed(0)
-    bridges = {backend: net.SCAttBridge(list(net.CHANNELS), backend).double()
-               for backend in ("auto", "builtin")}
-    with torch.no_grad():
-        for p in bridges["auto"].parameters():
-            p.normal_(0.0, 0.3)
-    bridges["builtin"].load_state_dict(bridges["auto"].state_dict())
-    maps = [torch.randn(2, c, side, side + 1, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last) for c, side in zip(net.CHANNELS, (10, 8, 6, 4, 2))]
+    bridges, maps = bridge_pair(2, (10, 8, 6, 4, 2))
     maps[1][0, 3, 2, 2] = maps[1][0, 5, 2, 2] = maps[1][0, :, 2, 2].max() + 1.0  # a tie
     weights = [torch.randn(m.shape, dtype=torch.float64) for m in maps]
     results = {}
