@@ -70,7 +70,8 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
     (the per-frame work is CPU-bound Python/C that holds the GIL in places), no dashboard, and
     its log noise silenced: this process's below ERROR, the workers' below CRITICAL (a worker
     whose heartbeat meets a scheduler already closed, as on Ctrl-C, logs that as an ERROR with
-    a traceback; a task's failure reaches the caller as its exception). ``workers`` must not be combined with ``address``.
+    a traceback; a task's failure reaches the caller as its exception). ``workers`` must not be
+    combined with ``address``.
     An address nobody answers on is a BadInputError naming it.
     """
     if address is not None:
