@@ -384,19 +384,34 @@ def _upsampled_rows(frame, tiled_scale, tiled_shift, gelu, row, target):
     across = np.empty((height, row.shape[0]), dtype=row.dtype)
     normed = np.empty(width * channels, dtype=row.dtype)
     for y in range(height):
-        source, into = frame[y].ravel(), across[y]
+        source = frame[y].ravel()
         for j in range(normed.shape[0]):
             normed[j] = source[j] * tiled_scale[j] + tiled_shift[j]
-        for ox in range(target.shape[1]):
-            left, right, share = x0[ox] * channels, x1[ox] * channels, lx[ox]
-            for c in range(channels):
-                into[ox * channels + c] = ((f(1.0) - share) * normed[left + c]
-                                           + share * normed[right + c])
+        _lerp_along_x(normed, x0, x1, lx, channels, across[y])
     for oy in range(target.shape[0]):
-        top, bottom, share = across[y0[oy]], across[y1[oy]], ly[oy]
-        for j in range(row.shape[0]):
-            row[j] = (f(1.0) - share) * top[j] + share * bottom[j]
+        _lerp_rows(across[y0[oy]], across[y1[oy]], ly[oy], row)
         _store_row(row, gelu, target[oy])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _lerp_along_x(source, x0, x1, lx, channels, into):
+    """One row of a bilinear upsampling along x: into [W' C] from source [W C] (flat rows of
+    ``channels`` channels), output pixel ox = (1 - lx) source[x0] + lx source[x1]
+    (:func:`_upsample_taps`' taps)."""
+    f = into.dtype.type
+    for ox in range(x0.shape[0]):
+        left, right, share = x0[ox] * channels, x1[ox] * channels, lx[ox]
+        for c in range(channels):
+            into[ox * channels + c] = ((f(1.0) - share) * source[left + c]
+                                       + share * source[right + c])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _lerp_rows(top, bottom, share, row):
+    """The upsampling along y: row = (1 - share) top + share bottom, whole flat rows."""
+    f = row.dtype.type
+    for j in range(row.shape[0]):
+        row[j] = (f(1.0) - share) * top[j] + share * bottom[j]
 
 
 def spatial_attention(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -942,10 +957,9 @@ def _saliency_head_kernel(x, weight, bias, out):
                 total += weight[c] * frame[p, c]
             flat[p] = total
         for y in range(height):
-            source, into = plane[y], across[y]
-            for j in range(cols):
-                into[j] = (f(1.0) - lx[j]) * source[x0[j]] + lx[j] * source[x1[j]]
+            _lerp_along_x(plane[y], x0, x1, lx, 1, across[y])
         for i in range(rows):
-            top, bottom, target, share = across[y0[i]], across[y1[i]], out[b, 0, i], ly[i]
+            target = out[b, 0, i]
+            _lerp_rows(across[y0[i]], across[y1[i]], ly[i], target)
             for j in range(cols):
-                target[j] = sigmoid((f(1.0) - share) * top[j] + share * bottom[j], f)[0]
+                target[j] = sigmoid(target[j], f)[0]
